@@ -1,0 +1,527 @@
+"""`atlasvi build`: many inputs -> one validated, globally shuffled atlas store, out of core.
+
+Passes over the inputs, one chunk of cells at a time (memory scales with `chunk_size`, not cells):
+  1. validate counts (integer, >= 0, finite), count each cell's total, per-batch gene moments;
+  2. (with n_top_genes) Seurat v3 clipped sums -> highly variable genes;
+  3. scatter: every kept cell goes, with its destination row in the global seeded permutation, to
+     the temporary bucket file that covers that row range (an external shuffle);
+  4. gather: each bucket is sorted by destination and appended to the store, shard by shard.
+The store is written to a hidden sibling and renamed into place at the end: an interrupted build
+leaves nothing under the target name.
+"""
+
+import datetime
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from atlasvi import __version__
+from atlasvi.data.config import BuildConfig
+from atlasvi.data.errors import AtlasInputError
+from atlasvi.data.hvg import ClippedSums, GeneMoments, select_hvg
+from atlasvi.data.inputs import InputFile, detect_kind, file_sha256, open_input
+from atlasvi.data.store import (
+    ATTRS_KEY,
+    CHUNK_NNZ,
+    CHUNK_ROWS,
+    SCHEMA_VERSION,
+    SHARD_NNZ,
+    SHARD_ROWS,
+    compressors,
+)
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as work advances (the CLI draws rich bars from it)."""
+
+UNLABELED = "Unknown"
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass
+class _InputPlan:
+    """What pass 0 learned of one input."""
+
+    path: Path
+    n_cells: int
+    gene_map: np.ndarray  # (input genes,) -> aligned gene index or -1
+    keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) after pass 1
+
+
+def _open(config: BuildConfig, path: Path) -> InputFile:
+    keys = [k for k in [config.batch_key, config.labels_key] if k is not None]
+    keys += config.categorical_covariate_keys + config.continuous_covariate_keys
+    return open_input(path, keys, config.layer, config.gene_id_key)
+
+
+def _align_genes(config: BuildConfig, genes: list[tuple[Path, np.ndarray, np.ndarray]]):
+    """Aligned gene ids / names and, per input, the map from its genes to aligned indices."""
+    if config.gene_join == "inner":
+        common = set(genes[0][1])
+        for _, ids, _ in genes[1:]:
+            common &= set(ids)
+        if not common:
+            names = ", ".join(str(p) for p, _, _ in genes)
+            raise AtlasInputError(
+                f"inputs have no gene ids in common ({names}); check --gene-id-key or use --gene-join outer"
+            )
+        keep = np.isin(genes[0][1], list(common))
+        aligned_ids, aligned_names = genes[0][1][keep], genes[0][2][keep]
+    else:
+        seen: dict[str, str] = {}
+        for _, ids, names in genes:
+            for gene_id, name in zip(ids, names, strict=True):
+                seen.setdefault(gene_id, name)
+        aligned_ids, aligned_names = np.array(list(seen), dtype=str), np.array(list(seen.values()), dtype=str)
+    position = pd.Index(aligned_ids)
+    maps = [position.get_indexer(ids) for _, ids, _ in genes]
+    return aligned_ids, aligned_names, maps
+
+
+def _remap(counts: sp.csr_matrix, gene_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Columns of an input chunk -> aligned (or stored) gene indices; genes mapped to -1 are dropped."""
+    if len(gene_map) == n_genes and np.array_equal(gene_map, np.arange(n_genes)):
+        return counts
+    mapped = gene_map[counts.indices]
+    kept = mapped >= 0
+    row_of = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[kept], minlength=counts.shape[0]))])
+    out = sp.csr_matrix((counts.data[kept], mapped[kept], indptr), shape=(counts.shape[0], n_genes))
+    out.has_sorted_indices = False
+    out.sort_indices()
+    return out
+
+
+def _compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Map through `first` then `second`; -1 stays -1."""
+    return np.where(first >= 0, second[np.maximum(first, 0)], -1)
+
+
+def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids: np.ndarray) -> None:
+    """Raise naming file, cell and gene for NaN / inf, negative or non-integer counts."""
+    data = counts.data
+    problems = [
+        (~np.isfinite(data), "NaN or infinite counts"),
+        (data < 0, "negative counts"),
+        (np.isfinite(data) & (data != np.round(data)), "non-integer counts (atlasvi needs raw counts)"),
+    ]
+    for mask, what in problems:
+        if mask.any():
+            position = int(np.flatnonzero(mask)[0])
+            row = int(np.searchsorted(counts.indptr, position, side="right") - 1)
+            raise AtlasInputError(
+                f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, "
+                f"first {data[position]} at cell {cells[row]!r}, gene {gene_ids[counts.indices[position]]!r}"
+            )
+
+
+def _categories(values: pd.Series, path: Path, key: str, fill: str | None) -> np.ndarray:
+    if values.isna().any():
+        if fill is None:
+            raise AtlasInputError(
+                f"{path}: obs column {key!r} has {int(values.isna().sum())} missing values "
+                f"(first at cell {values.index[values.isna().to_numpy()][0]!r})"
+            )
+        values = values.astype(object).where(values.notna(), fill)
+    return np.asarray(values.astype(str))
+
+
+class _SequentialWriter:
+    """Appends to a 1-D zarr array, writing whole shards at a time (no read-modify-write)."""
+
+    def __init__(self, array: zarr.Array, shard: int):
+        self.array, self.shard, self.offset = array, shard, 0
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.pending.append(values)
+        self.n_pending += len(values)
+        if self.n_pending >= self.shard:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.pending:
+            return
+        values = np.concatenate(self.pending)
+        n_write = len(values) if final else len(values) // self.shard * self.shard
+        if n_write:
+            self.array[self.offset : self.offset + n_write] = values[:n_write]
+            self.offset += n_write
+        rest = values[n_write:]
+        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> None:
+        self._flush(final=True)
+        if self.offset != self.array.shape[0]:
+            raise RuntimeError(f"wrote {self.offset} of {self.array.shape[0]} values to {self.array.path}")
+
+
+def _create(group: zarr.Group, name: str, n: int, dtype, fill, chunk: int, shard: int, level: int) -> zarr.Array:
+    n_chunk = max(1, min(chunk, n))
+    n_shard = max(n_chunk, min(shard, -(-n // n_chunk) * n_chunk))
+    return group.create_array(
+        name,
+        shape=(n,),
+        dtype=dtype,
+        chunks=(n_chunk,),
+        shards=(n_shard,),
+        compressors=compressors(level),
+        fill_value=fill,
+        attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
+    )
+
+
+def _code_dtype(n_categories: int) -> np.dtype:
+    return np.dtype(np.int8 if n_categories < 127 else np.int16 if n_categories < 32767 else np.int32)
+
+
+class _Buckets:
+    """Temporary bucket files of the external shuffle: bucket k holds destination rows [k*size, (k+1)*size)."""
+
+    def __init__(self, root: Path, size: int, n_rows: int):
+        self.root, self.size = root, size
+        self.n = max(1, -(-n_rows // size))
+        for k in range(self.n):
+            (root / str(k)).mkdir(parents=True)
+
+    def append(self, dest: np.ndarray, fields: dict[str, np.ndarray], entries: dict[str, np.ndarray], nnz: np.ndarray):
+        """dest: (cells,) destination rows; fields: per-cell arrays; entries: per-non-zero arrays."""
+        bucket = dest // self.size
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(self.n + 1))
+        entry_start = np.concatenate([[0], np.cumsum(nnz)])
+        for k in range(self.n):
+            cells = order[bounds[k] : bounds[k + 1]]
+            if not len(cells):
+                continue
+            folder = self.root / str(k)
+            take = _ranges(entry_start[cells], nnz[cells])
+            for name, values in [("dest", dest[cells]), ("nnz", nnz[cells])] + [(n, v[cells]) for n, v in fields.items()]:
+                with open(folder / name, "ab") as handle:
+                    np.ascontiguousarray(values).tofile(handle)
+            for name, values in entries.items():
+                with open(folder / name, "ab") as handle:
+                    values[take].tofile(handle)
+
+    def read(self, k: int, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+        folder = self.root / str(k)
+        return {name: np.fromfile(folder / name, dtype=dtype) for name, dtype in dtypes.items()}
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(starts - offsets, lengths) + np.arange(total)
+
+
+def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
+    """Build one atlas store from config.inputs; returns its path. See the module docstring."""
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise AtlasInputError(f"{output}: exists already (pass overwrite to replace it)")
+    paths = [Path(p) for p in config.inputs]
+    for path in paths:
+        if not path.exists():
+            raise AtlasInputError(f"{path}: input does not exist")
+        detect_kind(path)
+    token = uuid.uuid4().hex[:8]
+    staging = output.parent / f".{output.name}.building-{token}"
+    scratch = output.parent / f".{output.name}.scratch-{token}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _build(config, paths, staging, scratch, progress)
+        if output.exists():
+            retired = output.parent / f".{output.name}.replaced-{token}"
+            output.rename(retired)
+            staging.rename(output)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return output
+
+
+def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path, progress: Progress) -> None:
+    batch_key = config.batch_key or "batch"
+    cat_keys = [batch_key] + ([config.labels_key] if config.labels_key else []) + config.categorical_covariate_keys
+
+    # Pass 0: metadata of every input (genes, categories); one input open at a time.
+    genes, categories = [], {k: set() for k in cat_keys}
+    n_cells_in = []
+    for i, path in enumerate(paths):
+        source = _open(config, path)
+        try:
+            genes.append((path, source.gene_ids, source.gene_names))
+            n_cells_in.append(source.n_cells)
+            for key in cat_keys:
+                if key == batch_key and config.batch_key is None:
+                    categories[key].add(path.name)
+                else:
+                    fill = UNLABELED if key == config.labels_key else None
+                    categories[key].update(_categories(source.obs[key], path, key, fill))
+            for key in config.continuous_covariate_keys:
+                values = pd.to_numeric(source.obs[key], errors="coerce").to_numpy(np.float64)
+                if not np.isfinite(values).all():
+                    raise AtlasInputError(f"{path}: obs column {key!r} has missing, non-numeric or infinite values")
+        finally:
+            source.close()
+        progress("inputs", i + 1, len(paths))
+    gene_ids, gene_names, gene_maps = _align_genes(config, genes)
+    categories = {k: sorted(v) for k, v in categories.items()}
+    plans = [_InputPlan(p, n, m) for p, n, m in zip(paths, n_cells_in, gene_maps, strict=True)]
+    n_genes_all = len(gene_ids)
+    n_batch = len(categories[batch_key])
+    total_cells = sum(n_cells_in)
+
+    def batch_codes(source: InputFile, rows: slice) -> np.ndarray:
+        if config.batch_key is None:
+            return np.full(rows.stop - rows.start, categories[batch_key].index(source.path.name), dtype=np.int64)
+        values = _categories(source.obs[batch_key].iloc[rows], source.path, batch_key, None)
+        return pd.Index(categories[batch_key]).get_indexer(values)
+
+    def chunks(stage: str):
+        done = 0
+        for plan in plans:
+            source = _open(config, plan.path)
+            try:
+                for start, counts in source.iter_chunks(config.chunk_size):
+                    rows = slice(start, start + counts.shape[0])
+                    yield plan, source, rows, counts
+                    done += counts.shape[0]
+                    progress(stage, done, total_cells)
+            finally:
+                source.close()
+
+    # Pass 1: validation, empty cells, gene moments.
+    moments = GeneMoments(n_batch, n_genes_all)
+    max_count, dropped = 0, 0
+    for plan, source, rows, counts in chunks("validate"):
+        _validate_chunk(plan.path, counts, source.obs.index[rows], source.gene_ids)
+        aligned = _remap(counts, plan.gene_map, n_genes_all)
+        totals = np.asarray(aligned.sum(axis=1)).ravel()
+        empty = totals == 0
+        if empty.any() and config.zero_count_cells == "error":
+            cells = source.obs.index[rows][empty]
+            raise AtlasInputError(
+                f"{plan.path}: {int(empty.sum())} cells with zero counts over the aligned genes, first {cells[0]!r}; "
+                "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
+            )
+        plan.keep = np.concatenate([plan.keep, ~empty])
+        dropped += int(empty.sum())
+        if aligned.nnz:
+            max_count = max(max_count, int(aligned.data.max()))
+        if config.n_top_genes is not None:
+            moments.update(aligned[~empty], batch_codes(source, rows)[~empty])
+    if dropped:
+        warnings.warn(f"dropped {dropped} cells with zero counts", stacklevel=2)
+    n_cells = sum(int(p.keep.sum()) for p in plans)
+    if n_cells == 0:
+        raise AtlasInputError("no cells left to store: every cell has zero counts")
+
+    # Pass 2: highly variable genes.
+    hvg_table = None
+    stored = np.arange(n_genes_all)
+    if config.n_top_genes is not None and config.n_top_genes < n_genes_all:
+        clipped = ClippedSums(moments)
+        for plan, source, rows, counts in chunks("hvg"):
+            aligned = _remap(counts, plan.gene_map, n_genes_all)
+            keep = plan.keep[rows]
+            clipped.update(aligned[keep], batch_codes(source, rows)[keep])
+        hvg_table = select_hvg(moments, clipped, config.n_top_genes)
+        if config.hvg_subset:
+            stored = np.flatnonzero(hvg_table["highly_variable"].to_numpy())
+    n_genes = len(stored)
+    stored_of_aligned = np.full(n_genes_all, -1, dtype=np.int64)
+    stored_of_aligned[stored] = np.arange(n_genes)
+
+    # Pass 3: scatter kept cells to destination buckets of the global permutation.
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n_cells)
+    destination = np.empty(n_cells, dtype=np.int64)
+    destination[order] = np.arange(n_cells)
+    count_dtype = np.dtype(np.uint16 if max_count <= np.iinfo(np.uint16).max else np.uint32)
+    buckets = _Buckets(scratch, max(config.chunk_size, 4096), n_cells)
+    cont_keys = config.continuous_covariate_keys
+    log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
+    zero_library, nnz_total, kept_before = 0, 0, 0
+    for plan, source, rows, counts in chunks("shuffle"):
+        keep = plan.keep[rows]
+        cells = _remap(counts, _compose(plan.gene_map, stored_of_aligned), n_genes)
+        cells = cells[keep]
+        n_kept = cells.shape[0]
+        dest = destination[kept_before : kept_before + n_kept]
+        kept_before += n_kept
+        library = np.asarray(cells.sum(axis=1)).ravel()
+        codes = batch_codes(source, rows)[keep]
+        positive = library > 0
+        zero_library += int((~positive).sum())
+        log_lib = np.log(library[positive])
+        log_lib_sum += np.bincount(codes[positive], weights=log_lib, minlength=n_batch)
+        log_lib_sq += np.bincount(codes[positive], weights=log_lib**2, minlength=n_batch)
+        lib_n += np.bincount(codes[positive], minlength=n_batch)
+        fields = {"name": np.asarray(source.obs.index[rows][keep], dtype="U")}
+        for key in cat_keys:
+            if key == batch_key:
+                fields[key] = codes.astype(np.int32)
+            else:
+                fill = UNLABELED if key == config.labels_key else None
+                values = _categories(source.obs[key].iloc[rows], source.path, key, fill)[keep]
+                fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
+        for key in cont_keys:
+            fields[key] = pd.to_numeric(source.obs[key].iloc[rows]).to_numpy(np.float64)[keep]
+        nnz = np.diff(cells.indptr).astype(np.int64)
+        nnz_total += int(nnz.sum())
+        name_bytes = np.char.encode(fields.pop("name"), "utf-8")
+        fields["name_len"] = np.char.str_len(name_bytes).astype(np.int32)
+        entries = {
+            "indices": cells.indices.astype(np.int32),
+            "data": cells.data.astype(count_dtype),
+        }
+        name_entries = np.frombuffer(b"".join(name_bytes.tolist()), dtype=np.uint8)
+        buckets.append(dest, fields, entries, nnz)
+        _append_names(buckets, dest, name_entries, fields["name_len"].astype(np.int64))
+    if zero_library:
+        warnings.warn(
+            f"{zero_library} cells have zero counts over the stored genes (kept; ignored by the library prior)",
+            stacklevel=2,
+        )
+
+    # Pass 4: gather buckets in destination order into the store.
+    root = zarr.open_group(staging, mode="w", zarr_format=3)
+    level = config.compression_level
+    x_group = root.create_group("X")
+    x_group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
+    writers = {
+        "data": _SequentialWriter(_create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ),
+        "indices": _SequentialWriter(_create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ),
+        "indptr": _SequentialWriter(_create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS),
+    }
+    obs = root.create_group("obs")
+    obs.attrs.update(
+        {"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index", "column-order": cat_keys + cont_keys}
+    )
+    for key in cat_keys:
+        column = obs.create_group(key)
+        column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+        ad.io.write_elem(column, "categories", np.array(categories[key], dtype=object))
+        array = _create(column, "codes", n_cells, _code_dtype(len(categories[key])), -1, CHUNK_ROWS, SHARD_ROWS, level)
+        writers[f"cat:{key}"] = _SequentialWriter(array, SHARD_ROWS)
+    for key in cont_keys:
+        writers[f"cont:{key}"] = _SequentialWriter(
+            _create(obs, key, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS
+        )
+    names_array = obs.create_array(
+        "_index",
+        shape=(n_cells,),
+        dtype=str,
+        chunks=(min(CHUNK_ROWS, n_cells),),
+        attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
+    )
+    writers["indptr"].append(np.zeros(1, dtype=np.int64))
+    dtypes = {"dest": np.int64, "nnz": np.int64, "name_len": np.int32, "indices": np.int32, "data": count_dtype, "name": np.uint8}
+    dtypes |= {key: np.int32 for key in cat_keys} | {key: np.float64 for key in cont_keys}
+    row_offset, entry_offset = 0, 0
+    for k in range(buckets.n):
+        part = buckets.read(k, dtypes)
+        order_k = np.argsort(part["dest"], kind="stable")
+        if not np.array_equal(part["dest"][order_k], np.arange(row_offset, row_offset + len(order_k))):
+            raise RuntimeError(f"shuffle bucket {k} does not hold rows {row_offset}.. as planned")
+        entry_start = np.concatenate([[0], np.cumsum(part["nnz"])[:-1]])
+        take = _ranges(entry_start[order_k], part["nnz"][order_k])
+        writers["data"].append(part["data"][take])
+        writers["indices"].append(part["indices"][take])
+        writers["indptr"].append(entry_offset + np.cumsum(part["nnz"][order_k]))
+        entry_offset += int(part["nnz"].sum())
+        for key in cat_keys:
+            writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
+        for key in cont_keys:
+            writers[f"cont:{key}"].append(part[key][order_k])
+        name_start = np.concatenate([[0], np.cumsum(part["name_len"])[:-1]])
+        raw = part["name"].tobytes()
+        names = np.array(
+            [raw[s : s + n].decode("utf-8") for s, n in zip(name_start[order_k], part["name_len"][order_k], strict=True)],
+            dtype=object,
+        )
+        names_array[row_offset : row_offset + len(names)] = names
+        row_offset += len(order_k)
+        shutil.rmtree(buckets.root / str(k))
+        progress("write", row_offset, n_cells)
+    for writer in writers.values():
+        writer.close()
+
+    var = pd.DataFrame({"gene_ids": gene_ids[stored], "gene_names": gene_names[stored]}, index=gene_ids[stored])
+    var.index.name = None
+    if hvg_table is not None:
+        for column in hvg_table.columns:
+            var[column] = hvg_table[column].to_numpy()[stored]
+    for name in ["var"]:
+        ad.io.write_elem(root, name, var)
+    for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
+        ad.io.write_elem(root, name, {})
+
+    safe_n = np.maximum(lib_n, 1)
+    log_means = log_lib_sum / safe_n
+    log_vars = np.maximum(log_lib_sq / safe_n - log_means**2, 0.0)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "nnz": nnz_total,
+        "count_dtype": count_dtype.name,
+        "gene_ids": gene_ids[stored].tolist(),
+        "gene_names": gene_names[stored].tolist(),
+        "highly_variable": None if hvg_table is None else hvg_table["highly_variable"].to_numpy()[stored].tolist(),
+        "batch_key": batch_key,
+        "labels_key": config.labels_key,
+        "categorical": categories,
+        "continuous": cont_keys,
+        "library_log_means": log_means.tolist(),
+        "library_log_vars": log_vars.tolist(),
+        "layout": {"chunk_nnz": CHUNK_NNZ, "shard_nnz": SHARD_NNZ, "chunk_rows": CHUNK_ROWS, "shard_rows": SHARD_ROWS},
+        "provenance": {
+            "atlasvi_version": __version__,
+            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "inputs": [
+                {"path": str(p), "format": detect_kind(p), "sha256": file_sha256(p), "n_cells": n}
+                for p, n in zip(paths, n_cells_in, strict=True)
+            ],
+            "parameters": config.model_dump(mode="json"),
+            "dropped_zero_count_cells": dropped,
+            "zero_library_cells": zero_library,
+            "permutation": f"numpy default_rng({config.seed}).permutation(n_cells)",
+        },
+    }
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", ATTRS_KEY: meta})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(staging)
+
+
+def _append_names(buckets: _Buckets, dest: np.ndarray, name_bytes: np.ndarray, name_len: np.ndarray) -> None:
+    """Cell names travel through the buckets as utf-8 bytes (lengths in `name_len`)."""
+    bucket = dest // buckets.size
+    starts = np.concatenate([[0], np.cumsum(name_len)[:-1]])
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(buckets.n + 1))
+    for k in range(buckets.n):
+        cells = order[bounds[k] : bounds[k + 1]]
+        if len(cells):
+            with open(buckets.root / str(k) / "name", "ab") as handle:
+                name_bytes[_ranges(starts[cells], name_len[cells])].tofile(handle)

@@ -1,0 +1,68 @@
+"""Frozen, validated configs of the data layer (pydantic; unknown fields are an error)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuildConfig(_Frozen):
+    """How `atlasvi build` turns input files into one atlas store.
+
+    inputs: `.h5ad` files, 10x matrix folders (matrix.mtx[.gz] + features/genes + barcodes) or 10x `.h5`.
+    batch_key: obs column holding the batch; None makes one batch per input file (named by file).
+    gene_join: "inner" keeps genes present in every input, "outer" fills missing genes with zeros.
+    n_top_genes: Seurat v3 HVG selection on counts (batch-aware); None keeps every gene.
+    zero_count_cells: "error" refuses cells whose counts sum to 0, "drop" drops them with a warning.
+    chunk_size: cells read from an input at a time; peak memory scales with it, not with the cell count.
+    """
+
+    inputs: list[str] = Field(min_length=1)
+    output: str
+    batch_key: str | None = None
+    labels_key: str | None = None
+    categorical_covariate_keys: list[str] = []
+    continuous_covariate_keys: list[str] = []
+    layer: str | None = None
+    gene_id_key: str | None = None
+    gene_join: Literal["inner", "outer"] = "inner"
+    n_top_genes: int | None = Field(default=None, gt=0)
+    hvg_subset: bool = True
+    zero_count_cells: Literal["error", "drop"] = "error"
+    seed: int = 0
+    chunk_size: int = Field(default=32768, gt=0)
+    compression_level: int = Field(default=3, ge=0, le=9)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> "BuildConfig":
+        keys = [self.batch_key, self.labels_key, *self.categorical_covariate_keys, *self.continuous_covariate_keys]
+        named = [k for k in keys if k is not None]
+        if len(named) != len(set(named)):
+            raise ValueError(f"an obs key is used twice among batch/labels/covariate keys: {named}")
+        return self
+
+
+class LoaderConfig(_Frozen):
+    """How `StreamingLoader` cuts an epoch into minibatches.
+
+    block_size: cells per shuffled block (the unit of the epoch permutation and of sequential reads).
+    buffer_blocks: blocks read into the shuffle buffer before minibatches are cut from it.
+    last_batch: "drop" drops the epoch's tail that does not fill a batch on every rank;
+      "pad" repeats cells from the start of the epoch so no cell is dropped.
+    prefetch: buffers read ahead by background threads.
+    backend: "zarr" (zarr-python) or "tensorstore"; both yield identical batches.
+    """
+
+    batch_size: int = Field(default=128, gt=0)
+    block_size: int = Field(default=1024, gt=0)
+    buffer_blocks: int = Field(default=8, gt=0)
+    last_batch: Literal["drop", "pad"] = "drop"
+    seed: int = 0
+    prefetch: int = Field(default=2, ge=1)
+    num_threads: int = Field(default=2, ge=1)
+    backend: Literal["zarr", "tensorstore"] = "zarr"
+    validate_blocks: bool = True

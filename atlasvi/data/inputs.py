@@ -1,0 +1,164 @@
+"""Readers for build inputs: `.h5ad`, 10x matrix folders and 10x `.h5` files.
+
+Each input is opened once for its metadata (cells, genes, requested obs columns) and then read in
+chunks of rows, so that a build never holds more than one chunk of counts in memory. `.h5ad` files
+are read through anndata's backed sparse datasets; 10x inputs through scanpy's readers (a 10x file
+is loaded whole, one input at a time: the MatrixMarket text format cannot be read by rows).
+"""
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from atlasvi.data.errors import AtlasInputError
+
+InputKind = Literal["h5ad", "10x_mtx", "10x_h5"]
+
+
+def detect_kind(path: Path) -> InputKind:
+    """Tell an input's format from its path (folder = 10x matrix folder)."""
+    if path.is_dir():
+        return "10x_mtx"
+    if path.suffix == ".h5ad":
+        return "h5ad"
+    if path.suffix == ".h5":
+        return "10x_h5"
+    raise AtlasInputError(f"{path}: unknown input format (expected .h5ad, a 10x .h5 or a 10x matrix folder)")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files in name order (10x matrix folders)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class InputFile:
+    """One opened input: its cells, genes and requested obs columns; counts are read in chunks.
+
+    gene_ids, gene_names: (n_genes,) str. obs: (n_cells, k) requested columns, index = cell names.
+    """
+
+    path: Path
+    kind: InputKind
+    gene_ids: np.ndarray
+    gene_names: np.ndarray
+    obs: pd.DataFrame
+    _h5: h5py.File | None = None
+    _x: object = None
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """Yield (first row, counts) with counts a CSR (rows, n_genes) of at most chunk_size rows."""
+        for start in range(0, self.n_cells, chunk_size):
+            stop = min(start + chunk_size, self.n_cells)
+            try:
+                block = self._x[start:stop]
+            except (OSError, RuntimeError, KeyError, ValueError) as err:
+                raise AtlasInputError(f"{self.path}: cannot read cells {start}..{stop}: {err}") from err
+            yield start, sp.csr_matrix(block)
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+
+def _obs_columns(path: Path, obs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    missing = [k for k in keys if k not in obs.columns]
+    if missing:
+        raise AtlasInputError(
+            f"{path}: obs has no column {missing[0]!r} (asked for {missing}); obs columns are {list(obs.columns)}"
+        )
+    return obs[keys]
+
+
+def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: str | None) -> InputFile:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise AtlasInputError(f"{path}: not a readable .h5ad file (truncated or corrupt?): {err}") from err
+    try:
+        var = ad.io.read_elem(handle["var"])
+        obs_group = handle["obs"]
+        index = ad.io.read_elem(obs_group[obs_group.attrs["_index"]])
+        columns = [k for k in obs_group.keys() if k != obs_group.attrs["_index"]]
+        _obs_columns(path, pd.DataFrame(columns=columns), obs_keys)
+        obs = pd.DataFrame({k: ad.io.read_elem(obs_group[k]) for k in obs_keys}, index=pd.Index(index).astype(str))
+        if layer is None:
+            x_elem = handle["X"]
+        elif "layers" in handle and layer in handle["layers"]:
+            x_elem = handle["layers"][layer]
+        else:
+            available = list(handle["layers"].keys()) if "layers" in handle else []
+            raise AtlasInputError(f"{path}: no layer {layer!r}; layers are {available}")
+        x = ad.io.sparse_dataset(x_elem) if isinstance(x_elem, h5py.Group) else x_elem
+    except AtlasInputError:
+        handle.close()
+        raise
+    except (OSError, KeyError, RuntimeError) as err:
+        handle.close()
+        raise AtlasInputError(f"{path}: not a readable .h5ad file (truncated or corrupt?): {err}") from err
+    if gene_id_key is None:
+        gene_ids = np.asarray(var.index, dtype=str)
+    elif gene_id_key in var.columns:
+        gene_ids = np.asarray(var[gene_id_key], dtype=str)
+    else:
+        handle.close()
+        raise AtlasInputError(f"{path}: var has no column {gene_id_key!r}; var columns are {list(var.columns)}")
+    if x.shape != (len(obs), len(gene_ids)):
+        handle.close()
+        raise AtlasInputError(f"{path}: X has shape {x.shape} but obs/var give {(len(obs), len(gene_ids))}")
+    return InputFile(path, "h5ad", gene_ids, np.asarray(var.index, dtype=str), obs, handle, x)
+
+
+def _open_10x(path: Path, kind: InputKind, obs_keys: list[str]) -> InputFile:
+    import scanpy as sc
+
+    try:
+        adata = sc.read_10x_mtx(path, var_names="gene_ids") if kind == "10x_mtx" else sc.read_10x_h5(path)
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise AtlasInputError(f"{path}: not a readable 10x input (truncated or corrupt?): {err}") from err
+    if kind == "10x_mtx":
+        gene_ids = np.asarray(adata.var_names, dtype=str)
+        gene_names = np.asarray(adata.var.get("gene_symbols", adata.var_names), dtype=str)
+    else:
+        gene_ids = np.asarray(adata.var["gene_ids"], dtype=str)
+        gene_names = np.asarray(adata.var_names, dtype=str)
+    obs = _obs_columns(path, adata.obs, obs_keys)
+    obs.index = obs.index.astype(str)
+    return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X))
+
+
+def open_input(
+    path: Path, obs_keys: list[str], layer: str | None = None, gene_id_key: str | None = None
+) -> InputFile:
+    """Open one input for a build; obs_keys must all be obs columns of it."""
+    if not path.exists():
+        raise AtlasInputError(f"{path}: input does not exist")
+    kind = detect_kind(path)
+    opened = _open_h5ad(path, obs_keys, layer, gene_id_key) if kind == "h5ad" else _open_10x(path, kind, obs_keys)
+    duplicated = pd.Index(opened.gene_ids)[pd.Index(opened.gene_ids).duplicated()].unique()
+    if len(duplicated):
+        opened.close()
+        raise AtlasInputError(
+            f"{path}: duplicated gene ids {list(duplicated[:5])} ({len(duplicated)} in all); "
+            "gene ids must be unique (use --gene-id-key to choose a unique id column)"
+        )
+    return opened

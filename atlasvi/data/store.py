@@ -1,0 +1,282 @@
+"""The atlas store: an AnnData Zarr (format 3) store plus atlasvi attrs, and its readers.
+
+Layout (any scverse tool opens it with `anndata.read_zarr`):
+  X/{data,indices,indptr}   CSR of integer counts, cells x genes, rows globally pre-shuffled
+  obs/_index, obs/<key>     cell names; categorical covariates (codes + categories); continuous ones
+  var                       gene ids, gene names, HVG flags and statistics
+  attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, provenance
+
+Every chunk is compressed (Blosc zstd + bitshuffle) and checksummed (crc32c), and every array's fill
+value is one that real data never holds (0 for counts, -1 for indices, indptr and codes, NaN for
+continuous covariates). A corrupt chunk fails its checksum; a missing or truncated one reads as the
+fill value, which block validation rejects: a damaged store is never read silently as zeros.
+"""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from atlasvi.data.errors import StoreCorruptError, StoreError
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "atlasvi"
+CHUNK_NNZ = 1 << 16  # non-zeros per chunk of X/data and X/indices
+SHARD_NNZ = 1 << 22  # non-zeros per shard file
+CHUNK_ROWS = 1 << 16  # rows per chunk of X/indptr and of obs arrays
+SHARD_ROWS = 1 << 20
+
+FILL_VALUES = {"X/data": 0, "X/indices": -1, "X/indptr": -1}
+
+
+def compressors(level: int) -> list:
+    """Blosc zstd + bitshuffle, then a crc32c checksum of every chunk."""
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """What a model needs to know of a store: genes, covariates and the library-size prior.
+
+    library_log_means, library_log_vars: (n_batch,) mean and variance of log total counts per batch.
+    categorical: key -> categories (codes in obs index into them); continuous: keys of float covariates.
+    """
+
+    n_cells: int
+    n_genes: int
+    gene_ids: tuple[str, ...]
+    gene_names: tuple[str, ...]
+    batch_key: str
+    labels_key: str | None
+    categorical: dict[str, tuple[str, ...]]
+    continuous: tuple[str, ...]
+    library_log_means: tuple[float, ...]
+    library_log_vars: tuple[float, ...]
+    count_dtype: str
+
+    @property
+    def batch_categories(self) -> tuple[str, ...]:
+        return self.categorical[self.batch_key]
+
+    @classmethod
+    def from_attrs(cls, meta: dict, where: str) -> "StoreSchema":
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{where}: atlas store schema version {version}, this atlasvi reads version {SCHEMA_VERSION}; "
+                "rebuild the store with `atlasvi build`"
+            )
+        return cls(
+            n_cells=int(meta["n_cells"]),
+            n_genes=int(meta["n_genes"]),
+            gene_ids=tuple(meta["gene_ids"]),
+            gene_names=tuple(meta["gene_names"]),
+            batch_key=meta["batch_key"],
+            labels_key=meta["labels_key"],
+            categorical={k: tuple(v) for k, v in meta["categorical"].items()},
+            continuous=tuple(meta["continuous"]),
+            library_log_means=tuple(meta["library_log_means"]),
+            library_log_vars=tuple(meta["library_log_vars"]),
+            count_dtype=meta["count_dtype"],
+        )
+
+
+class ArrayReader(Protocol):
+    """Reads a contiguous range of a 1-D array of the store."""
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+
+class ZarrReader:
+    """zarr-python backend; local paths and fsspec URLs (http://, s3://, gs://, ...)."""
+
+    def __init__(self, path: str, names: list[str]):
+        if is_url(path):
+            store = zarr.storage.FsspecStore.from_url(path, read_only=True)
+        else:
+            store = zarr.storage.LocalStore(path, read_only=True)
+        self._arrays = {name: zarr.open_array(store=store, path=name, mode="r") for name in names}
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._arrays[name][start:stop]
+
+
+class TensorStoreReader:
+    """tensorstore backend; reads of missing chunks raise (fill_missing_data_reads=False)."""
+
+    def __init__(self, path: str, names: list[str]):
+        import tensorstore as ts
+
+        def kvstore(name: str) -> dict:
+            if is_url(path):
+                return {"driver": "http", "base_url": path.rstrip("/"), "path": f"/{name}/"}
+            return {"driver": "file", "path": str(Path(path) / name) + "/"}
+
+        self._arrays = {
+            name: ts.open(
+                {"driver": "zarr3", "kvstore": kvstore(name), "fill_missing_data_reads": False},
+                read=True,
+                open=True,
+            ).result()
+            for name in names
+        }
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self._arrays[name][start:stop].read().result()
+
+
+def _chunk_of(name: str, element: int) -> str:
+    """Where element `element` of array `name` lives: its chunk and its shard file."""
+    nnz_array = name in ("X/data", "X/indices")
+    per_chunk = CHUNK_NNZ if nnz_array else CHUNK_ROWS
+    per_shard = SHARD_NNZ if nnz_array else SHARD_ROWS
+    chunk = element // per_chunk
+    return (
+        f"{chunk} = elements {chunk * per_chunk}..{(chunk + 1) * per_chunk - 1}, "
+        f"in shard file {name}/c/{element // per_shard}"
+    )
+
+
+@dataclass
+class RowBlock:
+    """Rows [start, stop) of the store: CSR counts and obs covariates.
+
+    indptr: (n+1,) int64 from 0; indices, data: (nnz,); categorical: key -> (n,) int codes;
+    continuous: key -> (n,) float.
+    """
+
+    start: int
+    stop: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    categorical: dict[str, np.ndarray]
+    continuous: dict[str, np.ndarray]
+
+
+class AtlasStore:
+    """An opened atlas store: its schema and validated reads of row ranges."""
+
+    def __init__(self, path: str | Path, backend: str = "zarr", validate_blocks: bool = True):
+        self.path = str(path)
+        self.backend = backend
+        self.validate_blocks = validate_blocks
+        meta = read_store_attrs(self.path)
+        self.schema = StoreSchema.from_attrs(meta, self.path)
+        self.nnz = int(meta["nnz"])
+        names = ["X/data", "X/indices", "X/indptr"]
+        names += [f"obs/{k}/codes" for k in self.schema.categorical]
+        names += [f"obs/{k}" for k in self.schema.continuous]
+        reader_cls = {"zarr": ZarrReader, "tensorstore": TensorStoreReader}[backend]
+        try:
+            self._reader: ArrayReader = reader_cls(self.path, names)
+        except Exception as err:  # noqa: BLE001 - any backend failure to open is a store error
+            raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
+
+    @property
+    def n_cells(self) -> int:
+        return self.schema.n_cells
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self._reader.read(name, start, stop))
+        except Exception as err:  # noqa: BLE001 - decode, checksum and I/O errors all mean a damaged chunk
+            raise StoreCorruptError(
+                f"{self.path}: cannot read {name}[{start}:{stop}] (chunk {_chunk_of(name, start)}): {err}"
+            ) from err
+
+    def read_rows(self, start: int, stop: int) -> RowBlock:
+        """Read and validate rows [start, stop)."""
+        if not 0 <= start < stop <= self.n_cells:
+            raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
+        indptr = self._read("X/indptr", start, stop + 1).astype(np.int64, copy=False)
+        if self.validate_blocks:
+            self._check_indptr(indptr, start)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        indices = self._read("X/indices", lo, hi)
+        data = self._read("X/data", lo, hi)
+        local_indptr = indptr - lo
+        if self.validate_blocks:
+            self._check_entries(indices, data, local_indptr, lo)
+        categorical = {k: self._read(f"obs/{k}/codes", start, stop) for k in self.schema.categorical}
+        continuous = {k: self._read(f"obs/{k}", start, stop) for k in self.schema.continuous}
+        if self.validate_blocks:
+            for key, codes in categorical.items():
+                bad = np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))
+                if len(bad):
+                    name = f"obs/{key}/codes"
+                    raise StoreCorruptError(
+                        f"{self.path}: {name} holds code {codes[bad[0]]} at row {start + bad[0]} "
+                        f"(chunk {_chunk_of(name, start + bad[0])}): missing or corrupt chunk"
+                    )
+            for key, values in continuous.items():
+                bad = np.flatnonzero(~np.isfinite(values))
+                if len(bad):
+                    name = f"obs/{key}"
+                    raise StoreCorruptError(
+                        f"{self.path}: {name} holds {values[bad[0]]} at row {start + bad[0]} "
+                        f"(chunk {_chunk_of(name, start + bad[0])}): missing or corrupt chunk"
+                    )
+        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous)
+
+    def _check_indptr(self, indptr: np.ndarray, start: int) -> None:
+        steps = np.diff(indptr)
+        bad = np.flatnonzero(steps < 0)
+        if indptr[0] < 0 or indptr[-1] > self.nnz or len(bad):
+            row = start + (int(bad[0]) + 1 if len(bad) else 0)
+            raise StoreCorruptError(
+                f"{self.path}: X/indptr is not a valid row pointer near row {row} "
+                f"(chunk {_chunk_of('X/indptr', row)}): missing or corrupt chunk"
+            )
+
+    def _check_entries(self, indices: np.ndarray, data: np.ndarray, indptr: np.ndarray, lo: int) -> None:
+        bad = np.flatnonzero(data <= 0)
+        if len(bad):
+            raise StoreCorruptError(
+                f"{self.path}: X/data holds {data[bad[0]]} at element {lo + bad[0]} "
+                f"(chunk {_chunk_of('X/data', lo + int(bad[0]))}): stored counts are > 0, so the chunk is "
+                "missing or corrupt"
+            )
+        out_of_range = (indices < 0) | (indices >= self.schema.n_genes)
+        not_increasing = np.flatnonzero(np.diff(indices) <= 0) + 1
+        row_starts = indptr[1:-1]
+        broken = not_increasing[~np.isin(not_increasing, row_starts)]
+        bad = np.flatnonzero(out_of_range)
+        if len(bad) or len(broken):
+            element = int(bad[0]) if len(bad) else int(broken[0])
+            raise StoreCorruptError(
+                f"{self.path}: X/indices holds {indices[element]} at element {lo + element} "
+                f"(chunk {_chunk_of('X/indices', lo + element)}): gene indices out of range or not sorted "
+                "within a cell, so the chunk is missing or corrupt"
+            )
+
+
+def read_store_attrs(path: str | Path) -> dict:
+    """The store's atlasvi attrs; a clear StoreError when the path is no atlas store."""
+    path = str(path)
+    if not is_url(path) and not (Path(path) / "zarr.json").exists():
+        raise StoreError(f"{path}: no atlas store here (no zarr.json); build one with `atlasvi build`")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(path, mode="r", zarr_format=3)
+            attrs = dict(group.attrs)
+    except (json.JSONDecodeError, ValueError, KeyError, OSError) as err:
+        raise StoreError(f"{path}: zarr.json is unreadable (truncated or corrupt?): {err}") from err
+    if ATTRS_KEY not in attrs:
+        raise StoreError(f"{path}: a Zarr store but not an atlas store (no '{ATTRS_KEY}' attrs)")
+    return attrs[ATTRS_KEY]
+
+
+def open_store(path: str | Path, backend: str = "zarr", validate_blocks: bool = True) -> AtlasStore:
+    """Open an atlas store (local path or URL) for reading with the zarr or tensorstore backend."""
+    return AtlasStore(path, backend, validate_blocks)
