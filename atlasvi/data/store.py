@@ -26,7 +26,7 @@ from atlasvi.data.errors import StoreCorruptError, StoreError
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "atlasvi"
-CHUNK_NNZ = 1 << 16  # non-zeros per chunk of X/data and X/indices
+CHUNK_NNZ = 1 << 18  # non-zeros per chunk of X/data and X/indices (1 MiB of int32)
 SHARD_NNZ = 1 << 22  # non-zeros per shard file
 CHUNK_ROWS = 1 << 16  # rows per chunk of X/indptr and of obs arrays
 SHARD_ROWS = 1 << 20
@@ -247,9 +247,9 @@ class AtlasStore:
                 "missing or corrupt"
             )
         out_of_range = (indices < 0) | (indices >= self.schema.n_genes)
-        not_increasing = np.flatnonzero(np.diff(indices) <= 0) + 1
-        row_starts = indptr[1:-1]
-        broken = not_increasing[~np.isin(not_increasing, row_starts)]
+        row_start = np.zeros(len(indices), dtype=bool)
+        row_start[indptr[1:-1][indptr[1:-1] < len(indices)]] = True
+        broken = np.flatnonzero((np.diff(indices) <= 0) & ~row_start[1:]) + 1
         bad = np.flatnonzero(out_of_range)
         if len(bad) or len(broken):
             element = int(bad[0]) if len(bad) else int(broken[0])

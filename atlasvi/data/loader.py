@@ -1,0 +1,204 @@
+"""StreamingLoader: minibatches from an atlas store, read ahead in background threads.
+
+The sampler decides which rows a rank reads (see `sampler.py`); the loader fetches them. A rank's
+rows are cut into windows of `buffer_blocks * block_size` rows (rounded to whole batches). Background
+threads read windows ahead (`prefetch` of them), each one's rows in contiguous ranges, and shuffle
+the window with `default_rng([seed, epoch, rank, window])`; minibatches are consecutive slices of the
+shuffled window (zero-copy views). Memory is bounded by (prefetch + 1) windows, never by the cells.
+
+Everything random is a function of (seed, epoch, rank, window), so the position (epoch, step) is the
+whole state: `load_state_dict` of a saved position yields exactly the batches that would have come next.
+"""
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from atlasvi.data.config import LoaderConfig
+from atlasvi.data.sampler import BlockSampler
+from atlasvi.data.store import AtlasStore, open_store
+
+
+@dataclass
+class Minibatch:
+    """One minibatch: CSR counts (cells x genes) and per-cell covariates, on the host until `to`.
+
+    crow_indices: (n+1,) int32; col_indices, values: (nnz,) int32 gene indices, float32 counts;
+    categorical: key -> (n,) int64 codes; continuous: key -> (n,) float32; rows: (n,) int64 store rows.
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    n_genes: int
+    categorical: dict[str, torch.Tensor]
+    continuous: dict[str, torch.Tensor]
+    rows: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Minibatch":
+        """The same minibatch with every tensor on `device` (counts stay sparse: few bytes move)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return Minibatch(
+            move(self.crow_indices),
+            move(self.col_indices),
+            move(self.values),
+            self.n_genes,
+            {k: move(v) for k, v in self.categorical.items()},
+            {k: move(v) for k, v in self.continuous.items()},
+            move(self.rows),
+        )
+
+    def counts(self) -> torch.Tensor:
+        """(n, n_genes) float32 dense counts, built on the device the minibatch is on."""
+        return torch.sparse_csr_tensor(
+            self.crow_indices, self.col_indices, self.values, size=(len(self), self.n_genes)
+        ).to_dense()
+
+
+@dataclass
+class _Window:
+    """A shuffled window of rows ready to be cut into minibatches."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    categorical: dict[str, np.ndarray]
+    continuous: dict[str, np.ndarray]
+    rows: np.ndarray
+
+
+class StreamingLoader:
+    """Iterates the minibatches of one rank, epoch after epoch; `len()` batches per epoch on every rank."""
+
+    def __init__(
+        self,
+        store: AtlasStore | str | Path,
+        config: LoaderConfig = LoaderConfig(),
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not isinstance(store, AtlasStore):
+            store = open_store(store, backend=config.backend, validate_blocks=config.validate_blocks)
+        self.store, self.config = store, config
+        self.sampler = BlockSampler(
+            store.n_cells, config.batch_size, config.block_size, config.seed, rank, world_size, config.last_batch
+        )
+        self.window_rows = max(1, config.buffer_blocks * config.block_size // config.batch_size) * config.batch_size
+        self.epoch, self.step = 0, 0
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of `epoch`."""
+        self.epoch, self.step = epoch, 0
+
+    def state_dict(self) -> dict:
+        """The position: epoch and batches already yielded in it, plus what must match on restore."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "block_size": self.config.block_size,
+            "buffer_blocks": self.config.buffer_blocks,
+            "last_batch": self.config.last_batch,
+            "rank": self.sampler.rank,
+            "world_size": self.sampler.world_size,
+            "n_cells": self.store.n_cells,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position; the sampling parameters must be the same."""
+        mine = self.state_dict()
+        differ = {k: (state[k], mine[k]) for k in mine if k not in ("epoch", "step") and state.get(k) != mine[k]}
+        if differ:
+            raise ValueError(f"loader state does not match this loader (saved, current): {differ}")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+    def _windows(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This rank's rows for `epoch`, cut into windows of `window_rows` rows (as row ranges)."""
+        windows: list[list[tuple[int, int]]] = [[]]
+        filled = 0
+        for start, stop in self.sampler.rank_ranges(epoch):
+            while start < stop:
+                take = min(stop - start, self.window_rows - filled)
+                windows[-1].append((start, start + take))
+                start, filled = start + take, filled + take
+                if filled == self.window_rows:
+                    windows.append([])
+                    filled = 0
+        return [w for w in windows if w]
+
+    def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> _Window:
+        blocks = [self.store.read_rows(a, z) for a, z in ranges]
+        offsets = np.cumsum([0] + [b.indptr[-1] for b in blocks[:-1]])
+        indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=True)])
+        indices = np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False)
+        window = sp.csr_matrix(
+            (np.concatenate([b.data for b in blocks]), indices, indptr.astype(np.int32)),
+            shape=(len(indptr) - 1, self.store.schema.n_genes),
+            copy=False,
+        )
+        order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(window.shape[0])
+        window = window[order]
+        rows = np.concatenate([np.arange(a, z) for a, z in ranges])[order]
+        return _Window(
+            window.indptr.astype(np.int32),
+            window.indices.astype(np.int32, copy=False),
+            window.data.astype(np.float32),
+            {k: np.concatenate([b.categorical[k] for b in blocks])[order].astype(np.int64) for k in blocks[0].categorical},
+            {k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32) for k in blocks[0].continuous},
+            rows,
+        )
+
+    def _batches(self, window: _Window, first: int) -> Iterator[Minibatch]:
+        size = self.config.batch_size
+        for i in range(first, (len(window.indptr) - 1) // size):
+            a, z = i * size, (i + 1) * size
+            lo, hi = int(window.indptr[a]), int(window.indptr[z])
+            yield Minibatch(
+                torch.from_numpy(window.indptr[a : z + 1] - lo),
+                torch.from_numpy(window.indices[lo:hi]),
+                torch.from_numpy(window.values[lo:hi]),
+                self.store.schema.n_genes,
+                {k: torch.from_numpy(v[a:z]) for k, v in window.categorical.items()},
+                {k: torch.from_numpy(v[a:z]) for k, v in window.continuous.items()},
+                torch.from_numpy(window.rows[a:z]),
+            )
+
+    def __iter__(self) -> Iterator[Minibatch]:
+        """The remaining minibatches of the current epoch; afterwards the position moves to the next epoch."""
+        epoch = self.epoch
+        windows = self._windows(epoch)
+        batches_per_window = self.window_rows // self.config.batch_size
+        first_window, skip = divmod(self.step, batches_per_window)
+        pending: deque[Future] = deque()
+        next_window = first_window
+        with ThreadPoolExecutor(self.config.num_threads, thread_name_prefix="atlasvi-read") as pool:
+            try:
+                for _ in range(first_window, len(windows)):
+                    while next_window < len(windows) and len(pending) <= self.config.prefetch:
+                        pending.append(pool.submit(self._read_window, epoch, next_window, windows[next_window]))
+                        next_window += 1
+                    window = pending.popleft().result()
+                    for batch in self._batches(window, skip):
+                        self.step += 1
+                        yield batch
+                    skip = 0
+            finally:
+                for future in pending:
+                    future.cancel()
+        self.epoch, self.step = epoch + 1, 0

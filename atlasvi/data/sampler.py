@@ -1,0 +1,90 @@
+"""Which rows each rank reads in an epoch: a seeded permutation of row blocks, split into equal shards.
+
+An epoch's stream is the store's row blocks in the order of `default_rng([seed, epoch]).permutation`.
+Rank r of a world of size W reads stream positions [r * L, (r + 1) * L), where L is the same for
+every rank and a multiple of the batch size, so every rank yields the same number of minibatches
+(DDP hangs otherwise) and ranks never share a cell within an epoch.
+
+last_batch="drop": L = floor(n / (W * batch_size)) * batch_size; the stream's last n - W * L cells
+  (fewer than W * batch_size, a different random set each epoch) are not read this epoch.
+last_batch="pad": L = ceil(n / (W * batch_size)) * batch_size; positions past n wrap around to the
+  start of the stream, so W * L - n cells are read twice and none is dropped.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BlockSampler:
+    """The rows of one rank per epoch, as contiguous row ranges in reading order.
+
+    n_cells: rows in the store; block_size: rows per shuffled block; rank in [0, world_size).
+    """
+
+    n_cells: int
+    batch_size: int
+    block_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    last_batch: str = "drop"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
+        if self.last_batch not in ("drop", "pad"):
+            raise ValueError(f"last_batch must be 'drop' or 'pad', not {self.last_batch!r}")
+        if self.rows_per_rank == 0:
+            raise ValueError(
+                f"{self.n_cells} cells are fewer than world_size x batch_size = "
+                f"{self.world_size} x {self.batch_size}: no full batch per rank; use last_batch='pad'"
+            )
+
+    @property
+    def rows_per_rank(self) -> int:
+        per_step = self.world_size * self.batch_size
+        steps = self.n_cells // per_step if self.last_batch == "drop" else -(-self.n_cells // per_step)
+        return steps * self.batch_size
+
+    @property
+    def batches_per_rank(self) -> int:
+        return self.rows_per_rank // self.batch_size
+
+    def block_order(self, epoch: int) -> np.ndarray:
+        """(n_blocks,) the epoch's permutation of row blocks (the same on every rank)."""
+        n_blocks = -(-self.n_cells // self.block_size)
+        return np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
+
+    def rank_ranges(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's row ranges [start, stop) for `epoch`, in reading order; rows_per_rank rows in all."""
+        order = self.block_order(epoch)
+        starts = order * self.block_size
+        stops = np.minimum(starts + self.block_size, self.n_cells)
+        stream_ends = np.cumsum(stops - starts)  # stream position after each block
+        begin = self.rank * self.rows_per_rank
+        end = begin + self.rows_per_rank
+        ranges: list[tuple[int, int]] = []
+        while begin < end:
+            position = begin % self.n_cells
+            take = min(end - begin, self.n_cells - position)
+            ranges += _stream_slice(starts, stops, stream_ends, position, position + take)
+            begin += take
+        return ranges
+
+
+def _stream_slice(
+    starts: np.ndarray, stops: np.ndarray, stream_ends: np.ndarray, lo: int, hi: int
+) -> list[tuple[int, int]]:
+    """Row ranges covering stream positions [lo, hi) (0 <= lo < hi <= n_cells)."""
+    first = int(np.searchsorted(stream_ends, lo, side="right"))
+    last = int(np.searchsorted(stream_ends, hi, side="left"))
+    ranges = []
+    for b in range(first, last + 1):
+        block_begin = int(stream_ends[b] - (stops[b] - starts[b]))
+        a = int(starts[b]) + max(0, lo - block_begin)
+        z = int(starts[b]) + min(int(stops[b] - starts[b]), hi - block_begin)
+        if z > a:
+            ranges.append((a, z))
+    return ranges
