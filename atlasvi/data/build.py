@@ -370,12 +370,11 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         kept_before += n_kept
         library = np.asarray(cells.sum(axis=1)).ravel()
         codes = batch_codes(source, rows)[keep]
-        positive = library > 0
-        zero_library += int((~positive).sum())
-        log_lib = np.log(library[positive])
-        log_lib_sum += np.bincount(codes[positive], weights=log_lib, minlength=n_batch)
-        log_lib_sq += np.bincount(codes[positive], weights=log_lib**2, minlength=n_batch)
-        lib_n += np.bincount(codes[positive], minlength=n_batch)
+        zero_library += int((library == 0).sum())
+        log_lib = np.log(np.maximum(library, 1))  # as scvi-tools: np.ma.log(library).filled(0)
+        log_lib_sum += np.bincount(codes, weights=log_lib, minlength=n_batch)
+        log_lib_sq += np.bincount(codes, weights=log_lib**2, minlength=n_batch)
+        lib_n += np.bincount(codes, minlength=n_batch)
         fields = {"name": np.asarray(source.obs.index[rows][keep], dtype="U")}
         for key in cat_keys:
             if key == batch_key:
@@ -399,7 +398,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         _append_names(buckets, dest, name_entries, fields["name_len"].astype(np.int64))
     if zero_library:
         warnings.warn(
-            f"{zero_library} cells have zero counts over the stored genes (kept; ignored by the library prior)",
+            f"{zero_library} cells have zero counts over the stored genes (kept; log-library 0 as in scvi-tools)",
             stacklevel=2,
         )
 

@@ -10,6 +10,7 @@ Everything random is a function of (seed, epoch, rank, window), so the position 
 whole state: `load_state_dict` of a saved position yields exactly the batches that would have come next.
 """
 
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,9 +63,10 @@ class Minibatch:
 
     def counts(self) -> torch.Tensor:
         """(n, n_genes) float32 dense counts, built on the device the minibatch is on."""
-        return torch.sparse_csr_tensor(
-            self.crow_indices, self.col_indices, self.values, size=(len(self), self.n_genes)
-        ).to_dense()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, (len(self), self.n_genes))
+        return csr.to_dense()
 
 
 @dataclass

@@ -1,0 +1,159 @@
+"""`atlasvi` command line: the only place that reads argv, YAML or the environment."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from atlasvi.data.build import build_store
+from atlasvi.data.config import BuildConfig
+from atlasvi.data.errors import AtlasInputError, StoreError
+from atlasvi.data.store import read_store_attrs
+from atlasvi.datasets import CELLBENCH
+
+app = typer.Typer(help="Train scVI-family models on atlas-scale single-cell data.", no_args_is_help=True)
+console = Console(stderr=True)
+
+EMBEDDED_BUILD = {
+    "inputs": [str(CELLBENCH)],
+    "output": "outputs/cellbench.zarr",
+    "batch_key": "batch",
+    "labels_key": "cell_line",
+    "categorical_covariate_keys": ["technology"],
+    "n_top_genes": 2000,
+    "overwrite": True,
+}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; a clear error for a missing file or a non-mapping."""
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: config file does not exist")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise typer.BadParameter(f"{path}: a config is a YAML mapping of field: value")
+    return content
+
+
+def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
+    """Validate the merged sources (later ones override); an unknown field is an error naming it."""
+    merged: dict[str, Any] = {}
+    for _, values in sources:
+        merged |= {k: v for k, v in values.items() if v is not None}
+    try:
+        return model(**merged)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                allowed = ", ".join(model.model_fields)
+                problems.append(f"unknown field {field!r} (fields: {allowed})")
+            else:
+                problems.append(f"{field}: {e['msg']}")
+        where = " + ".join(name for name, _ in sources)
+        console.print(f"[red]invalid {model.__name__} ({where}):[/red] " + "; ".join(problems))
+        raise typer.Exit(2) from None
+
+
+class _RichProgress:
+    """Draws one rich bar per build stage from the build's progress callback."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done)
+
+
+@app.command()
+def build(
+    inputs: Annotated[list[Path] | None, typer.Argument(help=".h5ad files, 10x matrix folders or 10x .h5 files")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="the atlas store to write (.zarr)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
+    batch_key: Annotated[str | None, typer.Option(help="obs column of the batch; default: one batch per file")] = None,
+    labels_key: Annotated[str | None, typer.Option(help="obs column of cell-type labels")] = None,
+    categorical_covariate_key: Annotated[list[str] | None, typer.Option(help="extra categorical obs key")] = None,
+    continuous_covariate_key: Annotated[list[str] | None, typer.Option(help="continuous obs key")] = None,
+    layer: Annotated[str | None, typer.Option(help="h5ad layer holding the raw counts (default X)")] = None,
+    gene_id_key: Annotated[str | None, typer.Option(help="var column of gene ids (default var_names)")] = None,
+    gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
+    n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
+    hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
+    drop_empty_cells: Annotated[bool, typer.Option(help="drop zero-count cells with a warning")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed of the global cell permutation")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="cells read at a time (bounds memory)")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace output")] = None,
+) -> None:
+    """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if config is not None:
+        sources.append((str(config), load_yaml(config)))
+    elif not inputs:
+        console.print(f"no inputs given: building the embedded dataset {CELLBENCH.name}")
+        sources.append(("embedded default", EMBEDDED_BUILD))
+    flags = {
+        "inputs": [str(p) for p in inputs] if inputs else None,
+        "output": str(output) if output else None,
+        "batch_key": batch_key,
+        "labels_key": labels_key,
+        "categorical_covariate_keys": categorical_covariate_key or None,
+        "continuous_covariate_keys": continuous_covariate_key or None,
+        "layer": layer,
+        "gene_id_key": gene_id_key,
+        "gene_join": gene_join,
+        "n_top_genes": n_top_genes,
+        "hvg_subset": hvg_subset,
+        "zero_count_cells": "drop" if drop_empty_cells else None,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "overwrite": overwrite,
+    }
+    sources.append(("flags", flags))
+    build_config = make_config(BuildConfig, sources)
+    columns = [TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, TimeRemainingColumn(), console=console, transient=False) as bars:
+            path = build_store(build_config, _RichProgress(bars))
+    except (AtlasInputError, StoreError) as err:
+        console.print(f"[red]build failed, nothing written:[/red] {err}")
+        raise typer.Exit(1) from None
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    meta = read_store_attrs(path)
+    table = Table(title=f"atlas store {path}", show_header=False)
+    table.add_row("cells x genes", f"{meta['n_cells']} x {meta['n_genes']} ({meta['nnz']} non-zeros)")
+    for key, categories in meta["categorical"].items():
+        shown = ", ".join(categories[:6]) + (" ..." if len(categories) > 6 else "")
+        table.add_row(f"obs[{key!r}]", f"{len(categories)}: {shown}")
+    means = ", ".join(f"{m:.2f}" for m in meta["library_log_means"])
+    table.add_row("library prior", f"log-library means per {meta['batch_key']}: {means}")
+    table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))
+    Console().print(table)
+
+
+@app.command()
+def info(store: Path, as_json: Annotated[bool, typer.Option("--json", help="print the attrs as JSON")] = False) -> None:
+    """Describe an atlas store: cells, genes, covariates, library prior, provenance."""
+    try:
+        if as_json:
+            print(json.dumps(read_store_attrs(store), indent=1))
+        else:
+            _print_summary(store)
+    except StoreError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+
+
+if __name__ == "__main__":
+    app()

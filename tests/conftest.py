@@ -1,0 +1,41 @@
+"""Shared fixtures: the real datasets in ../shared/data and small stores built from them."""
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+from atlasvi.data import BuildConfig, build_store
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CELLBENCH = SHARED_DATA / "cellbench_sc_mixology_3tech.h5ad"
+KANG = SHARED_DATA / "kang2018_pbmc_ifnb_muscat.h5ad"
+KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not CELLBENCH.exists():
+        raise pytest.UsageError(f"the real datasets are expected in {SHARED_DATA} (../shared/data beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def cellbench() -> ad.AnnData:
+    """CellBench sc_mixology: 1408 cells x 11533 genes, batch `batch` (5), labels `cell_line` (5)."""
+    return ad.read_h5ad(CELLBENCH)
+
+
+@pytest.fixture(scope="session")
+def kang() -> ad.AnnData:
+    """Kang 2018 PBMC (muscat subset): 1556 cells x 1267 genes, batch `sample` (4), labels `cell_type` (5)."""
+    return ad.read_h5ad(KANG)
+
+
+@pytest.fixture(scope="session")
+def kang_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Kang file as an atlas store (all genes), with batch, labels and a continuous covariate."""
+    path = tmp_path_factory.mktemp("stores") / "kang.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_store(BuildConfig(inputs=[str(KANG)], output=str(path), batch_key="sample", labels_key="cell_type"))
+    return path
