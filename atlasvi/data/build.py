@@ -10,6 +10,7 @@ The store is written to a hidden sibling and renamed into place at the end: an i
 leaves nothing under the target name.
 """
 
+import contextlib
 import datetime
 import shutil
 import uuid
@@ -242,6 +243,7 @@ def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
     token = uuid.uuid4().hex[:8]
     staging = output.parent / f".{output.name}.building-{token}"
     scratch = output.parent / f".{output.name}.scratch-{token}"
+    new_folders = [p for p in [output.parent, *output.parent.parents] if not p.exists()]  # deepest first
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         _build(config, paths, staging, scratch, progress)
@@ -255,6 +257,10 @@ def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
+        if not output.exists():  # a failed build leaves no folder it made either
+            for folder in new_folders:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return output
 
 

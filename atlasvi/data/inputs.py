@@ -65,14 +65,22 @@ class InputFile:
         return len(self.obs)
 
     def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield (first row, counts) with counts a CSR (rows, n_genes) of at most chunk_size rows."""
+        """Yield (first row, counts) with counts a canonical CSR (rows, n_genes) of at most chunk_size rows.
+
+        Canonical: indices sorted and in range, no duplicates (summed), no explicitly stored zeros.
+        """
         for start in range(0, self.n_cells, chunk_size):
             stop = min(start + chunk_size, self.n_cells)
             try:
-                block = self._x[start:stop]
+                block = sp.csr_matrix(self._x[start:stop])
+                block.check_format(full_check=True)
             except (OSError, RuntimeError, KeyError, ValueError) as err:
-                raise AtlasInputError(f"{self.path}: cannot read cells {start}..{stop}: {err}") from err
-            yield start, sp.csr_matrix(block)
+                raise AtlasInputError(
+                    f"{self.path}: cannot read cells {start}..{stop} (truncated or corrupt?): {err}"
+                ) from err
+            block.sum_duplicates()
+            block.eliminate_zeros()
+            yield start, block
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -146,9 +154,7 @@ def _open_10x(path: Path, kind: InputKind, obs_keys: list[str]) -> InputFile:
     return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X))
 
 
-def open_input(
-    path: Path, obs_keys: list[str], layer: str | None = None, gene_id_key: str | None = None
-) -> InputFile:
+def open_input(path: Path, obs_keys: list[str], layer: str | None = None, gene_id_key: str | None = None) -> InputFile:
     """Open one input for a build; obs_keys must all be obs columns of it."""
     if not path.exists():
         raise AtlasInputError(f"{path}: input does not exist")

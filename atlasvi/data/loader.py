@@ -65,7 +65,9 @@ class Minibatch:
         """(n, n_genes) float32 dense counts, built on the device the minibatch is on."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, (len(self), self.n_genes))
+            csr = torch.sparse_csr_tensor(
+                self.crow_indices, self.col_indices, self.values, (len(self), self.n_genes), check_invariants=False
+            )
         return csr.to_dense()
 
 

@@ -1,0 +1,175 @@
+"""StreamingLoader on a real store: content, ranks, backends, resume, HTTP, bounded read-ahead."""
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from atlasvi.data import LoaderConfig, StreamingLoader
+
+SMALL = {"batch_size": 64, "block_size": 100, "buffer_blocks": 3}
+
+
+def _epoch(loader: StreamingLoader) -> list:
+    return list(loader)
+
+
+def _same(a, b) -> bool:
+    return (
+        torch.equal(a.crow_indices, b.crow_indices)
+        and torch.equal(a.col_indices, b.col_indices)
+        and torch.equal(a.values, b.values)
+        and torch.equal(a.rows, b.rows)
+        and all(torch.equal(a.categorical[k], b.categorical[k]) for k in a.categorical)
+    )
+
+
+def test_minibatches_hold_the_store_cells(kang_store):
+    adata = ad.read_zarr(kang_store)
+    loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 1556 // 64
+    for batch in batches[:5]:
+        rows = batch.rows.numpy()
+        np.testing.assert_array_equal(batch.counts().numpy(), adata.X[rows].toarray())
+        np.testing.assert_array_equal(batch.categorical["sample"].numpy(), adata.obs["sample"].cat.codes.to_numpy()[rows])
+        np.testing.assert_array_equal(
+            batch.categorical["cell_type"].numpy(), adata.obs["cell_type"].cat.codes.to_numpy()[rows]
+        )
+        assert batch.counts().dtype == torch.float32 and batch.counts().shape == (64, adata.n_vars)
+    seen = torch.cat([b.rows for b in batches]).numpy()
+    assert len(np.unique(seen)) == len(seen) == 1556 // 64 * 64
+    assert loader.epoch == 1 and loader.step == 0
+
+
+def test_batches_mix_batches_and_change_between_epochs(kang_store):
+    loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    first, second = _epoch(loader), _epoch(loader)
+    assert all(len(torch.unique(b.categorical["sample"])) == 4 for b in first)  # every batch mixes all 4 samples
+    assert not torch.equal(first[0].rows, second[0].rows)
+    again = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    assert all(_same(a, b) for a, b in zip(first, _epoch(again), strict=True))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("last_batch", ["drop", "pad"])
+def test_ranks_read_disjoint_equal_shards(kang_store, world_size, last_batch):
+    config = LoaderConfig(**SMALL, last_batch=last_batch)
+    loaders = [StreamingLoader(kang_store, config, rank, world_size) for rank in range(world_size)]
+    per_rank = [torch.cat([b.rows for b in _epoch(loader)]).numpy() for loader in loaders]
+    assert len({len(r) for r in per_rank}) == 1 and len({len(loader) for loader in loaders}) == 1
+    seen = np.concatenate(per_rank)
+    if last_batch == "drop":
+        assert len(np.unique(seen)) == len(seen) > 1556 - world_size * 64
+    else:
+        assert set(seen.tolist()) == set(range(1556))
+
+
+def test_zarr_and_tensorstore_yield_identical_batches(kang_store):
+    by_zarr = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL, backend="zarr")))
+    by_tensorstore = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL, backend="tensorstore")))
+    assert len(by_zarr) == len(by_tensorstore)
+    assert all(_same(a, b) for a, b in zip(by_zarr, by_tensorstore, strict=True))
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 9, 24 + 5])
+def test_resume_mid_stream_yields_exactly_the_next_batches(kang_store, stop_after):
+    config = LoaderConfig(**SMALL)
+    reference = StreamingLoader(kang_store, config)
+    stream = _epoch(reference) + _epoch(reference)  # two epochs, 24 batches each
+    interrupted = StreamingLoader(kang_store, config)
+    taken = 0
+    while taken < stop_after:
+        for _ in interrupted:
+            taken += 1
+            if taken == stop_after:
+                break
+    state = interrupted.state_dict()
+    resumed = StreamingLoader(kang_store, config)
+    resumed.load_state_dict(state)
+    rest = []
+    while len(rest) < len(stream) - stop_after:
+        rest += _epoch(resumed)
+    assert all(_same(a, b) for a, b in zip(stream[stop_after:], rest, strict=True))
+
+
+def test_resume_refuses_a_loader_with_other_sampling(kang_store):
+    state = StreamingLoader(kang_store, LoaderConfig(**SMALL)).state_dict()
+    other = StreamingLoader(kang_store, LoaderConfig(**(SMALL | {"batch_size": 32})))
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_read_ahead_is_bounded_by_prefetch(kang_store, monkeypatch):
+    config = LoaderConfig(batch_size=16, block_size=50, buffer_blocks=1, prefetch=2)
+    loader = StreamingLoader(kang_store, config)
+    started: list[int] = []
+    original = StreamingLoader._read_window
+
+    def recording(self, epoch, index, ranges):
+        started.append(index)
+        return original(self, epoch, index, ranges)
+
+    monkeypatch.setattr(StreamingLoader, "_read_window", recording)
+    iterator = iter(loader)
+    next(iterator)
+    assert max(started) <= config.prefetch  # windows 0..prefetch in flight, nothing more
+    for _ in range(3 * (loader.window_rows // 16)):
+        next(iterator)
+    assert max(started) <= 3 + config.prefetch
+
+
+@pytest.fixture
+def served_store(kang_store: Path):
+    handler = functools.partial(QuietHandler, directory=str(kang_store))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (bytes=a-b, a-, -n), as object stores serve them."""
+
+    def log_message(self, *args) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        spec = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if spec is None or not path.is_file():
+            return super().do_GET()
+        body = path.read_bytes()
+        first, last = spec.removeprefix("bytes=").split("-")
+        if first == "":
+            start, stop = max(0, len(body) - int(last)), len(body)
+        else:
+            start, stop = int(first), min(len(body), int(last) + 1 if last else len(body))
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(body)}")
+        self.send_header("Content-Length", str(stop - start))
+        self.end_headers()
+        self.wfile.write(body[start:stop])
+
+
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore"])
+def test_store_served_over_http_yields_the_local_batches(kang_store, served_store, backend):
+    config = LoaderConfig(**SMALL, backend=backend)
+    local = _epoch(StreamingLoader(kang_store, config))
+    remote = _epoch(StreamingLoader(served_store, config))
+    assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
+
+
+def test_minibatch_moves_sparse_and_densifies_on_its_device(kang_store):
+    batch = next(iter(StreamingLoader(kang_store, LoaderConfig(**SMALL))))
+    moved = batch.to("cpu")
+    assert moved.values.numel() < moved.counts().numel() / 2  # only non-zeros travel
+    assert torch.equal(moved.counts(), batch.counts())
+    assert moved.counts().sum() == batch.values.sum()
