@@ -76,7 +76,9 @@ class _RichProgress:
 
 @app.command()
 def build(
-    inputs: Annotated[list[Path] | None, typer.Argument(help=".h5ad files, 10x matrix folders or 10x .h5 files")] = None,
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help=".h5ad files, 10x matrix folders or 10x .h5 files")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="the atlas store to write (.zarr)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
     batch_key: Annotated[str | None, typer.Option(help="obs column of the batch; default: one batch per file")] = None,

@@ -209,7 +209,9 @@ class _Buckets:
                 continue
             folder = self.root / str(k)
             take = _ranges(entry_start[cells], nnz[cells])
-            for name, values in [("dest", dest[cells]), ("nnz", nnz[cells])] + [(n, v[cells]) for n, v in fields.items()]:
+            for name, values in [("dest", dest[cells]), ("nnz", nnz[cells])] + [
+                (n, v[cells]) for n, v in fields.items()
+            ]:
                 with open(folder / name, "ab") as handle:
                     np.ascontiguousarray(values).tofile(handle)
             for name, values in entries.items():
@@ -326,7 +328,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         if empty.any() and config.zero_count_cells == "error":
             cells = source.obs.index[rows][empty]
             raise AtlasInputError(
-                f"{plan.path}: {int(empty.sum())} cells with zero counts over the aligned genes, first {cells[0]!r}; "
+                f"{plan.path}: cell {cells[0]!r} has zero counts over the aligned genes "
+                f"({len(cells)} such cells among cells {rows.start}..{rows.stop - 1}); "
                 "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
             )
         plan.keep = np.concatenate([plan.keep, ~empty])
@@ -414,13 +417,24 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     x_group = root.create_group("X")
     x_group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
     writers = {
-        "data": _SequentialWriter(_create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ),
-        "indices": _SequentialWriter(_create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ),
-        "indptr": _SequentialWriter(_create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS),
+        "data": _SequentialWriter(
+            _create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ
+        ),
+        "indices": _SequentialWriter(
+            _create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ
+        ),
+        "indptr": _SequentialWriter(
+            _create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS
+        ),
     }
     obs = root.create_group("obs")
     obs.attrs.update(
-        {"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index", "column-order": cat_keys + cont_keys}
+        {
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+            "_index": "_index",
+            "column-order": cat_keys + cont_keys,
+        }
     )
     for key in cat_keys:
         column = obs.create_group(key)
@@ -440,7 +454,14 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
     )
     writers["indptr"].append(np.zeros(1, dtype=np.int64))
-    dtypes = {"dest": np.int64, "nnz": np.int64, "name_len": np.int32, "indices": np.int32, "data": count_dtype, "name": np.uint8}
+    dtypes = {
+        "dest": np.int64,
+        "nnz": np.int64,
+        "name_len": np.int32,
+        "indices": np.int32,
+        "data": count_dtype,
+        "name": np.uint8,
+    }
     dtypes |= {key: np.int32 for key in cat_keys} | {key: np.float64 for key in cont_keys}
     row_offset, entry_offset = 0, 0
     for k in range(buckets.n):
@@ -461,7 +482,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         name_start = np.concatenate([[0], np.cumsum(part["name_len"])[:-1]])
         raw = part["name"].tobytes()
         names = np.array(
-            [raw[s : s + n].decode("utf-8") for s, n in zip(name_start[order_k], part["name_len"][order_k], strict=True)],
+            [
+                raw[s : s + n].decode("utf-8")
+                for s, n in zip(name_start[order_k], part["name_len"][order_k], strict=True)
+            ],
             dtype=object,
         )
         names_array[row_offset : row_offset + len(names)] = names

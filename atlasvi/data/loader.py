@@ -89,10 +89,11 @@ class StreamingLoader:
     def __init__(
         self,
         store: AtlasStore | str | Path,
-        config: LoaderConfig = LoaderConfig(),
+        config: LoaderConfig | None = None,
         rank: int = 0,
         world_size: int = 1,
     ):
+        config = config or LoaderConfig()
         if not isinstance(store, AtlasStore):
             store = open_store(store, backend=config.backend, validate_blocks=config.validate_blocks)
         self.store, self.config = store, config
@@ -163,8 +164,14 @@ class StreamingLoader:
             window.indptr.astype(np.int32),
             window.indices.astype(np.int32, copy=False),
             window.data.astype(np.float32),
-            {k: np.concatenate([b.categorical[k] for b in blocks])[order].astype(np.int64) for k in blocks[0].categorical},
-            {k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32) for k in blocks[0].continuous},
+            {
+                k: np.concatenate([b.categorical[k] for b in blocks])[order].astype(np.int64)
+                for k in blocks[0].categorical
+            },
+            {
+                k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32)
+                for k in blocks[0].continuous
+            },
             rows,
         )
 

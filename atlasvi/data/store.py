@@ -179,7 +179,7 @@ class AtlasStore:
         reader_cls = {"zarr": ZarrReader, "tensorstore": TensorStoreReader}[backend]
         try:
             self._reader: ArrayReader = reader_cls(self.path, names)
-        except Exception as err:  # noqa: BLE001 - any backend failure to open is a store error
+        except Exception as err:
             raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
 
     @property
@@ -189,7 +189,7 @@ class AtlasStore:
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
             return np.asarray(self._reader.read(name, start, stop))
-        except Exception as err:  # noqa: BLE001 - decode, checksum and I/O errors all mean a damaged chunk
+        except Exception as err:
             raise StoreCorruptError(
                 f"{self.path}: cannot read {name}[{start}:{stop}] (chunk {_chunk_of(name, start)}): {err}"
             ) from err

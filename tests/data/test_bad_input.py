@@ -100,20 +100,25 @@ def test_bad_count_values_name_file_cell_and_gene(kang: ad.AnnData, tmp_path: Pa
     _build_fails([source], tmp_path / "atlas.zarr", str(source), what, repr(adata.obs_names[BAD_ROW]), repr(gene))
 
 
+def _with_empty_cells(adata: ad.AnnData, rows: list[int]) -> ad.AnnData:
+    x = adata.X.tolil()
+    x[rows] = 0
+    out = adata.copy()
+    out.X = sp.csr_matrix(x)
+    return out
+
+
 def test_zero_count_cells_raise_naming_the_cell(kang: ad.AnnData, tmp_path: Path):
-    adata = kang.copy()
-    adata.X = adata.X.tolil()
-    adata.X[[10, BAD_ROW]] = 0
-    adata.X = sp.csr_matrix(adata.X)
+    adata = _with_empty_cells(kang, [10, BAD_ROW])
     source = _write(adata, tmp_path / "empty_cells.h5ad")
-    _build_fails([source], tmp_path / "atlas.zarr", str(source), "2 cells with zero counts", repr(adata.obs_names[10]))
+    message = _build_fails(
+        [source], tmp_path / "atlas.zarr", str(source), f"cell {adata.obs_names[10]!r} has zero counts"
+    )
+    assert "zero_count_cells='drop'" in message
 
 
 def test_zero_count_cells_dropped_with_a_warning(kang: ad.AnnData, tmp_path: Path):
-    adata = kang.copy()
-    adata.X = adata.X.tolil()
-    adata.X[[10, BAD_ROW]] = 0
-    adata.X = sp.csr_matrix(adata.X)
+    adata = _with_empty_cells(kang, [10, BAD_ROW])
     source = _write(adata, tmp_path / "empty_cells.h5ad")
     config = BuildConfig(
         inputs=[str(source)], output=str(tmp_path / "atlas.zarr"), chunk_size=64, zero_count_cells="drop"
@@ -128,21 +133,32 @@ def test_zero_count_cells_dropped_with_a_warning(kang: ad.AnnData, tmp_path: Pat
     assert not names & {adata.obs_names[10], adata.obs_names[BAD_ROW]}
 
 
-def test_explicit_zeros_and_duplicates_in_an_input_are_not_stored(kang: ad.AnnData, tmp_path: Path):
-    """Stored zeros or duplicated entries are valid CSR; the store must hold canonical counts (no zeros)."""
+def test_non_canonical_csr_input_is_stored_canonical(kang: ad.AnnData, tmp_path: Path):
+    """Explicit zeros, duplicated and unsorted entries are valid CSR: the store holds the summed counts, no zeros."""
+    x = kang.X.copy()
+    x.data[x.data == 1] = 0  # explicit zeros
+    first = x.indptr[BAD_ROW]
+    data = np.insert(x.data, first, 1)  # a duplicate of the cell's first entry
+    indices = np.insert(x.indices, first, x.indices[first])
+    indptr = x.indptr + (np.arange(len(x.indptr)) > BAD_ROW)
+    indices[indptr[5] : indptr[6]] = indices[indptr[5] : indptr[6]][::-1].copy()  # unsorted
+    data[indptr[5] : indptr[6]] = data[indptr[5] : indptr[6]][::-1].copy()
     adata = kang.copy()
-    x = adata.X.copy()
-    x.data[x.data == 1] = 0  # explicit zeros (canonical: dropped)
-    adata.X = x
-    source = _write(adata, tmp_path / "explicit_zeros.h5ad")
-    output = build_store(
-        BuildConfig(inputs=[str(source)], output=str(tmp_path / "atlas.zarr"), zero_count_cells="drop")
-    )
+    adata.X = sp.csr_matrix((data, indices, indptr), shape=x.shape)
+    assert not adata.X.has_canonical_format
+    source = _write(adata, tmp_path / "non_canonical.h5ad")
+    config = BuildConfig(inputs=[str(source)], output=str(tmp_path / "atlas.zarr"), zero_count_cells="drop")
+    output = build_store(config)
     store = open_store(output)
-    block = store.read_rows(0, store.n_cells)
+    block = store.read_rows(0, store.n_cells)  # validated: counts > 0, indices sorted within each cell
     assert (block.data > 0).all()
-    x.eliminate_zeros()
-    assert block.indptr[-1] == x.nnz
+    stored = ad.read_zarr(output)
+    expected = sp.csr_matrix((data, indices, indptr), shape=x.shape)
+    expected.sum_duplicates()
+    expected.eliminate_zeros()
+    rows = kang.obs_names.get_indexer(stored.obs_names)
+    assert (rows >= 0).all()
+    assert (sp.csr_matrix(stored.X) != expected[rows]).nnz == 0
 
 
 # -- keys and genes -------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ def test_counts_layer_and_gene_id_key(tmp_path, kang):
     normalized.X = sp.csr_matrix(normalized.X.multiply(1.0 / normalized.X.sum(axis=1)))
     path = tmp_path / "with_layer.h5ad"
     normalized.write_h5ad(path)
-    built = ad.read_zarr(_build(tmp_path, inputs=[str(path)], layer="counts", gene_id_key="ENSEMBL", batch_key="sample"))
+    built = ad.read_zarr(
+        _build(tmp_path, inputs=[str(path)], layer="counts", gene_id_key="ENSEMBL", batch_key="sample")
+    )
     assert list(built.var_names) == list(kang.var["ENSEMBL"])
     assert list(built.var["gene_names"]) == list(kang.var_names)
     np.testing.assert_array_equal(built.X.toarray(), kang[list(built.obs_names)].X.toarray())

@@ -37,7 +37,9 @@ def test_minibatches_hold_the_store_cells(kang_store):
     for batch in batches[:5]:
         rows = batch.rows.numpy()
         np.testing.assert_array_equal(batch.counts().numpy(), adata.X[rows].toarray())
-        np.testing.assert_array_equal(batch.categorical["sample"].numpy(), adata.obs["sample"].cat.codes.to_numpy()[rows])
+        np.testing.assert_array_equal(
+            batch.categorical["sample"].numpy(), adata.obs["sample"].cat.codes.to_numpy()[rows]
+        )
         np.testing.assert_array_equal(
             batch.categorical["cell_type"].numpy(), adata.obs["cell_type"].cat.codes.to_numpy()[rows]
         )

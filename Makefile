@@ -1,0 +1,36 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   install, then build the embedded real dataset into an atlas store (the main job)
+#   make test   install, then lint, check the import contract and run the default test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+# On a GPU machine set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC="torch==2.13.0").
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-slow bench-data clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/atlasvi build
+	$(BIN)/python -c "import anndata; print(anndata.read_zarr('outputs/cellbench.zarr'))"
+
+test: install
+	$(BIN)/ruff check atlasvi tests benchmarks
+	$(BIN)/ruff format --check atlasvi tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf outputs .pytest_cache
