@@ -54,7 +54,8 @@ class LoaderConfig(_Frozen):
     last_batch: "drop" drops the epoch's tail that does not fill a batch on every rank;
       "pad" repeats cells from the start of the epoch so no cell is dropped.
     prefetch: buffers read ahead by background threads.
-    backend: "zarr" (zarr-python) or "tensorstore"; both yield identical batches.
+    backend: "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional
+      `zarrs` package) or "tensorstore"; all yield identical batches.
     """
 
     batch_size: int = Field(default=128, gt=0)
@@ -64,5 +65,5 @@ class LoaderConfig(_Frozen):
     seed: int = 0
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)
-    backend: Literal["zarr", "tensorstore"] = "zarr"
+    backend: Literal["zarr", "zarrs", "tensorstore"] = "zarr"
     validate_blocks: bool = True

@@ -97,14 +97,20 @@ class ArrayReader(Protocol):
 
 
 class ZarrReader:
-    """zarr-python backend; local paths and fsspec URLs (http://, s3://, gs://, ...)."""
+    """zarr-python backend; local paths and fsspec URLs (http://, s3://, gs://, ...).
 
-    def __init__(self, path: str, names: list[str]):
+    codec_pipeline: zarr-python's own, or "zarrs.ZarrsCodecPipeline" (the Rust pipeline of the `zarrs`
+    package), bound to these arrays only.
+    """
+
+    def __init__(self, path: str, names: list[str], codec_pipeline: str | None = None):
         if is_url(path):
             store = zarr.storage.FsspecStore.from_url(path, read_only=True)
         else:
             store = zarr.storage.LocalStore(path, read_only=True)
-        self._arrays = {name: zarr.open_array(store=store, path=name, mode="r") for name in names}
+        settings = {"codec_pipeline.path": codec_pipeline} if codec_pipeline else {}
+        with zarr.config.set(settings):
+            self._arrays = {name: zarr.open_array(store=store, path=name, mode="r") for name in names}
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         return self._arrays[name][start:stop]
@@ -176,9 +182,8 @@ class AtlasStore:
         names = ["X/data", "X/indices", "X/indptr"]
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
         names += [f"obs/{k}" for k in self.schema.continuous]
-        reader_cls = {"zarr": ZarrReader, "tensorstore": TensorStoreReader}[backend]
         try:
-            self._reader: ArrayReader = reader_cls(self.path, names)
+            self._reader: ArrayReader = _make_reader(backend, self.path, names)
         except Exception as err:
             raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
 
@@ -258,6 +263,18 @@ class AtlasStore:
                 f"(chunk {_chunk_of('X/indices', lo + element)}): gene indices out of range or not sorted "
                 "within a cell, so the chunk is missing or corrupt"
             )
+
+
+def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
+    if backend == "zarr":
+        return ZarrReader(path, names)
+    if backend == "zarrs":
+        import zarrs  # noqa: F401 - the pipeline must be importable; a clear ImportError otherwise
+
+        return ZarrReader(path, names, codec_pipeline="zarrs.ZarrsCodecPipeline")
+    if backend == "tensorstore":
+        return TensorStoreReader(path, names)
+    raise ValueError(f"unknown backend {backend!r}: zarr, zarrs or tensorstore")
 
 
 def read_store_attrs(path: str | Path) -> dict:

@@ -28,21 +28,17 @@ from atlasvi.data import (
     build_store,
     open_store,
 )
+from tests.data.helpers import write_10x_h5, write_10x_mtx
 
-KANG = Path(__file__).resolve().parents[3] / "shared" / "data" / "kang2018_pbmc_ifnb_muscat.h5ad"
 N_CELLS, N_GENES = 200, 300
 BAD_ROW = 150  # in the third input chunk with chunk_size=64: the error must still name the right cell
 
 
 @pytest.fixture(scope="module")
-def kang() -> ad.AnnData:
+def small(kang: ad.AnnData) -> ad.AnnData:
     """200 cells x 300 genes of Kang 2018, raw integer counts (no cell has zero counts)."""
-    if not KANG.exists():
-        pytest.skip(f"{KANG} not found")
-    full = ad.read_h5ad(KANG, backed="r")
-    rows = np.sort(np.random.default_rng(0).choice(full.n_obs, N_CELLS, replace=False))
-    subset = full[rows, :N_GENES].to_memory()
-    full.file.close()
+    rows = np.sort(np.random.default_rng(0).choice(kang.n_obs, N_CELLS, replace=False))
+    subset = kang[rows, :N_GENES].copy()
     subset.X = sp.csr_matrix(subset.X)
     assert (np.asarray(subset.X.sum(axis=1)).ravel() > 0).all()
     return subset
@@ -89,8 +85,8 @@ def _build_fails(inputs: list[Path], output: Path, *patterns: str, **options) ->
         (-np.inf, "NaN or infinite counts"),
     ],
 )
-def test_bad_count_values_name_file_cell_and_gene(kang: ad.AnnData, tmp_path: Path, value: float, what: str):
-    adata = kang.copy()
+def test_bad_count_values_name_file_cell_and_gene(small: ad.AnnData, tmp_path: Path, value: float, what: str):
+    adata = small.copy()
     x = adata.X.astype(np.float32)
     position = x.indptr[BAD_ROW] + 2
     x.data[position] = value
@@ -108,8 +104,8 @@ def _with_empty_cells(adata: ad.AnnData, rows: list[int]) -> ad.AnnData:
     return out
 
 
-def test_zero_count_cells_raise_naming_the_cell(kang: ad.AnnData, tmp_path: Path):
-    adata = _with_empty_cells(kang, [10, BAD_ROW])
+def test_zero_count_cells_raise_naming_the_cell(small: ad.AnnData, tmp_path: Path):
+    adata = _with_empty_cells(small, [10, BAD_ROW])
     source = _write(adata, tmp_path / "empty_cells.h5ad")
     message = _build_fails(
         [source], tmp_path / "atlas.zarr", str(source), f"cell {adata.obs_names[10]!r} has zero counts"
@@ -117,8 +113,8 @@ def test_zero_count_cells_raise_naming_the_cell(kang: ad.AnnData, tmp_path: Path
     assert "zero_count_cells='drop'" in message
 
 
-def test_zero_count_cells_dropped_with_a_warning(kang: ad.AnnData, tmp_path: Path):
-    adata = _with_empty_cells(kang, [10, BAD_ROW])
+def test_zero_count_cells_dropped_with_a_warning(small: ad.AnnData, tmp_path: Path):
+    adata = _with_empty_cells(small, [10, BAD_ROW])
     source = _write(adata, tmp_path / "empty_cells.h5ad")
     config = BuildConfig(
         inputs=[str(source)], output=str(tmp_path / "atlas.zarr"), chunk_size=64, zero_count_cells="drop"
@@ -133,9 +129,9 @@ def test_zero_count_cells_dropped_with_a_warning(kang: ad.AnnData, tmp_path: Pat
     assert not names & {adata.obs_names[10], adata.obs_names[BAD_ROW]}
 
 
-def test_non_canonical_csr_input_is_stored_canonical(kang: ad.AnnData, tmp_path: Path):
+def test_non_canonical_csr_input_is_stored_canonical(small: ad.AnnData, tmp_path: Path):
     """Explicit zeros, duplicated and unsorted entries are valid CSR: the store holds the summed counts, no zeros."""
-    x = kang.X.copy()
+    x = small.X.copy()
     x.data[x.data == 1] = 0  # explicit zeros
     first = x.indptr[BAD_ROW]
     data = np.insert(x.data, first, 1)  # a duplicate of the cell's first entry
@@ -143,7 +139,7 @@ def test_non_canonical_csr_input_is_stored_canonical(kang: ad.AnnData, tmp_path:
     indptr = x.indptr + (np.arange(len(x.indptr)) > BAD_ROW)
     indices[indptr[5] : indptr[6]] = indices[indptr[5] : indptr[6]][::-1].copy()  # unsorted
     data[indptr[5] : indptr[6]] = data[indptr[5] : indptr[6]][::-1].copy()
-    adata = kang.copy()
+    adata = small.copy()
     adata.X = sp.csr_matrix((data, indices, indptr), shape=x.shape)
     assert not adata.X.has_canonical_format
     source = _write(adata, tmp_path / "non_canonical.h5ad")
@@ -156,7 +152,7 @@ def test_non_canonical_csr_input_is_stored_canonical(kang: ad.AnnData, tmp_path:
     expected = sp.csr_matrix((data, indices, indptr), shape=x.shape)
     expected.sum_duplicates()
     expected.eliminate_zeros()
-    rows = kang.obs_names.get_indexer(stored.obs_names)
+    rows = small.obs_names.get_indexer(stored.obs_names)
     assert (rows >= 0).all()
     assert (sp.csr_matrix(stored.X) != expected[rows]).nnz == 0
 
@@ -165,8 +161,8 @@ def test_non_canonical_csr_input_is_stored_canonical(kang: ad.AnnData, tmp_path:
 
 
 @pytest.mark.parametrize("role", ["batch_key", "labels_key"])
-def test_missing_obs_key_names_key_file_and_columns(kang: ad.AnnData, tmp_path: Path, role: str):
-    source = _write(kang, tmp_path / "kang.h5ad")
+def test_missing_obs_key_names_key_file_and_columns(small: ad.AnnData, tmp_path: Path, role: str):
+    source = _write(small, tmp_path / "small.h5ad")
     _build_fails(
         [source],
         tmp_path / "atlas.zarr",
@@ -179,8 +175,8 @@ def test_missing_obs_key_names_key_file_and_columns(kang: ad.AnnData, tmp_path: 
     )
 
 
-def test_duplicated_gene_ids_are_named(kang: ad.AnnData, tmp_path: Path):
-    adata = kang.copy()
+def test_duplicated_gene_ids_are_named(small: ad.AnnData, tmp_path: Path):
+    adata = small.copy()
     names = adata.var_names.to_numpy().copy()
     names[7] = names[3]
     adata.var_names = names
@@ -188,9 +184,9 @@ def test_duplicated_gene_ids_are_named(kang: ad.AnnData, tmp_path: Path):
     _build_fails([source], tmp_path / "atlas.zarr", str(source), "duplicated gene ids", repr(names[3]))
 
 
-def test_inputs_without_common_genes_name_both_files(kang: ad.AnnData, tmp_path: Path):
-    first = _write(kang[:100, :150].copy(), tmp_path / "first.h5ad")
-    second = _write(kang[100:, 150:].copy(), tmp_path / "second.h5ad")
+def test_inputs_without_common_genes_name_both_files(small: ad.AnnData, tmp_path: Path):
+    first = _write(small[:100, :150].copy(), tmp_path / "first.h5ad")
+    second = _write(small[100:, 150:].copy(), tmp_path / "second.h5ad")
     _build_fails([first, second], tmp_path / "atlas.zarr", "no gene ids in common", str(first), str(second))
 
 
@@ -220,28 +216,39 @@ def _bad_gene_index(path: Path) -> None:
         (_bad_gene_index, "cannot read cells 128..192"),
     ],
 )
-def test_unreadable_input_names_the_file(kang: ad.AnnData, tmp_path: Path, damage: Callable[[Path], None], what: str):
-    source = _write(kang, tmp_path / "kang.h5ad")
+def test_unreadable_input_names_the_file(small: ad.AnnData, tmp_path: Path, damage: Callable[[Path], None], what: str):
+    source = _write(small, tmp_path / "small.h5ad")
     damage(source)
     _build_fails([source], tmp_path / "atlas.zarr", str(source), what)
 
 
-def test_missing_input_names_the_path(kang: ad.AnnData, tmp_path: Path):
-    present = _write(kang, tmp_path / "kang.h5ad")
+@pytest.mark.parametrize("kind", ["mtx", "h5"])
+def test_truncated_10x_input_names_the_file(small: ad.AnnData, tmp_path: Path, kind: str):
+    if kind == "mtx":
+        source = write_10x_mtx(small, tmp_path / "filtered_feature_bc_matrix", gene_id_key="ENSEMBL")
+        _truncate(source / "matrix.mtx.gz")
+    else:
+        source = write_10x_h5(small, tmp_path / "filtered_feature_bc_matrix.h5", gene_id_key="ENSEMBL")
+        _truncate(source)
+    _build_fails([source], tmp_path / "atlas.zarr", str(source), "not a readable 10x input")
+
+
+def test_missing_input_names_the_path(small: ad.AnnData, tmp_path: Path):
+    present = _write(small, tmp_path / "small.h5ad")
     missing = tmp_path / "no_such_file.h5ad"
     _build_fails([present, missing], tmp_path / "atlas.zarr", str(missing), "does not exist")
 
 
-def test_failed_build_removes_the_folders_it_made(kang: ad.AnnData, tmp_path: Path):
+def test_failed_build_removes_the_folders_it_made(small: ad.AnnData, tmp_path: Path):
     missing = tmp_path / "no_such_file.h5ad"
-    source = _write(kang, tmp_path / "kang.h5ad")
+    source = _write(small, tmp_path / "small.h5ad")
     _build_fails([source, missing], tmp_path / "new" / "deeper" / "atlas.zarr", str(missing))
     assert not (tmp_path / "new").exists()
 
 
-def test_interrupted_build_leaves_nothing_and_keeps_an_existing_store(kang: ad.AnnData, tmp_path: Path):
+def test_interrupted_build_leaves_nothing_and_keeps_an_existing_store(small: ad.AnnData, tmp_path: Path):
     """A failure while the store is being written (staging and scratch exist) removes both."""
-    source = _write(kang, tmp_path / "kang.h5ad")
+    source = _write(small, tmp_path / "small.h5ad")
     output = tmp_path / "atlas.zarr"
     output.mkdir()
     (output / "previous").write_text("kept")
@@ -279,9 +286,9 @@ def test_loader_config_typo_is_an_error():
 
 
 @pytest.fixture(scope="module")
-def valid_store(kang: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def valid_store(small: ad.AnnData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("store")
-    source = _write(kang, folder / "kang.h5ad")
+    source = _write(small, folder / "small.h5ad")
     config = BuildConfig(
         inputs=[str(source)], output=str(folder / "atlas.zarr"), batch_key="sample", labels_key="cell_type"
     )
