@@ -66,4 +66,3 @@ class LoaderConfig(_Frozen):
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)
     backend: Literal["zarr", "zarrs", "tensorstore"] = "zarr"
-    validate_blocks: bool = True

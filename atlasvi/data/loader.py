@@ -95,7 +95,7 @@ class StreamingLoader:
     ):
         config = config or LoaderConfig()
         if not isinstance(store, AtlasStore):
-            store = open_store(store, backend=config.backend, validate_blocks=config.validate_blocks)
+            store = open_store(store, backend=config.backend)
         self.store, self.config = store, config
         self.sampler = BlockSampler(
             store.n_cells, config.batch_size, config.block_size, config.seed, rank, world_size, config.last_batch

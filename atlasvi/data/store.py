@@ -172,10 +172,9 @@ class RowBlock:
 class AtlasStore:
     """An opened atlas store: its schema and validated reads of row ranges."""
 
-    def __init__(self, path: str | Path, backend: str = "zarr", validate_blocks: bool = True):
+    def __init__(self, path: str | Path, backend: str = "zarr"):
         self.path = str(path)
         self.backend = backend
-        self.validate_blocks = validate_blocks
         meta = read_store_attrs(self.path)
         self.schema = StoreSchema.from_attrs(meta, self.path)
         self.nnz = int(meta["nnz"])
@@ -200,69 +199,61 @@ class AtlasStore:
             ) from err
 
     def read_rows(self, start: int, stop: int) -> RowBlock:
-        """Read and validate rows [start, stop)."""
+        """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
         if not 0 <= start < stop <= self.n_cells:
             raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
         indptr = self._read("X/indptr", start, stop + 1).astype(np.int64, copy=False)
-        if self.validate_blocks:
-            self._check_indptr(indptr, start)
+        self._check_indptr(indptr, start)
         lo, hi = int(indptr[0]), int(indptr[-1])
         indices = self._read("X/indices", lo, hi)
         data = self._read("X/data", lo, hi)
         local_indptr = indptr - lo
-        if self.validate_blocks:
-            self._check_entries(indices, data, local_indptr, lo)
+        self._check_entries(indices, data, local_indptr, lo)
         categorical = {k: self._read(f"obs/{k}/codes", start, stop) for k in self.schema.categorical}
         continuous = {k: self._read(f"obs/{k}", start, stop) for k in self.schema.continuous}
-        if self.validate_blocks:
-            for key, codes in categorical.items():
-                bad = np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))
-                if len(bad):
-                    name = f"obs/{key}/codes"
-                    raise StoreCorruptError(
-                        f"{self.path}: {name} holds code {codes[bad[0]]} at row {start + bad[0]} "
-                        f"(chunk {_chunk_of(name, start + bad[0])}): missing or corrupt chunk"
-                    )
-            for key, values in continuous.items():
-                bad = np.flatnonzero(~np.isfinite(values))
-                if len(bad):
-                    name = f"obs/{key}"
-                    raise StoreCorruptError(
-                        f"{self.path}: {name} holds {values[bad[0]]} at row {start + bad[0]} "
-                        f"(chunk {_chunk_of(name, start + bad[0])}): missing or corrupt chunk"
-                    )
+        for key, codes in categorical.items():
+            if codes.min() < 0 or codes.max() >= len(self.schema.categorical[key]):
+                row = int(np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))[0])
+                self._corrupt(f"obs/{key}/codes", start + row, f"holds code {codes[row]} at row {start + row}")
+        for key, values in continuous.items():
+            if not np.isfinite(values).all():
+                row = int(np.flatnonzero(~np.isfinite(values))[0])
+                self._corrupt(f"obs/{key}", start + row, f"holds {values[row]} at row {start + row}")
         return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous)
+
+    def _corrupt(self, name: str, element: int, what: str) -> None:
+        raise StoreCorruptError(
+            f"{self.path}: {name} {what} (chunk {_chunk_of(name, element)}): the chunk is missing or corrupt"
+        )
 
     def _check_indptr(self, indptr: np.ndarray, start: int) -> None:
         steps = np.diff(indptr)
-        bad = np.flatnonzero(steps < 0)
-        if indptr[0] < 0 or indptr[-1] > self.nnz or len(bad):
+        if indptr[0] < 0 or indptr[-1] > self.nnz or steps.min() < 0:
+            bad = np.flatnonzero(steps < 0)
             row = start + (int(bad[0]) + 1 if len(bad) else 0)
-            raise StoreCorruptError(
-                f"{self.path}: X/indptr is not a valid row pointer near row {row} "
-                f"(chunk {_chunk_of('X/indptr', row)}): missing or corrupt chunk"
-            )
+            self._corrupt("X/indptr", row, f"is not a valid row pointer near row {row}")
 
     def _check_entries(self, indices: np.ndarray, data: np.ndarray, indptr: np.ndarray, lo: int) -> None:
-        bad = np.flatnonzero(data <= 0)
-        if len(bad):
-            raise StoreCorruptError(
-                f"{self.path}: X/data holds {data[bad[0]]} at element {lo + bad[0]} "
-                f"(chunk {_chunk_of('X/data', lo + int(bad[0]))}): stored counts are > 0, so the chunk is "
-                "missing or corrupt"
+        """Stored counts are > 0; gene indices are in range and strictly increasing within each cell."""
+        if len(data) == 0:
+            return
+        if data.min() <= 0:
+            element = int(np.flatnonzero(data <= 0)[0])
+            self._corrupt(
+                "X/data", lo + element, f"holds {data[element]} at element {lo + element}, stored counts are > 0"
             )
-        out_of_range = (indices < 0) | (indices >= self.schema.n_genes)
-        row_start = np.zeros(len(indices), dtype=bool)
-        row_start[indptr[1:-1][indptr[1:-1] < len(indices)]] = True
-        broken = np.flatnonzero((np.diff(indices) <= 0) & ~row_start[1:]) + 1
-        bad = np.flatnonzero(out_of_range)
-        if len(bad) or len(broken):
-            element = int(bad[0]) if len(bad) else int(broken[0])
-            raise StoreCorruptError(
-                f"{self.path}: X/indices holds {indices[element]} at element {lo + element} "
-                f"(chunk {_chunk_of('X/indices', lo + element)}): gene indices out of range or not sorted "
-                "within a cell, so the chunk is missing or corrupt"
-            )
+        if indices.min() < 0 or indices.max() >= self.schema.n_genes:
+            element = int(np.flatnonzero((indices < 0) | (indices >= self.schema.n_genes))[0])
+            self._corrupt("X/indices", lo + element, f"holds gene index {indices[element]} at element {lo + element}")
+        not_increasing = np.diff(indices) <= 0
+        inner_starts = indptr[1:-1]
+        inner_starts = np.unique(inner_starts[(inner_starts > 0) & (inner_starts < len(indices))])
+        # a decrease is allowed only where a new cell starts
+        if np.count_nonzero(not_increasing) > np.count_nonzero(not_increasing[inner_starts - 1]):
+            allowed = np.zeros(len(indices), dtype=bool)
+            allowed[inner_starts] = True
+            element = int(np.flatnonzero(not_increasing & ~allowed[1:])[0]) + 1
+            self._corrupt("X/indices", lo + element, f"is not sorted within a cell at element {lo + element}")
 
 
 def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
@@ -294,6 +285,6 @@ def read_store_attrs(path: str | Path) -> dict:
     return attrs[ATTRS_KEY]
 
 
-def open_store(path: str | Path, backend: str = "zarr", validate_blocks: bool = True) -> AtlasStore:
+def open_store(path: str | Path, backend: str = "zarr") -> AtlasStore:
     """Open an atlas store (local path or URL) for reading with the zarr or tensorstore backend."""
-    return AtlasStore(path, backend, validate_blocks)
+    return AtlasStore(path, backend)
