@@ -169,7 +169,9 @@ class _SequentialWriter:
             raise RuntimeError(f"wrote {self.offset} of {self.array.shape[0]} values to {self.array.path}")
 
 
-def _create(group: zarr.Group, name: str, n: int, dtype, fill, chunk: int, shard: int, level: int) -> zarr.Array:
+def _create(
+    group: zarr.Group, name: str, n: int, dtype, fill, chunk: int, shard: int, level: int, cname: str
+) -> zarr.Array:
     n_chunk = max(1, min(chunk, n))
     n_shard = max(n_chunk, min(shard, -(-n // n_chunk) * n_chunk))
     return group.create_array(
@@ -178,7 +180,7 @@ def _create(group: zarr.Group, name: str, n: int, dtype, fill, chunk: int, shard
         dtype=dtype,
         chunks=(n_chunk,),
         shards=(n_shard,),
-        compressors=compressors(level),
+        compressors=compressors(level, cname),
         fill_value=fill,
         attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
     )
@@ -413,18 +415,18 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 4: gather buckets in destination order into the store.
     root = zarr.open_group(staging, mode="w", zarr_format=3)
-    level = config.compression_level
+    level, cname = config.compression_level, config.compressor
     x_group = root.create_group("X")
     x_group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
     writers = {
         "data": _SequentialWriter(
-            _create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ
+            _create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level, cname), SHARD_NNZ
         ),
         "indices": _SequentialWriter(
-            _create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level), SHARD_NNZ
+            _create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level, cname), SHARD_NNZ
         ),
         "indptr": _SequentialWriter(
-            _create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS
+            _create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level, cname), SHARD_ROWS
         ),
     }
     obs = root.create_group("obs")
@@ -440,11 +442,13 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         column = obs.create_group(key)
         column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
         ad.io.write_elem(column, "categories", np.array(categories[key], dtype=object))
-        array = _create(column, "codes", n_cells, _code_dtype(len(categories[key])), -1, CHUNK_ROWS, SHARD_ROWS, level)
+        array = _create(
+            column, "codes", n_cells, _code_dtype(len(categories[key])), -1, CHUNK_ROWS, SHARD_ROWS, level, cname
+        )
         writers[f"cat:{key}"] = _SequentialWriter(array, SHARD_ROWS)
     for key in cont_keys:
         writers[f"cont:{key}"] = _SequentialWriter(
-            _create(obs, key, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level), SHARD_ROWS
+            _create(obs, key, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname), SHARD_ROWS
         )
     names_array = obs.create_array(
         "_index",

@@ -18,6 +18,7 @@ class BuildConfig(_Frozen):
     n_top_genes: Seurat v3 HVG selection on counts (batch-aware); None keeps every gene.
     zero_count_cells: "error" refuses cells whose counts sum to 0, "drop" drops them with a warning.
     chunk_size: cells read from an input at a time; peak memory scales with it, not with the cell count.
+    compressor: Blosc codec of every chunk (bitshuffled): zstd compresses more, lz4 decodes faster.
     """
 
     inputs: list[str] = Field(min_length=1)
@@ -34,6 +35,7 @@ class BuildConfig(_Frozen):
     zero_count_cells: Literal["error", "drop"] = "error"
     seed: int = 0
     chunk_size: int = Field(default=32768, gt=0)
+    compressor: Literal["zstd", "lz4"] = "zstd"
     compression_level: int = Field(default=3, ge=0, le=9)
     overwrite: bool = False
 

@@ -34,9 +34,9 @@ SHARD_ROWS = 1 << 20
 FILL_VALUES = {"X/data": 0, "X/indices": -1, "X/indptr": -1}
 
 
-def compressors(level: int) -> list:
-    """Blosc zstd + bitshuffle, then a crc32c checksum of every chunk."""
-    return [BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
+def compressors(level: int, cname: str = "zstd") -> list:
+    """Blosc (zstd by default, or lz4) + bitshuffle, then a crc32c checksum of every chunk."""
+    return [BloscCodec(cname=cname, clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
 
 
 def is_url(path: str | Path) -> bool:

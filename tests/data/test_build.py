@@ -133,8 +133,9 @@ def test_counts_layer_and_gene_id_key(tmp_path, kang):
     np.testing.assert_array_equal(built.X.toarray(), kang[list(built.obs_names)].X.toarray())
 
 
-def test_store_layout_is_anndata_zarr_v3_sharded_compressed_checksummed(tmp_path):
-    store = _build(tmp_path, inputs=[str(KANG)], batch_key="sample", labels_key="cell_type")
+@pytest.mark.parametrize("compressor", ["zstd", "lz4"])
+def test_store_layout_is_anndata_zarr_v3_sharded_compressed_checksummed(tmp_path, kang, compressor):
+    store = _build(tmp_path, inputs=[str(KANG)], batch_key="sample", labels_key="cell_type", compressor=compressor)
     meta = json.loads((store / "X" / "data" / "zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["data_type"] in ("uint16", "uint32")
     sharding = meta["codecs"][0]
@@ -142,8 +143,9 @@ def test_store_layout_is_anndata_zarr_v3_sharded_compressed_checksummed(tmp_path
     inner = [c["name"] for c in sharding["configuration"]["codecs"]]
     assert inner == ["bytes", "blosc", "crc32c"]
     blosc = sharding["configuration"]["codecs"][1]["configuration"]
-    assert blosc["cname"] == "zstd" and blosc["shuffle"] == "bitshuffle"
+    assert blosc["cname"] == compressor and blosc["shuffle"] == "bitshuffle"
     built = ad.read_zarr(store)
+    np.testing.assert_array_equal(built.X.toarray(), _dense_by_name(kang, built.obs_names, built.var_names))
     assert sp.issparse(built.X) and built.X.format == "csr" and np.issubdtype(built.X.dtype, np.integer)
     assert isinstance(built.obs["cell_type"].dtype, pd.CategoricalDtype)
 
