@@ -42,7 +42,7 @@ def _child(kind: str, **kwargs) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_build(source: str, store: str) -> dict:
+def child_build(source: str, store: str, compressor: str) -> dict:
     import warnings
 
     from atlasvi.data import BuildConfig, build_store
@@ -52,7 +52,7 @@ def child_build(source: str, store: str) -> dict:
         warnings.simplefilter("ignore")
         config = BuildConfig(
             inputs=[source], output=store, batch_key="batch", labels_key="cell_type",
-            n_top_genes=1000, hvg_subset=False, overwrite=True,
+            n_top_genes=1000, hvg_subset=False, overwrite=True, compressor=compressor,
         )  # fmt: skip
         build_store(config)
     return {"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
@@ -150,27 +150,33 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"machine": machine(), "sizes": {}}
     for n_cells in args.sizes:
         source = synthetic_input(n_cells)
-        store = str(CACHE / f"atlas_{n_cells // 1000}k.zarr")
-        row: dict = {"build": _child("build", source=str(source), store=store)}
-        print(f"{n_cells:>8} cells  build {row['build']['seconds']:.1f} s, {row['build']['peak_rss_mb']:.0f} MB")
-        row["epoch_rss"] = _child("epoch_rss", store=store, backend=args.backends[0])
-        if n_cells >= args.min_throughput_cells:
-            row["sequential"] = {b: _child("sequential", store=store, backend=b, repeats=args.repeats) for b in args.backends}
-            row["loader"] = {
-                f"{b}/{bs}": _child("loader", store=store, backend=b, batch_size=bs, repeats=args.repeats,
-                                    min_cells=min(n_cells, 400_000))  # fmt: skip
-                for b in args.backends
-                for bs in args.batch_sizes
-            }
-            for key, value in row["loader"].items():
-                print(f"{'':>8}        loader {key:<18} {value['cells_per_s']:>10,.0f} cells/s")
-            best = max(args.backends, key=lambda b: row["loader"][f"{b}/1024"]["cells_per_s"])
-            rate = row["loader"][f"{best}/1024"]["cells_per_s"]
-            row["consumer_wait"] = _child(
-                "consumer_wait", store=store, backend=best, batch_size=1024, compute_s=1024 / (0.8 * rate)
-            )
-            if args.annbatch and ANNBATCH_PYTHON.exists():
-                row["annbatch"] = annbatch(source, args)
+        row: dict = {"build": {}, "sequential": {}, "loader": {}}
+        for compressor in args.compressors:
+            store = str(CACHE / f"atlas_{n_cells // 1000}k_{compressor}.zarr")
+            built = row["build"][compressor] = _child("build", source=str(source), store=store, compressor=compressor)
+            print(f"{n_cells:>8} cells  {compressor} build {built['seconds']:.1f} s, {built['peak_rss_mb']:.0f} MB")
+            if compressor == args.compressors[0]:
+                row["epoch_rss"] = _child("epoch_rss", store=store, backend=args.backends[0])
+            if n_cells < args.min_throughput_cells:
+                continue
+            for b in args.backends:
+                key = f"{compressor}/{b}"
+                row["sequential"][key] = _child("sequential", store=store, backend=b, repeats=args.repeats)
+                for bs in args.batch_sizes:
+                    rate = row["loader"][f"{key}/{bs}"] = _child(
+                        "loader", store=store, backend=b, batch_size=bs, repeats=args.repeats,
+                        min_cells=min(n_cells, 400_000),
+                    )  # fmt: skip
+                    print(f"{'':>8}        loader {key}/{bs:<8} {rate['cells_per_s']:>10,.0f} cells/s")
+            if compressor == args.compressors[0]:
+                best = max(args.backends, key=lambda b: row["loader"][f"{compressor}/{b}/1024"]["cells_per_s"])
+                rate = row["loader"][f"{compressor}/{best}/1024"]["cells_per_s"]
+                row["consumer_wait"] = _child(
+                    "consumer_wait", store=store, backend=best, batch_size=1024, compute_s=1024 / (0.8 * rate)
+                )
+                row["consumer_wait"]["reader"] = f"{compressor}/{best}"
+        if n_cells >= args.min_throughput_cells and args.annbatch and ANNBATCH_PYTHON.exists():
+            row["annbatch"] = annbatch(source, args)
         results["sizes"][str(n_cells)] = row
     return results
 
@@ -195,32 +201,39 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}; {m['note']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
         "",
-        "| cells | build s | build peak RSS MB | loader epoch peak RSS MB |",
-        "|---:|---:|---:|---:|",
+        "| cells | codec | build s | build peak RSS MB | loader epoch peak RSS MB |",
+        "|---:|---|---:|---:|---:|",
     ]
     for n, row in results["sizes"].items():
-        b, e = row["build"], row["epoch_rss"]
-        lines.append(f"| {int(n):,} | {b['seconds']:.1f} | {b['peak_rss_mb']:.0f} | {e['peak_rss_mb']:.0f} |")
+        for codec, b in row["build"].items():
+            epoch = row["epoch_rss"]["peak_rss_mb"] if codec == next(iter(row["build"])) else float("nan")
+            lines.append(f"| {int(n):,} | {codec} | {b['seconds']:.1f} | {b['peak_rss_mb']:.0f} | {epoch:.0f} |")
     for n, row in results["sizes"].items():
-        if "loader" not in row:
+        if not row["loader"]:
             continue
-        lines += ["", f"## {int(n):,} cells: cells/s (median)", "", "| reader | batch | cells/s | vs sequential |"]
-        lines.append("|---|---:|---:|---:|")
-        for backend, seq in row["sequential"].items():
-            lines.append(f"| sequential block read ({backend}) | - | {seq['cells_per_s']:,.0f} | 1.00 |")
+        lines += ["", f"## {int(n):,} cells x 2000 genes: cells/s (median of repeats)", ""]
+        lines += ["| reader (store codec / backend) | batch | cells/s | / sequential read |", "|---|---:|---:|---:|"]
+        for key, seq in row["sequential"].items():
+            lines.append(f"| sequential block read ({key}) | - | {seq['cells_per_s']:,.0f} | 1.00 |")
         for key, value in row["loader"].items():
-            backend, batch = key.split("/")
-            ratio = value["cells_per_s"] / row["sequential"][backend]["cells_per_s"]
-            lines.append(f"| atlasvi StreamingLoader ({backend}) | {batch} | {value['cells_per_s']:,.0f} | {ratio:.2f} |")
-        for entry in row.get("annbatch", {}).get("rows", []):
+            codec, backend, batch = key.split("/")
+            ratio = value["cells_per_s"] / row["sequential"][f"{codec}/{backend}"]["cells_per_s"]
+            lines.append(
+                f"| atlasvi StreamingLoader ({codec}/{backend}) | {batch} | {value['cells_per_s']:,.0f} | {ratio:.2f} |"
+            )
+        annbatch_rows = row.get("annbatch", {})
+        for entry in annbatch_rows.get("rows", []):
             zarrs = "with zarrs" if entry["zarrs"] else "without zarrs"
-            lines.append(f"| annbatch 0.3.1 ({zarrs}) | {entry['batch_size']} | {entry['cells_per_s_median']:,.0f} | |")
-        if "annbatch" in row and "write_s" in row["annbatch"]:
-            a = row["annbatch"]
-            lines.append(f"\nannbatch store write: {a['write_s']:.1f} s, peak RSS {a['write_peak_rss_mb']:.0f} MB.")
+            rate = entry["cells_per_s_median"]
+            lines.append(f"| annbatch 0.3.1, lz4 store ({zarrs}) | {entry['batch_size']} | {rate:,.0f} | |")
+        if "write_s" in annbatch_rows:
+            write_s, write_mb = annbatch_rows["write_s"], annbatch_rows["write_peak_rss_mb"]
+            lines.append(f"\nannbatch store write: {write_s:.1f} s, peak RSS {write_mb:.0f} MB.")
+        elif "error" in annbatch_rows:
+            lines.append(f"\nannbatch failed: {annbatch_rows['error'][-300:]}")
         wait = row["consumer_wait"]
         lines.append(
-            f"\nRead-ahead: a consumer computing off-CPU at 80% of the loader's rate waited "
+            f"\nRead-ahead ({wait['reader']}): a consumer computing off-CPU at 80% of the loader's rate waited "
             f"{100 * wait['wait_fraction']:.1f}% of its time ({wait['batches']} batches of 1024)."
         )
     return "\n".join(lines) + "\n"
@@ -232,6 +245,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000, 1_000_000])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
     parser.add_argument("--backends", nargs="+", default=["tensorstore", "zarrs", "zarr"])
+    parser.add_argument("--compressors", nargs="+", default=["zstd", "lz4"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-throughput-cells", type=int, default=200_000, help="throughput rows from this size on")
     parser.add_argument("--no-annbatch", dest="annbatch", action="store_false")

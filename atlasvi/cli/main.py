@@ -93,6 +93,7 @@ def build(
     drop_empty_cells: Annotated[bool, typer.Option(help="drop zero-count cells with a warning")] = False,
     seed: Annotated[int | None, typer.Option(help="seed of the global cell permutation")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="cells read at a time (bounds memory)")] = None,
+    compressor: Annotated[str | None, typer.Option(help="Blosc codec: zstd (smaller) or lz4 (faster)")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace output")] = None,
 ) -> None:
     """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
@@ -117,6 +118,7 @@ def build(
         "zero_count_cells": "drop" if drop_empty_cells else None,
         "seed": seed,
         "chunk_size": chunk_size,
+        "compressor": compressor,
         "overwrite": overwrite,
     }
     sources.append(("flags", flags))
