@@ -97,7 +97,6 @@ def _parse_size_or_int(v: str) -> int | str:
 def write_store(h5ad: Path, store: Path, args) -> dict:
     """Runs in a child process: writes the collection, returns timing and peak RSS."""
     import numpy as np
-
     from annbatch import DatasetCollection
 
     _set_pipeline(True)
@@ -173,7 +172,6 @@ def measure(store: Path, zarrs: bool, args) -> list[dict]:
     import anndata as ad
     import numpy as np
     import zarr
-
     from annbatch import DatasetCollection, Loader
 
     _set_pipeline(zarrs)
@@ -219,7 +217,8 @@ def measure(store: Path, zarrs: bool, args) -> list[dict]:
                         break
             dt = time.perf_counter() - t0
             per_rep.append({"cells": n, "seconds": dt, "cells_per_s": n / dt, "nnz": nnz})
-            _log(f"  zarrs={'on' if zarrs else 'off'} batch={bs} rep={rep}: {n / dt:,.0f} cells/s ({n:,d} cells, {dt:.2f}s)")
+            z = "on" if zarrs else "off"
+            _log(f"  zarrs={z} batch={bs} rep={rep}: {n / dt:,.0f} cells/s ({n:,d} cells, {dt:.2f}s)")
         cps = [r["cells_per_s"] for r in per_rep]
         rows.append(
             {

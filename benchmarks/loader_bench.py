@@ -185,7 +185,7 @@ def annbatch(source: Path, args: argparse.Namespace) -> dict:
     command = [
         str(ANNBATCH_PYTHON), str(HERE / "annbatch_loader.py"), "--h5ad", str(source),
         "--workdir", str(CACHE / "annbatch"), "--batch-sizes", *map(str, args.batch_sizes),
-        "--zarrs", "on", "off", "--repeats", str(args.repeats),
+        "--zarrs", "on", "off", "--repeats", str(args.repeats), "--epochs-cells", "1000000",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -90,7 +90,6 @@ def fit_reference(path: str | os.PathLike | None = None, cell_type_key: str = "c
     loglib = np.log(np.maximum(lib, 1.0))
     n_t, n_g = len(types), X.shape[1]
     profiles = np.empty((n_t, n_g))
-    inv_phi_num = np.zeros(n_g)
     inv_phi_w = np.zeros(n_g)
     phi_sum = np.zeros(n_g)
     offsets = np.empty(n_t)
@@ -111,7 +110,6 @@ def fit_reference(path: str | os.PathLike | None = None, cell_type_key: str = "c
         profiles[t] = np.maximum(mu / mu.sum(), _MIN_PROFILE)
         offsets[t] = loglib[m].mean()
         resid.append(loglib[m] - offsets[t])
-    del inv_phi_num
     med = np.median(phi_sum[inv_phi_w > 0] / inv_phi_w[inv_phi_w > 0])
     phi = np.where(inv_phi_w > 0, phi_sum / np.maximum(inv_phi_w, 1), med)
     profiles /= profiles.sum(axis=1, keepdims=True)
@@ -200,9 +198,7 @@ def draw_cells(params: SimParams, n_cells: int, rng: np.random.Generator):
         m = batch == b
         ctype[m] = rng.choice(n_t, size=int(m.sum()), p=params.type_freq_by_batch[b])
     loglib = (
-        params.loglib_offset[ctype]
-        + params.batch_loglib_shift[batch]
-        + rng.normal(0.0, params.loglib_sd, size=n_cells)
+        params.loglib_offset[ctype] + params.batch_loglib_shift[batch] + rng.normal(0.0, params.loglib_sd, size=n_cells)
     )
     return batch, ctype, loglib
 
@@ -312,9 +308,7 @@ def sample_block(params: SimParams, batch, ctype, lib, rng: np.random.Generator)
         counts = np.bincount(r, minlength=n_c)
     indptr = np.zeros(n_c + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return sp.csr_matrix(
-        (vals.astype(np.int32), c.astype(np.int32), indptr), shape=(n_c, n_g)
-    )
+    return sp.csr_matrix((vals.astype(np.int32), c.astype(np.int32), indptr), shape=(n_c, n_g))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,7 +380,7 @@ def make_synthetic_h5ad(
                 d_ind = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(cs,))
                 fdata = findices = None
             else:
-                fdata, findices = open(raw_data, "wb"), open(raw_indices, "wb")  # noqa: SIM115
+                fdata, findices = open(raw_data, "wb"), open(raw_indices, "wb")
             cached = None
             try:
                 for start in range(0, n_cells, chunk_cells):
