@@ -280,16 +280,21 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         try:
             genes.append((path, source.gene_ids, source.gene_names))
             n_cells_in.append(source.n_cells)
-            for key in cat_keys:
-                if key == batch_key and config.batch_key is None:
-                    categories[key].add(path.name)
-                else:
-                    fill = UNLABELED if key == config.labels_key else None
-                    categories[key].update(_categories(source.obs[key], path, key, fill))
-            for key in config.continuous_covariate_keys:
-                values = pd.to_numeric(source.obs[key], errors="coerce").to_numpy(np.float64)
-                if not np.isfinite(values).all():
-                    raise AtlasInputError(f"{path}: obs column {key!r} has missing, non-numeric or infinite values")
+            if config.batch_key is None:
+                categories[batch_key].add(path.name)
+            for start in range(0, source.n_cells, config.chunk_size):
+                obs = source.obs_rows(start, min(start + config.chunk_size, source.n_cells))
+                for key in cat_keys:
+                    if key != batch_key or config.batch_key is not None:
+                        fill = UNLABELED if key == config.labels_key else None
+                        categories[key].update(_categories(obs[key], path, key, fill))
+                for key in config.continuous_covariate_keys:
+                    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(np.float64)
+                    if not np.isfinite(values).all():
+                        cell = obs.index[~np.isfinite(values)][0]
+                        raise AtlasInputError(
+                            f"{path}: obs column {key!r} has missing, non-numeric or infinite values (cell {cell!r})"
+                        )
         finally:
             source.close()
         progress("inputs", i + 1, len(paths))
@@ -300,10 +305,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     n_batch = len(categories[batch_key])
     total_cells = sum(n_cells_in)
 
-    def batch_codes(source: InputFile, rows: slice) -> np.ndarray:
+    def batch_codes(source: InputFile, obs: pd.DataFrame) -> np.ndarray:
         if config.batch_key is None:
-            return np.full(rows.stop - rows.start, categories[batch_key].index(source.path.name), dtype=np.int64)
-        values = _categories(source.obs[batch_key].iloc[rows], source.path, batch_key, None)
+            return np.full(len(obs), categories[batch_key].index(source.path.name), dtype=np.int64)
+        values = _categories(obs[batch_key], source.path, batch_key, None)
         return pd.Index(categories[batch_key]).get_indexer(values)
 
     def chunks(stage: str):
@@ -311,9 +316,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         for plan in plans:
             source = _open(config, plan.path)
             try:
-                for start, counts in source.iter_chunks(config.chunk_size):
+                for start, counts, obs in source.iter_chunks(config.chunk_size):
                     rows = slice(start, start + counts.shape[0])
-                    yield plan, source, rows, counts
+                    yield plan, source, rows, counts, obs
                     done += counts.shape[0]
                     progress(stage, done, total_cells)
             finally:
@@ -322,13 +327,13 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     # Pass 1: validation, empty cells, gene moments.
     moments = GeneMoments(n_batch, n_genes_all)
     max_count, dropped = 0, 0
-    for plan, source, rows, counts in chunks("validate"):
-        _validate_chunk(plan.path, counts, source.obs.index[rows], source.gene_ids)
+    for plan, source, rows, counts, obs in chunks("validate"):
+        _validate_chunk(plan.path, counts, obs.index, source.gene_ids)
         aligned = _remap(counts, plan.gene_map, n_genes_all)
         totals = np.asarray(aligned.sum(axis=1)).ravel()
         empty = totals == 0
         if empty.any() and config.zero_count_cells == "error":
-            cells = source.obs.index[rows][empty]
+            cells = obs.index[empty]
             raise AtlasInputError(
                 f"{plan.path}: cell {cells[0]!r} has zero counts over the aligned genes "
                 f"({len(cells)} such cells among cells {rows.start}..{rows.stop - 1}); "
@@ -339,7 +344,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         if aligned.nnz:
             max_count = max(max_count, int(aligned.data.max()))
         if config.n_top_genes is not None:
-            moments.update(aligned[~empty], batch_codes(source, rows)[~empty])
+            moments.update(aligned[~empty], batch_codes(source, obs)[~empty])
     if dropped:
         warnings.warn(f"dropped {dropped} cells with zero counts", stacklevel=2)
     n_cells = sum(int(p.keep.sum()) for p in plans)
@@ -351,10 +356,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     stored = np.arange(n_genes_all)
     if config.n_top_genes is not None and config.n_top_genes < n_genes_all:
         clipped = ClippedSums(moments)
-        for plan, source, rows, counts in chunks("hvg"):
+        for plan, source, rows, counts, obs in chunks("hvg"):
             aligned = _remap(counts, plan.gene_map, n_genes_all)
             keep = plan.keep[rows]
-            clipped.update(aligned[keep], batch_codes(source, rows)[keep])
+            clipped.update(aligned[keep], batch_codes(source, obs)[keep])
         hvg_table = select_hvg(moments, clipped, config.n_top_genes)
         if config.hvg_subset:
             stored = np.flatnonzero(hvg_table["highly_variable"].to_numpy())
@@ -372,7 +377,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     cont_keys = config.continuous_covariate_keys
     log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
     zero_library, nnz_total, kept_before = 0, 0, 0
-    for plan, source, rows, counts in chunks("shuffle"):
+    for plan, source, rows, counts, obs in chunks("shuffle"):
         keep = plan.keep[rows]
         cells = _remap(counts, _compose(plan.gene_map, stored_of_aligned), n_genes)
         cells = cells[keep]
@@ -380,22 +385,22 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         dest = destination[kept_before : kept_before + n_kept]
         kept_before += n_kept
         library = np.asarray(cells.sum(axis=1)).ravel()
-        codes = batch_codes(source, rows)[keep]
+        codes = batch_codes(source, obs)[keep]
         zero_library += int((library == 0).sum())
         log_lib = np.log(np.maximum(library, 1))  # as scvi-tools: np.ma.log(library).filled(0)
         log_lib_sum += np.bincount(codes, weights=log_lib, minlength=n_batch)
         log_lib_sq += np.bincount(codes, weights=log_lib**2, minlength=n_batch)
         lib_n += np.bincount(codes, minlength=n_batch)
-        fields = {"name": np.asarray(source.obs.index[rows][keep], dtype="U")}
+        fields = {"name": np.asarray(obs.index[keep], dtype="U")}
         for key in cat_keys:
             if key == batch_key:
                 fields[key] = codes.astype(np.int32)
             else:
                 fill = UNLABELED if key == config.labels_key else None
-                values = _categories(source.obs[key].iloc[rows], source.path, key, fill)[keep]
+                values = _categories(obs[key], source.path, key, fill)[keep]
                 fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
         for key in cont_keys:
-            fields[key] = pd.to_numeric(source.obs[key].iloc[rows]).to_numpy(np.float64)[keep]
+            fields[key] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
         nnz = np.diff(cells.indptr).astype(np.int64)
         nnz_total += int(nnz.sum())
         name_bytes = np.char.encode(fields.pop("name"), "utf-8")

@@ -61,8 +61,8 @@ class LoaderConfig(_Frozen):
     """
 
     batch_size: int = Field(default=128, gt=0)
-    block_size: int = Field(default=8192, gt=0)
-    buffer_blocks: int = Field(default=4, gt=0)
+    block_size: int = Field(default=16384, gt=0)
+    buffer_blocks: int = Field(default=2, gt=0)
     last_batch: Literal["drop", "pad"] = "drop"
     seed: int = 0
     prefetch: int = Field(default=2, ge=1)

@@ -45,18 +45,50 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _H5adObs:
+    """Requested obs columns of an .h5ad, read by row range (a column is never loaded whole)."""
+
+    def __init__(self, group: h5py.Group, keys: list[str]):
+        self._index = group[group.attrs["_index"]]
+        self._columns = {key: group[key] for key in keys}
+        self._categories = {
+            key: np.asarray(ad.io.read_elem(elem["categories"]), dtype=object)
+            for key, elem in self._columns.items()
+            if elem.attrs.get("encoding-type") == "categorical"
+        }
+
+    def __len__(self) -> int:
+        return self._index.shape[0]
+
+    def rows(self, start: int, stop: int) -> pd.DataFrame:
+        names = self._index.asstr()[start:stop] if self._index.dtype.kind in "OS" else self._index[start:stop]
+        columns = {key: self._column(key, elem, start, stop) for key, elem in self._columns.items()}
+        return pd.DataFrame(columns, index=pd.Index(np.asarray(names, dtype=str)))
+
+    def _column(self, key: str, elem, start: int, stop: int) -> np.ndarray:
+        encoding = elem.attrs.get("encoding-type", "array")
+        if encoding == "categorical":
+            return pd.Categorical.from_codes(elem["codes"][start:stop], self._categories[key])
+        if encoding in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
+            values = pd.Series(elem["values"][start:stop], dtype=object)
+            return values.where(~elem["mask"][start:stop], None).to_numpy()
+        if elem.dtype.kind in "OS":
+            return np.asarray(elem.asstr()[start:stop], dtype=object)
+        return elem[start:stop]
+
+
 @dataclass
 class InputFile:
-    """One opened input: its cells, genes and requested obs columns; counts are read in chunks.
+    """One opened input: its cells and genes; counts and requested obs columns are read in chunks.
 
-    gene_ids, gene_names: (n_genes,) str. obs: (n_cells, k) requested columns, index = cell names.
+    gene_ids, gene_names: (n_genes,) str.
     """
 
     path: Path
     kind: InputKind
     gene_ids: np.ndarray
     gene_names: np.ndarray
-    obs: pd.DataFrame
+    obs: _H5adObs | pd.DataFrame
     _h5: h5py.File | None = None
     _x: object = None
 
@@ -64,23 +96,28 @@ class InputFile:
     def n_cells(self) -> int:
         return len(self.obs)
 
-    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """Yield (first row, counts) with counts a canonical CSR (rows, n_genes) of at most chunk_size rows.
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        """(stop - start, k) requested obs columns of cells [start, stop), index = cell names."""
+        return self.obs.iloc[start:stop] if isinstance(self.obs, pd.DataFrame) else self.obs.rows(start, stop)
 
-        Canonical: indices sorted and in range, no duplicates (summed), no explicitly stored zeros.
+    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix, pd.DataFrame]]:
+        """Yield (first row, counts, obs) for chunks of at most chunk_size cells.
+
+        counts: canonical CSR (rows, n_genes): indices sorted and in range, duplicates summed, no stored zeros.
         """
         for start in range(0, self.n_cells, chunk_size):
             stop = min(start + chunk_size, self.n_cells)
             try:
                 block = sp.csr_matrix(self._x[start:stop])
                 block.check_format(full_check=True)
+                obs = self.obs_rows(start, stop)
             except (OSError, RuntimeError, KeyError, ValueError) as err:
                 raise AtlasInputError(
                     f"{self.path}: cannot read cells {start}..{stop} (truncated or corrupt?): {err}"
                 ) from err
             block.sum_duplicates()
             block.eliminate_zeros()
-            yield start, block
+            yield start, block, obs
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -105,10 +142,9 @@ def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: 
     try:
         var = ad.io.read_elem(handle["var"])
         obs_group = handle["obs"]
-        index = ad.io.read_elem(obs_group[obs_group.attrs["_index"]])
         columns = [k for k in obs_group.keys() if k != obs_group.attrs["_index"]]
         _obs_columns(path, pd.DataFrame(columns=columns), obs_keys)
-        obs = pd.DataFrame({k: ad.io.read_elem(obs_group[k]) for k in obs_keys}, index=pd.Index(index).astype(str))
+        obs = _H5adObs(obs_group, obs_keys)
         if layer is None:
             x_elem = handle["X"]
         elif "layers" in handle and layer in handle["layers"]:

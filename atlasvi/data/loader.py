@@ -10,10 +10,12 @@ Everything random is a function of (seed, epoch, rank, window), so the position 
 whole state: `load_state_dict` of a saved position yields exactly the batches that would have come next.
 """
 
+import queue
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,37 @@ class _Window:
     rows: np.ndarray
 
 
+class _ReadAheadPool:
+    """Daemon worker threads running read-ahead tasks: a read still in flight never holds up exit."""
+
+    def __init__(self, n_threads: int):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"atlasvi-read-{i}", daemon=True) for i in range(n_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer through the future
+                future.set_exception(err)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._tasks.put(None)
+
+
 class StreamingLoader:
     """Iterates the minibatches of one rank, epoch after epoch; `len()` batches per epoch on every rank."""
 
@@ -102,12 +135,16 @@ class StreamingLoader:
         )
         self.window_rows = max(1, config.buffer_blocks * config.block_size // config.batch_size) * config.batch_size
         self.epoch, self.step = 0, 0
+        self._pool: _ReadAheadPool | None = None
+        self._ahead: dict[tuple[int, int], Future] = {}  # (epoch, window) -> window being read
 
     def __len__(self) -> int:
         return self.sampler.batches_per_rank
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of `epoch`."""
+        if epoch != self.epoch or self.step != 0:
+            self._drop_read_ahead()
         self.epoch, self.step = epoch, 0
 
     def state_dict(self) -> dict:
@@ -131,6 +168,7 @@ class StreamingLoader:
         differ = {k: (state[k], mine[k]) for k in mine if k not in ("epoch", "step") and state.get(k) != mine[k]}
         if differ:
             raise ValueError(f"loader state does not match this loader (saved, current): {differ}")
+        self._drop_read_ahead()
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     def _windows(self, epoch: int) -> list[list[tuple[int, int]]]:
@@ -147,8 +185,9 @@ class StreamingLoader:
                     filled = 0
         return [w for w in windows if w]
 
-    def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> _Window:
-        blocks = [self.store.read_rows(a, z) for a, z in ranges]
+    def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> list[Minibatch]:
+        """Read, shuffle and cut one window into minibatches (in a read-ahead thread)."""
+        blocks = self.store.read_ranges(ranges)
         offsets = np.cumsum([0] + [b.indptr[-1] for b in blocks[:-1]])
         indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=True)])
         indices = np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False)
@@ -160,7 +199,7 @@ class StreamingLoader:
         order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(window.shape[0])
         window = window[order]
         rows = np.concatenate([np.arange(a, z) for a, z in ranges])[order]
-        return _Window(
+        window = _Window(
             window.indptr.astype(np.int32),
             window.indices.astype(np.int32, copy=False),
             window.data.astype(np.float32),
@@ -174,42 +213,83 @@ class StreamingLoader:
             },
             rows,
         )
+        return self._batches(window)
 
-    def _batches(self, window: _Window, first: int) -> Iterator[Minibatch]:
+    def _batches(self, window: _Window) -> list[Minibatch]:
         size = self.config.batch_size
-        for i in range(first, (len(window.indptr) - 1) // size):
+        batches = []
+        for i in range((len(window.indptr) - 1) // size):
             a, z = i * size, (i + 1) * size
             lo, hi = int(window.indptr[a]), int(window.indptr[z])
-            yield Minibatch(
-                torch.from_numpy(window.indptr[a : z + 1] - lo),
-                torch.from_numpy(window.indices[lo:hi]),
-                torch.from_numpy(window.values[lo:hi]),
-                self.store.schema.n_genes,
-                {k: torch.from_numpy(v[a:z]) for k, v in window.categorical.items()},
-                {k: torch.from_numpy(v[a:z]) for k, v in window.continuous.items()},
-                torch.from_numpy(window.rows[a:z]),
+            batches.append(
+                Minibatch(
+                    torch.from_numpy(window.indptr[a : z + 1] - lo),
+                    torch.from_numpy(window.indices[lo:hi]),
+                    torch.from_numpy(window.values[lo:hi]),
+                    self.store.schema.n_genes,
+                    {k: torch.from_numpy(v[a:z]) for k, v in window.categorical.items()},
+                    {k: torch.from_numpy(v[a:z]) for k, v in window.continuous.items()},
+                    torch.from_numpy(window.rows[a:z]),
+                )
             )
+        return batches
+
+    def _schedule(self, epoch: int, first_window: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+        """(epoch, window index, row ranges) from a position on, running on into the following epochs."""
+        while True:
+            for index, ranges in enumerate(self._windows(epoch)[first_window:], start=first_window):
+                yield epoch, index, ranges
+            epoch, first_window = epoch + 1, 0
+
+    def _drop_read_ahead(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
 
     def __iter__(self) -> Iterator[Minibatch]:
-        """The remaining minibatches of the current epoch; afterwards the position moves to the next epoch."""
+        """The remaining minibatches of the current epoch; afterwards the position moves to the next epoch.
+
+        Read-ahead keeps `prefetch` windows in flight beyond the one being cut, across the end of the
+        epoch, so the next epoch starts on windows already read.
+        """
+        if self._pool is None:
+            self._pool = _ReadAheadPool(self.config.num_threads)
         epoch = self.epoch
-        windows = self._windows(epoch)
         batches_per_window = self.window_rows // self.config.batch_size
         first_window, skip = divmod(self.step, batches_per_window)
-        pending: deque[Future] = deque()
-        next_window = first_window
-        with ThreadPoolExecutor(self.config.num_threads, thread_name_prefix="atlasvi-read") as pool:
-            try:
-                for _ in range(first_window, len(windows)):
-                    while next_window < len(windows) and len(pending) <= self.config.prefetch:
-                        pending.append(pool.submit(self._read_window, epoch, next_window, windows[next_window]))
-                        next_window += 1
-                    window = pending.popleft().result()
-                    for batch in self._batches(window, skip):
-                        self.step += 1
-                        yield batch
-                    skip = 0
-            finally:
-                for future in pending:
-                    future.cancel()
+        n_windows = len(self._windows(epoch))
+        schedule = self._schedule(epoch, first_window)
+        wanted: deque[tuple[int, int]] = deque()
+        for _ in range(self.config.prefetch + 1):
+            key = next(schedule)
+            wanted.append(key[:2])
+            if key[:2] not in self._ahead:
+                self._ahead[key[:2]] = self._pool.submit(self._read_window, *key)
+        for _ in range(first_window, n_windows):
+            batches = self._ahead.pop(wanted.popleft()).result()
+            key = next(schedule)
+            wanted.append(key[:2])
+            if key[:2] not in self._ahead:
+                self._ahead[key[:2]] = self._pool.submit(self._read_window, *key)
+            for batch in batches[skip:]:
+                self.step += 1
+                yield batch
+            skip = 0
         self.epoch, self.step = epoch + 1, 0
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (a later iteration starts new ones)."""
+        self._drop_read_ahead()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> "StreamingLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown()

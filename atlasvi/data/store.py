@@ -90,10 +90,14 @@ class StoreSchema:
         )
 
 
-class ArrayReader(Protocol):
-    """Reads a contiguous range of a 1-D array of the store."""
+Request = tuple[str, int, int]
+"""(array name, start, stop): a contiguous range of a 1-D array of the store."""
 
-    def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+class ArrayReader(Protocol):
+    """Reads ranges of the store's 1-D arrays; the results (or the first error) in request order."""
+
+    def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]: ...
 
 
 class ZarrReader:
@@ -112,8 +116,14 @@ class ZarrReader:
         with zarr.config.set(settings):
             self._arrays = {name: zarr.open_array(store=store, path=name, mode="r") for name in names}
 
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._arrays[name][start:stop]
+    def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+        results: list[np.ndarray | Exception] = []
+        for name, start, stop in requests:
+            try:
+                results.append(self._arrays[name][start:stop])
+            except Exception as err:  # noqa: BLE001 - reported per request by the caller
+                results.append(err)
+        return results
 
 
 class TensorStoreReader:
@@ -136,8 +146,16 @@ class TensorStoreReader:
             for name in names
         }
 
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self._arrays[name][start:stop].read().result()
+    def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]:
+        """All requests in flight at once (tensorstore decodes them concurrently)."""
+        futures = [self._arrays[name][start:stop].read() for name, start, stop in requests]
+        results: list[np.ndarray | Exception] = []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except Exception as err:  # noqa: BLE001 - reported per request by the caller
+                results.append(err)
+        return results
 
 
 def _chunk_of(name: str, element: int) -> str:
@@ -190,27 +208,47 @@ class AtlasStore:
     def n_cells(self) -> int:
         return self.schema.n_cells
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        try:
-            return np.asarray(self._reader.read(name, start, stop))
-        except Exception as err:
-            raise StoreCorruptError(
-                f"{self.path}: cannot read {name}[{start}:{stop}] (chunk {_chunk_of(name, start)}): {err}"
-            ) from err
+    def _read_many(self, requests: list[Request]) -> list[np.ndarray]:
+        results = self._reader.read_many(requests)
+        for (name, start, stop), result in zip(requests, results, strict=True):
+            if isinstance(result, Exception):
+                raise StoreCorruptError(
+                    f"{self.path}: cannot read {name}[{start}:{stop}] (chunk {_chunk_of(name, start)}): {result}"
+                ) from result
+        return [np.asarray(r) for r in results]
 
     def read_rows(self, start: int, stop: int) -> RowBlock:
         """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
-        if not 0 <= start < stop <= self.n_cells:
-            raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
-        indptr = self._read("X/indptr", start, stop + 1).astype(np.int64, copy=False)
-        self._check_indptr(indptr, start)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        indices = self._read("X/indices", lo, hi)
-        data = self._read("X/data", lo, hi)
+        return self.read_ranges([(start, stop)])[0]
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[RowBlock]:
+        """Read and validate several row ranges with all their reads in flight together (two rounds:
+        row pointers, then gene indices, counts and covariates)."""
+        for start, stop in ranges:
+            if not 0 <= start < stop <= self.n_cells:
+                raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
+        indptrs = self._read_many([("X/indptr", start, stop + 1) for start, stop in ranges])
+        requests: list[Request] = []
+        for (start, stop), indptr in zip(ranges, indptrs, strict=True):
+            self._check_indptr(indptr, start)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            requests += [("X/indices", lo, hi), ("X/data", lo, hi)]
+            requests += [(f"obs/{k}/codes", start, stop) for k in self.schema.categorical]
+            requests += [(f"obs/{k}", start, stop) for k in self.schema.continuous]
+        results = iter(self._read_many(requests))
+        return [
+            self._block(start, stop, indptr.astype(np.int64, copy=False), results)
+            for (start, stop), indptr in zip(ranges, indptrs, strict=True)
+        ]
+
+    def _block(self, start: int, stop: int, indptr: np.ndarray, results) -> RowBlock:
+        """Validate the next results (in request order) of rows [start, stop) into a RowBlock."""
+        lo = int(indptr[0])
+        indices, data = next(results), next(results)
         local_indptr = indptr - lo
         self._check_entries(indices, data, local_indptr, lo)
-        categorical = {k: self._read(f"obs/{k}/codes", start, stop) for k in self.schema.categorical}
-        continuous = {k: self._read(f"obs/{k}", start, stop) for k in self.schema.continuous}
+        categorical = {k: next(results) for k in self.schema.categorical}
+        continuous = {k: next(results) for k in self.schema.continuous}
         for key, codes in categorical.items():
             if codes.min() < 0 or codes.max() >= len(self.schema.categorical[key]):
                 row = int(np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))[0])

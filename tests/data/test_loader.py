@@ -166,7 +166,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_store_served_over_http_yields_the_local_batches(kang_store, served_store, backend):
     config = LoaderConfig(**SMALL, backend=backend)
     local = _epoch(StreamingLoader(kang_store, config))
-    remote = _epoch(StreamingLoader(served_store, config))
+    with StreamingLoader(served_store, config) as loader:
+        remote = _epoch(loader)
     assert all(_same(a, b) for a, b in zip(local, remote, strict=True))
 
 
