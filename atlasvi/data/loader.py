@@ -10,9 +10,11 @@ Everything random is a function of (seed, epoch, rank, window), so the position 
 whole state: `load_state_dict` of a saved position yields exactly the batches that would have come next.
 """
 
+import atexit
 import queue
 import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -86,7 +88,12 @@ class _Window:
 
 
 class _ReadAheadPool:
-    """Daemon worker threads running read-ahead tasks: a read still in flight never holds up exit."""
+    """Daemon worker threads running read-ahead tasks.
+
+    At interpreter exit (or `stop`) queued tasks are cancelled and reads in flight are given a bounded
+    time to finish, so no thread is inside a backend's native code when the interpreter tears down and
+    a read that never returns (a vanished server) cannot hold up exit.
+    """
 
     def __init__(self, n_threads: int):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -95,6 +102,7 @@ class _ReadAheadPool:
         ]
         for thread in self._threads:
             thread.start()
+        _LIVE_POOLS.add(self)
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
@@ -111,9 +119,30 @@ class _ReadAheadPool:
             except BaseException as err:  # noqa: BLE001 - handed to the consumer through the future
                 future.set_exception(err)
 
-    def shutdown(self) -> None:
+    def stop(self, timeout: float = 0.0) -> None:
+        """Cancel queued tasks, end the threads after their current task; wait up to `timeout` s."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
         for _ in self._threads:
             self._tasks.put(None)
+        for thread in self._threads:
+            if timeout > 0 and thread is not threading.current_thread():
+                thread.join(timeout)
+        _LIVE_POOLS.discard(self)
+
+
+_LIVE_POOLS: "weakref.WeakSet[_ReadAheadPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_read_ahead_at_exit() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.stop(timeout=30.0)
 
 
 class StreamingLoader:
@@ -281,7 +310,7 @@ class StreamingLoader:
         """Stop the read-ahead threads (a later iteration starts new ones)."""
         self._drop_read_ahead()
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.stop(timeout=30.0)
             self._pool = None
 
     def __enter__(self) -> "StreamingLoader":
@@ -292,4 +321,4 @@ class StreamingLoader:
 
     def __del__(self) -> None:
         if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown()
+            self._pool.stop()

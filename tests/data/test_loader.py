@@ -1,6 +1,8 @@
 """StreamingLoader on a real store: content, ranks, backends, resume, HTTP, bounded read-ahead."""
 
 import functools
+import subprocess
+import sys
 import http.server
 import threading
 from pathlib import Path
@@ -177,3 +179,16 @@ def test_minibatch_moves_sparse_and_densifies_on_its_device(kang_store):
     assert moved.values.numel() < moved.counts().numel() / 2  # only non-zeros travel
     assert torch.equal(moved.counts(), batch.counts())
     assert moved.counts().sum() == batch.values.sum()
+
+
+def test_a_process_exits_cleanly_with_read_ahead_in_flight(kang_store):
+    """One epoch, then exit while the next epoch's windows are being read: no hang, no native crash."""
+    script = (
+        "import sys; from atlasvi.data import LoaderConfig, StreamingLoader\n"
+        f"loader = StreamingLoader(sys.argv[1], LoaderConfig(batch_size=64, block_size=100, buffer_blocks=1, "
+        "prefetch=4, backend='tensorstore'))\n"
+        "print(sum(len(b) for b in loader))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(kang_store)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(1556 // 64 * 64)
