@@ -1,9 +1,9 @@
 """StreamingLoader on a real store: content, ranks, backends, resume, HTTP, bounded read-ahead."""
 
 import functools
+import http.server
 import subprocess
 import sys
-import http.server
 import threading
 from pathlib import Path
 
@@ -185,7 +185,7 @@ def test_a_process_exits_cleanly_with_read_ahead_in_flight(kang_store):
     """One epoch, then exit while the next epoch's windows are being read: no hang, no native crash."""
     script = (
         "import sys; from atlasvi.data import LoaderConfig, StreamingLoader\n"
-        f"loader = StreamingLoader(sys.argv[1], LoaderConfig(batch_size=64, block_size=100, buffer_blocks=1, "
+        "loader = StreamingLoader(sys.argv[1], LoaderConfig(batch_size=64, block_size=100, buffer_blocks=1, "
         "prefetch=4, backend='tensorstore'))\n"
         "print(sum(len(b) for b in loader))\n"
     )
