@@ -182,12 +182,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def annbatch(source: Path, args: argparse.Namespace) -> dict:
+    repo = HERE.parent
     command = [
-        str(ANNBATCH_PYTHON), str(HERE / "annbatch_loader.py"), "--h5ad", str(source),
-        "--workdir", str(CACHE / "annbatch"), "--batch-sizes", *map(str, args.batch_sizes),
+        str(ANNBATCH_PYTHON), str(HERE / "annbatch_loader.py"), "--h5ad", str(source.relative_to(repo)),
+        "--workdir", str((CACHE / "annbatch").relative_to(repo)), "--batch-sizes", *map(str, args.batch_sizes),
         "--zarrs", "on", "off", "--repeats", str(args.repeats), "--epochs-cells", "1000000",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=repo)
     if result.returncode != 0:
         return {"error": result.stderr[-2000:]}
     return json.loads(result.stdout)
