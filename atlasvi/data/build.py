@@ -509,8 +509,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     if hvg_table is not None:
         for column in hvg_table.columns:
             var[column] = hvg_table[column].to_numpy()[stored]
-    for name in ["var"]:
-        ad.io.write_elem(root, name, var)
+    ad.io.write_elem(root, "var", var)
     for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
         ad.io.write_elem(root, name, {})
 

@@ -125,13 +125,13 @@ class InputFile:
             self._h5 = None
 
 
-def _obs_columns(path: Path, obs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    missing = [k for k in keys if k not in obs.columns]
+def _check_obs_keys(path: Path, columns: list[str], keys: list[str]) -> None:
+    """Raise naming the file, the first missing key and the columns there are."""
+    missing = [k for k in keys if k not in columns]
     if missing:
         raise AtlasInputError(
-            f"{path}: obs has no column {missing[0]!r} (asked for {missing}); obs columns are {list(obs.columns)}"
+            f"{path}: obs has no column {missing[0]!r} (asked for {missing}); obs columns are {columns}"
         )
-    return obs[keys]
 
 
 def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: str | None) -> InputFile:
@@ -143,7 +143,7 @@ def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: 
         var = ad.io.read_elem(handle["var"])
         obs_group = handle["obs"]
         columns = [k for k in obs_group.keys() if k != obs_group.attrs["_index"]]
-        _obs_columns(path, pd.DataFrame(columns=columns), obs_keys)
+        _check_obs_keys(path, columns, obs_keys)
         obs = _H5adObs(obs_group, obs_keys)
         if layer is None:
             x_elem = handle["X"]
@@ -185,7 +185,8 @@ def _open_10x(path: Path, kind: InputKind, obs_keys: list[str]) -> InputFile:
     else:
         gene_ids = np.asarray(adata.var["gene_ids"], dtype=str)
         gene_names = np.asarray(adata.var_names, dtype=str)
-    obs = _obs_columns(path, adata.obs, obs_keys)
+    _check_obs_keys(path, list(adata.obs.columns), obs_keys)
+    obs = adata.obs[obs_keys]
     obs.index = obs.index.astype(str)
     return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X))
 
