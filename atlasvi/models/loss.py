@@ -1,0 +1,22 @@
+"""What every module's `loss` returns."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar to minimise, the minibatch mean of reconstruction + kl_weight-weighted KL terms.
+
+    reconstruction_loss: (n,) -log p(x | latents) per cell (nats); kl_local: name -> (n,) KL per cell.
+    """
+
+    loss: torch.Tensor
+    reconstruction_loss: torch.Tensor
+    kl_local: dict[str, torch.Tensor]
+
+    @property
+    def negative_elbo(self) -> torch.Tensor:
+        """(n,) -ELBO per cell at KL weight 1: reconstruction + every KL term (nats)."""
+        return self.reconstruction_loss + sum(self.kl_local.values())

@@ -1,0 +1,144 @@
+"""Fully-connected blocks with covariate injection, Gaussian encoders and the count decoder.
+
+The same layers and defaults as scvi-tools (`FCLayers`, `Encoder`, `DecoderSCVI`): Linear ->
+BatchNorm1d(momentum 0.01, eps 1e-3) | LayerNorm -> ReLU -> Dropout, categorical covariates one-hot
+and concatenated to the input of the first layer, and of every layer when `inject_covariates`.
+Nothing model-specific, and no parameter that a configuration does not use.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+__all__ = ["CountDecoder", "Encoder", "FCLayers"]
+
+
+def one_hot_covariates(codes: Sequence[torch.Tensor], n_categories: Sequence[int]) -> torch.Tensor | None:
+    """(n, sum of n_categories) one-hot of each categorical covariate; None when there are none."""
+    parts = [F.one_hot(c.long().view(-1), n).float() for c, n in zip(codes, n_categories, strict=True) if n > 1]
+    return torch.cat(parts, dim=-1) if parts else None
+
+
+class FCLayers(nn.Module):
+    """n_layers fully-connected layers, (n, n_in) -> (n, n_out), with categorical covariates injected.
+
+    n_categories: categories per covariate (a covariate with 1 category is ignored, as in scvi-tools).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_categories: Sequence[int] = (),
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+    ):
+        super().__init__()
+        self.n_categories = [n if n > 1 else 0 for n in n_categories]
+        n_cov = sum(self.n_categories)
+        sizes = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+        self.inject = [i == 0 or inject_covariates for i in range(n_layers)]
+        self.layers = nn.ModuleList()
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            block = [nn.Linear(a + n_cov * self.inject[i], b)]
+            if use_batch_norm:
+                block.append(nn.BatchNorm1d(b, momentum=0.01, eps=0.001))
+            if use_layer_norm:
+                block.append(nn.LayerNorm(b, elementwise_affine=False))
+            block.append(nn.ReLU())
+            if dropout_rate > 0:
+                block.append(nn.Dropout(dropout_rate))
+            self.layers.append(nn.Sequential(*block))
+
+    def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
+        """x: (n, n_in); codes: one (n,) or (n, 1) integer tensor per covariate."""
+        covariates = one_hot_covariates(codes, self.n_categories)
+        for inject, layer in zip(self.inject, self.layers, strict=True):
+            if inject and covariates is not None:
+                x = torch.cat([x, covariates], dim=-1)
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Gaussian q(z | x): (n, n_in) -> Normal over (n, n_out) and a reparametrised sample.
+
+    The variance is exp(output) + var_eps (scvi-tools' default activation and eps).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_categories: Sequence[int] = (),
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        dropout_rate: float = 0.1,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+        var_eps: float = 1e-4,
+    ):
+        super().__init__()
+        self.var_eps = var_eps
+        self.encoder = FCLayers(
+            n_in, n_hidden, n_categories, n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm,
+            inject_covariates,
+        )  # fmt: skip
+        self.mean_encoder = nn.Linear(n_hidden, n_out)
+        self.var_encoder = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
+        hidden = self.encoder(x, *codes)
+        mean = self.mean_encoder(hidden)
+        var = torch.exp(self.var_encoder(hidden)) + self.var_eps
+        distribution = Normal(mean, var.sqrt())
+        return distribution, distribution.rsample()
+
+
+class CountDecoder(nn.Module):
+    """p(x | z, library): (n, n_in) -> per-gene expression fractions, means, and optional extra heads.
+
+    Returns (scale, rate, dispersion, zi_logits): scale (n, n_genes) sums to 1 over genes (softmax);
+    rate = exp(library) * scale; dispersion (log theta per cell) only with `cell_dispersion`;
+    zi_logits only with `zero_inflation` (None otherwise, and no parameters are built for them).
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_genes: int,
+        n_categories: Sequence[int] = (),
+        n_layers: int = 1,
+        n_hidden: int = 128,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        inject_covariates: bool = True,
+        zero_inflation: bool = True,
+        cell_dispersion: bool = False,
+    ):
+        super().__init__()
+        self.px_decoder = FCLayers(
+            n_in, n_hidden, n_categories, n_layers, n_hidden, 0.0, use_batch_norm, use_layer_norm, inject_covariates
+        )
+        self.px_scale_decoder = nn.Linear(n_hidden, n_genes)
+        self.px_r_decoder = nn.Linear(n_hidden, n_genes) if cell_dispersion else None
+        self.px_dropout_decoder = nn.Linear(n_hidden, n_genes) if zero_inflation else None
+
+    def forward(
+        self, z: torch.Tensor, library: torch.Tensor, *codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """z: (n, n_in); library: (n, 1) log library size."""
+        hidden = self.px_decoder(z, *codes)
+        scale = torch.softmax(self.px_scale_decoder(hidden), dim=-1)
+        rate = torch.exp(library) * scale
+        dispersion = self.px_r_decoder(hidden) if self.px_r_decoder is not None else None
+        zi_logits = self.px_dropout_decoder(hidden) if self.px_dropout_decoder is not None else None
+        return scale, rate, dispersion, zi_logits
