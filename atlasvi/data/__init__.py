@@ -6,7 +6,7 @@ It knows nothing of models, training, Ray or MLflow (an import contract in CI ke
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig, LoaderConfig
 from atlasvi.data.errors import AtlasInputError, StoreCorruptError, StoreError
-from atlasvi.data.sampler import BlockSampler
+from atlasvi.data.sampler import BlockSampler, split_rows
 from atlasvi.data.store import AtlasStore, StoreSchema, open_store
 
 
@@ -32,4 +32,5 @@ __all__ = [
     "StreamingLoader",
     "build_store",
     "open_store",
+    "split_rows",
 ]

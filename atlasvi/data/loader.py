@@ -154,13 +154,18 @@ class StreamingLoader:
         config: LoaderConfig | None = None,
         rank: int = 0,
         world_size: int = 1,
+        rows: tuple[int, int] | None = None,
     ):
+        """rows: the store's rows [start, stop) to read (e.g. from `split_rows`); default every row."""
         config = config or LoaderConfig()
         if not isinstance(store, AtlasStore):
             store = open_store(store, backend=config.backend)
         self.store, self.config = store, config
+        start, stop = rows or (0, store.n_cells)
+        if not 0 <= start < stop <= store.n_cells:
+            raise ValueError(f"rows {start}:{stop} outside the store's {store.n_cells} cells")
         self.sampler = BlockSampler(
-            store.n_cells, config.batch_size, config.block_size, config.seed, rank, world_size, config.last_batch
+            stop - start, config.batch_size, config.block_size, config.seed, rank, world_size, config.last_batch, start
         )
         self.window_rows = max(1, config.buffer_blocks * config.block_size // config.batch_size) * config.batch_size
         self.epoch, self.step = 0, 0
@@ -188,7 +193,7 @@ class StreamingLoader:
             "last_batch": self.config.last_batch,
             "rank": self.sampler.rank,
             "world_size": self.sampler.world_size,
-            "n_cells": self.store.n_cells,
+            "rows": [self.sampler.first_row, self.sampler.first_row + self.sampler.n_cells],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 class BlockSampler:
     """The rows of one rank per epoch, as contiguous row ranges in reading order.
 
-    n_cells: rows in the store; block_size: rows per shuffled block; rank in [0, world_size).
+    n_cells: rows sampled, the store's rows [first_row, first_row + n_cells); block_size: rows per
+    shuffled block; rank in [0, world_size).
     """
 
     n_cells: int
@@ -30,6 +31,7 @@ class BlockSampler:
     rank: int = 0
     world_size: int = 1
     last_batch: str = "drop"
+    first_row: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -71,7 +73,7 @@ class BlockSampler:
             take = min(end - begin, self.n_cells - position)
             ranges += _stream_slice(starts, stops, stream_ends, position, position + take)
             begin += take
-        return ranges
+        return [(a + self.first_row, z + self.first_row) for a, z in ranges]
 
 
 def _stream_slice(
@@ -88,3 +90,15 @@ def _stream_slice(
         if z > a:
             ranges.append((a, z))
     return ranges
+
+
+def split_rows(n_cells: int, validation_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(train rows, validation rows) as [start, stop) ranges: the last round(n * fraction) rows validate.
+
+    The store's rows are a seeded random permutation of its cells, so these are a random held-out set
+    of cells, the same on every run and every rank, read as sequentially as the training rows.
+    """
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
+    n_validation = round(n_cells * validation_fraction)
+    return (0, n_cells - n_validation), (n_cells - n_validation, n_cells)

@@ -192,3 +192,16 @@ def test_a_process_exits_cleanly_with_read_ahead_in_flight(kang_store):
     done = subprocess.run([sys.executable, "-c", script, str(kang_store)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(1556 // 64 * 64)
+
+
+def test_a_row_range_reads_only_those_rows(kang_store):
+    from atlasvi.data import split_rows
+
+    train, validation = split_rows(1556, 0.1)
+    assert train == (0, 1400) and validation == (1400, 1556)
+    held_out = torch.cat(
+        [b.rows for b in StreamingLoader(kang_store, LoaderConfig(**SMALL, last_batch="pad"), rows=validation)]
+    )
+    assert set(held_out.tolist()) == set(range(1400, 1556))
+    trained = torch.cat([b.rows for b in StreamingLoader(kang_store, LoaderConfig(**SMALL), rows=train)])
+    assert trained.max() < 1400 and len(trained) == 1400 // 64 * 64
