@@ -5,6 +5,7 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
+import torch
 
 from atlasvi.data import BuildConfig, build_store
 
@@ -15,6 +16,9 @@ KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # One intra-op thread: torch's OpenMP threads spin-wait, and with the loader's read-ahead threads (or any
+    # other process) on the same 2 cores a training step was measured 40x slower with 2 threads than with 1.
+    torch.set_num_threads(1)
     if not CELLBENCH.exists():
         raise pytest.UsageError(f"the real datasets are expected in {SHARED_DATA} (../shared/data beside the repo)")
 

@@ -1,0 +1,228 @@
+"""The one training loop: the same function in a plain process and in every Ray Train worker.
+
+fit() reads top to bottom: restore the last checkpoint if there is one; for each epoch, minibatches
+-> loss (KL weight from the warm-up schedule) -> backward -> clip -> step; the held-out ELBO at KL
+weight 1; a record per epoch; early stopping; a checkpoint. A checkpoint holds the model, the
+optimizer, the epoch and step, both loaders' positions and the RNG states, so resuming continues
+exactly (on CPU the per-step losses after a resume are those of the uninterrupted run).
+"""
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from atlasvi.data import Minibatch, StreamingLoader
+from atlasvi.models import LossOutput
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class TrainConfig(BaseModel):
+    """Optimisation; the defaults are scvi-tools' (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up 400 epochs).
+
+    max_epochs None: scvi-tools' rule, min(round(20000 / n_train_cells * 400), 400).
+    n_epochs_kl_warmup / n_steps_kl_warmup: linear warm-up of the KL weight by epochs, or else by steps.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_epochs: int | None = Field(default=None, gt=0)
+    optimizer: Literal["Adam", "AdamW"] = "Adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-6, ge=0)
+    eps: float = Field(default=0.01, gt=0)
+    n_epochs_kl_warmup: int | None = Field(default=400, ge=0)
+    n_steps_kl_warmup: int | None = Field(default=None, ge=0)
+    min_kl_weight: float = Field(default=0.0, ge=0)
+    max_kl_weight: float = Field(default=1.0, ge=0)
+    gradient_clip_norm: float | None = Field(default=None, gt=0)
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    early_stopping: bool = False
+    early_stopping_patience: int = Field(default=45, gt=0)
+    early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    checkpoint_every_n_epochs: int = Field(default=1, gt=0)
+    amp: bool = True
+    seed: int = 0
+
+    def epochs_for(self, n_train_cells: int) -> int:
+        return self.max_epochs or min(round(20000 / n_train_cells * 400), 400)
+
+
+def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
+    """scvi-tools' linear KL warm-up: min -> max over n_epochs_kl_warmup epochs (or n_steps_kl_warmup steps)."""
+    slope = config.max_kl_weight - config.min_kl_weight
+    if config.n_epochs_kl_warmup:
+        if epoch < config.n_epochs_kl_warmup:
+            return config.min_kl_weight + slope * epoch / config.n_epochs_kl_warmup
+    elif config.n_steps_kl_warmup and step < config.n_steps_kl_warmup:
+        return config.min_kl_weight + slope * step / config.n_steps_kl_warmup
+    return config.max_kl_weight
+
+
+class Trainable(Protocol):
+    """What fit() needs of a module: its inputs from a minibatch and a loss."""
+
+    def unpack(self, batch: Minibatch): ...
+
+    def loss(self, inputs, kl_weight: float = 1.0) -> LossOutput: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EpochRecord:
+    """One epoch's figures; ELBO terms are per cell in nats, validation at KL weight 1."""
+
+    epoch: int
+    kl_weight: float
+    train_loss: float
+    train_reconstruction: float
+    train_kl: float
+    validation_elbo: float
+    validation_reconstruction: float
+    validation_kl: float
+    cells_per_second: float
+    seconds: float
+    step_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    step: int = 0
+    best_validation: float = math.inf
+    epochs_without_improvement: int = 0
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.Adam if config.optimizer == "Adam" else torch.optim.AdamW
+    params = [p for p in module.parameters() if p.requires_grad]
+    return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def _evaluate(module: Trainable, loader: StreamingLoader, device: torch.device) -> tuple[float, float, float]:
+    """Mean -ELBO, reconstruction and KL per held-out cell at KL weight 1 (each cell counted once)."""
+    module.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for batch in loader:
+            output = module.loss(module.unpack(batch.to(device)))
+            fresh = torch.tensor([int(r) not in seen for r in batch.rows.tolist()], device=device)
+            seen.update(batch.rows.tolist())
+            kl = sum(output.kl_local.values())
+            for i, values in enumerate((output.negative_elbo, output.reconstruction_loss, kl)):
+                totals[i] += values[fresh].double().sum().cpu()
+    module.train()
+    return tuple((totals / max(len(seen), 1)).tolist())
+
+
+def _save(path: Path, module, optimizer, progress: _Progress, train: StreamingLoader, validation: StreamingLoader):
+    """Atomic: write a sibling, then rename over the last checkpoint."""
+    payload = {
+        "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "progress": {k: v for k, v in asdict(progress).items() if k != "history"},
+        "history": [asdict(r) for r in progress.history],
+        "train_loader": train.state_dict(),
+        "validation_loader": validation.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    partial = path.with_suffix(".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def _restore(path: Path, module, optimizer, train: StreamingLoader, validation: StreamingLoader) -> _Progress:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    train.load_state_dict(payload["train_loader"])
+    validation.load_state_dict(payload["validation_loader"])
+    torch.set_rng_state(payload["rng_cpu"])
+    if payload["rng_cuda"]:
+        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    return _Progress(**payload["progress"], history=[EpochRecord(**r) for r in payload["history"]])
+
+
+def fit(
+    module: Trainable,
+    train: StreamingLoader,
+    validation: StreamingLoader,
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    on_epoch_end: Callable[[EpochRecord], None] | None = None,
+) -> list[EpochRecord]:
+    """Train `module` (already on its device) on `train`, evaluating on `validation`; returns the epoch records.
+
+    With checkpoint_dir, a checkpoint is written every `checkpoint_every_n_epochs` epochs and an existing
+    one is resumed from. Raises TrainingDiverged naming the epoch, the step and the last good checkpoint.
+    """
+    device = next(module.parameters()).device
+    optimizer = _optimizer(module, config)
+    checkpoint = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
+    if checkpoint is not None and checkpoint.exists():
+        progress = _restore(checkpoint, module, optimizer, train, validation)
+    else:
+        torch.manual_seed(config.seed)
+        progress = _Progress()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    max_epochs = config.epochs_for(train.sampler.n_cells)
+    module.train()
+    while progress.epoch < max_epochs:
+        epoch, started = progress.epoch, time.perf_counter()
+        weight = kl_weight(config, epoch, progress.step)
+        sums, cells, step_losses = torch.zeros(3, dtype=torch.float64), 0, []
+        for batch in train:
+            weight = kl_weight(config, epoch, progress.step)
+            with autocast:
+                output = module.loss(module.unpack(batch.to(device, non_blocking=True)), kl_weight=weight)
+            if not torch.isfinite(output.loss):
+                last = f"{checkpoint} (epoch {progress.epoch})" if checkpoint and checkpoint.exists() else "none"
+                raise TrainingDiverged(
+                    f"loss is {output.loss.item()} at epoch {epoch}, step {progress.step}; last good checkpoint: {last}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            if config.gradient_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), config.gradient_clip_norm)
+            optimizer.step()
+            progress.step += 1
+            step_losses.append(output.loss.item())
+            n = len(batch)
+            kl = sum(output.kl_local.values())
+            sums += torch.tensor([output.loss.item() * n, output.reconstruction_loss.sum().item(), kl.sum().item()])
+            cells += n
+        seconds = time.perf_counter() - started
+        validation_elbo, validation_reconstruction, validation_kl = _evaluate(module, validation, device)
+        train_loss, train_reconstruction, train_kl = (sums / max(cells, 1)).tolist()
+        record = EpochRecord(
+            epoch, weight, train_loss, train_reconstruction, train_kl, validation_elbo, validation_reconstruction,
+            validation_kl, cells / seconds, seconds, step_losses,
+        )  # fmt: skip
+        progress.history.append(record)
+        progress.epoch += 1
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+        if validation_elbo < progress.best_validation - config.early_stopping_min_delta:
+            progress.best_validation, progress.epochs_without_improvement = validation_elbo, 0
+        else:
+            progress.epochs_without_improvement += 1
+        stop = config.early_stopping and progress.epochs_without_improvement >= config.early_stopping_patience
+        if checkpoint is not None and (progress.epoch % config.checkpoint_every_n_epochs == 0 or stop):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            _save(checkpoint, module, optimizer, progress, train, validation)
+        if stop:
+            break
+    return progress.history
