@@ -118,8 +118,11 @@ def _evaluate(module: Trainable, loader: StreamingLoader, device: torch.device) 
     with torch.no_grad():
         for batch in loader:
             output = module.loss(module.unpack(batch.to(device)))
-            fresh = torch.tensor([int(r) not in seen for r in batch.rows.tolist()], device=device)
-            seen.update(batch.rows.tolist())
+            fresh = []
+            for row in batch.rows.tolist():  # padding can repeat a cell within one batch too
+                fresh.append(row not in seen)
+                seen.add(row)
+            fresh = torch.tensor(fresh, device=device)
             kl = sum(output.kl_local.values())
             for i, values in enumerate((output.negative_elbo, output.reconstruction_loss, kl)):
                 totals[i] += values[fresh].double().sum().cpu()

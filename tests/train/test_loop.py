@@ -91,3 +91,19 @@ def test_early_stopping_on_validation_elbo(store):
     config = TrainConfig(max_epochs=50, early_stopping=True, early_stopping_patience=2, early_stopping_min_delta=1e9)
     history = fit(module, train, validation, config)
     assert len(history) == 3  # the first epoch sets the best; two without a 1e9 improvement stop it
+
+
+def test_held_out_figures_count_each_cell_once_under_padding(store):
+    """141 held-out cells in padded batches of 128 (115 repeats, some within one batch): the KL (exact
+    in eval mode) must be the mean over the 141 distinct cells."""
+    from atlasvi.train.loop import _evaluate
+
+    module, train, validation = _setup(store)
+    fit(module, train, validation, TrainConfig(max_epochs=2))
+    _, _, kl = _evaluate(module, validation, torch.device("cpu"))
+    module.eval()
+    with torch.no_grad():
+        unpadded = StreamingLoader(validation.store, LoaderConfig(batch_size=141), rows=(1267, 1408))
+        (batch,) = list(unpadded)
+        expected = module.loss(module.unpack(batch)).kl_local["kl_z"].double().mean().item()
+    assert kl == pytest.approx(expected, rel=1e-5)
