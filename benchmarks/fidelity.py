@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
         train_store, heldout_store = prepare(args.dataset, workdir)
     for seed in args.seeds:
         torch.manual_seed(seed)
-        train = StreamingLoader(train_store, LoaderConfig(batch_size=args.batch_size, last_batch="pad", seed=seed))
+        loader_config = LoaderConfig(batch_size=args.batch_size, last_batch=args.last_batch, seed=seed)
+        train = StreamingLoader(train_store, loader_config)
         heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=args.batch_size, last_batch="pad"))
         module = SCVIModule(train.store.schema)
         config = TrainConfig(max_epochs=args.max_epochs, n_epochs_kl_warmup=args.n_epochs_kl_warmup, seed=seed)
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> None:
                     "train_cells_per_s": sum(r.cells_per_second * r.seconds for r in history) / seconds,
                     "epochs": len(history),
                     "threads": torch.get_num_threads(),
+                    "last_batch": args.last_batch,
                 }
             ),
             flush=True,
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--last-batch", choices=["pad", "drop"], default="pad", help="the training loader's tail")
     run(parser.parse_args())
 
 
