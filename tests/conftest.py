@@ -43,3 +43,18 @@ def kang_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")
         build_store(BuildConfig(inputs=[str(KANG)], output=str(path), batch_key="sample", labels_key="cell_type"))
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded CellBench file as a store: batch `batch`, labels `cell_line`, 300 Seurat v3 HVGs."""
+    from atlasvi.datasets import CELLBENCH as EMBEDDED
+
+    path = tmp_path_factory.mktemp("stores") / "embedded.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BuildConfig(
+            inputs=[str(EMBEDDED)], output=str(path), batch_key="batch", labels_key="cell_line", n_top_genes=300
+        )
+        build_store(config)
+    return path

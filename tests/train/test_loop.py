@@ -1,27 +1,16 @@
 """The training loop on a real store: KL schedule, exact resume, NaN stop, early stopping."""
 
-import warnings
-
 import pytest
 import torch
 
-from atlasvi.data import BuildConfig, LoaderConfig, StreamingLoader, build_store, open_store, split_rows
-from atlasvi.datasets import CELLBENCH
+from atlasvi.data import LoaderConfig, StreamingLoader, open_store, split_rows
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import TrainConfig, TrainingDiverged, fit, kl_weight
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("train") / "cellbench.zarr"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build_store(
-            BuildConfig(
-                inputs=[str(CELLBENCH)], output=str(path), batch_key="batch", labels_key="cell_line", n_top_genes=300
-            )
-        )
-    return path
+@pytest.fixture
+def store(embedded_store):
+    return embedded_store
 
 
 def _setup(store, seed: int = 0):
