@@ -186,7 +186,7 @@ def fit(
     while progress.epoch < max_epochs:
         epoch, started = progress.epoch, time.perf_counter()
         weight = kl_weight(config, epoch, progress.step)
-        sums, cells, step_losses = torch.zeros(3, dtype=torch.float64), 0, []
+        sums, cells, step_losses = torch.zeros(3, dtype=torch.float64, device=device), 0, []
         for batch in train:
             weight = kl_weight(config, epoch, progress.step)
             with autocast:
@@ -202,17 +202,19 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(module.parameters(), config.gradient_clip_norm)
             optimizer.step()
             progress.step += 1
-            step_losses.append(output.loss.item())
+            # kept on the device: one host sync per epoch, not several per step
+            loss = output.loss.detach()
+            step_losses.append(loss)
             n = len(batch)
-            kl = sum(output.kl_local.values())
-            sums += torch.tensor([output.loss.item() * n, output.reconstruction_loss.sum().item(), kl.sum().item()])
+            kl = sum(output.kl_local.values()).detach()
+            sums += torch.stack([loss * n, output.reconstruction_loss.detach().sum(), kl.sum()]).double()
             cells += n
         seconds = time.perf_counter() - started
         validation_elbo, validation_reconstruction, validation_kl = _evaluate(module, validation, device)
-        train_loss, train_reconstruction, train_kl = (sums / max(cells, 1)).tolist()
+        train_loss, train_reconstruction, train_kl = (sums / max(cells, 1)).cpu().tolist()
         record = EpochRecord(
             epoch, weight, train_loss, train_reconstruction, train_kl, validation_elbo, validation_reconstruction,
-            validation_kl, cells / seconds, seconds, step_losses,
+            validation_kl, cells / seconds, seconds, torch.stack(step_losses).tolist() if step_losses else [],
         )  # fmt: skip
         progress.history.append(record)
         progress.epoch += 1
