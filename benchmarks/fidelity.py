@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
         torch.manual_seed(seed)
         loader_config = LoaderConfig(batch_size=args.batch_size, last_batch=args.last_batch, seed=seed)
         train = StreamingLoader(train_store, loader_config)
-        heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=args.batch_size, last_batch="pad"))
+        heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=args.batch_size))
         module = SCVIModule(train.store.schema)
         config = TrainConfig(max_epochs=args.max_epochs, n_epochs_kl_warmup=args.n_epochs_kl_warmup, seed=seed)
         started = time.perf_counter()
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--last-batch", choices=["pad", "drop"], default="pad", help="the training loader's tail")
+    parser.add_argument("--last-batch", choices=["keep", "pad", "drop"], default="keep", help="the training loader's tail")
     run(parser.parse_args())
 
 

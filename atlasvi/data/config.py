@@ -53,7 +53,8 @@ class LoaderConfig(_Frozen):
 
     block_size: cells per shuffled block (the unit of the epoch permutation and of sequential reads).
     buffer_blocks: blocks read into the shuffle buffer before minibatches are cut from it.
-    last_batch: "drop" drops the epoch's tail that does not fill a batch on every rank;
+    last_batch: "keep" (scvi-tools' behaviour) ends each rank's epoch on a short minibatch, the same
+      size on every rank; "drop" drops the epoch's tail that does not fill a batch on every rank;
       "pad" repeats cells from the start of the epoch so no cell is dropped.
     prefetch: buffers read ahead by background threads.
     backend: "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional
@@ -63,7 +64,7 @@ class LoaderConfig(_Frozen):
     batch_size: int = Field(default=128, gt=0)
     block_size: int = Field(default=16384, gt=0)
     buffer_blocks: int = Field(default=2, gt=0)
-    last_batch: Literal["drop", "pad"] = "drop"
+    last_batch: Literal["keep", "drop", "pad"] = "keep"
     seed: int = 0
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)

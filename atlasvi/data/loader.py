@@ -252,8 +252,9 @@ class StreamingLoader:
     def _batches(self, window: _Window) -> list[Minibatch]:
         size = self.config.batch_size
         batches = []
-        for i in range((len(window.indptr) - 1) // size):
-            a, z = i * size, (i + 1) * size
+        n_rows = len(window.indptr) - 1
+        for i in range(-(-n_rows // size)):  # only the rank's last window can end on a short batch
+            a, z = i * size, min((i + 1) * size, n_rows)
             lo, hi = int(window.indptr[a]), int(window.indptr[z])
             batches.append(
                 Minibatch(

@@ -2,8 +2,13 @@
 
 An epoch's stream is the store's row blocks in the order of `default_rng([seed, epoch]).permutation`.
 Rank r of a world of size W reads stream positions [r * L, (r + 1) * L), where L is the same for
-every rank and a multiple of the batch size, so every rank yields the same number of minibatches
-(DDP hangs otherwise) and ranks never share a cell within an epoch.
+every rank, so every rank yields the same number of minibatches (DDP hangs otherwise) and ranks never
+share a cell within an epoch.
+
+last_batch="keep" (scvi-tools' behaviour): L = floor(n / W); each rank's last minibatch is short
+  (L mod batch_size cells, the same on every rank). The stream's last n mod W cells (fewer than W; none
+  with one rank) are not read this epoch, nor is a last cell that would make a one-cell minibatch
+  (batch normalisation cannot train on one cell).
 
 last_batch="drop": L = floor(n / (W * batch_size)) * batch_size; the stream's last n - W * L cells
   (fewer than W * batch_size, a different random set each epoch) are not read this epoch.
@@ -36,23 +41,28 @@ class BlockSampler:
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
-        if self.last_batch not in ("drop", "pad"):
-            raise ValueError(f"last_batch must be 'drop' or 'pad', not {self.last_batch!r}")
+        if self.last_batch not in ("keep", "drop", "pad"):
+            raise ValueError(f"last_batch must be 'keep', 'drop' or 'pad', not {self.last_batch!r}")
+        if self.rows_per_rank == 0 and self.last_batch == "keep":
+            raise ValueError(f"{self.n_cells} cells are fewer than world_size = {self.world_size}: a rank gets no cell")
         if self.rows_per_rank == 0:
             raise ValueError(
                 f"{self.n_cells} cells are fewer than world_size x batch_size = "
-                f"{self.world_size} x {self.batch_size}: no full batch per rank; use last_batch='pad'"
+                f"{self.world_size} x {self.batch_size}: no full batch per rank; use last_batch='keep' or 'pad'"
             )
 
     @property
     def rows_per_rank(self) -> int:
+        if self.last_batch == "keep":
+            rows = self.n_cells // self.world_size
+            return rows - 1 if rows % self.batch_size == 1 and rows > 1 else rows
         per_step = self.world_size * self.batch_size
         steps = self.n_cells // per_step if self.last_batch == "drop" else -(-self.n_cells // per_step)
         return steps * self.batch_size
 
     @property
     def batches_per_rank(self) -> int:
-        return self.rows_per_rank // self.batch_size
+        return -(-self.rows_per_rank // self.batch_size)
 
     def block_order(self, epoch: int) -> np.ndarray:
         """(n_blocks,) the epoch's permutation of row blocks (the same on every rank)."""

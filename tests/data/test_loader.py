@@ -35,7 +35,8 @@ def test_minibatches_hold_the_store_cells(kang_store):
     adata = ad.read_zarr(kang_store)
     loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
     batches = _epoch(loader)
-    assert len(batches) == len(loader) == 1556 // 64
+    assert len(batches) == len(loader) == 25  # 24 full batches and a short one (last_batch="keep")
+    assert [len(b) for b in batches[-2:]] == [64, 1556 - 24 * 64]
     for batch in batches[:5]:
         rows = batch.rows.numpy()
         np.testing.assert_array_equal(batch.counts().numpy(), adata.X[rows].toarray())
@@ -47,7 +48,7 @@ def test_minibatches_hold_the_store_cells(kang_store):
         )
         assert batch.counts().dtype == torch.float32 and batch.counts().shape == (64, adata.n_vars)
     seen = torch.cat([b.rows for b in batches]).numpy()
-    assert len(np.unique(seen)) == len(seen) == 1556 // 64 * 64
+    assert len(np.unique(seen)) == len(seen) == 1556
     assert loader.epoch == 1 and loader.step == 0
 
 
@@ -61,14 +62,16 @@ def test_batches_mix_batches_and_change_between_epochs(kang_store):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("last_batch", ["drop", "pad"])
+@pytest.mark.parametrize("last_batch", ["keep", "drop", "pad"])
 def test_ranks_read_disjoint_equal_shards(kang_store, world_size, last_batch):
     config = LoaderConfig(**SMALL, last_batch=last_batch)
     loaders = [StreamingLoader(kang_store, config, rank, world_size) for rank in range(world_size)]
     per_rank = [torch.cat([b.rows for b in _epoch(loader)]).numpy() for loader in loaders]
     assert len({len(r) for r in per_rank}) == 1 and len({len(loader) for loader in loaders}) == 1
     seen = np.concatenate(per_rank)
-    if last_batch == "drop":
+    if last_batch == "keep":
+        assert len(np.unique(seen)) == len(seen) == 1556 // world_size * world_size
+    elif last_batch == "drop":
         assert len(np.unique(seen)) == len(seen) > 1556 - world_size * 64
     else:
         assert set(seen.tolist()) == set(range(1556))
@@ -86,7 +89,7 @@ def test_every_backend_yields_the_batches_of_zarr_python(kang_store, backend):
 def test_resume_mid_stream_yields_exactly_the_next_batches(kang_store, stop_after):
     config = LoaderConfig(**SMALL)
     reference = StreamingLoader(kang_store, config)
-    stream = _epoch(reference) + _epoch(reference)  # two epochs, 24 batches each
+    stream = _epoch(reference) + _epoch(reference)  # two epochs, 25 batches each
     interrupted = StreamingLoader(kang_store, config)
     taken = 0
     while taken < stop_after:
@@ -191,7 +194,7 @@ def test_a_process_exits_cleanly_with_read_ahead_in_flight(kang_store):
     )
     done = subprocess.run([sys.executable, "-c", script, str(kang_store)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(1556 // 64 * 64)
+    assert done.stdout.strip() == "1556"
 
 
 def test_a_row_range_reads_only_those_rows(kang_store):
@@ -204,4 +207,4 @@ def test_a_row_range_reads_only_those_rows(kang_store):
     )
     assert set(held_out.tolist()) == set(range(1400, 1556))
     trained = torch.cat([b.rows for b in StreamingLoader(kang_store, LoaderConfig(**SMALL), rows=train)])
-    assert trained.max() < 1400 and len(trained) == 1400 // 64 * 64
+    assert trained.max() < 1400 and len(trained) == 1400

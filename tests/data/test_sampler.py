@@ -58,6 +58,28 @@ def test_pad_covers_every_cell_with_equal_batch_counts(shape):
     assert counts.max() - counts.min() <= 1 + (world_size * batch_size) // n_cells
 
 
+@settings(max_examples=200, deadline=None)
+@given(shapes)
+def test_keep_ends_every_rank_on_the_same_short_batch(shape):
+    n_cells, batch_size, block_size, world_size, epoch = shape
+    if n_cells < world_size:
+        with pytest.raises(ValueError, match="fewer than world_size"):
+            BlockSampler(n_cells, batch_size, block_size, 0, 0, world_size, "keep")
+        return
+    samplers = _world(n_cells, batch_size, block_size, world_size, "keep")
+    ranks = [_rows(s, epoch) for s in samplers]
+    per_rank = samplers[0].rows_per_rank
+    assert {len(r) for r in ranks} == {per_rank}
+    assert samplers[0].batches_per_rank == -(-per_rank // batch_size)
+    assert per_rank % batch_size != 1 or per_rank == 1  # never a one-cell last batch (batch norm)
+    seen = np.concatenate(ranks)
+    assert len(np.unique(seen)) == len(seen)
+    # with one rank every cell is read (but a lone last cell); else fewer than one cell per rank is left
+    assert n_cells - len(seen) <= world_size + (world_size if n_cells // world_size % batch_size == 1 else 0) - 1
+    if world_size == 1:
+        assert n_cells - len(seen) == (1 if n_cells % batch_size == 1 and n_cells > 1 else 0)
+
+
 def test_epochs_are_seeded_permutations_of_blocks():
     a = BlockSampler(10_000, 64, 100, seed=3)
     assert np.array_equal(_rows(a, 0), _rows(BlockSampler(10_000, 64, 100, seed=3), 0))
