@@ -135,7 +135,9 @@ def main() -> None:
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--last-batch", choices=["keep", "pad", "drop"], default="keep", help="the training loader's tail")
+    parser.add_argument(
+        "--last-batch", choices=["keep", "pad", "drop"], default="keep", help="the training loader's tail"
+    )
     run(parser.parse_args())
 
 

@@ -5,73 +5,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from atlasvi.data.build import build_store
+from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
+from atlasvi.cli.train import latent_command, train_command
 from atlasvi.data.config import BuildConfig
-from atlasvi.data.errors import AtlasInputError, StoreError
+from atlasvi.data.errors import StoreError
 from atlasvi.data.store import read_store_attrs
 from atlasvi.datasets import CELLBENCH
 
 app = typer.Typer(help="Train scVI-family models on atlas-scale single-cell data.", no_args_is_help=True)
-console = Console(stderr=True)
-
-EMBEDDED_BUILD = {
-    "inputs": [str(CELLBENCH)],
-    "output": "outputs/cellbench.zarr",
-    "batch_key": "batch",
-    "labels_key": "cell_line",
-    "categorical_covariate_keys": ["technology"],
-    "n_top_genes": 2000,
-    "overwrite": True,
-}
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping; a clear error for a missing file or a non-mapping."""
-    if not path.exists():
-        raise typer.BadParameter(f"{path}: config file does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(content, dict):
-        raise typer.BadParameter(f"{path}: a config is a YAML mapping of field: value")
-    return content
-
-
-def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
-    """Validate the merged sources (later ones override); an unknown field is an error naming it."""
-    merged: dict[str, Any] = {}
-    for _, values in sources:
-        merged |= {k: v for k, v in values.items() if v is not None}
-    try:
-        return model(**merged)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"])
-            if e["type"] == "extra_forbidden":
-                allowed = ", ".join(model.model_fields)
-                problems.append(f"unknown field {field!r} (fields: {allowed})")
-            else:
-                problems.append(f"{field}: {e['msg']}")
-        where = " + ".join(name for name, _ in sources)
-        console.print(f"[red]invalid {model.__name__} ({where}):[/red] " + "; ".join(problems))
-        raise typer.Exit(2) from None
-
-
-class _RichProgress:
-    """Draws one rich bar per build stage from the build's progress callback."""
-
-    def __init__(self, progress: Progress):
-        self.progress, self.tasks = progress, {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done)
+app.command(name="train")(train_command)
+app.command(name="latent")(latent_command)
 
 
 @app.command()
@@ -123,13 +69,7 @@ def build(
     }
     sources.append(("flags", flags))
     build_config = make_config(BuildConfig, sources)
-    columns = [TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    try:
-        with Progress(*columns, TimeRemainingColumn(), console=console, transient=False) as bars:
-            path = build_store(build_config, _RichProgress(bars))
-    except (AtlasInputError, StoreError) as err:
-        console.print(f"[red]build failed, nothing written:[/red] {err}")
-        raise typer.Exit(1) from None
+    path = build_with_progress(build_config)
     _print_summary(path)
 
 

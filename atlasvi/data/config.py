@@ -56,6 +56,7 @@ class LoaderConfig(_Frozen):
     last_batch: "keep" (scvi-tools' behaviour) ends each rank's epoch on a short minibatch, the same
       size on every rank; "drop" drops the epoch's tail that does not fill a batch on every rank;
       "pad" repeats cells from the start of the epoch so no cell is dropped.
+    shuffle: False reads the rows in store order with no shuffling (inference, write-back).
     prefetch: buffers read ahead by background threads.
     backend: "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional
       `zarrs` package) or "tensorstore"; all yield identical batches.
@@ -66,6 +67,7 @@ class LoaderConfig(_Frozen):
     buffer_blocks: int = Field(default=2, gt=0)
     last_batch: Literal["keep", "drop", "pad"] = "keep"
     seed: int = 0
+    shuffle: bool = True
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)
     backend: Literal["zarr", "zarrs", "tensorstore"] = "zarr"

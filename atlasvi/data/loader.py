@@ -165,7 +165,15 @@ class StreamingLoader:
         if not 0 <= start < stop <= store.n_cells:
             raise ValueError(f"rows {start}:{stop} outside the store's {store.n_cells} cells")
         self.sampler = BlockSampler(
-            stop - start, config.batch_size, config.block_size, config.seed, rank, world_size, config.last_batch, start
+            stop - start,
+            config.batch_size,
+            config.block_size,
+            config.seed,
+            rank,
+            world_size,
+            config.last_batch,
+            start,
+            config.shuffle,
         )
         self.window_rows = max(1, config.buffer_blocks * config.block_size // config.batch_size) * config.batch_size
         self.epoch, self.step = 0, 0
@@ -191,6 +199,7 @@ class StreamingLoader:
             "block_size": self.config.block_size,
             "buffer_blocks": self.config.buffer_blocks,
             "last_batch": self.config.last_batch,
+            "shuffle": self.config.shuffle,
             "rank": self.sampler.rank,
             "world_size": self.sampler.world_size,
             "rows": [self.sampler.first_row, self.sampler.first_row + self.sampler.n_cells],
@@ -230,7 +239,9 @@ class StreamingLoader:
             shape=(len(indptr) - 1, self.store.schema.n_genes),
             copy=False,
         )
-        order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(window.shape[0])
+        order = np.arange(window.shape[0])
+        if self.config.shuffle:
+            order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(order)
         window = window[order]
         rows = np.concatenate([np.arange(a, z) for a, z in ranges])[order]
         window = _Window(

@@ -7,8 +7,10 @@ share a cell within an epoch.
 
 last_batch="keep" (scvi-tools' behaviour): L = floor(n / W); each rank's last minibatch is short
   (L mod batch_size cells, the same on every rank). The stream's last n mod W cells (fewer than W; none
-  with one rank) are not read this epoch, nor is a last cell that would make a one-cell minibatch
-  (batch normalisation cannot train on one cell).
+  with one rank) are not read this epoch, nor, when shuffling (training), a last cell that would make a
+  one-cell minibatch (batch normalisation cannot train on one cell).
+
+shuffle=False (inference): the blocks in row order, so one rank reads its rows first to last.
 
 last_batch="drop": L = floor(n / (W * batch_size)) * batch_size; the stream's last n - W * L cells
   (fewer than W * batch_size, a different random set each epoch) are not read this epoch.
@@ -35,8 +37,9 @@ class BlockSampler:
     seed: int
     rank: int = 0
     world_size: int = 1
-    last_batch: str = "drop"
+    last_batch: str = "keep"
     first_row: int = 0
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -55,7 +58,7 @@ class BlockSampler:
     def rows_per_rank(self) -> int:
         if self.last_batch == "keep":
             rows = self.n_cells // self.world_size
-            return rows - 1 if rows % self.batch_size == 1 and rows > 1 else rows
+            return rows - 1 if self.shuffle and rows % self.batch_size == 1 and rows > 1 else rows
         per_step = self.world_size * self.batch_size
         steps = self.n_cells // per_step if self.last_batch == "drop" else -(-self.n_cells // per_step)
         return steps * self.batch_size
@@ -67,6 +70,8 @@ class BlockSampler:
     def block_order(self, epoch: int) -> np.ndarray:
         """(n_blocks,) the epoch's permutation of row blocks (the same on every rank)."""
         n_blocks = -(-self.n_cells // self.block_size)
+        if not self.shuffle:
+            return np.arange(n_blocks)
         return np.random.default_rng([self.seed, epoch]).permutation(n_blocks)
 
     def rank_ranges(self, epoch: int) -> list[tuple[int, int]]:

@@ -32,9 +32,15 @@ def _log_nb_zero(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """log NB(x; mu, theta), elementwise (broadcast), in x's floating dtype."""
+    """log NB(x; mu, theta), elementwise (broadcast), in x's floating dtype.
+
+    The log-gamma ratio is exactly 0 where x = 0, so it is evaluated at the non-zero counts only (the
+    same values and gradients as everywhere, at a fraction of the cost on sparse counts).
+    """
     value = _log_nb_zero(mu, theta) + x * (_log_mu(mu) - torch.log(theta + mu))
-    return (value.double() + _lgamma_ratio(x, theta)).to(value.dtype)
+    nonzero = x.expand_as(value) != 0
+    ratio = _lgamma_ratio(x.expand_as(value)[nonzero], theta.expand_as(value)[nonzero])
+    return value.masked_scatter(nonzero, (value[nonzero].double() + ratio).to(value.dtype))
 
 
 def log_zinb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ exactly (on CPU the per-step losses after a resume are those of the uninterrupte
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -43,7 +43,7 @@ class TrainConfig(BaseModel):
     min_kl_weight: float = Field(default=0.0, ge=0)
     max_kl_weight: float = Field(default=1.0, ge=0)
     gradient_clip_norm: float | None = Field(default=None, gt=0)
-    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)
     early_stopping: bool = False
     early_stopping_patience: int = Field(default=45, gt=0)
     early_stopping_min_delta: float = Field(default=0.0, ge=0)
@@ -110,7 +110,7 @@ def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Opti
     return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
 
 
-def _evaluate(module: Trainable, loader: StreamingLoader, device: torch.device) -> tuple[float, float, float]:
+def evaluate(module: Trainable, loader: Iterable[Minibatch], device: torch.device) -> tuple[float, float, float]:
     """Mean -ELBO, reconstruction and KL per held-out cell at KL weight 1 (each cell counted once)."""
     module.eval()
     totals = torch.zeros(3, dtype=torch.float64)
@@ -210,7 +210,7 @@ def fit(
             sums += torch.stack([loss * n, output.reconstruction_loss.detach().sum(), kl.sum()]).double()
             cells += n
         seconds = time.perf_counter() - started
-        validation_elbo, validation_reconstruction, validation_kl = _evaluate(module, validation, device)
+        validation_elbo, validation_reconstruction, validation_kl = evaluate(module, validation, device)
         train_loss, train_reconstruction, train_kl = (sums / max(cells, 1)).cpu().tolist()
         record = EpochRecord(
             epoch, weight, train_loss, train_reconstruction, train_kl, validation_elbo, validation_reconstruction,

@@ -208,3 +208,11 @@ def test_a_row_range_reads_only_those_rows(kang_store):
     assert set(held_out.tolist()) == set(range(1400, 1556))
     trained = torch.cat([b.rows for b in StreamingLoader(kang_store, LoaderConfig(**SMALL), rows=train)])
     assert trained.max() < 1400 and len(trained) == 1400
+
+
+def test_unshuffled_reads_every_row_in_store_order(kang_store):
+    config = LoaderConfig(**SMALL, shuffle=False)
+    rows = torch.cat([b.rows for b in StreamingLoader(kang_store, config, rows=(100, 1500))])
+    assert torch.equal(rows, torch.arange(100, 1500))  # 1400 = 21 x 64 + 56: the short batch is kept
+    first, second = (torch.cat([b.rows for b in StreamingLoader(kang_store, config, 1, 2)]) for _ in range(2))
+    assert torch.equal(first, second) and torch.equal(first, torch.arange(778, 1556))

@@ -85,11 +85,11 @@ def test_early_stopping_on_validation_elbo(store):
 def test_held_out_figures_count_each_cell_once_under_padding(store):
     """141 held-out cells in padded batches of 128 (115 repeats, some within one batch): the KL (exact
     in eval mode) must be the mean over the 141 distinct cells."""
-    from atlasvi.train.loop import _evaluate
+    from atlasvi.train import evaluate
 
     module, train, validation = _setup(store)
     fit(module, train, validation, TrainConfig(max_epochs=2))
-    _, _, kl = _evaluate(module, validation, torch.device("cpu"))
+    _, _, kl = evaluate(module, validation, torch.device("cpu"))
     module.eval()
     with torch.no_grad():
         unpadded = StreamingLoader(validation.store, LoaderConfig(batch_size=141), rows=(1267, 1408))

@@ -115,6 +115,12 @@ class SCVIModule(nn.Module):
         else:
             self.px_r = None
 
+    @property
+    def used_keys(self) -> tuple[str, ...]:
+        """The categorical obs keys whose codes the module reads (batch, covariates, labels if used)."""
+        uses_labels = self.config.dispersion == "gene-label"
+        return (self.batch_key, *self.categorical_keys, *((self.labels_key,) if uses_labels else ()))
+
     def unpack(self, batch: Minibatch) -> ScviInputs:
         """The module's inputs from a loader minibatch (counts densified on the batch's device)."""
         continuous = (

@@ -1,0 +1,217 @@
+"""`SCVI`: scVI on an atlas store, as scvi-tools users know it (fit, get_latent_representation, ...).
+
+Posterior quantities stream over the store (one minibatch in memory); the `write_*` methods put them
+back into the store chunk by chunk (`obsm["X_scvi"]`, `layers[...]`), atomically.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atlasvi.analysis import elbo, latent_representation, minibatches, normalized_expression
+from atlasvi.data import LoaderConfig, Minibatch, open_store, split_rows
+from atlasvi.data.store import AtlasStore, StoreSchema
+from atlasvi.data.writeback import ObsArrayWriter
+from atlasvi.models.saving import check_compatible, load_model, save_model, saved_schema
+from atlasvi.models.scvi import SCVIConfig, SCVIModule
+from atlasvi.train import EpochRecord, TrainConfig, fit
+from atlasvi.train.job import make_loaders, resolve_device
+
+METHOD = "SCVI"
+
+
+class SCVI:
+    """scVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
+
+    registry: the model's genes and categories when they are not the store's own (set by `load`).
+    """
+
+    def __init__(
+        self,
+        store: AtlasStore | str | Path,
+        config: SCVIConfig | None = None,
+        device: str = "auto",
+        registry: StoreSchema | None = None,
+    ):
+        self.store = store if isinstance(store, AtlasStore) else open_store(store)
+        self.schema = registry or self.store.schema
+        self.config = config or SCVIConfig()
+        self.device = resolve_device(device)
+        self.module = SCVIModule(self.schema, self.config).to(self.device)
+        self.code_maps = check_compatible(self.schema, self.store.schema, self.module.used_keys, str(self.store.path))
+        self.train_config: TrainConfig | None = None
+        self.history: list[EpochRecord] = []
+
+    def fit(
+        self,
+        train: TrainConfig | None = None,
+        loader: LoaderConfig | None = None,
+        checkpoint_dir: Path | None = None,
+        on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    ) -> list[EpochRecord]:
+        """Train on the store's training rows, evaluating on its held-out rows; returns the epoch records.
+
+        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`).
+        """
+        self.train_config = train or TrainConfig()
+        train_loader, validation_loader = make_loaders(
+            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction
+        )
+        with train_loader, validation_loader:
+            self.history = fit(
+                self.module, train_loader, validation_loader, self.train_config, checkpoint_dir, on_epoch_end
+            )
+        return self.history
+
+    @property
+    def validation_rows(self) -> tuple[int, int]:
+        """The held-out rows [start, stop) of the training store (the default of get_elbo)."""
+        return split_rows(self.store.n_cells, (self.train_config or TrainConfig()).validation_fraction)[1]
+
+    def _batches(
+        self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
+    ) -> Iterator[Minibatch]:
+        if store is None:
+            return minibatches(self.store, rows, batch_size, self.code_maps)
+        opened = store if isinstance(store, AtlasStore) else open_store(store)
+        code_maps = check_compatible(self.schema, opened.schema, self.module.used_keys, str(opened.path))
+        return minibatches(opened, rows, batch_size, code_maps)
+
+    def _store_path(self, store: AtlasStore | str | Path | None) -> Path:
+        opened = self.store if store is None else store
+        return Path(opened.path) if isinstance(opened, AtlasStore) else Path(opened)
+
+    def get_latent_representation(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        rows: tuple[int, int] | None = None,
+        give_mean: bool = True,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """(n_rows, n_latent) posterior means of z (or one draw) for the store's rows in order."""
+        generator = torch.Generator().manual_seed(seed)
+        parts = latent_representation(self.module, self._batches(store, rows, batch_size), give_mean, generator)
+        return _stack(parts, self.config.n_latent)
+
+    def write_latent_representation(
+        self, store: AtlasStore | str | Path | None = None, key: str = "X_scvi", batch_size: int = 1024
+    ) -> Path:
+        """Write the posterior means into obsm[key] of a local store, chunk by chunk; returns the array's path."""
+        parts = latent_representation(self.module, self._batches(store, None, batch_size))
+        return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent)
+
+    def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        lookup = {g: i for i, g in enumerate(self.schema.gene_names)} | {
+            g: i for i, g in enumerate(self.schema.gene_ids)
+        }
+        missing = [g for g in gene_list if g not in lookup]
+        if missing:
+            raise KeyError(f"genes not in the model: {missing[:5]}")
+        return np.array([lookup[g] for g in gene_list])
+
+    def _batch_code(self, transform_batch: str | None) -> int | None:
+        if transform_batch is None:
+            return None
+        categories = self.schema.batch_categories
+        if transform_batch not in categories:
+            raise KeyError(f"transform_batch {transform_batch!r} is not a {self.schema.batch_key}: {categories}")
+        return categories.index(transform_batch)
+
+    def get_normalized_expression(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        rows: tuple[int, int] | None = None,
+        transform_batch: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """(n_rows, n_genes) library-size normalized expression (px_scale x library_size), rows in order.
+
+        transform_batch: a batch category to decode every cell as; gene_list: names or ids to keep.
+        """
+        genes = self._gene_indices(gene_list)
+        parts = normalized_expression(
+            self.module, self._batches(store, rows, batch_size), self._batch_code(transform_batch), library_size,
+            n_samples, genes, torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        return _stack(parts, self.schema.n_genes if genes is None else len(genes))
+
+    def write_normalized_expression(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        layer: str = "scvi_normalized",
+        transform_batch: str | None = None,
+        library_size: float = 1e4,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> Path:
+        """Write normalized expression of every cell and gene into layers[layer], chunk by chunk."""
+        parts = normalized_expression(
+            self.module, self._batches(store, None, batch_size), self._batch_code(transform_batch), library_size,
+            n_samples, None, torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
+
+    def get_elbo(
+        self, store: AtlasStore | str | Path | None = None, rows: tuple[int, int] | None = None, batch_size: int = 1024
+    ) -> float:
+        """-ELBO per cell (nats, KL weight 1) on the held-out rows of the training store, or on `rows` / `store`."""
+        if store is None and rows is None:
+            rows = self.validation_rows
+        return elbo(self.module, self._batches(store, rows, batch_size))[0]
+
+    def get_reconstruction_error(
+        self, store: AtlasStore | str | Path | None = None, rows: tuple[int, int] | None = None, batch_size: int = 1024
+    ) -> float:
+        """-log p(x | z, library) per cell (nats) on the held-out rows, or on `rows` / `store`."""
+        if store is None and rows is None:
+            rows = self.validation_rows
+        return elbo(self.module, self._batches(store, rows, batch_size))[1]
+
+    def save(self, directory: str | Path) -> Path:
+        """Weights (model.pt) and model.json (config, registry of genes and categories, training config)."""
+        config = {"model": self.config.model_dump(), "store": str(self.store.path)}
+        if self.train_config is not None:
+            config["train"] = self.train_config.model_dump()
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return save_model(Path(directory), METHOD, config, self.schema, state)
+
+    @staticmethod
+    def saved_store(directory: str | Path) -> str:
+        """The store a saved model was trained on."""
+        meta, _ = load_model(Path(directory), METHOD)
+        return meta["config"]["store"]
+
+    @classmethod
+    def load(cls, directory: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> "SCVI":
+        """A saved model on `store`; a store with other genes, a missing key or unseen categories is refused."""
+        meta, state = load_model(Path(directory), METHOD)
+        opened = store if isinstance(store, AtlasStore) else open_store(store)
+        schema = saved_schema(meta, opened.n_cells)
+        config = SCVIConfig(**meta["config"]["model"])
+        model = cls(opened, config, device, registry=schema)
+        model.module.load_state_dict(state)
+        if "train" in meta["config"]:
+            model.train_config = TrainConfig(**meta["config"]["train"])
+        return model
+
+
+def _stack(parts: Iterator[tuple[np.ndarray, np.ndarray]], width: int) -> np.ndarray:
+    chunks = [values for _, values in parts]
+    return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
+
+
+def _write(parts: Iterator[tuple[np.ndarray, np.ndarray]], path: Path, group: str, key: str, width: int) -> Path:
+    with ObsArrayWriter(path, group, key, width) as writer:
+        for _, values in parts:
+            writer.write(values)
+        return writer.commit()

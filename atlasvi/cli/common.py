@@ -1,0 +1,95 @@
+"""Helpers every command shares: the console, YAML configs validated by pydantic, the embedded store."""
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from atlasvi.data.build import build_store
+from atlasvi.data.config import BuildConfig
+from atlasvi.data.errors import AtlasInputError, StoreError
+from atlasvi.datasets import CELLBENCH
+
+console = Console(stderr=True)
+
+EMBEDDED_BUILD = {
+    "inputs": [str(CELLBENCH)],
+    "output": "outputs/cellbench.zarr",
+    "batch_key": "batch",
+    "labels_key": "cell_line",
+    "categorical_covariate_keys": ["technology"],
+    "n_top_genes": 2000,
+    "overwrite": True,
+}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping; a clear error for a missing file or a non-mapping."""
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: config file does not exist")
+    content = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(content, dict):
+        raise typer.BadParameter(f"{path}: a config is a YAML mapping of field: value")
+    return content
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge; None in `override` means "not given"."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is not None and value != {}:
+            merged[key] = value
+    return merged
+
+
+def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
+    """Validate the merged sources (later ones override); an unknown field is an error naming it."""
+    merged: dict[str, Any] = {}
+    for _, values in sources:
+        merged = _merge(merged, values)
+    try:
+        return model(**merged)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                owner = model
+                for part in e["loc"][:-1]:
+                    owner = owner.model_fields[part].annotation
+                allowed = ", ".join(owner.model_fields)
+                problems.append(f"unknown field {field!r} (fields: {allowed})")
+            else:
+                problems.append(f"{field}: {e['msg']}")
+        where = " + ".join(name for name, _ in sources)
+        console.print(f"[red]invalid {model.__name__} ({where}):[/red] " + "; ".join(problems))
+        raise typer.Exit(2) from None
+
+
+class _RichProgress:
+    """Draws one rich bar per build stage from the build's progress callback."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done)
+
+
+def build_with_progress(config: BuildConfig) -> Path:
+    """build_store with rich bars per stage; a failed build prints why and exits 1 (nothing is written)."""
+    columns = [TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, TimeRemainingColumn(), console=console, transient=False) as bars:
+            return build_store(config, _RichProgress(bars))
+    except (AtlasInputError, StoreError) as err:
+        console.print(f"[red]build failed, nothing written:[/red] {err}")
+        raise typer.Exit(1) from None

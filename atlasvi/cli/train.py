@@ -1,0 +1,215 @@
+"""`atlasvi train` and `atlasvi latent`: the main job and writing a saved model's results into a store."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from atlasvi.analysis.plots import loss_curves_png, umap_png
+from atlasvi.api import SCVI
+from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
+from atlasvi.data import BuildConfig, StoreError, open_store
+from atlasvi.data.store import AtlasStore, is_url
+from atlasvi.models.saving import IncompatibleStoreError
+from atlasvi.tracking import LOCAL_FOLDER, MlflowRun, local_tracking_uri
+from atlasvi.train import EpochRecord, TrainingDiverged
+from atlasvi.train.job import TrainJobConfig
+
+RUN_RECORD = "run.json"
+
+
+def _tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the local SQLite store in the working folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
+
+
+def _open(path: str) -> AtlasStore:
+    try:
+        return open_store(path)
+    except StoreError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+
+
+def _embedded_store() -> str:
+    """The embedded CellBench store, built on first use."""
+    path = Path(EMBEDDED_BUILD["output"])
+    if not (path / "zarr.json").exists():
+        console.print("no store given: building the embedded CellBench store first")
+        build_with_progress(BuildConfig(**EMBEDDED_BUILD))
+    return str(path)
+
+
+def _umap(model: SCVI, store: AtlasStore, n_cells: int, path: Path) -> Path | None:
+    """UMAP of the first n_cells rows (a random sample: a store's rows are shuffled at build)."""
+    n = min(n_cells, store.n_cells)
+    if n < 20:
+        return None
+    latent = model.get_latent_representation(rows=(0, n))
+    codes = store.read_rows(0, n).categorical
+    keys = [k for k in (store.schema.batch_key, store.schema.labels_key) if k]
+    names = {k: [store.schema.categorical[k][c] for c in codes[k]] for k in keys}
+    return umap_png(latent, names, path)
+
+
+def train_command(
+    config: Annotated[
+        Path | None, typer.Option(help="YAML of TrainJobConfig (store, model, train, loader, ...)")
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="atlas store path or URL (default: the embedded one)")] = None,
+    output: Annotated[str | None, typer.Option(help="folder for the model, checkpoints and figures")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
+    n_latent: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
+    n_layers: Annotated[int | None, typer.Option(help="hidden layers of encoder and decoder")] = None,
+    n_hidden: Annotated[int | None, typer.Option(help="units per hidden layer")] = None,
+    gene_likelihood: Annotated[str | None, typer.Option(help="zinb, nb or poisson")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="cells per minibatch")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of initialisation and shuffling")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: the output folder's name)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="start afresh instead of resuming OUTPUT's checkpoint")] = False,
+) -> None:
+    """Train scVI on a store; save the model, write the latent back, leave an MLflow run with its plots."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if config is not None:
+        sources.append((str(config), load_yaml(config)))
+    flags = {
+        "store": store,
+        "output": output,
+        "device": device,
+        "experiment": experiment,
+        "run_name": run_name,
+        "model": {"n_latent": n_latent, "n_layers": n_layers, "n_hidden": n_hidden, "gene_likelihood": gene_likelihood},
+        "train": {"max_epochs": max_epochs, "lr": lr, "seed": seed},
+        "loader": {"batch_size": batch_size, "seed": seed},
+    }
+    sources.append(("flags", flags))
+    job = make_config(TrainJobConfig, sources)
+    opened = _open(job.store or _embedded_store())
+    out = Path(job.output)
+    checkpoints, record_path = out / "checkpoints", out / RUN_RECORD
+    if overwrite:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        record_path.unlink(missing_ok=True)
+    previous = json.loads(record_path.read_text()) if record_path.exists() else {}
+    uri = _tracking_uri()
+    resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
+    tracker = MlflowRun(uri, job.experiment, job.run_name or out.name, run_id=resume_id, tags={"method": "SCVI"})
+    out.mkdir(parents=True, exist_ok=True)
+    partial = record_path.with_suffix(".partial")
+    partial.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri}))
+    os.replace(partial, record_path)
+    tracker.log_params(
+        job.model_dump(mode="json")
+        | {"store": opened.path, "n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
+    )
+    logged = set(tracker.logged_epochs())
+    model = SCVI(opened, job.model, job.device)
+    n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
+    if (checkpoints / "last.pt").exists():
+        console.print(f"resuming from {checkpoints / 'last.pt'} (MLflow run {tracker.run_id})")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, TimeRemainingColumn(), console=console) as bars:
+        task = bars.add_task("training scVI", total=n_epochs)
+
+        def on_epoch_end(record: EpochRecord) -> None:
+            if record.epoch not in logged:  # a resumed run recomputes, never re-logs, an epoch
+                tracker.log_epoch(record)
+            bars.update(
+                task,
+                completed=record.epoch + 1,
+                description=f"training scVI  held-out -ELBO {record.validation_elbo:9.1f}"
+                f"  {record.cells_per_second:8.0f} cells/s",
+            )
+
+        try:
+            history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
+        except TrainingDiverged as err:
+            tracker.set_tags({"error": str(err)[:5000]})
+            tracker.finish(failed=True)
+            console.print(f"[red]training stopped:[/red] {err}")
+            raise typer.Exit(1) from None
+        except BaseException:
+            tracker.finish(failed=True)
+            raise
+    _finish(job, model, opened, history, tracker, out)
+
+
+def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, out: Path):
+    """Save the model, write the latent back, draw the figures, log them; print where everything is."""
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    model_dir = model.save(out / "model")
+    config_yaml = out / "config.yaml"
+    config_yaml.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    tracker.log_artifact(config_yaml)
+    tracker.log_artifact(loss_curves_png(history, figures / "loss_curves.png"), "figures")
+    with console.status("latent UMAP"):
+        umap = _umap(model, store, job.umap_cells, figures / "latent_umap.png")
+    if umap is not None:
+        tracker.log_artifact(umap, "figures")
+    tracker.log_artifact(model_dir, "model")
+    written = None
+    if job.latent_key and not is_url(store.path):
+        with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
+            written = model.write_latent_representation(key=job.latent_key)
+    last = history[-1]
+    seconds = sum(r.seconds for r in history)
+    final = {
+        "final_validation_elbo": last.validation_elbo,
+        "final_validation_reconstruction": last.validation_reconstruction,
+        "final_validation_kl": last.validation_kl,
+        "train_seconds": seconds,
+        "train_cells_per_second": sum(r.cells_per_second * r.seconds for r in history) / max(seconds, 1e-9),
+        "epochs": len(history),
+    }
+    tracker.log_metrics(final, step=last.epoch)
+    tracker.finish()
+    table = Table(title="scVI trained", show_header=False)
+    table.add_row("epochs", f"{len(history)} ({seconds:.1f} s, {final['train_cells_per_second']:.0f} cells/s)")
+    table.add_row("held-out -ELBO", f"{last.validation_elbo:.2f} nats per cell")
+    table.add_row("model", str(model_dir))
+    table.add_row("latent", f"{written} (obsm['{job.latent_key}'])" if written else "not written (URL store)")
+    table.add_row("figures", str(figures))
+    table.add_row("MLflow run", f"{tracker.run_id} in experiment {job.experiment!r} at {tracker.tracking_uri}")
+    Console().print(table)
+    if tracker.tracking_uri.startswith("sqlite:///"):
+        Console().print(f"open the MLflow UI: mlflow ui --backend-store-uri sqlite:///{LOCAL_FOLDER}/mlflow.db")
+
+
+def latent_command(
+    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
+    store: Annotated[str | None, typer.Option(help="store to annotate (default: the model's training store)")] = None,
+    key: Annotated[str, typer.Option(help="obsm key of the latent")] = "X_scvi",
+    normalized_layer: Annotated[str | None, typer.Option(help="also write normalized expression here")] = None,
+    library_size: Annotated[float, typer.Option(help="normalized expression per this many counts")] = 1e4,
+    transform_batch: Annotated[str | None, typer.Option(help="decode every cell as this batch")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
+    target = store or SCVI.saved_store(model)
+    try:
+        scvi = SCVI.load(model, _open(target), device)
+    except (IncompatibleStoreError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):
+        written = [scvi.write_latent_representation(key=key)]
+        if normalized_layer:
+            written.append(
+                scvi.write_normalized_expression(
+                    layer=normalized_layer, library_size=library_size, transform_batch=transform_batch
+                )
+            )
+    for path in written:
+        Console().print(f"wrote {path}")

@@ -1,0 +1,106 @@
+"""MLflow: the record of every run (the only package that imports mlflow). Used on rank 0 alone.
+
+The embedded default is a SQLite store in the working folder, `mlruns/mlflow.db`, with artifacts in
+`mlruns/artifacts/`: MLflow 3 refuses its old file store, and SQLite needs no server and is one file a
+person can copy. A tracking URI (`MLFLOW_TRACKING_URI`, read by the CLI) points everything at a server.
+`MlflowRun` uses an explicit client and run id (no global active run), so a restarted or distributed
+run logs into the same MLflow run by passing its id back.
+"""
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from atlasvi.train import EpochRecord
+
+LOCAL_FOLDER = "mlruns"
+
+
+def local_tracking_uri(workdir: Path) -> str:
+    """The embedded default: SQLite at <workdir>/mlruns/mlflow.db."""
+    folder = (workdir / LOCAL_FOLDER).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"model": {"n_latent": 10}} -> {"model.n_latent": "10"} (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class MlflowRun:
+    """One MLflow run: params, per-epoch metrics, artifacts. Resumes the run `run_id` when given."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ):
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            location = None
+            if tracking_uri.startswith("sqlite:///"):
+                location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        if run_id is not None:
+            self.run_id = self.client.get_run(run_id).info.run_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        else:
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested params flattened to dotted names; already-logged identical params are skipped."""
+        logged = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v[:6000]) for k, v in flatten(params).items() if logged.get(k) != v[:6000]]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        stamp = mlflow.utils.time.get_current_time_millis()
+        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_epoch(self, record: EpochRecord) -> None:
+        """Every figure of the epoch record (not the step losses) at step = epoch."""
+        figures = {k: v for k, v in asdict(record).items() if k not in ("epoch", "step_losses")}
+        self.log_metrics(figures, step=record.epoch)
+
+    def logged_epochs(self, metric: str = "validation_elbo") -> list[int]:
+        """Epochs already logged (a resumed run continues after them)."""
+        return [m.step for m in self.client.get_metric_history(self.run_id, metric)]
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files, under the run's artifacts."""
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, failed: bool = False) -> None:
+        status = RunStatus.FAILED if failed else RunStatus.FINISHED
+        self.client.set_terminated(self.run_id, RunStatus.to_string(status))

@@ -1,0 +1,61 @@
+"""A training job's configuration and the pieces every runner shares (plain process, Ray worker, API).
+
+`TrainJobConfig` is what `atlasvi train` reads from YAML: the store, the model, the optimisation, the
+loader and where outputs go; every field has a default that serves (the embedded dataset, scVI with
+scvi-tools' defaults).
+"""
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
+from atlasvi.data.store import AtlasStore
+from atlasvi.models.scvi import SCVIConfig
+from atlasvi.train.loop import TrainConfig
+
+
+class TrainJobConfig(BaseModel):
+    """`atlasvi train`. store None: the embedded CellBench store (built on first use).
+
+    output: folder of the saved model and checkpoints; latent_key: obsm key the latent is written back
+    to (None: not written); umap_cells: cells in the UMAP figure (the store's first rows, a random sample).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str | None = None
+    model: SCVIConfig = SCVIConfig()
+    train: TrainConfig = TrainConfig()
+    loader: LoaderConfig = LoaderConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: str = "outputs/scvi"
+    latent_key: str | None = "X_scvi"
+    experiment: str = "atlasvi"
+    run_name: str | None = None
+    umap_cells: int = Field(default=20000, ge=0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto": CUDA where available, else CPU; "cuda" without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_loaders(
+    store: AtlasStore, loader: LoaderConfig, validation_fraction: float, rank: int = 0, world_size: int = 1
+) -> tuple[StreamingLoader, StreamingLoader]:
+    """(train, validation) loaders of one rank on the seeded split of the store's rows (see `split_rows`).
+
+    The validation loader reads its rows in order (no shuffling), with the training batch size.
+    """
+    train_rows, validation_rows = split_rows(store.n_cells, validation_fraction)
+    if validation_rows[0] == validation_rows[1]:
+        raise ValueError("validation_fraction leaves no held-out cell; the loop evaluates on held-out cells")
+    train = StreamingLoader(store, loader, rank, world_size, rows=train_rows)
+    held_out = loader.model_copy(update={"shuffle": False})
+    return train, StreamingLoader(store, held_out, rank, world_size, rows=validation_rows)
