@@ -41,9 +41,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Nested merge; None in `override` means "not given"."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        elif value is not None and value != {}:
+        if isinstance(value, dict):
+            nested = _merge(merged.get(key) if isinstance(merged.get(key), dict) else {}, value)
+            if nested:
+                merged[key] = nested
+        elif value is not None:
             merged[key] = value
     return merged
 

@@ -67,6 +67,7 @@ def train_command(
     store: Annotated[str | None, typer.Option(help="atlas store path or URL (default: the embedded one)")] = None,
     output: Annotated[str | None, typer.Option(help="folder for the model, checkpoints and figures")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
+    n_epochs_kl_warmup: Annotated[int | None, typer.Option(help="epochs of linear KL warm-up")] = None,
     n_latent: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
     n_layers: Annotated[int | None, typer.Option(help="hidden layers of encoder and decoder")] = None,
     n_hidden: Annotated[int | None, typer.Option(help="units per hidden layer")] = None,
@@ -90,7 +91,7 @@ def train_command(
         "experiment": experiment,
         "run_name": run_name,
         "model": {"n_latent": n_latent, "n_layers": n_layers, "n_hidden": n_hidden, "gene_likelihood": gene_likelihood},
-        "train": {"max_epochs": max_epochs, "lr": lr, "seed": seed},
+        "train": {"max_epochs": max_epochs, "n_epochs_kl_warmup": n_epochs_kl_warmup, "lr": lr, "seed": seed},
         "loader": {"batch_size": batch_size, "seed": seed},
     }
     sources.append(("flags", flags))
@@ -102,21 +103,31 @@ def train_command(
         shutil.rmtree(checkpoints, ignore_errors=True)
         record_path.unlink(missing_ok=True)
     previous = json.loads(record_path.read_text()) if record_path.exists() else {}
+    resuming = (checkpoints / "last.pt").exists()
+    for section in ("model", "loader"):
+        before = previous.get("job", {}).get(section)
+        if resuming and before is not None and before != job.model_dump(mode="json")[section]:
+            console.print(
+                f"[red]{checkpoints / 'last.pt'} was trained with another {section} config[/red]; "
+                "resume with the same one, or pass --overwrite (or another --output) to start afresh"
+            )
+            raise typer.Exit(2)
     uri = _tracking_uri()
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     tracker = MlflowRun(uri, job.experiment, job.run_name or out.name, run_id=resume_id, tags={"method": "SCVI"})
     out.mkdir(parents=True, exist_ok=True)
     partial = record_path.with_suffix(".partial")
-    partial.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri}))
+    record = {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "job": job.model_dump(mode="json")}
+    partial.write_text(json.dumps(record, indent=1))
     os.replace(partial, record_path)
-    tracker.log_params(
-        job.model_dump(mode="json")
-        | {"store": opened.path, "n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
-    )
+    shape = {"n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
+    changed = tracker.log_params(job.model_dump(mode="json") | {"store": opened.path} | shape)
+    if changed:
+        console.print(f"resumed with changed settings (kept as MLflow tags): {changed}")
     logged = set(tracker.logged_epochs())
     model = SCVI(opened, job.model, job.device)
     n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
-    if (checkpoints / "last.pt").exists():
+    if resuming:
         console.print(f"resuming from {checkpoints / 'last.pt'} (MLflow run {tracker.run_id})")
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, TimeRemainingColumn(), console=console) as bars:
@@ -197,9 +208,8 @@ def latent_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
-    target = store or SCVI.saved_store(model)
     try:
-        scvi = SCVI.load(model, _open(target), device)
+        scvi = SCVI.load(model, _open(store or SCVI.saved_store(model)), device)
     except (IncompatibleStoreError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None

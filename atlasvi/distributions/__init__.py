@@ -31,25 +31,44 @@ def _log_nb_zero(mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return -theta * torch.log1p(mu / theta)
 
 
+def _nonzero_index(x: torch.Tensor) -> torch.Tensor:
+    """Flat indices of x's non-zero entries."""
+    return x.reshape(-1).nonzero().squeeze(1)
+
+
+def _put(dense: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`dense` (in values' dtype) with `values` at the flat `index`."""
+    return dense.to(values.dtype).reshape(-1).index_put((index,), values).view(dense.shape)
+
+
+def _log_nb_nonzero(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """log NB(x; mu, theta), elementwise (same shapes), the log-gamma ratio in float64."""
+    value = _log_nb_zero(mu, theta) + x * (_log_mu(mu) - torch.log(theta + mu))
+    return (value.double() + _lgamma_ratio(x, theta)).to(value.dtype)
+
+
 def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """log NB(x; mu, theta), elementwise (broadcast), in x's floating dtype.
 
-    The log-gamma ratio is exactly 0 where x = 0, so it is evaluated at the non-zero counts only (the
-    same values and gradients as everywhere, at a fraction of the cost on sparse counts).
+    Where x = 0 the x terms and the log-gamma ratio are exactly 0, so they are evaluated at the non-zero
+    counts only (a fraction of the cost on sparse counts, the same values).
     """
-    value = _log_nb_zero(mu, theta) + x * (_log_mu(mu) - torch.log(theta + mu))
-    nonzero = x.expand_as(value) != 0
-    ratio = _lgamma_ratio(x.expand_as(value)[nonzero], theta.expand_as(value)[nonzero])
-    return value.masked_scatter(nonzero, (value[nonzero].double() + ratio).to(value.dtype))
+    x, mu, theta = torch.broadcast_tensors(x, mu, theta)
+    index = _nonzero_index(x)
+    nonzero = _log_nb_nonzero(*(torch.take(t, index) for t in (x, mu, theta)))
+    return _put(_log_nb_zero(mu, theta), index, nonzero)
 
 
 def log_zinb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor) -> torch.Tensor:
-    """log ZINB(x; mu, theta, pi = sigmoid(zi_logits)), elementwise (broadcast)."""
+    """log ZINB(x; mu, theta, pi = sigmoid(zi_logits)), elementwise (broadcast); x > 0 terms at x > 0 only."""
+    x, mu, theta, zi_logits = torch.broadcast_tensors(x, mu, theta, zi_logits)
     # x = 0: log(pi + (1 - pi) NB(0)) = softplus(-logits + log NB(0)) - softplus(-logits)
-    zero = F.softplus(-zi_logits + _log_nb_zero(mu, theta)) - F.softplus(-zi_logits)
+    negative_logits = -zi_logits
+    zero = F.softplus(negative_logits + _log_nb_zero(mu, theta)) - F.softplus(negative_logits)
     # x > 0: log(1 - pi) + log NB(x) = -softplus(logits) + log NB(x)
-    positive = -F.softplus(zi_logits) + log_nb_positive(x, mu, theta)
-    return torch.where(x == 0, zero, positive)
+    index = _nonzero_index(x)
+    x, mu, theta, zi_logits = (torch.take(t, index) for t in (x, mu, theta, zi_logits))
+    return _put(zero, index, -F.softplus(zi_logits) + _log_nb_nonzero(x, mu, theta))
 
 
 class NegativeBinomial(Distribution):

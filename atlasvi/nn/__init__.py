@@ -99,7 +99,7 @@ class Encoder(nn.Module):
         hidden = self.encoder(x, *codes)
         mean = self.mean_encoder(hidden)
         var = torch.exp(self.var_encoder(hidden)) + self.var_eps
-        distribution = Normal(mean, var.sqrt())
+        distribution = Normal(mean, var.sqrt(), validate_args=False)  # exp(.) + var_eps > 0: no argument check
         return distribution, distribution.rsample()
 
 

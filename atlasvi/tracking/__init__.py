@@ -69,12 +69,17 @@ class MlflowRun:
             self.run_id = run.info.run_id
         self.experiment_id = experiment_id
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Nested params flattened to dotted names; already-logged identical params are skipped."""
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Nested params flattened to dotted names. MLflow params cannot change: a resumed run's changed
+        values are kept as `changed.<name>` tags and returned ({} when nothing changed)."""
         logged = self.client.get_run(self.run_id).data.params
-        new = [Param(k, v[:6000]) for k, v in flatten(params).items() if logged.get(k) != v[:6000]]
+        flat = {k: v[:6000] for k, v in flatten(params).items()}
+        new = [Param(k, v) for k, v in flat.items() if k not in logged]
         for start in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[start : start + 100])
+        changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
+        self.set_tags({f"changed.{k}": f"{logged[k]} -> {v}" for k, v in changed.items()})
+        return changed
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         stamp = mlflow.utils.time.get_current_time_millis()
