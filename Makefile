@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine:
-#   make demo   install, then build the embedded real dataset into an atlas store (the main job)
+#   make demo   install, then the main job: build the embedded real dataset into an atlas store, train scVI,
+#               write the latent back into the store, leave an MLflow run (./mlruns) with its plots
 #   make test   install, then lint, check the import contract and run the default test suite
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/atlasvi build
+	$(BIN)/atlasvi train --config configs/scvi.yaml
 	$(BIN)/python -c "import anndata; print(anndata.read_zarr('outputs/cellbench.zarr'))"
 
 test: install
@@ -33,4 +34,4 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs mlruns .pytest_cache
