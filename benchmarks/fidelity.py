@@ -105,26 +105,26 @@ def run(args: argparse.Namespace) -> None:
         held_latent, held_names = latent(module, heldout_store)
         np.save(workdir / f"latent_seed{seed}.npy", np.concatenate([train_latent, held_latent]))
         (workdir / "cells.txt").write_text("\n".join(train_names + held_names) + "\n")
-        print(
-            json.dumps(
-                {
-                    "tool": "atlasvi",
-                    "dataset": args.dataset,
-                    "seed": seed,
-                    "n_train": train.sampler.n_cells,
-                    "n_heldout": heldout.sampler.n_cells,
-                    "neg_elbo": last.validation_elbo,
-                    "reconstruction_loss": last.validation_reconstruction,
-                    "kl_local": last.validation_kl,
-                    "train_seconds": seconds,
-                    "train_cells_per_s": sum(r.cells_per_second * r.seconds for r in history) / seconds,
-                    "epochs": len(history),
-                    "threads": torch.get_num_threads(),
-                    "last_batch": args.last_batch,
-                }
-            ),
-            flush=True,
+        row = json.dumps(
+            {
+                "tool": "atlasvi",
+                "dataset": args.dataset,
+                "seed": seed,
+                "n_train": train.sampler.n_cells,
+                "n_heldout": heldout.sampler.n_cells,
+                "neg_elbo": last.validation_elbo,
+                "reconstruction_loss": last.validation_reconstruction,
+                "kl_local": last.validation_kl,
+                "train_seconds": seconds,
+                "train_cells_per_s": sum(r.cells_per_second * r.seconds for r in history) / seconds,
+                "epochs": len(history),
+                "threads": torch.get_num_threads(),
+                "last_batch": args.last_batch,
+            }
         )
+        print(row, flush=True)
+        with (workdir / "results.jsonl").open("a") as results:
+            results.write(row + "\n")
 
 
 def main() -> None:
