@@ -12,7 +12,6 @@ from atlasvi.api import SCVI
 from atlasvi.data import BuildConfig, build_store
 from atlasvi.models.saving import IncompatibleStoreError
 from atlasvi.train import TrainConfig
-from tests.conftest import CELLBENCH
 
 
 @pytest.fixture(scope="module")
