@@ -20,6 +20,8 @@ from pathlib import Path
 
 import mlflow
 
+from atlasvi.tracking import ensure_experiment, local_tracking_uri
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 
@@ -94,16 +96,9 @@ def table(rows: list[dict]) -> str:
 
 
 def log_to_mlflow(rows: list[dict], markdown: Path) -> None:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None:
-        folder = (HERE.parent / "mlruns").resolve()
-        folder.mkdir(exist_ok=True)
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(HERE.parent)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name("fidelity") is None:
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri() if "sqlite" in uri else None
-        mlflow.create_experiment("fidelity", artifact_location=location)
-    mlflow.set_experiment("fidelity")
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "fidelity"))
     for r in rows:
         with mlflow.start_run(run_name=f"scvi-fidelity-{r['dataset']}"):
             mlflow.log_params({"dataset": r["dataset"], "seeds": ",".join(map(str, r["seeds"])), "scvi_tools": "1.4.2"})

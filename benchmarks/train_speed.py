@@ -17,7 +17,7 @@ median over epochs, then median over repeats. Validation (atlasvi) is outside th
 Datasets: `synth10k` (10,000 synthetic NB cells x 2000 genes from `synthetic.py`, 9,000 training cells;
 the steadier figure) and `cellbench` (CellBench sc_mixology SNG cells, 2000 HVGs, 827 training cells).
 Writes `results/train_speed.md` and `.json` (or `--out`) and logs one MLflow run per row (experiment
-`benchmarks`; `MLFLOW_TRACKING_URI`, else `sqlite:///<repo>/mlruns.db`).
+`benchmarks`; `MLFLOW_TRACKING_URI`, else the repo's local store `mlruns/mlflow.db`).
 """
 
 import argparse
@@ -266,8 +266,11 @@ def log_mlflow(report: dict, md_path: Path, json_path: Path) -> None:
     """One MLflow run per row under a parent run holding the table and the JSON as artifacts."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlruns.db'}")
-    mlflow.set_experiment("benchmarks")
+    from atlasvi.tracking import ensure_experiment, local_tracking_uri
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(REPO)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=ensure_experiment(uri, "benchmarks"))
     m = report["machine"]
     with mlflow.start_run(run_name="train_speed"):
         mlflow.log_params({"benchmark": "train_speed", "threads": report["threads"], "repeats": report["repeats"]})

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
+import torch
 
 from atlasvi.train import EpochRecord
 
@@ -45,8 +46,10 @@ def umap_png(latent: np.ndarray, colour_by: dict[str, Sequence[str]], path: Path
         ),
         obsm={"X_latent": latent},
     )
+    threads = torch.get_num_threads()
     sc.pp.neighbors(adata, use_rep="X_latent", random_state=seed)
     sc.tl.umap(adata, random_state=seed)
+    torch.set_num_threads(threads)  # the neighbour search resets OpenMP's thread count, torch's with it
     fig, axes = plt.subplots(1, len(colour_by), figsize=(6.2 * len(colour_by), 5), squeeze=False)
     for ax, key in zip(axes[0], colour_by, strict=True):
         sc.pl.umap(adata, color=key, ax=ax, show=False, frameon=False, title=f"latent UMAP by {key}", size=12)

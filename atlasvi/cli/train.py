@@ -126,6 +126,8 @@ def train_command(
         console.print(f"resumed with changed settings (kept as MLflow tags): {changed}")
     logged = set(tracker.logged_epochs())
     model = SCVI(opened, job.model, job.device)
+    if model.device.type == "cpu":
+        torch.set_num_threads(job.cpu_threads(os.cpu_count() or 1))
     n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
     if resuming:
         console.print(f"resuming from {checkpoints / 'last.pt'} (MLflow run {tracker.run_id})")

@@ -28,6 +28,18 @@ def local_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The id of experiment `name`, created if absent (a local SQLite store keeps artifacts beside it)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"model": {"n_latent": 10}} -> {"model.n_latent": "10"} (MLflow params are flat strings)."""
     flat: dict[str, str] = {}
@@ -53,14 +65,7 @@ class MlflowRun:
     ):
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            location = None
-            if tracking_uri.startswith("sqlite:///"):
-                location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        experiment_id = ensure_experiment(tracking_uri, experiment)
         if run_id is not None:
             self.run_id = self.client.get_run(run_id).info.run_id
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
