@@ -138,6 +138,7 @@ def train_command(
         def on_epoch_end(record: EpochRecord) -> None:
             if record.epoch not in logged:  # a resumed run recomputes, never re-logs, an epoch
                 tracker.log_epoch(record)
+                logged.add(record.epoch)
             bars.update(
                 task,
                 completed=record.epoch + 1,
@@ -155,6 +156,9 @@ def train_command(
         except BaseException:
             tracker.finish(failed=True)
             raise
+    for record in history:  # epochs checkpointed by a run that died before logging them
+        if record.epoch not in logged:
+            tracker.log_epoch(record)
     _finish(job, model, opened, history, tracker, out)
 
 

@@ -206,9 +206,12 @@ class StreamingLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position; the sampling parameters must be the same."""
+        """Resume at a saved position (of any rank of the same world); the sampling parameters must be the same."""
         mine = self.state_dict()
-        differ = {k: (state[k], mine[k]) for k in mine if k not in ("epoch", "step") and state.get(k) != mine[k]}
+        # a position is the same on every rank (equal batch counts), so any rank's state resumes any rank
+        differ = {
+            k: (state.get(k), mine[k]) for k in mine if k not in ("epoch", "step", "rank") and state.get(k) != mine[k]
+        }
         if differ:
             raise ValueError(f"loader state does not match this loader (saved, current): {differ}")
         self._drop_read_ahead()

@@ -5,6 +5,11 @@ fit() reads top to bottom: restore the last checkpoint if there is one; for each
 weight 1; a record per epoch; early stopping; a checkpoint. A checkpoint holds the model, the
 optimizer, the epoch and step, both loaders' positions and the RNG states, so resuming continues
 exactly (on CPU the per-step losses after a resume are those of the uninterrupted run).
+
+Distributed (torch.distributed initialised, e.g. by Ray Train): the module trains wrapped in DDP (no
+find_unused_parameters: modules build no unused parameter), every rank reads its own shard, epoch
+figures and the held-out ELBO are all-reduced over ranks, rank 0 alone writes the checkpoint, which
+holds every rank's RNG state; each rank resumes its own.
 """
 
 import math
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from atlasvi.data import Minibatch, StreamingLoader
@@ -67,11 +73,26 @@ def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
 
 
 class Trainable(Protocol):
-    """What fit() needs of a module: its inputs from a minibatch and a loss."""
+    """What fit() needs of a module: its inputs from a minibatch, and forward(inputs, kl_weight) = loss."""
 
     def unpack(self, batch: Minibatch): ...
 
     def loss(self, inputs, kl_weight: float = 1.0) -> LossOutput: ...
+
+    def __call__(self, inputs, kl_weight: float = 1.0) -> LossOutput: ...
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) in a plain process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(values)
+    return values
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,7 +134,7 @@ def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Opti
 def evaluate(module: Trainable, loader: Iterable[Minibatch], device: torch.device) -> tuple[float, float, float]:
     """Mean -ELBO, reconstruction and KL per held-out cell at KL weight 1 (each cell counted once)."""
     module.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # -ELBO, reconstruction, KL sums; cells
     seen: set[int] = set()
     with torch.no_grad():
         for batch in loader:
@@ -125,13 +146,30 @@ def evaluate(module: Trainable, loader: Iterable[Minibatch], device: torch.devic
             fresh = torch.tensor(fresh, device=device)
             kl = sum(output.kl_local.values())
             for i, values in enumerate((output.negative_elbo, output.reconstruction_loss, kl)):
-                totals[i] += values[fresh].double().sum().cpu()
+                totals[i] += values[fresh].double().sum()
     module.train()
-    return tuple((totals / max(len(seen), 1)).tolist())
+    totals[3] = len(seen)
+    totals = _sum_over_ranks(totals).cpu()  # ranks read disjoint held-out cells
+    return tuple((totals[:3] / max(totals[3].item(), 1)).tolist())
 
 
-def _save(path: Path, module, optimizer, progress: _Progress, train: StreamingLoader, validation: StreamingLoader):
-    """Atomic: write a sibling, then rename over the last checkpoint."""
+def _rng_states() -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG states, gathered (a collective: every rank calls it)."""
+    mine = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    ranks = [mine]
+    if _world()[1] > 1:
+        ranks = [None] * _world()[1]
+        dist.all_gather_object(ranks, mine)
+    return {"cpu": [r["cpu"] for r in ranks], "cuda": [r["cuda"] for r in ranks]}
+
+
+def _save(
+    path: Path, module, optimizer, progress: _Progress, train: StreamingLoader, validation: StreamingLoader, rng: dict
+):
+    """Atomic: write a sibling, then rename over the last checkpoint (rank 0 only)."""
     payload = {
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -139,8 +177,8 @@ def _save(path: Path, module, optimizer, progress: _Progress, train: StreamingLo
         "history": [asdict(r) for r in progress.history],
         "train_loader": train.state_dict(),
         "validation_loader": validation.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_cpu": rng["cpu"],
+        "rng_cuda": rng["cuda"],
     }
     partial = path.with_suffix(".partial")
     torch.save(payload, partial)
@@ -153,9 +191,12 @@ def _restore(path: Path, module, optimizer, train: StreamingLoader, validation: 
     optimizer.load_state_dict(payload["optimizer"])
     train.load_state_dict(payload["train_loader"])
     validation.load_state_dict(payload["validation_loader"])
-    torch.set_rng_state(payload["rng_cpu"])
-    if payload["rng_cuda"]:
-        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    rank, world_size = _world()
+    if len(payload["rng_cpu"]) != world_size:
+        raise ValueError(f"{path} was written by {len(payload['rng_cpu'])} ranks, this run has {world_size}")
+    torch.set_rng_state(payload["rng_cpu"][rank])
+    if payload["rng_cuda"][rank]:
+        torch.cuda.set_rng_state_all(payload["rng_cuda"][rank])
     return _Progress(**payload["progress"], history=[EpochRecord(**r) for r in payload["history"]])
 
 
@@ -170,16 +211,20 @@ def fit(
     """Train `module` (already on its device) on `train`, evaluating on `validation`; returns the epoch records.
 
     With checkpoint_dir, a checkpoint is written every `checkpoint_every_n_epochs` epochs and an existing
-    one is resumed from. Raises TrainingDiverged naming the epoch, the step and the last good checkpoint.
+    one is resumed from; on_epoch_end(record) runs after the epoch's checkpoint, on every rank. Raises
+    TrainingDiverged naming the epoch, the step and the last good checkpoint.
     """
     device = next(module.parameters()).device
+    rank, world_size = _world()
     optimizer = _optimizer(module, config)
     checkpoint = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
         progress = _restore(checkpoint, module, optimizer, train, validation)
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)
         progress = _Progress()
+    # DDP broadcasts rank 0's parameters at construction, so every rank starts from the same model
+    model = torch.nn.parallel.DistributedDataParallel(module) if world_size > 1 else module
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     max_epochs = config.epochs_for(train.sampler.n_cells)
     module.train()
@@ -190,7 +235,7 @@ def fit(
         for batch in train:
             weight = kl_weight(config, epoch, progress.step)
             with autocast:
-                output = module.loss(module.unpack(batch.to(device, non_blocking=True)), kl_weight=weight)
+                output = model(module.unpack(batch.to(device, non_blocking=True)), kl_weight=weight)
             if not torch.isfinite(output.loss):
                 last = f"{checkpoint} (epoch {progress.epoch})" if checkpoint and checkpoint.exists() else "none"
                 raise TrainingDiverged(
@@ -211,23 +256,27 @@ def fit(
             cells += n
         seconds = time.perf_counter() - started
         validation_elbo, validation_reconstruction, validation_kl = evaluate(module, validation, device)
-        train_loss, train_reconstruction, train_kl = (sums / max(cells, 1)).cpu().tolist()
+        totals = _sum_over_ranks(torch.cat([sums, torch.tensor([cells], dtype=torch.float64, device=device)]))
+        train_loss, train_reconstruction, train_kl = (totals[:3] / max(totals[3].item(), 1)).cpu().tolist()
+        cells = int(totals[3].item())
         record = EpochRecord(
             epoch, weight, train_loss, train_reconstruction, train_kl, validation_elbo, validation_reconstruction,
             validation_kl, cells / seconds, seconds, torch.stack(step_losses).tolist() if step_losses else [],
         )  # fmt: skip
         progress.history.append(record)
         progress.epoch += 1
-        if on_epoch_end is not None:
-            on_epoch_end(record)
         if validation_elbo < progress.best_validation - config.early_stopping_min_delta:
             progress.best_validation, progress.epochs_without_improvement = validation_elbo, 0
         else:
             progress.epochs_without_improvement += 1
         stop = config.early_stopping and progress.epochs_without_improvement >= config.early_stopping_patience
         if checkpoint is not None and (progress.epoch % config.checkpoint_every_n_epochs == 0 or stop):
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            _save(checkpoint, module, optimizer, progress, train, validation)
+            rng = _rng_states()
+            if rank == 0:
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                _save(checkpoint, module, optimizer, progress, train, validation, rng)
+        if on_epoch_end is not None:
+            on_epoch_end(record)  # after the checkpoint: the callback may hand it on (Ray Train reports it)
         if stop:
             break
     return progress.history

@@ -180,6 +180,10 @@ class SCVIModule(nn.Module):
         codes = inputs.batch_index if self.config.dispersion == "gene-batch" else inputs.labels
         return F.linear(F.one_hot(codes.long().view(-1), self.px_r.shape[1]).float(), self.px_r)
 
+    def forward(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
+        """The loss (DDP hooks its gradient reduction on forward)."""
+        return self.loss(inputs, kl_weight)
+
     def loss(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
         """Minibatch loss; per-cell reconstruction (n,) and KL terms (n,) in nats."""
         inference = self.inference(inputs)
