@@ -19,9 +19,10 @@ from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, loa
 from atlasvi.data import BuildConfig, StoreError, open_store
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.models.saving import IncompatibleStoreError
-from atlasvi.tracking import LOCAL_FOLDER, MlflowRun, local_tracking_uri
+from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, local_tracking_uri
 from atlasvi.train import EpochRecord, TrainingDiverged
 from atlasvi.train.job import TrainJobConfig
+from atlasvi.train.loop import read_checkpoint
 
 RUN_RECORD = "run.json"
 
@@ -79,6 +80,11 @@ def train_command(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: the output folder's name)")] = None,
     overwrite: Annotated[bool, typer.Option(help="start afresh instead of resuming OUTPUT's checkpoint")] = False,
+    num_workers: Annotated[int | None, typer.Option(help="Ray Train DDP workers (1: this process)")] = None,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu", help="one GPU per worker (NCCL)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto': this node's cluster)")] = None,
+    storage_path: Annotated[str | None, typer.Option(help="where Ray persists checkpoints (absolute / URI)")] = None,
+    max_failures: Annotated[int | None, typer.Option(help="worker-group restarts Ray may make")] = None,
 ) -> None:
     """Train scVI on a store; save the model, write the latent back, leave an MLflow run with its plots."""
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -90,6 +96,10 @@ def train_command(
         "device": device,
         "experiment": experiment,
         "run_name": run_name,
+        "num_workers": num_workers,
+        "use_gpu": use_gpu,
+        "storage_path": storage_path,
+        "max_failures": max_failures,
         "model": {"n_latent": n_latent, "n_layers": n_layers, "n_hidden": n_hidden, "gene_likelihood": gene_likelihood},
         "train": {"max_epochs": max_epochs, "n_epochs_kl_warmup": n_epochs_kl_warmup, "lr": lr, "seed": seed},
         "loader": {"batch_size": batch_size, "seed": seed},
@@ -131,6 +141,10 @@ def train_command(
     n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
     if resuming:
         console.print(f"resuming from {checkpoints / 'last.pt'} (MLflow run {tracker.run_id})")
+    if job.num_workers > 1 or address is not None:
+        history = _train_on_ray(job, model, opened, tracker, out, address)
+        _finish(job, model, opened, history, tracker, out)
+        return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, TimeRemainingColumn(), console=console) as bars:
         task = bars.add_task("training scVI", total=n_epochs)
@@ -160,6 +174,43 @@ def train_command(
         if record.epoch not in logged:
             tracker.log_epoch(record)
     _finish(job, model, opened, history, tracker, out)
+
+
+def _train_on_ray(
+    job: TrainJobConfig, model: SCVI, store: AtlasStore, tracker: MlflowRun, out: Path, address: str | None
+) -> list[EpochRecord]:
+    """The same loop in job.num_workers Ray Train workers; rank 0 logs into this MLflow run."""
+    from atlasvi.launch import DistributedConfig, connect, train_distributed
+
+    storage = job.storage_path or str((out / "ray_results").resolve())
+    run = DistributedConfig(
+        num_workers=job.num_workers, storage_path=storage, name=job.run_name or out.name, use_gpu=job.use_gpu,
+        max_failures=job.max_failures, cpu_threads=job.cpu_threads(max(1, (os.cpu_count() or 1) // job.num_workers)),
+    )  # fmt: skip
+    path_for_workers = store.path if is_url(store.path) else str(Path(store.path).resolve())  # workers' cwd differs
+    logger = EpochLogger(tracker.tracking_uri, job.experiment, tracker.run_id)
+    tracker.set_tags({"workers": str(job.num_workers), "ray_storage": f"{storage}/{run.name}"})
+    console.print(f"training in {job.num_workers} Ray Train workers; checkpoints in {storage}/{run.name}")
+    try:
+        connect(address)
+        with console.status(f"training scVI in {job.num_workers} workers (per-epoch figures go to MLflow)"):
+            checkpoint, metrics = train_distributed(
+                job, path_for_workers, run, on_epoch_end=logger, on_restart=logger.restarted
+            )
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    weights, history = read_checkpoint(checkpoint)
+    model.module.load_state_dict(weights)
+    model.train_config, model.history = job.train, history
+    audit = {k: v for k, v in metrics.items() if k.startswith("rows_read")}
+    tracker.log_metrics(audit, step=history[-1].epoch)
+    tracker.set_tags(
+        {"rank_nodes": ",".join(metrics.get("rank_nodes", [])), "rank_rows_read": str(metrics.get("rank_rows_read"))}
+    )
+    for record in history:
+        logger(record)
+    return history
 
 
 def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, out: Path):

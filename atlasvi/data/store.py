@@ -188,7 +188,10 @@ class RowBlock:
 
 
 class AtlasStore:
-    """An opened atlas store: its schema and validated reads of row ranges."""
+    """An opened atlas store: its schema and validated reads of row ranges.
+
+    rows_read: (n_cells,) bool, the rows this reader has fetched (a rank's shard can be audited with it).
+    """
 
     def __init__(self, path: str | Path, backend: str = "zarr"):
         self.path = str(path)
@@ -196,6 +199,7 @@ class AtlasStore:
         meta = read_store_attrs(self.path)
         self.schema = StoreSchema.from_attrs(meta, self.path)
         self.nnz = int(meta["nnz"])
+        self.rows_read = np.zeros(self.schema.n_cells, dtype=bool)
         names = ["X/data", "X/indices", "X/indptr"]
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
         names += [f"obs/{k}" for k in self.schema.continuous]
@@ -236,6 +240,8 @@ class AtlasStore:
             requests += [(f"obs/{k}/codes", start, stop) for k in self.schema.categorical]
             requests += [(f"obs/{k}", start, stop) for k in self.schema.continuous]
         results = iter(self._read_many(requests))
+        for start, stop in ranges:
+            self.rows_read[start:stop] = True
         return [
             self._block(start, stop, indptr.astype(np.int64, copy=False), results)
             for (start, stop), indptr in zip(ranges, indptrs, strict=True)

@@ -114,3 +114,41 @@ class MlflowRun:
     def finish(self, failed: bool = False) -> None:
         status = RunStatus.FAILED if failed else RunStatus.FINISHED
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+
+class EpochLogger:
+    """Logs epoch records into one MLflow run from wherever it is called (picklable: Ray ships it to rank 0).
+
+    An epoch already in the run is not logged again, so a restarted worker group that recomputes an
+    epoch, or a resumed run, leaves one value per epoch; `restarted` records each restart.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, run_id: str):
+        self.tracking_uri, self.experiment, self.run_id = tracking_uri, experiment, run_id
+        self._run: MlflowRun | None = None
+        self._logged: set[int] = set()
+
+    def _open(self) -> MlflowRun:
+        if self._run is None:
+            self._run = MlflowRun(self.tracking_uri, self.experiment, run_id=self.run_id)
+            self._logged = set(self._run.logged_epochs())
+        return self._run
+
+    def __call__(self, record: EpochRecord) -> None:
+        run = self._open()
+        if record.epoch not in self._logged:
+            run.log_epoch(record)
+            self._logged.add(record.epoch)
+
+    def restarted(self, from_epoch: int) -> None:
+        """One more restart of the worker group, resuming at `from_epoch`."""
+        run = self._open()
+        restarts = len(run.client.get_metric_history(self.run_id, "restarts")) + 1
+        run.log_metrics({"restarts": restarts, "resumed_at_epoch": from_epoch}, step=restarts)
+        run.set_tags({"restarts": str(restarts)})
+
+    def __getstate__(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "run_id": self.run_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)

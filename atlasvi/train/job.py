@@ -21,7 +21,9 @@ class TrainJobConfig(BaseModel):
 
     output: folder of the saved model and checkpoints; latent_key: obsm key the latent is written back
     to (None: not written); umap_cells: cells in the UMAP figure (the store's first rows, a random sample);
-    torch_threads: CPU intra-op threads (None: see `cpu_threads`).
+    torch_threads: CPU intra-op threads (None: see `cpu_threads`). num_workers > 1 trains in Ray Train
+    workers (use_gpu: one GPU each), restarting the group up to max_failures times; storage_path: where
+    Ray persists checkpoints, absolute or a URI (None: OUTPUT/ray_results).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,6 +39,10 @@ class TrainJobConfig(BaseModel):
     run_name: str | None = None
     umap_cells: int = Field(default=20000, ge=0)
     torch_threads: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(default=3, ge=0)
+    storage_path: str | None = None
 
     def cpu_threads(self, n_cores: int) -> int:
         """torch intra-op threads on CPU: torch_threads, else the cores the loader's read threads leave (>= 1).

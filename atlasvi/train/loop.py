@@ -200,6 +200,12 @@ def _restore(path: Path, module, optimizer, train: StreamingLoader, validation: 
     return _Progress(**payload["progress"], history=[EpochRecord(**r) for r in payload["history"]])
 
 
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
+    """(model weights, epoch records) of a checkpoint written by fit (no code from the file runs)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["model"], [EpochRecord(**r) for r in payload["history"]]
+
+
 def fit(
     module: Trainable,
     train: StreamingLoader,
