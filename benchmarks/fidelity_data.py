@@ -164,13 +164,16 @@ def _main(argv=None) -> int:
     missing = set(cells) - set(adata.obs_names)
     if missing:
         raise SystemExit(f"{len(missing)} cells of {args.cells} are not in the filtered data")
-    adata = adata[cells].copy()
+    # score in the h5ad's cell order whatever order the latent rows come in: KMeans (NMI / ARI) depends on the
+    # row order, so two tools' latents are only comparable scored in the same order
+    order = np.argsort(adata.obs_names.get_indexer(cells))
+    adata = adata[np.asarray(cells)[order]].copy()
     latents = {}
     for item in args.latent:
         name, sep, path = item.partition("=")
         if not sep:
             name, path = Path(item).stem, item
-        latents[name] = np.load(path)
+        latents[name] = np.load(path)[order]
     print(json.dumps(scib_scores(adata, latents, args.batch_key, args.labels_key), indent=2))
     return 0
 

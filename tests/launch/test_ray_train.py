@@ -1,0 +1,97 @@
+"""The one loop under Ray Train on this machine: 2 CPU workers (gloo) on a real store.
+
+Slow (Ray starts workers; ~1-3 min each on 2 cores): `make test-slow` runs them.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from atlasvi.data import LoaderConfig
+from atlasvi.launch import DistributedConfig, connect, train_distributed
+from atlasvi.models.scvi import SCVIModule
+from atlasvi.tracking import EpochLogger, MlflowRun
+from atlasvi.train import EpochRecord, TrainConfig
+from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.loop import fit, read_checkpoint
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 12
+
+
+def _job(store: Path, batch_size: int) -> TrainJobConfig:
+    return TrainJobConfig(
+        store=str(store),
+        train=TrainConfig(max_epochs=EPOCHS, n_epochs_kl_warmup=4, seed=0),
+        loader=LoaderConfig(batch_size=batch_size, seed=0),
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+class KillOnce:
+    """Logs like EpochLogger, and kills its own worker process (SIGKILL) once, after logging `epoch`."""
+
+    def __init__(self, logger: EpochLogger, marker: Path, epoch: int):
+        self.logger, self.marker, self.epoch = logger, marker, epoch
+
+    def __call__(self, record: EpochRecord) -> None:
+        self.logger(record)
+        if record.epoch == self.epoch and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_two_workers_match_one_and_read_disjoint_shards(embedded_store, tmp_path, ray_local):
+    """Global batch 128 = 2 workers x 64: the held-out ELBO of 1 plain process, within 2%."""
+    job = _job(embedded_store, 64)
+    run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="two")
+    checkpoint, metrics = train_distributed(job, str(embedded_store), run)
+    _, two = read_checkpoint(checkpoint)
+
+    from atlasvi.data import open_store
+
+    store = open_store(embedded_store)
+    torch.manual_seed(0)
+    module = SCVIModule(store.schema)
+    train, validation = make_loaders(store, job.loader.model_copy(update={"batch_size": 128}), 0.1)
+    one = fit(module, train, validation, job.train)
+    assert len(two) == len(one) == EPOCHS
+    assert two[-1].validation_elbo == pytest.approx(one[-1].validation_elbo, rel=0.02)
+    assert two[-1].validation_elbo < 0.9 * two[0].validation_elbo
+    # every rank read only its shard: 1267 training + 141 held-out rows, split in 2 (n mod 2 left out)
+    assert metrics["rows_read_by_several_ranks"] == 0
+    assert metrics["rank_rows_read"] == [633 + 70, 633 + 70]
+
+
+def test_a_killed_worker_is_restarted_and_the_run_resumes(embedded_store, tmp_path, ray_local):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowRun(uri, "atlasvi", run_name="killed")
+    logger = EpochLogger(uri, "atlasvi", tracker.run_id)
+    job = _job(embedded_store, 64)
+    run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="killed", max_failures=1)
+    hook = KillOnce(logger, tmp_path / "killed.pid", epoch=4)
+    checkpoint, _ = train_distributed(job, str(embedded_store), run, on_epoch_end=hook, on_restart=logger.restarted)
+    assert (tmp_path / "killed.pid").exists()  # a worker did die
+    _, history = read_checkpoint(checkpoint)
+    assert [r.epoch for r in history] == list(range(EPOCHS))
+    steps = [m.step for m in tracker.client.get_metric_history(tracker.run_id, "validation_elbo")]
+    assert steps == list(range(EPOCHS))  # no epoch logged twice (epoch 4 was logged, then recomputed)
+    restarts = tracker.client.get_metric_history(tracker.run_id, "resumed_at_epoch")
+    assert [m.value for m in restarts] == [4.0]  # resumed from the checkpoint of epoch 3
+
+    reference = train_distributed(
+        job, str(embedded_store), DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="whole")
+    )[0]
+    assert history[-1].validation_elbo == pytest.approx(read_checkpoint(reference)[1][-1].validation_elbo, rel=0.01)
