@@ -26,11 +26,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
-    """A head and a second node on 127.0.0.1, each offering one `atlasvi_node` resource."""
+def two_nodes(tmp_path, monkeypatch):
+    """A head and a second node on 127.0.0.1, each offering one `atlasvi_node` resource.
+
+    Token authentication off: the second node and this driver would need the head's token otherwise.
+    """
     import ray
 
     ray.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     port = _free_port()
     common = ["--num-cpus", "1", "--resources", '{"atlasvi_node": 1}', "--node-ip-address", "127.0.0.1"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), *common], check=True, capture_output=True)
