@@ -98,3 +98,20 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes(embedded_store, tmp_pa
         job, str(embedded_store), DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="whole")
     )[0]
     assert history[-1].validation_elbo == pytest.approx(read_checkpoint(reference)[1][-1].validation_elbo, rel=0.01)
+
+
+def test_the_same_run_started_again_resumes_from_its_checkpoint(embedded_store, tmp_path, ray_local):
+    """A driver that died: starting the same run name and storage path again resumes, it does not restart."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowRun(uri, "atlasvi", run_name="again")
+    logger = EpochLogger(uri, "atlasvi", tracker.run_id)
+    run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="again")
+    short = _job(embedded_store, 64).model_copy(update={"train": TrainConfig(max_epochs=2, n_epochs_kl_warmup=4)})
+    train_distributed(short, str(embedded_store), run, on_epoch_end=logger, on_restart=logger.restarted)
+    checkpoint, _ = train_distributed(
+        _job(embedded_store, 64), str(embedded_store), run, on_epoch_end=logger, on_restart=logger.restarted
+    )
+    assert [r.epoch for r in read_checkpoint(checkpoint)[1]] == list(range(EPOCHS))
+    (restart,) = tracker.client.get_metric_history(tracker.run_id, "resumed_at_epoch")
+    assert restart.value == 2
+    assert [m.step for m in tracker.client.get_metric_history(tracker.run_id, "validation_elbo")] == list(range(EPOCHS))
