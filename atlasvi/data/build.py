@@ -234,6 +234,14 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - offsets, lengths) + np.arange(total)
 
 
+def _write_small(group, key: str, element) -> None:
+    """anndata's writer for small elements (var, categories, empty groups); its notice that zarr will shard
+    arrays by default concerns arrays like these, which need no sharding, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding")
+        ad.io.write_elem(group, key, element)
+
+
 def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
     """Build one atlas store from config.inputs; returns its path. See the module docstring."""
     output = Path(config.output)
@@ -446,7 +454,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     for key in cat_keys:
         column = obs.create_group(key)
         column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-        ad.io.write_elem(column, "categories", np.array(categories[key], dtype=object))
+        _write_small(column, "categories", np.array(categories[key], dtype=object))
         array = _create(
             column, "codes", n_cells, _code_dtype(len(categories[key])), -1, CHUNK_ROWS, SHARD_ROWS, level, cname
         )
@@ -509,9 +517,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     if hvg_table is not None:
         for column in hvg_table.columns:
             var[column] = hvg_table[column].to_numpy()[stored]
-    ad.io.write_elem(root, "var", var)
+    _write_small(root, "var", var)
     for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
-        ad.io.write_elem(root, name, {})
+        _write_small(root, name, {})
 
     safe_n = np.maximum(lib_n, 1)
     log_means = log_lib_sum / safe_n
