@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
+from atlasvi.cli.sweep import sweep_command
 from atlasvi.cli.train import latent_command, train_command
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.errors import StoreError
@@ -18,6 +19,7 @@ from atlasvi.datasets import CELLBENCH
 app = typer.Typer(help="Train scVI-family models on atlas-scale single-cell data.", no_args_is_help=True)
 app.command(name="train")(train_command)
 app.command(name="latent")(latent_command)
+app.command(name="sweep")(sweep_command)
 
 
 @app.command()

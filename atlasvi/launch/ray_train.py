@@ -119,11 +119,13 @@ def train_distributed(
     run: DistributedConfig,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     on_restart: Callable[[int], None] | None = None,
+    callbacks: list | None = None,
 ) -> tuple[Path, dict]:
     """Train in `run.num_workers` Ray Train workers; returns (the final checkpoint file, rank 0's last metrics).
 
     Ray must be initialised (ray.init) by the caller. on_epoch_end / on_restart run on rank 0 (they are
     pickled into the worker). `store` must be readable from every node (shared filesystem or URL).
+    callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
     """
     if not Path(run.storage_path).is_absolute() and "://" not in run.storage_path:
         raise ValueError(f"storage_path {run.storage_path!r} must be absolute (or a URI): every node writes there")
@@ -145,6 +147,7 @@ def train_distributed(
             storage_path=run.storage_path,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

@@ -1,0 +1,185 @@
+"""Hyperparameter sweeps: Ray Tune + ASHA over any TrainJobConfig field, each trial a Ray Train run.
+
+The Tune trial function calls `train_distributed` (TorchTrainer.fit) with Tune's `TuneReportCallback`, as the
+current Ray docs prescribe (Tuner(TorchTrainer) is gone): rank 0's per-epoch figures reach Tune, and ASHA stops
+the trials whose held-out -ELBO falls behind. A trial that raises (a NaN loss, an invalid value, out of memory)
+ends as an error and the sweep goes on. The sweep lives under `storage_path/name`; running it again resumes it
+(finished trials are not run again).
+"""
+
+import math
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from atlasvi.launch.ray_train import DistributedConfig, train_distributed
+from atlasvi.train.job import TrainJobConfig
+
+TRIAL_CPU = 0.01  # a trial's function only drives its Ray Train workers
+
+
+class SearchSpec(BaseModel):
+    """One dimension: exactly one of grid (every value), choice (sampled), uniform / loguniform [low, high]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchSpec":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        return self
+
+    def domain(self):
+        if self.grid is not None:
+            return tune.grid_search(self.grid)
+        if self.choice is not None:
+            return tune.choice(self.choice)
+        if self.uniform is not None:
+            return tune.uniform(*self.uniform)
+        return tune.loguniform(*self.loguniform)
+
+
+class SweepConfig(BaseModel):
+    """`atlasvi sweep`: the base job, the search space (dotted TrainJobConfig fields) and the ASHA schedule.
+
+    num_samples: repeats of the grid (or samples of the other dimensions); the objective is the held-out
+    -ELBO per cell (minimised); ASHA stops trials at grace_period, grace_period x reduction_factor, ... epochs.
+    max_concurrent_trials None: as many as the cluster's CPUs (or GPUs) hold trials of workers_per_trial.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: TrainJobConfig = TrainJobConfig()
+    search_space: dict[str, SearchSpec] = {
+        "model.n_latent": SearchSpec(grid=[10, 20, 30]),
+        "model.n_layers": SearchSpec(grid=[1, 2]),
+    }
+    num_samples: int = Field(default=1, gt=0)
+    metric: Literal["validation_elbo", "validation_reconstruction"] = "validation_elbo"
+    grace_period: int = Field(default=5, gt=0)
+    reduction_factor: float = Field(default=2, gt=1)
+    workers_per_trial: int = Field(default=1, gt=0)
+    max_concurrent_trials: int | None = Field(default=None, gt=0)
+    name: str = "sweep"
+    storage_path: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_exist(self) -> "SweepConfig":
+        for path in self.search_space:
+            owner: Any = TrainJobConfig
+            for part in path.split("."):
+                fields = getattr(owner, "model_fields", {})
+                if part not in fields:
+                    raise ValueError(f"search_space: {path!r} is not a TrainJobConfig field ({part!r} unknown)")
+                owner = fields[part].annotation
+        return self
+
+
+def with_overrides(job: TrainJobConfig, overrides: dict[str, Any]) -> TrainJobConfig:
+    """The job with dotted fields replaced ("model.n_latent": 20), validated (a bad value raises)."""
+    values = job.model_dump(mode="json")
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        target = values
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return TrainJobConfig.model_validate(values)
+
+
+def _trial(config: dict) -> None:
+    """One Tune trial: the job with this trial's values, trained by Ray Train, reporting to Tune."""
+    job = with_overrides(TrainJobConfig.model_validate(config["job"]), config["overrides"])
+    run = DistributedConfig(
+        num_workers=config["workers"],
+        storage_path=config["storage_path"],
+        name=f"{config['name']}-{ray.tune.get_context().get_trial_id()}",
+        use_gpu=job.use_gpu,
+        cpu_threads=1,
+    )
+    train_distributed(job, config["store"], run, callbacks=[TuneReportCallback()])
+
+
+def concurrent_trials(sweep: SweepConfig) -> int:
+    """How many trials the cluster holds at once (its CPUs, or GPUs, over the workers of a trial)."""
+    if sweep.max_concurrent_trials is not None:
+        return sweep.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if sweep.job.use_gpu:
+        return max(1, math.floor(resources.get("GPU", 0) / sweep.workers_per_trial))
+    # each trial also holds TRIAL_CPU for its driving function: a trial more would leave a worker unplaced
+    return max(1, math.floor(resources.get("CPU", 1) / (sweep.workers_per_trial + TRIAL_CPU)))
+
+
+def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultGrid:
+    """Run (or resume) the sweep; Ray must be initialised. Returns Tune's results, one per trial."""
+    path = f"{storage_path.rstrip('/')}/{sweep.name}"
+    max_epochs = sweep.job.train.epochs_for(1)  # ASHA's horizon: the configured epochs
+    if sweep.job.train.max_epochs is not None:
+        max_epochs = sweep.job.train.max_epochs
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        param_space = {
+            "job": sweep.job.model_dump(mode="json"),
+            "overrides": {k: spec.domain() for k, spec in sweep.search_space.items()},
+            "workers": sweep.workers_per_trial,
+            "store": store,
+            "storage_path": f"{storage_path.rstrip('/')}/{sweep.name}-trials",
+            "name": sweep.name,
+        }
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=max_epochs, grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+        )  # fmt: skip
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode="min",
+                scheduler=scheduler,
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=concurrent_trials(sweep),
+            ),  # fmt: skip
+            run_config=tune.RunConfig(
+                name=sweep.name, storage_path=storage_path, failure_config=tune.FailureConfig(fail_fast=False)
+            ),
+        )
+    return tuner.fit()
+
+
+def summarise(results: tune.ResultGrid, sweep: SweepConfig) -> list[dict]:
+    """One plain record per trial: overrides, status, error, epochs run, last / best objective, stopped early
+    (by ASHA, before the configured epochs), and the per-epoch figures."""
+    max_epochs = sweep.job.train.max_epochs
+    trials = []
+    for result in results:
+        history = result.metrics_dataframe
+        epochs = [] if history is None else history.to_dict("records")
+        values = [e[sweep.metric] for e in epochs if sweep.metric in e]
+        trials.append(
+            {
+                "trial_id": (result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1],
+                "overrides": dict(result.config["overrides"]) if result.config else {},
+                "status": "FAILED" if result.error is not None else "FINISHED",
+                "error": None if result.error is None else str(result.error)[:2000],
+                "epochs": len(values),
+                "last": values[-1] if values else math.nan,
+                "best": min(values) if values else math.nan,
+                "stopped_early": result.error is None and max_epochs is not None and len(values) < max_epochs,
+                "history": epochs,
+            }
+        )
+    return trials
