@@ -161,21 +161,24 @@ class SCVI:
         )  # fmt: skip
         return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
 
+    def _elbo_terms(
+        self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
+    ) -> tuple[float, float, float]:
+        if store is None and rows is None:
+            rows = self.validation_rows
+        return elbo(self.module, self._batches(store, rows, batch_size))
+
     def get_elbo(
         self, store: AtlasStore | str | Path | None = None, rows: tuple[int, int] | None = None, batch_size: int = 1024
     ) -> float:
         """-ELBO per cell (nats, KL weight 1) on the held-out rows of the training store, or on `rows` / `store`."""
-        if store is None and rows is None:
-            rows = self.validation_rows
-        return elbo(self.module, self._batches(store, rows, batch_size))[0]
+        return self._elbo_terms(store, rows, batch_size)[0]
 
     def get_reconstruction_error(
         self, store: AtlasStore | str | Path | None = None, rows: tuple[int, int] | None = None, batch_size: int = 1024
     ) -> float:
         """-log p(x | z, library) per cell (nats) on the held-out rows, or on `rows` / `store`."""
-        if store is None and rows is None:
-            rows = self.validation_rows
-        return elbo(self.module, self._batches(store, rows, batch_size))[1]
+        return self._elbo_terms(store, rows, batch_size)[1]
 
     def save(self, directory: str | Path) -> Path:
         """Weights (model.pt) and model.json (config, registry of genes and categories, training config)."""
