@@ -8,16 +8,21 @@ ends as an error and the sweep goes on. The sweep lives under `storage_path/name
 """
 
 import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import ray
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
+from atlasvi.data import open_store
 from atlasvi.launch.ray_train import DistributedConfig, train_distributed
-from atlasvi.train.job import TrainJobConfig
+from atlasvi.models.scvi import SCVIModule
+from atlasvi.train import EpochRecord, fit
+from atlasvi.train.job import TrainJobConfig, make_loaders
 
 TRIAL_CPU = 0.01  # a trial's function only drives its Ray Train workers
 
@@ -98,8 +103,26 @@ def with_overrides(job: TrainJobConfig, overrides: dict[str, Any]) -> TrainJobCo
 
 
 def _trial(config: dict) -> None:
-    """One Tune trial: the job with this trial's values, trained by Ray Train, reporting to Tune."""
+    """One Tune trial: the job with this trial's values, trained by Ray Train, reporting to Tune.
+
+    A one-worker trial runs the loop in the trial itself and reports each epoch with tune.report: Ray 2.60
+    keeps the placement group of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which
+    would starve the next trials.
+    """
     job = with_overrides(TrainJobConfig.model_validate(config["job"]), config["overrides"])
+    if config["workers"] == 1:
+        torch.set_num_threads(1)
+        store = open_store(config["store"], backend=job.loader.backend)
+        torch.manual_seed(job.train.seed)
+        module = SCVIModule(store.schema, job.model)
+        train, validation = make_loaders(store, job.loader, job.train.validation_fraction)
+
+        def report(record: EpochRecord) -> None:
+            tune.report({k: v for k, v in asdict(record).items() if k != "step_losses"})
+
+        with train, validation:
+            fit(module, train, validation, job.train, on_epoch_end=report)
+        return
     run = DistributedConfig(
         num_workers=config["workers"],
         storage_path=config["storage_path"],
@@ -117,8 +140,12 @@ def concurrent_trials(sweep: SweepConfig) -> int:
     resources = ray.cluster_resources()
     if sweep.job.use_gpu:
         return max(1, math.floor(resources.get("GPU", 0) / sweep.workers_per_trial))
-    # each trial also holds TRIAL_CPU for its driving function: a trial more would leave a worker unplaced
-    return max(1, math.floor(resources.get("CPU", 1) / (sweep.workers_per_trial + TRIAL_CPU)))
+    return max(1, math.floor(resources.get("CPU", 1) / _trial_cpus(sweep)))
+
+
+def _trial_cpus(sweep: SweepConfig) -> float:
+    """CPUs a trial holds: its own (a one-worker trial trains in itself) and its Ray Train workers'."""
+    return 1 if sweep.workers_per_trial == 1 else sweep.workers_per_trial + TRIAL_CPU
 
 
 def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultGrid:
@@ -127,7 +154,7 @@ def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultG
     max_epochs = sweep.job.train.epochs_for(1)  # ASHA's horizon: the configured epochs
     if sweep.job.train.max_epochs is not None:
         max_epochs = sweep.job.train.max_epochs
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(_trial, {"cpu": 1 if sweep.workers_per_trial == 1 else TRIAL_CPU})
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:

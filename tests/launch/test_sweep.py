@@ -1,7 +1,7 @@
 """`atlasvi sweep` end to end on the embedded store: Ray Tune + ASHA, MLflow parent / children, ranked table.
 
-Slow (each trial is a Ray Train run; ~30 s each on 2 cores): `make test-slow` runs it. The end-to-end tests are
-skipped until the placement-group leak below is worked around; the config checks run in the default suite.
+Slow (Ray Tune starts trials; a minute or two on 2 cores): `make test-slow` runs them; the config checks run in the
+default suite.
 """
 
 import csv
@@ -16,10 +16,6 @@ from atlasvi.cli.main import app
 from atlasvi.launch.sweep import SearchSpec, SweepConfig
 
 runner = CliRunner()
-LEAK = pytest.mark.skip(
-    reason="Ray 2.60: a Train V2 run inside a Tune trial keeps its placement group after Tune stops the trial "
-    "(ray-project/ray#54305), so on a 2-CPU cluster the next trial waits forever; issue 6 is open on it"
-)
 
 
 @pytest.fixture
@@ -46,7 +42,6 @@ def _sweep(workdir, embedded_store, space: dict, name: str) -> dict:
 
 
 @pytest.mark.slow
-@LEAK
 def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdir, embedded_store):
     space = {"model.n_latent": {"grid": [10, 5]}, "model.n_layers": {"grid": [1, 2]}}
     _sweep(workdir, embedded_store, space, "four")
@@ -78,7 +73,6 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
 
 
 @pytest.mark.slow
-@LEAK
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(workdir, embedded_store):
     _sweep(workdir, embedded_store, {"model.dropout_rate": {"grid": [0.1, 1.5]}}, "failing")  # 1.5 is invalid
     result = runner.invoke(app, ["sweep", "--config", "failing.yaml"])
