@@ -6,16 +6,19 @@ back into the store chunk by chunk (`obsm["X_scvi"]`, `layers[...]`), atomically
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import pandas as pd
 import torch
 
-from atlasvi.analysis import elbo, latent_representation, minibatches, normalized_expression
+from atlasvi.analysis import de, elbo, latent_representation, minibatches, normalized_expression
 from atlasvi.data import LoaderConfig, Minibatch, open_store, split_rows
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.data.writeback import ObsArrayWriter
 from atlasvi.models.saving import check_compatible, load_model, save_model, saved_schema
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
+from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
 from atlasvi.train import EpochRecord, TrainConfig, fit
 from atlasvi.train.job import make_loaders, resolve_device
 
@@ -26,7 +29,12 @@ class SCVI:
     """scVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
 
     registry: the model's genes and categories when they are not the store's own (set by `load`).
+    query_masks: after `load_query_data`, the entries of each parameter that train (the new batch columns).
     """
+
+    method = METHOD
+    _module_cls: type[SCVIModule] = SCVIModule
+    _config_cls: type[SCVIConfig] = SCVIConfig
 
     def __init__(
         self,
@@ -37,10 +45,11 @@ class SCVI:
     ):
         self.store = store if isinstance(store, AtlasStore) else open_store(store)
         self.schema = registry or self.store.schema
-        self.config = config or SCVIConfig()
+        self.config = config or self._config_cls()
         self.device = resolve_device(device)
-        self.module = SCVIModule(self.schema, self.config).to(self.device)
-        self.code_maps = check_compatible(self.schema, self.store.schema, self.module.used_keys, str(self.store.path))
+        self.module = self._module_cls(self.schema, self.config).to(self.device)
+        self.code_maps = self._code_maps(self.store)
+        self.query_masks: dict[str, torch.Tensor] | None = None
         self.train_config: TrainConfig | None = None
         self.history: list[EpochRecord] = []
 
@@ -53,12 +62,16 @@ class SCVI:
     ) -> list[EpochRecord]:
         """Train on the store's training rows, evaluating on its held-out rows; returns the epoch records.
 
-        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`).
+        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`). A query model
+        (`load_query_data`) trains with weight decay 0, whatever `train` says: decay would move frozen weights.
         """
         self.train_config = train or TrainConfig()
+        if self.query_masks is not None:
+            self.train_config = self.train_config.model_copy(update={"weight_decay": 0.0})
         train_loader, validation_loader = make_loaders(
-            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction
-        )
+            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction,
+            code_maps={k: v.numpy() for k, v in self.code_maps.items()},
+        )  # fmt: skip
         with train_loader, validation_loader:
             self.history = fit(
                 self.module, train_loader, validation_loader, self.train_config, checkpoint_dir, on_epoch_end
@@ -76,8 +89,10 @@ class SCVI:
         if store is None:
             return minibatches(self.store, rows, batch_size, self.code_maps)
         opened = store if isinstance(store, AtlasStore) else open_store(store)
-        code_maps = check_compatible(self.schema, opened.schema, self.module.used_keys, str(opened.path))
-        return minibatches(opened, rows, batch_size, code_maps)
+        return minibatches(opened, rows, batch_size, self._code_maps(opened))
+
+    def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
+        return check_compatible(self.schema, opened.schema, self.module.used_keys, str(opened.path))
 
     def _store_path(self, store: AtlasStore | str | Path | None) -> Path:
         opened = self.store if store is None else store
@@ -161,6 +176,54 @@ class SCVI:
         )  # fmt: skip
         return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
 
+    def differential_expression(
+        self,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: np.ndarray | Sequence[int] | None = None,
+        idx2: np.ndarray | Sequence[int] | None = None,
+        mode: Literal["vanilla", "change"] = "change",
+        delta: float | None = 0.25,
+        batch_size: int = 1024,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05,
+        n_samples_overall: int = 5000,
+        use_permutation: bool = False,
+        m_permutation: int = 10000,
+        pseudocounts: float | None = None,
+        threshold_counts: float = 0.01,
+        test_mode: Literal["two", "three"] = "three",
+        store: AtlasStore | str | Path | None = None,
+        seed: int = 0,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pd.DataFrame:
+        """Bayesian DE as scvi-tools' (see `atlasvi.analysis.de`): `groupby` (a categorical obs column of the
+        store) with group1 (default: each group) vs group2 (default: the rest), or row masks / indices
+        idx1 vs idx2. Only the sampled cells' rows are read, plus one streaming pass for the raw-count
+        columns. mode "change" (scvi-tools' default is "vanilla") adds the LFC columns and is_de_fdr_<target>.
+        """
+        opened = self.store if store is None else (store if isinstance(store, AtlasStore) else open_store(store))
+        code_maps = self.code_maps if store is None else self._code_maps(opened)
+        if idx1 is not None:
+            codes, categories = de.index_codes(opened.n_cells, np.asarray(idx1), idx2), ("one", "two")
+            group1, group2 = ["one"], None if idx2 is None else "two"
+        elif groupby is not None:
+            codes, categories = opened.read_obs_categorical(groupby)
+        else:
+            raise ValueError("give groupby (an obs column) or idx1")
+        return de.differential_expression(
+            self.module, opened, codes, categories, [group1] if isinstance(group1, str) else group1, group2,
+            mode, delta, all_stats, batch_correction,
+            None if batchid1 is None else [self._batch_code(b) for b in batchid1],
+            None if batchid2 is None else [self._batch_code(b) for b in batchid2],
+            fdr_target, n_samples_overall, use_permutation, m_permutation, pseudocounts, threshold_counts,
+            test_mode, idx1 is None, code_maps, batch_size, seed, progress,
+        )  # fmt: skip
+
     def _elbo_terms(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
     ) -> tuple[float, float, float]:
@@ -186,25 +249,56 @@ class SCVI:
         if self.train_config is not None:
             config["train"] = self.train_config.model_dump()
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return save_model(Path(directory), METHOD, config, self.schema, state)
+        return save_model(Path(directory), self.method, config, self.schema, state)
 
-    @staticmethod
-    def saved_store(directory: str | Path) -> str:
+    @classmethod
+    def saved_store(cls, directory: str | Path) -> str:
         """The store a saved model was trained on."""
-        meta, _ = load_model(Path(directory), METHOD)
+        meta, _ = load_model(Path(directory), cls.method)
         return meta["config"]["store"]
 
     @classmethod
     def load(cls, directory: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> "SCVI":
         """A saved model on `store`; a store with other genes, a missing key or unseen categories is refused."""
-        meta, state = load_model(Path(directory), METHOD)
+        meta, state = load_model(Path(directory), cls.method)
         opened = store if isinstance(store, AtlasStore) else open_store(store)
         schema = saved_schema(meta, opened.n_cells)
-        config = SCVIConfig(**meta["config"]["model"])
+        config = cls._config_cls(**meta["config"]["model"])
         model = cls(opened, config, device, registry=schema)
         model.module.load_state_dict(state)
         if "train" in meta["config"]:
             model.train_config = TrainConfig(**meta["config"]["train"])
+        return model
+
+    @classmethod
+    def load_query_data(
+        cls,
+        query: AtlasStore | str | Path,
+        reference: "SCVI | str | Path",
+        device: str = "auto",
+        surgery: SurgeryConfig | None = None,
+        seed: int = 0,
+    ) -> "SCVI":
+        """scArches: the reference model (an instance or a saved folder) extended to the query store's new
+        batches, ready for `fit` on the query; only the new batch columns train (see `atlasvi.models.surgery`).
+
+        The new columns are initialised as a fresh module of `seed` would be. The reference's genes must be the
+        query's, in order; its other covariates may not have categories the reference has not seen.
+        """
+        opened = query if isinstance(query, AtlasStore) else open_store(query)
+        if isinstance(reference, SCVI):
+            schema, config, state = reference.schema, reference.config, reference.module.state_dict()
+        else:
+            meta, state = load_model(Path(reference), cls.method)
+            schema, config = saved_schema(meta), cls._config_cls(**meta["config"]["model"])
+        reference_module = cls._module_cls(schema, config)
+        reference_module.load_state_dict(state)
+        registry = extend_registry(schema, opened.schema, str(opened.path))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(opened, config, device, registry=registry)
+        model.query_masks = transplant(reference_module, model.module)
+        freeze_for_query(model.module, model.query_masks, surgery)
         return model
 
 

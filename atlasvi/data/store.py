@@ -93,11 +93,16 @@ class StoreSchema:
 Request = tuple[str, int, int]
 """(array name, start, stop): a contiguous range of a 1-D array of the store."""
 
+PointRequest = tuple[str, np.ndarray]
+"""(array name, sorted element positions): scattered elements of a 1-D array, each chunk decoded once."""
+
 
 class ArrayReader(Protocol):
-    """Reads ranges of the store's 1-D arrays; the results (or the first error) in request order."""
+    """Reads ranges (or scattered elements) of the store's 1-D arrays; results (or errors) in request order."""
 
     def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]: ...
+
+    def read_points(self, requests: list[PointRequest]) -> list[np.ndarray | Exception]: ...
 
 
 class ZarrReader:
@@ -121,6 +126,15 @@ class ZarrReader:
         for name, start, stop in requests:
             try:
                 results.append(self._arrays[name][start:stop])
+            except Exception as err:  # noqa: BLE001 - reported per request by the caller
+                results.append(err)
+        return results
+
+    def read_points(self, requests: list[PointRequest]) -> list[np.ndarray | Exception]:
+        results: list[np.ndarray | Exception] = []
+        for name, points in requests:
+            try:
+                results.append(self._arrays[name].get_coordinate_selection(points))
             except Exception as err:  # noqa: BLE001 - reported per request by the caller
                 results.append(err)
         return results
@@ -149,13 +163,21 @@ class TensorStoreReader:
     def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]:
         """All requests in flight at once (tensorstore decodes them concurrently)."""
         futures = [self._arrays[name][start:stop].read() for name, start, stop in requests]
-        results: list[np.ndarray | Exception] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except Exception as err:  # noqa: BLE001 - reported per request by the caller
-                results.append(err)
-        return results
+        return _results(futures)
+
+    def read_points(self, requests: list[PointRequest]) -> list[np.ndarray | Exception]:
+        futures = [self._arrays[name].vindex[points].read() for name, points in requests]
+        return _results(futures)
+
+
+def _results(futures: list) -> list[np.ndarray | Exception]:
+    results: list[np.ndarray | Exception] = []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as err:  # noqa: BLE001 - reported per request by the caller
+            results.append(err)
+    return results
 
 
 def _chunk_of(name: str, element: int) -> str:
@@ -185,6 +207,7 @@ class RowBlock:
     data: np.ndarray
     categorical: dict[str, np.ndarray]
     continuous: dict[str, np.ndarray]
+    rows: np.ndarray | None = None  # the store rows of a block of scattered rows (`read_selected`)
 
 
 class AtlasStore:
@@ -221,6 +244,50 @@ class AtlasStore:
                 ) from result
         return [np.asarray(r) for r in results]
 
+    def _read_points(self, requests: list[PointRequest]) -> list[np.ndarray]:
+        results = self._reader.read_points(requests)
+        for (name, points), result in zip(requests, results, strict=True):
+            if isinstance(result, Exception):
+                raise StoreCorruptError(
+                    f"{self.path}: cannot read {name} at {len(points)} positions from {int(points[0])} "
+                    f"(chunk {_chunk_of(name, int(points[0]))}): {result}"
+                ) from result
+        return [np.asarray(r) for r in results]
+
+    def read_selected(self, rows: np.ndarray) -> RowBlock:
+        """Read and validate the rows at sorted, distinct positions `rows` (scattered rows: point reads that
+        decode each chunk once). The block's rows are `rows` in order; start/stop span them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0 or rows[0] < 0 or rows[-1] >= self.n_cells or (np.diff(rows) <= 0).any():
+            raise IndexError(f"rows must be sorted, distinct and inside the store's {self.n_cells} cells")
+        starts, stops = self._read_points([("X/indptr", rows), ("X/indptr", rows + 1)])
+        lengths = stops - starts
+        if starts.min() < 0 or stops.max() > self.nnz or lengths.min() < 0:
+            row = int(rows[np.flatnonzero((starts < 0) | (stops > self.nnz) | (lengths < 0))[0]])
+            self._corrupt("X/indptr", row, f"is not a valid row pointer at row {row}")
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        elements = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        requests: list[PointRequest] = [("X/indices", elements), ("X/data", elements)]
+        requests += [(f"obs/{k}/codes", rows) for k in self.schema.categorical]
+        requests += [(f"obs/{k}", rows) for k in self.schema.continuous]
+        results = iter(self._read_points(requests) if len(elements) else self._read_empty(requests))
+        self.rows_read[rows] = True
+        return self._block(int(rows[0]), int(rows[-1]) + 1, indptr, results, rows, elements)
+
+    def _read_empty(self, requests: list[PointRequest]) -> list[np.ndarray]:
+        """Selected rows that hold no counts: no X element to read."""
+        dtypes = {"X/indices": np.int32, "X/data": np.dtype(self.schema.count_dtype)}
+        empty = [np.zeros(0, dtype=dtypes[name]) for name, _ in requests[:2]]
+        return empty + self._read_points(requests[2:])
+
+    def read_obs_categorical(self, key: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        """(codes (n_cells,), categories) of the categorical obs column `key`: a covariate of the schema, or
+        any AnnData categorical the store's obs holds (e.g. one written back after the build)."""
+        if key in self.schema.categorical:
+            (codes,) = self._read_many([(f"obs/{key}/codes", 0, self.n_cells)])
+            return codes, self.schema.categorical[key]
+        return read_obs_column(self.path, key, self.n_cells)
+
     def read_rows(self, start: int, stop: int) -> RowBlock:
         """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
         return self.read_ranges([(start, stop)])[0]
@@ -247,23 +314,35 @@ class AtlasStore:
             for (start, stop), indptr in zip(ranges, indptrs, strict=True)
         ]
 
-    def _block(self, start: int, stop: int, indptr: np.ndarray, results) -> RowBlock:
-        """Validate the next results (in request order) of rows [start, stop) into a RowBlock."""
+    def _block(
+        self,
+        start: int,
+        stop: int,
+        indptr: np.ndarray,
+        results,
+        rows: np.ndarray | None = None,
+        elements: np.ndarray | None = None,
+    ) -> RowBlock:
+        """Validate the next results (in request order) of rows [start, stop) into a RowBlock.
+
+        rows, elements: the store rows and X element positions of a block of scattered rows.
+        """
         lo = int(indptr[0])
         indices, data = next(results), next(results)
         local_indptr = indptr - lo
-        self._check_entries(indices, data, local_indptr, lo)
+        self._check_entries(indices, data, local_indptr, lo, elements)
         categorical = {k: next(results) for k in self.schema.categorical}
         continuous = {k: next(results) for k in self.schema.continuous}
+        row_of = (lambda i: int(rows[i])) if rows is not None else (lambda i: start + i)
         for key, codes in categorical.items():
             if codes.min() < 0 or codes.max() >= len(self.schema.categorical[key]):
-                row = int(np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))[0])
-                self._corrupt(f"obs/{key}/codes", start + row, f"holds code {codes[row]} at row {start + row}")
+                i = int(np.flatnonzero((codes < 0) | (codes >= len(self.schema.categorical[key])))[0])
+                self._corrupt(f"obs/{key}/codes", row_of(i), f"holds code {codes[i]} at row {row_of(i)}")
         for key, values in continuous.items():
             if not np.isfinite(values).all():
-                row = int(np.flatnonzero(~np.isfinite(values))[0])
-                self._corrupt(f"obs/{key}", start + row, f"holds {values[row]} at row {start + row}")
-        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous)
+                i = int(np.flatnonzero(~np.isfinite(values))[0])
+                self._corrupt(f"obs/{key}", row_of(i), f"holds {values[i]} at row {row_of(i)}")
+        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous, rows)
 
     def _corrupt(self, name: str, element: int, what: str) -> None:
         raise StoreCorruptError(
@@ -277,18 +356,24 @@ class AtlasStore:
             row = start + (int(bad[0]) + 1 if len(bad) else 0)
             self._corrupt("X/indptr", row, f"is not a valid row pointer near row {row}")
 
-    def _check_entries(self, indices: np.ndarray, data: np.ndarray, indptr: np.ndarray, lo: int) -> None:
-        """Stored counts are > 0; gene indices are in range and strictly increasing within each cell."""
+    def _check_entries(
+        self, indices: np.ndarray, data: np.ndarray, indptr: np.ndarray, lo: int, elements: np.ndarray | None = None
+    ) -> None:
+        """Stored counts are > 0; gene indices are in range and strictly increasing within each cell.
+
+        elements: the X positions of scattered entries (default lo, lo + 1, ...), for the messages.
+        """
         if len(data) == 0:
             return
+        at = (lambda i: int(elements[i])) if elements is not None else (lambda i: lo + i)
         if data.min() <= 0:
             element = int(np.flatnonzero(data <= 0)[0])
             self._corrupt(
-                "X/data", lo + element, f"holds {data[element]} at element {lo + element}, stored counts are > 0"
+                "X/data", at(element), f"holds {data[element]} at element {at(element)}, stored counts are > 0"
             )
         if indices.min() < 0 or indices.max() >= self.schema.n_genes:
             element = int(np.flatnonzero((indices < 0) | (indices >= self.schema.n_genes))[0])
-            self._corrupt("X/indices", lo + element, f"holds gene index {indices[element]} at element {lo + element}")
+            self._corrupt("X/indices", at(element), f"holds gene index {indices[element]} at element {at(element)}")
         not_increasing = np.diff(indices) <= 0
         inner_starts = indptr[1:-1]
         inner_starts = np.unique(inner_starts[(inner_starts > 0) & (inner_starts < len(indices))])
@@ -297,7 +382,7 @@ class AtlasStore:
             allowed = np.zeros(len(indices), dtype=bool)
             allowed[inner_starts] = True
             element = int(np.flatnonzero(not_increasing & ~allowed[1:])[0]) + 1
-            self._corrupt("X/indices", lo + element, f"is not sorted within a cell at element {lo + element}")
+            self._corrupt("X/indices", at(element), f"is not sorted within a cell at element {at(element)}")
 
 
 def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
@@ -327,6 +412,24 @@ def read_store_attrs(path: str | Path) -> dict:
     if ATTRS_KEY not in attrs:
         raise StoreError(f"{path}: a Zarr store but not an atlas store (no '{ATTRS_KEY}' attrs)")
     return attrs[ATTRS_KEY]
+
+
+def read_obs_column(path: str | Path, key: str, n_cells: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(codes, categories) of an AnnData categorical column obs/<key> of the store at `path`."""
+    path = str(path)
+    store = zarr.storage.FsspecStore.from_url(path, read_only=True) if is_url(path) else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obs = zarr.open_group(store, mode="r", zarr_format=3)["obs"]
+        if key not in obs or obs[key].attrs.get("encoding-type") != "categorical":
+            columns = sorted(k for k in obs.keys() if obs[k].attrs.get("encoding-type") == "categorical")
+            raise KeyError(f"{path}: obs has no categorical column {key!r}; categorical columns: {columns}")
+        codes, categories = obs[key]["codes"][:], obs[key]["categories"][:]
+    if len(codes) != n_cells or codes.min() < -1 or codes.max() >= len(categories):
+        raise StoreCorruptError(
+            f"{path}: obs/{key}/codes does not hold {n_cells} codes of {len(categories)} categories"
+        )
+    return codes, tuple(str(c) for c in categories)
 
 
 def open_store(path: str | Path, backend: str = "zarr") -> AtlasStore:
