@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # On a GPU machine set TORCH_SPEC to the CUDA build you want (e.g. TORCH_SPEC="torch==2.13.0").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-slow bench-data clean
+.PHONY: install demo test test-slow bench bench-data clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+bench: install   # the 10K / 100K / 1M performance table (1-2 hours on 2 cores); results in benchmarks/results
+	$(BIN)/atlasvi bench --config configs/bench.yaml --update-readme README.md
 
 clean:
 	rm -rf outputs mlruns .pytest_cache

@@ -1,0 +1,632 @@
+"""The performance table: scVI training on 10K / 100K / 1M synthetic cells, atlasvi next to scvi-tools and annbatch.
+
+For each size a realistic synthetic input (`atlasvi.bench.synthetic`, NB counts fitted to a real dataset) is
+written out of core and built into an atlas store by `build_store`, the path real data takes; both are cached in
+`cache_dir` and reused while their parameters match. Then, interleaved over `repeats` (the order rotated every
+repeat) and each in its own process, so that its peak RSS is its own:
+
+- atlasvi: `fit` of SCVIModule on a StreamingLoader of the store's training rows, in the process (workers 1) or
+  in Ray Train workers (the global batch is the batch size; its peak RSS is rank 0's), per batch size and device;
+- scvi-tools: SCVI on the same training rows as an in-memory AnnData (`scvi_tools_side.py`, run with the Python
+  of an environment that has scvi-tools), same architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene
+  dispersion), batch size and epochs; skipped, with the reason, where that environment is absent or the cells
+  would not fit in memory;
+- loaders without a model: atlasvi's StreamingLoader and annbatch's Loader (its own venv and store, through
+  `benchmarks/annbatch_loader.py`) over the same cells, one pass.
+
+Time per epoch is the median epoch wall time after the first epoch (steady state; the validation pass is outside
+it), cells/s the training cells over it. scvi-tools' default epoch rule, min(round(20000 / n_train * 400), 400)
+epochs, is reported as a projection: rule epochs x time per epoch. Outputs: `perf_table.md`, `perf_table.json`
+(machine, versions, every run), `perf_chart.png` (cells/s and peak RSS against cells, log scales) and one MLflow
+run per row in the experiment `benchmarks`, under a parent run that holds the three files.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from atlasvi.bench.synthetic import make_synthetic_h5ad
+from atlasvi.data import BuildConfig, build_store, open_store, split_rows
+from atlasvi.data.errors import StoreError
+from atlasvi.data.store import read_store_attrs
+from atlasvi.tracking import MlflowRun
+
+README_START = "<!-- atlasvi-bench:start -->"
+README_END = "<!-- atlasvi-bench:end -->"
+# The table of the method's documentation: full scVI training, CPU time, GPU time, memory
+DOCUMENTED = {
+    10_000: ("5 min", "1 min", "8 GB"),
+    100_000: ("45 min", "5 min", "16 GB"),
+    1_000_000: ("6 h", "40 min", "32 GB"),
+}
+SCVI_SIDE = Path(__file__).with_name("scvi_tools_side.py")
+Progress = Callable[[str, int, int], None]
+
+
+class BenchConfig(BaseModel):
+    """`atlasvi bench`. Paths are relative to the working folder.
+
+    sizes: cells per synthetic store; epochs: training epochs per row (None: 5 up to 20K cells, 3 up to 200K,
+    2 above); workers: 1 is the plain process, N > 1 Ray Train workers; devices: "cuda" adds GPU rows;
+    threads: torch intra-op threads of every training process (both tools); reference: the real raw-count h5ad
+    the synthetic counts are fitted to (obs "cell_type"); scvi_python / annbatch_python: interpreters of the
+    environments with scvi-tools / annbatch (absent: those rows are skipped with the reason); readme: a README
+    whose bench section is rewritten; merge: keep the other sizes' runs of `output`'s perf_table.json.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sizes: list[int] = Field(default=[10_000], min_length=1)
+    n_genes: int = Field(default=2000, gt=0)
+    batch_sizes: list[int] = Field(default=[128, 1024], min_length=1)
+    epochs: int | None = Field(default=None, gt=0)
+    workers: list[int] = Field(default=[1, 2], min_length=1)
+    devices: list[Literal["cpu", "cuda"]] = ["cpu"]
+    repeats: int = Field(default=1, gt=0)
+    threads: int = Field(default=1, gt=0)
+    loader_threads: int = Field(default=2, gt=0)
+    seed: int = 0
+    reference: str = "../shared/data/kang2018_pbmc_ifnb_muscat.h5ad"
+    cache_dir: str = "benchmarks/.cache"
+    output: str = "outputs/bench"
+    scvi_python: str | None = "benchmarks/.cache/scvi-venv/bin/python"
+    annbatch_python: str | None = "benchmarks/.cache/annbatch-venv/bin/python"
+    annbatch_script: str = "benchmarks/annbatch_loader.py"
+    loaders: bool = True
+    experiment: str = "benchmarks"
+    readme: str | None = None
+    merge: bool = False
+
+    def epochs_for(self, n_cells: int) -> int:
+        return self.epochs or (5 if n_cells <= 20_000 else 3 if n_cells <= 200_000 else 2)
+
+
+def default_rule_epochs(n_train: int) -> int:
+    """scvi-tools' default max_epochs: min(round(20000 / n_train * 400), 400)."""
+    return min(round(20000 / n_train * 400), 400)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stores
+
+
+def _size_name(n_cells: int) -> str:
+    return f"{n_cells // 1000}k" if n_cells % 1000 == 0 else str(n_cells)
+
+
+def _build_config(h5ad: Path, store: Path, seed: int) -> BuildConfig:
+    """The build every benchmark store gets (Seurat v3 HVG flags computed, every gene kept, zstd)."""
+    return BuildConfig(
+        inputs=[str(h5ad)], output=str(store), batch_key="batch", labels_key="cell_type", n_top_genes=1000,
+        hvg_subset=False, seed=seed, compressor="zstd", overwrite=True,
+    )  # fmt: skip
+
+
+def _same_build(store: Path, wanted: BuildConfig, n_cells: int) -> bool:
+    """The cached store was built from a same-named input of n_cells cells with the same parameters."""
+    try:
+        provenance = read_store_attrs(store)["provenance"]
+    except (StoreError, OSError, KeyError):
+        return False
+    ignore = ("inputs", "output", "overwrite")
+    built = provenance["parameters"]
+    # a field BuildConfig gained after the store was built counts as equal when the new build uses its default
+    defaults = BuildConfig(inputs=["-"], output="-").model_dump(mode="json")
+    params = {k: built.get(k, defaults[k]) for k in defaults if k not in ignore}
+    inputs = provenance["inputs"]
+    return (
+        params == {k: v for k, v in wanted.model_dump(mode="json").items() if k not in ignore}
+        and len(inputs) == 1
+        and Path(inputs[0]["path"]).name == Path(wanted.inputs[0]).name
+        and inputs[0]["n_cells"] == n_cells
+    )
+
+
+def _same_input(h5ad: Path, n_cells: int, n_genes: int, seed: int) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(h5ad, "r") as f:
+            shape = tuple(int(x) for x in f["X"].attrs["shape"])
+            stored_seed = int(f["uns/synthetic/seed"][()])
+    except (OSError, KeyError):
+        return False
+    return shape == (n_cells, n_genes) and stored_seed == seed
+
+
+def cached_store(n_cells: int, config: BenchConfig, progress: Progress | None = None) -> Path:
+    """The atlas store of `n_cells` synthetic cells: reused from `cache_dir`, else generated and built."""
+    cache = Path(config.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    genes = "" if config.n_genes == 2000 else f"_{config.n_genes}g"
+    h5ad = cache / f"synth_{_size_name(n_cells)}{genes}.h5ad"
+    store = cache / f"atlas_{_size_name(n_cells)}{genes}_zstd.zarr"
+    wanted = _build_config(h5ad, store, config.seed)
+    if store.exists() and _same_build(store, wanted, n_cells):
+        return store
+    if not _same_input(h5ad, n_cells, config.n_genes, config.seed):
+        reference = Path(config.reference)
+        if not reference.exists():
+            raise FileNotFoundError(f"reference dataset {reference} not found (set `reference` to a raw-count h5ad)")
+        if progress:
+            progress(f"generating {n_cells:,} synthetic cells", 0, 1)
+        make_synthetic_h5ad(h5ad, n_cells, config.n_genes, config.seed, reference=reference)
+    if progress:
+        progress(f"building the {n_cells:,}-cell store", 0, 1)
+    return build_store(wanted)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_child(command: list[str], env: Mapping[str, str], cwd: Path | None = None) -> tuple[dict, float, float]:
+    """(the JSON of the command's last stdout line, its peak RSS in MB, its wall time in s); raises on failure.
+
+    The peak RSS is the child's own (os.wait4), whatever Python it runs.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=out, stderr=err, env=dict(env), cwd=cwd, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed ({child.returncode}):\n{stderr[-3000:]}")
+    lines = stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{' '.join(command[:3])} ... printed no result:\n{stderr[-3000:]}")
+    return json.loads(lines[-1]), usage.ru_maxrss / 1024, seconds
+
+
+def _tasks(config: BenchConfig, scvi_ok: bool) -> list[dict]:
+    tasks = []
+    for device in config.devices:
+        for batch_size in config.batch_sizes:
+            for workers in config.workers:
+                tasks.append({"tool": "atlasvi", "device": device, "workers": workers, "batch_size": batch_size})
+            if scvi_ok:
+                tasks.append({"tool": "scvi-tools", "device": device, "workers": 1, "batch_size": batch_size})
+    return tasks
+
+
+def _measure(task: dict, store: Path, n_train: int, epochs: int, config: BenchConfig, env: Mapping[str, str]) -> dict:
+    spec = {
+        "store": str(store), "batch_size": task["batch_size"], "epochs": epochs, "threads": config.threads,
+        "use_gpu": task["device"] == "cuda", "seed": config.seed,
+    }  # fmt: skip
+    if task["tool"] == "atlasvi":
+        spec |= {"workers": task["workers"], "loader_threads": config.loader_threads}
+        command = [sys.executable, "-m", "atlasvi.bench.worker", json.dumps(spec)]
+    else:
+        spec |= {"n_train": n_train, "batch_key": "batch", "n_latent": 10, "n_hidden": 128, "n_layers": 1}
+        spec["n_epochs_kl_warmup"] = 400  # scvi-tools' default, as atlasvi's TrainConfig
+        command = [config.scvi_python, str(SCVI_SIDE), json.dumps(spec)]
+    result, peak_rss, process_s = run_child(command, env)
+    steady = result["epoch_s"][1:] or result["epoch_s"]
+    epoch_s = statistics.median(steady)
+    rank0 = result.get("rank0_peak_rss_mb")
+    return task | {
+        "epochs": len(result["epoch_s"]),
+        "epoch_s_all": result["epoch_s"],
+        "epoch_s": epoch_s,
+        "cells_per_s": result["train_cells"] / epoch_s,
+        "train_cells": result["train_cells"],
+        "wall_s": result["wall_s"],
+        "process_s": process_s,
+        "peak_rss_mb": rank0 if rank0 is not None else peak_rss,
+        "peak_gpu_mb": result.get("peak_gpu_mb"),
+        "threads": result["threads"],
+        "versions": result.get("versions"),
+        "load_s": result.get("load_s"),
+        "ray_start_s": result.get("ray_start_s"),
+    }
+
+
+def _loader_rows(store: Path, h5ad: Path, n_cells: int, config: BenchConfig, env: Mapping[str, str]) -> list[dict]:
+    """Loader throughput without a model: atlasvi's StreamingLoader, and annbatch where its venv exists."""
+    rows = []
+    code = (
+        "import json, sys, time\nfrom atlasvi.data import LoaderConfig, StreamingLoader\n"
+        "store, bs, threads, backend, target = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], "
+        "int(sys.argv[5])\n"
+        "loader = StreamingLoader(store, LoaderConfig(batch_size=bs, num_threads=threads, backend=backend))\n"
+        "sum(len(b) for b in loader)\n"  # a first pass: store opened, page cache warm
+        "n, t = 0, time.perf_counter()\n"
+        "while n < target:\n    n += sum(len(b) for b in loader)\n"
+        "print(json.dumps({'cells': n, 'seconds': time.perf_counter() - t}))\n"
+    )
+    target = str(max(n_cells, 500_000))
+    for backend in ("zarr", "tensorstore"):
+        for batch_size in config.batch_sizes:
+            command = [sys.executable, "-c", code, str(store), str(batch_size), str(config.loader_threads), backend]
+            result, peak, _ = run_child([*command, target], env)
+            rows.append(
+                {"tool": f"atlasvi StreamingLoader ({backend})", "batch_size": batch_size, "cells": result["cells"],
+                 "cells_per_s": result["cells"] / result["seconds"], "peak_rss_mb": peak}
+            )  # fmt: skip
+    python, script = config.annbatch_python, Path(config.annbatch_script)
+    if python and Path(python).exists() and script.exists():
+        command = [
+            python, str(script), "--h5ad", str(h5ad), "--workdir", str(Path(config.cache_dir) / "annbatch"),
+            "--batch-sizes", *map(str, config.batch_sizes), "--zarrs", "on", "--repeats", "1",
+            "--epochs-cells", target,
+        ]  # fmt: skip
+        result, _, _ = run_child(command, env)
+        version_ = result["versions"].get("annbatch")
+        for entry in result["rows"]:
+            rows.append(
+                {"tool": f"annbatch {version_} Loader (zarrs)", "batch_size": entry["batch_size"],
+                 "cells": entry["cells_per_rep"], "cells_per_s": entry["cells_per_s_median"], "peak_rss_mb": None}
+            )  # fmt: skip
+    return rows
+
+
+def _scvi_skip_reason(config: BenchConfig, nnz: int) -> str | None:
+    if not config.scvi_python or not Path(config.scvi_python).exists():
+        return f"no scvi-tools environment at {config.scvi_python} (benchmarks/setup_scvi_venv.sh makes one)"
+    need = 24 * nnz + 2 * 2**30  # float32 data + int32 indices, read and copied, plus the process itself
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > available:
+        return f"the in-memory AnnData needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB are free"
+    return None
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (cells, tool, device, workers, batch size): medians over repeats, ratios to scvi-tools."""
+    keys = []
+    for r in runs:
+        key = (r["cells"], r["tool"], r["device"], r["workers"], r["batch_size"])
+        if key not in keys:
+            keys.append(key)
+    rows = []
+    for key in sorted(keys, key=lambda k: (k[0], k[2], k[4], k[1] != "atlasvi", k[3])):
+        mine = [r for r in runs if (r["cells"], r["tool"], r["device"], r["workers"], r["batch_size"]) == key]
+        first = mine[0]
+        row = {k: first[k] for k in ("cells", "tool", "device", "workers", "batch_size", "epochs", "train_cells")}
+        for name in ("epoch_s", "cells_per_s", "wall_s", "peak_rss_mb"):
+            row[name] = float(statistics.median(r[name] for r in mine))
+        gpu = [r["peak_gpu_mb"] for r in mine if r["peak_gpu_mb"] is not None]
+        row["peak_gpu_mb"] = max(gpu) if gpu else None
+        row["repeats_cells_per_s"] = [round(r["cells_per_s"]) for r in mine]
+        row["default_rule_epochs"] = default_rule_epochs(row["train_cells"])
+        row["default_rule_projected_s"] = row["default_rule_epochs"] * row["epoch_s"]
+        rows.append(row)
+    for row in rows:
+        ref = [r for r in rows if r["tool"] == "scvi-tools" and (r["cells"], r["device"], r["batch_size"]) ==
+               (row["cells"], row["device"], row["batch_size"])]  # fmt: skip
+        row["x_scvi_tools"] = row["cells_per_s"] / ref[0]["cells_per_s"] if ref else None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def machine(env: Mapping[str, str]) -> dict:
+    """CPU model, cores, RAM, OS and package versions of this machine."""
+    cpu = platform.processor()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, env=dict(env), check=False).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), cpu)
+    except OSError:
+        pass
+    packages = {}
+    for name in ("atlasvi", "torch", "numpy", "zarr", "anndata", "ray", "mlflow"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": packages,
+    }
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.1f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
+def _label(row: dict) -> str:
+    return row["tool"] if row["workers"] == 1 else f"{row['tool']} ({row['workers']} Ray workers)"
+
+
+def headline(report: dict) -> list[str]:
+    """The ratio table: atlasvi (one process) against scvi-tools, per size, device and batch size."""
+    lines = [
+        "| cells | device | batch | atlasvi cells/s | scvi-tools cells/s | atlasvi / scvi-tools | atlasvi s / epoch "
+        "| atlasvi peak RSS | scvi-tools peak RSS |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        if row["tool"] != "atlasvi" or row["workers"] != 1:
+            continue
+        ref = next((r for r in report["rows"] if r["tool"] == "scvi-tools" and (r["cells"], r["device"],
+                    r["batch_size"]) == (row["cells"], row["device"], row["batch_size"])), None)  # fmt: skip
+        lines.append(
+            f"| {row['cells']:,} | {row['device']} | {row['batch_size']} | {_fmt(row['cells_per_s'])} "
+            f"| {_fmt(ref and ref['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} | {row['epoch_s']:.1f} "
+            f"| {_fmt(row['peak_rss_mb'])} MB | {_fmt(ref and ref['peak_rss_mb'])} MB |"
+        )
+    return lines
+
+
+def markdown(report: dict) -> str:
+    m, c = report["machine"], report["config"]
+    versions = {**m["versions"], **report.get("other_versions", {})}
+    lines = [
+        "# scVI training: 10K / 100K / 1M cells, atlasvi vs scvi-tools",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}; "
+        f"torch threads {c['threads']} in every training process (both tools), OMP_WAIT_POLICY=PASSIVE, atlasvi "
+        f"loader read threads {c['loader_threads']}; devices: {', '.join(c['devices'])}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        f"Command: `{report['command']}`; {c['repeats']} interleaved repeat(s) per row, each in its own process.",
+        "",
+        "Data: synthetic NB counts fitted to a real dataset (`atlasvi.bench.synthetic`), "
+        f"{c['n_genes']} genes, ~8% non-zeros, 4 batches, built with `build_store`; the last 10% of the store's "
+        "rows are atlasvi's held-out cells and neither tool trains on them. Model on both sides: n_latent 10, "
+        "n_hidden 128, 1 layer, ZINB, gene dispersion, Adam (lr 1e-3, eps 0.01), KL warm-up 400 epochs. "
+        "s / epoch: median epoch wall time after the first (steady state), training only (atlasvi's validation "
+        "pass is outside it; scvi-tools has none, `train_size=1.0`); cells/s: training cells over it. "
+        "Default rule: scvi-tools' min(round(20000 / n_train x 400), 400) epochs, projected as rule epochs x "
+        "s / epoch (not run). Peak RSS: the training process's own (Ray rows: rank 0's worker).",
+        "",
+        "## Headline: atlasvi / scvi-tools",
+        "",
+        *headline(report),
+        "",
+        "## Every row",
+        "",
+        "| cells | tool | device | batch | epochs run | s / epoch | cells/s | x scvi-tools | wall, epochs run "
+        "| default rule: epochs | projected | peak RSS MB | peak GPU MB | cells/s per repeat |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['cells']:,} | {_label(row)} | {row['device']} | {row['batch_size']} | {row['epochs']} "
+            f"| {row['epoch_s']:.2f} | {_fmt(row['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} "
+            f"| {_duration(row['wall_s'])} | {row['default_rule_epochs']} "
+            f"| {_duration(row['default_rule_projected_s'])} | {_fmt(row['peak_rss_mb'])} | {_fmt(row['peak_gpu_mb'])} "
+            f"| {', '.join(f'{x:,}' for x in row['repeats_cells_per_s'])} |"
+        )
+    if report["loaders"]:
+        lines += [
+            "",
+            "## Loaders without a model (same cells; annbatch reads its own store of them; warm page cache)",
+            "",
+            "| cells | loader | batch | cells/s | peak RSS MB |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for row in report["loaders"]:
+            lines.append(
+                f"| {row['cells']:,} | {row['tool']} | {row['batch_size']} | {_fmt(row['cells_per_s'])} "
+                f"| {_fmt(row['peak_rss_mb'])} |"
+            )
+    lines += ["", "## The method's documentation table (full training) next to these runs", ""]
+    lines += [
+        "| cells | documented CPU time | atlasvi CPU, default rule, batch 128 (projected) | scvi-tools, same "
+        "| documented GPU time | documented memory | atlasvi peak RSS | scvi-tools peak RSS |",
+        "|---:|---|---:|---:|---|---|---:|---:|",
+    ]
+    for size in sorted({r["cells"] for r in report["rows"]}):
+        doc = DOCUMENTED.get(size, ("-", "-", "-"))
+        pick = {t: next((r for r in report["rows"] if (r["cells"], r["tool"], r["device"], r["workers"]) ==
+                         (size, t, "cpu", 1) and r["batch_size"] == min(c["batch_sizes"])), None)
+                for t in ("atlasvi", "scvi-tools")}  # fmt: skip
+        a, s = pick["atlasvi"], pick["scvi-tools"]
+        lines.append(
+            f"| {size:,} | {doc[0]} | {_duration(a['default_rule_projected_s']) if a else '-'} "
+            f"| {_duration(s['default_rule_projected_s']) if s else '-'} | {doc[1]} | {doc[2]} "
+            f"| {_fmt(a and a['peak_rss_mb'])} MB | {_fmt(s and s['peak_rss_mb'])} MB |"
+        )
+    if report["skipped"]:
+        lines += ["", "Not run:", *[f"- {s}" for s in report["skipped"]]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> Path:
+    """Two log-log panels: training cells/s and peak RSS against cells, one line per tool / workers / batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[dict]] = {}
+    for row in report["rows"]:
+        series.setdefault(f"{_label(row)}, {row['device']}, batch {row['batch_size']}", []).append(row)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["cells"])
+        style = "-" if rows[0]["tool"] == "atlasvi" else "--"
+        x = [r["cells"] for r in rows]
+        speed.plot(x, [r["cells_per_s"] for r in rows], style, marker="o", label=name)
+        memory.plot(x, [r["peak_rss_mb"] for r in rows], style, marker="o", label=name)
+    speed.set(xscale="log", yscale="log", xlabel="cells in the store", ylabel="training cells / s", title="speed")
+    memory.set(xscale="log", yscale="log", xlabel="cells in the store", ylabel="peak RSS (MB)", title="memory")
+    for ax in (speed, memory):
+        ax.grid(True, which="both", alpha=0.3)
+    speed.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(
+        f"scVI training, {m['cpu']}, {m['cores']} cores ({', '.join(report['config']['devices'])})", fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(partial, dpi=120)
+    plt.close(fig)
+    os.replace(partial, path)
+    return path
+
+
+def readme_section(report: dict, table_path: str) -> str:
+    m = report["machine"]
+    return "\n".join(
+        [
+            README_START,
+            f"`atlasvi bench` on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, CPU only, "
+            f"{report['config']['threads']} torch thread per training process on both sides); steady-state "
+            f"training cells/s, same cells, architecture and batch size; full table, loaders and the documentation's "
+            f"table side by side: `{table_path}`.",
+            "",
+            *headline(report),
+            README_END,
+        ]
+    )
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the README's bench section (between the two markers), atomically."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} section to update")
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    partial = readme.with_name(f".{readme.name}.partial")
+    partial.write_text(before + section + after)
+    os.replace(partial, readme)
+
+
+def log_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: str) -> list[str]:
+    """A parent run with the files, and one child run per row; returns the child run ids."""
+    m, c = report["machine"], report["config"]
+    machine_text = f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB"
+    sizes = ",".join(str(s) for s in sorted({r["cells"] for r in report["rows"]}))
+    parent = MlflowRun(tracking_uri, experiment, f"perf_table {sizes}", tags={"benchmark": "perf_table"})
+    parent.log_params({"sizes": sizes, "machine": machine_text, "command": report["command"]} | c)
+    for path in files:
+        parent.log_artifact(path)
+    ids = []
+    for row in report["rows"]:
+        name = f"{row['cells']} {_label(row)} {row['device']} bs{row['batch_size']}"
+        tags = {"mlflow.parentRunId": parent.run_id, "benchmark": "perf_table"}
+        run = MlflowRun(tracking_uri, experiment, name, tags=tags)
+        run.log_params(
+            {"size": row["cells"], "train_cells": row["train_cells"], "genes": c["n_genes"], "tool": row["tool"],
+             "device": row["device"], "workers": row["workers"], "batch_size": row["batch_size"],
+             "epochs": row["epochs"], "threads": c["threads"], "repeats": c["repeats"], "machine": machine_text}
+        )  # fmt: skip
+        metrics = {
+            "time_per_epoch_s": row["epoch_s"], "cells_per_s": row["cells_per_s"], "wall_s": row["wall_s"],
+            "peak_rss_mb": row["peak_rss_mb"], "default_rule_epochs": row["default_rule_epochs"],
+            "default_rule_projected_s": row["default_rule_projected_s"],
+        }  # fmt: skip
+        metrics |= {k: row[k] for k in ("peak_gpu_mb", "x_scvi_tools") if row[k] is not None}
+        run.log_metrics(metrics)
+        for step, value in enumerate(row["repeats_cells_per_s"]):
+            run.log_metrics({"cells_per_s_repeat": value}, step=step)
+        run.finish()
+        ids.append(run.run_id)
+    parent.finish()
+    return ids
+
+
+def run_bench(
+    config: BenchConfig,
+    tracking_uri: str,
+    env: Mapping[str, str],
+    command: str = "atlasvi bench",
+    progress: Progress | None = None,
+) -> dict:
+    """Every size: the store, the interleaved rows, then the table, chart, JSON and MLflow runs; the report."""
+    env = dict(env) | {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(config.threads)}
+    runs, loaders, skipped, other_versions = [], [], [], {}
+    for n_cells in sorted(config.sizes):
+        store = cached_store(n_cells, config, progress)
+        opened = open_store(store)
+        train_rows, _ = split_rows(opened.n_cells, 0.1)
+        n_train = train_rows[1] - train_rows[0]
+        reason = _scvi_skip_reason(config, int(read_store_attrs(store)["nnz"]))
+        if reason:
+            skipped.append(f"scvi-tools at {n_cells:,} cells: {reason}")
+        tasks = _tasks(config, reason is None)
+        epochs = config.epochs_for(n_cells)
+        total = len(tasks) * config.repeats
+        for repeat in range(config.repeats):
+            shift = repeat % len(tasks)
+            for i, task in enumerate(tasks[shift:] + tasks[:shift]):
+                if progress:
+                    what = (
+                        f"{n_cells:,} cells: {task['tool']} x{task['workers']} {task['device']} bs {task['batch_size']}"
+                    )
+                    progress(what, repeat * len(tasks) + i, total)
+                result = _measure(task, store, n_train, epochs, config, env)
+                if result["versions"]:
+                    other_versions |= {k: v for k, v in result["versions"].items() if k in ("scvi-tools", "lightning")}
+                runs.append(result | {"cells": n_cells, "repeat": repeat})
+        if config.loaders:
+            if progress:
+                progress(f"{n_cells:,} cells: loaders without a model", total, total)
+            h5ad = Path(read_store_attrs(store)["provenance"]["inputs"][0]["path"])
+            for row in _loader_rows(store, h5ad, n_cells, config, env):
+                loaders.append(row | {"cells": n_cells})
+                if row["tool"].startswith("annbatch"):
+                    other_versions["annbatch"] = row["tool"].split()[1]
+    if config.loaders and not (config.annbatch_python and Path(config.annbatch_python).exists()):
+        skipped.append(f"annbatch: no annbatch environment at {config.annbatch_python}")
+    skipped.append(
+        "annbatch feeding the model: annbatch 0.3.1 needs Python >= 3.12 and its environment has no torch "
+        "(nor atlasvi); its loader's throughput on the same cells is shown instead"
+    )
+    if "cuda" not in config.devices:
+        skipped.append("GPU rows: not asked for (`--use-gpu`)")
+    out = Path(config.output)
+    previous = out / "perf_table.json"
+    if config.merge and previous.exists():
+        before = json.loads(previous.read_text())
+        sizes = set(config.sizes)
+        runs = [r for r in before["runs"] if r["cells"] not in sizes] + runs
+        loaders = [r for r in before["loaders"] if r["cells"] not in sizes] + loaders
+        skipped = list(dict.fromkeys(before["skipped"] + skipped))
+        command = f"{before['command']}; {command}"
+        other_versions = before.get("other_versions", {}) | other_versions
+        config = config.model_copy(update={"sizes": sorted(sizes | {r["cells"] for r in runs})})
+    report = {
+        "command": command,
+        "machine": machine(env),
+        "other_versions": other_versions,
+        "config": config.model_dump(mode="json"),
+        "rows": summarise(runs),
+        "loaders": loaders,
+        "skipped": skipped,
+        "runs": runs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "perf_table.md", out / "perf_table.json"]
+    for path, text in zip(files, (markdown(report), json.dumps(report, indent=1) + "\n"), strict=True):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+    files.append(chart(report, out / "perf_chart.png"))
+    report["mlflow_run_ids"] = log_mlflow(report, files, tracking_uri, config.experiment)
+    if config.readme:
+        update_readme(Path(config.readme), readme_section(report, str(files[0])))
+    return report
