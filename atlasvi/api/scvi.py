@@ -18,6 +18,7 @@ from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.data.writeback import ObsArrayWriter
 from atlasvi.models.saving import check_compatible, load_model, save_model, saved_schema
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
+from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
 from atlasvi.train import EpochRecord, TrainConfig, fit
 from atlasvi.train.job import make_loaders, resolve_device
 
@@ -28,7 +29,12 @@ class SCVI:
     """scVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
 
     registry: the model's genes and categories when they are not the store's own (set by `load`).
+    query_masks: after `load_query_data`, the entries of each parameter that train (the new batch columns).
     """
+
+    method = METHOD
+    _module_cls: type[SCVIModule] = SCVIModule
+    _config_cls: type[SCVIConfig] = SCVIConfig
 
     def __init__(
         self,
@@ -39,10 +45,11 @@ class SCVI:
     ):
         self.store = store if isinstance(store, AtlasStore) else open_store(store)
         self.schema = registry or self.store.schema
-        self.config = config or SCVIConfig()
+        self.config = config or self._config_cls()
         self.device = resolve_device(device)
-        self.module = SCVIModule(self.schema, self.config).to(self.device)
-        self.code_maps = check_compatible(self.schema, self.store.schema, self.module.used_keys, str(self.store.path))
+        self.module = self._module_cls(self.schema, self.config).to(self.device)
+        self.code_maps = self._code_maps(self.store)
+        self.query_masks: dict[str, torch.Tensor] | None = None
         self.train_config: TrainConfig | None = None
         self.history: list[EpochRecord] = []
 
@@ -55,12 +62,16 @@ class SCVI:
     ) -> list[EpochRecord]:
         """Train on the store's training rows, evaluating on its held-out rows; returns the epoch records.
 
-        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`).
+        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`). A query model
+        (`load_query_data`) trains with weight decay 0, whatever `train` says: decay would move frozen weights.
         """
         self.train_config = train or TrainConfig()
+        if self.query_masks is not None:
+            self.train_config = self.train_config.model_copy(update={"weight_decay": 0.0})
         train_loader, validation_loader = make_loaders(
-            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction
-        )
+            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction,
+            code_maps={k: v.numpy() for k, v in self.code_maps.items()},
+        )  # fmt: skip
         with train_loader, validation_loader:
             self.history = fit(
                 self.module, train_loader, validation_loader, self.train_config, checkpoint_dir, on_epoch_end
@@ -238,25 +249,56 @@ class SCVI:
         if self.train_config is not None:
             config["train"] = self.train_config.model_dump()
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return save_model(Path(directory), METHOD, config, self.schema, state)
+        return save_model(Path(directory), self.method, config, self.schema, state)
 
-    @staticmethod
-    def saved_store(directory: str | Path) -> str:
+    @classmethod
+    def saved_store(cls, directory: str | Path) -> str:
         """The store a saved model was trained on."""
-        meta, _ = load_model(Path(directory), METHOD)
+        meta, _ = load_model(Path(directory), cls.method)
         return meta["config"]["store"]
 
     @classmethod
     def load(cls, directory: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> "SCVI":
         """A saved model on `store`; a store with other genes, a missing key or unseen categories is refused."""
-        meta, state = load_model(Path(directory), METHOD)
+        meta, state = load_model(Path(directory), cls.method)
         opened = store if isinstance(store, AtlasStore) else open_store(store)
         schema = saved_schema(meta, opened.n_cells)
-        config = SCVIConfig(**meta["config"]["model"])
+        config = cls._config_cls(**meta["config"]["model"])
         model = cls(opened, config, device, registry=schema)
         model.module.load_state_dict(state)
         if "train" in meta["config"]:
             model.train_config = TrainConfig(**meta["config"]["train"])
+        return model
+
+    @classmethod
+    def load_query_data(
+        cls,
+        query: AtlasStore | str | Path,
+        reference: "SCVI | str | Path",
+        device: str = "auto",
+        surgery: SurgeryConfig | None = None,
+        seed: int = 0,
+    ) -> "SCVI":
+        """scArches: the reference model (an instance or a saved folder) extended to the query store's new
+        batches, ready for `fit` on the query; only the new batch columns train (see `atlasvi.models.surgery`).
+
+        The new columns are initialised as a fresh module of `seed` would be. The reference's genes must be the
+        query's, in order; its other covariates may not have categories the reference has not seen.
+        """
+        opened = query if isinstance(query, AtlasStore) else open_store(query)
+        if isinstance(reference, SCVI):
+            schema, config, state = reference.schema, reference.config, reference.module.state_dict()
+        else:
+            meta, state = load_model(Path(reference), cls.method)
+            schema, config = saved_schema(meta), cls._config_cls(**meta["config"]["model"])
+        reference_module = cls._module_cls(schema, config)
+        reference_module.load_state_dict(state)
+        registry = extend_registry(schema, opened.schema, str(opened.path))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls(opened, config, device, registry=registry)
+        model.query_masks = transplant(reference_module, model.module)
+        freeze_for_query(model.module, model.query_masks, surgery)
         return model
 
 

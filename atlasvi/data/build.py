@@ -43,8 +43,6 @@ from atlasvi.data.store import (
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances (the CLI draws rich bars from it)."""
 
-UNLABELED = "Unknown"
-
 
 def _no_progress(stage: str, done: int, total: int) -> None:
     return None
@@ -125,6 +123,15 @@ def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids
                 f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, "
                 f"first {data[position]} at cell {cells[row]!r}, gene {gene_ids[counts.indices[position]]!r}"
             )
+
+
+def _labels(config: BuildConfig, obs: pd.DataFrame, path: Path) -> np.ndarray:
+    """The labels of a chunk of cells: missing ones and those of `unlabeled_batches` are the unlabeled category."""
+    values = np.array(_categories(obs[config.labels_key], path, config.labels_key, config.unlabeled_category))
+    if config.unlabeled_batches:
+        batches = np.full(len(obs), path.name) if config.batch_key is None else obs[config.batch_key].astype(str)
+        values[np.isin(np.asarray(batches), config.unlabeled_batches)] = config.unlabeled_category
+    return values
 
 
 def _categories(values: pd.Series, path: Path, key: str, fill: str | None) -> np.ndarray:
@@ -293,9 +300,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             for start in range(0, source.n_cells, config.chunk_size):
                 obs = source.obs_rows(start, min(start + config.chunk_size, source.n_cells))
                 for key in cat_keys:
-                    if key != batch_key or config.batch_key is not None:
-                        fill = UNLABELED if key == config.labels_key else None
-                        categories[key].update(_categories(obs[key], path, key, fill))
+                    if key == config.labels_key:
+                        categories[key].update(_labels(config, obs, path))
+                    elif key != batch_key or config.batch_key is not None:
+                        categories[key].update(_categories(obs[key], path, key, None))
                 for key in config.continuous_covariate_keys:
                     values = pd.to_numeric(obs[key], errors="coerce").to_numpy(np.float64)
                     if not np.isfinite(values).all():
@@ -308,6 +316,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         progress("inputs", i + 1, len(paths))
     gene_ids, gene_names, gene_maps = _align_genes(config, genes)
     categories = {k: sorted(v) for k, v in categories.items()}
+    absent = sorted(set(config.unlabeled_batches) - set(categories[batch_key]))
+    if absent:
+        raise AtlasInputError(f"unlabeled_batches {absent} are not {batch_key} categories: {categories[batch_key]}")
     plans = [_InputPlan(p, n, m) for p, n, m in zip(paths, n_cells_in, gene_maps, strict=True)]
     n_genes_all = len(gene_ids)
     n_batch = len(categories[batch_key])
@@ -404,8 +415,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             if key == batch_key:
                 fields[key] = codes.astype(np.int32)
             else:
-                fill = UNLABELED if key == config.labels_key else None
-                values = _categories(obs[key], source.path, key, fill)[keep]
+                if key == config.labels_key:
+                    values = _labels(config, obs, source.path)[keep]
+                else:
+                    values = _categories(obs[key], source.path, key, None)[keep]
                 fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
         for key in cont_keys:
             fields[key] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
@@ -535,6 +548,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "highly_variable": None if hvg_table is None else hvg_table["highly_variable"].to_numpy()[stored].tolist(),
         "batch_key": batch_key,
         "labels_key": config.labels_key,
+        "unlabeled_category": config.unlabeled_category if config.labels_key else None,
         "categorical": categories,
         "continuous": cont_keys,
         "library_log_means": log_means.tolist(),

@@ -19,12 +19,17 @@ class BuildConfig(_Frozen):
     zero_count_cells: "error" refuses cells whose counts sum to 0, "drop" drops them with a warning.
     chunk_size: cells read from an input at a time; peak memory scales with it, not with the cell count.
     compressor: Blosc codec of every chunk (bitshuffled): zstd compresses more, lz4 decodes faster.
+    unlabeled_category: the labels category of cells without a label (missing values are stored as it).
+    unlabeled_batches: batches whose cells are stored as unlabeled (a reference / query split for label
+      transfer: the query batches' labels are not seen by the model).
     """
 
     inputs: list[str] = Field(min_length=1)
     output: str
     batch_key: str | None = None
     labels_key: str | None = None
+    unlabeled_category: str = Field(default="Unknown", min_length=1)
+    unlabeled_batches: list[str] = []
     categorical_covariate_keys: list[str] = []
     continuous_covariate_keys: list[str] = []
     layer: str | None = None
@@ -45,6 +50,8 @@ class BuildConfig(_Frozen):
         named = [k for k in keys if k is not None]
         if len(named) != len(set(named)):
             raise ValueError(f"an obs key is used twice among batch/labels/covariate keys: {named}")
+        if self.unlabeled_batches and self.labels_key is None:
+            raise ValueError("unlabeled_batches needs a labels_key")
         return self
 
 

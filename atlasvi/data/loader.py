@@ -155,12 +155,18 @@ class StreamingLoader:
         rank: int = 0,
         world_size: int = 1,
         rows: tuple[int, int] | None = None,
+        code_maps: dict[str, np.ndarray] | None = None,
     ):
-        """rows: the store's rows [start, stop) to read (e.g. from `split_rows`); default every row."""
+        """rows: the store's rows [start, stop) to read (e.g. from `split_rows`); default every row.
+
+        code_maps: key -> (n_store_categories,) codes in a model's coding (e.g. a query store's batches
+        after the reference's); the minibatches carry the mapped codes.
+        """
         config = config or LoaderConfig()
         if not isinstance(store, AtlasStore):
             store = open_store(store, backend=config.backend)
         self.store, self.config = store, config
+        self.code_maps = {k: np.asarray(v, dtype=np.int64) for k, v in (code_maps or {}).items()}
         start, stop = rows or (0, store.n_cells)
         if not 0 <= start < stop <= store.n_cells:
             raise ValueError(f"rows {start}:{stop} outside the store's {store.n_cells} cells")
@@ -252,7 +258,7 @@ class StreamingLoader:
             window.indices.astype(np.int32, copy=False),
             window.data.astype(np.float32),
             {
-                k: np.concatenate([b.categorical[k] for b in blocks])[order].astype(np.int64)
+                k: self._codes(k, np.concatenate([b.categorical[k] for b in blocks])[order])
                 for k in blocks[0].categorical
             },
             {
@@ -262,6 +268,9 @@ class StreamingLoader:
             rows,
         )
         return self._batches(window)
+
+    def _codes(self, key: str, codes: np.ndarray) -> np.ndarray:
+        return self.code_maps[key][codes] if key in self.code_maps else codes.astype(np.int64)
 
     def _batches(self, window: _Window) -> list[Minibatch]:
         size = self.config.batch_size

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+import anndata as ad
 import numpy as np
 import zarr
 
@@ -101,6 +102,85 @@ class ObsArrayWriter:
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self) -> "ObsArrayWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class ObsCategoricalWriter:
+    """Writes a categorical column `obs/<key>` (codes in `categories`) into the local store at `path`.
+
+    Codes must come in row order (`write(codes)` appends (n,) ints); the column is built beside the
+    store and `commit` moves it into place, lists it in obs's column order and re-consolidates, so the
+    store has either the old column or the complete new one. The store's own covariates are refused.
+    """
+
+    def __init__(self, path: str | Path, key: str, categories: list[str]):
+        if is_url(path):
+            raise StoreError(f"{path}: results are written back only into a local store, not a URL")
+        meta = read_store_attrs(path)
+        if (
+            not key
+            or "/" in key
+            or key.startswith((".", "_"))
+            or key in meta["categorical"]
+            or key in meta["continuous"]
+        ):
+            raise ValueError(f"{key!r} is not a usable obs key (the store's covariates cannot be replaced)")
+        self.path, self.key, self.n_cells = Path(path), key, int(meta["n_cells"])
+        self.target = self.path / "obs" / key
+        self.partial = self.path.parent / f".{self.path.name}.obs.{key}.{uuid.uuid4().hex[:8]}.partial"
+        group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+        group.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's notice on zarr autosharding concerns large arrays
+            ad.io.write_elem(group, "categories", np.array(categories, dtype=object))
+        dtype = np.int8 if len(categories) < 127 else np.int32
+        self.codes = group.create_array(
+            "codes", shape=(self.n_cells,), chunks=(max(1, min(self.n_cells, 1 << 16)),), dtype=dtype,
+            compressors=compressors(3), fill_value=-1,
+        )  # fmt: skip
+        self.n_categories = len(categories)
+        self.written = 0
+
+    def write(self, codes: np.ndarray) -> None:
+        """Append the codes (n,) of the next rows."""
+        codes = np.asarray(codes)
+        if codes.ndim != 1 or self.written + len(codes) > self.n_cells:
+            raise ValueError(f"{len(codes)} codes after {self.written} rows of a store of {self.n_cells} cells")
+        if len(codes) and (codes.min() < 0 or codes.max() >= self.n_categories):
+            raise ValueError(f"codes outside 0..{self.n_categories - 1}")
+        self.codes[self.written : self.written + len(codes)] = codes.astype(self.codes.dtype)
+        self.written += len(codes)
+
+    def commit(self) -> Path:
+        """Move the finished column into obs, add it to obs's column order, re-consolidate; returns its path."""
+        if self.written != self.n_cells:
+            self.abort()
+            raise StoreError(f"{self.target}: {self.written} of {self.n_cells} rows written; the store is unchanged")
+        replaced = None
+        if self.target.exists():
+            replaced = self.partial.with_suffix(".replaced")
+            os.replace(self.target, replaced)
+        os.replace(self.partial, self.target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
+            obs = zarr.open_group(str(self.path / "obs"), mode="r+", zarr_format=3)
+            order = list(obs.attrs.get("column-order", []))
+            if self.key not in order:
+                obs.attrs["column-order"] = [*order, self.key]
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        return self.target
+
+    def abort(self) -> None:
+        """Discard what was written; the store is unchanged."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> "ObsCategoricalWriter":
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -1,6 +1,6 @@
 """What every module's `loss` returns."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,11 +10,13 @@ class LossOutput:
     """loss: scalar to minimise, the minibatch mean of reconstruction + kl_weight-weighted KL terms.
 
     reconstruction_loss: (n,) -log p(x | latents) per cell (nats); kl_local: name -> (n,) KL per cell.
+    extra_metrics: name -> scalar of the minibatch to log (e.g. scANVI's classification loss), detached.
     """
 
     loss: torch.Tensor
     reconstruction_loss: torch.Tensor
     kl_local: dict[str, torch.Tensor]
+    extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def negative_elbo(self) -> torch.Tensor:

@@ -93,7 +93,8 @@ class MlflowRun:
 
     def log_epoch(self, record: EpochRecord) -> None:
         """Every figure of the epoch record (not the step losses) at step = epoch."""
-        figures = {k: v for k, v in asdict(record).items() if k not in ("epoch", "step_losses")}
+        figures = {k: v for k, v in asdict(record).items() if k not in ("epoch", "step_losses", "extra_metrics")}
+        figures |= {f"train_{k}": v for k, v in record.extra_metrics.items()}
         self.log_metrics(figures, step=record.epoch)
 
     def logged_epochs(self, metric: str = "validation_elbo") -> list[int]:

@@ -7,6 +7,7 @@ scvi-tools' defaults).
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,15 +64,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_loaders(
-    store: AtlasStore, loader: LoaderConfig, validation_fraction: float, rank: int = 0, world_size: int = 1
+    store: AtlasStore,
+    loader: LoaderConfig,
+    validation_fraction: float,
+    rank: int = 0,
+    world_size: int = 1,
+    code_maps: dict[str, np.ndarray] | None = None,
 ) -> tuple[StreamingLoader, StreamingLoader]:
     """(train, validation) loaders of one rank on the seeded split of the store's rows (see `split_rows`).
 
     The validation loader reads its rows in order (no shuffling), with the training batch size.
+    code_maps: store code -> model code per categorical key (see `StreamingLoader`).
     """
     train_rows, validation_rows = split_rows(store.n_cells, validation_fraction)
     if validation_rows[0] == validation_rows[1]:
         raise ValueError("validation_fraction leaves no held-out cell; the loop evaluates on held-out cells")
-    train = StreamingLoader(store, loader, rank, world_size, rows=train_rows)
+    train = StreamingLoader(store, loader, rank, world_size, rows=train_rows, code_maps=code_maps)
     held_out = loader.model_copy(update={"shuffle": False})
-    return train, StreamingLoader(store, held_out, rank, world_size, rows=validation_rows)
+    return train, StreamingLoader(store, held_out, rank, world_size, rows=validation_rows, code_maps=code_maps)

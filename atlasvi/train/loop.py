@@ -101,7 +101,10 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class EpochRecord:
-    """One epoch's figures; ELBO terms are per cell in nats, validation at KL weight 1."""
+    """One epoch's figures; ELBO terms are per cell in nats, validation at KL weight 1.
+
+    extra_metrics: the module's extra training metrics (LossOutput.extra_metrics), cell-weighted epoch means.
+    """
 
     epoch: int
     kl_weight: float
@@ -114,6 +117,7 @@ class EpochRecord:
     cells_per_second: float
     seconds: float
     step_losses: list[float] = field(default_factory=list)
+    extra_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -238,6 +242,7 @@ def fit(
         epoch, started = progress.epoch, time.perf_counter()
         weight = kl_weight(config, epoch, progress.step)
         sums, cells, step_losses = torch.zeros(3, dtype=torch.float64, device=device), 0, []
+        extra: dict[str, torch.Tensor] = {}
         for batch in train:
             weight = kl_weight(config, epoch, progress.step)
             with autocast:
@@ -259,15 +264,24 @@ def fit(
             n = len(batch)
             kl = sum(output.kl_local.values()).detach()
             sums += torch.stack([loss * n, output.reconstruction_loss.detach().sum(), kl.sum()]).double()
+            for name, value in output.extra_metrics.items():
+                extra[name] = extra.get(name, 0.0) + value.detach().double() * n
             cells += n
         seconds = time.perf_counter() - started
         validation_elbo, validation_reconstruction, validation_kl = evaluate(module, validation, device)
-        totals = _sum_over_ranks(torch.cat([sums, torch.tensor([cells], dtype=torch.float64, device=device)]))
-        train_loss, train_reconstruction, train_kl = (totals[:3] / max(totals[3].item(), 1)).cpu().tolist()
+        names = sorted(extra)
+        totals = _sum_over_ranks(
+            torch.cat(
+                [sums, torch.tensor([cells], dtype=torch.float64, device=device), *(extra[k].view(1) for k in names)]
+            )
+        )
+        means = (totals / max(totals[3].item(), 1)).cpu().tolist()
+        train_loss, train_reconstruction, train_kl = means[:3]
         cells = int(totals[3].item())
         record = EpochRecord(
             epoch, weight, train_loss, train_reconstruction, train_kl, validation_elbo, validation_reconstruction,
             validation_kl, cells / seconds, seconds, torch.stack(step_losses).tolist() if step_losses else [],
+            dict(zip(names, means[4:], strict=True)),
         )  # fmt: skip
         progress.history.append(record)
         progress.epoch += 1
