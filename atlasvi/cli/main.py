@@ -10,6 +10,7 @@ from rich.table import Table
 
 from atlasvi.cli.bench import bench_command
 from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
+from atlasvi.cli.de import de_command
 from atlasvi.cli.sweep import sweep_command
 from atlasvi.cli.train import latent_command, train_command
 from atlasvi.data.config import BuildConfig
@@ -21,6 +22,7 @@ app = typer.Typer(help="Train scVI-family models on atlas-scale single-cell data
 app.command(name="train")(train_command)
 app.command(name="latent")(latent_command)
 app.command(name="sweep")(sweep_command)
+app.command(name="de")(de_command)
 app.command(name="bench")(bench_command)
 
 

@@ -1,0 +1,79 @@
+"""`atlasvi de`: Bayesian differential expression of a saved model, a table of the top genes and a CSV."""
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from atlasvi.api import SCVI
+from atlasvi.cli.common import console
+from atlasvi.data import StoreError, open_store
+from atlasvi.models.saving import IncompatibleStoreError
+
+
+def de_command(
+    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
+    groupby: Annotated[str, typer.Option(help="categorical obs column of the store holding the groups")],
+    group1: Annotated[list[str] | None, typer.Option(help="group(s) to test (default: every group)")] = None,
+    group2: Annotated[str | None, typer.Option(help="reference group (default: the rest of the cells)")] = None,
+    mode: Annotated[str, typer.Option(help="change (LFC, FDR) or vanilla (P(h1 > h2))")] = "change",
+    delta: Annotated[float, typer.Option(help="change mode: |LFC| below this is no change")] = 0.25,
+    fdr_target: Annotated[float, typer.Option(help="posterior expected FDR of the is_de_fdr column")] = 0.05,
+    batch_correction: Annotated[bool, typer.Option(help="decode each group in every batch")] = False,
+    n_samples_overall: Annotated[int, typer.Option(help="posterior draws per group")] = 5000,
+    store: Annotated[str | None, typer.Option(help="store to test on (default: the model's training store)")] = None,
+    output: Annotated[Path | None, typer.Option(help="CSV of the whole result (gene rows per comparison)")] = None,
+    top: Annotated[int, typer.Option(help="genes shown per comparison")] = 10,
+    seed: Annotated[int, typer.Option(help="seed of the cell picks and posterior draws")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Bayesian DE (scvi-tools' change / vanilla modes) of groups of a store's cells; prints the top genes."""
+    if mode not in ("change", "vanilla"):
+        raise typer.BadParameter(f"--mode is change or vanilla, not {mode!r}")
+    try:
+        scvi = SCVI.load(model, open_store(store or SCVI.saved_store(model)), device)
+        with Progress(TextColumn("DE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("comparisons", total=None)
+            result = scvi.differential_expression(
+                groupby, group1=group1, group2=group2, mode=mode, delta=delta, fdr_target=fdr_target,
+                batch_correction=batch_correction, n_samples_overall=n_samples_overall, seed=seed,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )  # fmt: skip
+    except (IncompatibleStoreError, FileNotFoundError, StoreError, KeyError, ValueError) as err:
+        console.print(f"[red]{err.args[0] if isinstance(err, KeyError) else err}[/red]")
+        raise typer.Exit(1) from None
+    _print_top(result, mode, fdr_target, top)
+    if output is not None:
+        _write_csv(result, output)
+        Console().print(f"wrote {output} ({len(result)} rows)")
+
+
+def _print_top(result: pd.DataFrame, mode: str, fdr_target: float, top: int) -> None:
+    called = f"is_de_fdr_{fdr_target}"
+    columns = ["proba_de", "bayes_factor", "lfc_mean", "lfc_std", called] if mode == "change" else ["proba_m1"]
+    columns += ["bayes_factor", "scale1", "scale2"] if mode == "vanilla" else []
+    groups = result.groupby("comparison", sort=False) if "comparison" in result else [("", result)]
+    for comparison, frame in groups:
+        title = f"{comparison}: top {top}" + (
+            f" ({int(frame[called].sum())} DE at FDR {fdr_target})" if called in frame else ""
+        )
+        table = Table(title=title)
+        table.add_column("gene")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for gene, row in frame.head(top).iterrows():
+            table.add_row(str(gene), *(str(bool(row[c])) if c == called else f"{row[c]:.3g}" for c in columns))
+        Console().print(table)
+
+
+def _write_csv(result: pd.DataFrame, output: Path) -> None:
+    """Write beside `output`, then rename into place: a reader never sees half a CSV."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    result.to_csv(partial, index_label="gene")
+    os.replace(partial, output)
