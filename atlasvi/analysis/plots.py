@@ -59,25 +59,31 @@ def umap_png(latent: np.ndarray, colour_by: dict[str, Sequence[str]], path: Path
 
 
 def sweep_heatmap_png(trials: Sequence[dict], row_key: str, column_key: str, metric: str, path: Path) -> Path:
-    """The best objective of finished trials over two swept fields (the minimum where a cell has several)."""
-    finished = [t for t in trials if t["status"] == "FINISHED" and np.isfinite(t["best"])]
+    """The objective of finished trials over two swept fields at the epoch every one of them reached
+    (`at_common`, `common_epochs` of `rank_trials`), so ASHA's early stops do not bias it; each cell also
+    shows how far its trial trained (the minimum where a cell has several trials)."""
+    finished = [t for t in trials if t["status"] == "FINISHED" and np.isfinite(t["at_common"])]
     rows = sorted({t["overrides"][row_key] for t in finished})
     columns = sorted({t["overrides"][column_key] for t in finished})
     grid = np.full((len(rows), len(columns)), np.nan)
+    trained = np.zeros((len(rows), len(columns)), dtype=int)
     for t in finished:
         i, j = rows.index(t["overrides"][row_key]), columns.index(t["overrides"][column_key])
-        grid[i, j] = np.fmin(grid[i, j], t["best"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(columns), 1.2 + 0.8 * len(rows)), constrained_layout=True)
+        grid[i, j] = np.fmin(grid[i, j], t["at_common"])
+        trained[i, j] = max(trained[i, j], t["epochs"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(columns), 1.2 + 0.9 * len(rows)), constrained_layout=True)
     image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     for i in range(len(rows)):
         for j in range(len(columns)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="white", fontsize=9)
+                label = f"{grid[i, j]:.1f}\n({trained[i, j]} ep)"
+                ax.text(j, i, label, ha="center", va="center", color="white", fontsize=9)
     ax.set_xticks(range(len(columns)), [str(c) for c in columns])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
     ax.set_xlabel(column_key)
     ax.set_ylabel(row_key)
-    ax.set_title(f"best {metric} (lower is better)")
+    common = finished[0]["common_epochs"] if finished else 0
+    ax.set_title(f"{metric} at epoch {common}, reached by every trial (lower is better)\n(epochs each trial trained)")
     fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -95,3 +95,11 @@ def build_with_progress(config: BuildConfig) -> Path:
     except (AtlasInputError, StoreError) as err:
         console.print(f"[red]build failed, nothing written:[/red] {err}")
         raise typer.Exit(1) from None
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` beside `path`, then rename it into place (a reader never sees half a file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path

@@ -2,6 +2,7 @@
 with a ranked table (printed, CSV), a heatmap over n_latent x n_layers and the best config as a train YAML."""
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -12,44 +13,35 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from atlasvi.analysis.plots import sweep_heatmap_png
-from atlasvi.cli.common import console, load_yaml, make_config
+from atlasvi.analysis.plots import loss_curves_png, sweep_heatmap_png
+from atlasvi.cli.common import console, load_yaml, make_config, write_atomic
 from atlasvi.cli.train import _embedded_store, _tracking_uri
 from atlasvi.data.store import is_url
-from atlasvi.tracking import MlflowRun
+from atlasvi.tracking import MlflowRun, SweepChildRuns
+from atlasvi.train import EpochRecord
 
 
-def _rank(trials: list[dict]) -> list[dict]:
-    """Finished trials by best objective (lowest first), then failed ones."""
-    return sorted(trials, key=lambda t: (t["status"] != "FINISHED", t["best"] if math.isfinite(t["best"]) else 1e300))
-
-
-def _log_children(parent: MlflowRun, experiment: str, trials: list[dict]) -> None:
-    """One child run per trial (found again by its trial id on a resumed sweep, never duplicated)."""
-    existing = {
-        r.data.tags.get("trial_id"): r.info.run_id
-        for r in parent.client.search_runs(
-            [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'"
-        )
-    }
+def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, folder: Path) -> None:
+    """Close each trial's child run (its epochs were logged live by the trial): final figures, stopped-early and
+    status tags, the error of a failed trial, its loss curves. A child already closed (a resumed sweep) is kept."""
     for trial in trials:
-        if trial["trial_id"] in existing:
+        child = children.child(trial["trial_id"], trial["overrides"])
+        if "status" in child.client.get_run(child.run_id).data.tags:
             continue
-        child = MlflowRun(
-            parent.tracking_uri, experiment, run_name=f"trial-{trial['trial_id']}",
-            tags={"mlflow.parentRunId": parent.run_id, "trial_id": trial["trial_id"]},
-        )  # fmt: skip
-        child.log_params(trial["overrides"])
-        for epoch in trial["history"]:
-            figures = {
-                k: v for k, v in epoch.items() if isinstance(v, int | float) and k.startswith(("train_", "valid"))
-            }
-            child.log_metrics(figures, step=int(epoch.get("epoch", epoch.get("training_iteration", 1) - 1)))
-        final = {"best_objective": trial["best"], "last_objective": trial["last"], "epochs": trial["epochs"]}
+        final = {
+            f"final_{metric}": trial["last"],
+            f"best_{metric}": trial["best"],
+            "epochs": trial["epochs"],
+            f"{metric}_at_epoch_{trial['common_epochs']}": trial["at_common"],
+        }
         child.log_metrics({k: v for k, v in final.items() if math.isfinite(v)}, step=max(trial["epochs"] - 1, 0))
         child.set_tags({"stopped_early": str(trial["stopped_early"]), "status": trial["status"]})
         if trial["error"]:
             child.set_tags({"error": trial["error"]})
+        if trial["history"]:
+            fields = set(EpochRecord.__dataclass_fields__) - {"step_losses", "extra_metrics"}
+            records = [EpochRecord(**{k: e[k] for k in fields}) for e in trial["history"]]
+            child.log_artifact(loss_curves_png(records, folder / f"loss_curves_{trial['trial_id']}.png"))
         child.finish(failed=trial["status"] == "FAILED")
 
 
@@ -86,27 +78,45 @@ def sweep_command(
     experiment = sweep.job.experiment
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     parent = MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags={"sweep": sweep.name})
-    record.write_text(json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
+    write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
     parent.log_params({"search_space": {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}})
     parent.log_params({k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")})
     connect(address)
+    children = SweepChildRuns(uri, experiment, parent.run_id)
     with console.status(f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"):
-        results = run_sweep(sweep, store_path, storage)
-    trials = _rank(summarise(results, sweep))
-    _log_children(parent, experiment, trials)
+        results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
+    if interrupted:
+        parent.set_tags({"interrupted": "true"})
+        parent.client.set_terminated(parent.run_id, "KILLED")
+        console.print(
+            f"[yellow]sweep {sweep.name} interrupted: {results.num_terminated + results.num_errors} of "
+            f"{len(results)} trials ended. Run the same command again to resume it (ended trials are kept, "
+            "unfinished ones continue from their last epoch).[/yellow]"
+        )
+        raise typer.Exit(code=130)
+    parent.set_tags({"interrupted": "false"})
+    trials = summarise(results, sweep)
+    _finish_children(children, trials, sweep.metric, folder)
     keys = list(sweep.search_space)
-    table = Table(title=f"sweep {sweep.name}: held-out {sweep.metric} (lower is better)")
-    for column in ["rank", *keys, sweep.metric, "epochs", "stopped early", "status"]:
+    common = trials[0]["common_epochs"] if trials else 0
+    table = Table(title=f"sweep {sweep.name}: held-out {sweep.metric} (lower is better), ranked as ASHA judged")
+    for column in ["rank", *keys, "epochs", f"{sweep.metric} (last)", "best", f"at epoch {common}", "status"]:
         table.add_column(column)
-    csv_path = folder / "ranked.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["rank", *keys, f"best_{sweep.metric}", "epochs", "stopped_early", "status", "error"])
-        for rank, t in enumerate(trials, start=1):
-            values = [str(t["overrides"].get(k)) for k in keys]
-            best = f"{t['best']:.2f}" if math.isfinite(t["best"]) else "-"
-            table.add_row(str(rank), *values, best, str(t["epochs"]), str(t["stopped_early"]), t["status"])
-            writer.writerow([rank, *values, best, t["epochs"], t["stopped_early"], t["status"], t["error"] or ""])
+    handle = io.StringIO()
+    writer = csv.writer(handle)
+    writer.writerow(
+            ["rank", *keys, "epochs", f"{sweep.metric}", f"best_{sweep.metric}", f"{sweep.metric}_at_epoch_{common}",
+             "stopped_early", "status", "trial_id", "error"]
+    )  # fmt: skip
+    for rank, t in enumerate(trials, start=1):
+        values = [str(t["overrides"].get(k)) for k in keys]
+        figures = [f"{t[k]:.2f}" if math.isfinite(t[k]) else "-" for k in ("last", "best", "at_common")]
+        stopped = " (stopped by ASHA)" if t["stopped_early"] else ""
+        table.add_row(str(rank), *values, f"{t['epochs']}{stopped}", *figures, t["status"])
+        writer.writerow(
+            [rank, *values, t["epochs"], *figures, t["stopped_early"], t["status"], t["trial_id"], t["error"] or ""]
+        )
+    csv_path = write_atomic(folder / "ranked.csv", handle.getvalue())
     Console().print(table)
     parent.log_artifact(csv_path)
     if {"model.n_latent", "model.n_layers"} <= set(keys):
@@ -115,9 +125,8 @@ def sweep_command(
     finished = [t for t in trials if t["status"] == "FINISHED"]
     if finished:
         best = with_overrides(sweep.job, finished[0]["overrides"])
-        best_yaml = folder / "best.yaml"
-        best_yaml.write_text(yaml.safe_dump(best.model_dump(mode="json"), sort_keys=False))
+        best_yaml = write_atomic(folder / "best.yaml", yaml.safe_dump(best.model_dump(mode="json"), sort_keys=False))
         parent.log_artifact(best_yaml)
-        parent.log_metrics({f"best_{sweep.metric}": finished[0]["best"]})
+        parent.log_metrics({f"best_{sweep.metric}": finished[0]["last"]})
         Console().print(f"best config: {best_yaml}  (atlasvi train --config {best_yaml})")
     parent.finish(failed=not finished)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
 from atlasvi.api import SCVI
-from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
+from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config, write_atomic
 from atlasvi.data import BuildConfig, StoreError, open_store
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.models.saving import IncompatibleStoreError
@@ -126,10 +126,8 @@ def train_command(
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     tracker = MlflowRun(uri, job.experiment, job.run_name or out.name, run_id=resume_id, tags={"method": "SCVI"})
     out.mkdir(parents=True, exist_ok=True)
-    partial = record_path.with_suffix(".partial")
     record = {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "job": job.model_dump(mode="json")}
-    partial.write_text(json.dumps(record, indent=1))
-    os.replace(partial, record_path)
+    write_atomic(record_path, json.dumps(record, indent=1))
     shape = {"n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
     changed = tracker.log_params(job.model_dump(mode="json") | {"store": opened.path} | shape)
     if changed:

@@ -99,6 +99,7 @@ def _worker(config: dict) -> None:
         if rank == 0 and hooks.on_epoch_end is not None:
             hooks.on_epoch_end(record)
         metrics = {k: v for k, v in asdict(record).items() if k != "step_losses"} | _shard_audit(store.rows_read)
+        metrics["epochs_done"] = record.epoch + 1
         checkpoint = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{record.epoch:05d}")
 

@@ -8,13 +8,21 @@ ends as an error and the sweep goes on. The sweep lives under `storage_path/name
 """
 
 import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import tune
+from ray.tune import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -23,6 +31,7 @@ from atlasvi.launch.ray_train import DistributedConfig, train_distributed
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import EpochRecord, fit
 from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.loop import CHECKPOINT_NAME
 
 TRIAL_CPU = 0.01  # a trial's function only drives its Ray Train workers
 
@@ -102,35 +111,51 @@ def with_overrides(job: TrainJobConfig, overrides: dict[str, Any]) -> TrainJobCo
     return TrainJobConfig.model_validate(values)
 
 
-def _trial(config: dict) -> None:
-    """One Tune trial: the job with this trial's values, trained by Ray Train, reporting to Tune.
+TrialLogger = Callable[[str, dict[str, Any]], Callable[[EpochRecord], None]]
+"""(trial id, the trial's overrides) -> a per-epoch callback, e.g. logging into the trial's MLflow child run."""
 
-    A one-worker trial runs the loop in the trial itself and reports each epoch with tune.report: Ray 2.60
-    keeps the placement group of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which
-    would starve the next trials.
+
+def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
+    """One Tune trial: the job with this trial's values, trained by Ray Train, reporting every epoch to Tune.
+
+    A one-worker trial runs the loop in the trial itself, checkpointing through Tune (a resumed sweep continues
+    an interrupted trial from its last epoch), and reports with tune.report: Ray 2.60 keeps the placement group
+    of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which would starve the next trials.
     """
     job = with_overrides(TrainJobConfig.model_validate(config["job"]), config["overrides"])
-    if config["workers"] == 1:
-        torch.set_num_threads(1)
-        store = open_store(config["store"], backend=job.loader.backend)
-        torch.manual_seed(job.train.seed)
-        module = SCVIModule(store.schema, job.model)
-        train, validation = make_loaders(store, job.loader, job.train.validation_fraction)
+    trial_id = tune.get_context().get_trial_id()
+    log_epoch = trial_logger(trial_id, config["overrides"]) if trial_logger else None
+    if config["workers"] > 1:
+        run = DistributedConfig(
+            num_workers=config["workers"],
+            storage_path=config["storage_path"],
+            name=f"{config['name']}-{trial_id}",
+            use_gpu=job.use_gpu,
+            cpu_threads=1,
+        )
+        train_distributed(job, config["store"], run, on_epoch_end=log_epoch, callbacks=[TuneReportCallback()])
+        return
+    torch.set_num_threads(1)
+    store = open_store(config["store"], backend=job.loader.backend)
+    torch.manual_seed(job.train.seed)
+    module = SCVIModule(store.schema, job.model)
+    train, validation = make_loaders(store, job.loader, job.train.validation_fraction)
+    with tempfile.TemporaryDirectory(prefix="atlasvi-trial-") as scratch:
+        checkpoint_dir = Path(scratch)
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as directory:
+                shutil.copy(Path(directory) / CHECKPOINT_NAME, checkpoint_dir / CHECKPOINT_NAME)
 
         def report(record: EpochRecord) -> None:
-            tune.report({k: v for k, v in asdict(record).items() if k != "step_losses"})
+            if log_epoch is not None:
+                log_epoch(record)  # before tune.report: ASHA may stop the trial there
+            metrics = {k: v for k, v in asdict(record).items() if k not in ("step_losses", "extra_metrics")}
+            metrics |= {f"train_{k}": v for k, v in record.extra_metrics.items()}
+            tune.report({**metrics, "epochs_done": record.epoch + 1}, checkpoint=Checkpoint.from_directory(scratch))
 
         with train, validation:
-            fit(module, train, validation, job.train, on_epoch_end=report)
-        return
-    run = DistributedConfig(
-        num_workers=config["workers"],
-        storage_path=config["storage_path"],
-        name=f"{config['name']}-{ray.tune.get_context().get_trial_id()}",
-        use_gpu=job.use_gpu,
-        cpu_threads=1,
-    )
-    train_distributed(job, config["store"], run, callbacks=[TuneReportCallback()])
+            fit(module, train, validation, job.train, checkpoint_dir=checkpoint_dir, on_epoch_end=report)
 
 
 def concurrent_trials(sweep: SweepConfig) -> int:
@@ -148,13 +173,22 @@ def _trial_cpus(sweep: SweepConfig) -> float:
     return 1 if sweep.workers_per_trial == 1 else sweep.workers_per_trial + TRIAL_CPU
 
 
-def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultGrid:
-    """Run (or resume) the sweep; Ray must be initialised. Returns Tune's results, one per trial."""
+def run_sweep(
+    sweep: SweepConfig, store: str, storage_path: str, trial_logger: TrialLogger | None = None
+) -> tuple[tune.ResultGrid, bool]:
+    """Run (or resume) the sweep; Ray must be initialised. Returns Tune's results, one per trial, and whether
+    the sweep was interrupted (Ctrl-C: Tune saves its state and stops; running it again resumes it)."""
     path = f"{storage_path.rstrip('/')}/{sweep.name}"
     max_epochs = sweep.job.train.epochs_for(1)  # ASHA's horizon: the configured epochs
     if sweep.job.train.max_epochs is not None:
         max_epochs = sweep.job.train.max_epochs
-    trainable = tune.with_resources(_trial, {"cpu": 1 if sweep.workers_per_trial == 1 else TRIAL_CPU})
+    # a one-worker trial checkpoints every epoch and keeps the last: Tune then snapshots the experiment each time
+    # (cheap here, and what makes a resume continue from the last epoch); its warning about it is noise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, trial_logger=trial_logger),
+        {"cpu": 1 if sweep.workers_per_trial == 1 else TRIAL_CPU},
+    )
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -167,7 +201,7 @@ def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultG
             "name": sweep.name,
         }
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", max_t=max_epochs, grace_period=sweep.grace_period,
+            time_attr="epochs_done", max_t=max_epochs, grace_period=sweep.grace_period,
             reduction_factor=sweep.reduction_factor,
         )  # fmt: skip
         tuner = tune.Tuner(
@@ -181,19 +215,43 @@ def run_sweep(sweep: SweepConfig, store: str, storage_path: str) -> tune.ResultG
                 max_concurrent_trials=concurrent_trials(sweep),
             ),  # fmt: skip
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=storage_path, failure_config=tune.FailureConfig(fail_fast=False)
+                name=sweep.name,
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
         )
-    return tuner.fit()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def interrupted_marker(signum, frame):  # Tune puts back the handler it found when Ctrl-C stops it
+        signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupted_marker)
+    try:
+        results = tuner.fit()
+    finally:
+        stopped_by_signal = signal.getsignal(signal.SIGINT) is interrupted_marker
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+    unfinished = results.num_terminated + results.num_errors < len(results) or len(results) < _n_trials(sweep)
+    return results, stopped_by_signal or unfinished
+
+
+def _n_trials(sweep: SweepConfig) -> int:
+    """Trials the sweep makes: num_samples times the grid (sampled dimensions do not multiply)."""
+    return sweep.num_samples * math.prod(len(s.grid) for s in sweep.search_space.values() if s.grid is not None)
 
 
 def summarise(results: tune.ResultGrid, sweep: SweepConfig) -> list[dict]:
-    """One plain record per trial: overrides, status, error, epochs run, last / best objective, stopped early
-    (by ASHA, before the configured epochs), and the per-epoch figures."""
+    """One plain record per trial, ranked (`rank_trials`): overrides, status, error, epochs run, the objective
+    at the last epoch and its best, stopped early (by ASHA, before the configured epochs), per-epoch figures."""
     max_epochs = sweep.job.train.max_epochs
     trials = []
     for result in results:
         history = result.metrics_dataframe
+        if history is not None and "epochs_done" in history:  # an epoch recomputed after a resume counts once
+            history = history.drop_duplicates("epochs_done", keep="last")
         epochs = [] if history is None else history.to_dict("records")
         values = [e[sweep.metric] for e in epochs if sweep.metric in e]
         trials.append(
@@ -209,4 +267,20 @@ def summarise(results: tune.ResultGrid, sweep: SweepConfig) -> list[dict]:
                 "history": epochs,
             }
         )
-    return trials
+    return rank_trials(trials, sweep.metric)
+
+
+def rank_trials(trials: list[dict], metric: str) -> list[dict]:
+    """Rank as ASHA judged: finished trials that trained longer first (ASHA stopped the others because they
+    were behind at a rung), then by the objective at their last epoch; failed trials last. Each record gains
+    `common_epochs`, the epochs every finished trial reached, and `at_common`, its objective there: the one
+    column that compares every trial at equal training."""
+    finished = {id(t) for t in trials if t["status"] == "FINISHED" and t["epochs"] > 0}
+    common = min((t["epochs"] for t in trials if id(t) in finished), default=0)
+    for t in trials:
+        t["common_epochs"] = common
+        t["at_common"] = t["history"][common - 1].get(metric, math.nan) if id(t) in finished else math.nan
+    return sorted(
+        trials,
+        key=lambda t: (id(t) not in finished, -t["epochs"], t["last"] if math.isfinite(t["last"]) else math.inf),
+    )

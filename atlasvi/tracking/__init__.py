@@ -153,3 +153,34 @@ class EpochLogger:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
+
+
+class SweepChildRuns:
+    """The child runs of a sweep's parent run, one per trial, found again by the `trial_id` tag (picklable: Ray
+    ships it to every trial, which logs its epochs live into its own child)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+
+    def existing(self) -> dict[str, str]:
+        """trial id -> child run id."""
+        client = MlflowClient(self.tracking_uri)
+        runs = client.search_runs(
+            [ensure_experiment(self.tracking_uri, self.experiment)],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+        )
+        return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+
+    def child(self, trial_id: str, params: Mapping[str, Any]) -> MlflowRun:
+        """The trial's child run (created with its params on first use; resumed after)."""
+        run_id = self.existing().get(trial_id)
+        if run_id is not None:
+            return MlflowRun(self.tracking_uri, self.experiment, run_id=run_id)
+        tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id}
+        run = MlflowRun(self.tracking_uri, self.experiment, run_name=f"trial-{trial_id}", tags=tags)
+        run.log_params(params)
+        return run
+
+    def __call__(self, trial_id: str, params: Mapping[str, Any]) -> EpochLogger:
+        """An epoch logger into the trial's child run."""
+        return EpochLogger(self.tracking_uri, self.experiment, self.child(trial_id, params).run_id)

@@ -5,7 +5,13 @@ default suite.
 """
 
 import csv
+import json
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from atlasvi.cli.main import app
-from atlasvi.launch.sweep import SearchSpec, SweepConfig
+from atlasvi.launch.sweep import SearchSpec, SweepConfig, rank_trials
 
 runner = CliRunner()
 
@@ -50,9 +56,10 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
     with (workdir / "outputs/sweeps/four/ranked.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
-    objective = [float(r["best_validation_elbo"]) for r in rows]
-    assert objective == sorted(objective) and all(math.isfinite(v) for v in objective)
+    ranking = [(-int(r["epochs"]), float(r["validation_elbo"])) for r in rows]
+    assert ranking == sorted(ranking) and all(math.isfinite(v) for _, v in ranking)  # as ASHA judged
     assert any(r["stopped_early"] == "True" for r in rows)  # ASHA cut at least one trial short of 4 epochs
+    assert int(rows[0]["epochs"]) == 4 and all(math.isfinite(float(r["validation_elbo_at_epoch_1"])) for r in rows)
     assert (workdir / "outputs/sweeps/four/heatmap.png").read_bytes()[:4] == b"\x89PNG"
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
@@ -65,7 +72,12 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
         ("5", "1"),
         ("5", "2"),
     }
-    assert all(client.get_metric_history(c.info.run_id, "validation_elbo") for c in children)
+    for child in children:  # epochs logged live by the trial, one value per epoch; closed with its outcome
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
+        assert sorted(steps) == list(range(len(steps))) and steps
+        assert child.data.tags["status"] == "FINISHED" and child.data.tags["stopped_early"] in ("True", "False")
+        assert (child.data.tags["stopped_early"] == "True") == (len(steps) < 4)
+        assert any(a.path.startswith("loss_curves_") for a in client.list_artifacts(child.info.run_id))
     assert "ranked.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     best = workdir / "outputs/sweeps/four/best.yaml"
     trained = runner.invoke(app, ["train", "--config", str(best), "--max-epochs", "1", "--output", "best"])
@@ -88,3 +100,72 @@ def test_search_space_fields_are_checked():
         SweepConfig(search_space={"model.n_latnt": SearchSpec(grid=[1])})
     with pytest.raises(ValueError, match="exactly one of grid, choice"):
         SearchSpec(grid=[1], choice=[2])
+
+
+def _epochs_reported(trial_dir) -> list[int]:
+    result = trial_dir / "result.json"
+    if not result.exists():
+        return []
+    return [json.loads(line)["epochs_done"] for line in result.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir, embedded_store):
+    config = _sweep(workdir, embedded_store, {"model.n_latent": {"grid": [5, 10, 15]}}, "resumed")
+    config |= {"grace_period": 6, "max_concurrent_trials": 1}  # no early stops: every trial trains 6 epochs
+    config["job"]["train"]["max_epochs"] = 6
+    (workdir / "resumed.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).with_name("atlasvi")), "sweep", "--config", "resumed.yaml"]
+    sweep = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    experiment = workdir / "outputs/sweeps/ray_results/resumed"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # interrupt (Ctrl-C) once one trial ended and the next is half-way
+        progress = sorted(len(_epochs_reported(d)) for d in experiment.glob("_trial*"))
+        if progress[-2:] and progress[-1] == 6 and len(progress) >= 2 and 2 <= progress[-2] < 6:
+            break
+        assert sweep.poll() is None, sweep.stdout.read()
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGINT)
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 130, output
+    assert "Run the same command again to resume" in " ".join(output.split())
+    assert not (workdir / "outputs/sweeps/resumed/ranked.csv").exists()
+    before = {d.name: _epochs_reported(d) for d in experiment.glob("_trial*")}
+    (done,) = [name for name, epochs in before.items() if epochs == [1, 2, 3, 4, 5, 6]]
+    (cut,) = [name for name, epochs in before.items() if 2 <= len(epochs) < 6]
+
+    resumed = runner.invoke(app, ["sweep", "--config", "resumed.yaml"])
+    assert resumed.exit_code == 0, resumed.output
+    after = {d.name: _epochs_reported(d) for d in experiment.glob("_trial*")}
+    assert len(after) == 3 and after[done] == before[done]  # the finished trial did not run again
+    assert after[cut] == [1, 2, 3, 4, 5, 6]  # the cut trial went on from its checkpoint, no epoch run twice
+    with (workdir / "outputs/sweeps/resumed/ranked.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["FINISHED"] * 3 and {r["epochs"] for r in rows} == {"6"}
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["interrupted"] == "false" and parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    for child in children:  # one value per epoch, whether the trial was cut or not
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
+        assert sorted(steps) == list(range(6))
+
+
+def test_trials_rank_as_asha_judged_and_compare_at_the_common_epoch():
+    def trial(name: str, curve: list[float], status: str = "FINISHED") -> dict:
+        history = [{"epochs_done": i + 1, "validation_elbo": v} for i, v in enumerate(curve)]
+        last = curve[-1] if curve else math.nan
+        return {"trial_id": name, "status": status, "epochs": len(curve), "last": last, "history": history}
+
+    trials = [
+        trial("stopped-at-2", [900.0, 800.0]),
+        trial("failed", [], status="FAILED"),
+        trial("full-worse", [950.0, 850.0, 700.0, 690.0]),
+        trial("full-better", [990.0, 870.0, 680.0, 650.0]),
+    ]
+    ranked = rank_trials(trials, "validation_elbo")
+    assert [t["trial_id"] for t in ranked] == ["full-better", "full-worse", "stopped-at-2", "failed"]
+    assert {t["common_epochs"] for t in ranked} == {2}
+    assert [t["at_common"] for t in ranked[:3]] == [870.0, 850.0, 800.0] and math.isnan(ranked[3]["at_common"])
