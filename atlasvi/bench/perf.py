@@ -171,17 +171,29 @@ def cached_store(n_cells: int, config: BenchConfig, progress: Progress | None = 
 # Runs
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds every process of the machine has used (from /proc/stat), None off Linux."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def run_child(command: list[str], env: Mapping[str, str], cwd: Path | None = None) -> tuple[dict, float, float]:
     """(the JSON of the command's last stdout line, its peak RSS in MB, its wall time in s); raises on failure.
 
-    The peak RSS is the child's own (os.wait4), whatever Python it runs.
+    The peak RSS is the child's own (os.wait4), whatever Python it runs. The result gets `other_cpu_cores`: the
+    cores other processes of the machine kept busy meanwhile (the child's own CPU time taken out).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
+        started, busy = time.perf_counter(), _busy_cpu_s()
         child = subprocess.Popen(command, stdout=out, stderr=err, env=dict(env), cwd=cwd, text=True)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
+        if busy is not None:
+            others = (_busy_cpu_s() - busy - usage.ru_utime - usage.ru_stime) / seconds
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if child.returncode != 0:
@@ -189,7 +201,10 @@ def run_child(command: list[str], env: Mapping[str, str], cwd: Path | None = Non
     lines = stdout.strip().splitlines()
     if not lines:
         raise RuntimeError(f"{' '.join(command[:3])} ... printed no result:\n{stderr[-3000:]}")
-    return json.loads(lines[-1]), usage.ru_maxrss / 1024, seconds
+    result = json.loads(lines[-1])
+    if isinstance(result, dict) and busy is not None:
+        result["other_cpu_cores"] = max(0.0, others)
+    return result, usage.ru_maxrss / 1024, seconds
 
 
 def _tasks(config: BenchConfig, scvi_ok: bool) -> list[dict]:
@@ -233,6 +248,7 @@ def _measure(task: dict, store: Path, n_train: int, epochs: int, config: BenchCo
         "versions": result.get("versions"),
         "load_s": result.get("load_s"),
         "ray_start_s": result.get("ray_start_s"),
+        "other_cpu_cores": result.get("other_cpu_cores"),
     }
 
 
@@ -302,6 +318,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         gpu = [r["peak_gpu_mb"] for r in mine if r["peak_gpu_mb"] is not None]
         row["peak_gpu_mb"] = max(gpu) if gpu else None
         row["repeats_cells_per_s"] = [round(r["cells_per_s"]) for r in mine]
+        others = [r["other_cpu_cores"] for r in mine if r.get("other_cpu_cores") is not None]
+        row["other_cpu_cores"] = float(statistics.median(others)) if others else None
         row["default_rule_epochs"] = default_rule_epochs(row["train_cells"])
         row["default_rule_projected_s"] = row["default_rule_epochs"] * row["epoch_s"]
         rows.append(row)
@@ -309,7 +327,18 @@ def summarise(runs: list[dict]) -> list[dict]:
         ref = [r for r in rows if r["tool"] == "scvi-tools" and (r["cells"], r["device"], r["batch_size"]) ==
                (row["cells"], row["device"], row["batch_size"])]  # fmt: skip
         row["x_scvi_tools"] = row["cells_per_s"] / ref[0]["cells_per_s"] if ref else None
+        # the same ratio within each repeat (rows of one repeat ran back to back), median over repeats
+        pairs = []
+        for mine in [r for r in runs if _key(r) == _key(row)]:
+            same = (mine["cells"], mine["device"], mine["batch_size"], mine["repeat"], "scvi-tools")
+            theirs = [r for r in runs if (r["cells"], r["device"], r["batch_size"], r["repeat"], r["tool"]) == same]
+            pairs += [mine["cells_per_s"] / theirs[0]["cells_per_s"]] if theirs else []
+        row["x_scvi_tools_paired"] = float(statistics.median(pairs)) if pairs else None
     return rows
+
+
+def _key(r: dict) -> tuple:
+    return r["cells"], r["tool"], r["device"], r["workers"], r["batch_size"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -361,9 +390,9 @@ def _label(row: dict) -> str:
 def headline(report: dict) -> list[str]:
     """The ratio table: atlasvi (one process) against scvi-tools, per size, device and batch size."""
     lines = [
-        "| cells | device | batch | atlasvi cells/s | scvi-tools cells/s | atlasvi / scvi-tools | atlasvi s / epoch "
-        "| atlasvi peak RSS | scvi-tools peak RSS |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| cells | device | batch | atlasvi cells/s | scvi-tools cells/s | atlasvi / scvi-tools | same, paired by "
+        "repeat | atlasvi s / epoch | atlasvi peak RSS | scvi-tools peak RSS | other processes (cores) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         if row["tool"] != "atlasvi" or row["workers"] != 1:
@@ -372,8 +401,9 @@ def headline(report: dict) -> list[str]:
                     r["batch_size"]) == (row["cells"], row["device"], row["batch_size"])), None)  # fmt: skip
         lines.append(
             f"| {row['cells']:,} | {row['device']} | {row['batch_size']} | {_fmt(row['cells_per_s'])} "
-            f"| {_fmt(ref and ref['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} | {row['epoch_s']:.1f} "
-            f"| {_fmt(row['peak_rss_mb'])} MB | {_fmt(ref and ref['peak_rss_mb'])} MB |"
+            f"| {_fmt(ref and ref['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} "
+            f"| {_fmt(row['x_scvi_tools_paired'], 2)} | {row['epoch_s']:.1f} | {_fmt(row['peak_rss_mb'])} MB "
+            f"| {_fmt(ref and ref['peak_rss_mb'])} MB | {_fmt(row['other_cpu_cores'], 1)} |"
         )
     return lines
 
@@ -397,7 +427,9 @@ def markdown(report: dict) -> str:
         "s / epoch: median epoch wall time after the first (steady state), training only (atlasvi's validation "
         "pass is outside it; scvi-tools has none, `train_size=1.0`); cells/s: training cells over it. "
         "Default rule: scvi-tools' min(round(20000 / n_train x 400), 400) epochs, projected as rule epochs x "
-        "s / epoch (not run). Peak RSS: the training process's own (Ray rows: rank 0's worker).",
+        "s / epoch (not run). Peak RSS: the training process's own (Ray rows: rank 0's worker). Other processes: "
+        "CPU cores the rest of the machine kept busy during the row (median over repeats); the machine is shared, "
+        "so compare tools within a repeat (the paired ratio).",
         "",
         "## Headline: atlasvi / scvi-tools",
         "",
@@ -406,8 +438,9 @@ def markdown(report: dict) -> str:
         "## Every row",
         "",
         "| cells | tool | device | batch | epochs run | s / epoch | cells/s | x scvi-tools | wall, epochs run "
-        "| default rule: epochs | projected | peak RSS MB | peak GPU MB | cells/s per repeat |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| default rule: epochs | projected | peak RSS MB | peak GPU MB | cells/s per repeat | other processes "
+        "(cores) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in report["rows"]:
         lines.append(
@@ -415,7 +448,7 @@ def markdown(report: dict) -> str:
             f"| {row['epoch_s']:.2f} | {_fmt(row['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} "
             f"| {_duration(row['wall_s'])} | {row['default_rule_epochs']} "
             f"| {_duration(row['default_rule_projected_s'])} | {_fmt(row['peak_rss_mb'])} | {_fmt(row['peak_gpu_mb'])} "
-            f"| {', '.join(f'{x:,}' for x in row['repeats_cells_per_s'])} |"
+            f"| {', '.join(f'{x:,}' for x in row['repeats_cells_per_s'])} | {_fmt(row['other_cpu_cores'], 1)} |"
         )
     if report["loaders"]:
         lines += [
@@ -539,7 +572,8 @@ def log_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: s
             "peak_rss_mb": row["peak_rss_mb"], "default_rule_epochs": row["default_rule_epochs"],
             "default_rule_projected_s": row["default_rule_projected_s"],
         }  # fmt: skip
-        metrics |= {k: row[k] for k in ("peak_gpu_mb", "x_scvi_tools") if row[k] is not None}
+        optional = ("peak_gpu_mb", "x_scvi_tools", "x_scvi_tools_paired", "other_cpu_cores")
+        metrics |= {k: row[k] for k in optional if row[k] is not None}
         run.log_metrics(metrics)
         for step, value in enumerate(row["repeats_cells_per_s"]):
             run.log_metrics({"cells_per_s_repeat": value}, step=step)
