@@ -66,6 +66,8 @@ def sweep_command(
     flags = {"num_samples": num_samples, "name": name, "job": {"store": store, "train": {"max_epochs": max_epochs}}}
     sources.append(("flags", flags))
     sweep = make_config(SweepConfig, sources)
+    for warning in sweep.schedule_warnings():
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     store_path = sweep.job.store or _embedded_store()
     if not is_url(store_path):
         store_path = str(Path(store_path).resolve())
@@ -100,8 +102,9 @@ def sweep_command(
     keys = list(sweep.search_space)
     common = trials[0]["common_epochs"] if trials else 0
     table = Table(title=f"sweep {sweep.name}: held-out {sweep.metric} (lower is better), ranked as ASHA judged")
-    for column in ["rank", *keys, "epochs", f"{sweep.metric} (last)", "best", f"at epoch {common}", "status"]:
-        table.add_column(column)
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    for column in ["rank", *short, "epochs", "last", "best", f"at epoch {common}", "ASHA stop", "status"]:
+        table.add_column(column, no_wrap=True)
     handle = io.StringIO()
     writer = csv.writer(handle)
     writer.writerow(
@@ -111,8 +114,8 @@ def sweep_command(
     for rank, t in enumerate(trials, start=1):
         values = [str(t["overrides"].get(k)) for k in keys]
         figures = [f"{t[k]:.2f}" if math.isfinite(t[k]) else "-" for k in ("last", "best", "at_common")]
-        stopped = " (stopped by ASHA)" if t["stopped_early"] else ""
-        table.add_row(str(rank), *values, f"{t['epochs']}{stopped}", *figures, t["status"])
+        stopped = "yes" if t["stopped_early"] else ""
+        table.add_row(str(rank), *values, str(t["epochs"]), *figures, stopped, t["status"])
         writer.writerow(
             [rank, *values, t["epochs"], *figures, t["stopped_early"], t["status"], t["trial_id"], t["error"] or ""]
         )

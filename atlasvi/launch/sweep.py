@@ -76,11 +76,11 @@ class SweepConfig(BaseModel):
     job: TrainJobConfig = TrainJobConfig()
     search_space: dict[str, SearchSpec] = {
         "model.n_latent": SearchSpec(grid=[10, 20, 30]),
-        "model.n_layers": SearchSpec(grid=[1, 2]),
+        "model.n_layers": SearchSpec(grid=[1, 2, 3]),
     }
     num_samples: int = Field(default=1, gt=0)
     metric: Literal["validation_elbo", "validation_reconstruction"] = "validation_elbo"
-    grace_period: int = Field(default=5, gt=0)
+    grace_period: int = Field(default=10, gt=0)
     reduction_factor: float = Field(default=2, gt=1)
     workers_per_trial: int = Field(default=1, gt=0)
     max_concurrent_trials: int | None = Field(default=None, gt=0)
@@ -97,6 +97,17 @@ class SweepConfig(BaseModel):
                     raise ValueError(f"search_space: {path!r} is not a TrainJobConfig field ({part!r} unknown)")
                 owner = fields[part].annotation
         return self
+
+    def schedule_warnings(self) -> list[str]:
+        """What makes ASHA's early comparisons unfair for this job (printed by `atlasvi sweep`)."""
+        warmup, max_epochs = self.job.train.n_epochs_kl_warmup, self.job.train.max_epochs
+        if warmup and max_epochs and warmup < max_epochs and self.grace_period < warmup:
+            return [
+                f"grace_period {self.grace_period} is before the end of the KL warm-up ({warmup} epochs): ASHA will "
+                "compare trials on a held-out ELBO they are not yet trained for, and deeper or wider models, which "
+                "start slower, will be stopped before they overtake (set grace_period >= n_epochs_kl_warmup)"
+            ]
+        return []
 
 
 def with_overrides(job: TrainJobConfig, overrides: dict[str, Any]) -> TrainJobConfig:

@@ -169,3 +169,10 @@ def test_trials_rank_as_asha_judged_and_compare_at_the_common_epoch():
     assert [t["trial_id"] for t in ranked] == ["full-better", "full-worse", "stopped-at-2", "failed"]
     assert {t["common_epochs"] for t in ranked} == {2}
     assert [t["at_common"] for t in ranked[:3]] == [870.0, 850.0, 800.0] and math.isnan(ranked[3]["at_common"])
+
+
+def test_a_first_rung_before_the_end_of_the_kl_warmup_is_warned_about():
+    job = {"train": {"max_epochs": 40, "n_epochs_kl_warmup": 20}}
+    early = SweepConfig.model_validate({"grace_period": 10, "job": job})
+    assert "before the end of the KL warm-up (20 epochs)" in early.schedule_warnings()[0]
+    assert SweepConfig.model_validate({"grace_period": 20, "job": job}).schedule_warnings() == []
