@@ -11,6 +11,7 @@ import torch
 from atlasvi.analysis import de
 from atlasvi.api import SCVI
 from atlasvi.data import BuildConfig, build_store, open_store
+from atlasvi.data.writeback import ObsCategoricalWriter
 from atlasvi.train import TrainConfig
 from tests.conftest import KANG
 
@@ -177,3 +178,18 @@ def test_interferon_genes_top_stim_vs_ctrl_on_kang(kang_model):
     assert vanilla["comparison"].unique().tolist() == ["B cells_stim vs Rest", "B cells_ctrl vs Rest"]
     with pytest.raises(KeyError, match="no categorical column 'nope'"):
         model.differential_expression("nope")
+
+
+def test_groupby_an_obs_column_written_after_the_build(kang_model):
+    model, adata = kang_model
+    names = ad.read_zarr(model.store.path).obs_names
+    condition = adata.obs["condition"].astype(str)[names].to_numpy()
+    with ObsCategoricalWriter(model.store.path, "stimulated", ["ctrl", "stim"]) as writer:
+        writer.write((condition == "stim").astype(np.int64))
+        writer.commit()
+    codes, categories = open_store(model.store.path).read_obs_categorical("stimulated")
+    assert categories == ("ctrl", "stim") and (codes == (condition == "stim")).all()
+    result = model.differential_expression("stimulated", group1="stim", group2="ctrl", n_samples_overall=1000)
+    top = result.sort_values("lfc_mean", ascending=False).index[:10]
+    assert sum(g in top for g in ISGS) >= 3 and result.loc["ISG15", "is_de_fdr_0.05"]
+    assert result.loc["ISG15", "raw_mean1"] > 20 * result.loc["ISG15", "raw_mean2"]
