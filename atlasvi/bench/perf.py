@@ -62,7 +62,8 @@ class BenchConfig(BaseModel):
     threads: torch intra-op threads of every training process (both tools); reference: the real raw-count h5ad
     the synthetic counts are fitted to (obs "cell_type"); scvi_python / annbatch_python: interpreters of the
     environments with scvi-tools / annbatch (absent: those rows are skipped with the reason); readme: a README
-    whose bench section is rewritten; merge: keep the other sizes' runs of `output`'s perf_table.json.
+    whose bench section is rewritten; merge: keep the runs of `output`'s perf_table.json of the other sizes and batch
+    sizes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -504,9 +505,10 @@ def chart(report: dict, path: Path) -> Path:
         memory.plot(x, [r["peak_rss_mb"] for r in rows], style, marker="o", label=name)
     speed.set(xscale="log", yscale="log", xlabel="cells in the store", ylabel="training cells / s", title="speed")
     memory.set(xscale="log", yscale="log", xlabel="cells in the store", ylabel="peak RSS (MB)", title="memory")
+    memory.axhline(2000, color="grey", linestyle=":", label="goal: atlasvi under 2 GB")
     for ax in (speed, memory):
         ax.grid(True, which="both", alpha=0.3)
-    speed.legend(fontsize=7)
+        ax.legend(fontsize=7)
     m = report["machine"]
     fig.suptitle(
         f"scVI training, {m['cpu']}, {m['cores']} cores ({', '.join(report['config']['devices'])})", fontsize=9
@@ -636,9 +638,9 @@ def run_bench(
     previous = out / "perf_table.json"
     if config.merge and previous.exists():
         before = json.loads(previous.read_text())
-        sizes = set(config.sizes)
-        runs = [r for r in before["runs"] if r["cells"] not in sizes] + runs
-        loaders = [r for r in before["loaders"] if r["cells"] not in sizes] + loaders
+        sizes, fresh = set(config.sizes), {(n, b) for n in config.sizes for b in config.batch_sizes}
+        runs = [r for r in before["runs"] if (r["cells"], r["batch_size"]) not in fresh] + runs
+        loaders = [r for r in before["loaders"] if (r["cells"], r["batch_size"]) not in fresh] + loaders
         skipped = list(dict.fromkeys(before["skipped"] + skipped))
         command = f"{before['command']}; {command}"
         other_versions = before.get("other_versions", {}) | other_versions

@@ -40,9 +40,7 @@ def bench_command(
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="GPU rows next to the CPU rows")] = False,
     output: Annotated[str | None, typer.Option(help="folder of perf_table.md / .json and perf_chart.png")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="where synthetic inputs and stores are cached")] = None,
-    reference: Annotated[
-        str | None, typer.Option(help="raw-count h5ad the synthetic counts are fitted to")
-    ] = None,
+    reference: Annotated[str | None, typer.Option(help="raw-count h5ad the synthetic counts are fitted to")] = None,
     scvi_python: Annotated[str | None, typer.Option(help="Python of an environment with scvi-tools")] = None,
     annbatch_python: Annotated[str | None, typer.Option(help="Python of an environment with annbatch")] = None,
     no_scvi: Annotated[bool, typer.Option("--no-scvi", help="no scvi-tools rows")] = False,
@@ -50,7 +48,7 @@ def bench_command(
     update_readme: Annotated[
         Path | None, typer.Option("--update-readme", help="rewrite this README's performance section")
     ] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="keep other sizes' rows of OUTPUT/perf_table.json")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="keep the output's other size/batch rows")] = False,
 ) -> None:
     """Train scVI on synthetic 10K / 100K / 1M-cell stores, atlasvi vs scvi-tools; table, chart, MLflow runs."""
     sources: list[tuple[str, dict[str, Any]]] = []
