@@ -141,6 +141,7 @@ class ObsCategoricalWriter:
         self.codes = group.create_array(
             "codes", shape=(self.n_cells,), chunks=(max(1, min(self.n_cells, 1 << 16)),), dtype=dtype,
             compressors=compressors(3), fill_value=-1,
+            attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
         )  # fmt: skip
         self.n_categories = len(categories)
         self.written = 0

@@ -16,12 +16,6 @@ from torch.distributions import Normal
 __all__ = ["CountDecoder", "Encoder", "FCLayers"]
 
 
-def one_hot_covariates(codes: Sequence[torch.Tensor], n_categories: Sequence[int]) -> torch.Tensor | None:
-    """(n, sum of n_categories) one-hot of each categorical covariate; None when there are none."""
-    parts = [F.one_hot(c.long().view(-1), n).float() for c, n in zip(codes, n_categories, strict=True) if n > 1]
-    return torch.cat(parts, dim=-1) if parts else None
-
-
 class FCLayers(nn.Module):
     """n_layers fully-connected layers, (n, n_in) -> (n, n_out), with categorical covariates injected.
 
@@ -58,13 +52,34 @@ class FCLayers(nn.Module):
             self.layers.append(nn.Sequential(*block))
 
     def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
-        """x: (n, n_in); codes: one (n,) or (n, 1) integer tensor per covariate."""
-        covariates = one_hot_covariates(codes, self.n_categories)
+        """x: (n, n_in); codes: one (n,) or (n, 1) integer tensor per covariate.
+
+        An injected layer computes Linear([x, one-hot]) as x @ W_x^T + b plus the one-hot's columns of W
+        gathered per cell: the same value without building the concatenated input, and the features'
+        product does not depend on how many covariate columns there are (scArches surgery adds some and
+        leaves the reference cells' values exactly as they were).
+        """
         for inject, layer in zip(self.inject, self.layers, strict=True):
-            if inject and covariates is not None:
-                x = torch.cat([x, covariates], dim=-1)
-            x = layer(x)
+            if inject and sum(self.n_categories) > 0:
+                linear = layer[0]
+                n_in = x.shape[-1]
+                x = F.linear(x, linear.weight[:, :n_in], linear.bias) + self._covariate_columns(
+                    linear.weight[:, n_in:], codes
+                )
+                x = layer[1:](x)
+            else:
+                x = layer(x)
         return x
+
+    def _covariate_columns(self, weight: torch.Tensor, codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(n, n_out): the sum over covariates of the weight column of each cell's category."""
+        total, offset = None, 0
+        for c, n in zip(codes, self.n_categories, strict=True):
+            if n > 0:
+                columns = weight[:, offset : offset + n].t()[c.long().view(-1)]
+                total = columns if total is None else total + columns
+                offset += n
+        return total
 
 
 class Encoder(nn.Module):

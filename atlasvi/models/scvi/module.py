@@ -129,7 +129,7 @@ class SCVIModule(nn.Module):
         return ScviInputs(
             x=batch.counts(),
             batch_index=batch.categorical[self.batch_key],
-            labels=batch.categorical[self.labels_key] if self.labels_key else None,
+            labels=batch.categorical.get(self.labels_key) if self.labels_key else None,  # unused unless gene-label
             categorical=tuple(batch.categorical[k] for k in self.categorical_keys),
             continuous=continuous,
         )

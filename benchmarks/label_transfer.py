@@ -1,0 +1,297 @@
+"""scANVI label transfer and scArches query mapping, atlasvi vs scvi-tools 1.4.2 side by side.
+
+    .venv/bin/python benchmarks/label_transfer.py --datasets kang cellbench --seeds 0 1 2
+
+Reference = batches with labels, query = held-out batches without labels (CellBench sc_mixology,
+demuxlet singlets: the four CEL-seq2 batches -> Drop-seq; Kang: ctrl101, ctrl107 -> stim101, stim107).
+Both tools get the same cells, the same HVGs (atlasvi's Seurat v3 selection, written to one h5ad that
+both read), the same architecture, epochs, KL warm-up and batch size (128), 10% of the cells held
+out for validation each. Two tasks per seed:
+(a) semi-supervised: scVI on every cell (query labels masked), scANVI from it, predict the query;
+(b) scArches: scVI then scANVI on the reference alone (scvi-tools' scArches architecture: covariates
+    encoded, 2 layers, layer norm, no batch norm, dropout 0.2), query mapped by surgery (weight decay 0),
+    predict the query; the reference cells' latent before and after query training must be identical.
+Accuracy and macro-F1 on the query cells. The scvi-tools half runs in its venv
+(`bash benchmarks/setup_scvi_venv.sh`) as a subprocess of this script (`--side scvi`), in parallel
+with the atlasvi half, each on one torch thread. Output: results/label_transfer.json and .md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
+UNLABELED = "Unknown"
+DATASETS = {
+    # file, batch key, labels key, obs filters, query batches
+    "cellbench": ("cellbench_sc_mixology_3tech.h5ad", "batch", "cell_line", {"demuxlet_cls": "SNG"}, ["sc_dropseq"]),
+    "kang": ("kang2018_pbmc_ifnb_muscat.h5ad", "sample", "cell_type", {}, ["stim101", "stim107"]),
+}
+ARCHES = {
+    "encode_covariates": True,
+    "n_layers": 2,
+    "use_layer_norm": "both",
+    "use_batch_norm": "none",
+    "dropout_rate": 0.2,
+}
+
+
+def scores(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Accuracy and macro-F1 (over the true classes present) of predicted labels."""
+    classes = np.unique(truth)
+    f1 = []
+    for c in classes:
+        tp = np.sum((predicted == c) & (truth == c))
+        precision = tp / max(np.sum(predicted == c), 1)
+        recall = tp / max(np.sum(truth == c), 1)
+        f1.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return {"accuracy": float(np.mean(truth == predicted)), "macro_f1": float(np.mean(f1))}
+
+
+def prepare(name: str, workdir: Path) -> Path:
+    """input.h5ad: the kept cells, the HVGs atlasvi's build selects (2000, or every gene of a smaller file)."""
+    import anndata as ad
+
+    from atlasvi.data import BuildConfig, build_store
+
+    file, batch_key, labels_key, filters, _ = DATASETS[name]
+    target = workdir / "input.h5ad"
+    if target.exists():
+        return target
+    workdir.mkdir(parents=True, exist_ok=True)
+    adata = ad.read_h5ad(SHARED / file)
+    for key, value in filters.items():
+        adata = adata[adata.obs[key].astype(str) == value].copy()
+    adata.obs = adata.obs[[batch_key, labels_key]].astype(str).astype("category")
+    adata.write_h5ad(workdir / "filtered.h5ad")
+    n_top = 2000 if adata.n_vars > 2000 else None
+    config = BuildConfig(
+        inputs=[str(workdir / "filtered.h5ad")], output=str(workdir / "hvg.zarr"), batch_key=batch_key,
+        labels_key=labels_key, n_top_genes=n_top,
+    )  # fmt: skip
+    build_store(config)
+    genes = ad.read_zarr(workdir / "hvg.zarr").var_names
+    adata = adata[:, adata.var_names.isin(genes)].copy()
+    adata.write_h5ad(target)
+    return target
+
+
+def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) -> dict:
+    import anndata as ad
+    import torch
+
+    from atlasvi.api import SCANVI, SCVI
+    from atlasvi.data import BuildConfig, build_store
+    from atlasvi.models.scvi import SCVIConfig
+    from atlasvi.train import TrainConfig
+
+    _, batch_key, labels_key, _, query_batches = DATASETS[name]
+    adata = ad.read_h5ad(h5ad)
+    truth = adata.obs[labels_key].astype(str)
+    stores = {}
+    for part, config in {
+        "semi": {"inputs": [str(h5ad)], "labels_key": labels_key, "unlabeled_batches": query_batches},
+        "reference": {"labels_key": labels_key},
+        "query": {},
+    }.items():
+        stores[part] = workdir / f"atlasvi_{part}.zarr"
+        if part != "semi" and not (workdir / f"{part}.h5ad").exists():
+            is_query = adata.obs[batch_key].isin(query_batches).to_numpy()
+            subset = adata[is_query if part == "query" else ~is_query].copy()
+            subset.obs = subset.obs[[batch_key] if part == "query" else [batch_key, labels_key]]
+            subset.write_h5ad(workdir / f"{part}.h5ad")
+        if not stores[part].exists():
+            inputs = config.pop("inputs", [str(workdir / f"{part}.h5ad")])
+            build_store(BuildConfig(inputs=inputs, output=str(stores[part]), batch_key=batch_key, **config))
+    pretrain = TrainConfig(max_epochs=epochs["scvi"], n_epochs_kl_warmup=epochs["kl_warmup"], seed=seed)
+    result = {"tool": "atlasvi", "dataset": name, "seed": seed}
+
+    def query_scores(model, store: Path) -> dict:
+        names = ad.read_zarr(store).obs_names
+        predicted = model.predict(store)
+        keep = adata.obs.loc[names, batch_key].isin(query_batches).to_numpy()
+        return scores(truth.loc[names].to_numpy()[keep], predicted[keep])
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    scvi = SCVI(stores["semi"], device="cpu")
+    scvi.fit(pretrain)
+    scanvi = SCANVI.from_scvi_model(scvi, unlabeled_category=UNLABELED)
+    scanvi.fit(TrainConfig(max_epochs=epochs["scanvi"], seed=seed))
+    result["semi_supervised"] = query_scores(scanvi, stores["semi"]) | {"seconds": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    scvi = SCVI(stores["reference"], SCVIConfig(**ARCHES), device="cpu")
+    scvi.fit(pretrain)
+    scanvi = SCANVI.from_scvi_model(scvi, unlabeled_category=UNLABELED)
+    scanvi.fit(TrainConfig(max_epochs=epochs["scanvi"], seed=seed))
+    reference_latent = scanvi.get_latent_representation()
+    query = SCANVI.load_query_data(stores["query"], scanvi, device="cpu", seed=seed)
+    before = query.get_latent_representation(stores["reference"])
+    query.fit(TrainConfig(max_epochs=epochs["query"], seed=seed))
+    after = query.get_latent_representation(stores["reference"])
+    result["surgery"] = query_scores(query, stores["query"]) | {
+        "seconds": time.perf_counter() - started,
+        "reference_latent_unchanged": bool(np.array_equal(before, after)),
+        "reference_latent_equals_reference_model": bool(np.array_equal(after, reference_latent)),
+    }
+    return result
+
+
+def scvi_side(name: str, h5ad: Path, seed: int, epochs: dict) -> dict:
+    import anndata as ad
+    import scvi
+    import torch
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = seed
+    scvi.settings.dl_num_workers = 0
+    _, batch_key, labels_key, _, query_batches = DATASETS[name]
+    adata = ad.read_h5ad(h5ad)
+    truth = adata.obs[labels_key].astype(str).to_numpy()
+    is_query = adata.obs[batch_key].isin(query_batches).to_numpy()
+    adata.obs["masked"] = np.where(is_query, UNLABELED, truth)
+    trainer = {"batch_size": 128, "train_size": 0.9, "accelerator": "cpu", "enable_progress_bar": False}
+    pretrain = trainer | {"max_epochs": epochs["scvi"], "plan_kwargs": {"n_epochs_kl_warmup": epochs["kl_warmup"]}}
+    result = {"tool": "scvi-tools", "version": scvi.__version__, "dataset": name, "seed": seed}
+
+    started = time.perf_counter()
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key="masked")
+    model = scvi.model.SCVI(adata)
+    model.train(**pretrain)
+    scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=UNLABELED)
+    scanvi.train(**trainer, max_epochs=epochs["scanvi"])
+    predicted = np.asarray(scanvi.predict(adata))
+    result["semi_supervised"] = scores(truth[is_query], predicted[is_query]) | {
+        "seconds": time.perf_counter() - started
+    }
+
+    started = time.perf_counter()
+    reference = adata[~is_query].copy()
+    query = adata[is_query].copy()
+    query.obs["masked"] = UNLABELED
+    scvi.model.SCVI.setup_anndata(reference, batch_key=batch_key, labels_key="masked")
+    model = scvi.model.SCVI(reference, **ARCHES)
+    model.train(**pretrain)
+    scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=UNLABELED)
+    scanvi.train(**trainer, max_epochs=epochs["scanvi"])
+    reference_latent = scanvi.get_latent_representation(reference)
+    mapped = scvi.model.SCANVI.load_query_data(query, scanvi)  # scvi-tools gives no latent before training
+    mapped.train(**(trainer | {"plan_kwargs": {"weight_decay": 0.0}}), max_epochs=epochs["query"])
+    after = mapped.get_latent_representation(reference)
+    predicted = np.asarray(mapped.predict(query))
+    result["surgery"] = scores(truth[is_query], predicted) | {
+        "seconds": time.perf_counter() - started,
+        "reference_latent_unchanged": bool(np.array_equal(after, reference_latent)),
+    }
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| dataset | task | tool | accuracy (mean ± sd) | macro-F1 (mean ± sd) | per seed (acc / F1) "
+        "| ref. latent unchanged |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for task in ("semi_supervised", "surgery"):
+            for tool in ("atlasvi", "scvi-tools"):
+                mine = sorted(
+                    (r for r in rows if r["dataset"] == dataset and r["tool"] == tool), key=lambda r: r["seed"]
+                )
+                if not mine:
+                    continue
+                acc = np.array([r[task]["accuracy"] for r in mine])
+                f1 = np.array([r[task]["macro_f1"] for r in mine])
+                seeds = ", ".join(f"{r['seed']}: {r[task]['accuracy']:.3f} / {r[task]['macro_f1']:.3f}" for r in mine)
+                unchanged = (
+                    "all seeds" if all(r[task].get("reference_latent_unchanged", True) for r in mine) else "NO"
+                ) if task == "surgery" else ""  # fmt: skip
+                lines.append(
+                    f"| {dataset} | {task} | {tool} | {acc.mean():.3f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.3f} "
+                    f"| {f1.mean():.3f} ± {f1.std(ddof=1) if len(f1) > 1 else 0:.3f} | {seeds} | {unchanged} |"
+                )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["kang", "cellbench"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scvi-epochs", type=int, default=100)
+    parser.add_argument("--kl-warmup", type=int, default=30, help="scVI pretraining's KL warm-up epochs")
+    parser.add_argument("--scanvi-epochs", type=int, default=20)
+    parser.add_argument("--query-epochs", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "label_transfer")
+    parser.add_argument("--rows-from", type=Path, help="only write the tables from the JSON rows a run printed (a log)")
+    parser.add_argument("--side", choices=["both", "scvi"], default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--h5ad", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    epochs = {
+        "scvi": args.scvi_epochs,
+        "kl_warmup": args.kl_warmup,
+        "scanvi": args.scanvi_epochs,
+        "query": args.query_epochs,
+    }
+    if args.rows_from is not None:
+        rows = [json.loads(line) for line in args.rows_from.read_text().splitlines() if line.startswith('{"tool"')]
+        write_results(args, epochs, rows)
+        return
+    if args.side == "scvi":
+        warnings.simplefilter("ignore")
+        print(json.dumps(scvi_side(args.datasets[0], args.h5ad, args.seeds[0], epochs)), flush=True)
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.datasets:
+        workdir = HERE / ".cache" / "label_transfer" / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            h5ad = prepare(name, workdir)
+        for seed in args.seeds:
+            options = {"scvi-epochs": args.scvi_epochs, "kl-warmup": args.kl_warmup,
+                       "scanvi-epochs": args.scanvi_epochs, "query-epochs": args.query_epochs}  # fmt: skip
+            command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--datasets", name, "--seeds", str(seed),
+                       "--h5ad", str(h5ad), *(f"--{k}={v}" for k, v in options.items())]  # fmt: skip
+            env = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mine = atlasvi_side(name, h5ad, workdir, seed, epochs)
+            print(json.dumps(mine), flush=True)
+            out, _ = child.communicate()
+            if child.returncode != 0:
+                raise SystemExit(f"scvi-tools side failed ({child.returncode}): {' '.join(command)}")
+            theirs = json.loads(out.strip().splitlines()[-1])
+            print(json.dumps(theirs), flush=True)
+            rows += [mine, theirs]
+    write_results(args, epochs, rows)
+
+
+def write_results(args: argparse.Namespace, epochs: dict, rows: list[dict]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), CPU only, 1 torch thread per side",
+        "epochs": epochs, "batch_size": 128, "arches_architecture": ARCHES, "command": " ".join(sys.argv),
+    }  # fmt: skip
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = f"# Label transfer and query mapping: atlasvi vs scvi-tools\n\n{json.dumps(meta)}\n\n{table(rows)}\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
