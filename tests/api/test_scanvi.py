@@ -55,8 +55,8 @@ def test_labels_transfer_to_the_unlabeled_query(transfer):
     query = obs["sample"].isin(QUERY).to_numpy()
     truth = obs["cell_type"].to_numpy()
     accuracy = np.mean(predicted[query] == truth[query])
-    assert accuracy > 0.8  # chance (largest class) is 0.26
-    assert np.mean(predicted[~query] == truth[~query]) > 0.95
+    assert accuracy > 0.8  # chance (largest class) is 0.26; seeds 0-3 gave 0.85-0.90
+    assert np.mean(predicted[~query] == truth[~query]) > 0.93  # seeds 0-3: 0.965-0.983 on the labelled cells
     assert (
         scanvi.history[-1].extra_metrics["classification_loss"] < scanvi.history[0].extra_metrics["classification_loss"]
     )
