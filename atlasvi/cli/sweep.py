@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -24,10 +25,11 @@ from atlasvi.train import EpochRecord
 def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, folder: Path) -> None:
     """Close each trial's child run (its epochs were logged live by the trial): final figures, stopped-early and
     status tags, the error of a failed trial, its loss curves. A child already closed (a resumed sweep) is kept."""
+    closed = children.closed()
     for trial in trials:
-        child = children.child(trial["trial_id"], trial["overrides"])
-        if "status" in child.client.get_run(child.run_id).data.tags:
+        if trial["trial_id"] in closed:
             continue
+        child = children.child(trial["trial_id"], trial["overrides"])
         final = {
             f"final_{metric}": trial["last"],
             f"best_{metric}": trial["best"],
@@ -101,9 +103,13 @@ def sweep_command(
     _finish_children(children, trials, sweep.metric, folder)
     keys = list(sweep.search_space)
     common = trials[0]["common_epochs"] if trials else 0
-    table = Table(title=f"sweep {sweep.name}: held-out {sweep.metric} (lower is better), ranked as ASHA judged")
+    table = Table(
+        title=f"sweep {sweep.name}: held-out {sweep.metric} (lower is better), ranked as ASHA judged",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
     short = [k.rsplit(".", 1)[-1] for k in keys]
-    for column in ["rank", *short, "epochs", "last", "best", f"at epoch {common}", "ASHA stop", "status"]:
+    for column in ["rank", *short, "epochs", "last", "best", f"at ep {common}", "outcome"]:
         table.add_column(column, no_wrap=True)
     handle = io.StringIO()
     writer = csv.writer(handle)
@@ -113,9 +119,9 @@ def sweep_command(
     )  # fmt: skip
     for rank, t in enumerate(trials, start=1):
         values = [str(t["overrides"].get(k)) for k in keys]
-        figures = [f"{t[k]:.2f}" if math.isfinite(t[k]) else "-" for k in ("last", "best", "at_common")]
-        stopped = "yes" if t["stopped_early"] else ""
-        table.add_row(str(rank), *values, str(t["epochs"]), *figures, stopped, t["status"])
+        figures = [f"{t[k]:.1f}" if math.isfinite(t[k]) else "-" for k in ("last", "best", "at_common")]
+        outcome = "FAILED" if t["status"] == "FAILED" else "ASHA stop" if t["stopped_early"] else "finished"
+        table.add_row(str(rank), *values, str(t["epochs"]), *figures, outcome)
         writer.writerow(
             [rank, *values, t["epochs"], *figures, t["stopped_early"], t["status"], t["trial_id"], t["error"] or ""]
         )

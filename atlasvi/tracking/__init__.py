@@ -162,14 +162,20 @@ class SweepChildRuns:
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
 
-    def existing(self) -> dict[str, str]:
-        """trial id -> child run id."""
+    def _runs(self) -> list:
         client = MlflowClient(self.tracking_uri)
-        runs = client.search_runs(
+        return client.search_runs(
             [ensure_experiment(self.tracking_uri, self.experiment)],
             filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
         )
-        return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+
+    def existing(self) -> dict[str, str]:
+        """trial id -> child run id."""
+        return {r.data.tags["trial_id"]: r.info.run_id for r in self._runs() if "trial_id" in r.data.tags}
+
+    def closed(self) -> set[str]:
+        """Trial ids whose child run was closed with its outcome (a `status` tag)."""
+        return {r.data.tags["trial_id"] for r in self._runs() if "trial_id" in r.data.tags and "status" in r.data.tags}
 
     def child(self, trial_id: str, params: Mapping[str, Any]) -> MlflowRun:
         """The trial's child run (created with its params on first use; resumed after)."""

@@ -83,6 +83,12 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
     trained = runner.invoke(app, ["train", "--config", str(best), "--max-epochs", "1", "--output", "best"])
     assert trained.exit_code == 0, trained.output
 
+    again = runner.invoke(app, ["sweep", "--config", "four.yaml"])  # a finished sweep: nothing runs again
+    assert again.exit_code == 0, again.output
+    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+
 
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(workdir, embedded_store):
