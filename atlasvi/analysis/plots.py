@@ -77,7 +77,8 @@ def sweep_heatmap_png(trials: Sequence[dict], row_key: str, column_key: str, met
         for j in range(len(columns)):
             if np.isfinite(grid[i, j]):
                 label = f"{grid[i, j]:.1f}\n({trained[i, j]} ep)"
-                ax.text(j, i, label, ha="center", va="center", color="white", fontsize=9)
+                light = image.norm(grid[i, j]) < 0.5  # viridis_r is light at the low (good) end
+                ax.text(j, i, label, ha="center", va="center", color="black" if light else "white", fontsize=9)
     ax.set_xticks(range(len(columns)), [str(c) for c in columns])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
     ax.set_xlabel(column_key)
