@@ -323,6 +323,14 @@ def report(results: dict, args) -> str:
             lines.append(
                 f"| {cell_type} | {tool} | " + " | ".join(cells) + f" | {part['n_genes_proba_1'].median():.0f} |"
             )
+        lines += ["", "Over the 5 genes x 5 cell types x seeds:", ""]
+        lines += ["| tool | called DE at FDR 0.05 | rank by proba_de: mean / max | rank by lfc_mean: mean / max |"]
+        lines += ["|---|---|---|---|"]
+        for tool, part in frame.groupby("tool", sort=False):
+            lines.append(
+                f"| {tool} | {part['is_de'].mean():.0%} | {part['rank_proba_de'].mean():.1f} / "
+                f"{part['rank_proba_de'].max()} | {part['rank_lfc'].mean():.1f} / {part['rank_lfc'].max()} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
