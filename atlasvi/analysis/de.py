@@ -375,7 +375,8 @@ def differential_expression(
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     tests = comparisons(codes, categories, group1, group2)
-    stats = count_statistics(store, codes, len(categories)) if all_stats or mode == "change" else None
+    needs_stats = all_stats or (mode == "change" and pseudocounts is None)
+    stats = count_statistics(store, codes, len(categories)) if needs_stats else None
     every_batch = list(range(module.n_batch))
     frames = []
     for done, test in enumerate(tests):

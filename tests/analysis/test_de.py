@@ -176,6 +176,11 @@ def test_interferon_genes_top_stim_vs_ctrl_on_kang(kang_model):
         "proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2", "comparison", "group1", "group2",
     ]  # fmt: skip
     assert vanilla["comparison"].unique().tolist() == ["B cells_stim vs Rest", "B cells_ctrl vs Rest"]
+    model.store.rows_read[:] = False  # no raw-count pass when neither the columns nor the pseudocount need it
+    model.differential_expression(
+        "group", group1="B cells_stim", n_samples_overall=100, all_stats=False, pseudocounts=1e-5
+    )
+    assert 0 < model.store.rows_read.sum() <= 200
     with pytest.raises(KeyError, match="no categorical column 'nope'"):
         model.differential_expression("nope")
 
