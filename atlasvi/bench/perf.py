@@ -507,7 +507,7 @@ def chart(report: dict, path: Path) -> Path:
     memory.axhline(2000, color="grey", linestyle=":", label="goal: atlasvi under 2 GB")
     for ax in (speed, memory):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     m = report["machine"]
     fig.suptitle(
         f"scVI training, {m['cpu']}, {m['cores']} cores ({', '.join(report['config']['devices'])})", fontsize=9
@@ -549,8 +549,11 @@ def update_readme(readme: Path, section: str) -> None:
     os.replace(partial, readme)
 
 
-def log_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: str) -> list[str]:
-    """A parent run with the files, and one child run per row; returns the child run ids."""
+def log_mlflow(
+    report: dict, files: list[Path], tracking_uri: str, experiment: str, measured: set[tuple[int, int]]
+) -> list[str]:
+    """A parent run with the files, and a child run per row measured now, (cells, batch size) in `measured`
+    (rows merged from an earlier run already have theirs); returns the child run ids."""
     m, c = report["machine"], report["config"]
     machine_text = f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB"
     sizes = ",".join(str(s) for s in sorted({r["cells"] for r in report["rows"]}))
@@ -559,7 +562,7 @@ def log_mlflow(report: dict, files: list[Path], tracking_uri: str, experiment: s
     for path in files:
         parent.log_artifact(path)
     ids = []
-    for row in report["rows"]:
+    for row in (r for r in report["rows"] if (r["cells"], r["batch_size"]) in measured):
         name = f"{row['cells']} {_label(row)} {row['device']} bs{row['batch_size']}"
         tags = {"mlflow.parentRunId": parent.run_id, "benchmark": "perf_table"}
         run = MlflowRun(tracking_uri, experiment, name, tags=tags)
@@ -634,10 +637,11 @@ def run_bench(
     if "cuda" not in config.devices:
         skipped.append("GPU rows: not asked for (`--use-gpu`)")
     out = Path(config.output)
+    fresh = {(n, b) for n in config.sizes for b in config.batch_sizes}
     previous = out / "perf_table.json"
     if config.merge and previous.exists():
         before = json.loads(previous.read_text())
-        sizes, fresh = set(config.sizes), {(n, b) for n in config.sizes for b in config.batch_sizes}
+        sizes = set(config.sizes)
         runs = [r for r in before["runs"] if (r["cells"], r["batch_size"]) not in fresh] + runs
         loaders = [r for r in before["loaders"] if (r["cells"], r["batch_size"]) not in fresh] + loaders
         skipped = list(dict.fromkeys(before["skipped"] + skipped))
@@ -661,7 +665,7 @@ def run_bench(
         partial.write_text(text)
         os.replace(partial, path)
     files.append(chart(report, out / "perf_chart.png"))
-    report["mlflow_run_ids"] = log_mlflow(report, files, tracking_uri, config.experiment)
+    report["mlflow_run_ids"] = log_mlflow(report, files, tracking_uri, config.experiment, fresh)
     if config.readme:
         update_readme(Path(config.readme), readme_section(report, str(files[0])))
     return report
