@@ -523,13 +523,17 @@ def chart(report: dict, path: Path) -> Path:
 
 def readme_section(report: dict, table_path: str) -> str:
     m = report["machine"]
+    runs = {r["cells"]: r for r in report["rows"] if r["tool"] == "atlasvi" and r["workers"] == 1}
+    schedule = "; ".join(f"{n:,} cells: {r['epochs']} epochs x {len(r['repeats_cells_per_s'])} repeat(s)"
+                         for n, r in sorted(runs.items()))  # fmt: skip
     return "\n".join(
         [
             README_START,
             f"`atlasvi bench` on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, CPU only, "
             f"{report['config']['threads']} torch thread per training process on both sides); steady-state "
             f"training cells/s, same cells, architecture and batch size; full table, loaders and the documentation's "
-            f"table side by side: `{table_path}`.",
+            f"table side by side: `{table_path}`. Epochs per row: {schedule}. The last column is the CPU other "
+            "processes took meanwhile (a shared machine: compare within a row).",
             "",
             *headline(report),
             README_END,
