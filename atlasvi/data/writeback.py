@@ -10,6 +10,7 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +24,49 @@ from atlasvi.data.store import compressors, is_url, read_store_attrs
 CHUNK_BYTES = 1 << 22  # about 4 MiB of float32 per chunk
 
 
-class ObsArrayWriter:
+class _StagedWriter:
+    """Something built beside the store (`partial`) that `_swap_in` moves to `target` atomically."""
+
+    path: Path
+    target: Path
+    partial: Path
+    n_cells: int
+    written: int
+
+    def _swap_in(self, before_consolidating: Callable[[], None] | None = None) -> Path:
+        """Check every row was written, rename the staged copy into place (retiring an old one), run
+        `before_consolidating`, re-consolidate the store's metadata; returns the target."""
+        if self.written != self.n_cells:
+            self.abort()
+            raise StoreError(f"{self.target}: {self.written} of {self.n_cells} rows written; the store is unchanged")
+        self.target.parent.mkdir(exist_ok=True)
+        replaced = None
+        if self.target.exists():
+            replaced = self.partial.with_suffix(".replaced")
+            os.replace(self.target, replaced)
+        os.replace(self.partial, self.target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
+            if before_consolidating is not None:
+                before_consolidating()
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        return self.target
+
+    def abort(self) -> None:
+        """Discard what was written; the store is unchanged."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class ObsArrayWriter(_StagedWriter):
     """Writes an (n_cells, width) float32 array into `group/key` of the store at `path`.
 
     Rows must come in order (`write(values)` appends values (n, width)); `commit` checks every row was
@@ -81,35 +124,10 @@ class ObsArrayWriter:
     def commit(self) -> Path:
         """Move the finished array into the store and re-consolidate its metadata; returns its path."""
         self._flush(whole_chunks=False)
-        if self.written != self.n_cells:
-            self.abort()
-            raise StoreError(f"{self.target}: {self.written} of {self.n_cells} rows written; the store is unchanged")
-        self.target.parent.mkdir(exist_ok=True)
-        replaced = None
-        if self.target.exists():
-            replaced = self.partial.with_suffix(".replaced")
-            os.replace(self.target, replaced)
-        os.replace(self.partial, self.target)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
-            zarr.consolidate_metadata(str(self.path), zarr_format=3)
-        if replaced is not None:
-            shutil.rmtree(replaced)
-        return self.target
-
-    def abort(self) -> None:
-        """Discard what was written; the store is unchanged."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-
-    def __enter__(self) -> "ObsArrayWriter":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:
-            self.abort()
+        return self._swap_in()
 
 
-class ObsCategoricalWriter:
+class ObsCategoricalWriter(_StagedWriter):
     """Writes a categorical column `obs/<key>` (codes in `categories`) into the local store at `path`.
 
     Codes must come in row order (`write(codes)` appends (n,) ints); the column is built beside the
@@ -158,32 +176,11 @@ class ObsCategoricalWriter:
 
     def commit(self) -> Path:
         """Move the finished column into obs, add it to obs's column order, re-consolidate; returns its path."""
-        if self.written != self.n_cells:
-            self.abort()
-            raise StoreError(f"{self.target}: {self.written} of {self.n_cells} rows written; the store is unchanged")
-        replaced = None
-        if self.target.exists():
-            replaced = self.partial.with_suffix(".replaced")
-            os.replace(self.target, replaced)
-        os.replace(self.partial, self.target)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
+
+        def list_in_obs() -> None:
             obs = zarr.open_group(str(self.path / "obs"), mode="r+", zarr_format=3)
             order = list(obs.attrs.get("column-order", []))
             if self.key not in order:
                 obs.attrs["column-order"] = [*order, self.key]
-            zarr.consolidate_metadata(str(self.path), zarr_format=3)
-        if replaced is not None:
-            shutil.rmtree(replaced)
-        return self.target
 
-    def abort(self) -> None:
-        """Discard what was written; the store is unchanged."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-
-    def __enter__(self) -> "ObsCategoricalWriter":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:
-            self.abort()
+        return self._swap_in(list_in_obs)
