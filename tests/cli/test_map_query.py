@@ -1,7 +1,5 @@
 """`atlasvi map-query` as a user runs it: a saved scANVI reference, a query store with new batches."""
 
-import warnings
-
 import anndata as ad
 import numpy as np
 import pytest
@@ -10,8 +8,8 @@ from typer.testing import CliRunner
 
 from atlasvi.api import SCANVI, SCVI
 from atlasvi.cli.main import app
-from atlasvi.data import BuildConfig, build_store
 from atlasvi.train import TrainConfig
+from tests.data.helpers import build_ctrl_stim_stores
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -20,18 +18,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def reference_and_query(tmp_path_factory, kang):
     """A saved scANVI (2 + 2 epochs) on Kang's ctrl samples, and a store of its stim samples (no labels)."""
     folder = tmp_path_factory.mktemp("map_query")
-    genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:200]]
-    stores = []
-    for name, condition, labels in (("reference", "ctrl", "cell_type"), ("query", "stim", None)):
-        cells = kang[kang.obs["condition"] == condition, genes].copy()
-        cells.write_h5ad(folder / f"{name}.h5ad")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = BuildConfig(
-                inputs=[str(folder / f"{name}.h5ad")], output=str(folder / f"{name}.zarr"), batch_key="sample",
-                labels_key=labels,
-            )  # fmt: skip
-            stores.append(build_store(config))
+    stores = build_ctrl_stim_stores(kang, 200, folder)
     torch.manual_seed(0)
     scvi = SCVI(stores[0], device="cpu")
     scvi.fit(TrainConfig(max_epochs=2))

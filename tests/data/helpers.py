@@ -1,6 +1,7 @@
-"""Writers of the 10x input formats, for tests that build from them."""
+"""Writers of the 10x input formats, and a reference / query split of Kang, for tests that build from them."""
 
 import gzip
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -39,3 +40,25 @@ def write_10x_h5(adata: ad.AnnData, path: Path, gene_id_key: str) -> Path:
         features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
         features["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
     return path
+
+
+def build_ctrl_stim_stores(kang: ad.AnnData, n_genes: int, folder: Path) -> tuple[Path, Path]:
+    """Kang's `n_genes` most expressed genes as two stores: ctrl samples with cell-type labels (a reference) and
+    stim samples with no labels key (a query study whose batches are new)."""
+    from atlasvi.data import BuildConfig, build_store
+
+    genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:n_genes]]
+    reference = kang[kang.obs["condition"] == "ctrl", genes].copy()
+    query = kang[kang.obs["condition"] == "stim", genes].copy()
+    query.obs = query.obs[["sample"]]
+    paths = []
+    for name, adata, labels in (("reference", reference, "cell_type"), ("query", query, None)):
+        adata.write_h5ad(folder / f"{name}.h5ad")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = BuildConfig(
+                inputs=[str(folder / f"{name}.h5ad")], output=str(folder / f"{name}.zarr"), batch_key="sample",
+                labels_key=labels,
+            )  # fmt: skip
+            paths.append(build_store(config))
+    return paths[0], paths[1]

@@ -12,6 +12,7 @@ from atlasvi.data import BuildConfig, build_store, open_store
 from atlasvi.models.scvi import SCVIConfig
 from atlasvi.models.surgery import SurgeryConfig, extend_registry
 from atlasvi.train import TrainConfig
+from tests.data.helpers import build_ctrl_stim_stores
 
 ARCHES = {"encode_covariates": True, "n_layers": 2, "use_layer_norm": "both", "use_batch_norm": "encoder"}
 
@@ -23,22 +24,7 @@ def _top_genes(kang: ad.AnnData) -> list[str]:
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, kang):
     """(reference store: ctrl101, ctrl107 with labels; query store: stim101, stim107, no labels key), 300 genes."""
-    folder = tmp_path_factory.mktemp("surgery")
-    genes = _top_genes(kang)
-    reference = kang[kang.obs["condition"] == "ctrl", genes].copy()
-    query = kang[kang.obs["condition"] == "stim", genes].copy()
-    query.obs = query.obs[["sample"]]
-    paths = []
-    for name, adata, labels in (("reference", reference, "cell_type"), ("query", query, None)):
-        adata.write_h5ad(folder / f"{name}.h5ad")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = BuildConfig(
-                inputs=[str(folder / f"{name}.h5ad")], output=str(folder / f"{name}.zarr"), batch_key="sample",
-                labels_key=labels,
-            )  # fmt: skip
-            paths.append(build_store(config))
-    return paths
+    return list(build_ctrl_stim_stores(kang, 300, tmp_path_factory.mktemp("surgery")))
 
 
 @pytest.fixture(scope="module")
