@@ -216,13 +216,31 @@ class SCVI:
         else:
             raise ValueError("give groupby (an obs column) or idx1")
         return de.differential_expression(
-            self.module, opened, codes, categories, [group1] if isinstance(group1, str) else group1, group2,
-            mode, delta, all_stats, batch_correction,
-            None if batchid1 is None else [self._batch_code(b) for b in batchid1],
-            None if batchid2 is None else [self._batch_code(b) for b in batchid2],
-            fdr_target, n_samples_overall, use_permutation, m_permutation, pseudocounts, threshold_counts,
-            test_mode, idx1 is None, code_maps, batch_size, seed, progress,
-        )  # fmt: skip
+            self.module,
+            opened,
+            codes,
+            categories,
+            group1=[group1] if isinstance(group1, str) else group1,
+            group2=group2,
+            mode=mode,
+            delta=delta,
+            all_stats=all_stats,
+            batch_correction=batch_correction,
+            batchid1=None if batchid1 is None else [self._batch_code(b) for b in batchid1],
+            batchid2=None if batchid2 is None else [self._batch_code(b) for b in batchid2],
+            fdr_target=fdr_target,
+            n_samples_overall=n_samples_overall,
+            use_permutation=use_permutation,
+            m_permutation=m_permutation,
+            pseudocounts=pseudocounts,
+            threshold_counts=threshold_counts,
+            test_mode=test_mode,
+            label_comparisons=idx1 is None,
+            code_maps=code_maps,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
 
     def _elbo_terms(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
