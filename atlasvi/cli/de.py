@@ -10,14 +10,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from atlasvi.api import SCVI
+from atlasvi.api import saved_model_class
 from atlasvi.cli.common import console
 from atlasvi.data import StoreError, open_store
 from atlasvi.models.saving import IncompatibleStoreError
 
 
 def de_command(
-    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
+    model: Annotated[Path, typer.Option(help="a saved SCVI or SCANVI model folder (OUTPUT/model of `atlasvi train`)")],
     groupby: Annotated[str, typer.Option(help="categorical obs column of the store holding the groups")],
     group1: Annotated[list[str] | None, typer.Option(help="group(s) to test (default: every group)")] = None,
     group2: Annotated[str | None, typer.Option(help="reference group (default: the rest of the cells)")] = None,
@@ -36,7 +36,8 @@ def de_command(
     if mode not in ("change", "vanilla"):
         raise typer.BadParameter(f"--mode is change or vanilla, not {mode!r}")
     try:
-        scvi = SCVI.load(model, open_store(store or SCVI.saved_store(model)), device)
+        model_class = saved_model_class(model)
+        scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
         with Progress(TextColumn("DE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("comparisons", total=None)
             result = scvi.differential_expression(

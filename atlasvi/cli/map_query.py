@@ -1,6 +1,5 @@
 """`atlasvi map-query`: scArches query mapping of a new study onto a saved reference model (SCVI or SCANVI)."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -8,24 +7,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from atlasvi.api import SCANVI, SCVI
+from atlasvi.api import SCANVI, saved_model_class
 from atlasvi.cli.common import console
 from atlasvi.data import StoreError, open_store
-from atlasvi.models.saving import META_NAME, IncompatibleStoreError
+from atlasvi.models.saving import IncompatibleStoreError
 from atlasvi.train import EpochRecord, TrainConfig
 
-METHODS: dict[str, type[SCVI]] = {"SCVI": SCVI, "SCANVI": SCANVI}
 LATENT_KEYS = {"SCVI": "X_scvi", "SCANVI": "X_scanvi"}
-
-
-def _method(reference: Path) -> str:
-    meta = reference / META_NAME
-    if not meta.exists():
-        raise FileNotFoundError(f"{reference}: no saved model here (no {META_NAME})")
-    method = json.loads(meta.read_text()).get("method")
-    if method not in METHODS:
-        raise ValueError(f"{meta}: a saved {method} model; map-query maps onto {sorted(METHODS)} models")
-    return method
 
 
 def map_query_command(
@@ -44,8 +32,9 @@ def map_query_command(
     (weight decay 0); writes the query latent (and scANVI's predicted labels and probabilities) into the query
     store and saves the query model."""
     try:
-        method = _method(reference)
-        model = METHODS[method].load_query_data(open_store(query), reference, device, seed=seed)
+        model_class = saved_model_class(reference)
+        method = model_class.method
+        model = model_class.load_query_data(open_store(query), reference, device, seed=seed)
     except (IncompatibleStoreError, StoreError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None

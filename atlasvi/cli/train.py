@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
-from atlasvi.api import SCVI
+from atlasvi.api import SCVI, saved_model_class
 from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config, write_atomic
 from atlasvi.data import BuildConfig, StoreError, open_store
 from atlasvi.data.store import AtlasStore, is_url
@@ -254,7 +254,7 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
 
 
 def latent_command(
-    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
+    model: Annotated[Path, typer.Option(help="a saved SCVI or SCANVI model folder (OUTPUT/model of `atlasvi train`)")],
     store: Annotated[str | None, typer.Option(help="store to annotate (default: the model's training store)")] = None,
     key: Annotated[str, typer.Option(help="obsm key of the latent")] = "X_scvi",
     normalized_layer: Annotated[str | None, typer.Option(help="also write normalized expression here")] = None,
@@ -264,7 +264,8 @@ def latent_command(
 ) -> None:
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     try:
-        scvi = SCVI.load(model, _open(store or SCVI.saved_store(model)), device)
+        model_class = saved_model_class(model)
+        scvi = model_class.load(model, _open(store or model_class.saved_store(model)), device)
     except (IncompatibleStoreError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None

@@ -49,3 +49,15 @@ def test_map_query_errors_name_the_problem(reference_and_query, tmp_path):
     assert missing.exit_code == 1 and "no saved model here" in missing.output
     nothing_new = runner.invoke(app, ["map-query", "--reference", str(reference), "--query", str(reference_store)])
     assert nothing_new.exit_code == 1 and "every sample of the query is in the reference" in nothing_new.output
+
+
+def test_de_and_latent_load_a_saved_scanvi(reference_and_query):
+    reference, reference_store, _ = reference_and_query
+    args = ["de", "--model", str(reference), "--groupby", "cell_type", "--group1", "B cells"]
+    de = runner.invoke(app, [*args, "--n-samples-overall", "100"])
+    assert de.exit_code == 0, de.output
+    assert "B cells vs Rest: top 10" in de.output
+    latent = runner.invoke(app, ["latent", "--model", str(reference), "--key", "X_scanvi"])
+    assert latent.exit_code == 0, latent.output
+    expected = SCANVI.load(reference, reference_store, device="cpu").get_latent_representation()
+    np.testing.assert_allclose(ad.read_zarr(reference_store).obsm["X_scanvi"], expected, rtol=1e-5, atol=1e-6)
