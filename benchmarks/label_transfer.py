@@ -86,18 +86,15 @@ def prepare(name: str, workdir: Path) -> Path:
     return target
 
 
-def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) -> dict:
+def split_stores(name: str, h5ad: Path, workdir: Path) -> dict[str, Path]:
+    """The atlasvi stores of the split (built once): "semi" (every cell, query labels masked), "reference"
+    (labelled), "query" (no labels); reference.h5ad and query.h5ad hold the same cells for scvi-tools."""
     import anndata as ad
-    import torch
 
-    from atlasvi.api import SCANVI, SCVI
     from atlasvi.data import BuildConfig, build_store
-    from atlasvi.models.scvi import SCVIConfig
-    from atlasvi.train import TrainConfig
 
     _, batch_key, labels_key, _, query_batches = DATASETS[name]
     adata = ad.read_h5ad(h5ad)
-    truth = adata.obs[labels_key].astype(str)
     stores = {}
     for part, config in {
         "semi": {"inputs": [str(h5ad)], "labels_key": labels_key, "unlabeled_batches": query_batches},
@@ -113,6 +110,21 @@ def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) 
         if not stores[part].exists():
             inputs = config.pop("inputs", [str(workdir / f"{part}.h5ad")])
             build_store(BuildConfig(inputs=inputs, output=str(stores[part]), batch_key=batch_key, **config))
+    return stores
+
+
+def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict, tasks: list[str]) -> dict:
+    import anndata as ad
+    import torch
+
+    from atlasvi.api import SCANVI, SCVI
+    from atlasvi.models.scvi import SCVIConfig
+    from atlasvi.train import TrainConfig
+
+    _, batch_key, labels_key, _, query_batches = DATASETS[name]
+    adata = ad.read_h5ad(h5ad)
+    truth = adata.obs[labels_key].astype(str)
+    stores = split_stores(name, h5ad, workdir)
     pretrain = TrainConfig(max_epochs=epochs["scvi"], n_epochs_kl_warmup=epochs["kl_warmup"], seed=seed)
     result = {"tool": "atlasvi", "dataset": name, "seed": seed}
 
@@ -122,14 +134,16 @@ def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) 
         keep = adata.obs.loc[names, batch_key].isin(query_batches).to_numpy()
         return scores(truth.loc[names].to_numpy()[keep], predicted[keep])
 
-    started = time.perf_counter()
-    torch.manual_seed(seed)
-    scvi = SCVI(stores["semi"], device="cpu")
-    scvi.fit(pretrain)
-    scanvi = SCANVI.from_scvi_model(scvi, unlabeled_category=UNLABELED)
-    scanvi.fit(TrainConfig(max_epochs=epochs["scanvi"], seed=seed))
-    result["semi_supervised"] = query_scores(scanvi, stores["semi"]) | {"seconds": time.perf_counter() - started}
-
+    if "semi_supervised" in tasks:
+        started = time.perf_counter()
+        torch.manual_seed(seed)
+        scvi = SCVI(stores["semi"], device="cpu")
+        scvi.fit(pretrain)
+        scanvi = SCANVI.from_scvi_model(scvi, unlabeled_category=UNLABELED)
+        scanvi.fit(TrainConfig(max_epochs=epochs["scanvi"], seed=seed))
+        result["semi_supervised"] = query_scores(scanvi, stores["semi"]) | {"seconds": time.perf_counter() - started}
+    if "surgery" not in tasks:
+        return result
     started = time.perf_counter()
     torch.manual_seed(seed)
     scvi = SCVI(stores["reference"], SCVIConfig(**ARCHES), device="cpu")
@@ -137,11 +151,16 @@ def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) 
     scanvi = SCANVI.from_scvi_model(scvi, unlabeled_category=UNLABELED)
     scanvi.fit(TrainConfig(max_epochs=epochs["scanvi"], seed=seed))
     reference_latent = scanvi.get_latent_representation()
+    names = ad.read_zarr(stores["reference"]).obs_names
+    reference_accuracy = float(np.mean(scanvi.predict() == truth.loc[names].to_numpy()))
     query = SCANVI.load_query_data(stores["query"], scanvi, device="cpu", seed=seed)
     before = query.get_latent_representation(stores["reference"])
+    untrained = query_scores(query, stores["query"])["accuracy"]
     query.fit(TrainConfig(max_epochs=epochs["query"], seed=seed))
     after = query.get_latent_representation(stores["reference"])
     result["surgery"] = query_scores(query, stores["query"]) | {
+        "reference_accuracy": reference_accuracy,
+        "query_accuracy_before_training": untrained,
         "seconds": time.perf_counter() - started,
         "reference_latent_unchanged": bool(np.array_equal(before, after)),
         "reference_latent_equals_reference_model": bool(np.array_equal(after, reference_latent)),
@@ -149,7 +168,7 @@ def atlasvi_side(name: str, h5ad: Path, workdir: Path, seed: int, epochs: dict) 
     return result
 
 
-def scvi_side(name: str, h5ad: Path, seed: int, epochs: dict) -> dict:
+def scvi_side(name: str, h5ad: Path, seed: int, epochs: dict, tasks: list[str]) -> dict:
     import anndata as ad
     import scvi
     import torch
@@ -166,17 +185,19 @@ def scvi_side(name: str, h5ad: Path, seed: int, epochs: dict) -> dict:
     pretrain = trainer | {"max_epochs": epochs["scvi"], "plan_kwargs": {"n_epochs_kl_warmup": epochs["kl_warmup"]}}
     result = {"tool": "scvi-tools", "version": scvi.__version__, "dataset": name, "seed": seed}
 
-    started = time.perf_counter()
-    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key="masked")
-    model = scvi.model.SCVI(adata)
-    model.train(**pretrain)
-    scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=UNLABELED)
-    scanvi.train(**trainer, max_epochs=epochs["scanvi"])
-    predicted = np.asarray(scanvi.predict(adata))
-    result["semi_supervised"] = scores(truth[is_query], predicted[is_query]) | {
-        "seconds": time.perf_counter() - started
-    }
-
+    if "semi_supervised" in tasks:
+        started = time.perf_counter()
+        scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key="masked")
+        model = scvi.model.SCVI(adata)
+        model.train(**pretrain)
+        scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=UNLABELED)
+        scanvi.train(**trainer, max_epochs=epochs["scanvi"])
+        predicted = np.asarray(scanvi.predict(adata))
+        result["semi_supervised"] = scores(truth[is_query], predicted[is_query]) | {
+            "seconds": time.perf_counter() - started
+        }
+    if "surgery" not in tasks:
+        return result
     started = time.perf_counter()
     reference = adata[~is_query].copy()
     query = adata[is_query].copy()
@@ -187,11 +208,17 @@ def scvi_side(name: str, h5ad: Path, seed: int, epochs: dict) -> dict:
     scanvi = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category=UNLABELED)
     scanvi.train(**trainer, max_epochs=epochs["scanvi"])
     reference_latent = scanvi.get_latent_representation(reference)
+    reference_accuracy = float(np.mean(np.asarray(scanvi.predict(reference)) == truth[~is_query]))
     mapped = scvi.model.SCANVI.load_query_data(query, scanvi)  # scvi-tools gives no latent before training
+    mapped.is_trained_ = True  # only to predict with the untrained query columns
+    untrained = scores(truth[is_query], np.asarray(mapped.predict(query)))["accuracy"]
+    mapped.is_trained_ = False
     mapped.train(**(trainer | {"plan_kwargs": {"weight_decay": 0.0}}), max_epochs=epochs["query"])
     after = mapped.get_latent_representation(reference)
     predicted = np.asarray(mapped.predict(query))
     result["surgery"] = scores(truth[is_query], predicted) | {
+        "reference_accuracy": reference_accuracy,
+        "query_accuracy_before_training": untrained,
         "seconds": time.perf_counter() - started,
         "reference_latent_unchanged": bool(np.array_equal(after, reference_latent)),
     }
@@ -208,7 +235,8 @@ def table(rows: list[dict]) -> str:
         for task in ("semi_supervised", "surgery"):
             for tool in ("atlasvi", "scvi-tools"):
                 mine = sorted(
-                    (r for r in rows if r["dataset"] == dataset and r["tool"] == tool), key=lambda r: r["seed"]
+                    (r for r in rows if r["dataset"] == dataset and r["tool"] == tool and task in r),
+                    key=lambda r: r["seed"],
                 )
                 if not mine:
                     continue
@@ -225,17 +253,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: list[dict]) -> str:
+    """atlasvi - scvi-tools per seed (the seeds both tools ran), mean ± standard error, and seeds at or above."""
+    lines = [
+        "| dataset | task | measure | seeds | atlasvi | scvi-tools | difference ± s.e. | atlasvi >= scvi-tools |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    measures = {
+        "accuracy": "accuracy",
+        "macro_f1": "macro-F1",
+        "query_accuracy_before_training": "accuracy before query training",
+        "reference_accuracy": "reference scANVI accuracy (reference cells)",
+    }
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for task in ("semi_supervised", "surgery"):
+            by_tool = {
+                tool: {r["seed"]: r[task] for r in rows if r["dataset"] == dataset and r["tool"] == tool and task in r}
+                for tool in ("atlasvi", "scvi-tools")
+            }
+            seeds = sorted(set(by_tool["atlasvi"]) & set(by_tool["scvi-tools"]))
+            for key, name in measures.items():
+                if not seeds or any(key not in by_tool[t][s] for t in by_tool for s in seeds):
+                    continue
+                a, b = (np.array([by_tool[t][s][key] for s in seeds]) for t in ("atlasvi", "scvi-tools"))
+                d = a - b
+                se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+                lines.append(
+                    f"| {dataset} | {task} | {name} | {len(seeds)} | {a.mean():.3f} | {b.mean():.3f} "
+                    f"| {d.mean():+.3f} ± {se:.3f} | {int(np.sum(d >= 0))} / {len(d)} |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["kang", "cellbench"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    tasks = ["semi_supervised", "surgery"]
+    parser.add_argument("--tasks", nargs="+", choices=tasks, default=tasks)
     parser.add_argument("--scvi-epochs", type=int, default=100)
     parser.add_argument("--kl-warmup", type=int, default=30, help="scVI pretraining's KL warm-up epochs")
     parser.add_argument("--scanvi-epochs", type=int, default=20)
     parser.add_argument("--query-epochs", type=int, default=50)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "label_transfer")
     parser.add_argument("--rows-from", type=Path, help="only write the tables from the JSON rows a run printed (a log)")
-    parser.add_argument("--side", choices=["both", "scvi"], default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["both", "atlasvi", "scvi"], default="both", help="both, or one tool's rows")
     parser.add_argument("--h5ad", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs = {
@@ -250,7 +312,7 @@ def main() -> None:
         return
     if args.side == "scvi":
         warnings.simplefilter("ignore")
-        print(json.dumps(scvi_side(args.datasets[0], args.h5ad, args.seeds[0], epochs)), flush=True)
+        print(json.dumps(scvi_side(args.datasets[0], args.h5ad, args.seeds[0], epochs, args.tasks)), flush=True)
         return
     import torch
 
@@ -264,13 +326,20 @@ def main() -> None:
         for seed in args.seeds:
             options = {"scvi-epochs": args.scvi_epochs, "kl-warmup": args.kl_warmup,
                        "scanvi-epochs": args.scanvi_epochs, "query-epochs": args.query_epochs}  # fmt: skip
+            if args.side == "atlasvi":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rows.append(atlasvi_side(name, h5ad, workdir, seed, epochs, args.tasks))
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--datasets", name, "--seeds", str(seed),
-                       "--h5ad", str(h5ad), *(f"--{k}={v}" for k, v in options.items())]  # fmt: skip
+                       "--h5ad", str(h5ad), "--tasks", *args.tasks,
+                       *(f"--{k}={v}" for k, v in options.items())]  # fmt: skip
             env = os.environ | {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mine = atlasvi_side(name, h5ad, workdir, seed, epochs)
+                mine = atlasvi_side(name, h5ad, workdir, seed, epochs, args.tasks)
             print(json.dumps(mine), flush=True)
             out, _ = child.communicate()
             if child.returncode != 0:
@@ -288,9 +357,12 @@ def write_results(args: argparse.Namespace, epochs: dict, rows: list[dict]) -> N
         "epochs": epochs, "batch_size": 128, "arches_architecture": ARCHES, "command": " ".join(sys.argv),
     }  # fmt: skip
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    text = f"# Label transfer and query mapping: atlasvi vs scvi-tools\n\n{json.dumps(meta)}\n\n{table(rows)}\n"
+    text = (
+        f"# Label transfer and query mapping: atlasvi vs scvi-tools\n\n{json.dumps(meta)}\n\n{table(rows)}\n\n"
+        f"Paired by seed (same seed number; the two tools' random streams differ):\n\n{paired(rows)}\n"
+    )
     args.out.with_suffix(".md").write_text(text)
-    print(table(rows))
+    print(table(rows), paired(rows), sep="\n\n")
 
 
 if __name__ == "__main__":
