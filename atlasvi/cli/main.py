@@ -37,6 +37,10 @@ def build(
     config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
     batch_key: Annotated[str | None, typer.Option(help="obs column of the batch; default: one batch per file")] = None,
     labels_key: Annotated[str | None, typer.Option(help="obs column of cell-type labels")] = None,
+    unlabeled_batch: Annotated[
+        list[str] | None, typer.Option(help="a batch whose cells are stored unlabeled (scANVI's query); repeatable")
+    ] = None,
+    unlabeled_category: Annotated[str | None, typer.Option(help="label of unlabeled cells (default Unknown)")] = None,
     categorical_covariate_key: Annotated[list[str] | None, typer.Option(help="extra categorical obs key")] = None,
     continuous_covariate_key: Annotated[list[str] | None, typer.Option(help="continuous obs key")] = None,
     layer: Annotated[str | None, typer.Option(help="h5ad layer holding the raw counts (default X)")] = None,
@@ -62,6 +66,8 @@ def build(
         "output": str(output) if output else None,
         "batch_key": batch_key,
         "labels_key": labels_key,
+        "unlabeled_batches": unlabeled_batch or None,
+        "unlabeled_category": unlabeled_category,
         "categorical_covariate_keys": categorical_covariate_key or None,
         "continuous_covariate_keys": continuous_covariate_key or None,
         "layer": layer,

@@ -18,9 +18,14 @@ runner = CliRunner()
 def test_build_with_flags_then_info(tmp_path):
     store = tmp_path / "kang.zarr"
     args = ["build", str(KANG), "-o", str(store), "--batch-key", "sample", "--labels-key", "cell_type"]
-    result = runner.invoke(app, [*args, "--n-top-genes", "300"])
+    unlabeled = ["--unlabeled-batch", "stim101", "--unlabeled-batch", "stim107"]
+    result = runner.invoke(app, [*args, "--n-top-genes", "300", *unlabeled])
     assert result.exit_code == 0, result.output
-    assert ad.read_zarr(store).shape == (1556, 300)
+    built = ad.read_zarr(store)
+    assert built.shape == (1556, 300)
+    is_stim = built.obs["sample"].astype(str).str.startswith("stim").to_numpy()
+    assert set(built.obs["cell_type"].astype(str)[is_stim]) == {"Unknown"}
+    assert "Unknown" not in set(built.obs["cell_type"].astype(str)[~is_stim]) and is_stim.sum() == 806
     info = runner.invoke(app, ["info", str(store), "--json"])
     assert json.loads(info.stdout)["categorical"]["sample"] == ["ctrl101", "ctrl107", "stim101", "stim107"]
 
