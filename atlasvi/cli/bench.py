@@ -10,8 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from atlasvi.bench import BenchConfig, run_bench
-from atlasvi.cli.common import console, load_yaml, make_config
-from atlasvi.tracking import local_tracking_uri
+from atlasvi.cli.common import console, load_yaml, make_config, tracking_uri
 
 
 def _counts(text: str | None, option: str) -> list[int] | None:
@@ -81,7 +80,7 @@ def bench_command(
         if not torch.cuda.is_available():
             console.print("[red]--use-gpu: torch sees no CUDA device[/red]")
             raise typer.Exit(2)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
+    uri = tracking_uri()
     command = shlex.join(["atlasvi", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "atlasvi bench"
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bars:

@@ -1,5 +1,6 @@
 """Helpers every command shares: the console, YAML configs validated by pydantic, the embedded store."""
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.errors import AtlasInputError, StoreError
 from atlasvi.datasets import CELLBENCH
+from atlasvi.tracking import local_tracking_uri
 
 console = Console(stderr=True)
 
@@ -103,3 +105,8 @@ def write_atomic(path: Path, text: str) -> Path:
     partial.write_text(text)
     partial.replace(path)
     return path
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the local SQLite store in the working folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())

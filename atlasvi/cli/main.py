@@ -12,6 +12,7 @@ from atlasvi.cli.bench import bench_command
 from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
 from atlasvi.cli.de import de_command
 from atlasvi.cli.map_query import map_query_command
+from atlasvi.cli.scanvi import scanvi_command
 from atlasvi.cli.sweep import sweep_command
 from atlasvi.cli.train import latent_command, train_command
 from atlasvi.data.config import BuildConfig
@@ -24,6 +25,7 @@ app.command(name="train")(train_command)
 app.command(name="latent")(latent_command)
 app.command(name="sweep")(sweep_command)
 app.command(name="de")(de_command)
+app.command(name="scanvi")(scanvi_command)
 app.command(name="map-query")(map_query_command)
 app.command(name="bench")(bench_command)
 

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, sweep_heatmap_png
-from atlasvi.cli.common import console, load_yaml, make_config, write_atomic
-from atlasvi.cli.train import _embedded_store, _tracking_uri
+from atlasvi.cli.common import console, load_yaml, make_config, tracking_uri, write_atomic
+from atlasvi.cli.train import _embedded_store
 from atlasvi.data.store import is_url
 from atlasvi.tracking import MlflowRun, SweepChildRuns
 from atlasvi.train import EpochRecord
@@ -78,7 +78,7 @@ def sweep_command(
     storage = sweep.storage_path or str((output / "ray_results").resolve())
     record = folder / "sweep.json"
     previous = json.loads(record.read_text()) if record.exists() else {}
-    uri = _tracking_uri()
+    uri = tracking_uri()
     experiment = sweep.job.experiment
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     parent = MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags={"sweep": sweep.name})

@@ -15,21 +15,24 @@ from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
 from atlasvi.api import SCVI, saved_model_class
-from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config, write_atomic
+from atlasvi.cli.common import (
+    EMBEDDED_BUILD,
+    build_with_progress,
+    console,
+    load_yaml,
+    make_config,
+    tracking_uri,
+    write_atomic,
+)
 from atlasvi.data import BuildConfig, StoreError, open_store
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.models.saving import IncompatibleStoreError
-from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, local_tracking_uri
+from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun
 from atlasvi.train import EpochRecord, TrainingDiverged
 from atlasvi.train.job import TrainJobConfig
 from atlasvi.train.loop import read_checkpoint
 
 RUN_RECORD = "run.json"
-
-
-def _tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else the local SQLite store in the working folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
 
 
 def _open(path: str) -> AtlasStore:
@@ -122,7 +125,7 @@ def train_command(
                 "resume with the same one, or pass --overwrite (or another --output) to start afresh"
             )
             raise typer.Exit(2)
-    uri = _tracking_uri()
+    uri = tracking_uri()
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     tracker = MlflowRun(uri, job.experiment, job.run_name or out.name, run_id=resume_id, tags={"method": "SCVI"})
     out.mkdir(parents=True, exist_ok=True)

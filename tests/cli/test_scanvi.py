@@ -1,0 +1,47 @@
+"""`atlasvi scanvi` as a user runs it: a store whose query batches are unlabeled, a saved scVI, then scANVI."""
+
+import anndata as ad
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from atlasvi.api import SCANVI, SCVI
+from atlasvi.cli.main import app
+from atlasvi.tracking import local_tracking_uri
+from atlasvi.train import TrainConfig
+from tests.conftest import KANG
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_scanvi_transfers_labels_into_the_store_and_logs_a_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "kang.zarr"
+    build = ["build", str(KANG), "-o", str(store), "--batch-key", "sample", "--labels-key", "cell_type"]
+    built = runner.invoke(app, [*build, "--unlabeled-batch", "stim101", "--unlabeled-batch", "stim107"])
+    assert built.exit_code == 0, built.output
+    torch.manual_seed(0)
+    scvi = SCVI(store, device="cpu")
+    scvi.fit(TrainConfig(max_epochs=8, n_epochs_kl_warmup=4))
+    scvi.save(tmp_path / "run" / "model")
+    result = runner.invoke(app, ["scanvi", "--scvi-model", str(tmp_path / "run" / "model"), "--max-epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "scANVI trained" in result.output
+    written = ad.read_zarr(store)
+    truth = ad.read_h5ad(KANG).obs["cell_type"].astype(str)
+    is_query = written.obs["sample"].astype(str).str.startswith("stim").to_numpy()
+    predicted = written.obs["scanvi_prediction"].astype(str).to_numpy()
+    assert set(predicted) <= set(truth) and written.obsm["X_scanvi"].shape == (1556, 10)
+    np.testing.assert_allclose(written.obsm["scanvi_probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    accuracy = np.mean(predicted[is_query] == truth.loc[written.obs_names].to_numpy()[is_query])
+    assert accuracy > 0.6  # unlabeled stim cells, after 8 + 3 epochs on 750 labelled ctrl cells
+    model = SCANVI.load(tmp_path / "run" / "scanvi" / "model", store, device="cpu")
+    np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scanvi"], rtol=1e-5, atol=1e-6)
+    client = MlflowClient(local_tracking_uri(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["method"] == "SCANVI" and runs[0].info.status == "FINISHED"
+    assert len(client.get_metric_history(runs[0].info.run_id, "validation_elbo")) == 3
+    again = runner.invoke(app, ["scanvi", "--scvi-model", str(tmp_path / "run" / "scanvi" / "model")])
+    assert again.exit_code == 1 and "a saved scANVI model; give the scVI it was trained from" in again.output
