@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -40,6 +41,7 @@ def scanvi_command(
         if saved_model_class(scvi_model) is not SCVI:
             raise ValueError(f"{scvi_model}: a saved scANVI model; give the scVI it was trained from")
         scvi = SCVI.load(scvi_model, open_store(store or SCVI.saved_store(scvi_model)), device)
+        torch.manual_seed(seed)  # the classifier and the z2 levels start from this seed
         model = SCANVI.from_scvi_model(scvi, unlabeled_category, classification_ratio)
     except (IncompatibleStoreError, StoreError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
