@@ -77,12 +77,15 @@ def scanvi_command(
     out.mkdir(parents=True, exist_ok=True)
     tracker.log_artifact(loss_curves_png(history, out / "loss_curves.png"), "figures")
     written = []
-    if not is_url(model.store.path):
+    if is_url(model.store.path):
+        classes, counts = np.unique(model.predict(), return_counts=True)
+    else:
         with console.status("writing predictions and latent into the store"):
             written = [model.write_predictions(key=prediction_key), model.write_latent_representation(key=latent_key)]
+        codes, classes = model.store.read_obs_categorical(prediction_key)  # counted from the column just written
+        counts = np.bincount(codes, minlength=len(classes))
     saved = model.save(out / "model")
     tracker.log_artifact(saved, "model")
-    classes, counts = np.unique(model.predict(), return_counts=True)
     tracker.log_metrics(
         {"final_validation_elbo": history[-1].validation_elbo, "epochs": len(history)}, history[-1].epoch
     )
