@@ -13,6 +13,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CELLBENCH = SHARED_DATA / "cellbench_sc_mixology_3tech.h5ad"
 KANG = SHARED_DATA / "kang2018_pbmc_ifnb_muscat.h5ad"
 KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
+RNAMIX = SHARED_DATA / "cellbench_rnamix_2tech.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
