@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from label_transfer import ARCHES, SCVI_PYTHON, UNLABELED, prepare, scores, split_stores  # noqa: E402
 
 KANG = HERE / ".cache" / "label_transfer" / "kang"
+STORES = KANG / "stores_seed0"  # one row permutation (so one held-out 10%) for atlasvi's stages on every seed
 WORK = HERE / ".cache" / "scanvi_crosscheck"
 EPOCHS = {"scvi": 100, "kl_warmup": 30, "scanvi": 20, "query": 50}
 TRAINER = {"batch_size": 128, "train_size": 0.9, "accelerator": "cpu", "enable_progress_bar": False}
@@ -182,7 +183,7 @@ def atlasvi_reference(state: dict | None, seed: int, scvi_state: dict | None = N
     from atlasvi.models.scvi import SCVIConfig
     from atlasvi.train import TrainConfig
 
-    store = KANG / "atlasvi_reference.zarr"
+    store = STORES / "atlasvi_reference.zarr"
     if state is not None:
         model = SCANVI(store, SCANVIConfig(**ARCHES), device="cpu")
         model.module.load_state_dict(state)
@@ -205,7 +206,7 @@ def atlasvi_map(reference, labels: dict) -> dict:
     from atlasvi.api import SCANVI
     from atlasvi.train import TrainConfig
 
-    store = KANG / "atlasvi_query.zarr"
+    store = STORES / "atlasvi_query.zarr"
     expected = np.array([labels[c] for c in ad.read_zarr(store).obs_names])
     query = SCANVI.load_query_data(store, reference, device="cpu", seed=MAP_SEED)
     before = float(np.mean(query.predict() == expected))
@@ -221,7 +222,7 @@ def loss_check(seed: int) -> dict:
 
     _, model = atlasvi_reference(scvi_to_atlasvi(torch.load(WORK / f"ref_scvi_{seed}.pt", weights_only=True)), seed)
     order = {n: i for i, n in enumerate(json.loads((WORK / f"names_scvi_{seed}.json").read_text()))}
-    names = ad.read_zarr(KANG / "atlasvi_reference.zarr").obs_names
+    names = ad.read_zarr(STORES / "atlasvi_reference.zarr").obs_names
     theirs = np.load(WORK / f"latent_scvi_{seed}.npy")[[order[n] for n in names]]
     latent_diff = float(np.abs(model.get_latent_representation() - theirs).max())
     theirs_loss = run_scvi("loss", seed)[0]
@@ -272,7 +273,7 @@ def main() -> None:
         print(json.dumps(scvi_side(args.step, args.seeds[0])), flush=True)
         return
     torch.set_num_threads(1)
-    split_stores("kang", prepare("kang", KANG), KANG)
+    split_stores("kang", prepare("kang", KANG), KANG, store_seed=0)
     labels, rows, check = truth(), [], None
     for seed in args.seeds:
         child = run_scvi("reference", seed, wait=False)
