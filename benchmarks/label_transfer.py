@@ -89,7 +89,7 @@ def prepare(name: str, workdir: Path) -> Path:
     return target
 
 
-def split_stores(name: str, h5ad: Path, workdir: Path, store_seed: int = 0) -> dict[str, Path]:
+def split_stores(name: str, h5ad: Path, workdir: Path, store_seed: int) -> dict[str, Path]:
     """The atlasvi stores of the split (built once per store_seed, the seed of their row permutation, which
     decides the held-out 10%): "semi" (every cell, query labels masked), "reference" (labelled), "query" (no
     labels); reference.h5ad and query.h5ad hold the same cells for scvi-tools."""
