@@ -50,14 +50,15 @@ def scanvi_command(
     train = TrainConfig(max_epochs=max_epochs, seed=seed)
     uri = tracking_uri()
     tracker = MlflowRun(uri, experiment, out.name, tags={"method": "SCANVI"})
-    params = {
-        "scvi_model": str(scvi_model),
-        "store": model.store.path,
-        "seed": seed,
-        "classes": ", ".join(model.labels),
-    }
     tracker.log_params(
-        params | {"classification_ratio": classification_ratio, "unlabeled_category": unlabeled_category}
+        {
+            "scvi_model": str(scvi_model),
+            "store": model.store.path,
+            "seed": seed,
+            "classes": ", ".join(model.labels),
+            "classification_ratio": classification_ratio,
+            "unlabeled_category": unlabeled_category,
+        }
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as bars:
