@@ -1,118 +1,87 @@
-"""`atlasvi` command line: the only place that reads argv, YAML or the environment."""
+"""`atlasvi` command line: the only place that reads argv, YAML or the environment.
 
-import json
-from pathlib import Path
-from typing import Annotated, Any
+Each command's module is imported only when that command runs or shows its help, so `atlasvi --help`
+starts without torch, MLflow or Ray. An expected failure (`AtlasviError`) is printed as one line and
+exits non-zero; `atlasvi --debug COMMAND ...` (or ATLASVI_DEBUG=1) shows its traceback instead.
+"""
 
+import importlib
+import os
+import sys
+
+import click
 import typer
-from rich.console import Console
-from rich.table import Table
+import typer.main
+from typer.core import TyperGroup
 
-from atlasvi.cli.bench import bench_command
-from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, load_yaml, make_config
-from atlasvi.cli.de import de_command
-from atlasvi.cli.map_query import map_query_command
-from atlasvi.cli.scanvi import scanvi_command
-from atlasvi.cli.sweep import sweep_command
-from atlasvi.cli.train import latent_command, train_command
-from atlasvi.data.config import BuildConfig
-from atlasvi.data.errors import StoreError
-from atlasvi.data.store import read_store_attrs
-from atlasvi.datasets import CELLBENCH
+from atlasvi.errors import AtlasviError
 
-app = typer.Typer(help="Train scVI-family models on atlas-scale single-cell data.", no_args_is_help=True)
-app.command(name="train")(train_command)
-app.command(name="latent")(latent_command)
-app.command(name="sweep")(sweep_command)
-app.command(name="de")(de_command)
-app.command(name="scanvi")(scanvi_command)
-app.command(name="map-query")(map_query_command)
-app.command(name="bench")(bench_command)
+# name -> (module, function, one-line help shown by `atlasvi --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": ("atlasvi.cli.build", "build_command", "Build an atlas store (AnnData Zarr) from h5ad / 10x inputs."),
+    "info": ("atlasvi.cli.build", "info_command", "Describe an atlas store."),
+    "train": ("atlasvi.cli.train", "train_command", "Train a model on a store; latent, figures, MLflow run."),
+    "latent": ("atlasvi.cli.train", "latent_command", "Write a saved model's latent into a store."),
+    "sweep": ("atlasvi.cli.sweep", "sweep_command", "Hyperparameter sweep on Ray Tune + ASHA, tracked in MLflow."),
+    "scanvi": ("atlasvi.cli.scanvi", "scanvi_command", "Train scANVI from a saved scVI; predict labels."),
+    "map-query": ("atlasvi.cli.map_query", "map_query_command", "scArches: map a query store onto a reference."),
+    "de": ("atlasvi.cli.de", "de_command", "Bayesian differential expression between two groups of cells."),
+    "bench": ("atlasvi.cli.bench", "bench_command", "The 10K / 100K / 1M performance table."),
+}
+HELP_WIDTH = 80
 
 
-@app.command()
-def build(
-    inputs: Annotated[
-        list[Path] | None, typer.Argument(help=".h5ad files, 10x matrix folders or 10x .h5 files")
-    ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="the atlas store to write (.zarr)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
-    batch_key: Annotated[str | None, typer.Option(help="obs column of the batch; default: one batch per file")] = None,
-    labels_key: Annotated[str | None, typer.Option(help="obs column of cell-type labels")] = None,
-    unlabeled_batch: Annotated[
-        list[str] | None, typer.Option(help="a batch whose cells are stored unlabeled (scANVI's query); repeatable")
-    ] = None,
-    unlabeled_category: Annotated[str | None, typer.Option(help="label of unlabeled cells (default Unknown)")] = None,
-    categorical_covariate_key: Annotated[list[str] | None, typer.Option(help="extra categorical obs key")] = None,
-    continuous_covariate_key: Annotated[list[str] | None, typer.Option(help="continuous obs key")] = None,
-    layer: Annotated[str | None, typer.Option(help="h5ad layer holding the raw counts (default X)")] = None,
-    gene_id_key: Annotated[str | None, typer.Option(help="var column of gene ids (default var_names)")] = None,
-    gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
-    n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
-    hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
-    drop_empty_cells: Annotated[bool, typer.Option(help="drop zero-count cells with a warning")] = False,
-    seed: Annotated[int | None, typer.Option(help="seed of the global cell permutation")] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="cells read at a time (bounds memory)")] = None,
-    compressor: Annotated[str | None, typer.Option(help="Blosc codec: zstd (smaller) or lz4 (faster)")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace output")] = None,
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool((root.obj or {}).get("debug")) or os.environ.get("ATLASVI_DEBUG", "") not in ("", "0")
+
+
+class LazyCommands(TyperGroup):
+    """Commands imported on first use; AtlasviError printed as one line unless --debug."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, function, short_help = COMMANDS[name]
+        single = typer.Typer(rich_markup_mode=None, add_completion=False)
+        single.command(name=name, short_help=short_help)(getattr(importlib.import_module(module), function))
+        return typer.main.get_command(single)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, _, short) in COMMANDS.items()])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AtlasviError as err:
+            if _debug(ctx):
+                raise
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(err.exit_code)
+
+
+app = typer.Typer(
+    cls=LazyCommands,
+    help="Train scVI-family models on atlas-scale single-cell data.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"max_content_width": HELP_WIDTH},
+)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
 ) -> None:
-    """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
-    sources: list[tuple[str, dict[str, Any]]] = []
-    if config is not None:
-        sources.append((str(config), load_yaml(config)))
-    elif not inputs:
-        console.print(f"no inputs given: building the embedded dataset {CELLBENCH.name}")
-        sources.append(("embedded default", EMBEDDED_BUILD))
-    flags = {
-        "inputs": [str(p) for p in inputs] if inputs else None,
-        "output": str(output) if output else None,
-        "batch_key": batch_key,
-        "labels_key": labels_key,
-        "unlabeled_batches": unlabeled_batch or None,
-        "unlabeled_category": unlabeled_category,
-        "categorical_covariate_keys": categorical_covariate_key or None,
-        "continuous_covariate_keys": continuous_covariate_key or None,
-        "layer": layer,
-        "gene_id_key": gene_id_key,
-        "gene_join": gene_join,
-        "n_top_genes": n_top_genes,
-        "hvg_subset": hvg_subset,
-        "zero_count_cells": "drop" if drop_empty_cells else None,
-        "seed": seed,
-        "chunk_size": chunk_size,
-        "compressor": compressor,
-        "overwrite": overwrite,
-    }
-    sources.append(("flags", flags))
-    build_config = make_config(BuildConfig, sources)
-    path = build_with_progress(build_config)
-    _print_summary(path)
-
-
-def _print_summary(path: Path) -> None:
-    meta = read_store_attrs(path)
-    table = Table(title=f"atlas store {path}", show_header=False)
-    table.add_row("cells x genes", f"{meta['n_cells']} x {meta['n_genes']} ({meta['nnz']} non-zeros)")
-    for key, categories in meta["categorical"].items():
-        shown = ", ".join(categories[:6]) + (" ..." if len(categories) > 6 else "")
-        table.add_row(f"obs[{key!r}]", f"{len(categories)}: {shown}")
-    means = ", ".join(f"{m:.2f}" for m in meta["library_log_means"])
-    table.add_row("library prior", f"log-library means per {meta['batch_key']}: {means}")
-    table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))
-    Console().print(table)
-
-
-@app.command()
-def info(store: Path, as_json: Annotated[bool, typer.Option("--json", help="print the attrs as JSON")] = False) -> None:
-    """Describe an atlas store: cells, genes, covariates, library prior, provenance."""
-    try:
-        if as_json:
-            print(json.dumps(read_store_attrs(store), indent=1))
-        else:
-            _print_summary(store)
-    except StoreError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+    """Train scVI-family models on atlas-scale single-cell data."""
+    ctx.ensure_object(dict)["debug"] = debug
 
 
 if __name__ == "__main__":

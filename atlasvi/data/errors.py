@@ -1,11 +1,13 @@
 """Errors of the data layer. Each message names the file, key, gene or chunk at fault."""
 
+from atlasvi.errors import AtlasviError
 
-class AtlasInputError(ValueError):
+
+class AtlasInputError(AtlasviError, ValueError):
     """An input file (h5ad, 10x) or a build parameter is not usable as it is."""
 
 
-class StoreError(ValueError):
+class StoreError(AtlasviError, ValueError):
     """An atlas store cannot be opened: missing, not an atlas store, or another schema version."""
 
 

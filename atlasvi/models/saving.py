@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from atlasvi.data import StoreSchema
+from atlasvi.errors import AtlasviError
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.pt"
 META_NAME = "model.json"
 
 
-class IncompatibleStoreError(ValueError):
+class IncompatibleStoreError(AtlasviError, ValueError):
     """A store does not match a saved model (genes, keys or categories)."""
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 
 from atlasvi.data import Minibatch, StreamingLoader
+from atlasvi.errors import AtlasviError
 from atlasvi.models import LossOutput
 
 CHECKPOINT_NAME = "last.pt"
@@ -95,7 +96,7 @@ def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(AtlasviError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
