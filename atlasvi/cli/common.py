@@ -1,6 +1,7 @@
 """Helpers every command shares: the console, YAML configs validated by pydantic, the embedded store."""
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,16 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
@@ -76,6 +86,41 @@ def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
         raise typer.Exit(2) from None
 
 
+class _LogLines(Progress):
+    """A Progress for a captured log (stderr not a terminal): no live bar, one plain line per update of a
+    task, at most one every `every` seconds, and always its last one."""
+
+    def __init__(self, every: float = 2.0):
+        super().__init__(console=console, disable=True)
+        self.every, self.printed = every, {}
+
+    def update(self, task_id: TaskID, **fields: Any) -> None:
+        super().update(task_id, **fields)
+        self._print(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._print(task_id)
+
+    def _print(self, task_id: TaskID) -> None:
+        task, now = self._tasks[task_id], time.monotonic()
+        unfinished = task.total is None or task.completed < task.total
+        if unfinished and now - self.printed.get(task_id, -1e9) < self.every:
+            return
+        self.printed[task_id] = now
+        total = f"/{task.total:.0f}" if task.total is not None else ""
+        line = f"{task.description}  {task.completed:.0f}{total}  {task.elapsed or 0:.0f} s"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bars(*columns: ProgressColumn) -> Progress:
+    """Rich bars (the given columns, then elapsed and remaining time) on a terminal; in a captured log, plain
+    lines (see `_LogLines`), so that a log file reads as text rather than cut-off bars."""
+    if console.is_terminal:
+        return Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    return _LogLines()
+
+
 class _RichProgress:
     """Draws one rich bar per build stage from the build's progress callback."""
 
@@ -90,9 +135,8 @@ class _RichProgress:
 
 def build_with_progress(config: BuildConfig) -> Path:
     """build_store with rich bars per stage; a failed build prints why and exits 1 (nothing is written)."""
-    columns = [TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with Progress(*columns, TimeRemainingColumn(), console=console, transient=False) as bars:
+        with progress_bars(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn()) as bars:
             return build_store(config, _RichProgress(bars))
     except (AtlasInputError, StoreError) as err:
         console.print(f"[red]build failed, nothing written:[/red] {err}")
