@@ -4,7 +4,12 @@ The embedded default is a SQLite store in the working folder, `mlruns/mlflow.db`
 `mlruns/artifacts/`: MLflow 3 refuses its old file store, and SQLite needs no server and is one file a
 person can copy. A tracking URI (`MLFLOW_TRACKING_URI`, read by the CLI) points everything at a server.
 `MlflowRun` uses an explicit client and run id (no global active run), so a restarted or distributed
-run logs into the same MLflow run by passing its id back.
+run logs into the same MLflow run by passing its id back. Used as a context manager it closes the run
+on every exit path, so no failing command leaves a run RUNNING:
+
+    with MlflowRun(uri, "atlasvi", run_name="x") as run:
+        ...   # the end of the block, or run.finish(): FINISHED; an exception: FAILED, its message in the
+              # `error` tag; Ctrl-C: KILLED; SystemExit / typer.Exit with code 0: FINISHED
 """
 
 from collections.abc import Mapping
@@ -53,7 +58,12 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MlflowRun:
-    """One MLflow run: params, per-epoch metrics, artifacts. Resumes the run `run_id` when given."""
+    """One MLflow run: params, per-epoch metrics, artifacts. Resumes the run `run_id` when given (renamed to
+    `run_name` when that is given too).
+
+    A context manager: leaving the block ends the run unless `finish` already did (see the module's
+    docstring): FINISHED, or FAILED / KILLED with the error as the `error` tag.
+    """
 
     def __init__(
         self,
@@ -65,14 +75,16 @@ class MlflowRun:
     ):
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
-        experiment_id = ensure_experiment(tracking_uri, experiment)
+        self.ended = False
         if run_id is not None:
-            self.run_id = self.client.get_run(run_id).info.run_id
-            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            info = self.client.get_run(run_id).info
+            self.run_id, self.experiment_id = info.run_id, info.experiment_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING), name=run_name)
+            self.set_tags(tags or {})
         else:
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self.experiment_id = ensure_experiment(tracking_uri, experiment)
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
             self.run_id = run.info.run_id
-        self.experiment_id = experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
         """Nested params flattened to dotted names. MLflow params cannot change: a resumed run's changed
@@ -112,9 +124,36 @@ class MlflowRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def finish(self, failed: bool = False) -> None:
-        status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    def finish(self, failed: bool = False, error: BaseException | str | None = None) -> None:
+        """End the run: FINISHED; FAILED when `failed` or an `error` is given (kept as the `error` tag);
+        KILLED when the error is a KeyboardInterrupt (Ctrl-C)."""
+        status = RunStatus.FAILED if failed or error is not None else RunStatus.FINISHED
+        if isinstance(error, KeyboardInterrupt):
+            status, error = RunStatus.KILLED, "interrupted (KeyboardInterrupt: Ctrl-C)"
+        elif isinstance(error, BaseException):
+            code = _exit_code(error)
+            bare = str(error) in ("", str(code))  # SystemExit(3), typer.Exit(2): the code is all they say
+            error = f"{type(error).__name__} (exit code {code})" if bare else f"{type(error).__name__}: {error}"
+        if error is not None:
+            self.set_tags({"error": error[:5000]})
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+        self.ended = True
+
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        if not self.ended:
+            self.finish(error=None if exc is None or _exit_code(exc) == 0 else exc)
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    """The exit code an exception ends the command with: SystemExit's, or an `exit_code` attribute (click's
+    Exit, typer.Exit, AtlasviError); None for any other exception."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    code = getattr(exc, "exit_code", None)
+    return code if isinstance(code, int) else None
 
 
 class EpochLogger:
