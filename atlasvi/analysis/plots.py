@@ -1,5 +1,6 @@
 """Figures people would rather look at than numbers: loss curves and a latent UMAP, as PNG files."""
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def sweep_heatmap_png(trials: Sequence[dict], row_key: str, column_key: str, met
         i, j = rows.index(t["overrides"][row_key]), columns.index(t["overrides"][column_key])
         grid[i, j] = np.fmin(grid[i, j], t["at_common"])
         trained[i, j] = max(trained[i, j], t["epochs"])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(columns), 1.2 + 0.9 * len(rows)), constrained_layout=True)
+    width = max(4.8, 1.6 + 1.6 * len(columns))
+    fig, ax = plt.subplots(figsize=(width, 1.6 + 0.9 * len(rows)), constrained_layout=True)
     image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     for i in range(len(rows)):
         for j in range(len(columns)):
@@ -84,8 +86,9 @@ def sweep_heatmap_png(trials: Sequence[dict], row_key: str, column_key: str, met
     ax.set_xlabel(column_key)
     ax.set_ylabel(row_key)
     common = finished[0]["common_epochs"] if finished else 0
-    ax.set_title(f"{metric} at epoch {common}, reached by every trial (lower is better)\n(epochs each trial trained)")
+    title = textwrap.wrap(f"{metric} at epoch {common}, reached by every trial (lower is better)", round(width * 8))
+    ax.set_title("\n".join([*title, "(in brackets: epochs trained)"]), fontsize=10)  # ~8 characters an inch
     fig.colorbar(image, ax=ax)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -6,7 +6,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -20,6 +20,9 @@ from atlasvi.cli.train import _embedded_store
 from atlasvi.data.store import is_url
 from atlasvi.tracking import MlflowRun, SweepChildRuns
 from atlasvi.train import EpochRecord
+
+if TYPE_CHECKING:
+    from atlasvi.launch.sweep import SweepConfig
 
 
 def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, folder: Path) -> None:
@@ -47,20 +50,29 @@ def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, 
         child.finish(failed=trial["status"] == "FAILED")
 
 
+def _close_open_children(parent: MlflowRun, children: SweepChildRuns, status: str) -> None:
+    """End every child run not yet closed with its outcome (its trial was cut short) with `status`."""
+    closed = children.closed()
+    for trial_id, run_id in children.existing().items():
+        if trial_id not in closed:
+            parent.client.set_terminated(run_id, status)
+
+
 def sweep_command(
-    config: Annotated[Path | None, typer.Option(help="YAML of SweepConfig (job, search_space, ASHA, ...)")] = None,
-    store: Annotated[str | None, typer.Option(help="atlas store path or URL (default: the embedded one)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML of a SweepConfig")] = None,
+    store: Annotated[str | None, typer.Option(help="store path or URL (default: embedded)")] = None,
     num_samples: Annotated[int | None, typer.Option(help="repeats of the grid / samples")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="epochs per trial (ASHA's horizon)")] = None,
-    name: Annotated[str | None, typer.Option(help="sweep name (a second run of the same name resumes it)")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto': this node's cluster)")] = None,
-    output: Annotated[Path, typer.Option(help="folder of the ranked table, heatmap and best config")] = Path(
-        "outputs/sweeps"
-    ),
+    name: Annotated[str | None, typer.Option(help="sweep name (the same name resumes)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto': local)")] = None,
+    output: Annotated[Path, typer.Option(help="results folder")] = Path("outputs/sweeps"),
 ) -> None:
-    """Sweep n_latent x n_layers (or any config field) with ASHA; rank the trials; write the best config."""
+    """Sweep n_latent x n_layers (or any config field) with ASHA; rank the trials; write the best config.
+
+    An invalid schedule or search space is refused before Ray or MLflow starts. The best trial's
+    config, OUTPUT/NAME/best.yaml, trains with `atlasvi train --config` into OUTPUT/NAME/best."""
     from atlasvi.launch import connect  # Ray is imported by the commands that use it, not by `atlasvi --help`
-    from atlasvi.launch.sweep import SweepConfig, run_sweep, summarise, with_overrides
+    from atlasvi.launch.sweep import SweepConfig, run_sweep, summarise
 
     sources: list[tuple[str, dict[str, Any]]] = []
     if config is not None:
@@ -68,6 +80,8 @@ def sweep_command(
     flags = {"num_samples": num_samples, "name": name, "job": {"store": store, "train": {"max_epochs": max_epochs}}}
     sources.append(("flags", flags))
     sweep = make_config(SweepConfig, sources)
+    rungs = ", ".join(map(str, sweep.rungs())) or "none"
+    console.print(f"ASHA compares trials at epochs {rungs} (of {sweep.horizon}); {sweep.metric}, lower is better")
     for warning in sweep.schedule_warnings():
         console.print(f"[yellow]warning: {warning}[/yellow]")
     store_path = sweep.job.store or _embedded_store()
@@ -81,16 +95,28 @@ def sweep_command(
     uri = tracking_uri()
     experiment = sweep.job.experiment
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
-    parent = MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags={"sweep": sweep.name})
-    write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
-    parent.log_params({"search_space": {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}})
-    parent.log_params({k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")})
     connect(address)
+    parent = MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags={"sweep": sweep.name})
     children = SweepChildRuns(uri, experiment, parent.run_id)
-    with console.status(f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"):
-        results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
+    try:
+        write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
+        parent.log_params({"search_space": {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}})
+        parent.log_params({k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")})
+        with console.status(f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"):
+            results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
+        if not interrupted:
+            parent.set_tags({"interrupted": "false"})
+            trials = summarise(results, sweep)
+            _finish_children(children, trials, sweep.metric, folder)
+            finished = _report(sweep, trials, folder, parent)
+    except BaseException as err:
+        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        _close_open_children(parent, children, "FAILED")
+        parent.finish(failed=True)
+        raise
     if interrupted:
         parent.set_tags({"interrupted": "true"})
+        _close_open_children(parent, children, "KILLED")
         parent.client.set_terminated(parent.run_id, "KILLED")
         console.print(
             f"[yellow]sweep {sweep.name} interrupted: {results.num_terminated + results.num_errors} of "
@@ -98,9 +124,14 @@ def sweep_command(
             "unfinished ones continue from their last epoch).[/yellow]"
         )
         raise typer.Exit(code=130)
-    parent.set_tags({"interrupted": "false"})
-    trials = summarise(results, sweep)
-    _finish_children(children, trials, sweep.metric, folder)
+    parent.finish(failed=not finished)
+
+
+def _report(sweep: "SweepConfig", trials: list[dict], folder: Path, parent: MlflowRun) -> bool:
+    """The ranked table (printed, CSV), the heatmap and the best config, logged into the parent run;
+    whether any trial finished."""
+    from atlasvi.launch.sweep import best_job
+
     keys = list(sweep.search_space)
     common = trials[0]["common_epochs"] if trials else 0
     table = Table(
@@ -133,9 +164,9 @@ def sweep_command(
         parent.log_artifact(heatmap)
     finished = [t for t in trials if t["status"] == "FINISHED"]
     if finished:
-        best = with_overrides(sweep.job, finished[0]["overrides"])
+        best = best_job(sweep, finished[0]["overrides"], str(folder / "best"))
         best_yaml = write_atomic(folder / "best.yaml", yaml.safe_dump(best.model_dump(mode="json"), sort_keys=False))
         parent.log_artifact(best_yaml)
         parent.log_metrics({f"best_{sweep.metric}": finished[0]["last"]})
-        Console().print(f"best config: {best_yaml}  (atlasvi train --config {best_yaml})")
-    parent.finish(failed=not finished)
+        Console().print(f"best config: {best_yaml}  (atlasvi train --config {best_yaml}; results in {best.output})")
+    return bool(finished)

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import ray
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from ray import tune
 from ray.tune import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -51,6 +52,16 @@ class SearchSpec(BaseModel):
         given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        values = self.grid if self.grid is not None else self.choice
+        if values is not None and not values:
+            raise ValueError(f"{given[0]} is empty: give at least one value")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None:
+            low, high = bounds
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"{given[0]} [{low}, {high}]: give finite bounds with low < high")
+            if self.loguniform is not None and low <= 0:
+                raise ValueError(f"loguniform [{low}, {high}]: the low bound must be > 0")
         return self
 
     def domain(self):
@@ -61,6 +72,11 @@ class SearchSpec(BaseModel):
         if self.uniform is not None:
             return tune.uniform(*self.uniform)
         return tune.loguniform(*self.loguniform)
+
+
+def _horizon(job: TrainJobConfig) -> int:
+    """The epochs a trial trains at most: job.train.max_epochs (None: scvi-tools' cap, 400)."""
+    return job.train.max_epochs or job.train.epochs_for(1)
 
 
 class SweepConfig(BaseModel):
@@ -86,6 +102,33 @@ class SweepConfig(BaseModel):
     max_concurrent_trials: int | None = Field(default=None, gt=0)
     name: str = "sweep"
     storage_path: str | None = None
+
+    @property
+    def horizon(self) -> int:
+        """ASHA's max_t: the epochs a trial trains at most."""
+        return _horizon(self.job)
+
+    def rungs(self) -> list[int]:
+        """The epochs at which ASHA compares trials: grace_period x reduction_factor^k below the horizon."""
+        rungs, epoch = [], float(self.grace_period)
+        while epoch < self.horizon:
+            rungs.append(round(epoch))
+            epoch *= self.reduction_factor
+        return rungs
+
+    @field_validator("grace_period")
+    @classmethod
+    def _first_rung_in_horizon(cls, grace_period: int, info: ValidationInfo) -> int:
+        """Ray's ASHAScheduler asserts grace_period <= max_t: checked here, before Ray or MLflow starts."""
+        job = info.data.get("job")
+        if job is not None and grace_period > _horizon(job):
+            raise PydanticCustomError(
+                "asha_schedule",
+                "{grace} > job.train.max_epochs {horizon}: ASHA's first rung would come after a trial's last epoch; "
+                "set grace_period <= {horizon} or max_epochs >= {grace}",
+                {"grace": grace_period, "horizon": _horizon(job)},
+            )
+        return grace_period
 
     @model_validator(mode="after")
     def _fields_exist(self) -> "SweepConfig":
@@ -120,6 +163,19 @@ def with_overrides(job: TrainJobConfig, overrides: dict[str, Any]) -> TrainJobCo
             target = target[part]
         target[leaf] = value
     return TrainJobConfig.model_validate(values)
+
+
+def best_job(sweep: SweepConfig, overrides: dict[str, Any], output: str) -> TrainJobConfig:
+    """The job of a trial as `atlasvi train` runs it, into its own results: `output`, run name
+    `<sweep>-best`, latent key `<base key>_<sweep>` (none if the base writes none), so training it replaces
+    neither the base job's model and latent nor the demo's."""
+    job = with_overrides(sweep.job, overrides)
+    own = {
+        "output": output,
+        "run_name": f"{sweep.name}-best",
+        "latent_key": f"{job.latent_key}_{sweep.name}" if job.latent_key else None,
+    }
+    return TrainJobConfig.model_validate(job.model_dump(mode="json") | own)
 
 
 TrialLogger = Callable[[str, dict[str, Any]], Callable[[EpochRecord], None]]
@@ -190,9 +246,6 @@ def run_sweep(
     """Run (or resume) the sweep; Ray must be initialised. Returns Tune's results, one per trial, and whether
     the sweep was interrupted (Ctrl-C: Tune saves its state and stops; running it again resumes it)."""
     path = f"{storage_path.rstrip('/')}/{sweep.name}"
-    max_epochs = sweep.job.train.epochs_for(1)  # ASHA's horizon: the configured epochs
-    if sweep.job.train.max_epochs is not None:
-        max_epochs = sweep.job.train.max_epochs
     # a one-worker trial checkpoints every epoch and keeps the last: Tune then snapshots the experiment each time
     # (cheap here, and what makes a resume continue from the last epoch); its warning about it is noise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -212,7 +265,7 @@ def run_sweep(
             "name": sweep.name,
         }
         scheduler = ASHAScheduler(
-            time_attr="epochs_done", max_t=max_epochs, grace_period=sweep.grace_period,
+            time_attr="epochs_done", max_t=sweep.horizon, grace_period=sweep.grace_period,
             reduction_factor=sweep.reduction_factor,
         )  # fmt: skip
         tuner = tune.Tuner(

@@ -7,12 +7,15 @@ default suite.
 import csv
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import anndata as ad
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -20,8 +23,11 @@ from typer.testing import CliRunner
 
 from atlasvi.cli.main import app
 from atlasvi.launch.sweep import SearchSpec, SweepConfig, rank_trials
+from atlasvi.train import EpochRecord
+from atlasvi.train.job import TrainJobConfig
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -80,8 +86,9 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
         assert any(a.path.startswith("loss_curves_") for a in client.list_artifacts(child.info.run_id))
     assert "ranked.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     best = workdir / "outputs/sweeps/four/best.yaml"
-    trained = runner.invoke(app, ["train", "--config", str(best), "--max-epochs", "1", "--output", "best"])
+    trained = runner.invoke(app, ["train", "--config", str(best), "--max-epochs", "1"])
     assert trained.exit_code == 0, trained.output
+    assert (workdir / "outputs/sweeps/four/best/model/model.pt").exists() and not (workdir / "outputs/scvi").exists()
 
     again = runner.invoke(app, ["sweep", "--config", "four.yaml"])  # a finished sweep: nothing runs again
     assert again.exit_code == 0, again.output
@@ -182,3 +189,107 @@ def test_a_first_rung_before_the_end_of_the_kl_warmup_is_warned_about():
     early = SweepConfig.model_validate({"grace_period": 10, "job": job})
     assert "before the end of the KL warm-up (20 epochs)" in early.schedule_warnings()[0]
     assert SweepConfig.model_validate({"grace_period": 20, "job": job}).schedule_warnings() == []
+
+
+def test_search_space_bounds_and_the_asha_schedule_are_checked():
+    for spec, message in [
+        ({"grid": []}, "grid is empty"),
+        ({"choice": []}, "choice is empty"),
+        ({"uniform": (1.0, 0.5)}, "low < high"),
+        ({"uniform": (0.0, math.inf)}, "finite bounds"),
+        ({"loguniform": (0.0, 1.0)}, "low bound must be > 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SearchSpec(**spec)
+    with pytest.raises(ValueError, match="grace_period\n.*30 > job.train.max_epochs 4: ASHA's first rung"):
+        SweepConfig.model_validate({"grace_period": 30, "job": {"train": {"max_epochs": 4}}})
+    sweep = SweepConfig.model_validate({"grace_period": 4, "reduction_factor": 3, "job": {"train": {"max_epochs": 40}}})
+    assert sweep.horizon == 40 and sweep.rungs() == [4, 12, 36]
+    assert SweepConfig.model_validate({"grace_period": 400}).horizon == 400  # max_epochs None: scvi-tools' cap
+
+
+def test_a_schedule_ray_would_refuse_is_refused_before_ray_and_mlflow(workdir, embedded_store):
+    config = str(REPO / "configs/sweep_scvi.yaml")  # grace_period 30
+    result = runner.invoke(app, ["sweep", "--config", config, "--store", str(embedded_store), "--max-epochs", "4"])
+    assert result.exit_code == 2, result.output
+    assert "grace_period: 30 > job.train.max_epochs 4" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (workdir / "mlruns").exists() and not (workdir / "outputs").exists()  # no MLflow run, no folder
+
+
+def _record(epoch: int, elbo: float) -> dict:
+    figures = EpochRecord(epoch, 1.0, elbo, elbo - 20, 20.0, elbo, elbo - 20, 20.0, 1000.0, 0.5)
+    return {k: v for k, v in asdict(figures).items() if k not in ("step_losses", "extra_metrics")} | {
+        "epochs_done": epoch + 1,
+        "validation_elbo": elbo,
+    }
+
+
+def _no_ray(monkeypatch, run_sweep, trials: list[dict] | None = None) -> None:
+    """The sweep command without Ray: `run_sweep` (and `summarise`) replaced."""
+    import atlasvi.launch
+    import atlasvi.launch.sweep
+
+    monkeypatch.setattr(atlasvi.launch, "connect", lambda address: None)
+    monkeypatch.setattr(atlasvi.launch.sweep, "run_sweep", run_sweep)
+    monkeypatch.setattr(atlasvi.launch.sweep, "summarise", lambda results, sweep: rank_trials(trials, sweep.metric))
+
+
+def _runs(workdir) -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+
+
+def test_a_failing_sweep_leaves_neither_its_parent_nor_a_child_run_running(workdir, embedded_store, monkeypatch):
+    def failing(sweep, store, storage, trial_logger):
+        log = trial_logger("t1", {"model.n_latent": 5})  # a trial started and logged an epoch, then Ray failed
+        log(EpochRecord(**{k: v for k, v in _record(0, 900.0).items() if k != "epochs_done"}))
+        raise RuntimeError("forced failure under Ray")
+
+    _no_ray(monkeypatch, failing)
+    _sweep(workdir, embedded_store, {"model.n_latent": {"grid": [5, 10]}}, "broken")
+    result = runner.invoke(app, ["sweep", "--config", "broken.yaml"])
+    assert result.exit_code != 0 and "forced failure under Ray" in str(result.exception)
+    runs = _runs(workdir)
+    assert sorted(r.info.run_name for r in runs) == ["sweep-broken", "trial-t1"]
+    assert {r.info.status for r in runs} == {"FAILED"}
+    (parent,) = [r for r in runs if r.info.run_name == "sweep-broken"]
+    assert parent.data.tags["error"] == "RuntimeError: forced failure under Ray"
+
+
+def test_the_best_config_trains_as_is_into_its_own_folder_and_latent_key(workdir, embedded_store, monkeypatch):
+    shutil.copytree(embedded_store, workdir / "store.zarr")
+    trials = [
+        {
+            "trial_id": f"t{n_latent}{n_layers}",
+            "overrides": {"model.n_latent": n_latent, "model.n_layers": n_layers},
+            "status": "FINISHED",
+            "error": None,
+            "epochs": 2,
+            "last": elbo,
+            "best": elbo,
+            "stopped_early": False,
+            "history": [_record(0, elbo + 50), _record(1, elbo)],
+        }
+        for n_latent, n_layers, elbo in [(4, 1, 910.0), (4, 2, 905.5), (6, 1, 899.25), (6, 2, 920.0)]
+    ]
+    _no_ray(monkeypatch, lambda sweep, store, storage, trial_logger: (None, False), trials)
+    space = {"model.n_latent": {"grid": [4, 6]}, "model.n_layers": {"grid": [1, 2]}}
+    config = _sweep(workdir, embedded_store, space, "best-of-four")
+    config["job"] |= {"store": "store.zarr", "umap_cells": 0}
+    (workdir / "best-of-four.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["sweep", "--config", "best-of-four.yaml"])
+    assert result.exit_code == 0, result.output
+    folder = workdir / "outputs/sweeps/best-of-four"
+    assert (folder / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    best = TrainJobConfig.model_validate(yaml.safe_load((folder / "best.yaml").read_text()))
+    base = TrainJobConfig.model_validate(config["job"])
+    assert (best.model.n_latent, best.model.n_layers) == (6, 1)
+    assert best.output == "outputs/sweeps/best-of-four/best" != base.output
+    assert best.latent_key == "X_scvi_best-of-four" and best.run_name == "best-of-four-best"
+    assert {r.info.status for r in _runs(workdir)} == {"FINISHED"}
+    trained = runner.invoke(app, ["train", "--config", str(folder / "best.yaml"), "--max-epochs", "1"])
+    assert trained.exit_code == 0, trained.output
+    assert (folder / "best/model/model.pt").exists() and not (workdir / "outputs/scvi").exists()
+    obsm = ad.read_zarr(workdir / "store.zarr").obsm
+    assert "X_scvi" not in obsm and obsm["X_scvi_best-of-four"].shape == (1408, 6)
