@@ -51,10 +51,9 @@ def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, 
 
 
 def _close_open_children(parent: MlflowRun, children: SweepChildRuns, status: str) -> None:
-    """End every child run not yet closed with its outcome (its trial was cut short) with `status`."""
-    closed = children.closed()
-    for trial_id, run_id in children.existing().items():
-        if trial_id not in closed:
+    """End with `status` every child run still RUNNING (its trial, or the sweep, was cut short)."""
+    for run_id in children.existing().values():
+        if parent.client.get_run(run_id).info.status == "RUNNING":
             parent.client.set_terminated(run_id, status)
 
 
@@ -96,35 +95,37 @@ def sweep_command(
     experiment = sweep.job.experiment
     resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
     connect(address)
-    parent = MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags={"sweep": sweep.name})
-    children = SweepChildRuns(uri, experiment, parent.run_id)
-    try:
-        write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
-        parent.log_params({"search_space": {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}})
-        parent.log_params({k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")})
-        with console.status(f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"):
-            results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
-        if not interrupted:
-            parent.set_tags({"interrupted": "false"})
+    tags = {"sweep": sweep.name}
+    with MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags=tags) as parent:
+        children = SweepChildRuns(uri, experiment, parent.run_id)
+        try:
+            write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
+            space = {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}
+            parent.log_params({"search_space": space})
+            parent.log_params(
+                {k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")}
+            )
+            with console.status(
+                f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"
+            ):
+                results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
+            parent.set_tags({"interrupted": str(interrupted).lower()})
+            if interrupted:
+                _close_open_children(parent, children, "KILLED")
+                parent.finish(error=KeyboardInterrupt())
+                console.print(
+                    f"[yellow]sweep {sweep.name} interrupted: {results.num_terminated + results.num_errors} of "
+                    f"{len(results)} trials ended. Run the same command again to resume it (ended trials are kept, "
+                    "unfinished ones continue from their last epoch).[/yellow]"
+                )
+                raise typer.Exit(code=130)
             trials = summarise(results, sweep)
             _finish_children(children, trials, sweep.metric, folder)
-            finished = _report(sweep, trials, folder, parent)
-    except BaseException as err:
-        parent.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
-        _close_open_children(parent, children, "FAILED")
-        parent.finish(failed=True)
-        raise
-    if interrupted:
-        parent.set_tags({"interrupted": "true"})
-        _close_open_children(parent, children, "KILLED")
-        parent.client.set_terminated(parent.run_id, "KILLED")
-        console.print(
-            f"[yellow]sweep {sweep.name} interrupted: {results.num_terminated + results.num_errors} of "
-            f"{len(results)} trials ended. Run the same command again to resume it (ended trials are kept, "
-            "unfinished ones continue from their last epoch).[/yellow]"
-        )
-        raise typer.Exit(code=130)
-    parent.finish(failed=not finished)
+            if not _report(sweep, trials, folder, parent):
+                parent.finish(error="no trial finished (see ranked.csv)")
+        except BaseException as err:  # the parent ends FAILED (KILLED for Ctrl-C) as it leaves the block
+            _close_open_children(parent, children, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def _report(sweep: "SweepConfig", trials: list[dict], folder: Path, parent: MlflowRun) -> bool:
