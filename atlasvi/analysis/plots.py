@@ -92,3 +92,37 @@ def sweep_heatmap_png(trials: Sequence[dict], row_key: str, column_key: str, met
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def scanvi_loss_figure(history: Sequence[EpochRecord], classification_ratio: float) -> plt.Figure:
+    """scANVI's terms apart: the -ELBO (train, at the warm-up KL weight, and held-out), the labelled cells'
+    cross-entropy, which the training loss adds `classification_ratio` times, reconstruction and KL per cell."""
+    epochs = [r.epoch for r in history]
+    cross_entropy = [r.extra_metrics.get("classification_loss", np.nan) for r in history]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), constrained_layout=True)
+    train_elbo = [r.train_loss - classification_ratio * ce for r, ce in zip(history, cross_entropy, strict=True)]
+    axes[0].plot(epochs, train_elbo, label="train (warm-up KL weight)")
+    axes[0].plot(epochs, [r.validation_elbo for r in history], label="held-out")
+    axes[0].set_title("-ELBO per cell (nats), without the classification term", fontsize=10)
+    axes[1].plot(epochs, cross_entropy, label="train, labelled cells")
+    axes[1].set_title(
+        f"cross-entropy of labelled cells\n(training loss adds {classification_ratio:g} x this)", fontsize=10
+    )
+    axes[2].plot(epochs, [r.train_reconstruction for r in history], label="train")
+    axes[2].plot(epochs, [r.validation_reconstruction for r in history], label="held-out")
+    axes[2].set_title("reconstruction per cell", fontsize=10)
+    axes[3].plot(epochs, [r.train_kl for r in history], label="train")
+    axes[3].plot(epochs, [r.validation_kl for r in history], label="held-out")
+    axes[3].set_title("KL per cell", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def scanvi_loss_curves_png(history: Sequence[EpochRecord], classification_ratio: float, path: Path) -> Path:
+    """`scanvi_loss_figure` as a PNG."""
+    fig = scanvi_loss_figure(history, classification_ratio)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

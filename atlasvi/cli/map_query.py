@@ -5,56 +5,98 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-from atlasvi.api import SCANVI, saved_model_class
-from atlasvi.cli.common import console
-from atlasvi.data import StoreError, open_store
-from atlasvi.models.saving import IncompatibleStoreError
+from atlasvi.analysis.plots import loss_curves_png, scanvi_loss_curves_png
+from atlasvi.api import SCANVI, SCVI, saved_model_class
+from atlasvi.cli.common import console, progress_bars, tracking_uri
+from atlasvi.data import LoaderConfig, open_store
+from atlasvi.errors import AtlasviError
+from atlasvi.models.surgery import SurgeryConfig
+from atlasvi.tracking import MlflowRun
 from atlasvi.train import EpochRecord, TrainConfig
 
 LATENT_KEYS = {"SCVI": "X_scvi", "SCANVI": "X_scanvi"}
 
 
-def map_query_command(
-    reference: Annotated[Path, typer.Option(help="the saved reference model folder (SCVI or SCANVI)")],
-    query: Annotated[Path, typer.Option(help="the query atlas store, built with the reference's genes")],
-    output: Annotated[Path | None, typer.Option(help="where the query model is saved (default QUERY_model)")] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="query training epochs (default: scvi-tools' rule)")] = None,
-    latent_key: Annotated[str | None, typer.Option(help="obsm key of the latent (default X_scvi / X_scanvi)")] = None,
-    prediction_key: Annotated[
-        str, typer.Option(help="scANVI: obs column of the predicted labels")
-    ] = "scanvi_prediction",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    seed: Annotated[int, typer.Option(help="seed of the new columns' initialisation and of training")] = 0,
-) -> None:
-    """Map a query store onto a reference model by scArches surgery: only the query's new batch columns train
-    (weight decay 0); writes the query latent (and scANVI's predicted labels and probabilities) into the query
-    store and saves the query model."""
+def _query_model(reference: Path, query: Path, device: str, surgery: SurgeryConfig, seed: int) -> SCVI:
+    """The reference extended to the query's batches; an error names the problem."""
     try:
-        model_class = saved_model_class(reference)
-        method = model_class.method
-        model = model_class.load_query_data(open_store(query), reference, device, seed=seed)
-    except (IncompatibleStoreError, StoreError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+        return saved_model_class(reference).load_query_data(
+            open_store(query), reference, device, surgery=surgery, seed=seed
+        )
+    except AtlasviError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # the model layer's plain errors name the file at fault
+        raise AtlasviError(str(err)) from err
+
+
+def map_query_command(
+    reference: Annotated[Path, typer.Option(help="saved reference model (SCVI or SCANVI)")],
+    query: Annotated[Path, typer.Option(help="query store, with the reference's genes")],
+    output: Annotated[Path | None, typer.Option(help="query model folder (default: QUERY_model)")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
+    latent_key: Annotated[str | None, typer.Option(help="obsm key (default: X_scvi / X_scanvi)")] = None,
+    prediction_key: Annotated[str, typer.Option(help="scANVI: obs column")] = "scanvi_prediction",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="seed of new columns and shuffling")] = 0,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "atlasvi",
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: OUTPUT's name)")] = None,
+) -> None:
+    """Map a query store onto a reference model by scArches surgery.
+
+    Only the query's new batch columns train (weight decay 0). Writes the query latent (and scANVI's
+    predicted labels and probabilities) into the query store, saves the query model with its loss
+    curves, and leaves an MLflow run with the whole config and per-epoch metrics."""
+    surgery = SurgeryConfig()
+    model = _query_model(reference, query, device, surgery, seed)
+    method, key = model.method, latent_key or LATENT_KEYS[model.method]
+    out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
     query_batches = list(model.store.schema.batch_categories)
     console.print(f"{method} reference {reference}; query {model.schema.batch_key}: {query_batches}")
-    train = TrainConfig(max_epochs=max_epochs, seed=seed)
-    n_epochs = train.epochs_for(round(model.store.n_cells * (1 - train.validation_fraction)))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as bars:
-        task = bars.add_task("query training (epochs)", total=n_epochs)
-
-        def advance(record: EpochRecord) -> None:
-            bars.update(
-                task, completed=record.epoch + 1, description=f"query training, -ELBO {record.validation_elbo:.1f}"
-            )
-
-        model.fit(train, on_epoch_end=advance)
-    written = [model.write_latent_representation(key=latent_key or LATENT_KEYS[method])]
+    train = TrainConfig(max_epochs=max_epochs, seed=seed, weight_decay=0.0)  # decay would move frozen weights
+    loader = LoaderConfig(seed=seed)
+    params = {
+        "reference": str(reference),
+        "reference_method": method,
+        "query": str(query),
+        "n_cells": model.store.n_cells,
+        "n_genes": model.schema.n_genes,
+        "query_batches": ", ".join(query_batches),
+        "output": str(out),
+        "latent_key": key,
+        "device": device,
+        "model": model.config.model_dump(mode="json"),
+        "surgery": surgery.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "loader": loader.model_dump(mode="json"),
+    }
     if isinstance(model, SCANVI):
-        written.append(model.write_predictions(key=prediction_key))
-    saved = model.save(output or query.parent / f"{query.name.removesuffix('.zarr')}_model")
-    for path in [*written, saved]:
+        params["prediction_key"] = prediction_key
+    n_epochs = train.epochs_for(round(model.store.n_cells * (1 - train.validation_fraction)))
+    with MlflowRun(tracking_uri(), experiment, run_name or out.name, tags={"method": method, "query": "true"}) as run:
+        run.log_params(params)
+        with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
+            task = bars.add_task("query training (epochs)", total=n_epochs)
+
+            def on_epoch_end(record: EpochRecord) -> None:
+                run.log_epoch(record)
+                description = f"query training, -ELBO {record.validation_elbo:.1f}"
+                bars.update(task, completed=record.epoch + 1, description=description)
+
+            history = model.fit(train, loader, on_epoch_end=on_epoch_end)
+        written = [model.write_latent_representation(key=key)]
+        if isinstance(model, SCANVI):
+            written.append(model.write_predictions(key=prediction_key))
+        saved = model.save(out)
+        run.log_artifact(saved, "model")
+        if isinstance(model, SCANVI):
+            figure = scanvi_loss_curves_png(history, model.config.classification_ratio, out / "loss_curves.png")
+        else:
+            figure = loss_curves_png(history, out / "loss_curves.png")
+        run.log_artifact(figure, "figures")
+        last = history[-1]
+        run.log_metrics({"final_validation_elbo": last.validation_elbo, "epochs": len(history)}, last.epoch)
+    for path in [*written, saved, figure]:
         Console().print(f"wrote {path}")
+    Console().print(f"MLflow run {run.run_id} in experiment {experiment!r}")

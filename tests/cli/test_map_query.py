@@ -4,10 +4,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from atlasvi.api import SCANVI, SCVI
 from atlasvi.cli.main import app
+from atlasvi.tracking import local_tracking_uri
 from atlasvi.train import TrainConfig
 from tests.data.helpers import build_ctrl_stim_stores
 
@@ -27,11 +29,44 @@ def reference_and_query(tmp_path_factory, kang):
     return scanvi.save(folder / "reference_model"), stores[0], stores[1]
 
 
-def test_map_query_writes_latent_predictions_and_the_query_model(reference_and_query, tmp_path):
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A working folder: MLflow's default local store lands in it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _runs(workdir, experiment: str) -> list:
+    client = MlflowClient(local_tracking_uri(workdir))
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def test_map_query_writes_latent_predictions_and_the_query_model(reference_and_query, workdir):
+    tmp_path = workdir
     reference, reference_store, query = reference_and_query
-    args = ["map-query", "--reference", str(reference), "--query", str(query), "--max-epochs", "2"]
-    result = runner.invoke(app, [*args, "--output", str(tmp_path / "query_model")])
+    args = ["map-query", "--reference", str(reference), "--query", str(query), "--max-epochs", "2", "--seed", "3"]
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "query_model"), "--run-name", "stim"])
     assert result.exit_code == 0, result.output
+    (run,) = _runs(workdir, "atlasvi")
+    assert run.info.run_name == "stim" and run.info.status == "FINISHED" and run.data.tags["method"] == "SCANVI"
+    params = run.data.params  # the whole config, as `atlasvi train` logs it
+    assert (params["reference"], params["query"]) == (str(reference), str(query))
+    assert (params["reference_method"], params["query_batches"]) == ("SCANVI", "stim101, stim107")
+    assert (params["model.n_latent"], params["model.classification_ratio"]) == ("10", "50.0")
+    assert (params["train.max_epochs"], params["train.weight_decay"], params["train.seed"]) == ("2", "0.0", "3")
+    assert (params["loader.batch_size"], params["surgery.freeze_dropout"]) == ("128", "False")
+    assert (params["n_cells"], params["latent_key"], params["prediction_key"]) == (
+        "806",
+        "X_scanvi",
+        "scanvi_prediction",
+    )
+    client = MlflowClient(local_tracking_uri(workdir))
+    for metric in ("validation_elbo", "train_loss", "train_classification_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/loss_curves.png"]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.json", "model/model.pt"}
     written = ad.read_zarr(query)
     assert written.obsm["X_scanvi"].shape == (806, 10) and np.isfinite(written.obsm["X_scanvi"]).all()
     assert set(written.obs["scanvi_prediction"].astype(str)) <= set(
@@ -43,12 +78,27 @@ def test_map_query_writes_latent_predictions_and_the_query_model(reference_and_q
     np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scanvi"], rtol=1e-5, atol=1e-6)
 
 
-def test_map_query_errors_name_the_problem(reference_and_query, tmp_path):
+def test_map_query_errors_name_the_problem(reference_and_query, workdir):
     reference, reference_store, _ = reference_and_query
-    missing = runner.invoke(app, ["map-query", "--reference", str(tmp_path), "--query", str(reference_store)])
+    missing = runner.invoke(app, ["map-query", "--reference", str(workdir), "--query", str(reference_store)])
     assert missing.exit_code == 1 and "no saved model here" in missing.output
     nothing_new = runner.invoke(app, ["map-query", "--reference", str(reference), "--query", str(reference_store)])
     assert nothing_new.exit_code == 1 and "every sample of the query is in the reference" in nothing_new.output
+    assert _runs(workdir, "atlasvi") == []  # refused before any MLflow run
+
+
+def test_a_failing_map_query_run_ends_failed_with_its_error(reference_and_query, workdir, monkeypatch):
+    reference, _, query = reference_and_query
+
+    def failing_fit(self, *args, **kwargs):
+        raise RuntimeError("forced failure in query training")
+
+    monkeypatch.setattr(SCANVI, "fit", failing_fit)
+    args = ["map-query", "--reference", str(reference), "--query", str(query), "--output", str(workdir / "q")]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0 and "forced failure in query training" in str(result.exception)
+    (run,) = _runs(workdir, "atlasvi")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: forced failure in query training"
 
 
 def test_de_and_latent_load_a_saved_scanvi(reference_and_query):

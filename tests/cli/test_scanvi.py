@@ -26,7 +26,8 @@ def test_scanvi_transfers_labels_into_the_store_and_logs_a_run(tmp_path, monkeyp
     scvi = SCVI(store, device="cpu")
     scvi.fit(TrainConfig(max_epochs=8, n_epochs_kl_warmup=4))
     scvi.save(tmp_path / "run" / "model")
-    result = runner.invoke(app, ["scanvi", "--scvi-model", str(tmp_path / "run" / "model"), "--max-epochs", "3"])
+    args = ["scanvi", "--scvi-model", str(tmp_path / "run" / "model"), "--max-epochs", "3", "--seed", "4"]
+    result = runner.invoke(app, [*args, "--run-name", "transfer", "--experiment", "labels"])
     assert result.exit_code == 0, result.output
     assert "scANVI trained" in result.output
     written = ad.read_zarr(store)
@@ -40,8 +41,38 @@ def test_scanvi_transfers_labels_into_the_store_and_logs_a_run(tmp_path, monkeyp
     model = SCANVI.load(tmp_path / "run" / "scanvi" / "model", store, device="cpu")
     np.testing.assert_allclose(model.get_latent_representation(), written.obsm["X_scanvi"], rtol=1e-5, atol=1e-6)
     client = MlflowClient(local_tracking_uri(tmp_path))
-    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
-    assert len(runs) == 1 and runs[0].data.tags["method"] == "SCANVI" and runs[0].info.status == "FINISHED"
-    assert len(client.get_metric_history(runs[0].info.run_id, "validation_elbo")) == 3
+    (run,) = client.search_runs([client.get_experiment_by_name("labels").experiment_id])
+    assert run.info.run_name == "transfer" and run.data.tags["method"] == "SCANVI" and run.info.status == "FINISHED"
+    params = run.data.params  # the whole config, as `atlasvi train` logs it
+    assert params["scvi_model"] == str(tmp_path / "run" / "model") and params["store"] == str(store)
+    assert (params["model.n_latent"], params["model.gene_likelihood"], params["model.n_layers"]) == ("10", "zinb", "1")
+    assert (params["model.classification_ratio"], params["model.unlabeled_category"]) == ("50.0", "Unknown")
+    assert (params["train.max_epochs"], params["train.seed"], params["train.lr"]) == ("3", "4", "0.001")
+    assert (params["loader.batch_size"], params["loader.seed"]) == ("128", "4")
+    assert (params["n_cells"], params["latent_key"], params["prediction_key"]) == (
+        "1556",
+        "X_scanvi",
+        "scanvi_prediction",
+    )
+    for metric in ("validation_elbo", "train_loss", "train_classification_loss", "kl_weight"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0, 1, 2]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/loss_curves.png"]
     again = runner.invoke(app, ["scanvi", "--scvi-model", str(tmp_path / "run" / "scanvi" / "model")])
     assert again.exit_code == 1 and "a saved scANVI model; give the scVI it was trained from" in again.output
+
+
+def test_a_failing_scanvi_run_ends_failed_with_its_error(tmp_path, monkeypatch, kang_store):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    SCVI(kang_store, device="cpu").save(tmp_path / "model")
+
+    def failing_fit(self, *args, **kwargs):
+        raise RuntimeError("forced failure in training")
+
+    monkeypatch.setattr(SCANVI, "fit", failing_fit)
+    result = runner.invoke(app, ["scanvi", "--scvi-model", str(tmp_path / "model"), "--output", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "forced failure in training" in str(result.exception)
+    client = MlflowClient(local_tracking_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: forced failure in training"
+    assert run.data.params["model.n_latent"] == "10"
