@@ -98,6 +98,8 @@ def sweep_command(
     tags = {"sweep": sweep.name}
     with MlflowRun(uri, experiment, run_name=f"sweep-{sweep.name}", run_id=resume_id, tags=tags) as parent:
         children = SweepChildRuns(uri, experiment, parent.run_id)
+        if "error" in parent.client.get_run(parent.run_id).data.tags:  # an interrupted sweep resumed: no error now
+            parent.client.delete_tag(parent.run_id, "error")
         try:
             write_atomic(record, json.dumps({"mlflow_run_id": parent.run_id, "tracking_uri": uri}))
             space = {k: v.model_dump(exclude_none=True) for k, v in sweep.search_space.items()}

@@ -159,6 +159,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(workdir,
     runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags["interrupted"] == "false" and parent.info.status == "FINISHED"
+    assert "error" not in parent.data.tags  # the interruption's, cleared by the resume
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3
     for child in children:  # one value per epoch, whether the trial was cut or not
