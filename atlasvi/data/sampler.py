@@ -18,9 +18,12 @@ last_batch="pad": L = ceil(n / (W * batch_size)) * batch_size; positions past n 
   start of the stream, so W * L - n cells are read twice and none is dropped.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from atlasvi.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,20 @@ def split_rows(n_cells: int, validation_fraction: float) -> tuple[tuple[int, int
     of cells, the same on every run and every rank, read as sequentially as the training rows.
     """
     if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
+        raise ConfigError(f"validation_fraction must be in [0, 1), not {validation_fraction}")
     n_validation = round(n_cells * validation_fraction)
+    held_out = f"validation_fraction {validation_fraction} holds out round({n_cells} x {validation_fraction}) = "
+    if validation_fraction > 0 and n_validation == 0:
+        raise ConfigError(
+            f"{held_out}0 of the store's {n_cells} cells; the smallest fraction that holds out a cell is "
+            f"{_round_up(1 / n_cells)}"
+        )
+    if n_validation == n_cells:
+        raise ConfigError(f"{held_out}{n_cells} of the store's {n_cells} cells, leaving none to train on")
     return (0, n_cells - n_validation), (n_cells - n_validation, n_cells)
+
+
+def _round_up(x: float) -> float:
+    """x rounded up to two significant digits (0.003333 -> 0.0034)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return round(math.ceil(round(x / step, 9)) * step, 12)

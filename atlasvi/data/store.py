@@ -75,6 +75,11 @@ class StoreSchema:
                 f"{where}: atlas store schema version {version}, this atlasvi reads version {SCHEMA_VERSION}; "
                 "rebuild the store with `atlasvi build`"
             )
+        missing = [field for field in cls.__dataclass_fields__ if field not in meta]
+        if missing:
+            raise StoreError(
+                f"{where}: the atlas store's attrs lack {', '.join(missing)}; rebuild it with `atlasvi build`"
+            )
         return cls(
             n_cells=int(meta["n_cells"]),
             n_genes=int(meta["n_genes"]),
@@ -219,9 +224,13 @@ class AtlasStore:
     def __init__(self, path: str | Path, backend: str = "zarr"):
         self.path = str(path)
         self.backend = backend
-        meta = read_store_attrs(self.path)
+        root = _open_root(self.path)
+        meta = _atlas_attrs(root, self.path)
         self.schema = StoreSchema.from_attrs(meta, self.path)
+        if "nnz" not in meta:
+            raise StoreError(f"{self.path}: the atlas store's attrs lack nnz; rebuild it with `atlasvi build`")
         self.nnz = int(meta["nnz"])
+        self._check_shapes(root)
         self.rows_read = np.zeros(self.schema.n_cells, dtype=bool)
         names = ["X/data", "X/indices", "X/indptr"]
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
@@ -230,6 +239,72 @@ class AtlasStore:
             self._reader: ArrayReader = _make_reader(backend, self.path, names)
         except Exception as err:
             raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
+        self._check_contents(root)
+
+    def _mismatch(self, field: str, value: object, what: str, actual: object) -> StoreError:
+        return StoreError(
+            f"{self.path}: attrs {field} = {value} but {what} = {actual}; the store's attrs do not match its "
+            "arrays (edited or damaged): rebuild it with `atlasvi build`"
+        )
+
+    def _check_shapes(self, root: zarr.Group) -> None:
+        """The attrs' counts (cells, genes, non-zeros, categories) against the arrays' shapes: metadata only."""
+        schema, n = self.schema, self.schema.n_cells
+        index = root["obs"].attrs.get("_index", "_index") if "obs" in root else "_index"
+        lengths = {name: _length(root, name, self.path) for name in ("X/indptr", "X/data", "X/indices", "var/_index")}
+        shape = root["X"].attrs.get("shape", [None, None])
+        checks: list[tuple[str, object, str, object]] = [
+            ("n_cells", n, "len(X/indptr) - 1", lengths["X/indptr"] - 1),
+            ("n_cells", n, f"len(obs/{index})", _length(root, f"obs/{index}", self.path)),
+            ("n_cells", n, "X's shape[0]", shape[0]),
+            ("nnz", self.nnz, "len(X/data)", lengths["X/data"]),
+            ("nnz", self.nnz, "len(X/indices)", lengths["X/indices"]),
+            ("n_genes", schema.n_genes, "len(var/_index)", lengths["var/_index"]),
+            ("n_genes", schema.n_genes, "X's shape[1]", shape[1]),
+            ("n_genes", schema.n_genes, "len(gene_ids)", len(schema.gene_ids)),
+            ("n_genes", schema.n_genes, "len(gene_names)", len(schema.gene_names)),
+        ]
+        for key, categories in schema.categorical.items():
+            checks.append(("n_cells", n, f"len(obs/{key}/codes)", _length(root, f"obs/{key}/codes", self.path)))
+            length = _length(root, f"obs/{key}/categories", self.path)
+            checks.append((f"len(categorical.{key})", len(categories), f"len(obs/{key}/categories)", length))
+        for key in schema.continuous:
+            checks.append(("n_cells", n, f"len(obs/{key})", _length(root, f"obs/{key}", self.path)))
+        n_batches = len(schema.batch_categories)
+        checks.append(("len(library_log_means)", len(schema.library_log_means), "batch categories", n_batches))
+        checks.append(("len(library_log_vars)", len(schema.library_log_vars), "batch categories", n_batches))
+        for field, value, what, actual in checks:
+            if value != actual:
+                raise self._mismatch(field, value, what, actual)
+
+    def _check_contents(self, root: zarr.Group) -> None:
+        """The few values the shapes do not show: the row pointers' ends against nnz, every category code in
+        range, the categories' names (two indptr elements and n_cells small codes per key are read)."""
+        n = self.n_cells
+        first, last = self._read_many([("X/indptr", 0, 1), ("X/indptr", n, n + 1)])
+        for row, value in ((0, int(first[0])), (n, int(last[0]))):
+            if value < 0:
+                self._corrupt("X/indptr", row, f"holds {value} at row {row}")
+        if int(first[0]) != 0:
+            self._corrupt("X/indptr", 0, f"starts at {int(first[0])}, not 0")
+        if int(last[0]) != self.nnz:
+            raise self._mismatch("nnz", self.nnz, f"X/indptr[{n}]", int(last[0]))
+        for key, categories in self.schema.categorical.items():
+            (codes,) = self._read_many([(f"obs/{key}/codes", 0, n)])
+            if codes.min() < 0:  # the fill value: a chunk is missing
+                row = int(np.argmax(codes < 0))
+                self._corrupt(f"obs/{key}/codes", row, f"holds code {codes[row]} at row {row}")
+            if codes.max() >= len(categories):
+                row = int(np.argmax(codes >= len(categories)))
+                raise self._mismatch(
+                    f"categorical.{key}", f"{len(categories)} categories", f"obs/{key}/codes[{row}]", int(codes[row])
+                )
+            stored = _read_small(root, f"obs/{key}/categories", self.path)
+            for i, (listed, held) in enumerate(zip(categories, stored, strict=True)):
+                if listed != str(held):
+                    raise self._mismatch(
+                        f"categorical.{key}[{i}]", repr(listed), f"obs/{key}/categories[{i}]", repr(str(held))
+                    )
 
     @property
     def n_cells(self) -> int:
@@ -397,21 +472,47 @@ def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
     raise ValueError(f"unknown backend {backend!r}: zarr, zarrs or tensorstore")
 
 
-def read_store_attrs(path: str | Path) -> dict:
-    """The store's atlasvi attrs; a clear StoreError when the path is no atlas store."""
-    path = str(path)
+def _open_root(path: str) -> zarr.Group:
+    """The store's root group, read-only (its consolidated metadata: one read for every array's shape)."""
     if not is_url(path) and not (Path(path) / "zarr.json").exists():
         raise StoreError(f"{path}: no atlas store here (no zarr.json); build one with `atlasvi build`")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            group = zarr.open_group(path, mode="r", zarr_format=3)
-            attrs = dict(group.attrs)
+            return zarr.open_group(path, mode="r", zarr_format=3)
     except (json.JSONDecodeError, ValueError, KeyError, OSError) as err:
         raise StoreError(f"{path}: zarr.json is unreadable (truncated or corrupt?): {err}") from err
+
+
+def _atlas_attrs(root: zarr.Group, path: str) -> dict:
+    attrs = dict(root.attrs)
     if ATTRS_KEY not in attrs:
         raise StoreError(f"{path}: a Zarr store but not an atlas store (no '{ATTRS_KEY}' attrs)")
     return attrs[ATTRS_KEY]
+
+
+def _length(root: zarr.Group, name: str, path: str) -> int:
+    """The length of the 1-D array `name` (from the metadata); a StoreError when there is none."""
+    try:
+        node = root[name]
+    except KeyError:
+        node = None
+    if not isinstance(node, zarr.Array) or node.ndim != 1:
+        raise StoreError(f"{path}: no 1-D array {name}; not a complete atlas store: rebuild it with `atlasvi build`")
+    return node.shape[0]
+
+
+def _read_small(root: zarr.Group, name: str, path: str) -> np.ndarray:
+    """All of the small array `name` (categories); a damaged chunk raises StoreCorruptError naming it."""
+    try:
+        return np.asarray(root[name][:])
+    except Exception as err:  # any codec or I/O failure: a damaged chunk
+        raise StoreCorruptError(f"{path}: cannot read {name} (a chunk in {name}/c/): {err}") from err
+
+
+def read_store_attrs(path: str | Path) -> dict:
+    """The store's atlasvi attrs; a clear StoreError when the path is no atlas store."""
+    return _atlas_attrs(_open_root(str(path)), str(path))
 
 
 def read_obs_column(path: str | Path, key: str, n_cells: int) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -420,11 +521,13 @@ def read_obs_column(path: str | Path, key: str, n_cells: int) -> tuple[np.ndarra
     store = zarr.storage.FsspecStore.from_url(path, read_only=True) if is_url(path) else path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        obs = zarr.open_group(store, mode="r", zarr_format=3)["obs"]
+        root = zarr.open_group(store, mode="r", zarr_format=3)
+        obs = root["obs"]
         if key not in obs or obs[key].attrs.get("encoding-type") != "categorical":
             columns = sorted(k for k in obs.keys() if obs[k].attrs.get("encoding-type") == "categorical")
             raise KeyError(f"{path}: obs has no categorical column {key!r}; categorical columns: {columns}")
-        codes, categories = obs[key]["codes"][:], obs[key]["categories"][:]
+        codes = _read_small(root, f"obs/{key}/codes", path)
+        categories = _read_small(root, f"obs/{key}/categories", path)
     if len(codes) != n_cells or codes.min() < -1 or codes.max() >= len(categories):
         raise StoreCorruptError(
             f"{path}: obs/{key}/codes does not hold {n_cells} codes of {len(categories)} categories"
