@@ -24,23 +24,15 @@ from atlasvi.cli.common import (
     tracking_uri,
     write_atomic,
 )
-from atlasvi.data import BuildConfig, StoreError, open_store
+from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
-from atlasvi.models.saving import IncompatibleStoreError
+from atlasvi.errors import AtlasviError
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun
 from atlasvi.train import EpochRecord, TrainingDiverged
 from atlasvi.train.job import TrainJobConfig
 from atlasvi.train.loop import read_checkpoint
 
 RUN_RECORD = "run.json"
-
-
-def _open(path: str) -> AtlasStore:
-    try:
-        return open_store(path)
-    except StoreError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
 
 
 def _embedded_store() -> str:
@@ -109,7 +101,8 @@ def train_command(
     }
     sources.append(("flags", flags))
     job = make_config(TrainJobConfig, sources)
-    opened = _open(job.store or _embedded_store())
+    opened = open_store(job.store or _embedded_store())
+    split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
     out = Path(job.output)
     checkpoints, record_path = out / "checkpoints", out / RUN_RECORD
     if overwrite:
@@ -268,8 +261,10 @@ def latent_command(
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     try:
         model_class = saved_model_class(model)
-        scvi = model_class.load(model, _open(store or model_class.saved_store(model)), device)
-    except (IncompatibleStoreError, FileNotFoundError, ValueError) as err:
+        scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
+    except AtlasviError:
+        raise  # printed as one line by the CLI's top level
+    except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
     with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):

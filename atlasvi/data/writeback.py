@@ -4,10 +4,21 @@
 arrive in store order, never holding more than one chunk of rows. The array is written beside the store
 and only `commit` moves it into place and re-consolidates the store's metadata, so an interrupted write
 leaves the store as it was and `anndata.read_zarr` sees either the old array or the complete new one.
+
+Every writer holds an exclusive `flock` on a lock file beside its staging folder for its whole life and
+records its pid and host in it. A writer killed outright (SIGKILL, power loss) leaves its staging behind;
+the next write-back into the same store removes it (`remove_stale_staging`): only staging whose lock
+file nobody holds and was written on this host, so a live writer's staging and anything atlasvi did not
+create are never touched. The store itself is checked first (`open_store` cross-checks its attrs against
+its arrays), so the rows written are the store's rows and a write-back never makes a store unreadable.
 """
 
+import fcntl
+import glob
+import json
 import os
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Callable
@@ -19,9 +30,59 @@ import numpy as np
 import zarr
 
 from atlasvi.data.errors import StoreError
-from atlasvi.data.store import compressors, is_url, read_store_attrs
+from atlasvi.data.store import AtlasStore, compressors, is_url, open_store
 
 CHUNK_BYTES = 1 << 22  # about 4 MiB of float32 per chunk
+LOCK_KIND = "atlasvi write-back"  # the `kind` recorded in a writer's lock file
+
+
+def _consolidate(store: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
+        zarr.consolidate_metadata(str(store), zarr_format=3)
+
+
+def remove_stale_staging(store: str | Path) -> list[Path]:
+    """Remove what write-backs into `store` killed before they finished left beside it; returns the lock files
+    of the dead writers cleaned up.
+
+    A dead writer's lock file is one of this store's that nobody holds (`flock`) and that records this host.
+    Its staging folder is removed; an array it had moved aside (`.replaced`) goes back in place if the new one
+    never arrived, else is removed, and the store's metadata is re-consolidated.
+    """
+    store = Path(store)
+    host = socket.gethostname()
+    cleaned = []
+    for lock in sorted(store.parent.glob(f".{glob.escape(store.name)}.*.lock")):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its writer is alive
+                continue
+            try:
+                record = json.loads(os.read(fd, 1 << 16))
+            except ValueError:
+                continue  # not a lock file that atlasvi wrote
+            if not isinstance(record, dict) or record.get("kind") != LOCK_KIND or record.get("host") != host:
+                continue
+            stem = str(lock)[: -len(".lock")]
+            partial, replaced, target = Path(stem + ".partial"), Path(stem + ".replaced"), store / record["target"]
+            if replaced.exists():
+                if target.exists():
+                    shutil.rmtree(replaced)
+                else:
+                    os.replace(replaced, target)
+                _consolidate(store)
+            shutil.rmtree(partial, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            cleaned.append(lock)
+        finally:
+            os.close(fd)
+    return cleaned
 
 
 class _StagedWriter:
@@ -33,30 +94,61 @@ class _StagedWriter:
     n_cells: int
     written: int
 
+    def _claim(self, store: str | Path, target: str) -> AtlasStore:
+        """Open and check the store, clean up dead writers' staging, take a lock file and a staging name for
+        `target` (a path inside the store); returns the opened store."""
+        if is_url(store):
+            raise StoreError(f"{store}: results are written back only into a local store, not a URL")
+        opened = open_store(store)
+        self.path, self.target, self.n_cells = Path(store), Path(store) / target, opened.n_cells
+        remove_stale_staging(self.path)
+        stem = f".{self.path.name}.{target.replace('/', '.')}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lock = self.path.parent / f"{stem}.lock"
+        self._lock_fd: int | None = os.open(self._lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        record = {"kind": LOCK_KIND, "pid": os.getpid(), "host": socket.gethostname(), "target": target}
+        os.write(self._lock_fd, json.dumps(record).encode())
+        self.partial = self.path.parent / f"{stem}.partial"
+        self._replaced = self.path.parent / f"{stem}.replaced"
+        return opened
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            self._lock.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _swap_in(self, before_consolidating: Callable[[], None] | None = None) -> Path:
-        """Check every row was written, rename the staged copy into place (retiring an old one), run
-        `before_consolidating`, re-consolidate the store's metadata; returns the target."""
+        """Check every row was written and the store still has these rows, rename the staged copy into place
+        (retiring an old one), run `before_consolidating`, re-consolidate the store's metadata; returns the
+        target."""
         if self.written != self.n_cells:
             self.abort()
             raise StoreError(f"{self.target}: {self.written} of {self.n_cells} rows written; the store is unchanged")
+        n_cells = open_store(self.path).n_cells
+        if n_cells != self.n_cells:
+            self.abort()
+            raise StoreError(
+                f"{self.path}: the store now has {n_cells} cells, not the {self.n_cells} written (rebuilt meanwhile?); "
+                "the store is unchanged"
+            )
         self.target.parent.mkdir(exist_ok=True)
-        replaced = None
         if self.target.exists():
-            replaced = self.partial.with_suffix(".replaced")
-            os.replace(self.target, replaced)
+            os.replace(self.target, self._replaced)
         os.replace(self.partial, self.target)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is not in the v3 spec
-            if before_consolidating is not None:
-                before_consolidating()
-            zarr.consolidate_metadata(str(self.path), zarr_format=3)
-        if replaced is not None:
-            shutil.rmtree(replaced)
+        if before_consolidating is not None:
+            before_consolidating()
+        _consolidate(self.path)
+        shutil.rmtree(self._replaced, ignore_errors=True)
+        self._release()
         return self.target
 
     def abort(self) -> None:
         """Discard what was written; the store is unchanged."""
+        if self._replaced.exists() and not self.target.exists():
+            os.replace(self._replaced, self.target)
         shutil.rmtree(self.partial, ignore_errors=True)
+        self._release()
 
     def __enter__(self):
         return self
@@ -76,16 +168,15 @@ class ObsArrayWriter(_StagedWriter):
     def __init__(
         self, path: str | Path, group: Literal["obsm", "layers"], key: str, width: int, overwrite: bool = True
     ):
-        if is_url(path):
-            raise StoreError(f"{path}: results are written back only into a local store, not a URL")
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"{key!r} is not a usable {group} key")
-        self.path, self.group, self.key = Path(path), group, key
-        self.n_cells = int(read_store_attrs(path)["n_cells"])
-        self.target = self.path / group / key
-        if self.target.exists() and not overwrite:
-            raise StoreError(f"{self.target}: {group}['{key}'] exists; pass overwrite to replace it")
-        self.partial = self.path.parent / f".{self.path.name}.{group}.{key}.{uuid.uuid4().hex[:8]}.partial"
+        if not overwrite and (Path(path) / group / key).exists():
+            raise StoreError(f"{Path(path) / group / key}: {group}['{key}'] exists; pass overwrite to replace it")
+        opened = self._claim(path, f"{group}/{key}")
+        self.group, self.key = group, key
+        if group == "layers" and width != opened.schema.n_genes:
+            self._release()
+            raise ValueError(f"a layer has one column per gene: {width} columns for {opened.schema.n_genes} genes")
         chunk_rows = int(max(1, min(self.n_cells, CHUNK_BYTES // (4 * width))))
         self.array = zarr.create_array(
             str(self.partial),
@@ -136,20 +227,13 @@ class ObsCategoricalWriter(_StagedWriter):
     """
 
     def __init__(self, path: str | Path, key: str, categories: list[str]):
-        if is_url(path):
-            raise StoreError(f"{path}: results are written back only into a local store, not a URL")
-        meta = read_store_attrs(path)
-        if (
-            not key
-            or "/" in key
-            or key.startswith((".", "_"))
-            or key in meta["categorical"]
-            or key in meta["continuous"]
-        ):
+        if not key or "/" in key or key.startswith((".", "_")):
+            raise ValueError(f"{key!r} is not a usable obs key")
+        schema = self._claim(path, f"obs/{key}").schema
+        if key in schema.categorical or key in schema.continuous:
+            self._release()
             raise ValueError(f"{key!r} is not a usable obs key (the store's covariates cannot be replaced)")
-        self.path, self.key, self.n_cells = Path(path), key, int(meta["n_cells"])
-        self.target = self.path / "obs" / key
-        self.partial = self.path.parent / f".{self.path.name}.obs.{key}.{uuid.uuid4().hex[:8]}.partial"
+        self.key = key
         group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
         group.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
         with warnings.catch_warnings():

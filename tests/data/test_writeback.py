@@ -1,13 +1,20 @@
-"""Writing per-cell results back into a store: anndata reads them, and an unfinished write changes nothing."""
+"""Writing per-cell results back into a store: anndata reads them, an unfinished write changes nothing, and what a
+killed writer left is cleaned up by the next write-back."""
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 
 from atlasvi.data import StoreError, open_store
-from atlasvi.data.writeback import ObsArrayWriter
+from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter
 
 
 @pytest.fixture
@@ -37,8 +44,8 @@ def test_an_unfinished_write_leaves_the_store_unchanged(store):
             writer.write(np.zeros((1000, 3), np.float32))
             writer.commit()
     with pytest.raises(RuntimeError, match="interrupted"):
-        with ObsArrayWriter(store, "layers", "normalized", 3) as writer:
-            writer.write(np.zeros((10, 3), np.float32))
+        with ObsArrayWriter(store, "layers", "normalized", 1267) as writer:
+            writer.write(np.zeros((10, 1267), np.float32))
             raise RuntimeError("interrupted")
     after = ad.read_zarr(store)
     assert list(after.obsm) == list(before.obsm) == [] and list(after.layers) == []
@@ -55,3 +62,82 @@ def test_overwrite_replaces_and_a_kept_array_is_refused(store):
         ObsArrayWriter(store, "obsm", "X_test", 2, overwrite=False)
     with pytest.raises(ValueError, match="more rows than the store's 1556 cells"):
         ObsArrayWriter(store, "obsm", "X_more", 2).write(np.zeros((1557, 2), np.float32))
+
+
+def test_a_store_whose_attrs_were_edited_gets_no_write_back(store):
+    root = store / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["atlasvi"]["n_cells"] = 1000
+    root.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="attrs n_cells = 1000 but len.X/indptr. - 1 = 1556"):
+        ObsArrayWriter(store, "obsm", "X_test", 2)
+    with pytest.raises(StoreError, match="attrs n_cells = 1000"):
+        ObsCategoricalWriter(store, "predicted", ["a", "b"])
+    assert ad.read_zarr(store).n_obs == 1556 and not list(store.parent.glob(f".{store.name}.*"))
+
+
+def test_a_layer_has_one_column_per_gene(store):
+    with pytest.raises(ValueError, match="3 columns for 1267 genes"):
+        ObsArrayWriter(store, "layers", "normalized", 3)
+    assert not list(store.parent.glob(f".{store.name}.*"))
+
+
+def _writer_process(store: Path, kill_while_swapping: bool) -> subprocess.Popen:
+    """A python process writing obsm['X_killed'] into `store`, waiting to be killed once its rows are staged
+    (or killing itself between moving the old array aside and the new one in)."""
+    script = f"""
+import os, signal, sys, time
+import numpy as np
+from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter
+writer = ObsArrayWriter({str(store)!r}, "obsm", "X_killed", 3)
+writer.chunk_rows = 100
+writer.write(np.full((1556 if {kill_while_swapping} else 500, 3), 9.0, np.float32))
+if {kill_while_swapping}:
+    replace = os.replace
+    def replace_then_die(source, destination):
+        replace(source, destination)
+        if str(destination).endswith(".replaced"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace_then_die
+    writer.commit()
+print("staged", flush=True)
+time.sleep(600)
+"""
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def test_the_next_write_back_removes_the_staging_of_a_sigkilled_writer_only(store):
+    process = _writer_process(store, kill_while_swapping=False)
+    assert process.stdout.readline() == "staged\n"
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    dead = sorted(p.name for p in store.parent.glob(f".{store.name}.obsm.X_killed.*"))
+    assert [Path(p).suffix for p in dead] == [".lock", ".partial"], dead
+    foreign = store.parent / f".{store.name}.obsm.X_killed.1234abcd.partial"  # no lock file: not known as ours
+    foreign.mkdir()
+    live = ObsArrayWriter(store, "obsm", "X_live", 2)  # a live writer's staging is kept
+    with ObsArrayWriter(store, "obsm", "X_next", 2) as writer:
+        writer.write(np.ones((1556, 2), np.float32))
+        writer.commit()
+    left = {p.name for p in store.parent.glob(f".{store.name}.*")}
+    assert left == {foreign.name, live.partial.name, live._lock.name}, left
+    live.write(np.zeros((1556, 2), np.float32))
+    live.commit()
+    adata = ad.read_zarr(store)
+    assert sorted(adata.obsm) == ["X_live", "X_next"] and (adata.obsm["X_next"] == 1).all()
+    assert {p.name for p in store.parent.glob(f".{store.name}.*")} == {foreign.name}
+
+
+def test_a_writer_killed_while_swapping_in_leaves_the_old_array_back_after_the_next_write_back(store):
+    with ObsArrayWriter(store, "obsm", "X_killed", 3) as writer:
+        writer.write(np.full((1556, 3), 1.0, np.float32))
+        writer.commit()
+    process = _writer_process(store, kill_while_swapping=True)
+    assert process.wait() == -signal.SIGKILL
+    assert not (store / "obsm" / "X_killed").exists()  # moved aside, the new one not yet in
+    with ObsCategoricalWriter(store, "predicted", ["a", "b"]) as writer:
+        writer.write(np.zeros(1556, np.int8))
+        writer.commit()
+    adata = ad.read_zarr(store)
+    assert (adata.obsm["X_killed"] == 1.0).all() and list(adata.obs["predicted"].unique()) == ["a"]
+    assert not list(store.parent.glob(f".{store.name}.*"))
