@@ -28,6 +28,9 @@ def build_command(
     unlabeled_category: Annotated[str | None, typer.Option(help="label of unlabeled cells (default Unknown)")] = None,
     categorical_covariate_key: Annotated[list[str] | None, typer.Option(help="extra categorical obs key")] = None,
     continuous_covariate_key: Annotated[list[str] | None, typer.Option(help="continuous obs key")] = None,
+    annotation_key: Annotated[
+        list[str] | None, typer.Option(help="obs column kept in the store, not a covariate (e.g. for de); repeatable")
+    ] = None,
     layer: Annotated[str | None, typer.Option(help="h5ad layer holding the raw counts (default X)")] = None,
     gene_id_key: Annotated[str | None, typer.Option(help="var column of gene ids (default var_names)")] = None,
     gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
@@ -55,6 +58,7 @@ def build_command(
         "unlabeled_category": unlabeled_category,
         "categorical_covariate_keys": categorical_covariate_key or None,
         "continuous_covariate_keys": continuous_covariate_key or None,
+        "annotation_keys": annotation_key or None,
         "layer": layer,
         "gene_id_key": gene_id_key,
         "gene_join": gene_join,
@@ -79,6 +83,9 @@ def _print_summary(path: Path) -> None:
     for key, categories in meta["categorical"].items():
         shown = ", ".join(categories[:6]) + (" ..." if len(categories) > 6 else "")
         table.add_row(f"obs[{key!r}]", f"{len(categories)}: {shown}")
+    for key, categories in meta.get("annotations", {}).items():
+        shown = ", ".join(categories[:6]) + (" ..." if len(categories) > 6 else "")
+        table.add_row(f"obs[{key!r}] (annotation)", f"{len(categories)}: {shown}")
     means = ", ".join(f"{m:.2f}" for m in meta["library_log_means"])
     table.add_row("library prior", f"log-library means per {meta['batch_key']}: {means}")
     table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))

@@ -7,12 +7,20 @@ Passes over the inputs, one chunk of cells at a time (memory scales with `chunk_
      the temporary bucket file that covers that row range (an external shuffle);
   4. gather: each bucket is sorted by destination and appended to the store, shard by shard.
 The store is written to a hidden sibling and renamed into place at the end: an interrupted build
-leaves nothing under the target name.
+leaves nothing under the target name. The hidden siblings (`.NAME.building-`, `.scratch-`, `.replaced-`)
+carry the host and pid of their build: an interrupted build removes its own, and one killed outright
+(SIGKILL) leaves them to the next build of the same output, which removes those of dead processes.
 """
 
+import asyncio
 import contextlib
 import datetime
+import glob
+import json
+import os
+import re
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Callable
@@ -40,6 +48,9 @@ from atlasvi.data.store import (
     compressors,
 )
 
+MAX_COUNT = 2**53
+"""The largest count a store holds: larger integers are not exact in float64, in which totals are summed."""
+
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances (the CLI draws rich bars from it)."""
 
@@ -60,7 +71,7 @@ class _InputPlan:
 
 def _open(config: BuildConfig, path: Path) -> InputFile:
     keys = [k for k in [config.batch_key, config.labels_key] if k is not None]
-    keys += config.categorical_covariate_keys + config.continuous_covariate_keys
+    keys += config.categorical_covariate_keys + config.continuous_covariate_keys + config.annotation_keys
     return open_input(path, keys, config.layer, config.gene_id_key)
 
 
@@ -108,21 +119,27 @@ def _compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids: np.ndarray) -> None:
-    """Raise naming file, cell and gene for NaN / inf, negative or non-integer counts."""
+    """Raise naming file, cell and gene for NaN / inf, negative, non-integer or too large counts."""
     data = counts.data
     problems = [
         (~np.isfinite(data), "NaN or infinite counts"),
         (data < 0, "negative counts"),
         (np.isfinite(data) & (data != np.round(data)), "non-integer counts (atlasvi needs raw counts)"),
+        (np.isfinite(data) & (data > MAX_COUNT), f"counts above {MAX_COUNT} (2^53), the largest a store holds"),
     ]
     for mask, what in problems:
         if mask.any():
             position = int(np.flatnonzero(mask)[0])
             row = int(np.searchsorted(counts.indptr, position, side="right") - 1)
             raise AtlasInputError(
-                f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, "
-                f"first {data[position]} at cell {cells[row]!r}, gene {gene_ids[counts.indices[position]]!r}"
+                f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, first {data[position]} "
+                f"at cell {str(cells[row])!r}, gene {str(gene_ids[counts.indices[position]])!r}"
             )
+
+
+def _count_dtype(max_count: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every count (counts above MAX_COUNT are refused before)."""
+    return next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if max_count <= np.iinfo(t).max)
 
 
 def _labels(config: BuildConfig, obs: pd.DataFrame, path: Path) -> np.ndarray:
@@ -139,7 +156,7 @@ def _categories(values: pd.Series, path: Path, key: str, fill: str | None) -> np
         if fill is None:
             raise AtlasInputError(
                 f"{path}: obs column {key!r} has {int(values.isna().sum())} missing values "
-                f"(first at cell {values.index[values.isna().to_numpy()][0]!r})"
+                f"(first at cell {str(values.index[values.isna().to_numpy()][0])!r})"
             )
         values = values.astype(object).where(values.notna(), fill)
     return np.asarray(values.astype(str))
@@ -191,6 +208,59 @@ def _create(
         fill_value=fill,
         attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
     )
+
+
+def _annotation_codes(values: pd.Series, categories: list[str]) -> np.ndarray:
+    """(cells,) int32 codes of an annotation column's values among `categories`; missing values are -1."""
+    present = values.notna().to_numpy()
+    codes = np.full(len(values), -1, dtype=np.int32)
+    codes[present] = pd.Index(categories).get_indexer(np.asarray(values[present].astype(str)))
+    return codes
+
+
+def _hashes(names: pd.Index | np.ndarray) -> np.ndarray:
+    """(n,) uint64 hashes of cell names (8 bytes a cell, where the names themselves would take ~10x that)."""
+    return pd.util.hash_array(np.asarray(names, dtype=object))
+
+
+class _UniqueNames:
+    """Cell names made unique as `anndata.utils.make_index_unique` (`obs_names_make_unique`) does: in input
+    order, the first occurrence of a name keeps it, later ones become NAME-1, NAME-2, ..., skipping any name
+    that exists already. Works chunk by chunk from the hashes of every kept name."""
+
+    def __init__(self, hashes: np.ndarray):
+        values, counts = np.unique(hashes, return_counts=True)
+        self.all, self.repeated = values, set(values[counts > 1].tolist())
+        self.seen: set[str] = set()
+        self.added: set[str] = set()
+        self.suffix: dict[str, int] = {}
+        self.first: tuple[str, str] | None = None  # (name, new name) of the first rename
+        self.n_renamed = 0
+
+    def __call__(self, names: np.ndarray) -> np.ndarray:
+        if not self.repeated:
+            return names
+        out = names.astype(object)
+        for i in np.flatnonzero(np.isin(_hashes(names), list(self.repeated))):
+            name = str(names[i])
+            if name not in self.seen:
+                self.seen.add(name)
+                continue
+            while True:
+                self.suffix[name] = self.suffix.get(name, 0) + 1
+                tentative = f"{name}-{self.suffix[name]}"
+                if tentative not in self.added and not self._exists(tentative):
+                    break
+            self.added.add(tentative)
+            out[i] = tentative
+            self.first = self.first or (name, tentative)
+            self.n_renamed += 1
+        return out.astype(str)
+
+    def _exists(self, name: str) -> bool:
+        value = _hashes(np.array([name], dtype=object))[0]
+        position = np.searchsorted(self.all, value)
+        return position < len(self.all) and self.all[position] == value
 
 
 def _code_dtype(n_categories: int) -> np.dtype:
@@ -250,30 +320,39 @@ def _write_small(group, key: str, element) -> None:
 
 
 def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
-    """Build one atlas store from config.inputs; returns its path. See the module docstring."""
+    """Build one atlas store from config.inputs; returns its path. See the module docstring.
+
+    Refused before any work: a missing input, an output that is, holds or lies inside an input, an existing
+    output without `overwrite` or (with it) anything but an atlas store or an empty folder, and an output
+    folder that cannot be written.
+    """
     output = Path(config.output)
-    if output.exists() and not config.overwrite:
-        raise AtlasInputError(f"{output}: exists already (pass overwrite to replace it)")
     paths = [Path(p) for p in config.inputs]
     for path in paths:
         if not path.exists():
             raise AtlasInputError(f"{path}: input does not exist")
         detect_kind(path)
+    _remove_dead_builds(output)
+    _check_output(output, paths, config.overwrite)
     token = uuid.uuid4().hex[:8]
-    staging = output.parent / f".{output.name}.building-{token}"
-    scratch = output.parent / f".{output.name}.scratch-{token}"
+    staging, scratch = _sibling(output, "building", token), _sibling(output, "scratch", token)
     new_folders = [p for p in [output.parent, *output.parent.parents] if not p.exists()]  # deepest first
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            scratch.mkdir()
+        except OSError as err:
+            raise AtlasInputError(f"{output.parent}: cannot write the store there ({err.strerror})") from err
         _build(config, paths, staging, scratch, progress)
         if output.exists():
-            retired = output.parent / f".{output.name}.replaced-{token}"
+            retired = _sibling(output, "replaced", token)
             output.rename(retired)
             staging.rename(output)
             shutil.rmtree(retired)
         else:
             staging.rename(output)
     finally:
+        _settle_zarr_writes()
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
         if not output.exists():  # a failed build leaves no folder it made either
@@ -283,13 +362,100 @@ def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
     return output
 
 
+_SIBLING = re.compile(r"(?P<kind>building|scratch|replaced)-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})")
+
+
+def _sibling(output: Path, kind: str, token: str) -> Path:
+    """A hidden folder beside `output` of this build: kind building (the store being written), scratch
+    (shuffle buckets) or replaced (the previous store, while the new one is renamed into place)."""
+    return output.parent / f".{output.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{token}"
+
+
+def _is_dead(host: str, pid: int) -> bool:
+    """Whether process `pid` of `host` is gone; False when that cannot be told (another host)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _remove_dead_builds(output: Path) -> None:
+    """Remove the hidden siblings of `output` left by builds whose process is gone (SIGKILL, a crash); a
+    previous store retired by such a build, with no store under `output` since, is renamed back instead.
+    Live builds' siblings, other hosts' and those of unknown form are left alone."""
+    prefix = f".{output.name}."
+    for path in sorted(output.parent.glob(glob.escape(prefix) + "*")):
+        match = _SIBLING.fullmatch(path.name[len(prefix) :])
+        if match is None or not _is_dead(match["host"], int(match["pid"])):
+            continue
+        if match["kind"] == "replaced" and not output.exists():
+            path.rename(output)
+            warnings.warn(f"{output}: restored the store an interrupted build had set aside", stacklevel=3)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output that is, holds or lies inside an input; an existing one without overwrite; with
+    overwrite anything but an atlas store (recognised by its atlasvi attrs) or an empty folder."""
+    target = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if source == target or target in source.parents:
+            relation = "is" if source == target else "contains"
+            raise AtlasInputError(f"{output}: the output {relation} the input {path}; choose another output")
+        if source in target.parents:
+            raise AtlasInputError(f"{output}: the output lies inside the input folder {path}; choose another output")
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not overwrite:
+        raise AtlasInputError(f"{output}: exists already (pass overwrite to replace it)")
+    if output.is_dir() and not output.is_symlink() and (_is_atlas_store(output) or not any(output.iterdir())):
+        return
+    raise AtlasInputError(
+        f"{output}: exists and is not an atlas store; overwrite replaces only an atlas store "
+        "(remove it yourself or choose another output)"
+    )
+
+
+def _is_atlas_store(folder: Path) -> bool:
+    """Whether `folder` holds a zarr.json whose attributes carry atlasvi's attrs."""
+    try:
+        meta = json.loads((folder / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ATTRS_KEY in (meta.get("attributes") or {})
+
+
+def _settle_zarr_writes(timeout: float = 60.0) -> None:
+    """Wait for the writes zarr still runs on its IO thread. After Ctrl-C the main thread stops waiting for
+    them but they go on, and one finishing after the staging folder is removed would create it again."""
+    from zarr.core.sync import loop, sync
+
+    if loop[0] is None or loop[0].is_closed():
+        return
+
+    async def settle() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    sync(settle())
+
+
 def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path, progress: Progress) -> None:
     batch_key = config.batch_key or "batch"
     cat_keys = [batch_key] + ([config.labels_key] if config.labels_key else []) + config.categorical_covariate_keys
+    stored_keys = cat_keys + config.annotation_keys  # every categorical obs column of the store
 
-    # Pass 0: metadata of every input (genes, categories); one input open at a time.
-    genes, categories = [], {k: set() for k in cat_keys}
-    n_cells_in = []
+    # Pass 0: metadata of every input (genes, categories, hashes of cell names); one input open at a time.
+    genes, categories = [], {k: set() for k in stored_keys}
+    n_cells_in, name_hashes = [], []
     for i, path in enumerate(paths):
         source = _open(config, path)
         try:
@@ -299,6 +465,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
                 categories[batch_key].add(path.name)
             for start in range(0, source.n_cells, config.chunk_size):
                 obs = source.obs_rows(start, min(start + config.chunk_size, source.n_cells))
+                name_hashes.append(_hashes(obs.index))
+                for key in config.annotation_keys:
+                    categories[key].update(obs[key].dropna().astype(str))
                 for key in cat_keys:
                     if key == config.labels_key:
                         categories[key].update(_labels(config, obs, path))
@@ -307,7 +476,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
                 for key in config.continuous_covariate_keys:
                     values = pd.to_numeric(obs[key], errors="coerce").to_numpy(np.float64)
                     if not np.isfinite(values).all():
-                        cell = obs.index[~np.isfinite(values)][0]
+                        cell = str(obs.index[~np.isfinite(values)][0])
                         raise AtlasInputError(
                             f"{path}: obs column {key!r} has missing, non-numeric or infinite values (cell {cell!r})"
                         )
@@ -354,7 +523,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         if empty.any() and config.zero_count_cells == "error":
             cells = obs.index[empty]
             raise AtlasInputError(
-                f"{plan.path}: cell {cells[0]!r} has zero counts over the aligned genes "
+                f"{plan.path}: cell {str(cells[0])!r} has zero counts over the aligned genes "
                 f"({len(cells)} such cells among cells {rows.start}..{rows.stop - 1}); "
                 "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
             )
@@ -369,6 +538,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     n_cells = sum(int(p.keep.sum()) for p in plans)
     if n_cells == 0:
         raise AtlasInputError("no cells left to store: every cell has zero counts")
+    unique_names = _UniqueNames(np.concatenate(name_hashes)[np.concatenate([p.keep for p in plans])])
+    del name_hashes
 
     # Pass 2: highly variable genes.
     hvg_table = None
@@ -391,7 +562,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     order = rng.permutation(n_cells)
     destination = np.empty(n_cells, dtype=np.int64)
     destination[order] = np.arange(n_cells)
-    count_dtype = np.dtype(np.uint16 if max_count <= np.iinfo(np.uint16).max else np.uint32)
+    count_dtype = _count_dtype(max_count)
     buckets = _Buckets(scratch, max(config.chunk_size, 4096), n_cells)
     cont_keys = config.continuous_covariate_keys
     log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
@@ -410,7 +581,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         log_lib_sum += np.bincount(codes, weights=log_lib, minlength=n_batch)
         log_lib_sq += np.bincount(codes, weights=log_lib**2, minlength=n_batch)
         lib_n += np.bincount(codes, minlength=n_batch)
-        fields = {"name": np.asarray(obs.index[keep], dtype="U")}
+        fields = {"name": unique_names(np.asarray(obs.index[keep], dtype="U"))}
+        for key in config.annotation_keys:
+            fields[key] = _annotation_codes(obs[key], categories[key])[keep]
         for key in cat_keys:
             if key == batch_key:
                 fields[key] = codes.astype(np.int32)
@@ -433,6 +606,13 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         name_entries = np.frombuffer(b"".join(name_bytes.tolist()), dtype=np.uint8)
         buckets.append(dest, fields, entries, nnz)
         _append_names(buckets, dest, name_entries, fields["name_len"].astype(np.int64))
+    if unique_names.n_renamed:
+        name, renamed = unique_names.first
+        warnings.warn(
+            f"{unique_names.n_renamed} cells have a name an earlier cell of the inputs has (first {name!r}); "
+            f"renamed as anndata's obs_names_make_unique does ({name!r} -> {renamed!r})",
+            stacklevel=2,
+        )
     if zero_library:
         warnings.warn(
             f"{zero_library} cells have zero counts over the stored genes (kept; log-library 0 as in scvi-tools)",
@@ -461,10 +641,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             "encoding-type": "dataframe",
             "encoding-version": "0.2.0",
             "_index": "_index",
-            "column-order": cat_keys + cont_keys,
+            "column-order": stored_keys + cont_keys,
         }
     )
-    for key in cat_keys:
+    for key in stored_keys:
         column = obs.create_group(key)
         column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
         _write_small(column, "categories", np.array(categories[key], dtype=object))
@@ -492,7 +672,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "data": count_dtype,
         "name": np.uint8,
     }
-    dtypes |= {key: np.int32 for key in cat_keys} | {key: np.float64 for key in cont_keys}
+    dtypes |= {key: np.int32 for key in stored_keys} | {key: np.float64 for key in cont_keys}
     row_offset, entry_offset = 0, 0
     for k in range(buckets.n):
         part = buckets.read(k, dtypes)
@@ -505,7 +685,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         writers["indices"].append(part["indices"][take])
         writers["indptr"].append(entry_offset + np.cumsum(part["nnz"][order_k]))
         entry_offset += int(part["nnz"].sum())
-        for key in cat_keys:
+        for key in stored_keys:
             writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
         for key in cont_keys:
             writers[f"cont:{key}"].append(part[key][order_k])
@@ -549,8 +729,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "batch_key": batch_key,
         "labels_key": config.labels_key,
         "unlabeled_category": config.unlabeled_category if config.labels_key else None,
-        "categorical": categories,
+        "categorical": {key: categories[key] for key in cat_keys},
         "continuous": cont_keys,
+        "annotations": {key: categories[key] for key in config.annotation_keys},
         "library_log_means": log_means.tolist(),
         "library_log_vars": log_vars.tolist(),
         "layout": {"chunk_nnz": CHUNK_NNZ, "shard_nnz": SHARD_NNZ, "chunk_rows": CHUNK_ROWS, "shard_rows": SHARD_ROWS},

@@ -22,6 +22,11 @@ class BuildConfig(_Frozen):
     unlabeled_category: the labels category of cells without a label (missing values are stored as it).
     unlabeled_batches: batches whose cells are stored as unlabeled (a reference / query split for label
       transfer: the query batches' labels are not seen by the model).
+    annotation_keys: obs columns kept as categorical obs columns of the store that no model conditions on
+      (e.g. a condition to group cells by in `atlasvi de`); missing values stay missing.
+    overwrite: replace an existing atlas store at `output` (anything else there is refused).
+    Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`
+    does (later occurrences become NAME-1, NAME-2, ...), with a warning.
     """
 
     inputs: list[str] = Field(min_length=1)
@@ -32,6 +37,7 @@ class BuildConfig(_Frozen):
     unlabeled_batches: list[str] = []
     categorical_covariate_keys: list[str] = []
     continuous_covariate_keys: list[str] = []
+    annotation_keys: list[str] = []
     layer: str | None = None
     gene_id_key: str | None = None
     gene_join: Literal["inner", "outer"] = "inner"
@@ -47,9 +53,11 @@ class BuildConfig(_Frozen):
     @model_validator(mode="after")
     def _keys_distinct(self) -> "BuildConfig":
         keys = [self.batch_key, self.labels_key, *self.categorical_covariate_keys, *self.continuous_covariate_keys]
-        named = [k for k in keys if k is not None]
+        named = [k for k in [*keys, *self.annotation_keys] if k is not None]
         if len(named) != len(set(named)):
-            raise ValueError(f"an obs key is used twice among batch/labels/covariate keys: {named}")
+            raise ValueError(f"an obs key is used twice among batch/labels/covariate/annotation keys: {named}")
+        if self.batch_key is None and "batch" in named:
+            raise ValueError("with batch_key null the store's batch column is 'batch' (one per input): rename yours")
         if self.unlabeled_batches and self.labels_key is None:
             raise ValueError("unlabeled_batches needs a labels_key")
         return self

@@ -4,11 +4,16 @@ import json
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
+import pytest
 import yaml
 from typer.testing import CliRunner
 
+from atlasvi.api import SCVI
+from atlasvi.cli.common import EMBEDDED_BUILD
 from atlasvi.cli.main import app
-from atlasvi.data import BuildConfig, LoaderConfig
+from atlasvi.data import BuildConfig, LoaderConfig, open_store
+from atlasvi.train import TrainConfig
 from tests.conftest import KANG
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +42,9 @@ def test_flags_override_the_yaml_config(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     built = ad.read_zarr(store)
     assert built.n_vars == 250 and set(built.obs.columns) == {"batch", "cell_line", "technology"}
+    # technology is kept as an annotation: batch is nested in it, the model conditions on batch only
+    assert set(open_store(store).schema.categorical) == {"batch", "cell_line"}
+    assert built.obs.groupby("batch", observed=True)["technology"].nunique().max() == 1
 
 
 def test_a_config_typo_is_an_error_naming_the_field(tmp_path):
@@ -52,10 +60,39 @@ def test_a_failed_build_says_so_and_writes_nothing(tmp_path):
     store = tmp_path / "out.zarr"
     result = runner.invoke(app, ["build", str(KANG), "-o", str(store), "--batch-key", "donor"])
     assert result.exit_code == 1
-    assert "nothing written" in result.output and "'donor'" in result.output and KANG.name in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "'donor'" in line and KANG.name in line and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_shipped_configs_are_valid():
-    BuildConfig(**yaml.safe_load((REPO / "configs" / "build.yaml").read_text()))
+    shipped = BuildConfig(**yaml.safe_load((REPO / "configs" / "build.yaml").read_text()))
+    embedded = BuildConfig(**EMBEDDED_BUILD)
+    for config in [shipped, embedded]:
+        assert config.categorical_covariate_keys == [] and config.annotation_keys == ["technology"]
     LoaderConfig(**yaml.safe_load((REPO / "configs" / "loader.yaml").read_text()))
+
+
+def test_an_annotation_column_is_kept_and_de_groups_by_it(tmp_path):
+    """`--annotation-key condition` keeps a plain obs column the model does not condition on; `de` groups by it."""
+    store = tmp_path / "kang.zarr"
+    args = ["build", str(KANG), "-o", str(store), "--batch-key", "sample", "--annotation-key", "condition"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "obs['condition'] (annotation)" in result.output
+    assert set(open_store(store).schema.categorical) == {"sample"}
+    assert ad.read_zarr(store).obs["condition"].value_counts().to_dict() == {"stim": 806, "ctrl": 750}
+    model = SCVI(store, device="cpu")
+    model.fit(TrainConfig(max_epochs=1, seed=0))
+    model.save(tmp_path / "model")
+    args = ["de", "--model", str(tmp_path / "model"), "--groupby", "condition", "--group1", "stim"]
+    result = runner.invoke(app, [*args, "--n-samples-overall", "100", "--output", str(tmp_path / "de.csv")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "de.csv", index_col="gene")
+    assert len(table) == 1267 and set(table["comparison"]) == {"stim vs Rest"}
+    source = ad.read_h5ad(KANG)
+    stim = (source.obs["condition"] == "stim").to_numpy()
+    isg15 = source[:, "ISG15"].X.toarray().ravel()  # the interferon response: stimulated cells' counts
+    assert table.loc["ISG15", "raw_mean1"] == pytest.approx(isg15[stim].mean(), rel=1e-9)
+    assert table.loc["ISG15", "raw_mean2"] == pytest.approx(isg15[~stim].mean(), rel=1e-9)
+    assert isg15[stim].mean() > 10 * isg15[~stim].mean()

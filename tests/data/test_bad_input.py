@@ -5,8 +5,11 @@ neither the target store nor a hidden staging / scratch sibling behind.
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from pydantic import ValidationError
@@ -93,7 +97,141 @@ def test_bad_count_values_name_file_cell_and_gene(small: ad.AnnData, tmp_path: P
     adata.X = x
     gene = adata.var_names[x.indices[position]]
     source = _write(adata, tmp_path / "bad.h5ad")
-    _build_fails([source], tmp_path / "atlas.zarr", str(source), what, repr(adata.obs_names[BAD_ROW]), repr(gene))
+    message = _build_fails([source], tmp_path / "atlas.zarr", str(source), what, repr(adata.obs_names[BAD_ROW]))
+    assert f"gene {gene!r}" in message and "np.str_" not in message
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_counts_too_large_for_32_bits_are_stored_exactly(small: ad.AnnData, tmp_path: Path, dtype: type):
+    """2^32 + 5 was stored as 5 (uint32 wrap-around): the store's count type follows the largest count."""
+    adata = small.copy()
+    adata.X = adata.X.astype(dtype)
+    adata.X.data[adata.X.indptr[BAD_ROW]] = 2**32 + 5
+    output = build_store(BuildConfig(inputs=[str(_write(adata, tmp_path / "big.h5ad"))], output=str(tmp_path / "a")))
+    built = ad.read_zarr(output)
+    assert built.X.dtype == np.uint64 and built.X.max() == 2**32 + 5
+    assert (built[adata.obs_names].X != adata.X).nnz == 0
+    store = open_store(output)
+    assert store.schema.count_dtype == "uint64" and store.read_rows(0, N_CELLS).data.max() == 2**32 + 5
+
+
+@pytest.mark.parametrize("value", [1e20, 2**53 + 2])
+def test_counts_beyond_the_widest_count_type_name_file_cell_and_gene(small: ad.AnnData, tmp_path: Path, value: float):
+    """An integer-valued 1e20 was stored as 0; counts above 2^53 (not exact in float64) are refused."""
+    adata = small.copy()
+    adata.X = adata.X.astype(np.float64 if isinstance(value, float) else np.int64)
+    position = adata.X.indptr[BAD_ROW] + 1
+    adata.X.data[position] = value
+    gene = adata.var_names[adata.X.indices[position]]
+    source = _write(adata, tmp_path / "huge.h5ad")
+    cell = adata.obs_names[BAD_ROW]
+    _build_fails([source], tmp_path / "atlas.zarr", str(source), "counts above 9007199254740992", f"cell {cell!r}")
+    _build_fails([source], tmp_path / "atlas.zarr", f"gene {gene!r}", f"first {adata.X.data[position]}")
+
+
+@pytest.mark.parametrize("count_type", [(1000, "uint16"), (70_000, "uint32")])
+def test_count_type_is_the_narrowest_that_holds_the_largest_count(
+    small: ad.AnnData, tmp_path: Path, count_type: tuple[int, str]
+):
+    largest, name = count_type
+    adata = small.copy()
+    adata.X.data[0] = largest
+    output = build_store(BuildConfig(inputs=[str(_write(adata, tmp_path / "in.h5ad"))], output=str(tmp_path / "a")))
+    assert open_store(output).schema.count_dtype == name and ad.read_zarr(output).X.max() == largest
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["10x folder as its own output", "folder holding the input", "inside a 10x folder"])
+def test_overwrite_never_replaces_an_input(small: ad.AnnData, tmp_path: Path, case: str):
+    """--overwrite deleted a 10x input given as its own output, and a folder holding the input (exit 0)."""
+    work = tmp_path / "work"
+    if case == "folder holding the input":
+        work.mkdir()
+        source = _write(small, work / "in.h5ad")
+        (work / "notes.txt").write_text("mine")
+        output, relation = work, "contains the input"
+    else:
+        source = write_10x_mtx(small, work, "ENSEMBL")
+        output = work if case == "10x folder as its own output" else work / "atlas.zarr"
+        relation = "is the input" if output == source else "lies inside the input folder"
+    before = _snapshot(tmp_path)
+    config = BuildConfig(inputs=[str(source)], output=str(output), overwrite=True)
+    with pytest.raises(AtlasInputError, match=relation) as raised:
+        build_store(config)
+    assert str(raised.value).startswith(f"{output}: ")
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+@pytest.mark.parametrize("what", ["folder of other files", "file", "zarr group of another program"])
+def test_overwrite_replaces_only_an_atlas_store(small: ad.AnnData, tmp_path: Path, what: str):
+    source = _write(small, tmp_path / "in.h5ad")
+    output = tmp_path / "out.zarr"
+    if what == "file":
+        output.write_text("mine")
+    else:
+        output.mkdir()
+        content = '{"zarr_format": 3, "node_type": "group", "attributes": {}}' if "zarr" in what else "mine"
+        (output / ("zarr.json" if "zarr" in what else "notes.txt")).write_text(content)
+    before = _snapshot(tmp_path)
+    config = BuildConfig(inputs=[str(source)], output=str(output), overwrite=True)
+    with pytest.raises(AtlasInputError, match="exists and is not an atlas store"):
+        build_store(config)
+    assert _snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.zarr"]
+    output.unlink() if output.is_file() else shutil.rmtree(output)
+    output.mkdir()  # an empty folder holds nothing to lose
+    assert open_store(build_store(config)).n_cells == N_CELLS
+    (output / "extra.txt").write_text("kept in the store")  # an atlas store is recognised by its attrs
+    replaced = build_store(config.model_copy(update={"seed": 4}))
+    assert not (replaced / "extra.txt").exists() and open_store(replaced).n_cells == N_CELLS
+
+
+def test_a_read_only_output_folder_is_refused_before_the_inputs_are_read(small: ad.AnnData, tmp_path: Path):
+    """The folder was found read-only only after the whole validation pass: now first, in one line."""
+    adata = small.copy()
+    adata.X = adata.X.astype(np.float32)
+    adata.X.data[-1] = 0.5  # a bad count in the last chunk: reading the inputs would fail on it
+    source = _write(adata, tmp_path / "in.h5ad")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:  # root writes anywhere: drop its capabilities for the build
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    command = [*prefix, sys.executable, "-m", "atlasvi.cli.main", "build", str(source), "-o", str(folder / "a.zarr")]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"COLUMNS": "200"})
+    assert result.returncode == 1, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line == f"error: {folder}: cannot write the store there (Permission denied)"
+    assert list(folder.iterdir()) == []
+
+
+def test_cell_names_repeated_across_inputs_are_made_unique_as_anndata_does(small: ad.AnnData, tmp_path: Path):
+    """The same barcodes in two inputs (and a name that already ends in -1): later occurrences are renamed
+    as anndata.utils.make_index_unique does, with a warning; each name keeps its own cell's counts."""
+    first = small.copy()
+    first.obs_names = [f"{first.obs_names[1]}-1", *first.obs_names[1:]]
+    second = small[:50].copy()
+    second.X = second.X * 2
+    inputs = [_write(first, tmp_path / "a.h5ad"), _write(second, tmp_path / "b.h5ad")]
+    config = BuildConfig(inputs=[str(p) for p in inputs], output=str(tmp_path / "atlas.zarr"), chunk_size=64)
+    with pytest.warns(UserWarning, match=r"49 cells have a name an earlier cell of the inputs has"):
+        built = ad.read_zarr(build_store(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own notes on the names it is given
+        expected = ad.utils.make_index_unique(pd.Index([*first.obs_names, *second.obs_names]))
+        both = ad.concat([first, second])
+    assert built.obs_names.is_unique and sorted(built.obs_names) == sorted(expected)
+    both.obs_names = expected
+    assert (built[both.obs_names].X != both.X).nnz == 0
+    assert f"{small.obs_names[1]}-2" in built.obs_names  # -1 was taken
 
 
 def _with_empty_cells(adata: ad.AnnData, rows: list[int]) -> ad.AnnData:
@@ -249,8 +387,7 @@ def test_failed_build_removes_the_folders_it_made(small: ad.AnnData, tmp_path: P
 def test_interrupted_build_leaves_nothing_and_keeps_an_existing_store(small: ad.AnnData, tmp_path: Path):
     """A failure while the store is being written (staging and scratch exist) removes both."""
     source = _write(small, tmp_path / "small.h5ad")
-    output = tmp_path / "atlas.zarr"
-    output.mkdir()
+    output = build_store(BuildConfig(inputs=[str(source)], output=str(tmp_path / "atlas.zarr"), seed=1))
     (output / "previous").write_text("kept")
 
     class Interrupted(Exception):

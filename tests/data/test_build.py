@@ -1,7 +1,15 @@
 """atlasvi build on real data: round trips, HVG, library prior, permutation, layout, atomicity."""
 
+import asyncio
 import hashlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -12,8 +20,9 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from atlasvi.data import BuildConfig, build_store, open_store
+from atlasvi.data import AtlasInputError, BuildConfig, build_store, open_store
 from atlasvi.data.store import SCHEMA_VERSION
+from atlasvi.models.scvi.module import SCVIModule
 from tests.conftest import CELLBENCH, KANG, KANG_HARMONY
 from tests.data.helpers import write_10x_h5, write_10x_mtx
 
@@ -179,3 +188,91 @@ def test_an_interrupted_build_leaves_nothing_and_keeps_the_old_store(tmp_path, m
         _build(tmp_path, inputs=[str(KANG)], batch_key="sample", seed=5, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.zarr"]
     assert ad.read_zarr(old).obs_names.tolist() == before
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_build_killed_with_sigkill_leaves_debris_the_next_build_removes(tmp_path):
+    """SIGKILL skips every clean-up: the next build of the same output removes the staging / scratch
+    folders of dead builds of this host, and leaves those of a live build or another host alone."""
+    output = tmp_path / "atlas.zarr"
+    command = [sys.executable, "-m", "atlasvi.cli.main", "build", str(KANG), "-o", str(output), "--chunk-size", "20"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".atlas.zarr.scratch-*")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    debris = sorted(p.name for p in tmp_path.iterdir())
+    assert debris and all(name.startswith(".atlas.zarr.") for name in debris), debris
+    host = socket.gethostname()
+    kept = [f".atlas.zarr.scratch-{host}-{os.getpid()}-0123abcd", ".atlas.zarr.building-elsewhere-1-0123abcd"]
+    dead = f".atlas.zarr.building-{host}-{_dead_pid()}-89abcdef"
+    for name in [*kept, dead]:
+        (tmp_path / name).mkdir()
+    _build(tmp_path, inputs=[str(KANG)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "atlas.zarr"])
+    assert open_store(output).n_cells == 1556
+
+
+def test_a_store_set_aside_by_a_killed_build_is_restored(tmp_path):
+    """Killed between setting the old store aside and renaming the new one in: the old store comes back."""
+    old = _build(tmp_path, inputs=[str(KANG)], seed=3)
+    names = ad.read_zarr(old).obs_names.tolist()
+    old.rename(tmp_path / f".atlas.zarr.replaced-{socket.gethostname()}-{_dead_pid()}-0123abcd")
+    with pytest.raises(AtlasInputError, match="exists already"):
+        _build(tmp_path, inputs=[str(KANG)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.zarr"]
+    assert ad.read_zarr(old).obs_names.tolist() == names
+
+
+def test_ctrl_c_during_a_store_write_leaves_no_staging_folder(tmp_path, monkeypatch):
+    """Ctrl-C while zarr writes a shard on its IO thread: that write goes on after the main thread has
+    stopped waiting for it, and recreated `.NAME.building-*` after the clean-up unless the build waits."""
+    from zarr.storage import LocalStore
+
+    original = LocalStore.set
+    fired = threading.Event()
+
+    async def slow_set(self, key, value):
+        if key.startswith("X/data/c") and not fired.is_set():
+            fired.set()
+            threading.Timer(0.1, signal.pthread_kill, [threading.main_thread().ident, signal.SIGINT]).start()
+            await asyncio.sleep(1.0)
+        await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", slow_set)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path, inputs=[str(KANG)])
+    time.sleep(1.5)
+    assert fired.is_set() and list(tmp_path.iterdir()) == []
+
+
+def test_annotation_columns_are_stored_but_not_covariates(tmp_path, kang):
+    """annotation_keys keep obs columns (missing values stay missing) that the model does not condition on."""
+    source = kang.copy()
+    source.obs["donor"] = pd.Categorical(np.where(np.arange(kang.n_obs) % 10 == 0, None, kang.obs["sample"].str[-3:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source.write_h5ad(tmp_path / "kang.h5ad")
+    store = _build(
+        tmp_path, inputs=[str(tmp_path / "kang.h5ad")], batch_key="sample", annotation_keys=["condition", "donor"]
+    )
+    built = ad.read_zarr(store)
+    for key in ["condition", "donor"]:
+        assert isinstance(built.obs[key].dtype, pd.CategoricalDtype)
+        expected = source.obs.loc[built.obs_names, key].astype(object)
+        pd.testing.assert_series_equal(built.obs[key].astype(object), expected, check_names=False)
+    assert built.obs["donor"].isna().sum() == 156
+    opened = open_store(store)
+    assert set(opened.schema.categorical) == {"sample"}
+    assert SCVIModule(opened.schema).categorical_keys == ()
+    meta = json.loads((store / "zarr.json").read_text())["attributes"]["atlasvi"]
+    assert meta["annotations"] == {"condition": ["ctrl", "stim"], "donor": ["101", "107"]}
+    codes, categories = opened.read_obs_categorical("condition")
+    assert categories == ("ctrl", "stim") and np.bincount(codes).tolist() == [750, 806]
