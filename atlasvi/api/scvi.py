@@ -6,7 +6,7 @@ back into the store chunk by chunk (`obsm["X_scvi"]`, `layers[...]`), atomically
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -112,11 +112,16 @@ class SCVI:
         return _stack(parts, self.config.n_latent)
 
     def write_latent_representation(
-        self, store: AtlasStore | str | Path | None = None, key: str = "X_scvi", batch_size: int = 1024
+        self,
+        store: AtlasStore | str | Path | None = None,
+        key: str = "X_scvi",
+        batch_size: int = 1024,
+        attrs: dict[str, Any] | None = None,
     ) -> Path:
-        """Write the posterior means into obsm[key] of a local store, chunk by chunk; returns the array's path."""
+        """Write the posterior means into obsm[key] of a local store, chunk by chunk; returns the array's path.
+        attrs: extra attributes of the written array (e.g. the run that wrote it)."""
         parts = latent_representation(self.module, self._batches(store, None, batch_size))
-        return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent)
+        return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent, attrs)
 
     def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
         if gene_list is None:
@@ -325,8 +330,15 @@ def _stack(parts: Iterator[tuple[np.ndarray, np.ndarray]], width: int) -> np.nda
     return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
 
 
-def _write(parts: Iterator[tuple[np.ndarray, np.ndarray]], path: Path, group: str, key: str, width: int) -> Path:
-    with ObsArrayWriter(path, group, key, width) as writer:
+def _write(
+    parts: Iterator[tuple[np.ndarray, np.ndarray]],
+    path: Path,
+    group: str,
+    key: str,
+    width: int,
+    attrs: dict[str, Any] | None = None,
+) -> Path:
+    with ObsArrayWriter(path, group, key, width, attrs=attrs) as writer:
         for _, values in parts:
             writer.write(values)
         return writer.commit()

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,15 +23,15 @@ from atlasvi.cli.common import (
     tracking_uri,
     write_atomic,
 )
+from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.errors import AtlasviError
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun
-from atlasvi.train import EpochRecord, TrainingDiverged
+from atlasvi.train import EpochRecord
 from atlasvi.train.job import TrainJobConfig
+from atlasvi.train.lock import OutputLock, describe
 from atlasvi.train.loop import read_checkpoint
-
-RUN_RECORD = "run.json"
 
 
 def _embedded_store() -> str:
@@ -74,7 +73,10 @@ def train_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment")] = None,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: the output folder's name)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="start afresh instead of resuming OUTPUT's checkpoint")] = False,
+    latent_key: Annotated[str | None, typer.Option(help="obsm key the latent is written to")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="start afresh instead of resuming OUTPUT; replace another run's latent key")
+    ] = False,
     num_workers: Annotated[int | None, typer.Option(help="Ray Train DDP workers (1: this process)")] = None,
     use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu", help="one GPU per worker (NCCL)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto': this node's cluster)")] = None,
@@ -91,6 +93,7 @@ def train_command(
         "device": device,
         "experiment": experiment,
         "run_name": run_name,
+        "latent_key": latent_key,
         "num_workers": num_workers,
         "use_gpu": use_gpu,
         "storage_path": storage_path,
@@ -103,27 +106,26 @@ def train_command(
     job = make_config(TrainJobConfig, sources)
     opened = open_store(job.store or _embedded_store())
     split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
-    out = Path(job.output)
-    checkpoints, record_path = out / "checkpoints", out / RUN_RECORD
-    if overwrite:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        record_path.unlink(missing_ok=True)
-    previous = json.loads(record_path.read_text()) if record_path.exists() else {}
-    resuming = (checkpoints / "last.pt").exists()
-    for section in ("model", "loader"):
-        before = previous.get("job", {}).get(section)
-        if resuming and before is not None and before != job.model_dump(mode="json")[section]:
-            console.print(
-                f"[red]{checkpoints / 'last.pt'} was trained with another {section} config[/red]; "
-                "resume with the same one, or pass --overwrite (or another --output) to start afresh"
-            )
-            raise typer.Exit(2)
-    uri = tracking_uri()
-    resume_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
-    tracker = MlflowRun(uri, job.experiment, job.run_name or out.name, run_id=resume_id, tags={"method": "SCVI"})
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "job": job.model_dump(mode="json")}
-    write_atomic(record_path, json.dumps(record, indent=1))
+    out, uri, ray = Path(job.output), tracking_uri(), job.num_workers > 1 or address is not None
+    with OutputLock(out) as lock:  # one writer per output folder
+        if lock.taken_over:
+            console.print(f"took over the lock its holder left when it ended ({describe(lock.taken_over)})")
+        plan = plan_output(job, out, opened, ray, overwrite, uri)
+        check_latent_key(opened, job.latent_key, plan.record["folder_id"], overwrite)
+        tags = {
+            "method": "SCVI",
+            "atlasvi.output": plan.record["output"],
+            "atlasvi.folder_id": plan.record["folder_id"],
+        }
+        with MlflowRun(uri, job.experiment, job.run_name or out.name, plan.resume_run_id, tags) as tracker:
+            plan.record["mlflow_run_id"] = tracker.run_id
+            write_atomic(out / RUN_RECORD, json.dumps(plan.record, indent=1))
+            _train(job, opened, tracker, out, plan, address)
+
+
+def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Path, plan: Plan, address: str | None):
+    """Train (resuming plan's checkpoint), then save, write back and log everything (`_finish`)."""
+    checkpoints = Path(plan.checkpoints)
     shape = {"n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
     changed = tracker.log_params(job.model_dump(mode="json") | {"store": opened.path} | shape)
     if changed:
@@ -133,10 +135,10 @@ def train_command(
     if model.device.type == "cpu":
         torch.set_num_threads(job.cpu_threads(os.cpu_count() or 1))
     n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
-    if resuming:
-        console.print(f"resuming from {checkpoints / 'last.pt'} (MLflow run {tracker.run_id})")
-    if job.num_workers > 1 or address is not None:
-        history = _train_on_ray(job, model, opened, tracker, out, address)
+    if plan.resuming:
+        console.print(f"resuming from {checkpoints} (MLflow run {tracker.run_id})")
+    if plan.record["runner"]["ray"]:
+        history = _train_on_ray(job, model, opened, tracker, plan.checkpoints, address)
         _finish(job, model, opened, history, tracker, out)
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -154,16 +156,7 @@ def train_command(
                 f"  {record.cells_per_second:8.0f} cells/s",
             )
 
-        try:
-            history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
-        except TrainingDiverged as err:
-            tracker.set_tags({"error": str(err)[:5000]})
-            tracker.finish(failed=True)
-            console.print(f"[red]training stopped:[/red] {err}")
-            raise typer.Exit(1) from None
-        except BaseException:
-            tracker.finish(failed=True)
-            raise
+        history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
     for record in history:  # epochs checkpointed by a run that died before logging them
         if record.epoch not in logged:
             tracker.log_epoch(record)
@@ -171,29 +164,26 @@ def train_command(
 
 
 def _train_on_ray(
-    job: TrainJobConfig, model: SCVI, store: AtlasStore, tracker: MlflowRun, out: Path, address: str | None
+    job: TrainJobConfig, model: SCVI, store: AtlasStore, tracker: MlflowRun, checkpoints: str, address: str | None
 ) -> list[EpochRecord]:
-    """The same loop in job.num_workers Ray Train workers; rank 0 logs into this MLflow run."""
+    """The same loop in job.num_workers Ray Train workers, persisting checkpoints in `checkpoints` (Ray's
+    storage_path/name: a run there is resumed); rank 0 logs into this MLflow run."""
     from atlasvi.launch import DistributedConfig, connect, train_distributed
 
-    storage = job.storage_path or str((out / "ray_results").resolve())
+    storage, name = checkpoints.rsplit("/", 1)
     run = DistributedConfig(
-        num_workers=job.num_workers, storage_path=storage, name=job.run_name or out.name, use_gpu=job.use_gpu,
+        num_workers=job.num_workers, storage_path=storage, name=name, use_gpu=job.use_gpu,
         max_failures=job.max_failures, cpu_threads=job.cpu_threads(max(1, (os.cpu_count() or 1) // job.num_workers)),
     )  # fmt: skip
     path_for_workers = store.path if is_url(store.path) else str(Path(store.path).resolve())  # workers' cwd differs
     logger = EpochLogger(tracker.tracking_uri, job.experiment, tracker.run_id)
-    tracker.set_tags({"workers": str(job.num_workers), "ray_storage": f"{storage}/{run.name}"})
-    console.print(f"training in {job.num_workers} Ray Train workers; checkpoints in {storage}/{run.name}")
-    try:
-        connect(address)
-        with console.status(f"training scVI in {job.num_workers} workers (per-epoch figures go to MLflow)"):
-            checkpoint, metrics = train_distributed(
-                job, path_for_workers, run, on_epoch_end=logger, on_restart=logger.restarted
-            )
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
+    tracker.set_tags({"workers": str(job.num_workers), "ray_storage": checkpoints})
+    console.print(f"training in {job.num_workers} Ray Train workers; checkpoints in {checkpoints}")
+    connect(address)
+    with console.status(f"training scVI in {job.num_workers} workers (per-epoch figures go to MLflow)"):
+        checkpoint, metrics = train_distributed(
+            job, path_for_workers, run, on_epoch_end=logger, on_restart=logger.restarted
+        )
     weights, history = read_checkpoint(checkpoint)
     model.module.load_state_dict(weights)
     model.train_config, model.history = job.train, history
@@ -224,7 +214,7 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     written = None
     if job.latent_key and not is_url(store.path):
         with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
-            written = model.write_latent_representation(key=job.latent_key)
+            written = model.write_latent_representation(key=job.latent_key, attrs=writer_attrs(out))
     last = history[-1]
     seconds = sum(r.seconds for r in history)
     final = {

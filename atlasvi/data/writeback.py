@@ -23,7 +23,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -162,11 +162,18 @@ class ObsArrayWriter(_StagedWriter):
     """Writes an (n_cells, width) float32 array into `group/key` of the store at `path`.
 
     Rows must come in order (`write(values)` appends values (n, width)); `commit` checks every row was
-    written and replaces any array of the same name.
+    written and replaces any array of the same name. attrs: extra attributes of the array (e.g. who wrote
+    it; `array_attrs` reads them back).
     """
 
     def __init__(
-        self, path: str | Path, group: Literal["obsm", "layers"], key: str, width: int, overwrite: bool = True
+        self,
+        path: str | Path,
+        group: Literal["obsm", "layers"],
+        key: str,
+        width: int,
+        overwrite: bool = True,
+        attrs: dict[str, Any] | None = None,
     ):
         if not key or "/" in key or key.startswith("."):
             raise ValueError(f"{key!r} is not a usable {group} key")
@@ -184,7 +191,7 @@ class ObsArrayWriter(_StagedWriter):
             chunks=(chunk_rows, width),
             dtype="float32",
             compressors=compressors(3),
-            attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
+            attributes={**(attrs or {}), "encoding-type": "array", "encoding-version": "0.2.0"},
             zarr_format=3,
         )
         self.chunk_rows = chunk_rows
@@ -216,6 +223,14 @@ class ObsArrayWriter(_StagedWriter):
         """Move the finished array into the store and re-consolidate its metadata; returns its path."""
         self._flush(whole_chunks=False)
         return self._swap_in()
+
+
+def array_attrs(path: str | Path, group: str, key: str) -> dict[str, Any] | None:
+    """The attributes of the array `group/key` of a local store (None when there is none)."""
+    meta = Path(path) / group / key / "zarr.json"
+    if not meta.exists():
+        return None
+    return dict(zarr.open_array(str(meta.parent), mode="r", zarr_format=3).attrs)
 
 
 class ObsCategoricalWriter(_StagedWriter):
