@@ -27,7 +27,7 @@ from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_ou
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.errors import AtlasviError
-from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun
+from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned
 from atlasvi.train import EpochRecord
 from atlasvi.train.job import TrainJobConfig
 from atlasvi.train.lock import OutputLock, describe
@@ -112,6 +112,12 @@ def train_command(
             console.print(f"took over the lock its holder left when it ended ({describe(lock.taken_over)})")
         plan = plan_output(job, out, opened, ray, overwrite, uri)
         check_latent_key(opened, job.latent_key, plan.record["folder_id"], overwrite)
+        if plan.replaced_run_id and end_abandoned(
+            uri, plan.replaced_run_id, f"{out}: its command ended without closing the run; the folder started afresh"
+        ):
+            console.print(
+                f"MLflow run {plan.replaced_run_id}, left RUNNING by a command that was killed, is now KILLED"
+            )
         tags = {
             "method": "SCVI",
             "atlasvi.output": plan.record["output"],

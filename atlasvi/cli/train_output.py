@@ -30,12 +30,14 @@ FREE_TRAIN_FIELDS = {"max_epochs", "checkpoint_every_n_epochs"}
 @dataclass
 class Plan:
     """What the run does with OUTPUT: `record` (run.json to write, its MLflow run id still to fill in),
-    `resume_run_id` (the MLflow run to continue, None: a new one), `resuming` (a checkpoint continues)."""
+    `resume_run_id` (the MLflow run to continue, None: a new one), `resuming` (a checkpoint continues),
+    `replaced_run_id` (the MLflow run of the folder's last run when this one starts afresh)."""
 
     record: dict[str, Any]
     resume_run_id: str | None
     resuming: bool
     out: Path
+    replaced_run_id: str | None = None
 
     @property
     def checkpoints(self) -> str:
@@ -119,6 +121,8 @@ def plan_output(
     must not resume, or touch, the original's MLflow run."""
     previous = read_record(out)
     here = str(out.resolve())
+    ours = previous.get("output") == here and previous.get("tracking_uri") == tracking_uri  # never a copy's original
+    replaced = previous.get("mlflow_run_id") if ours else None
     if overwrite:
         runner = previous.get("runner") or _legacy_runner(previous, out)
         for folder in (Path(_where(out, runner)), out / "checkpoints"):
@@ -153,7 +157,7 @@ def plan_output(
                 "--overwrite to start afresh, or another --output"
             )
     now["tracking_uri"] = tracking_uri
-    return Plan(now, resume_id, resuming, out)
+    return Plan(now, resume_id, resuming, out, None if resuming else replaced)
 
 
 def _refuse_changes(
@@ -202,6 +206,8 @@ def writer_attrs(out: Path) -> dict[str, Any]:
 
 def check_latent_key(store: AtlasStore, key: str | None, folder_id: str, overwrite: bool) -> None:
     """Refuse to replace obsm[key] written by another run (or by an unrecorded writer) unless --overwrite."""
+    if key is not None and (not key or "/" in key or key.startswith(".")):
+        raise ConfigError(f"latent_key {key!r} is not a usable obsm key (no '/', not starting with '.')")
     if not key or is_url(store.path) or overwrite:
         return
     attrs = array_attrs(store.path, "obsm", key)

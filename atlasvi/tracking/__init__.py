@@ -147,6 +147,21 @@ class MlflowRun:
             self.finish(error=None if exc is None or _exit_code(exc) == 0 else exc)
 
 
+def end_abandoned(tracking_uri: str, run_id: str, reason: str) -> bool:
+    """End run `run_id` KILLED with `reason` as its `error` tag if it is still RUNNING while nothing runs it
+    (its command was killed: SIGKILL, a lost node); True when it was. A run that is gone is left alone."""
+    client = MlflowClient(tracking_uri)
+    try:
+        status = client.get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return False
+    if status != RunStatus.to_string(RunStatus.RUNNING):
+        return False
+    client.set_tag(run_id, "error", reason[:5000])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return True
+
+
 def _exit_code(exc: BaseException) -> int | None:
     """The exit code an exception ends the command with: SystemExit's, or an `exit_code` attribute (click's
     Exit, typer.Exit, AtlasviError); None for any other exception."""

@@ -142,6 +142,8 @@ def test_another_output_folders_run_does_not_replace_the_latent(workdir):
     assert "obsm['X_scvi'] was written by the run of output folder" in result.output
     assert str((workdir / "out").resolve()) in result.output and "--latent-key" in result.output
     assert not (workdir / "other").exists()  # refused before anything was written
+    result = _train("--max-epochs", "1", "--latent-key", "a/b", output="other")
+    assert result.exit_code == 2 and "latent_key 'a/b' is not a usable obsm key" in result.output
     np.testing.assert_array_equal(ad.read_zarr(workdir / "store.zarr").obsm["X_scvi"], demo)
     assert _train("--max-epochs", "1", "--n-latent", "5", "--latent-key", "X_other", output="other").exit_code == 0
     adata = ad.read_zarr(workdir / "store.zarr")
@@ -151,3 +153,18 @@ def test_another_output_folders_run_does_not_replace_the_latent(workdir):
     assert result.exit_code == 0, result.output
     assert _train("--max-epochs", "1", "--n-latent", "5", "--overwrite", output="other").exit_code == 0
     assert ad.read_zarr(workdir / "store.zarr").obsm["X_scvi"].shape == (1408, 5)
+
+
+def test_a_run_left_running_by_a_killed_command_is_ended_when_its_folder_starts_afresh(workdir):
+    assert _train("--max-epochs", "1").exit_code == 0
+    record = json.loads((workdir / "out" / "run.json").read_text())
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    client.update_run(record["mlflow_run_id"], status="RUNNING")  # as a SIGKILLed command leaves it
+    shutil.copytree(workdir / "out", workdir / "copy")
+    assert _train("--max-epochs", "1", "--overwrite", "--latent-key", "X_copy", output="copy").exit_code == 0
+    assert client.get_run(record["mlflow_run_id"]).info.status == "RUNNING"  # a copy never touches the original's
+    result = _train("--max-epochs", "1", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "is now KILLED" in result.output
+    ended = client.get_run(record["mlflow_run_id"])
+    assert ended.info.status == "KILLED" and "ended without closing the run" in ended.data.tags["error"]
