@@ -1,6 +1,7 @@
 """Figures people would rather look at than numbers: loss curves and a latent UMAP, as PNG files."""
 
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from scipy.sparse import SparseEfficiencyWarning
 
 from atlasvi.train import EpochRecord
 
@@ -38,18 +40,37 @@ def loss_curves_png(history: Sequence[EpochRecord], path: Path) -> Path:
     return path
 
 
+def _pca_2d(latent: np.ndarray) -> np.ndarray:
+    """The latent's first two principal components: UMAP's starting layout. scanpy's default (spectral) took
+    25 of 84 s on a 20,000-cell latent of several disconnected groups; PCA takes milliseconds."""
+    centred = latent - latent.mean(axis=0)
+    if len(centred) < 2:
+        return np.zeros((len(centred), 2), dtype=np.float32)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    components = np.zeros((latent.shape[1], 2))
+    components[:, : min(2, vt.shape[0])] = vt[:2].T
+    return (centred @ components).astype(np.float32)
+
+
 def umap_png(latent: np.ndarray, colour_by: dict[str, Sequence[str]], path: Path, seed: int = 0) -> Path:
-    """UMAP (scanpy: 15-neighbour graph on the latent) of (n_cells, n_latent), one panel per obs key."""
+    """UMAP (scanpy: exact 15-neighbour graph on the latent, PCA start) of (n_cells, n_latent), one panel per
+    obs key.
+
+    The neighbours are exact (scikit-learn): at 20,000 cells that took 9 s here against 41 s for scanpy's
+    default approximate search (pynndescent, whose numba compilation dominates at this size).
+    """
     adata = ad.AnnData(
         X=np.zeros((len(latent), 0), dtype=np.float32),
         obs=pd.DataFrame(
             {k: pd.Categorical(v) for k, v in colour_by.items()}, index=[str(i) for i in range(len(latent))]
         ),
-        obsm={"X_latent": latent},
+        obsm={"X_latent": latent, "X_pca_init": _pca_2d(latent)},
     )
     threads = torch.get_num_threads()
-    sc.pp.neighbors(adata, use_rep="X_latent", random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparseEfficiencyWarning)  # scanpy setting the kNN matrix's diagonal
+        sc.pp.neighbors(adata, use_rep="X_latent", random_state=seed, transformer="sklearn")
+    sc.tl.umap(adata, init_pos="X_pca_init", random_state=seed)
     torch.set_num_threads(threads)  # the neighbour search resets OpenMP's thread count, torch's with it
     fig, axes = plt.subplots(1, len(colour_by), figsize=(6.2 * len(colour_by), 5), squeeze=False)
     for ax, key in zip(axes[0], colour_by, strict=True):

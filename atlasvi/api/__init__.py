@@ -3,12 +3,11 @@
 They compose the layers below (module, training loop, streaming analysis); nothing below imports them.
 """
 
-import json
 from pathlib import Path
 
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
-from atlasvi.models.saving import META_NAME
+from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
 __all__ = ["METHODS", "SCANVI", "SCVI", "saved_model_class"]
 
@@ -17,10 +16,7 @@ METHODS: dict[str, type[SCVI]] = {"SCVI": SCVI, "SCANVI": SCANVI}
 
 def saved_model_class(directory: str | Path) -> type[SCVI]:
     """The class (SCVI or SCANVI) of the model saved in `directory`, from its model.json."""
-    meta = Path(directory) / META_NAME
-    if not meta.exists():
-        raise FileNotFoundError(f"{directory}: no saved model here (no {META_NAME})")
-    method = json.loads(meta.read_text()).get("method")
+    method = read_meta(Path(directory))["method"]
     if method not in METHODS:
-        raise ValueError(f"{meta}: a saved {method} model; atlasvi loads {sorted(METHODS)} models")
+        raise ModelFileError(f"{Path(directory) / META_NAME}: a saved {method} model; atlasvi loads {sorted(METHODS)}")
     return METHODS[method]

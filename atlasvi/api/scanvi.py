@@ -55,10 +55,12 @@ class SCANVI(SCVI):
         config: SCANVIConfig | None = None,
         device: str = "auto",
         registry: StoreSchema | None = None,
+        seed: int = 0,
     ):
         config = config or SCANVIConfig()
         opened = store if isinstance(store, AtlasStore) else open_store(store)
-        super().__init__(opened, config, device, _with_unlabeled(registry or opened.schema, config.unlabeled_category))
+        registry = _with_unlabeled(registry or opened.schema, config.unlabeled_category)
+        super().__init__(opened, config, device, registry, seed)
         self.was_pretrained = False
 
     def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
@@ -81,14 +83,15 @@ class SCANVI(SCVI):
         classification_ratio: float = 50.0,
         linear_classifier: bool = False,
         device: str | None = None,
+        seed: int = 0,
     ) -> "SCANVI":
         """scANVI on the scVI model's store and registry, with its architecture and trained weights (the
-        classifier and the z2 levels start fresh), as scvi-tools' SCANVI.from_scvi_model."""
+        classifier and the z2 levels start fresh, drawn from `seed`), as scvi-tools' SCANVI.from_scvi_model."""
         config = SCANVIConfig(
             **scvi_model.config.model_dump(), unlabeled_category=unlabeled_category,
             classification_ratio=classification_ratio, linear_classifier=linear_classifier,
         )  # fmt: skip
-        model = cls(scvi_model.store, config, device or scvi_model.device.type, registry=scvi_model.schema)
+        model = cls(scvi_model.store, config, device or scvi_model.device.type, registry=scvi_model.schema, seed=seed)
         missing, unexpected = model.module.load_state_dict(scvi_model.module.state_dict(), strict=False)
         if unexpected or any(k.startswith(("z_encoder.", "l_encoder.", "decoder.", "px_r")) for k in missing):
             raise ValueError(f"the scVI weights do not fit this scANVI: missing {missing}, unexpected {unexpected}")

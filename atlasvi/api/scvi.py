@@ -6,17 +6,28 @@ back into the store chunk by chunk (`obsm["X_scvi"]`, `layers[...]`), atomically
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ValidationError
 
 from atlasvi.analysis import de, elbo, latent_representation, minibatches, normalized_expression
 from atlasvi.data import LoaderConfig, Minibatch, open_store, split_rows
-from atlasvi.data.store import AtlasStore, StoreSchema
+from atlasvi.data.store import AtlasStore, StoreSchema, is_url
 from atlasvi.data.writeback import ObsArrayWriter
-from atlasvi.models.saving import check_compatible, load_model, save_model, saved_schema
+from atlasvi.models.saving import (
+    META_NAME,
+    IncompatibleStoreError,
+    ModelFileError,
+    check_compatible,
+    load_model,
+    load_state,
+    read_meta,
+    save_model,
+    saved_schema,
+)
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
 from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
 from atlasvi.train import EpochRecord, TrainConfig, fit
@@ -28,6 +39,7 @@ METHOD = "SCVI"
 class SCVI:
     """scVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
 
+    seed: the initial weights are drawn from it alone (in a scope of their own; the global RNG is untouched).
     registry: the model's genes and categories when they are not the store's own (set by `load`).
     query_masks: after `load_query_data`, the entries of each parameter that train (the new batch columns).
     """
@@ -42,12 +54,15 @@ class SCVI:
         config: SCVIConfig | None = None,
         device: str = "auto",
         registry: StoreSchema | None = None,
+        seed: int = 0,
     ):
         self.store = store if isinstance(store, AtlasStore) else open_store(store)
         self.schema = registry or self.store.schema
         self.config = config or self._config_cls()
         self.device = resolve_device(device)
-        self.module = self._module_cls(self.schema, self.config).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = self._module_cls(self.schema, self.config).to(self.device)
         self.code_maps = self._code_maps(self.store)
         self.query_masks: dict[str, torch.Tensor] | None = None
         self.train_config: TrainConfig | None = None
@@ -267,8 +282,14 @@ class SCVI:
         return self._elbo_terms(store, rows, batch_size)[1]
 
     def save(self, directory: str | Path) -> Path:
-        """Weights (model.pt) and model.json (config, registry of genes and categories, training config)."""
-        config = {"model": self.config.model_dump(), "store": str(self.store.path)}
+        """Weights (model.pt) and model.json (config, registry of genes and categories, training config).
+
+        The training store is recorded by absolute path (a URL as it is), with its cells and non-zeros,
+        so that it is found, and recognised, from any working folder.
+        """
+        path = self.store.path if is_url(self.store.path) else str(Path(self.store.path).resolve())
+        identity = {"n_cells": self.store.n_cells, "nnz": self.store.nnz}
+        config = {"model": self.config.model_dump(), "store": path, "store_identity": identity}
         if self.train_config is not None:
             config["train"] = self.train_config.model_dump()
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -276,21 +297,32 @@ class SCVI:
 
     @classmethod
     def saved_store(cls, directory: str | Path) -> str:
-        """The store a saved model was trained on."""
-        meta, _ = load_model(Path(directory), cls.method)
-        return meta["config"]["store"]
+        """The store a saved model was trained on: its absolute path or URL, as recorded at training."""
+        meta = read_meta(Path(directory))
+        where, store = Path(directory) / META_NAME, meta["config"].get("store")
+        if not isinstance(store, str):
+            raise ModelFileError(f"{where}: missing field 'config.store' (the training store); name a store to use")
+        if not is_url(store) and not Path(store).is_absolute():
+            raise ModelFileError(
+                f"{where}: the training store is recorded as {store!r}, relative to the folder training ran in "
+                "(a model saved by an older atlasvi); name the store to use"
+            )
+        return store
 
     @classmethod
     def load(cls, directory: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> "SCVI":
-        """A saved model on `store`; a store with other genes, a missing key or unseen categories is refused."""
-        meta, state = load_model(Path(directory), cls.method)
+        """A saved model on `store`; a store with other genes, a missing key or unseen categories is refused,
+        and so is another store than the one trained on where that one was (same path, other cells)."""
+        directory = Path(directory)
+        meta, state = load_model(directory, cls.method)
         opened = store if isinstance(store, AtlasStore) else open_store(store)
+        _check_training_store(directory, meta["config"], opened)
         schema = saved_schema(meta, opened.n_cells)
-        config = cls._config_cls(**meta["config"]["model"])
+        config = _section(directory, cls._config_cls, meta["config"], "model")
         model = cls(opened, config, device, registry=schema)
-        model.module.load_state_dict(state)
+        load_state(model.module, state, str(directory), _described(config))
         if "train" in meta["config"]:
-            model.train_config = TrainConfig(**meta["config"]["train"])
+            model.train_config = _section(directory, TrainConfig, meta["config"], "train")
         return model
 
     @classmethod
@@ -313,16 +345,52 @@ class SCVI:
             schema, config, state = reference.schema, reference.config, reference.module.state_dict()
         else:
             meta, state = load_model(Path(reference), cls.method)
-            schema, config = saved_schema(meta), cls._config_cls(**meta["config"]["model"])
-        reference_module = cls._module_cls(schema, config)
-        reference_module.load_state_dict(state)
+            schema, config = saved_schema(meta), _section(Path(reference), cls._config_cls, meta["config"], "model")
+        with torch.random.fork_rng(devices=[]):  # its initial weights are replaced by the reference's
+            reference_module = cls._module_cls(schema, config)
+        load_state(reference_module, state, str(reference), _described(config))
         registry = extend_registry(schema, opened.schema, str(opened.path))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = cls(opened, config, device, registry=registry)
+        model = cls(opened, config, device, registry=registry, seed=seed)
         model.query_masks = transplant(reference_module, model.module)
         freeze_for_query(model.module, model.query_masks, surgery)
         return model
+
+
+_Config = TypeVar("_Config", bound=BaseModel)
+_DESCRIBED = ("n_latent", "n_hidden", "n_layers", "gene_likelihood", "dispersion", "use_observed_lib_size")
+
+
+def _described(config: BaseModel) -> str:
+    """The architecture fields of a model config, as model.json gives them (for a mismatch with the weights)."""
+    return ", ".join(f"{k}={v!r}" for k, v in config.model_dump().items() if k in _DESCRIBED)
+
+
+def _section(directory: Path, config_cls: type[_Config], config: dict, section: str) -> _Config:
+    """config[section] of model.json as `config_cls`; an invalid value is named by its field."""
+    try:
+        return config_cls(**config[section])
+    except (TypeError, ValidationError) as err:
+        if isinstance(err, ValidationError):
+            first = err.errors()[0]
+            detail = f"field 'config.{section}.{'.'.join(str(p) for p in first['loc'])}': {first['msg']}"
+        else:
+            detail = f"field 'config.{section}' is not a mapping of fields"
+        raise ModelFileError(f"{directory / META_NAME}: {detail}") from None
+
+
+def _check_training_store(directory: Path, config: dict, opened: AtlasStore) -> None:
+    """Where `opened` is at the path the model recorded as its training store, it must be that store."""
+    recorded, identity = config.get("store"), config.get("store_identity")
+    if not isinstance(recorded, str) or not isinstance(identity, dict):
+        return
+    here = opened.path if is_url(opened.path) else str(Path(opened.path).resolve())
+    found = {"n_cells": opened.n_cells, "nnz": opened.nnz}
+    if here == recorded and found != identity:
+        raise IncompatibleStoreError(
+            f"{opened.path}: not the store {directory} was trained on: {directory / META_NAME} records "
+            f"{identity.get('n_cells')} cells and {identity.get('nnz')} non-zeros at {recorded}, this store has "
+            f"{found['n_cells']} cells and {found['nnz']} non-zeros; rebuild it as it was, or name another store"
+        )
 
 
 def _stack(parts: Iterator[tuple[np.ndarray, np.ndarray]], width: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from rich.progress import (
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
 from atlasvi.datasets import CELLBENCH
+from atlasvi.errors import ConfigError
 from atlasvi.tracking import local_tracking_uri
 
 console = Console(stderr=True)
@@ -42,7 +43,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping; a clear error for a missing file or a non-mapping."""
     if not path.exists():
         raise typer.BadParameter(f"{path}: config file does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem})") from None
     if not isinstance(content, dict):
         raise typer.BadParameter(f"{path}: a config is a YAML mapping of field: value")
     return content

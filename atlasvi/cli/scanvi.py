@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
@@ -26,8 +25,7 @@ def _from_scvi(scvi_model: Path, store: str | None, device: str, seed: int, unla
         if saved_model_class(scvi_model) is not SCVI:
             raise AtlasviError(f"{scvi_model}: a saved scANVI model; give the scVI it was trained from")
         scvi = SCVI.load(scvi_model, open_store(store or SCVI.saved_store(scvi_model)), device)
-        torch.manual_seed(seed)  # the classifier and the z2 levels start from this seed
-        return SCANVI.from_scvi_model(scvi, unlabeled, ratio)
+        return SCANVI.from_scvi_model(scvi, unlabeled, ratio, seed=seed)
     except AtlasviError:
         raise
     except (FileNotFoundError, ValueError) as err:  # the model layer's plain errors name the file at fault

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,12 +27,11 @@ from atlasvi.cli.common import (
 from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
-from atlasvi.errors import AtlasviError
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned
 from atlasvi.train import EpochRecord
 from atlasvi.train.job import TrainJobConfig
 from atlasvi.train.lock import OutputLock, describe
-from atlasvi.train.loop import read_checkpoint
+from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall, read_checkpoint
 
 
 def _embedded_store() -> str:
@@ -41,6 +41,14 @@ def _embedded_store() -> str:
         console.print("no store given: building the embedded CellBench store first")
         build_with_progress(BuildConfig(**EMBEDDED_BUILD))
     return str(path)
+
+
+def _warn_kl_warmup(job: TrainJobConfig, n_train_cells: int, n_epochs: int) -> None:
+    """One line when the KL warm-up outlasts the run (it would end at a KL weight below max_kl_weight)."""
+    steps = -(-n_train_cells // (job.loader.batch_size * job.num_workers))  # per epoch, for a warm-up in steps
+    shortfall = kl_warmup_shortfall(job.train, n_epochs, max(1, steps))
+    if shortfall is not None:
+        console.print(f"[yellow]warning:[/yellow] {shortfall}")
 
 
 def _umap(model: SCVI, store: AtlasStore, n_cells: int, path: Path) -> Path | None:
@@ -137,10 +145,12 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
     if changed:
         console.print(f"resumed with changed settings (kept as MLflow tags): {changed}")
     logged = set(tracker.logged_epochs())
-    model = SCVI(opened, job.model, job.device)
+    model = SCVI(opened, job.model, job.device, seed=job.train.seed)
     if model.device.type == "cpu":
         torch.set_num_threads(job.cpu_threads(os.cpu_count() or 1))
-    n_epochs = job.train.epochs_for(opened.n_cells - (model.validation_rows[1] - model.validation_rows[0]))
+    n_train_cells = opened.n_cells - (model.validation_rows[1] - model.validation_rows[0])
+    n_epochs = job.train.epochs_for(n_train_cells)
+    _warn_kl_warmup(job, n_train_cells, n_epochs)
     if plan.resuming:
         console.print(f"resuming from {checkpoints} (MLflow run {tracker.run_id})")
     if plan.record["runner"]["ray"]:
@@ -162,7 +172,9 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
                 f"  {record.cells_per_second:8.0f} cells/s",
             )
 
-        history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KLWarmupWarning)  # said once above, as one line
+            history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
     for record in history:  # epochs checkpointed by a run that died before logging them
         if record.epoch not in logged:
             tracker.log_epoch(record)
@@ -204,19 +216,10 @@ def _train_on_ray(
 
 
 def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, out: Path):
-    """Save the model, write the latent back, draw the figures, log them; print where everything is."""
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    """Results first (the model, the latent in the store, the final metrics), then the figures, whose failure
+    is a warning: a figure cannot lose a result. Ends the MLflow run FINISHED; print where everything is."""
     model_dir = model.save(out / "model")
-    config_yaml = out / "config.yaml"
-    config_yaml.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    tracker.log_artifact(config_yaml)
-    tracker.log_artifact(loss_curves_png(history, figures / "loss_curves.png"), "figures")
-    with console.status("latent UMAP"):
-        umap = _umap(model, store, job.umap_cells, figures / "latent_umap.png")
-    if umap is not None:
-        tracker.log_artifact(umap, "figures")
-    tracker.log_artifact(model_dir, "model")
+    config_yaml = write_atomic(out / "config.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     written = None
     if job.latent_key and not is_url(store.path):
         with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
@@ -232,17 +235,44 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
         "epochs": len(history),
     }
     tracker.log_metrics(final, step=last.epoch)
+    tracker.log_artifact(config_yaml)
+    tracker.log_artifact(model_dir, "model")
+    figures = _figures(job, model, store, history, tracker, out / "figures")
     tracker.finish()
     table = Table(title="scVI trained", show_header=False)
     table.add_row("epochs", f"{len(history)} ({seconds:.1f} s, {final['train_cells_per_second']:.0f} cells/s)")
     table.add_row("held-out -ELBO", f"{last.validation_elbo:.2f} nats per cell")
     table.add_row("model", str(model_dir))
     table.add_row("latent", f"{written} (obsm['{job.latent_key}'])" if written else "not written (URL store)")
-    table.add_row("figures", str(figures))
+    table.add_row("figures", ", ".join(str(f) for f in figures) or "none")
     table.add_row("MLflow run", f"{tracker.run_id} in experiment {job.experiment!r} at {tracker.tracking_uri}")
     Console().print(table)
     if tracker.tracking_uri.startswith("sqlite:///"):
         Console().print(f"open the MLflow UI: mlflow ui --backend-store-uri sqlite:///{LOCAL_FOLDER}/mlflow.db")
+
+
+def _figures(
+    job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, folder: Path
+) -> list[Path]:
+    """The loss curves and the latent UMAP, logged into the run; one that fails is a warning (and a
+    `figure_error.NAME` tag), never an error: the results are already written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for name, draw in (
+        ("loss_curves", lambda: loss_curves_png(history, folder / "loss_curves.png")),
+        ("latent_umap", lambda: _umap(model, store, job.umap_cells, folder / "latent_umap.png")),
+    ):
+        try:
+            with console.status(f"figure {name}"):
+                path = draw()
+            if path is not None:
+                tracker.log_artifact(path, "figures")
+                drawn.append(path)
+        except Exception as err:  # noqa: BLE001 - any failure of a figure is reported, none loses the run
+            message = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+            console.print(f"[yellow]warning:[/yellow] figure {name} not drawn ({message}); the results are saved")
+            tracker.set_tags({f"figure_error.{name}": message})
+    return drawn
 
 
 def latent_command(
@@ -255,14 +285,8 @@ def latent_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
-    try:
-        model_class = saved_model_class(model)
-        scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
-    except AtlasviError:
-        raise  # printed as one line by the CLI's top level
-    except (FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(1) from None
+    model_class = saved_model_class(model)
+    scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):
         written = [scvi.write_latent_representation(key=key)]
         if normalized_layer:

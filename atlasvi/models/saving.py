@@ -7,7 +7,8 @@ library prior). Loading executes no code from the files.
 
 import json
 import os
-from dataclasses import asdict
+import pickle
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +23,17 @@ META_NAME = "model.json"
 
 class IncompatibleStoreError(AtlasviError, ValueError):
     """A store does not match a saved model (genes, keys or categories)."""
+
+
+class ModelFileError(AtlasviError, ValueError):
+    """A saved model's files are malformed, disagree with each other, or would run code when loaded."""
+
+
+class NoSavedModelError(AtlasviError, FileNotFoundError):
+    """A folder holds no saved model."""
+
+
+REGISTRY_FIELDS = tuple(f.name for f in fields(StoreSchema) if f.name != "n_cells")
 
 
 def save_model(directory: Path, method: str, config: dict, schema: StoreSchema, state: dict[str, torch.Tensor]) -> Path:
@@ -39,18 +51,74 @@ def save_model(directory: Path, method: str, config: dict, schema: StoreSchema, 
     return directory
 
 
+def read_meta(directory: Path) -> dict:
+    """model.json of a saved model, checked for the fields loading needs (each missing one is named)."""
+    path = directory / META_NAME
+    if not path.exists():
+        raise NoSavedModelError(f"{directory}: no saved model here (no {META_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFileError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: not a JSON object of model fields")
+    for field in ("format_version", "method", "config", "registry"):
+        if field not in meta:
+            raise ModelFileError(f"{path}: missing field {field!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: model format {meta['format_version']}, this atlasvi reads {FORMAT_VERSION}")
+    for section, required in (("config", ("model",)), ("registry", REGISTRY_FIELDS)):
+        if not isinstance(meta[section], dict):
+            raise ModelFileError(f"{path}: field {section!r} is not a JSON object")
+        missing = [f"{section}.{k}" for k in required if k not in meta[section]]
+        if missing:
+            raise ModelFileError(f"{path}: missing field {missing[0]!r}")
+    return meta
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """model.pt as tensors only: a file holding pickled code (or anything but weights) is refused, never run."""
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        raise ModelFileError(f"{path}: missing (a saved model is {META_NAME} and {WEIGHTS_NAME})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelFileError(
+            f"{path}: not a weights-only model file; loading it would run code from the file, refused"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ModelFileError(f"{path}: not a readable model file ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: not a model's weights (a name -> tensor mapping)")
+    return state
+
+
 def load_model(directory: Path, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model.json contents, weights) of a saved model of `method`; no code from the files runs."""
-    meta_path = directory / META_NAME
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{directory}: no saved model here (no {META_NAME})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: model format {meta.get('format_version')}, this atlasvi reads {FORMAT_VERSION}")
-    if meta.get("method") != method:
-        raise ValueError(f"{meta_path}: a saved {meta.get('method')} model, not {method}")
-    state = torch.load(directory / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    return meta, state
+    meta = read_meta(directory)
+    if meta["method"] != method:
+        raise ModelFileError(f"{directory / META_NAME}: a saved {meta['method']} model, not {method}")
+    return meta, load_weights(directory)
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, described: str) -> None:
+    """Load `state` into `module`, built from model.json's config (`described`, e.g. "n_latent=10, ..."); a
+    weight missing, unexpected or of another shape is named with the config it contradicts."""
+    expected = module.state_dict()
+    problems = [f"{k!r} is in {WEIGHTS_NAME} only" for k in state if k not in expected]
+    problems += [f"{k!r} is missing from {WEIGHTS_NAME}" for k in expected if k not in state]
+    problems += [
+        f"{k!r} is {tuple(state[k].shape)} in {WEIGHTS_NAME}, {tuple(v.shape)} by {META_NAME}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise ModelFileError(
+            f"{where}: {META_NAME} ({described}) does not describe the weights in {WEIGHTS_NAME}: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
+    module.load_state_dict(state)
 
 
 def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:

@@ -15,6 +15,7 @@ holds every rank's RNG state; each rank resumes its own.
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from atlasvi.data import Minibatch, StreamingLoader
 from atlasvi.errors import AtlasviError
@@ -58,6 +59,15 @@ class TrainConfig(BaseModel):
     amp: bool = True
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _kl_weights_ordered(self) -> "TrainConfig":
+        if self.min_kl_weight > self.max_kl_weight:
+            raise ValueError(
+                f"min_kl_weight ({self.min_kl_weight}) is above max_kl_weight ({self.max_kl_weight}); "
+                "the warm-up rises from min_kl_weight to max_kl_weight"
+            )
+        return self
+
     def epochs_for(self, n_train_cells: int) -> int:
         return self.max_epochs or min(round(20000 / n_train_cells * 400), 400)
 
@@ -71,6 +81,27 @@ def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:
     elif config.n_steps_kl_warmup and step < config.n_steps_kl_warmup:
         return config.min_kl_weight + slope * step / config.n_steps_kl_warmup
     return config.max_kl_weight
+
+
+class KLWarmupWarning(UserWarning):
+    """The KL warm-up outlasts the run: it ends below max_kl_weight."""
+
+
+def kl_warmup_shortfall(config: TrainConfig, n_epochs: int, steps_per_epoch: int) -> str | None:
+    """Why the run's KL warm-up outlasts it (naming the KL weight of its last step), or None."""
+    if config.n_epochs_kl_warmup:
+        warmup, length, unit = config.n_epochs_kl_warmup, n_epochs, "epochs"
+    elif config.n_steps_kl_warmup:
+        warmup, length, unit = config.n_steps_kl_warmup, n_epochs * steps_per_epoch, "steps"
+    else:
+        return None
+    if warmup <= length:
+        return None
+    last = kl_weight(config, n_epochs - 1, n_epochs * steps_per_epoch - 1)
+    return (
+        f"the KL warm-up ({warmup} {unit}) outlasts the run ({length} {unit}): it ends at KL weight {last:.3g}, "
+        f"not {config.max_kl_weight:g}; shorten the warm-up (train.n_{unit}_kl_warmup) or train longer"
+    )
 
 
 class Trainable(Protocol):
@@ -224,7 +255,27 @@ def fit(
     With checkpoint_dir, a checkpoint is written every `checkpoint_every_n_epochs` epochs and an existing
     one is resumed from; on_epoch_end(record) runs after the epoch's checkpoint, on every rank. Raises
     TrainingDiverged naming the epoch, the step and the last good checkpoint.
+
+    Every draw of the run (dropout, the latent samples) comes from config.seed (+ rank), or from the
+    checkpoint's RNG states, in a scope of its own: the caller's global RNG state is neither read nor changed.
+    Warns (KLWarmupWarning) when the KL warm-up outlasts the run.
     """
+    device = next(module.parameters()).device
+    shortfall = kl_warmup_shortfall(config, config.epochs_for(train.sampler.n_cells), len(train))
+    if shortfall is not None and _world()[0] == 0:
+        warnings.warn(shortfall, KLWarmupWarning, stacklevel=2)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _fit(module, train, validation, config, checkpoint_dir, on_epoch_end)
+
+
+def _fit(
+    module: Trainable,
+    train: StreamingLoader,
+    validation: StreamingLoader,
+    config: TrainConfig,
+    checkpoint_dir: Path | None,
+    on_epoch_end: Callable[[EpochRecord], None] | None,
+) -> list[EpochRecord]:
     device = next(module.parameters()).device
     rank, world_size = _world()
     optimizer = _optimizer(module, config)

@@ -1,6 +1,7 @@
 """`atlasvi train` / `atlasvi latent` as a user runs them: the model, the latent, the MLflow run."""
 
 import shutil
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -9,8 +10,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from atlasvi.bench import make_synthetic_h5ad
 from atlasvi.cli.main import app
+from atlasvi.data import BuildConfig, build_store
 from atlasvi.train.job import TrainJobConfig
+from tests.conftest import KANG
 
 runner = CliRunner()
 
@@ -22,6 +26,13 @@ def workdir(tmp_path, embedded_store, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.copytree(embedded_store, tmp_path / "store.zarr")
     return tmp_path
+
+
+def _run(workdir):
+    """The one MLflow run of the working folder's local tracking store."""
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    return client, run
 
 
 def _train(*flags: str):
@@ -91,3 +102,47 @@ def test_resuming_with_another_model_config_is_refused(workdir):
     result = _train("--max-epochs", "2", "--n-latent", "5")
     assert result.exit_code == 2 and "trained with another model config" in result.output
     assert _train("--max-epochs", "1", "--n-latent", "5", "--overwrite").exit_code == 0
+
+
+@pytest.fixture(scope="module")
+def store_20k(tmp_path_factory) -> str:
+    """A synthetic store of 20,000 cells x 40 genes (4 batches, 5 cell types): above the ~10,000 cells at
+    which the latent UMAP used to fail; few genes keep its training to a second."""
+    folder = tmp_path_factory.mktemp("store_20k")
+    make_synthetic_h5ad(folder / "cells.h5ad", 20000, 40, seed=0, reference=KANG, chunk_cells=20000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inputs = [str(folder / "cells.h5ad")]
+        config = BuildConfig(inputs=inputs, output=str(folder / "s.zarr"), batch_key="batch", labels_key="cell_type")
+        return str(build_store(config))
+
+
+def test_train_on_20000_cells_ends_with_latent_model_figures_and_a_finished_run(store_20k, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copytree(store_20k, tmp_path / "s.zarr")
+    result = runner.invoke(app, ["train", "--store", "s.zarr", "--output", "out", "--max-epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert ad.read_zarr(tmp_path / "s.zarr").obsm["X_scvi"].shape == (20000, 10)
+    assert (tmp_path / "out" / "model" / "model.pt").exists()
+    assert (tmp_path / "out" / "figures" / "latent_umap.png").read_bytes()[:4] == b"\x89PNG"
+    client, run = _run(tmp_path)
+    assert run.info.status == "FINISHED" and not any(k.startswith("figure_error") for k in run.data.tags)
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/loss_curves.png", "figures/latent_umap.png"}
+
+
+def test_a_failing_figure_is_a_warning_and_the_run_keeps_its_results(workdir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise AttributeError("'csr_array' object has no attribute 'getnnz'")
+
+    monkeypatch.setattr("atlasvi.cli.train.umap_png", broken)
+    result = _train("--max-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: figure latent_umap not drawn (AttributeError: 'csr_array'" in " ".join(result.output.split())
+    assert ad.read_zarr(workdir / "store.zarr").obsm["X_scvi"].shape == (1408, 10)
+    assert (workdir / "out" / "model" / "model.pt").exists()
+    client, run = _run(workdir)
+    assert run.info.status == "FINISHED" and "getnnz" in run.data.tags["figure_error.latent_umap"]
+    assert run.data.metrics["final_validation_elbo"] > 0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {"figures/loss_curves.png"}
