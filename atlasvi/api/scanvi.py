@@ -125,9 +125,10 @@ class SCANVI(SCVI):
         batch_size: int = 1024,
     ) -> np.ndarray | pd.DataFrame:
         """The most probable label of each row (soft=False), or a DataFrame of q(y | z1) per class (rows sum to 1)."""
-        probabilities = _stack(
-            class_probabilities(self.module, self._batches(store, rows, batch_size)), len(self.labels)
-        )
+        with self._own_rng():
+            probabilities = _stack(
+                class_probabilities(self.module, self._batches(store, rows, batch_size)), len(self.labels)
+            )
         if soft:
             return pd.DataFrame(probabilities, columns=list(self.labels))
         return np.asarray(self.labels, dtype=object)[probabilities.argmax(axis=1)]
@@ -142,7 +143,7 @@ class SCANVI(SCVI):
         """Predicted labels into obs[key] (categorical) and the probabilities into obsm[probabilities_key]
         (columns in `labels` order), streaming over the store; returns the obs column's path."""
         path = self._store_path(store)
-        with ObsCategoricalWriter(path, key, list(self.labels)) as labels_writer:
+        with self._own_rng(), ObsCategoricalWriter(path, key, list(self.labels)) as labels_writer:
             parts = class_probabilities(self.module, self._batches(store, None, batch_size))
             if probabilities_key is None:
                 for _, probabilities in parts:

@@ -5,6 +5,7 @@ back into the store chunk by chunk (`obsm["X_scvi"]`, `layers[...]`), atomically
 """
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -109,6 +110,14 @@ class SCVI:
     def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
         return check_compatible(self.schema, opened.schema, self.module.used_keys, str(opened.path))
 
+    @contextmanager
+    def _own_rng(self, seed: int = 0) -> Iterator[None]:
+        """A scope whose random draws come from `seed` alone and leave the global RNG states as they were
+        (the encoder draws a latent sample even where only its mean is used)."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
+
     def _store_path(self, store: AtlasStore | str | Path | None) -> Path:
         opened = self.store if store is None else store
         return Path(opened.path) if isinstance(opened, AtlasStore) else Path(opened)
@@ -124,7 +133,8 @@ class SCVI:
         """(n_rows, n_latent) posterior means of z (or one draw) for the store's rows in order."""
         generator = torch.Generator().manual_seed(seed)
         parts = latent_representation(self.module, self._batches(store, rows, batch_size), give_mean, generator)
-        return _stack(parts, self.config.n_latent)
+        with self._own_rng(seed):
+            return _stack(parts, self.config.n_latent)
 
     def write_latent_representation(
         self,
@@ -136,7 +146,8 @@ class SCVI:
         """Write the posterior means into obsm[key] of a local store, chunk by chunk; returns the array's path.
         attrs: extra attributes of the written array (e.g. the run that wrote it)."""
         parts = latent_representation(self.module, self._batches(store, None, batch_size))
-        return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent, attrs)
+        with self._own_rng():
+            return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent, attrs)
 
     def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
         if gene_list is None:
@@ -177,7 +188,8 @@ class SCVI:
             self.module, self._batches(store, rows, batch_size), self._batch_code(transform_batch), library_size,
             n_samples, genes, torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        return _stack(parts, self.schema.n_genes if genes is None else len(genes))
+        with self._own_rng(seed):
+            return _stack(parts, self.schema.n_genes if genes is None else len(genes))
 
     def write_normalized_expression(
         self,
@@ -194,7 +206,8 @@ class SCVI:
             self.module, self._batches(store, None, batch_size), self._batch_code(transform_batch), library_size,
             n_samples, None, torch.Generator().manual_seed(seed),
         )  # fmt: skip
-        return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
+        with self._own_rng(seed):
+            return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
 
     def differential_expression(
         self,
@@ -235,39 +248,41 @@ class SCVI:
             codes, categories = opened.read_obs_categorical(groupby)
         else:
             raise ValueError("give groupby (an obs column) or idx1")
-        return de.differential_expression(
-            self.module,
-            opened,
-            codes,
-            categories,
-            group1=[group1] if isinstance(group1, str) else group1,
-            group2=group2,
-            mode=mode,
-            delta=delta,
-            all_stats=all_stats,
-            batch_correction=batch_correction,
-            batchid1=None if batchid1 is None else [self._batch_code(b) for b in batchid1],
-            batchid2=None if batchid2 is None else [self._batch_code(b) for b in batchid2],
-            fdr_target=fdr_target,
-            n_samples_overall=n_samples_overall,
-            use_permutation=use_permutation,
-            m_permutation=m_permutation,
-            pseudocounts=pseudocounts,
-            threshold_counts=threshold_counts,
-            test_mode=test_mode,
-            label_comparisons=idx1 is None,
-            code_maps=code_maps,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
+        with self._own_rng(seed):
+            return de.differential_expression(
+                self.module,
+                opened,
+                codes,
+                categories,
+                group1=[group1] if isinstance(group1, str) else group1,
+                group2=group2,
+                mode=mode,
+                delta=delta,
+                all_stats=all_stats,
+                batch_correction=batch_correction,
+                batchid1=None if batchid1 is None else [self._batch_code(b) for b in batchid1],
+                batchid2=None if batchid2 is None else [self._batch_code(b) for b in batchid2],
+                fdr_target=fdr_target,
+                n_samples_overall=n_samples_overall,
+                use_permutation=use_permutation,
+                m_permutation=m_permutation,
+                pseudocounts=pseudocounts,
+                threshold_counts=threshold_counts,
+                test_mode=test_mode,
+                label_comparisons=idx1 is None,
+                code_maps=code_maps,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            )
 
     def _elbo_terms(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
     ) -> tuple[float, float, float]:
         if store is None and rows is None:
             rows = self.validation_rows
-        return elbo(self.module, self._batches(store, rows, batch_size))
+        with self._own_rng():  # the ELBO's latent draws: the same value at every call
+            return elbo(self.module, self._batches(store, rows, batch_size))
 
     def get_elbo(
         self, store: AtlasStore | str | Path | None = None, rows: tuple[int, int] | None = None, batch_size: int = 1024

@@ -1,11 +1,19 @@
 """`atlasvi train` / `atlasvi latent` as a user runs them: the model, the latent, the MLflow run."""
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -13,7 +21,9 @@ from typer.testing import CliRunner
 from atlasvi.bench import make_synthetic_h5ad
 from atlasvi.cli.main import app
 from atlasvi.data import BuildConfig, build_store
+from atlasvi.models.saving import load_weights
 from atlasvi.train.job import TrainJobConfig
+from atlasvi.train.loop import read_checkpoint
 from tests.conftest import KANG
 
 runner = CliRunner()
@@ -88,6 +98,14 @@ def test_config_errors_name_the_field(workdir):
     assert "n_latent" in result.output  # the allowed fields of the model section are listed
     result = _train("--gene-likelihood", "gauss")
     assert result.exit_code == 2 and "model.gene_likelihood" in result.output
+    (workdir / "broken.yaml").write_text("model:\n  n_latent: 5\n train: [1\n")
+    result = runner.invoke(app, ["train", "--config", "broken.yaml"])
+    assert result.exit_code == 2 and "broken.yaml, line 3, column 2: malformed YAML" in result.output
+    (workdir / "kl.yaml").write_text("train:\n  min_kl_weight: 0.5\n  max_kl_weight: 0.2\n")
+    result = runner.invoke(app, ["train", "--config", "kl.yaml"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "min_kl_weight (0.5) is above max_kl_weight (0.2)" in said
+    assert not (workdir / "mlruns").exists()  # refused before any run
 
 
 def test_a_store_without_the_batch_key_or_a_missing_store_is_a_clear_error(workdir):
@@ -139,6 +157,8 @@ def test_a_failing_figure_is_a_warning_and_the_run_keeps_its_results(workdir, mo
     monkeypatch.setattr("atlasvi.cli.train.umap_png", broken)
     result = _train("--max-epochs", "1")
     assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert said.count("warning: the KL warm-up (2 epochs) outlasts the run (1 epochs): it ends at KL weight 0,") == 1
     assert "warning: figure latent_umap not drawn (AttributeError: 'csr_array'" in " ".join(result.output.split())
     assert ad.read_zarr(workdir / "store.zarr").obsm["X_scvi"].shape == (1408, 10)
     assert (workdir / "out" / "model" / "model.pt").exists()
@@ -146,3 +166,131 @@ def test_a_failing_figure_is_a_warning_and_the_run_keeps_its_results(workdir, mo
     assert run.info.status == "FINISHED" and "getnnz" in run.data.tags["figure_error.latent_umap"]
     assert run.data.metrics["final_validation_elbo"] > 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {"figures/loss_curves.png"}
+
+
+QUICK = ["--store", "store.zarr", "--config", "quick.yaml", "--n-epochs-kl-warmup", "2"]
+
+
+@pytest.fixture
+def quick(workdir):
+    """The working folder with a config that skips the UMAP (these tests are about the model, not the figure)."""
+    (workdir / "quick.yaml").write_text("umap_cells: 0\n")
+    return workdir
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_weights(folder / "model")
+
+
+def test_the_same_seed_gives_the_same_run_whatever_the_global_rng(quick):
+    runs = {}
+    for out, noise in (("a", 1), ("b", 7), ("other", 1)):
+        torch.manual_seed(noise)  # global state another library could have left: the run must not read it
+        torch.rand(noise)
+        before = torch.get_rng_state()
+        seed = "4" if out == "other" else "3"
+        args = ["train", *QUICK, "--output", out, "--latent-key", f"X_{out}", "--max-epochs", "2", "--seed", seed]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert torch.equal(torch.get_rng_state(), before)  # nor change it
+        runs[out] = read_checkpoint(quick / out / "checkpoints" / "last.pt")[1]
+    a, b, other = runs["a"], runs["b"], runs["other"]
+    assert [r.step_losses for r in a] == [r.step_losses for r in b] and len(a[0].step_losses) == 10
+    assert a[-1].validation_elbo == b[-1].validation_elbo
+    assert all(torch.equal(v, _weights(quick / "b")[k]) for k, v in _weights(quick / "a").items())
+    obsm = ad.read_zarr(quick / "store.zarr").obsm
+    np.testing.assert_array_equal(obsm["X_a"], obsm["X_b"])
+    assert a[0].step_losses[0] != other[0].step_losses[0]  # another seed, another run
+
+
+def test_a_run_killed_mid_epoch_and_rerun_ends_bit_identical_to_an_uninterrupted_one(quick):
+    args = [*QUICK, "--max-epochs", "8", "--seed", "5"]
+    assert runner.invoke(app, ["train", *args, "--output", "full", "--latent-key", "X_full"]).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [str(Path(sys.executable).with_name("atlasvi")), "train", *args, "--output", "killed"]
+    process = subprocess.Popen(
+        [*command, "--latent-key", "X_killed"], cwd=quick, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    checkpoint = quick / "killed" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # after the first checkpoint: in the epoch that follows it
+    assert process.wait() == -signal.SIGKILL, process.stderr.read().decode()
+    assert len(read_checkpoint(checkpoint)[1]) < 8 and not (quick / "killed" / "model").exists()
+    result = runner.invoke(app, ["train", *args, "--output", "killed", "--latent-key", "X_killed"])
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output
+    full, resumed = (read_checkpoint(quick / out / "checkpoints" / "last.pt")[1] for out in ("full", "killed"))
+    assert [r.step_losses for r in resumed] == [r.step_losses for r in full]
+    assert resumed[-1].validation_elbo == full[-1].validation_elbo
+    assert all(torch.equal(v, _weights(quick / "killed")[k]) for k, v in _weights(quick / "full").items())
+
+
+def test_latent_finds_the_training_store_from_any_folder_and_refuses_another_one_there(
+    quick, embedded_store, kang_store, monkeypatch
+):
+    assert runner.invoke(app, ["train", *QUICK, "--output", "out", "--max-epochs", "1"]).exit_code == 0
+    elsewhere = quick / "elsewhere"
+    shutil.copytree(embedded_store, elsewhere / "store.zarr")  # the same relative name, the same genes
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, ["latent", "--model", "../out/model", "--key", "X_again"])
+    assert result.exit_code == 0, result.output
+    assert "X_again" in ad.read_zarr(quick / "store.zarr").obsm
+    assert "X_again" not in ad.read_zarr(elsewhere / "store.zarr").obsm
+    shutil.rmtree(quick / "store.zarr")
+    shutil.copytree(kang_store, quick / "store.zarr")  # another store where the training store was
+    result = runner.invoke(app, ["latent", "--model", "../out/model", "--key", "X_again"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "not the store ../out/model was trained on" in said, result.output
+    assert "records 1408 cells" in said and "this store has 1556 cells" in said
+    meta_path = quick / "out" / "model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["store"] = "store.zarr"  # as models saved before recorded it
+    meta_path.write_text(json.dumps(meta))
+    result = runner.invoke(app, ["latent", "--model", "../out/model"])
+    assert result.exit_code == 1 and "relative to the folder training ran in" in " ".join(result.output.split())
+
+
+class _RunsCode:
+    """Unpickling this would call open(path, "w"): a model.pt must never get that far."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_broken_model_files_are_one_line_naming_file_and_field(quick):
+    assert runner.invoke(app, ["train", *QUICK, "--output", "out", "--max-epochs", "1"]).exit_code == 0
+    saved = quick / "out" / "model"
+    good = json.loads((saved / "model.json").read_text())
+
+    def latent_with(meta: dict | str) -> str:
+        (saved / "model.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+        result = runner.invoke(app, ["latent", "--model", "out/model", "--key", "X_bad"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        return " ".join(result.output.split())
+
+    assert "model.json: not valid JSON (line 1, column 2" in latent_with("{")
+    no_genes = json.loads(json.dumps(good))
+    del no_genes["registry"]["gene_ids"]
+    assert "model.json: missing field 'registry.gene_ids'" in latent_with(no_genes)
+    for field, value, problem in (
+        ("n_latent", 5, "n_latent=5"),
+        ("gene_likelihood", "nb", "gene_likelihood='nb'"),
+        ("n_latent", -1, "field 'config.model.n_latent'"),
+    ):
+        changed = json.loads(json.dumps(good))
+        changed["config"]["model"][field] = value
+        said = latent_with(changed)
+        assert problem in said and "model.json" in said, said
+        if value != -1:
+            assert "does not describe the weights in model.pt" in said
+    (saved / "model.json").write_text(json.dumps(good))
+    marker = quick / "code_ran"
+    torch.save({"w": torch.zeros(2), "payload": _RunsCode(str(marker))}, saved / "model.pt")
+    said = latent_with(good)
+    assert "model.pt: not a weights-only model file; loading it would run code from the file, refused" in said
+    assert "weights_only" not in said and not marker.exists()

@@ -6,6 +6,7 @@ import torch
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store, split_rows
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import TrainConfig, TrainingDiverged, fit, kl_weight
+from atlasvi.train.loop import kl_warmup_shortfall
 
 
 @pytest.fixture
@@ -29,6 +30,19 @@ def test_kl_warmup_is_scvi_tools_schedule():
     by_steps = TrainConfig(n_epochs_kl_warmup=None, n_steps_kl_warmup=1000, min_kl_weight=0.1)
     assert kl_weight(by_steps, 50, 500) == pytest.approx(0.55) and kl_weight(by_steps, 0, 1000) == 1.0
     assert TrainConfig().epochs_for(1267) == 400 and TrainConfig().epochs_for(100_000) == 80
+
+
+def test_kl_weights_out_of_order_are_refused_and_a_warmup_longer_than_the_run_is_named():
+    with pytest.raises(ValueError, match=r"min_kl_weight \(0.5\) is above max_kl_weight \(0.2\)"):
+        TrainConfig(min_kl_weight=0.5, max_kl_weight=0.2)
+    said = kl_warmup_shortfall(TrainConfig(n_epochs_kl_warmup=400), 10, 50)
+    assert said.startswith("the KL warm-up (400 epochs) outlasts the run (10 epochs): it ends at KL weight 0.0225,")
+    assert kl_warmup_shortfall(TrainConfig(n_epochs_kl_warmup=400), 400, 50) is None
+    by_steps = TrainConfig(n_epochs_kl_warmup=None, n_steps_kl_warmup=1000)
+    assert "(1000 steps) outlasts the run (500 steps): it ends at KL weight 0.499" in kl_warmup_shortfall(
+        by_steps, 10, 50
+    )
+    assert kl_warmup_shortfall(by_steps, 20, 50) is None
 
 
 def test_validation_elbo_improves_and_every_held_out_cell_counts_once(store):
