@@ -171,7 +171,7 @@ def _refuse_changes(
     """Refuse resuming `runner`'s checkpoint with anything that changes what the run computes."""
     free = FREE_FIELDS | {f"train.{k}" for k in FREE_TRAIN_FIELDS}
     changed = _differences(previous.get("job", {}), now["job"], free)
-    for key in ("store", "device"):
+    for key in ("store", "device") if not (runner["ray"] or wanted["ray"]) else ("store",):  # Ray: the runner's GPUs
         if previous.get(key, now[key]) != now[key]:
             changed.append(f"{key} {previous[key]} -> {now[key]}")
     how = {False: "this process", True: "Ray Train workers"}

@@ -100,7 +100,7 @@ def test_resuming_with_settings_that_change_the_result_is_refused_with_the_flag(
     # the README's Ray command after the demo: Ray workers cannot continue this process's checkpoint
     result = _train("--max-epochs", "2", "--num-workers", "2")
     assert result.exit_code == 2, result.output
-    assert "runner 1 worker(s) in this process -> 2 in Ray Train workers" in result.output
+    assert "another runner config (runner 1 worker(s) in this process -> 2 in Ray Train workers" in result.output
     assert "--overwrite" in result.output
     result = _train("--max-epochs", "2", "--lr", "0.01")
     assert result.exit_code == 2 and "train.lr 0.001 -> 0.01" in result.output
