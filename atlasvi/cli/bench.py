@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from atlasvi.bench import BenchConfig, run_bench
-from atlasvi.cli.common import console, load_yaml, make_config, tracking_uri
+from atlasvi.cli.common import console, load_yaml, make_config, progress_bars, tracking_uri
+from atlasvi.errors import AtlasviError
 
 
 def _counts(text: str | None, option: str) -> list[int] | None:
@@ -82,8 +83,7 @@ def bench_command(
             raise typer.Exit(2)
     uri = tracking_uri()
     command = shlex.join(["atlasvi", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "atlasvi bench"
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bars:
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         task = bars.add_task("benchmark", total=None)
 
         def progress(what: str, done: int, total: int) -> None:
@@ -92,8 +92,7 @@ def bench_command(
         try:
             report = run_bench(job, uri, os.environ, command, progress)
         except (FileNotFoundError, RuntimeError, ValueError) as err:
-            console.print(f"[red]bench failed:[/red] {err}")
-            raise typer.Exit(1) from None
+            raise AtlasviError(f"bench failed: {err}") from err
     out = Path(job.output)
     console.print((out / "perf_table.md").read_text())
     for line in report["skipped"]:

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
@@ -42,7 +41,7 @@ EMBEDDED_BUILD = {
 def load_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping; a clear error for a missing file or a non-mapping."""
     if not path.exists():
-        raise typer.BadParameter(f"{path}: config file does not exist")
+        raise ConfigError(f"{path}: config file does not exist")
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -51,7 +50,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML ({problem})") from None
     if not isinstance(content, dict):
-        raise typer.BadParameter(f"{path}: a config is a YAML mapping of field: value")
+        raise ConfigError(f"{path}: a config is a YAML mapping of field: value, not {type(content).__name__}")
     return content
 
 
@@ -88,8 +87,7 @@ def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
             else:
                 problems.append(f"{field}: {e['msg']}")
         where = " + ".join(name for name, _ in sources)
-        console.print(f"[red]invalid {model.__name__} ({where}):[/red] " + "; ".join(problems))
-        raise typer.Exit(2) from None
+        raise ConfigError(f"invalid {model.__name__} ({where}): " + "; ".join(problems)) from None
 
 
 class _LogLines(Progress):

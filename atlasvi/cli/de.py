@@ -7,13 +7,13 @@ from typing import Annotated
 import pandas as pd
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.api import saved_model_class
-from atlasvi.cli.common import console
-from atlasvi.data import StoreError, open_store
-from atlasvi.models.saving import IncompatibleStoreError
+from atlasvi.cli.common import progress_bars
+from atlasvi.data import open_store
+from atlasvi.errors import AtlasviError
 
 
 def de_command(
@@ -35,19 +35,18 @@ def de_command(
     """Bayesian DE (scvi-tools' change / vanilla modes) of groups of a store's cells; prints the top genes."""
     if mode not in ("change", "vanilla"):
         raise typer.BadParameter(f"--mode is change or vanilla, not {mode!r}")
-    try:
-        model_class = saved_model_class(model)
-        scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
-        with Progress(TextColumn("DE"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("comparisons", total=None)
+    model_class = saved_model_class(model)
+    scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
+        task = bars.add_task("DE comparisons", total=None)
+        try:
             result = scvi.differential_expression(
                 groupby, group1=group1, group2=group2, mode=mode, delta=delta, fdr_target=fdr_target,
                 batch_correction=batch_correction, n_samples_overall=n_samples_overall, seed=seed,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=lambda done, total: bars.update(task, completed=done, total=total),
             )  # fmt: skip
-    except (IncompatibleStoreError, FileNotFoundError, StoreError, KeyError, ValueError) as err:
-        console.print(f"[red]{err.args[0] if isinstance(err, KeyError) else err}[/red]")
-        raise typer.Exit(1) from None
+        except (KeyError, ValueError) as err:  # a group or column the store lacks, named by the analysis
+            raise AtlasviError(str(err.args[0] if isinstance(err, KeyError) else err)) from err
     _print_top(result, mode, fdr_target, top)
     if output is not None:
         _write_csv(result, output)

@@ -10,7 +10,7 @@ import torch
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
@@ -21,6 +21,7 @@ from atlasvi.cli.common import (
     console,
     load_yaml,
     make_config,
+    progress_bars,
     tracking_uri,
     write_atomic,
 )
@@ -157,8 +158,7 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
         history = _train_on_ray(job, model, opened, tracker, plan.checkpoints, address)
         _finish(job, model, opened, history, tracker, out)
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, TimeRemainingColumn(), console=console) as bars:
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         task = bars.add_task("training scVI", total=n_epochs)
 
         def on_epoch_end(record: EpochRecord) -> None:

@@ -22,3 +22,26 @@ def test_progress_in_a_captured_log_is_plain_lines(capsys, monkeypatch):
         "training scVI  held-out -ELBO 998.0  3/4  0 s",
         "training scVI  held-out -ELBO 997.0  4/4  0 s",
     ]
+
+
+def test_an_invalid_config_is_one_config_error_naming_the_field_and_its_source(tmp_path):
+    from atlasvi.data.config import BuildConfig
+    from atlasvi.errors import ConfigError
+
+    sources = [("build.yaml", {"inputs": ["a.h5ad"], "output": "x.zarr", "n_top_genes": -1, "colour": 1})]
+    try:
+        common.make_config(BuildConfig, sources)
+    except ConfigError as err:
+        message = str(err)
+    assert message.startswith("invalid BuildConfig (build.yaml): ") and "\n" not in message
+    assert "unknown field 'colour'" in message and "n_top_genes" in message
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    for path, expected in [(listed, "a config is a YAML mapping of field: value, not list"),
+                           (tmp_path / "none.yaml", "config file does not exist")]:  # fmt: skip
+        try:
+            common.load_yaml(path)
+        except ConfigError as err:
+            assert str(err) == f"{path}: {expected}"
+        else:
+            raise AssertionError(f"{path} loaded")

@@ -31,3 +31,5 @@ def test_de_prints_top_genes_and_writes_the_csv(kang_store, tmp_path):
     assert missing.exit_code == 1 and "'Neurons' is not a category" in missing.output
     no_column = runner.invoke(app, ["de", "--model", str(tmp_path / "model"), "--groupby", "tissue"])
     assert no_column.exit_code == 1 and "no categorical column 'tissue'" in no_column.output
+    for failed in (missing, no_column):  # one line each, no traceback
+        assert failed.output.startswith("error: ") and failed.output.count("\n") == 1, failed.output
