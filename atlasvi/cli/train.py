@@ -28,7 +28,7 @@ from atlasvi.cli.common import (
 from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
-from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned
+from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned, local_tracking_uri
 from atlasvi.train import EpochRecord
 from atlasvi.train.job import TrainJobConfig
 from atlasvi.train.lock import OutputLock, describe
@@ -247,8 +247,10 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     table.add_row("figures", ", ".join(str(f) for f in figures) or "none")
     table.add_row("MLflow run", f"{tracker.run_id} in experiment {job.experiment!r} at {tracker.tracking_uri}")
     Console().print(table)
-    if tracker.tracking_uri.startswith("sqlite:///"):
-        Console().print(f"open the MLflow UI: mlflow ui --backend-store-uri sqlite:///{LOCAL_FOLDER}/mlflow.db")
+    if tracker.tracking_uri.startswith("sqlite:///"):  # a server has its own UI
+        local = tracker.tracking_uri == local_tracking_uri(Path.cwd())
+        uri = f"sqlite:///{LOCAL_FOLDER}/mlflow.db" if local else tracker.tracking_uri
+        Console().print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri}")
 
 
 def _figures(

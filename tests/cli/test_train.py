@@ -68,6 +68,15 @@ def test_train_leaves_model_latent_figures_and_one_mlflow_run(workdir):
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert figures == {"figures/loss_curves.png", "figures/latent_umap.png"}
     assert (workdir / "out" / "figures" / "latent_umap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in result.output
+
+
+def test_the_mlflow_ui_hint_names_the_store_the_run_went_to(workdir, monkeypatch):
+    elsewhere = f"sqlite:///{workdir / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    result = _train("--max-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert f"mlflow ui --backend-store-uri {elsewhere}" in result.output.replace("\n", "")
 
 
 def test_rerun_resumes_the_checkpoint_and_the_same_mlflow_run(workdir):
