@@ -88,7 +88,7 @@ class SCANVI(SCVI):
         """scANVI on the scVI model's store and registry, with its architecture and trained weights (the
         classifier and the z2 levels start fresh, drawn from `seed`), as scvi-tools' SCANVI.from_scvi_model."""
         config = SCANVIConfig(
-            **scvi_model.config.model_dump(), unlabeled_category=unlabeled_category,
+            **scvi_model.config.model_dump(exclude={"name"}), unlabeled_category=unlabeled_category,
             classification_ratio=classification_ratio, linear_classifier=linear_classifier,
         )  # fmt: skip
         model = cls(scvi_model.store, config, device or scvi_model.device.type, registry=scvi_model.schema, seed=seed)

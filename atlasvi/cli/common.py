@@ -3,10 +3,10 @@
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -77,17 +77,40 @@ def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            field = ".".join(str(p) for p in e["loc"])
+            owner, names = _owner(model, e["loc"][:-1])
+            field = ".".join([*names, str(e["loc"][-1])] if e["loc"] else names)
             if e["type"] == "extra_forbidden":
-                owner = model
-                for part in e["loc"][:-1]:
-                    owner = owner.model_fields[part].annotation
                 allowed = ", ".join(owner.model_fields)
                 problems.append(f"unknown field {field!r} (fields: {allowed})")
+            elif e["type"] == "unknown_model" and isinstance(e["input"], dict):
+                problems.append(f"{field}.name {e['input'].get('name')!r}: {e['msg']}")
             else:
                 problems.append(f"{field}: {e['msg']}")
         where = " + ".join(name for name, _ in sources)
         raise ConfigError(f"invalid {model.__name__} ({where}): " + "; ".join(problems)) from None
+
+
+def _owner(model: type, loc: tuple) -> tuple[type, list[str]]:
+    """The config class that `loc` (a pydantic error location) ends in, and the field names along it without
+    the tags of a union (`model.scanvi.x` is field `model.x` of the scanvi config)."""
+    owner: Any = model
+    names: list[str] = []
+    for part in loc:
+        fields = getattr(owner, "model_fields", None)
+        if fields is not None and part in fields:
+            names.append(str(part))
+            owner = fields[part].annotation
+            continue
+        tagged = [m for m in _members(owner) if getattr(m.model_fields.get("name"), "default", None) == part]
+        owner = tagged[0] if tagged else owner
+    return owner, names
+
+
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes of a union of configs (through Annotated and its tags)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _members(arg)]
 
 
 class _LogLines(Progress):

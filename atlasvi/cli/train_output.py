@@ -160,6 +160,14 @@ def plan_output(
     return Plan(now, resume_id, resuming, out, None if resuming else replaced)
 
 
+def _with_defaults(job: dict[str, Any]) -> dict[str, Any]:
+    """A recorded job with the fields added since it was recorded (e.g. model.name) at their defaults."""
+    try:
+        return TrainJobConfig.model_validate(job).model_dump(mode="json")
+    except ValueError:
+        return job
+
+
 def _refuse_changes(
     out: Path,
     previous: dict[str, Any],
@@ -170,7 +178,7 @@ def _refuse_changes(
 ) -> None:
     """Refuse resuming `runner`'s checkpoint with anything that changes what the run computes."""
     free = FREE_FIELDS | {f"train.{k}" for k in FREE_TRAIN_FIELDS}
-    changed = _differences(previous.get("job", {}), now["job"], free)
+    changed = _differences(_with_defaults(previous.get("job", {})), now["job"], free)
     for key in ("store", "device") if not (runner["ray"] or wanted["ray"]) else ("store",):  # Ray: the runner's GPUs
         if previous.get(key, now[key]) != now[key]:
             changed.append(f"{key} {previous[key]} -> {now[key]}")

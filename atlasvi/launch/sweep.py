@@ -132,13 +132,12 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fields_exist(self) -> "SweepConfig":
-        for path in self.search_space:
-            owner: Any = TrainJobConfig
+        for path in self.search_space:  # walks the job itself: `model` is the config of the job's model
+            owner: Any = self.job
             for part in path.split("."):
-                fields = getattr(owner, "model_fields", {})
-                if part not in fields:
+                if part not in getattr(type(owner), "model_fields", {}):
                     raise ValueError(f"search_space: {path!r} is not a TrainJobConfig field ({part!r} unknown)")
-                owner = fields[part].annotation
+                owner = getattr(owner, part)
         return self
 
     def schedule_warnings(self) -> list[str]:

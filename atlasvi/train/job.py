@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
 from atlasvi.data.store import AtlasStore
-from atlasvi.models.scvi import SCVIConfig
+from atlasvi.models.registry import ModelConfig, default_model_config
 from atlasvi.train.loop import TrainConfig
 
 
@@ -30,7 +30,7 @@ class TrainJobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     store: str | None = None
-    model: SCVIConfig = SCVIConfig()
+    model: ModelConfig = Field(default_factory=default_model_config)
     train: TrainConfig = TrainConfig()
     loader: LoaderConfig = LoaderConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -14,6 +14,7 @@ cells (scvi-tools draws a separate minibatch of labelled cells; a streamed store
 """
 
 from dataclasses import replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class SCANVIConfig(SCVIConfig):
     weight of the labelled cells' cross-entropy; linear_classifier: one linear layer instead of an MLP.
     """
 
+    name: Literal["scanvi"] = "scanvi"  # type: ignore[assignment]
     unlabeled_category: str = "Unknown"
     classification_ratio: float = Field(default=50.0, ge=0)
     linear_classifier: bool = False

@@ -28,6 +28,7 @@ class SCVIConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    name: Literal["scvi"] = "scvi"
     n_latent: int = Field(default=10, gt=0)
     n_hidden: int = Field(default=128, gt=0)
     n_layers: int = Field(default=1, gt=0)

@@ -1,0 +1,79 @@
+"""The model registry: one entry per method, the only place the layers above learn which models exist.
+
+Adding a model is its own folder under `atlasvi/models/` plus one `ModelEntry` line in `ENTRIES`. The job's
+`model` section is `ModelConfig`, a union of the entries' configs keyed on their `name` field
+(`model: {name: scanvi, n_latent: 20}` in YAML; no name means scvi, so older configs and run records still read).
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, Discriminator, Tag
+from torch import nn
+
+from atlasvi.errors import ConfigError
+from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
+from atlasvi.models.scvi import SCVIConfig, SCVIModule
+
+DEFAULT_MODEL = "scvi"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered method.
+
+    name: the config's `name` and `atlasvi train --model NAME`; saved_name: `method` in model.json (scvi-tools'
+    class name); user_class: "module:Class" of the user-facing class (the api layer imports it); latent_key:
+    the obsm key its latent is written to by default; init_from: names of the entries whose saved weights it
+    can start from (`--init-from`).
+    """
+
+    name: str
+    saved_name: str
+    config_class: type[BaseModel]
+    module_class: type[nn.Module]
+    user_class: str
+    latent_key: str
+    init_from: tuple[str, ...] = ()
+
+
+ENTRIES: tuple[ModelEntry, ...] = (
+    ModelEntry("scvi", "SCVI", SCVIConfig, SCVIModule, "atlasvi.api.scvi:SCVI", "X_scvi"),
+    ModelEntry("scanvi", "SCANVI", SCANVIConfig, SCANVIModule, "atlasvi.api.scanvi:SCANVI", "X_scanvi", ("scvi",)),
+)
+REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The entry registered as `name` (a config `name` or a model.json `method`); ConfigError naming the known ones."""
+    for entry in ENTRIES:
+        if name in (entry.name, entry.saved_name):
+            return entry
+    raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
+
+
+def entry_of(config: BaseModel) -> ModelEntry:
+    """The entry of a model config (by its `name`)."""
+    return get_entry(config.name)  # type: ignore[attr-defined]
+
+
+def default_model_config() -> BaseModel:
+    """The config of the default model (scVI with scvi-tools' defaults)."""
+    return REGISTRY[DEFAULT_MODEL].config_class()
+
+
+def _model_name(value: Any) -> str:
+    """The union's tag: `name` of a mapping or a config, scvi when absent."""
+    if isinstance(value, dict):
+        return value.get("name", DEFAULT_MODEL)
+    return getattr(value, "name", DEFAULT_MODEL)
+
+
+ModelConfig = Annotated[
+    Union[tuple(Annotated[entry.config_class, Tag(entry.name)] for entry in ENTRIES)],  # noqa: UP007
+    Discriminator(
+        _model_name,
+        custom_error_type="unknown_model",
+        custom_error_message=f"unknown model name; registered models: {', '.join(REGISTRY)}",
+    ),
+]
