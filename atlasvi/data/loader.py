@@ -16,7 +16,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 
 from atlasvi.data.config import LoaderConfig
 from atlasvi.data.sampler import BlockSampler
-from atlasvi.data.store import AtlasStore, open_store
+from atlasvi.data.store import AtlasStore, RowBlock, open_store
 
 
 @dataclass
@@ -75,16 +75,44 @@ class Minibatch:
         return csr.to_dense()
 
 
-@dataclass
-class _Window:
-    """A shuffled window of rows ready to be cut into minibatches."""
+def minibatch_from_rows(
+    block: RowBlock,
+    take: slice | np.ndarray,
+    n_genes: int,
+    code_maps: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+) -> Minibatch:
+    """The rows `take` of `block` as one minibatch; the one place store codes become a model's codes.
 
-    indptr: np.ndarray
-    indices: np.ndarray
-    values: np.ndarray
-    categorical: dict[str, np.ndarray]
-    continuous: dict[str, np.ndarray]
-    rows: np.ndarray
+    take: a slice (step 1) of consecutive rows, cut without copying the counts, or an array of positions
+    (repeats allowed: one cell per draw), gathered. code_maps: key -> (n_store_categories,) model codes
+    (see `StreamingLoader`); keys without one keep the store's codes. The minibatch's rows are
+    `block.rows[take]` (or `block.start + take` where the block has no rows).
+    """
+    rows = block.rows if block.rows is not None else np.arange(block.start, block.stop)
+    if isinstance(take, slice):
+        a, z, _ = take.indices(len(block.indptr) - 1)
+        lo, hi = int(block.indptr[a]), int(block.indptr[z])
+        crow = (block.indptr[a : z + 1] - lo).astype(np.int32, copy=False)
+        indices, values = block.indices[lo:hi], block.data[lo:hi]
+    else:
+        lengths = np.diff(block.indptr)[take]
+        starts = block.indptr[:-1][take]
+        crow = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        elements = np.repeat(starts - crow[:-1], lengths) + np.arange(crow[-1])
+        indices, values = block.indices[elements], block.data[elements]
+    code_maps = code_maps or {}
+    categorical = {
+        k: np.asarray(code_maps[k])[v[take]] if k in code_maps else v[take] for k, v in block.categorical.items()
+    }
+    return Minibatch(
+        torch.from_numpy(crow),
+        torch.from_numpy(indices.astype(np.int32, copy=False)),
+        torch.from_numpy(values.astype(np.float32, copy=False)),
+        n_genes,
+        {k: torch.from_numpy(v.astype(np.int64, copy=False)) for k, v in categorical.items()},
+        {k: torch.from_numpy(v[take].astype(np.float32, copy=False)) for k, v in block.continuous.items()},
+        torch.from_numpy(rows[take].astype(np.int64, copy=False)),
+    )
 
 
 class _ReadAheadPool:
@@ -253,14 +281,13 @@ class StreamingLoader:
             order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(order)
         window = window[order]
         rows = np.concatenate([np.arange(a, z) for a, z in ranges])[order]
-        window = _Window(
+        window = RowBlock(
+            0,
+            len(rows),
             window.indptr.astype(np.int32),
             window.indices.astype(np.int32, copy=False),
             window.data.astype(np.float32),
-            {
-                k: self._codes(k, np.concatenate([b.categorical[k] for b in blocks])[order])
-                for k in blocks[0].categorical
-            },
+            {k: np.concatenate([b.categorical[k] for b in blocks])[order] for k in blocks[0].categorical},
             {
                 k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32)
                 for k in blocks[0].continuous
@@ -269,28 +296,16 @@ class StreamingLoader:
         )
         return self._batches(window)
 
-    def _codes(self, key: str, codes: np.ndarray) -> np.ndarray:
-        return self.code_maps[key][codes] if key in self.code_maps else codes.astype(np.int64)
-
-    def _batches(self, window: _Window) -> list[Minibatch]:
+    def _batches(self, window: RowBlock) -> list[Minibatch]:
         size = self.config.batch_size
-        batches = []
         n_rows = len(window.indptr) - 1
-        for i in range(-(-n_rows // size)):  # only the rank's last window can end on a short batch
-            a, z = i * size, min((i + 1) * size, n_rows)
-            lo, hi = int(window.indptr[a]), int(window.indptr[z])
-            batches.append(
-                Minibatch(
-                    torch.from_numpy(window.indptr[a : z + 1] - lo),
-                    torch.from_numpy(window.indices[lo:hi]),
-                    torch.from_numpy(window.values[lo:hi]),
-                    self.store.schema.n_genes,
-                    {k: torch.from_numpy(v[a:z]) for k, v in window.categorical.items()},
-                    {k: torch.from_numpy(v[a:z]) for k, v in window.continuous.items()},
-                    torch.from_numpy(window.rows[a:z]),
-                )
+        # only the rank's last window can end on a short batch
+        return [
+            minibatch_from_rows(
+                window, slice(i * size, min((i + 1) * size, n_rows)), self.store.schema.n_genes, self.code_maps
             )
-        return batches
+            for i in range(-(-n_rows // size))
+        ]
 
     def _schedule(self, epoch: int, first_window: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
         """(epoch, window index, row ranges) from a position on, running on into the following epochs."""

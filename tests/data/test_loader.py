@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from atlasvi.data import LoaderConfig, StreamingLoader
+from atlasvi.data import LoaderConfig, StreamingLoader, open_store
+from atlasvi.data.loader import minibatch_from_rows
 
 SMALL = {"batch_size": 64, "block_size": 100, "buffer_blocks": 3}
 
@@ -216,3 +217,32 @@ def test_unshuffled_reads_every_row_in_store_order(kang_store):
     assert torch.equal(rows, torch.arange(100, 1500))  # 1400 = 21 x 64 + 56: the short batch is kept
     first, second = (torch.cat([b.rows for b in StreamingLoader(kang_store, config, 1, 2)]) for _ in range(2))
     assert torch.equal(first, second) and torch.equal(first, torch.arange(778, 1556))
+
+
+def test_minibatch_from_rows_gathers_repeats_and_maps_codes(kang_store):
+    adata = ad.read_zarr(kang_store)
+    store = open_store(kang_store)
+    block = store.read_selected(np.array([3, 10, 500]))
+    take = np.array([0, 2, 2, 1])  # rows 3, 500, 500, 10: one cell per draw
+    n_samples = len(adata.obs["sample"].cat.categories)
+    code_map = np.arange(n_samples)[::-1].copy()
+    batch = minibatch_from_rows(block, take, store.schema.n_genes, {"sample": code_map})
+    rows = np.array([3, 500, 500, 10])
+    np.testing.assert_array_equal(batch.rows.numpy(), rows)
+    np.testing.assert_array_equal(batch.counts().numpy(), adata.X[rows].toarray())
+    codes = adata.obs["sample"].cat.codes.to_numpy()[rows]
+    np.testing.assert_array_equal(batch.categorical["sample"].numpy(), code_map[codes])
+    np.testing.assert_array_equal(
+        batch.categorical["cell_type"].numpy(), adata.obs["cell_type"].cat.codes.to_numpy()[rows]
+    )
+    assert batch.categorical["sample"].dtype == torch.int64 and batch.col_indices.dtype == torch.int32
+
+
+def test_the_loader_applies_code_maps_to_every_batch(kang_store):
+    n_samples = len(ad.read_zarr(kang_store).obs["sample"].cat.categories)
+    code_map = (np.arange(n_samples) + 1) % n_samples
+    plain = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL)))
+    mapped = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL), code_maps={"sample": code_map}))
+    for a, b in zip(plain, mapped, strict=True):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.values, b.values)
+        assert torch.equal(torch.from_numpy(code_map)[a.categorical["sample"]], b.categorical["sample"])
