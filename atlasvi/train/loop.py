@@ -69,7 +69,25 @@ class TrainConfig(BaseModel):
         return self
 
     def epochs_for(self, n_train_cells: int) -> int:
-        return self.max_epochs or min(round(20000 / n_train_cells * 400), 400)
+        """max_epochs, else `default_max_epochs(n_train_cells)`."""
+        return self.max_epochs or default_max_epochs(n_train_cells)
+
+
+def default_max_epochs(n_train_cells: int) -> int:
+    """scvi-tools' default max_epochs, min(round(20000 / n * 400), 400), with n the TRAINING cells.
+
+    scvi-tools counts every cell of the AnnData (adata.n_obs); atlasvi counts the cells the model trains on
+    (the store's rows less the held-out ones), so a run's epochs do not depend on validation_fraction's cells.
+    """
+    return min(round(20000 / n_train_cells * 400), 400)
+
+
+def pretrained_max_epochs(n_cells: int) -> int:
+    """scvi-tools' scANVI default for a model started from trained weights: a third of the rule, 2 to 10.
+
+    n_cells: EVERY cell of the store, as scvi-tools' SCANVI (adata.n_obs) and `SCANVI.fit` count them.
+    """
+    return int(min(10, max(2, round(default_max_epochs(n_cells) / 3.0))))
 
 
 def kl_weight(config: TrainConfig, epoch: int, step: int) -> float:

@@ -5,7 +5,7 @@ import torch
 
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store, split_rows
 from atlasvi.models.scvi import SCVIModule
-from atlasvi.train import TrainConfig, TrainingDiverged, fit, kl_weight
+from atlasvi.train import TrainConfig, TrainingDiverged, default_max_epochs, fit, kl_weight, pretrained_max_epochs
 from atlasvi.train.loop import kl_warmup_shortfall
 
 
@@ -22,6 +22,14 @@ def _setup(store, seed: int = 0):
     train = StreamingLoader(opened, LoaderConfig(batch_size=128), rows=train_rows)
     validation = StreamingLoader(opened, LoaderConfig(batch_size=128, last_batch="pad"), rows=validation_rows)
     return SCVIModule(opened.schema), train, validation
+
+
+def test_epoch_rules_are_scvi_tools_defaults():
+    # min(round(20000 / n * 400), 400): 400 up to 20k cells, 80 at 100k; epochs_for keeps an explicit max_epochs
+    assert [default_max_epochs(n) for n in (1, 20_000, 30_000, 100_000)] == [400, 400, 267, 80]
+    assert TrainConfig().epochs_for(100_000) == 80 and TrainConfig(max_epochs=7).epochs_for(100_000) == 7
+    # scANVI from trained weights: a third of the rule, between 2 and 10
+    assert [pretrained_max_epochs(n) for n in (1_556, 500_000, 2_000_000)] == [10, 5, 2]
 
 
 def test_kl_warmup_is_scvi_tools_schedule():
