@@ -33,8 +33,8 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -m slow
 
-bench: install   # the 10K / 100K / 1M performance table (1-2 hours on 2 cores); results in benchmarks/results
-	$(BIN)/atlasvi bench --config configs/bench.yaml --update-readme README.md
+bench: install   # the 10K / 100K / 1M table, atlasvi vs scvi-tools and annbatch (1-2 hours on 2 cores); benchmarks/results
+	$(BIN)/python benchmarks/perf_compare.py --config configs/bench.yaml --update-readme README.md
 
 clean:
 	rm -rf outputs mlruns .pytest_cache

@@ -1,4 +1,4 @@
-"""The performance table: scVI training on 10K / 100K / 1M synthetic cells, atlasvi next to scvi-tools and annbatch.
+"""The performance table of `atlasvi bench`: scVI training on 10K / 100K / 1M synthetic cells.
 
 For each size a realistic synthetic input (`atlasvi.bench.synthetic`, NB counts fitted to a real dataset) is
 written out of core and built into an atlas store by `build_store`, the path real data takes; both are cached in
@@ -7,12 +7,8 @@ repeat) and each in its own process, so that its peak RSS is its own:
 
 - atlasvi: `fit` of SCVIModule on a StreamingLoader of the store's training rows, in the process (workers 1) or
   in Ray Train workers (the global batch is the batch size; its peak RSS is rank 0's), per batch size and device;
-- scvi-tools: SCVI on the same training rows as an in-memory AnnData (`scvi_tools_side.py`, run with the Python
-  of an environment that has scvi-tools), same architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene
-  dispersion), batch size and epochs; skipped, with the reason, where that environment is absent or the cells
-  would not fit in memory;
-- loaders without a model: atlasvi's StreamingLoader and annbatch's Loader (its own venv and store, through
-  `benchmarks/annbatch_loader.py`) over the same cells, one pass.
+- the rows of other tools a `Comparison` adds (benchmarks/perf_compare.py adds scvi-tools and annbatch);
+- loaders without a model: atlasvi's StreamingLoader over the same cells, one pass.
 
 Time per epoch is the median epoch wall time after the first epoch (steady state; the validation pass is outside
 it), cells/s the training cells over it. scvi-tools' default epoch rule, min(round(20000 / n_train * 400), 400)
@@ -29,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
@@ -42,15 +39,6 @@ from atlasvi.data.errors import StoreError
 from atlasvi.data.store import read_store_attrs
 from atlasvi.tracking import MlflowRun
 
-README_START = "<!-- atlasvi-bench:start -->"
-README_END = "<!-- atlasvi-bench:end -->"
-# The table of the method's documentation: full scVI training, CPU time, GPU time, memory
-DOCUMENTED = {
-    10_000: ("5 min", "1 min", "8 GB"),
-    100_000: ("45 min", "5 min", "16 GB"),
-    1_000_000: ("6 h", "40 min", "32 GB"),
-}
-SCVI_SIDE = Path(__file__).with_name("scvi_tools_side.py")
 Progress = Callable[[str, int, int], None]
 
 
@@ -60,10 +48,8 @@ class BenchConfig(BaseModel):
     sizes: cells per synthetic store; epochs: training epochs per row (None: 5 up to 20K cells, 3 up to 200K,
     2 above); workers: 1 is the plain process, N > 1 Ray Train workers; devices: "cuda" adds GPU rows;
     threads: torch intra-op threads of every training process (both tools); reference: the real raw-count h5ad
-    the synthetic counts are fitted to (obs "cell_type"); scvi_python / annbatch_python: interpreters of the
-    environments with scvi-tools / annbatch (absent: those rows are skipped with the reason); readme: a README
-    whose bench section is rewritten; merge: keep the runs of `output`'s perf_table.json of the other sizes and batch
-    sizes.
+    the synthetic counts are fitted to (obs "cell_type"); merge: keep the runs of `output`'s perf_table.json of
+    the other sizes and batch sizes.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -81,12 +67,8 @@ class BenchConfig(BaseModel):
     reference: str = "../shared/data/kang2018_pbmc_ifnb_muscat.h5ad"
     cache_dir: str = "benchmarks/.cache"
     output: str = "outputs/bench"
-    scvi_python: str | None = "benchmarks/.cache/scvi-venv/bin/python"
-    annbatch_python: str | None = "benchmarks/.cache/annbatch-venv/bin/python"
-    annbatch_script: str = "benchmarks/annbatch_loader.py"
     loaders: bool = True
     experiment: str = "benchmarks"
-    readme: str | None = None
     merge: bool = False
 
     def epochs_for(self, n_cells: int) -> int:
@@ -96,6 +78,38 @@ class BenchConfig(BaseModel):
 def default_rule_epochs(n_train: int) -> int:
     """scvi-tools' default max_epochs: min(round(20000 / n_train * 400), 400)."""
     return min(round(20000 / n_train * 400), 400)
+
+
+@dataclass(frozen=True)
+class OtherTool:
+    """A training tool run next to atlasvi on the same store's training rows, one process per row.
+
+    command(spec): the command that trains it as `spec` says (store, n_train, batch_size, epochs, threads,
+    use_gpu, seed) and prints the worker's JSON on its last stdout line; skip_reason(config, nnz): why it cannot
+    run at this size (None: it can); versions: the package versions of its result the report keeps.
+    """
+
+    name: str
+    command: Callable[[dict], list[str]]
+    skip_reason: Callable[[BenchConfig, int], str | None]
+    versions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a comparison harness adds to `run_bench` (benchmarks/perf_compare.py); the default adds nothing.
+
+    tools: other training tools; loader_rows(store, h5ad, n_cells, target_cells, config, env): other loaders'
+    rows; skipped(config): lines for the report's "not run"; summarise(runs): the rows (default `summarise`);
+    markdown(report): perf_table.md (default `markdown`); finish(report, table_path): runs last.
+    """
+
+    tools: Sequence[OtherTool] = ()
+    loader_rows: Callable[[Path, Path, int, int, BenchConfig, Mapping[str, str]], list[dict]] | None = None
+    skipped: Callable[[BenchConfig], list[str]] = field(default=lambda config: [])
+    summarise: Callable[[list[dict]], list[dict]] | None = None
+    markdown: Callable[[dict], str] | None = None
+    finish: Callable[[dict, Path], None] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,18 +222,27 @@ def run_child(command: list[str], env: Mapping[str, str], cwd: Path | None = Non
     return result, usage.ru_maxrss / 1024, seconds
 
 
-def _tasks(config: BenchConfig, scvi_ok: bool) -> list[dict]:
+def _tasks(config: BenchConfig, others: Sequence[str]) -> list[dict]:
+    """atlasvi's rows per device, batch size and worker count, then one row of each tool in `others`."""
     tasks = []
     for device in config.devices:
         for batch_size in config.batch_sizes:
             for workers in config.workers:
                 tasks.append({"tool": "atlasvi", "device": device, "workers": workers, "batch_size": batch_size})
-            if scvi_ok:
-                tasks.append({"tool": "scvi-tools", "device": device, "workers": 1, "batch_size": batch_size})
+            for name in others:
+                tasks.append({"tool": name, "device": device, "workers": 1, "batch_size": batch_size})
     return tasks
 
 
-def _measure(task: dict, store: Path, n_train: int, epochs: int, config: BenchConfig, env: Mapping[str, str]) -> dict:
+def _measure(
+    task: dict,
+    store: Path,
+    n_train: int,
+    epochs: int,
+    config: BenchConfig,
+    env: Mapping[str, str],
+    tools: Mapping[str, OtherTool],
+) -> dict:
     spec = {
         "store": str(store), "batch_size": task["batch_size"], "epochs": epochs, "threads": config.threads,
         "use_gpu": task["device"] == "cuda", "seed": config.seed,
@@ -228,9 +251,7 @@ def _measure(task: dict, store: Path, n_train: int, epochs: int, config: BenchCo
         spec |= {"workers": task["workers"], "loader_threads": config.loader_threads}
         command = [sys.executable, "-m", "atlasvi.bench.worker", json.dumps(spec)]
     else:
-        spec |= {"n_train": n_train, "batch_key": "batch", "n_latent": 10, "n_hidden": 128, "n_layers": 1}
-        spec["n_epochs_kl_warmup"] = 400  # scvi-tools' default, as atlasvi's TrainConfig
-        command = [config.scvi_python, str(SCVI_SIDE), json.dumps(spec)]
+        command = tools[task["tool"]].command(spec | {"n_train": n_train})
     result, peak_rss, process_s = run_child(command, env)
     steady = result["epoch_s"][1:] or result["epoch_s"]
     epoch_s = statistics.median(steady)
@@ -253,8 +274,13 @@ def _measure(task: dict, store: Path, n_train: int, epochs: int, config: BenchCo
     }
 
 
-def _loader_rows(store: Path, h5ad: Path, n_cells: int, config: BenchConfig, env: Mapping[str, str]) -> list[dict]:
-    """Loader throughput without a model: atlasvi's StreamingLoader, and annbatch where its venv exists."""
+def loader_target(n_cells: int) -> int:
+    """Cells every loader reads (whole passes, at least 500K, so that small stores still time well)."""
+    return max(n_cells, 500_000)
+
+
+def _loader_rows(store: Path, n_cells: int, config: BenchConfig, env: Mapping[str, str]) -> list[dict]:
+    """Loader throughput without a model: atlasvi's StreamingLoader, zarr and tensorstore backends."""
     rows = []
     code = (
         "import json, sys, time\nfrom atlasvi.data import LoaderConfig, StreamingLoader\n"
@@ -266,7 +292,7 @@ def _loader_rows(store: Path, h5ad: Path, n_cells: int, config: BenchConfig, env
         "while n < target:\n    n += sum(len(b) for b in loader)\n"
         "print(json.dumps({'cells': n, 'seconds': time.perf_counter() - t}))\n"
     )
-    target = str(max(n_cells, 500_000))
+    target = str(loader_target(n_cells))
     for backend in ("zarr", "tensorstore"):
         for batch_size in config.batch_sizes:
             command = [sys.executable, "-c", code, str(store), str(batch_size), str(config.loader_threads), backend]
@@ -275,35 +301,11 @@ def _loader_rows(store: Path, h5ad: Path, n_cells: int, config: BenchConfig, env
                 {"tool": f"atlasvi StreamingLoader ({backend})", "batch_size": batch_size, "cells": result["cells"],
                  "cells_per_s": result["cells"] / result["seconds"], "peak_rss_mb": peak}
             )  # fmt: skip
-    python, script = config.annbatch_python, Path(config.annbatch_script)
-    if python and Path(python).exists() and script.exists():
-        command = [
-            python, str(script), "--h5ad", str(h5ad), "--workdir", str(Path(config.cache_dir) / "annbatch"),
-            "--batch-sizes", *map(str, config.batch_sizes), "--zarrs", "on", "--repeats", "1",
-            "--epochs-cells", target,
-        ]  # fmt: skip
-        result, _, _ = run_child(command, env)
-        version_ = result["versions"].get("annbatch")
-        for entry in result["rows"]:
-            rows.append(
-                {"tool": f"annbatch {version_} Loader (zarrs)", "batch_size": entry["batch_size"],
-                 "cells": entry["cells_per_rep"], "cells_per_s": entry["cells_per_s_median"], "peak_rss_mb": None}
-            )  # fmt: skip
     return rows
 
 
-def _scvi_skip_reason(config: BenchConfig, nnz: int) -> str | None:
-    if not config.scvi_python or not Path(config.scvi_python).exists():
-        return f"no scvi-tools environment at {config.scvi_python} (benchmarks/setup_scvi_venv.sh makes one)"
-    need = 24 * nnz + 2 * 2**30  # float32 data + int32 indices, read and copied, plus the process itself
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if need > available:
-        return f"the in-memory AnnData needs ~{need / 2**30:.0f} GiB, {available / 2**30:.0f} GiB are free"
-    return None
-
-
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (cells, tool, device, workers, batch size): medians over repeats, ratios to scvi-tools."""
+    """One row per (cells, tool, device, workers, batch size): medians over repeats."""
     keys = []
     for r in runs:
         key = (r["cells"], r["tool"], r["device"], r["workers"], r["batch_size"])
@@ -324,21 +326,10 @@ def summarise(runs: list[dict]) -> list[dict]:
         row["default_rule_epochs"] = default_rule_epochs(row["train_cells"])
         row["default_rule_projected_s"] = row["default_rule_epochs"] * row["epoch_s"]
         rows.append(row)
-    for row in rows:
-        ref = [r for r in rows if r["tool"] == "scvi-tools" and (r["cells"], r["device"], r["batch_size"]) ==
-               (row["cells"], row["device"], row["batch_size"])]  # fmt: skip
-        row["x_scvi_tools"] = row["cells_per_s"] / ref[0]["cells_per_s"] if ref else None
-        # the same ratio within each repeat (rows of one repeat ran back to back), median over repeats
-        pairs = []
-        for mine in [r for r in runs if _key(r) == _key(row)]:
-            same = (mine["cells"], mine["device"], mine["batch_size"], mine["repeat"], "scvi-tools")
-            theirs = [r for r in runs if (r["cells"], r["device"], r["batch_size"], r["repeat"], r["tool"]) == same]
-            pairs += [mine["cells_per_s"] / theirs[0]["cells_per_s"]] if theirs else []
-        row["x_scvi_tools_paired"] = float(statistics.median(pairs)) if pairs else None
     return rows
 
 
-def _key(r: dict) -> tuple:
+def row_key(r: dict) -> tuple:
     return r["cells"], r["tool"], r["device"], r["workers"], r["batch_size"]
 
 
@@ -370,11 +361,11 @@ def machine(env: Mapping[str, str]) -> dict:
     }
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
+def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     return (
         f"{seconds:.0f} s"
         if seconds < 120
@@ -384,105 +375,63 @@ def _duration(seconds: float) -> str:
     )
 
 
-def _label(row: dict) -> str:
+def label(row: dict) -> str:
     return row["tool"] if row["workers"] == 1 else f"{row['tool']} ({row['workers']} Ray workers)"
 
 
-def headline(report: dict) -> list[str]:
-    """The ratio table: atlasvi (one process) against scvi-tools, per size, device and batch size."""
-    lines = [
-        "| cells | device | batch | atlasvi cells/s | scvi-tools cells/s | atlasvi / scvi-tools | same, paired by "
-        "repeat | atlasvi s / epoch | atlasvi peak RSS | scvi-tools peak RSS | other processes (cores) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["rows"]:
-        if row["tool"] != "atlasvi" or row["workers"] != 1:
-            continue
-        ref = next((r for r in report["rows"] if r["tool"] == "scvi-tools" and (r["cells"], r["device"],
-                    r["batch_size"]) == (row["cells"], row["device"], row["batch_size"])), None)  # fmt: skip
-        lines.append(
-            f"| {row['cells']:,} | {row['device']} | {row['batch_size']} | {_fmt(row['cells_per_s'])} "
-            f"| {_fmt(ref and ref['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} "
-            f"| {_fmt(row['x_scvi_tools_paired'], 2)} | {row['epoch_s']:.1f} | {_fmt(row['peak_rss_mb'])} MB "
-            f"| {_fmt(ref and ref['peak_rss_mb'])} MB | {_fmt(row['other_cpu_cores'], 1)} |"
-        )
-    return lines
-
-
 def markdown(report: dict) -> str:
+    """perf_table.md of atlasvi's own rows: every row, loaders, what was not run."""
     m, c = report["machine"], report["config"]
-    versions = {**m["versions"], **report.get("other_versions", {})}
     lines = [
-        "# scVI training: 10K / 100K / 1M cells, atlasvi vs scvi-tools",
+        "# scVI training: 10K / 100K / 1M cells, atlasvi",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}; "
-        f"torch threads {c['threads']} in every training process (both tools), OMP_WAIT_POLICY=PASSIVE, atlasvi "
-        f"loader read threads {c['loader_threads']}; devices: {', '.join(c['devices'])}.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        f"torch threads {c['threads']} per training process, OMP_WAIT_POLICY=PASSIVE, loader read threads "
+        f"{c['loader_threads']}; devices: {', '.join(c['devices'])}.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
         f"Command: `{report['command']}`; {c['repeats']} interleaved repeat(s) per row, each in its own process.",
         "",
         "Data: synthetic NB counts fitted to a real dataset (`atlasvi.bench.synthetic`), "
         f"{c['n_genes']} genes, ~8% non-zeros, 4 batches, built with `build_store`; the last 10% of the store's "
-        "rows are atlasvi's held-out cells and neither tool trains on them. Model on both sides: n_latent 10, "
-        "n_hidden 128, 1 layer, ZINB, gene dispersion, Adam (lr 1e-3, eps 0.01), KL warm-up 400 epochs. "
-        "s / epoch: median epoch wall time after the first (steady state), training only (atlasvi's validation "
-        "pass is outside it; scvi-tools has none, `train_size=1.0`); cells/s: training cells over it. "
-        "Default rule: scvi-tools' min(round(20000 / n_train x 400), 400) epochs, projected as rule epochs x "
-        "s / epoch (not run). Peak RSS: the training process's own (Ray rows: rank 0's worker). Other processes: "
-        "CPU cores the rest of the machine kept busy during the row (median over repeats); the machine is shared, "
-        "so compare tools within a repeat (the paired ratio).",
+        "rows are held out. Model: n_latent 10, n_hidden 128, 1 layer, ZINB, gene dispersion. s / epoch: median "
+        "epoch wall time after the first (steady state), training only; cells/s: training cells over it. Default "
+        "rule: min(round(20000 / n_train x 400), 400) epochs, projected as rule epochs x s / epoch (not run).",
         "",
-        "## Headline: atlasvi / scvi-tools",
-        "",
-        *headline(report),
-        "",
-        "## Every row",
-        "",
-        "| cells | tool | device | batch | epochs run | s / epoch | cells/s | x scvi-tools | wall, epochs run "
-        "| default rule: epochs | projected | peak RSS MB | peak GPU MB | cells/s per repeat | other processes "
-        "(cores) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| cells | tool | device | batch | epochs run | s / epoch | cells/s | wall, epochs run | default rule: epochs "
+        "| projected | peak RSS MB | peak GPU MB | cells/s per repeat | other processes (cores) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['cells']:,} | {_label(row)} | {row['device']} | {row['batch_size']} | {row['epochs']} "
-            f"| {row['epoch_s']:.2f} | {_fmt(row['cells_per_s'])} | {_fmt(row['x_scvi_tools'], 2)} "
-            f"| {_duration(row['wall_s'])} | {row['default_rule_epochs']} "
-            f"| {_duration(row['default_rule_projected_s'])} | {_fmt(row['peak_rss_mb'])} | {_fmt(row['peak_gpu_mb'])} "
-            f"| {', '.join(f'{x:,}' for x in row['repeats_cells_per_s'])} | {_fmt(row['other_cpu_cores'], 1)} |"
+            f"| {row['cells']:,} | {label(row)} | {row['device']} | {row['batch_size']} | {row['epochs']} "
+            f"| {row['epoch_s']:.2f} | {fmt(row['cells_per_s'])} | {duration(row['wall_s'])} "
+            f"| {row['default_rule_epochs']} | {duration(row['default_rule_projected_s'])} "
+            f"| {fmt(row['peak_rss_mb'])} | {fmt(row['peak_gpu_mb'])} "
+            f"| {', '.join(f'{x:,}' for x in row['repeats_cells_per_s'])} | {fmt(row['other_cpu_cores'], 1)} |"
         )
-    if report["loaders"]:
-        lines += [
-            "",
-            "## Loaders without a model (same cells; annbatch reads its own store of them; warm page cache)",
-            "",
-            "| cells | loader | batch | cells/s | peak RSS MB |",
-            "|---:|---|---:|---:|---:|",
-        ]
-        for row in report["loaders"]:
-            lines.append(
-                f"| {row['cells']:,} | {row['tool']} | {row['batch_size']} | {_fmt(row['cells_per_s'])} "
-                f"| {_fmt(row['peak_rss_mb'])} |"
-            )
-    lines += ["", "## The method's documentation table (full training) next to these runs", ""]
-    lines += [
-        "| cells | documented CPU time | atlasvi CPU, default rule, smallest batch run (projected) | scvi-tools, same "
-        "| documented GPU time | documented memory | atlasvi peak RSS | scvi-tools peak RSS |",
-        "|---:|---|---:|---:|---|---|---:|---:|",
-    ]
-    for size in sorted({r["cells"] for r in report["rows"]}):
-        doc = DOCUMENTED.get(size, ("-", "-", "-"))
-        batch = min(r["batch_size"] for r in report["rows"] if r["cells"] == size)  # 128 where it ran
-        a, s = (next((r for r in report["rows"] if _key(r) == (size, tool, "cpu", 1, batch)), None)
-                for tool in ("atlasvi", "scvi-tools"))  # fmt: skip
-        lines.append(
-            f"| {size:,} | {doc[0]} | {_duration(a['default_rule_projected_s']) if a else '-'} "
-            f"| {_duration(s['default_rule_projected_s']) if s else '-'} | {doc[1]} | {doc[2]} "
-            f"| {_fmt(a and a['peak_rss_mb'])} MB | {_fmt(s and s['peak_rss_mb'])} MB |"
-        )
+    lines += loader_table(report)
     if report["skipped"]:
         lines += ["", "Not run:", *[f"- {s}" for s in report["skipped"]]]
     return "\n".join(lines) + "\n"
+
+
+def loader_table(report: dict, note: str = "same cells; warm page cache") -> list[str]:
+    """The loaders-without-a-model section (empty without loader rows); `note` goes in its heading."""
+    if not report["loaders"]:
+        return []
+    lines = [
+        "",
+        f"## Loaders without a model ({note})",
+        "",
+        "| cells | loader | batch | cells/s | peak RSS MB |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for row in report["loaders"]:
+        lines.append(
+            f"| {row['cells']:,} | {row['tool']} | {row['batch_size']} | {fmt(row['cells_per_s'])} "
+            f"| {fmt(row['peak_rss_mb'])} |"
+        )
+    return lines
 
 
 def chart(report: dict, path: Path) -> Path:
@@ -495,7 +444,7 @@ def chart(report: dict, path: Path) -> Path:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[str, list[dict]] = {}
     for row in report["rows"]:
-        series.setdefault(f"{_label(row)}, {row['device']}, batch {row['batch_size']}", []).append(row)
+        series.setdefault(f"{label(row)}, {row['device']}, batch {row['batch_size']}", []).append(row)
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["cells"])
         style = "-" if rows[0]["tool"] == "atlasvi" else "--"
@@ -521,38 +470,6 @@ def chart(report: dict, path: Path) -> Path:
     return path
 
 
-def readme_section(report: dict, table_path: str) -> str:
-    m = report["machine"]
-    runs = {r["cells"]: r for r in report["rows"] if r["tool"] == "atlasvi" and r["workers"] == 1}
-    schedule = "; ".join(f"{n:,} cells: {r['epochs']} epochs x {len(r['repeats_cells_per_s'])} repeat(s)"
-                         for n, r in sorted(runs.items()))  # fmt: skip
-    return "\n".join(
-        [
-            README_START,
-            f"`atlasvi bench` on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, CPU only, "
-            f"{report['config']['threads']} torch thread per training process on both sides); steady-state "
-            f"training cells/s, same cells, architecture and batch size; full table, loaders and the documentation's "
-            f"table side by side: `{table_path}`. Epochs per row: {schedule}. The last column is the CPU other "
-            "processes took meanwhile (a shared machine: compare within a row).",
-            "",
-            *headline(report),
-            README_END,
-        ]
-    )
-
-
-def update_readme(readme: Path, section: str) -> None:
-    """Replace the README's bench section (between the two markers), atomically."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme}: no {README_START} ... {README_END} section to update")
-    before, rest = text.split(README_START, 1)
-    after = rest.split(README_END, 1)[1]
-    partial = readme.with_name(f".{readme.name}.partial")
-    partial.write_text(before + section + after)
-    os.replace(partial, readme)
-
-
 def log_mlflow(
     report: dict, files: list[Path], tracking_uri: str, experiment: str, measured: set[tuple[int, int]]
 ) -> list[str]:
@@ -567,7 +484,7 @@ def log_mlflow(
         parent.log_artifact(path)
     ids = []
     for row in (r for r in report["rows"] if (r["cells"], r["batch_size"]) in measured):
-        name = f"{row['cells']} {_label(row)} {row['device']} bs{row['batch_size']}"
+        name = f"{row['cells']} {label(row)} {row['device']} bs{row['batch_size']}"
         tags = {"mlflow.parentRunId": parent.run_id, "benchmark": "perf_table"}
         run = MlflowRun(tracking_uri, experiment, name, tags=tags)
         run.log_params(
@@ -580,7 +497,8 @@ def log_mlflow(
             "peak_rss_mb": row["peak_rss_mb"], "default_rule_epochs": row["default_rule_epochs"],
             "default_rule_projected_s": row["default_rule_projected_s"],
         }  # fmt: skip
-        optional = ("peak_gpu_mb", "x_scvi_tools", "x_scvi_tools_paired", "other_cpu_cores")
+        # the ratios a comparison adds ("x_<tool>") are logged with the rest
+        optional = [k for k in row if k in ("peak_gpu_mb", "other_cpu_cores") or k.startswith("x_")]
         metrics |= {k: row[k] for k in optional if row[k] is not None}
         run.log_metrics(metrics)
         for step, value in enumerate(row["repeats_cells_per_s"]):
@@ -597,8 +515,13 @@ def run_bench(
     env: Mapping[str, str],
     command: str = "atlasvi bench",
     progress: Progress | None = None,
+    comparison: Comparison = Comparison(),
 ) -> dict:
-    """Every size: the store, the interleaved rows, then the table, chart, JSON and MLflow runs; the report."""
+    """Every size: the store, the interleaved rows, then the table, chart, JSON and MLflow runs; the report.
+
+    `comparison` adds other tools' rows and its own table (benchmarks/perf_compare.py); by default atlasvi only.
+    """
+    tools = {tool.name: tool for tool in comparison.tools}
     env = dict(env) | {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(config.threads)}
     runs, loaders, skipped, other_versions = [], [], [], {}
     for n_cells in sorted(config.sizes):
@@ -606,10 +529,14 @@ def run_bench(
         opened = open_store(store)
         train_rows, _ = split_rows(opened.n_cells, 0.1)
         n_train = train_rows[1] - train_rows[0]
-        reason = _scvi_skip_reason(config, int(read_store_attrs(store)["nnz"]))
-        if reason:
-            skipped.append(f"scvi-tools at {n_cells:,} cells: {reason}")
-        tasks = _tasks(config, reason is None)
+        nnz, running = int(read_store_attrs(store)["nnz"]), []
+        for tool in comparison.tools:
+            reason = tool.skip_reason(config, nnz)
+            if reason:
+                skipped.append(f"{tool.name} at {n_cells:,} cells: {reason}")
+            else:
+                running.append(tool.name)
+        tasks = _tasks(config, running)
         epochs = config.epochs_for(n_cells)
         total = len(tasks) * config.repeats
         for repeat in range(config.repeats):
@@ -620,24 +547,22 @@ def run_bench(
                         f"{n_cells:,} cells: {task['tool']} x{task['workers']} {task['device']} bs {task['batch_size']}"
                     )
                     progress(what, repeat * len(tasks) + i, total)
-                result = _measure(task, store, n_train, epochs, config, env)
-                if result["versions"]:
-                    other_versions |= {k: v for k, v in result["versions"].items() if k in ("scvi-tools", "lightning")}
+                result = _measure(task, store, n_train, epochs, config, env, tools)
+                if task["tool"] in tools and result["versions"]:
+                    keep = tools[task["tool"]].versions
+                    other_versions |= {k: v for k, v in result["versions"].items() if k in keep}
                 runs.append(result | {"cells": n_cells, "repeat": repeat})
         if config.loaders:
             if progress:
                 progress(f"{n_cells:,} cells: loaders without a model", total, total)
-            h5ad = Path(read_store_attrs(store)["provenance"]["inputs"][0]["path"])
-            for row in _loader_rows(store, h5ad, n_cells, config, env):
+            rows = _loader_rows(store, n_cells, config, env)
+            if comparison.loader_rows:
+                h5ad = Path(read_store_attrs(store)["provenance"]["inputs"][0]["path"])
+                rows += comparison.loader_rows(store, h5ad, n_cells, loader_target(n_cells), config, env)
+            for row in rows:
+                other_versions |= row.pop("versions", {})  # a comparison's loader names its package versions
                 loaders.append(row | {"cells": n_cells})
-                if row["tool"].startswith("annbatch"):
-                    other_versions["annbatch"] = row["tool"].split()[1]
-    if config.loaders and not (config.annbatch_python and Path(config.annbatch_python).exists()):
-        skipped.append(f"annbatch: no annbatch environment at {config.annbatch_python}")
-    skipped.append(
-        "annbatch feeding the model: annbatch 0.3.1 needs Python >= 3.12 and its environment has no torch "
-        "(nor atlasvi); its loader's throughput on the same cells is shown instead"
-    )
+    skipped += comparison.skipped(config)
     if "cuda" not in config.devices:
         skipped.append("GPU rows: not asked for (`--use-gpu`)")
     out = Path(config.output)
@@ -657,19 +582,20 @@ def run_bench(
         "machine": machine(env),
         "other_versions": other_versions,
         "config": config.model_dump(mode="json"),
-        "rows": summarise(runs),
+        "rows": (comparison.summarise or summarise)(runs),
         "loaders": loaders,
         "skipped": skipped,
         "runs": runs,
     }
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "perf_table.md", out / "perf_table.json"]
-    for path, text in zip(files, (markdown(report), json.dumps(report, indent=1) + "\n"), strict=True):
+    table = (comparison.markdown or markdown)(report)
+    for path, text in zip(files, (table, json.dumps(report, indent=1) + "\n"), strict=True):
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(text)
         os.replace(partial, path)
     files.append(chart(report, out / "perf_chart.png"))
     report["mlflow_run_ids"] = log_mlflow(report, files, tracking_uri, config.experiment, fresh)
-    if config.readme:
-        update_readme(Path(config.readme), readme_section(report, str(files[0])))
+    if comparison.finish:
+        comparison.finish(report, files[0])
     return report

@@ -1,4 +1,7 @@
-"""`atlasvi bench`: the 10K / 100K / 1M performance table, atlasvi next to scvi-tools and annbatch, in MLflow."""
+"""`atlasvi bench`: the 10K / 100K / 1M performance table of atlasvi, in MLflow.
+
+The comparison with scvi-tools and annbatch (their own environments) is benchmarks/perf_compare.py (`make bench`).
+"""
 
 import os
 import shlex
@@ -11,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from atlasvi.bench import BenchConfig, run_bench
 from atlasvi.cli.common import console, load_yaml, make_config, progress_bars, tracking_uri
-from atlasvi.errors import AtlasviError
+from atlasvi.errors import AtlasviError, ConfigError
 
 
 def _counts(text: str | None, option: str) -> list[int] | None:
@@ -41,16 +44,10 @@ def bench_command(
     output: Annotated[str | None, typer.Option(help="folder of perf_table.md / .json and perf_chart.png")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="where synthetic inputs and stores are cached")] = None,
     reference: Annotated[str | None, typer.Option(help="raw-count h5ad the synthetic counts are fitted to")] = None,
-    scvi_python: Annotated[str | None, typer.Option(help="Python of an environment with scvi-tools")] = None,
-    annbatch_python: Annotated[str | None, typer.Option(help="Python of an environment with annbatch")] = None,
-    no_scvi: Annotated[bool, typer.Option("--no-scvi", help="no scvi-tools rows")] = False,
-    no_loaders: Annotated[bool, typer.Option("--no-loaders", help="no loader-only rows (atlasvi, annbatch)")] = False,
-    update_readme: Annotated[
-        Path | None, typer.Option("--update-readme", help="rewrite this README's performance section")
-    ] = None,
+    no_loaders: Annotated[bool, typer.Option("--no-loaders", help="no loader-only rows")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="keep the output's other size/batch rows")] = False,
 ) -> None:
-    """Train scVI on synthetic 10K / 100K / 1M-cell stores, atlasvi vs scvi-tools; table, chart, MLflow runs."""
+    """Train scVI on synthetic 10K / 100K / 1M-cell stores; table, chart, MLflow runs."""
     sources: list[tuple[str, dict[str, Any]]] = []
     if config is not None:
         sources.append((str(config), load_yaml(config)))
@@ -65,22 +62,16 @@ def bench_command(
         "output": output,
         "cache_dir": cache_dir,
         "reference": reference,
-        "scvi_python": scvi_python,
-        "annbatch_python": annbatch_python,
         "loaders": False if no_loaders else None,
-        "readme": str(update_readme) if update_readme else None,
         "merge": merge or None,
     }
     sources.append(("flags", flags))
     job = make_config(BenchConfig, sources)
-    if no_scvi:
-        job = job.model_copy(update={"scvi_python": None})
     if use_gpu:
         import torch
 
         if not torch.cuda.is_available():
-            console.print("[red]--use-gpu: torch sees no CUDA device[/red]")
-            raise typer.Exit(2)
+            raise ConfigError("--use-gpu: torch sees no CUDA device")
     uri = tracking_uri()
     command = shlex.join(["atlasvi", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "atlasvi bench"
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:

@@ -1,9 +1,9 @@
-"""The scvi-tools side of `atlasvi bench`: scvi-tools' SCVI on the training cells of an atlas store, in memory.
+"""The scvi-tools side of benchmarks/perf_compare.py: scvi-tools' SCVI on an atlas store's training cells, in memory.
 
 Run by the benchmark as a script with the Python of an environment that has scvi-tools (it imports nothing of
 atlasvi, which that environment need not have)::
 
-    SCVI_PYTHON atlasvi/bench/scvi_tools_side.py '{"store": "atlas.zarr", "n_train": 9000, "batch_size": 128, ...}'
+    SCVI_PYTHON benchmarks/scvi_tools_side.py '{"store": "atlas.zarr", "n_train": 9000, "batch_size": 128, ...}'
 
 The store is read whole with `anndata.read_zarr` and its first `n_train` rows (atlasvi's training rows) are kept
 as an in-memory AnnData with float32 counts; `SCVI.setup_anndata(batch_key=...)`, `SCVI(n_hidden, n_latent,
