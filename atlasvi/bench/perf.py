@@ -38,6 +38,7 @@ from atlasvi.data import BuildConfig, build_store, open_store, split_rows
 from atlasvi.data.errors import StoreError
 from atlasvi.data.store import read_store_attrs
 from atlasvi.tracking import MlflowRun
+from atlasvi.train import default_max_epochs
 
 Progress = Callable[[str, int, int], None]
 
@@ -75,9 +76,7 @@ class BenchConfig(BaseModel):
         return self.epochs or (5 if n_cells <= 20_000 else 3 if n_cells <= 200_000 else 2)
 
 
-def default_rule_epochs(n_train: int) -> int:
-    """scvi-tools' default max_epochs: min(round(20000 / n_train * 400), 400)."""
-    return min(round(20000 / n_train * 400), 400)
+default_rule_epochs = default_max_epochs  # the table's "default rule" column: scvi-tools' rule on training cells
 
 
 @dataclass(frozen=True)
