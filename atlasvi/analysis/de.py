@@ -27,15 +27,40 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from atlasvi.analysis.posterior import normalized_expression
+from atlasvi.analysis.protocols import HasExpression
 from atlasvi.data import Minibatch
 from atlasvi.data.store import AtlasStore
-from atlasvi.models.scvi import SCVIModule
 
 EPS = 1e-8  # scvi-tools' eps inside the Bayes factor logs
 STATS_BLOCK_ROWS = 16384
 GENE_CHUNK = 2048  # genes reduced at a time (bounds the float64 LFC temporaries)
+
+
+class DEConfig(BaseModel):
+    """The options of a DE run, as scvi-tools' `differential_expression` names them (API, CLI and analysis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["vanilla", "change"] = Field("change", description="change (LFC, FDR) or vanilla (P(h1 > h2))")
+    delta: float | None = Field(0.25, description="change mode: |LFC| below this is no change (None: estimated)")
+    all_stats: bool = Field(True, description="add the raw-count columns (one streaming pass over the store)")
+    batch_correction: bool = Field(False, description="decode each group in every batch of batchid1 / batchid2")
+    batchid1: list[int | str] | None = Field(
+        None, description="batches to decode group 1 in (batch names in the API, model batch codes in analysis)"
+    )
+    batchid2: list[int | str] | None = Field(None, description="batches to decode group 2 in (as batchid1)")
+    fdr_target: float = Field(0.05, description="posterior expected FDR of the is_de_fdr column")
+    n_samples_overall: int = Field(5000, description="posterior draws per group")
+    use_permutation: bool = Field(False, description="pair draws by resampling instead of in order")
+    m_permutation: int = Field(10000, description="pairs drawn with use_permutation")
+    pseudocounts: float | None = Field(None, description="LFC pseudocount (None: from the unexpressed genes)")
+    threshold_counts: float = Field(0.01, description="a gene of mean count below this is unexpressed")
+    test_mode: Literal["two", "three"] = Field("three", description="change mode's two- or three-sided test")
+    batch_size: int = Field(1024, description="draws decoded at a time")
+    seed: int = Field(0, description="seed of the cell picks (numpy) and z draws (torch)")
 
 
 @dataclass(frozen=True)
@@ -125,7 +150,7 @@ def _draw_batches(
 
 
 def sample_scales(
-    module: SCVIModule,
+    module: HasExpression,
     store: AtlasStore,
     rows: np.ndarray,
     n_samples: int,
@@ -335,67 +360,58 @@ def comparisons(
 
 
 def differential_expression(
-    module: SCVIModule,
+    module: HasExpression,
     store: AtlasStore,
     codes: np.ndarray,
     categories: tuple[str, ...],
     group1: list[str] | None = None,
     group2: str | None = None,
-    mode: Literal["vanilla", "change"] = "change",
-    delta: float | None = 0.25,
-    all_stats: bool = True,
-    batch_correction: bool = False,
-    batchid1: list[int] | None = None,
-    batchid2: list[int] | None = None,
-    fdr_target: float = 0.05,
-    n_samples_overall: int = 5000,
-    use_permutation: bool = False,
-    m_permutation: int = 10000,
-    pseudocounts: float | None = None,
-    threshold_counts: float = 0.01,
-    test_mode: Literal["two", "three"] = "three",
+    config: DEConfig | None = None,
     label_comparisons: bool = True,
     code_maps: dict[str, torch.Tensor] | None = None,
-    batch_size: int = 1024,
-    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """scvi-tools' differential_expression table: one block of n_genes rows per comparison, each sorted by
     proba_de (change) or bayes_factor (vanilla), descending; indexed by gene id (the store's var_names).
 
     codes: (n_cells,) group code of every store row (-1: none), categories: the groups' names.
-    batchid1 / batchid2: model batch codes to decode each group in (batch_correction=True only; default
-    every batch). label_comparisons: add comparison / group1 / group2 columns (scvi-tools omits them
-    for idx1 / idx2). seed: picks of cells (numpy) and z draws (torch). progress(done, total) per comparison.
+    config: the options (default DEConfig()); its batchid1 / batchid2 are model batch codes here.
+    label_comparisons: add comparison / group1 / group2 columns (scvi-tools omits them for idx1 / idx2).
+    progress(done, total) per comparison.
     """
+    c = config or DEConfig()
+    mode, delta, pseudocounts, batch_correction = c.mode, c.delta, c.pseudocounts, c.batch_correction
+    batchid1, batchid2 = c.batchid1, c.batchid2
     if mode not in ("vanilla", "change"):
         raise NotImplementedError(f"Mode {mode} not recognized")
     if not batch_correction and (batchid1 is not None or batchid2 is not None):
         raise ValueError("Inconsistent batch policy: batchid1 / batchid2 need batch_correction=True")
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(c.seed)
+    generator = torch.Generator().manual_seed(c.seed)
     tests = comparisons(codes, categories, group1, group2)
-    needs_stats = all_stats or (mode == "change" and pseudocounts is None)
+    needs_stats = c.all_stats or (mode == "change" and pseudocounts is None)
     stats = count_statistics(store, codes, len(categories)) if needs_stats else None
     every_batch = list(range(module.n_batch))
     frames = []
     for done, test in enumerate(tests):
         batches1 = [None] if not batch_correction else list(batchid1 or every_batch)
         batches2 = [None] if not batch_correction else list(batchid2 or every_batch)
-        draw = dict(rng=rng, generator=generator, code_maps=code_maps, batch_size=batch_size)
-        scales1, ids1 = sample_scales(module, store, test.rows1, n_samples_overall, batches1, **draw)
-        scales2, ids2 = sample_scales(module, store, test.rows2, n_samples_overall, batches2, **draw)
-        paired_1, paired_2 = _pairs(scales1, ids1, scales2, ids2, batch_correction, use_permutation, m_permutation, rng)
+        draw = dict(rng=rng, generator=generator, code_maps=code_maps, batch_size=c.batch_size)
+        scales1, ids1 = sample_scales(module, store, test.rows1, c.n_samples_overall, batches1, **draw)
+        scales2, ids2 = sample_scales(module, store, test.rows2, c.n_samples_overall, batches2, **draw)
+        paired_1, paired_2 = _pairs(
+            scales1, ids1, scales2, ids2, batch_correction, c.use_permutation, c.m_permutation, rng
+        )
         where_zero = None
         if mode == "change" and pseudocounts is None:
             assert stats is not None
             mean1, mean2 = stats.means(test.stats1)["raw_mean"], stats.means(test.stats2)["raw_mean"]
-            where_zero = (mean1 < threshold_counts, mean2 < threshold_counts)
-        info = bayes_factors(paired_1, paired_2, mode, delta, pseudocounts, where_zero, test_mode, rng)
+            where_zero = (mean1 < c.threshold_counts, mean2 < c.threshold_counts)
+        info = bayes_factors(paired_1, paired_2, mode, delta, pseudocounts, where_zero, c.test_mode, rng)
         first = {k: v for k, v in info.items() if k in ("proba_m1", "proba_m2", "proba_de", "proba_not_de")}
         columns = {**first, "bayes_factor": info["bayes_factor"], "scale1": scales1.mean(0), "scale2": scales2.mean(0)}
         columns |= {k: v for k, v in info.items() if k not in columns}
-        if all_stats:
+        if c.all_stats:
             assert stats is not None
             one, two = stats.means(test.stats1), stats.means(test.stats2)
             for key in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
@@ -403,7 +419,7 @@ def differential_expression(
         frame = pd.DataFrame(columns, index=pd.Index(store.schema.gene_ids))
         frame = frame.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
         if mode == "change":
-            frame[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr=fdr_target)
+            frame[f"is_de_fdr_{c.fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr=c.fdr_target)
         if label_comparisons:
             frame["comparison"] = f"{test.name1} vs {test.name2}"
             frame["group1"], frame["group2"] = test.name1, test.name2

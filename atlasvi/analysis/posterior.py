@@ -1,4 +1,4 @@
-"""Streaming posterior quantities of a trained scVI module over an atlas store.
+"""Streaming posterior quantities of a trained module (typed on `atlasvi.analysis.protocols`) over an atlas store.
 
 Every function reads the store's rows in order through the loader (shuffle off, read-ahead on), holds
 one minibatch at a time, and yields (store rows, values) so a caller can collect the values or write
@@ -7,15 +7,15 @@ store is used through `code_maps` (store category code -> model code, from `chec
 """
 
 from collections.abc import Iterator
-from dataclasses import replace
 
 import numpy as np
 import torch
 
+from atlasvi.analysis.protocols import HasExpression, HasLatent, expression_scale
 from atlasvi.data import LoaderConfig, Minibatch, StreamingLoader
 from atlasvi.data.store import AtlasStore
-from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import evaluate
+from atlasvi.train.loop import Trainable
 
 
 def minibatches(
@@ -33,12 +33,12 @@ def minibatches(
             yield batch
 
 
-def _device(module: torch.nn.Module) -> torch.device:
+def _device(module: HasLatent) -> torch.device:
     return next(module.parameters()).device
 
 
 def latent_representation(
-    module: SCVIModule,
+    module: HasLatent,
     batches: Iterator[Minibatch],
     give_mean: bool = True,
     generator: torch.Generator | None = None,
@@ -58,7 +58,7 @@ def latent_representation(
 
 
 def normalized_expression(
-    module: SCVIModule,
+    module: HasExpression,
     batches: Iterator[Minibatch],
     transform_batch: int | None = None,
     library_size: float = 1.0,
@@ -77,19 +77,18 @@ def normalized_expression(
         for batch in batches:
             inputs = module.unpack(batch.to(device))
             inference = module.inference(inputs)
-            if transform_batch is not None:
-                inputs = replace(inputs, batch_index=torch.full_like(inputs.batch_index, transform_batch))
             qz = inference["qz"]
             total = torch.zeros(len(batch), module.n_genes, device=device)
             for _ in range(n_samples):
                 noise = torch.randn(qz.loc.shape, generator=generator, device="cpu").to(device)
-                total += module.generative(qz.loc + qz.scale * noise, inference["library"], inputs)["px_scale"]
+                z = qz.loc + qz.scale * noise
+                total += expression_scale(module, inputs, z, inference["library"], transform_batch)
             expression = total * (library_size / n_samples)
             if gene_indices is not None:
                 expression = expression[:, torch.as_tensor(gene_indices, device=device)]
             yield batch.rows.numpy(), expression.float().cpu().numpy()
 
 
-def elbo(module: SCVIModule, batches: Iterator[Minibatch]) -> tuple[float, float, float]:
+def elbo(module: Trainable, batches: Iterator[Minibatch]) -> tuple[float, float, float]:
     """(-ELBO, reconstruction, KL) per cell in nats at KL weight 1, each cell counted once."""
     return evaluate(module, batches, _device(module))

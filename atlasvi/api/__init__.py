@@ -1,21 +1,32 @@
 """User-facing model classes (scvi-tools' vocabulary): fit, posterior quantities, save / load.
 
 They compose the layers below (module, training loop, streaming analysis); nothing below imports them.
+Which class a saved model is comes from the model registry (`atlasvi.models.registry`).
 """
 
+from importlib import import_module
 from pathlib import Path
 
+from atlasvi.api.base import AtlasModel
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
+from atlasvi.models.registry import ENTRIES, ModelEntry
 from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
-__all__ = ["METHODS", "SCANVI", "SCVI", "saved_model_class"]
-
-METHODS: dict[str, type[SCVI]] = {"SCVI": SCVI, "SCANVI": SCANVI}
+__all__ = ["METHODS", "AtlasModel", "SCANVI", "SCVI", "saved_model_class", "user_class"]
 
 
-def saved_model_class(directory: str | Path) -> type[SCVI]:
-    """The class (SCVI or SCANVI) of the model saved in `directory`, from its model.json."""
+def user_class(entry: ModelEntry) -> type[AtlasModel]:
+    """The user-facing class of a registry entry ("module:Class" in `entry.user_class`)."""
+    module, name = entry.user_class.split(":")
+    return getattr(import_module(module), name)
+
+
+METHODS: dict[str, type[AtlasModel]] = {entry.saved_name: user_class(entry) for entry in ENTRIES}
+
+
+def saved_model_class(directory: str | Path) -> type[AtlasModel]:
+    """The class (SCVI or SCANVI) of the model saved in `directory`, from its model.json's method."""
     method = read_meta(Path(directory))["method"]
     if method not in METHODS:
         raise ModelFileError(f"{Path(directory) / META_NAME}: a saved {method} model; atlasvi loads {sorted(METHODS)}")

@@ -1,7 +1,8 @@
 """`SCANVI`: scANVI label transfer on an atlas store, as scvi-tools users know it.
 
-Everything of `SCVI` (fit, latent, normalized expression, save / load, `load_query_data` for scArches),
-plus `from_scvi_model`, `predict` and `write_predictions`. The store's labels key gives the labels;
+`AtlasModel` (fit, latent, save / load, `load_query_data` for scArches) with normalized expression and DE
+(`ExpressionExtras`, as scvi-tools' SCANVI has them), `predict` and `write_predictions` (`ClassifierExtras`),
+plus `from_scvi_model`. The store's labels key gives the labels;
 cells whose label is the config's `unlabeled_category` (`BuildConfig.unlabeled_category`, also given
 to missing labels and to the cells of `BuildConfig.unlabeled_batches`) are unlabeled. A store with
 label categories the model has not seen (or none at all: a query study) has those cells unlabeled.
@@ -10,20 +11,19 @@ label categories the model has not seen (or none at all: a query study) has thos
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
-from atlasvi.analysis.labels import class_probabilities
-from atlasvi.api.scvi import SCVI, _stack, _write
+from atlasvi.api.extras import ClassifierExtras, ExpressionExtras
+from atlasvi.api.scvi import SCVI
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import AtlasStore, StoreSchema
-from atlasvi.data.writeback import ObsCategoricalWriter
 from atlasvi.models.saving import check_compatible
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.train import EpochRecord, TrainConfig
 
 __all__ = ["SCANVI"]
+
+SCVI_SHARED = ("z_encoder.", "l_encoder.", "decoder.", "px_r")  # weights a scANVI takes from its scVI
 
 
 def _with_unlabeled(schema: StoreSchema, unlabeled_category: str) -> StoreSchema:
@@ -36,7 +36,7 @@ def _with_unlabeled(schema: StoreSchema, unlabeled_category: str) -> StoreSchema
     return replace(schema, categorical=schema.categorical | {schema.labels_key: (*labels, unlabeled_category)})
 
 
-class SCANVI(SCVI):
+class SCANVI(ClassifierExtras, ExpressionExtras):
     """scANVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
 
     was_pretrained: initialised from a trained scVI (`from_scvi_model`); fit's default epochs are then
@@ -92,9 +92,7 @@ class SCANVI(SCVI):
             classification_ratio=classification_ratio, linear_classifier=linear_classifier,
         )  # fmt: skip
         model = cls(scvi_model.store, config, device or scvi_model.device.type, registry=scvi_model.schema, seed=seed)
-        missing, unexpected = model.module.load_state_dict(scvi_model.module.state_dict(), strict=False)
-        if unexpected or any(k.startswith(("z_encoder.", "l_encoder.", "decoder.", "px_r")) for k in missing):
-            raise ValueError(f"the scVI weights do not fit this scANVI: missing {missing}, unexpected {unexpected}")
+        model.init_from(scvi_model, SCVI_SHARED)
         model.was_pretrained = True
         return model
 
@@ -111,55 +109,3 @@ class SCANVI(SCVI):
             default = min(round(20000 / self.store.n_cells * 400), 400)
             train = train.model_copy(update={"max_epochs": int(min(10, max(2, round(default / 3.0))))})
         return super().fit(train, loader, checkpoint_dir, on_epoch_end)
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """The classes, in the order of the probability columns."""
-        return self.module.label_names
-
-    def predict(
-        self,
-        store: AtlasStore | str | Path | None = None,
-        rows: tuple[int, int] | None = None,
-        soft: bool = False,
-        batch_size: int = 1024,
-    ) -> np.ndarray | pd.DataFrame:
-        """The most probable label of each row (soft=False), or a DataFrame of q(y | z1) per class (rows sum to 1)."""
-        with self._own_rng():
-            probabilities = _stack(
-                class_probabilities(self.module, self._batches(store, rows, batch_size)), len(self.labels)
-            )
-        if soft:
-            return pd.DataFrame(probabilities, columns=list(self.labels))
-        return np.asarray(self.labels, dtype=object)[probabilities.argmax(axis=1)]
-
-    def write_predictions(
-        self,
-        store: AtlasStore | str | Path | None = None,
-        key: str = "scanvi_prediction",
-        probabilities_key: str | None = "scanvi_probabilities",
-        batch_size: int = 1024,
-    ) -> Path:
-        """Predicted labels into obs[key] (categorical) and the probabilities into obsm[probabilities_key]
-        (columns in `labels` order), streaming over the store; returns the obs column's path."""
-        path = self._store_path(store)
-        with self._own_rng(), ObsCategoricalWriter(path, key, list(self.labels)) as labels_writer:
-            parts = class_probabilities(self.module, self._batches(store, None, batch_size))
-            if probabilities_key is None:
-                for _, probabilities in parts:
-                    labels_writer.write(probabilities.argmax(axis=1))
-            else:
-                _write(_tee_argmax(parts, labels_writer), path, "obsm", probabilities_key, len(self.labels))
-            return labels_writer.commit()
-
-    def write_latent_representation(
-        self, store: AtlasStore | str | Path | None = None, key: str = "X_scanvi", batch_size: int = 1024
-    ) -> Path:
-        """Write the posterior means of z1 into obsm[key] of a local store, chunk by chunk."""
-        return super().write_latent_representation(store, key, batch_size)
-
-
-def _tee_argmax(parts, writer: ObsCategoricalWriter):
-    for rows, probabilities in parts:
-        writer.write(probabilities.argmax(axis=1))
-        yield rows, probabilities

@@ -2,7 +2,7 @@
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pandas as pd
 import typer
@@ -10,10 +10,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
+from atlasvi.analysis.de import DEConfig
 from atlasvi.api import saved_model_class
-from atlasvi.cli.common import progress_bars
+from atlasvi.cli.common import make_config, progress_bars
 from atlasvi.data import open_store
 from atlasvi.errors import AtlasviError
+
+
+def _help(field: str) -> str:
+    return DEConfig.model_fields[field].description or ""
+
+
+def _default(field: str) -> Any:
+    return DEConfig.model_fields[field].default
 
 
 def de_command(
@@ -21,33 +30,35 @@ def de_command(
     groupby: Annotated[str, typer.Option(help="categorical obs column of the store holding the groups")],
     group1: Annotated[list[str] | None, typer.Option(help="group(s) to test (default: every group)")] = None,
     group2: Annotated[str | None, typer.Option(help="reference group (default: the rest of the cells)")] = None,
-    mode: Annotated[str, typer.Option(help="change (LFC, FDR) or vanilla (P(h1 > h2))")] = "change",
-    delta: Annotated[float, typer.Option(help="change mode: |LFC| below this is no change")] = 0.25,
-    fdr_target: Annotated[float, typer.Option(help="posterior expected FDR of the is_de_fdr column")] = 0.05,
-    batch_correction: Annotated[bool, typer.Option(help="decode each group in every batch")] = False,
-    n_samples_overall: Annotated[int, typer.Option(help="posterior draws per group")] = 5000,
+    mode: Annotated[str, typer.Option(help=_help("mode"))] = _default("mode"),
+    delta: Annotated[float, typer.Option(help=_help("delta"))] = _default("delta"),
+    fdr_target: Annotated[float, typer.Option(help=_help("fdr_target"))] = _default("fdr_target"),
+    batch_correction: Annotated[bool, typer.Option(help=_help("batch_correction"))] = _default("batch_correction"),
+    n_samples_overall: Annotated[int, typer.Option(help=_help("n_samples_overall"))] = _default("n_samples_overall"),
     store: Annotated[str | None, typer.Option(help="store to test on (default: the model's training store)")] = None,
     output: Annotated[Path | None, typer.Option(help="CSV of the whole result (gene rows per comparison)")] = None,
     top: Annotated[int, typer.Option(help="genes shown per comparison")] = 10,
-    seed: Annotated[int, typer.Option(help="seed of the cell picks and posterior draws")] = 0,
+    seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Bayesian DE (scvi-tools' change / vanilla modes) of groups of a store's cells; prints the top genes."""
-    if mode not in ("change", "vanilla"):
-        raise typer.BadParameter(f"--mode is change or vanilla, not {mode!r}")
+    flags = dict(
+        mode=mode, delta=delta, fdr_target=fdr_target, batch_correction=batch_correction,
+        n_samples_overall=n_samples_overall, seed=seed,
+    )  # fmt: skip
+    config = make_config(DEConfig, [("flags", flags)])
     model_class = saved_model_class(model)
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         task = bars.add_task("DE comparisons", total=None)
         try:
             result = scvi.differential_expression(
-                groupby, group1=group1, group2=group2, mode=mode, delta=delta, fdr_target=fdr_target,
-                batch_correction=batch_correction, n_samples_overall=n_samples_overall, seed=seed,
+                groupby, group1=group1, group2=group2, config=config,
                 progress=lambda done, total: bars.update(task, completed=done, total=total),
             )  # fmt: skip
         except (KeyError, ValueError) as err:  # a group or column the store lacks, named by the analysis
             raise AtlasviError(str(err.args[0] if isinstance(err, KeyError) else err)) from err
-    _print_top(result, mode, fdr_target, top)
+    _print_top(result, config.mode, config.fdr_target, top)
     if output is not None:
         _write_csv(result, output)
         Console().print(f"wrote {output} ({len(result)} rows)")

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
 from atlasvi.analysis.plots import loss_curves_png, scanvi_loss_curves_png
-from atlasvi.api import SCANVI, SCVI, saved_model_class
+from atlasvi.analysis.protocols import HasClassifier
+from atlasvi.api import AtlasModel, saved_model_class
 from atlasvi.cli.common import console, progress_bars, tracking_uri
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.errors import AtlasviError
@@ -16,10 +17,8 @@ from atlasvi.models.surgery import SurgeryConfig
 from atlasvi.tracking import MlflowRun
 from atlasvi.train import EpochRecord, TrainConfig
 
-LATENT_KEYS = {"SCVI": "X_scvi", "SCANVI": "X_scanvi"}
 
-
-def _query_model(reference: Path, query: Path, device: str, surgery: SurgeryConfig, seed: int) -> SCVI:
+def _query_model(reference: Path, query: Path, device: str, surgery: SurgeryConfig, seed: int) -> AtlasModel:
     """The reference extended to the query's batches; an error names the problem."""
     try:
         return saved_model_class(reference).load_query_data(
@@ -29,6 +28,20 @@ def _query_model(reference: Path, query: Path, device: str, surgery: SurgeryConf
         raise
     except (FileNotFoundError, ValueError) as err:  # the model layer's plain errors name the file at fault
         raise AtlasviError(str(err)) from err
+
+
+def fit_tracked(
+    model: AtlasModel, train: TrainConfig, loader: LoaderConfig, run: MlflowRun, what: str, n_epochs: int | None
+) -> list[EpochRecord]:
+    """model.fit with a progress bar of epochs (`what`, the last held-out -ELBO) and each epoch logged to `run`."""
+    with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
+        task = bars.add_task(f"{what} (epochs)", total=n_epochs)
+
+        def on_epoch_end(record: EpochRecord) -> None:
+            run.log_epoch(record)
+            bars.update(task, completed=record.epoch + 1, description=f"{what}, -ELBO {record.validation_elbo:.1f}")
+
+        return model.fit(train, loader, on_epoch_end=on_epoch_end)
 
 
 def map_query_command(
@@ -50,7 +63,8 @@ def map_query_command(
     curves, and leaves an MLflow run with the whole config and per-epoch metrics."""
     surgery = SurgeryConfig()
     model = _query_model(reference, query, device, surgery, seed)
-    method, key = model.method, latent_key or LATENT_KEYS[model.method]
+    method, key = model.method, latent_key or model.entry.latent_key
+    classifies = isinstance(model.module, HasClassifier)  # predictions and the classification-loss figure
     out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
     query_batches = list(model.store.schema.batch_categories)
     console.print(f"{method} reference {reference}; query {model.schema.batch_key}: {query_batches}")
@@ -71,26 +85,18 @@ def map_query_command(
         "train": train.model_dump(mode="json"),
         "loader": loader.model_dump(mode="json"),
     }
-    if isinstance(model, SCANVI):
+    if classifies:
         params["prediction_key"] = prediction_key
     n_epochs = train.epochs_for(round(model.store.n_cells * (1 - train.validation_fraction)))
     with MlflowRun(tracking_uri(), experiment, run_name or out.name, tags={"method": method, "query": "true"}) as run:
         run.log_params(params)
-        with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
-            task = bars.add_task("query training (epochs)", total=n_epochs)
-
-            def on_epoch_end(record: EpochRecord) -> None:
-                run.log_epoch(record)
-                description = f"query training, -ELBO {record.validation_elbo:.1f}"
-                bars.update(task, completed=record.epoch + 1, description=description)
-
-            history = model.fit(train, loader, on_epoch_end=on_epoch_end)
+        history = fit_tracked(model, train, loader, run, "query training", n_epochs)
         written = [model.write_latent_representation(key=key)]
-        if isinstance(model, SCANVI):
+        if classifies:
             written.append(model.write_predictions(key=prediction_key))
         saved = model.save(out)
         run.log_artifact(saved, "model")
-        if isinstance(model, SCANVI):
+        if classifies:
             figure = scanvi_loss_curves_png(history, model.config.classification_ratio, out / "loss_curves.png")
         else:
             figure = loss_curves_png(history, out / "loss_curves.png")

@@ -6,17 +6,17 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.plots import scanvi_loss_curves_png
 from atlasvi.api import SCANVI, SCVI, saved_model_class
-from atlasvi.cli.common import console, progress_bars, tracking_uri
+from atlasvi.cli.common import console, tracking_uri
+from atlasvi.cli.map_query import fit_tracked
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import is_url
 from atlasvi.errors import AtlasviError
 from atlasvi.tracking import MlflowRun
-from atlasvi.train import EpochRecord, TrainConfig
+from atlasvi.train import TrainConfig
 
 
 def _from_scvi(scvi_model: Path, store: str | None, device: str, seed: int, unlabeled: str, ratio: float) -> SCANVI:
@@ -40,7 +40,7 @@ def scanvi_command(
     unlabeled_category: Annotated[str, typer.Option(help="label of unlabeled cells")] = "Unknown",
     classification_ratio: Annotated[float, typer.Option(help="weight of the cross-entropy")] = 50.0,
     prediction_key: Annotated[str, typer.Option(help="obs column")] = "scanvi_prediction",
-    latent_key: Annotated[str, typer.Option(help="obsm key of the latent")] = "X_scanvi",
+    latent_key: Annotated[str | None, typer.Option(help="obsm key of the latent (default: X_scanvi)")] = None,
     seed: Annotated[int, typer.Option(help="seed of init and shuffling")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "atlasvi",
@@ -52,6 +52,7 @@ def scanvi_command(
     model in OUTPUT/model and leaves an MLflow run with the whole config, per-epoch metrics and figures."""
     model = _from_scvi(scvi_model, store, device, seed, unlabeled_category, classification_ratio)
     out = output or scvi_model.parent / "scanvi"
+    latent_key = latent_key or model.entry.latent_key
     train, loader = TrainConfig(max_epochs=max_epochs, seed=seed), LoaderConfig(seed=seed)
     params = {
         "scvi_model": str(scvi_model),
@@ -67,17 +68,9 @@ def scanvi_command(
         "train": train.model_dump(mode="json"),
         "loader": loader.model_dump(mode="json"),
     }
-    with MlflowRun(tracking_uri(), experiment, run_name or out.name, tags={"method": "SCANVI"}) as tracker:
+    with MlflowRun(tracking_uri(), experiment, run_name or out.name, tags={"method": model.method}) as tracker:
         tracker.log_params(params)
-        with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
-            task = bars.add_task("training scANVI (epochs)", total=None)
-
-            def on_epoch_end(record: EpochRecord) -> None:
-                tracker.log_epoch(record)
-                description = f"training scANVI, -ELBO {record.validation_elbo:.1f}"
-                bars.update(task, completed=record.epoch + 1, description=description)
-
-            history = model.fit(train, loader, on_epoch_end=on_epoch_end)
+        history = fit_tracked(model, train, loader, tracker, "training scANVI", None)
         out.mkdir(parents=True, exist_ok=True)
         figure = scanvi_loss_curves_png(history, classification_ratio, out / "loss_curves.png")
         tracker.log_artifact(figure, "figures")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from atlasvi.analysis import de
+from atlasvi.analysis.protocols import HasClassifier, HasExpression
 from atlasvi.api import SCVI
 from atlasvi.data import BuildConfig, build_store, open_store
 from atlasvi.data.writeback import ObsCategoricalWriter
@@ -184,6 +185,19 @@ def test_interferon_genes_top_stim_vs_ctrl_on_kang(kang_model):
     assert 0 < model.store.rows_read.sum() <= 200
     with pytest.raises(KeyError, match="no categorical column 'nope'"):
         model.differential_expression("nope")
+
+
+def test_one_de_config_for_keywords_and_overrides(kang_model):
+    model, _ = kang_model
+    assert isinstance(model.module, HasExpression) and not isinstance(model.module, HasClassifier)
+    args = ("group", "B cells_stim", "B cells_ctrl")
+    by_keywords = model.differential_expression(*args, n_samples_overall=200, delta=0.5, seed=3)
+    config = de.DEConfig(n_samples_overall=200, delta=0.5, seed=7)
+    by_config = model.differential_expression(*args, config=config, seed=3)
+    pd.testing.assert_frame_equal(by_keywords, by_config)  # a keyword overrides the config's option
+    assert config.seed == 7 and de.DEConfig().n_samples_overall == 5000
+    with pytest.raises(ValueError, match="n_sample_overall"):
+        model.differential_expression(*args, n_sample_overall=10)
 
 
 def test_groupby_an_obs_column_written_after_the_build(kang_model):

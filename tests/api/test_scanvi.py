@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from atlasvi.api import SCANVI, SCVI
+from atlasvi.analysis.protocols import HasClassifier, HasExpression
+from atlasvi.api import METHODS, SCANVI, SCVI, AtlasModel, saved_model_class, user_class
 from atlasvi.data import BuildConfig, build_store, open_store
+from atlasvi.models.registry import ENTRIES
 from atlasvi.train import TrainConfig
 from tests.conftest import KANG
 
@@ -46,6 +48,19 @@ def test_from_scvi_model_starts_from_the_trained_scvi(transfer):
     for name, value in scvi.module.state_dict().items():
         assert torch.equal(fresh.module.state_dict()[name], value), name
     np.testing.assert_array_equal(fresh.get_latent_representation(), scvi.get_latent_representation())
+
+
+def test_method_classes_compose_the_base_and_resolve_through_the_registry(transfer, tmp_path):
+    scvi, scanvi, _, _ = transfer
+    assert not issubclass(SCANVI, SCVI) and issubclass(SCANVI, AtlasModel) and issubclass(SCVI, AtlasModel)
+    assert METHODS == {entry.saved_name: user_class(entry) for entry in ENTRIES} == {"SCVI": SCVI, "SCANVI": SCANVI}
+    assert (scvi.entry.latent_key, scanvi.entry.latent_key) == ("X_scvi", "X_scanvi")
+    assert isinstance(scanvi.module, HasClassifier) and isinstance(scanvi.module, HasExpression)
+    assert not isinstance(scvi.module, HasClassifier)
+    assert saved_model_class(scanvi.save(tmp_path / "scanvi")) is SCANVI
+    with pytest.raises(ValueError, match=r"a SCVI model starts from \[\], not a SCANVI"):
+        SCVI(scvi.store, device="cpu").init_from(scanvi, ())
+    assert scanvi.differential_expression("cell_type", "B cells", n_samples_overall=50, all_stats=False).shape[0] == 400
 
 
 def test_labels_transfer_to_the_unlabeled_query(transfer):

@@ -1,0 +1,181 @@
+"""Extras a method class adds to `AtlasModel` (scvi-tools' names): normalized expression and DE for a module
+with a decoder, predictions for a module with a classifier (see `atlasvi.analysis.protocols`)."""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from atlasvi.analysis import de, normalized_expression
+from atlasvi.analysis.labels import class_probabilities
+from atlasvi.api.base import AtlasModel, _stack, _write
+from atlasvi.data import open_store
+from atlasvi.data.store import AtlasStore
+from atlasvi.data.writeback import ObsCategoricalWriter
+
+__all__ = ["ClassifierExtras", "ExpressionExtras"]
+
+
+class ExpressionExtras(AtlasModel):
+    """Normalized expression (get / write) and Bayesian DE of a model whose module has a decoder."""
+
+    def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        lookup = {g: i for i, g in enumerate(self.schema.gene_names)} | {
+            g: i for i, g in enumerate(self.schema.gene_ids)
+        }
+        missing = [g for g in gene_list if g not in lookup]
+        if missing:
+            raise KeyError(f"genes not in the model: {missing[:5]}")
+        return np.array([lookup[g] for g in gene_list])
+
+    def _batch_code(self, transform_batch: str | None) -> int | None:
+        if transform_batch is None:
+            return None
+        categories = self.schema.batch_categories
+        if transform_batch not in categories:
+            raise KeyError(f"transform_batch {transform_batch!r} is not a {self.schema.batch_key}: {categories}")
+        return categories.index(transform_batch)
+
+    def get_normalized_expression(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        rows: tuple[int, int] | None = None,
+        transform_batch: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float = 1.0,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """(n_rows, n_genes) library-size normalized expression (px_scale x library_size), rows in order.
+
+        transform_batch: a batch category to decode every cell as; gene_list: names or ids to keep.
+        """
+        genes = self._gene_indices(gene_list)
+        parts = normalized_expression(
+            self.module, self._batches(store, rows, batch_size), self._batch_code(transform_batch), library_size,
+            n_samples, genes, torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        with self._own_rng(seed):
+            return _stack(parts, self.schema.n_genes if genes is None else len(genes))
+
+    def write_normalized_expression(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        layer: str = "scvi_normalized",
+        transform_batch: str | None = None,
+        library_size: float = 1e4,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> Path:
+        """Write normalized expression of every cell and gene into layers[layer], chunk by chunk."""
+        parts = normalized_expression(
+            self.module, self._batches(store, None, batch_size), self._batch_code(transform_batch), library_size,
+            n_samples, None, torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        with self._own_rng(seed):
+            return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
+
+    def differential_expression(
+        self,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: np.ndarray | Sequence[int] | None = None,
+        idx2: np.ndarray | Sequence[int] | None = None,
+        store: AtlasStore | str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        config: de.DEConfig | None = None,
+        **overrides: Any,
+    ) -> pd.DataFrame:
+        """Bayesian DE as scvi-tools' (see `atlasvi.analysis.de`): `groupby` (a categorical obs column of the
+        store) with group1 (default: each group) vs group2 (default: the rest), or row masks / indices
+        idx1 vs idx2. Only the sampled cells' rows are read, plus one streaming pass for the raw-count
+        columns. The options are `config` (a `DEConfig`) with scvi-tools' keywords (mode, delta, batchid1,
+        seed, ...) as overrides; batchid1 / batchid2 are batch names. mode "change" (scvi-tools' default is
+        "vanilla") adds the LFC columns and is_de_fdr_<target>.
+        """
+        options = de.DEConfig.model_validate({**(config or de.DEConfig()).model_dump(exclude_unset=True), **overrides})
+        batch_codes = {
+            key: [self._batch_code(str(b)) for b in names]
+            for key, names in (("batchid1", options.batchid1), ("batchid2", options.batchid2))
+            if names is not None
+        }
+        opened = self.store if store is None else (store if isinstance(store, AtlasStore) else open_store(store))
+        code_maps = self.code_maps if store is None else self._code_maps(opened)
+        if idx1 is not None:
+            codes, categories = de.index_codes(opened.n_cells, np.asarray(idx1), idx2), ("one", "two")
+            group1, group2 = ["one"], None if idx2 is None else "two"
+        elif groupby is not None:
+            codes, categories = opened.read_obs_categorical(groupby)
+        else:
+            raise ValueError("give groupby (an obs column) or idx1")
+        with self._own_rng(options.seed):
+            return de.differential_expression(
+                self.module,
+                opened,
+                codes,
+                categories,
+                group1=[group1] if isinstance(group1, str) else group1,
+                group2=group2,
+                config=options.model_copy(update=batch_codes),
+                label_comparisons=idx1 is None,
+                code_maps=code_maps,
+                progress=progress,
+            )
+
+
+class ClassifierExtras(AtlasModel):
+    """Label predictions (q(y | z)) of a model whose module has a classifier."""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The classes, in the order of the probability columns."""
+        return self.module.label_names
+
+    def predict(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        rows: tuple[int, int] | None = None,
+        soft: bool = False,
+        batch_size: int = 1024,
+    ) -> np.ndarray | pd.DataFrame:
+        """The most probable label of each row (soft=False), or a DataFrame of q(y | z1) per class (rows sum to 1)."""
+        with self._own_rng():
+            probabilities = _stack(
+                class_probabilities(self.module, self._batches(store, rows, batch_size)), len(self.labels)
+            )
+        if soft:
+            return pd.DataFrame(probabilities, columns=list(self.labels))
+        return np.asarray(self.labels, dtype=object)[probabilities.argmax(axis=1)]
+
+    def write_predictions(
+        self,
+        store: AtlasStore | str | Path | None = None,
+        key: str = "scanvi_prediction",
+        probabilities_key: str | None = "scanvi_probabilities",
+        batch_size: int = 1024,
+    ) -> Path:
+        """Predicted labels into obs[key] (categorical) and the probabilities into obsm[probabilities_key]
+        (columns in `labels` order), streaming over the store; returns the obs column's path."""
+        path = self._store_path(store)
+        with self._own_rng(), ObsCategoricalWriter(path, key, list(self.labels)) as labels_writer:
+            parts = class_probabilities(self.module, self._batches(store, None, batch_size))
+            if probabilities_key is None:
+                for _, probabilities in parts:
+                    labels_writer.write(probabilities.argmax(axis=1))
+            else:
+                _write(_tee_argmax(parts, labels_writer), path, "obsm", probabilities_key, len(self.labels))
+            return labels_writer.commit()
+
+
+def _tee_argmax(parts, writer: ObsCategoricalWriter):
+    for rows, probabilities in parts:
+        writer.write(probabilities.argmax(axis=1))
+        yield rows, probabilities
