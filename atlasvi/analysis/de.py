@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from atlasvi.analysis.posterior import normalized_expression
 from atlasvi.analysis.protocols import HasExpression
 from atlasvi.data import Minibatch
+from atlasvi.data.loader import minibatch_from_rows
 from atlasvi.data.store import AtlasStore
 
 EPS = 1e-8  # scvi-tools' eps inside the Bayes factor logs
@@ -123,23 +124,7 @@ def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int) -> Gro
 def _minibatch(store: AtlasStore, rows: np.ndarray, code_maps: dict[str, torch.Tensor] | None) -> Minibatch:
     """The cells at store rows `rows` (sorted, repeats allowed: one cell per draw) as one minibatch."""
     unique, inverse = np.unique(rows, return_inverse=True)
-    block = store.read_selected(unique)
-    lengths = np.diff(block.indptr)[inverse]
-    starts = block.indptr[:-1][inverse]
-    crow = np.concatenate([[0], np.cumsum(lengths)])
-    elements = np.repeat(starts - crow[:-1], lengths) + np.arange(crow[-1])
-    categorical = {k: torch.from_numpy(v[inverse].astype(np.int64)) for k, v in block.categorical.items()}
-    for key, code_map in (code_maps or {}).items():
-        categorical[key] = code_map[categorical[key]]
-    return Minibatch(
-        torch.from_numpy(crow.astype(np.int32)),
-        torch.from_numpy(block.indices[elements].astype(np.int32)),
-        torch.from_numpy(block.data[elements].astype(np.float32)),
-        store.schema.n_genes,
-        categorical,
-        {k: torch.from_numpy(v[inverse].astype(np.float32)) for k, v in block.continuous.items()},
-        torch.from_numpy(rows.astype(np.int64)),
-    )
+    return minibatch_from_rows(store.read_selected(unique), inverse, store.schema.n_genes, code_maps)
 
 
 def _draw_batches(
