@@ -19,7 +19,7 @@ from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.models.saving import check_compatible
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
-from atlasvi.train import EpochRecord, TrainConfig
+from atlasvi.train import EpochRecord, TrainConfig, default_max_epochs
 
 __all__ = ["SCANVI"]
 
@@ -106,6 +106,6 @@ class SCANVI(ClassifierExtras, ExpressionExtras):
         """As SCVI.fit; the epoch records' extra_metrics hold the labelled cells' classification loss."""
         train = train or TrainConfig()
         if train.max_epochs is None and self.was_pretrained:
-            default = min(round(20000 / self.store.n_cells * 400), 400)
+            default = default_max_epochs(self.store.n_cells)  # all the store's cells, as scvi-tools here
             train = train.model_copy(update={"max_epochs": int(min(10, max(2, round(default / 3.0))))})
         return super().fit(train, loader, checkpoint_dir, on_epoch_end)
