@@ -218,7 +218,7 @@ def loss_check(seed: int) -> dict:
     """scvi-tools' reference in atlasvi: latent agreement, then loss and gradients against scvi-tools' (step "loss")."""
     import anndata as ad
 
-    from atlasvi.models.scvi.module import ScviInputs
+    from atlasvi.models.scvi.module import VAEInputs
 
     _, model = atlasvi_reference(scvi_to_atlasvi(torch.load(WORK / f"ref_scvi_{seed}.pt", weights_only=True)), seed)
     order = {n: i for i, n in enumerate(json.loads((WORK / f"names_scvi_{seed}.json").read_text()))}
@@ -229,7 +229,7 @@ def loss_check(seed: int) -> dict:
     module = model.module.eval()
     x, batch, labels = (torch.from_numpy(a) for a in check_cells())
     with posterior_means():
-        out = module.loss(ScviInputs(x, batch, labels, (), None), kl_weight=0.3)
+        out = module.loss(VAEInputs(x, batch, labels, (), None), kl_weight=0.3)
     out.loss.backward()
     grads = {k: p.grad for k, p in module.named_parameters() if p.grad is not None}
     reference = torch.load(WORK / "loss_check_scvi.pt", weights_only=True)

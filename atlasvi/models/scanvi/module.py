@@ -24,7 +24,7 @@ from torch.distributions import Normal, kl_divergence
 
 from atlasvi.data import Minibatch, StoreSchema
 from atlasvi.models.loss import LossOutput
-from atlasvi.models.scvi.module import SCVIConfig, ScviInputs, SCVIModule
+from atlasvi.models.scvi.module import SCVIConfig, SCVIModule, VAEInputs
 from atlasvi.nn import Encoder, FCLayers
 
 
@@ -100,7 +100,7 @@ class SCANVIModule(SCVIModule):
         """The categorical obs keys whose codes the module reads (batch, covariates, labels)."""
         return (self.batch_key, *self.categorical_keys, self.labels_key)
 
-    def unpack(self, batch: Minibatch) -> ScviInputs:
+    def unpack(self, batch: Minibatch) -> VAEInputs:
         """The module's inputs; labels are class indices, -1 for unlabeled cells (all of them when the
         minibatch has no labels, e.g. a query store built without a labels key)."""
         codes = batch.categorical.get(self.labels_key)
@@ -111,17 +111,17 @@ class SCANVIModule(SCVIModule):
             labels = self.label_to_class[codes.long()]
         return replace(super().unpack(batch), labels=labels)
 
-    def classify(self, inputs: ScviInputs, use_posterior_mean: bool = True) -> torch.Tensor:
+    def classify(self, inputs: VAEInputs, use_posterior_mean: bool = True) -> torch.Tensor:
         """(n, n_labels) logits of q(y | z1) at the posterior mean of z1 (or a draw)."""
         inference = self.inference(inputs)
         z1 = inference["qz"].loc if use_posterior_mean else inference["z"]
         return self.classifier(z1)
 
-    def forward(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
+    def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The loss (DDP hooks its gradient reduction on forward)."""
         return self.loss(inputs, kl_weight)
 
-    def loss(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
+    def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """Minibatch loss; per-cell reconstruction (n,) and KL terms (n,) in nats (see the module docstring).
 
         extra_metrics: classification_loss (mean cross-entropy of the labelled cells; 0 without any) and

@@ -44,7 +44,7 @@ class SCVIConfig(BaseModel):
 
 
 @dataclass(frozen=True)
-class ScviInputs:
+class VAEInputs:
     """A minibatch as the module reads it.
 
     x: (n, n_genes) counts; batch_index: (n,) codes; labels: (n,) codes or None;
@@ -122,12 +122,12 @@ class SCVIModule(nn.Module):
         uses_labels = self.config.dispersion == "gene-label"
         return (self.batch_key, *self.categorical_keys, *((self.labels_key,) if uses_labels else ()))
 
-    def unpack(self, batch: Minibatch) -> ScviInputs:
+    def unpack(self, batch: Minibatch) -> VAEInputs:
         """The module's inputs from a loader minibatch (counts densified on the batch's device)."""
         continuous = (
             torch.stack([batch.continuous[k] for k in self.continuous_keys], dim=-1) if self.continuous_keys else None
         )
-        return ScviInputs(
+        return VAEInputs(
             x=batch.counts(),
             batch_index=batch.categorical[self.batch_key],
             labels=batch.categorical.get(self.labels_key) if self.labels_key else None,  # unused unless gene-label
@@ -135,7 +135,7 @@ class SCVIModule(nn.Module):
             continuous=continuous,
         )
 
-    def inference(self, inputs: ScviInputs) -> dict:
+    def inference(self, inputs: VAEInputs) -> dict:
         """q(z | x) and the library. Returns qz, z (n, n_latent), ql (or None), library (n, 1) log counts."""
         x = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
         codes: tuple[torch.Tensor, ...] = ()
@@ -150,7 +150,7 @@ class SCVIModule(nn.Module):
             ql, library = self.l_encoder(x, *codes)
         return {"qz": qz, "z": z, "ql": ql, "library": library}
 
-    def generative(self, z: torch.Tensor, library: torch.Tensor, inputs: ScviInputs) -> dict:
+    def generative(self, z: torch.Tensor, library: torch.Tensor, inputs: VAEInputs) -> dict:
         """p(x | z, library), p(z) and p(library). Returns px (a count distribution), px_scale, pz, pl."""
         decoder_input = z if inputs.continuous is None else torch.cat([z, inputs.continuous], -1)
         scale, rate, cell_dispersion, zi_logits = self.decoder(
@@ -173,7 +173,7 @@ class SCVIModule(nn.Module):
             pl = Normal(means, variances.sqrt())
         return {"px": px, "px_scale": scale, "pz": pz, "pl": pl}
 
-    def _log_dispersion(self, cell_dispersion: torch.Tensor | None, inputs: ScviInputs) -> torch.Tensor:
+    def _log_dispersion(self, cell_dispersion: torch.Tensor | None, inputs: VAEInputs) -> torch.Tensor:
         if self.config.dispersion == "gene-cell":
             return cell_dispersion
         if self.config.dispersion == "gene":
@@ -181,11 +181,11 @@ class SCVIModule(nn.Module):
         codes = inputs.batch_index if self.config.dispersion == "gene-batch" else inputs.labels
         return F.linear(F.one_hot(codes.long().view(-1), self.px_r.shape[1]).float(), self.px_r)
 
-    def forward(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
+    def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The loss (DDP hooks its gradient reduction on forward)."""
         return self.loss(inputs, kl_weight)
 
-    def loss(self, inputs: ScviInputs, kl_weight: float = 1.0) -> LossOutput:
+    def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """Minibatch loss; per-cell reconstruction (n,) and KL terms (n,) in nats."""
         inference = self.inference(inputs)
         generative = self.generative(inference["z"], inference["library"], inputs)
