@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from atlasvi.data import LoaderConfig, open_store, split_rows
-from atlasvi.models.scvi import SCVIConfig, SCVIModule
 from atlasvi.train import EpochRecord, TrainConfig, fit
-from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec
 from atlasvi.train.loop import read_checkpoint
 
 
@@ -52,9 +51,10 @@ def run(spec: dict) -> dict:
     if workers == 1:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        torch.manual_seed(spec["seed"])
-        module = SCVIModule(store.schema, SCVIConfig()).to(device)
-        train_loader, validation = make_loaders(store, loader, train.validation_fraction)
+        job = TrainJobConfig(store=spec["store"], train=train, loader=loader)
+        built = module_spec(job, store)
+        module = build_module(job.model, built.schema, spec["seed"]).to(device)
+        train_loader, validation = make_loaders(store, loader, train.validation_fraction, code_maps=built.code_maps)
         with train_loader, validation:
             history = fit(module, train_loader, validation, train)
         if device.type == "cuda":

@@ -26,9 +26,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from atlasvi.data import open_store
-from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import EpochRecord, fit
-from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.job import ModuleSpec, TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 from atlasvi.train.loop import CHECKPOINT_NAME
 
 
@@ -81,10 +80,13 @@ def _worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(config["cpu_threads"])
+    spec: ModuleSpec = config["module"]
     store = open_store(config["store"], backend=job.loader.backend)
-    torch.manual_seed(job.train.seed)  # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    module = SCVIModule(store.schema, job.model).to(device)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, rank, world_size)
+    # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
+    module = build_module(job.model, spec.schema, job.train.seed, spec.init_state).to(device)
+    train, validation = make_loaders(
+        store, job.loader, job.train.validation_fraction, rank, world_size, code_maps=spec.code_maps
+    )
     local = Path(tempfile.mkdtemp(prefix=f"atlasvi-rank{rank}-"))
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -104,7 +106,7 @@ def _worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{record.epoch:05d}")
 
     with train, validation:
-        fit(module, train, validation, job.train, checkpoint_dir=local, on_epoch_end=on_epoch_end)
+        fit(module, train, validation, pretrained_train(job, store), checkpoint_dir=local, on_epoch_end=on_epoch_end)
     shutil.rmtree(local, ignore_errors=True)
 
 
@@ -121,12 +123,14 @@ def train_distributed(
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     on_restart: Callable[[int], None] | None = None,
     callbacks: list | None = None,
+    spec: ModuleSpec | None = None,
 ) -> tuple[Path, dict]:
     """Train in `run.num_workers` Ray Train workers; returns (the final checkpoint file, rank 0's last metrics).
 
     Ray must be initialised (ray.init) by the caller. on_epoch_end / on_restart run on rank 0 (they are
     pickled into the worker). `store` must be readable from every node (shared filesystem or URL).
-    callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback).
+    callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback). spec: the module's registry,
+    code maps and start weights, shipped to the workers (None: `module_spec` of the job on `store`, read here).
     """
     if not Path(run.storage_path).is_absolute() and "://" not in run.storage_path:
         raise ValueError(f"storage_path {run.storage_path!r} must be absolute (or a URI): every node writes there")
@@ -136,6 +140,7 @@ def train_distributed(
             "job": job.model_dump(mode="json"),
             "store": store,
             "hooks": _Hooks(on_epoch_end, on_restart),
+            "module": spec or module_spec(job, open_store(store, backend=job.loader.backend)),
             "cpu_threads": run.cpu_threads,
         },
         scaling_config=ScalingConfig(

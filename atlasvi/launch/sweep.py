@@ -29,9 +29,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from atlasvi.data import open_store
 from atlasvi.launch.ray_train import DistributedConfig, train_distributed
-from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import EpochRecord, fit
-from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 from atlasvi.train.loop import CHECKPOINT_NAME
 
 TRIAL_CPU = 0.01  # a trial's function only drives its Ray Train workers
@@ -203,9 +202,9 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
         return
     torch.set_num_threads(1)
     store = open_store(config["store"], backend=job.loader.backend)
-    torch.manual_seed(job.train.seed)
-    module = SCVIModule(store.schema, job.model)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction)
+    spec = module_spec(job, store)
+    module = build_module(job.model, spec.schema, job.train.seed, spec.init_state)
+    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
     with tempfile.TemporaryDirectory(prefix="atlasvi-trial-") as scratch:
         checkpoint_dir = Path(scratch)
         restored = tune.get_checkpoint()
@@ -221,7 +220,14 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
             tune.report({**metrics, "epochs_done": record.epoch + 1}, checkpoint=Checkpoint.from_directory(scratch))
 
         with train, validation:
-            fit(module, train, validation, job.train, checkpoint_dir=checkpoint_dir, on_epoch_end=report)
+            fit(
+                module,
+                train,
+                validation,
+                pretrained_train(job, store),
+                checkpoint_dir=checkpoint_dir,
+                on_epoch_end=report,
+            )
 
 
 def concurrent_trials(sweep: SweepConfig) -> int:
@@ -255,8 +261,11 @@ def run_sweep(
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
+        job = sweep.job
+        if job.init_from is not None:  # a trial's working directory is its own
+            job = job.model_copy(update={"init_from": str(Path(job.init_from).resolve())})
         param_space = {
-            "job": sweep.job.model_dump(mode="json"),
+            "job": job.model_dump(mode="json"),
             "overrides": {k: spec.domain() for k, spec in sweep.search_space.items()},
             "workers": sweep.workers_per_trial,
             "store": store,

@@ -5,23 +5,30 @@ loader and where outputs go; every field has a default that serves (the embedded
 scvi-tools' defaults).
 """
 
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
-from atlasvi.data.store import AtlasStore
-from atlasvi.models.registry import ModelConfig, default_model_config
-from atlasvi.train.loop import TrainConfig
+from atlasvi.data.store import AtlasStore, StoreSchema
+from atlasvi.errors import ConfigError
+from atlasvi.models.registry import ModelConfig, ModelEntry, default_model_config, entry_of, get_entry
+from atlasvi.models.saving import check_compatible, load_weights, read_meta, saved_schema
+from atlasvi.train.loop import TrainConfig, pretrained_max_epochs
 
 
 class TrainJobConfig(BaseModel):
     """`atlasvi train`. store None: the embedded CellBench store (built on first use).
 
     output: folder of the saved model and checkpoints; latent_key: obsm key the latent is written back
-    to (None: not written); umap_cells: cells in the UMAP figure (the store's first rows, a random sample);
+    to (None: not written); init_from: a saved model folder whose weights the model starts from (its method
+    must be in the model's `init_from`; the registry is then the saved model's); umap_cells: cells in the UMAP
+    figure (the store's first rows, a random sample);
     torch_threads: CPU intra-op threads (None: see `cpu_threads`). num_workers > 1 trains in Ray Train
     workers (use_gpu: one GPU each), restarting the group up to max_failures times; storage_path: where
     Ray persists checkpoints, absolute or a URI (None: OUTPUT/ray_results).
@@ -44,6 +51,7 @@ class TrainJobConfig(BaseModel):
     use_gpu: bool = False
     max_failures: int = Field(default=3, ge=0)
     storage_path: str | None = None
+    init_from: str | None = None
 
     def cpu_threads(self, n_cores: int) -> int:
         """torch intra-op threads on CPU: torch_threads, else the cores the loader's read threads leave (>= 1).
@@ -82,3 +90,93 @@ def make_loaders(
     train = StreamingLoader(store, loader, rank, world_size, rows=train_rows, code_maps=code_maps)
     held_out = loader.model_copy(update={"shuffle": False})
     return train, StreamingLoader(store, held_out, rank, world_size, rows=validation_rows, code_maps=code_maps)
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What every runner (plain process, Ray worker, sweep trial) needs to build the job's module; picklable.
+
+    schema: the model's registry; code_maps: store code -> model code per categorical key (for `make_loaders`);
+    init_state: the weights it starts from (`init_from`), else None.
+    """
+
+    schema: StoreSchema
+    code_maps: dict[str, np.ndarray]
+    init_state: dict[str, torch.Tensor] | None = None
+
+
+def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
+    """The job's ModuleSpec on `store`: the registry from the store (or from the `init_from` model, whose
+    method must be one the job's model can start from: ConfigError naming both), the code maps, the weights."""
+    entry = entry_of(job.model)
+    base, init_state = store.schema, None
+    if job.init_from is not None:
+        meta = read_meta(Path(job.init_from))
+        source = get_entry(meta["method"])
+        if source.name not in entry.init_from:
+            raise ConfigError(
+                f"init_from {job.init_from}: a saved {source.name} model; {entry.name} starts only from "
+                f"{', '.join(entry.init_from) or 'no saved model'}"
+            )
+        base, init_state = saved_schema(meta, store.n_cells), load_weights(Path(job.init_from))
+    schema = model_registry(entry, base, job.model)
+    module = build_module(job.model, schema, job.train.seed)
+    maps = model_code_maps(entry, module, schema, store)
+    return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state)
+
+
+def build_module(
+    model: BaseModel, schema: StoreSchema, seed: int, init_state: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """The module of `model`'s registry entry on registry `schema`, its initial weights drawn from `seed` (the
+    global RNG is left as it was); init_state: trained weights it starts from (its shared parts; the rest stays
+    fresh), as scvi-tools' SCANVI.from_scvi_model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = entry_of(model).module_class(schema, model)
+    if init_state is not None:
+        missing, unexpected = module.load_state_dict(init_state, strict=False)
+        if unexpected or any(k.startswith(("z_encoder.", "l_encoder.", "decoder.", "px_r")) for k in missing):
+            raise ConfigError(
+                f"the init_from weights do not fit this model: missing {missing}, unexpected {unexpected}"
+            )
+    return module
+
+
+def pretrained_train(job: TrainJobConfig, store: AtlasStore) -> TrainConfig:
+    """The job's TrainConfig; a model started from trained weights with no max_epochs gets scvi-tools'
+    pretrained rule over every cell of the store (as `atlasvi scanvi`)."""
+    if job.init_from is None or job.train.max_epochs is not None:
+        return job.train
+    return job.train.model_copy(update={"max_epochs": pretrained_max_epochs(store.n_cells)})
+
+
+def model_registry(entry: ModelEntry, schema: StoreSchema, config: BaseModel) -> StoreSchema:
+    """The registry `entry`'s module is built on. Until models/ gives each module class its `registry` hook,
+    scANVI's (the unlabeled category among the labels) is stated here; this function then calls the hook."""
+    if entry.name != "scanvi":
+        return schema
+    if schema.labels_key is None:
+        raise ConfigError("scANVI needs a store built with a labels key (BuildConfig.labels_key)")
+    labels = schema.categorical[schema.labels_key]
+    unlabeled = config.unlabeled_category  # type: ignore[attr-defined]
+    if unlabeled in labels:
+        return schema
+    return replace(schema, categorical=schema.categorical | {schema.labels_key: (*labels, unlabeled)})
+
+
+def model_code_maps(
+    entry: ModelEntry, module: nn.Module, schema: StoreSchema, store: AtlasStore
+) -> dict[str, torch.Tensor]:
+    """Store code -> model code for the keys the module uses. Until models/ has the `code_maps` hook, scANVI's
+    (a labels category the model has not seen is unlabeled) is stated here; this function then calls the hook."""
+    used: tuple[str, ...] = module.used_keys  # type: ignore[assignment]
+    labels_key = schema.labels_key if entry.name == "scanvi" else None
+    maps = check_compatible(schema, store.schema, tuple(k for k in used if k != labels_key), str(store.path))
+    if labels_key is not None and labels_key in store.schema.categorical:
+        known = {c: i for i, c in enumerate(schema.categorical[labels_key])}
+        unlabeled = known[module.config.unlabeled_category]  # type: ignore[union-attr]
+        maps[labels_key] = torch.tensor(
+            [known.get(c, unlabeled) for c in store.schema.categorical[labels_key]], dtype=torch.int64
+        )
+    return maps

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from atlasvi.data import open_store
+from atlasvi.errors import ConfigError
+from atlasvi.models.saving import save_model
+from atlasvi.models.scanvi import SCANVIModule
+from atlasvi.train.job import TrainJobConfig, build_module, module_spec, pretrained_train
+
+
+def _job(**fields) -> TrainJobConfig:
+    return TrainJobConfig.model_validate(fields)
+
+
+def test_scanvi_module_from_the_registry_with_unlabeled_and_code_maps(embedded_store):
+    store = open_store(embedded_store)
+    job = _job(model={"name": "scanvi"})
+    spec = module_spec(job, store)
+    labels = store.schema.categorical["cell_line"]
+    assert spec.schema.categorical["cell_line"] == (*labels, "Unknown")
+    assert set(spec.code_maps) == {"batch", "cell_line"}  # every store code maps to itself
+    assert spec.code_maps["cell_line"].tolist() == list(range(len(labels)))
+    module = build_module(job.model, spec.schema, seed=3)
+    again = build_module(job.model, spec.schema, seed=3)
+    assert isinstance(module, SCANVIModule) and module.n_labels == len(labels)
+    assert all(
+        torch.equal(a, b) for a, b in zip(module.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+
+
+def test_init_from_a_saved_scvi_starts_from_its_weights(embedded_store, tmp_path):
+    store = open_store(embedded_store)
+    scvi_job = _job()
+    scvi = build_module(scvi_job.model, store.schema, seed=1)
+    save_model(tmp_path / "scvi", "SCVI", {"model": scvi_job.model.model_dump()}, store.schema, scvi.state_dict())
+    job = _job(model={"name": "scanvi"}, init_from=str(tmp_path / "scvi"))
+    spec = module_spec(job, store)
+    module = build_module(job.model, spec.schema, job.train.seed, spec.init_state)
+    assert torch.equal(
+        module.state_dict()["decoder.px_decoder.layers.0.0.weight"],
+        scvi.state_dict()["decoder.px_decoder.layers.0.0.weight"],
+    )
+    assert torch.equal(module.px_r, scvi.px_r)
+    assert pretrained_train(job, store).max_epochs == 10  # min(10, max(2, round(400 / 3))) on ~1k cells
+    assert pretrained_train(_job(model={"name": "scanvi"}), store).max_epochs is None
+    save_model(tmp_path / "scanvi", "SCANVI", {"model": job.model.model_dump()}, spec.schema, module.state_dict())
+    with pytest.raises(ConfigError, match="a saved scanvi model; scanvi starts only from scvi"):
+        module_spec(_job(model={"name": "scanvi"}, init_from=str(tmp_path / "scanvi")), store)
+    with pytest.raises(ConfigError, match="a saved scvi model; scvi starts only from no saved model"):
+        module_spec(_job(init_from=str(tmp_path / "scvi")), store)
