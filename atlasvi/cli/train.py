@@ -1,5 +1,6 @@
 """`atlasvi train` and `atlasvi latent`: the main job and writing a saved model's results into a store."""
 
+import importlib
 import json
 import os
 import warnings
@@ -28,9 +29,11 @@ from atlasvi.cli.common import (
 from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
+from atlasvi.models.registry import ModelEntry, entry_of, get_entry
+from atlasvi.models.saving import META_NAME, read_meta
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned, local_tracking_uri
 from atlasvi.train import EpochRecord
-from atlasvi.train.job import TrainJobConfig
+from atlasvi.train.job import ModuleSpec, TrainJobConfig, build_module, module_spec, pretrained_train
 from atlasvi.train.lock import OutputLock, describe
 from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall, read_checkpoint
 
@@ -64,9 +67,19 @@ def _umap(model: SCVI, store: AtlasStore, n_cells: int, path: Path) -> Path | No
     return umap_png(latent, names, path)
 
 
+def _user_class(entry: ModelEntry) -> type[SCVI]:
+    """The user-facing class of a registry entry ("module:Class")."""
+    module, name = entry.user_class.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def train_command(
     config: Annotated[
         Path | None, typer.Option(help="YAML of TrainJobConfig (store, model, train, loader, ...)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="the model (scvi, scanvi); default scvi")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="saved model folder whose weights the model starts from")
     ] = None,
     store: Annotated[str | None, typer.Option(help="atlas store path or URL (default: the embedded one)")] = None,
     output: Annotated[str | None, typer.Option(help="folder for the model, checkpoints and figures")] = None,
@@ -92,7 +105,7 @@ def train_command(
     storage_path: Annotated[str | None, typer.Option(help="where Ray persists checkpoints (absolute / URI)")] = None,
     max_failures: Annotated[int | None, typer.Option(help="worker-group restarts Ray may make")] = None,
 ) -> None:
-    """Train scVI on a store; save the model, write the latent back, leave an MLflow run with its plots."""
+    """Train a model (scVI by default) on a store; save it, write the latent back, leave an MLflow run with plots."""
     sources: list[tuple[str, dict[str, Any]]] = []
     if config is not None:
         sources.append((str(config), load_yaml(config)))
@@ -107,14 +120,25 @@ def train_command(
         "use_gpu": use_gpu,
         "storage_path": storage_path,
         "max_failures": max_failures,
-        "model": {"n_latent": n_latent, "n_layers": n_layers, "n_hidden": n_hidden, "gene_likelihood": gene_likelihood},
+        "init_from": str(init_from) if init_from is not None else None,
+        "model": {
+            "name": model,
+            "n_latent": n_latent,
+            "n_layers": n_layers,
+            "n_hidden": n_hidden,
+            "gene_likelihood": gene_likelihood,
+        },
         "train": {"max_epochs": max_epochs, "n_epochs_kl_warmup": n_epochs_kl_warmup, "lr": lr, "seed": seed},
         "loader": {"batch_size": batch_size, "seed": seed},
     }
+    if init_from is not None:  # the saved model's architecture, under the YAML and the flags
+        saved = read_meta(init_from)["config"]["model"]
+        sources.insert(0, (f"{init_from}/{META_NAME}", {"model": {k: v for k, v in saved.items() if k != "name"}}))
     sources.append(("flags", flags))
     job = make_config(TrainJobConfig, sources)
     opened = open_store(job.store or _embedded_store())
     split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
+    spec = module_spec(job, opened)  # so does an init_from the model cannot start from
     out, uri, ray = Path(job.output), tracking_uri(), job.num_workers > 1 or address is not None
     with OutputLock(out) as lock:  # one writer per output folder
         if lock.taken_over:
@@ -128,17 +152,25 @@ def train_command(
                 f"MLflow run {plan.replaced_run_id}, left RUNNING by a command that was killed, is now KILLED"
             )
         tags = {
-            "method": "SCVI",
+            "method": entry_of(job.model).saved_name,
             "atlasvi.output": plan.record["output"],
             "atlasvi.folder_id": plan.record["folder_id"],
         }
         with MlflowRun(uri, job.experiment, job.run_name or out.name, plan.resume_run_id, tags) as tracker:
             plan.record["mlflow_run_id"] = tracker.run_id
             write_atomic(out / RUN_RECORD, json.dumps(plan.record, indent=1))
-            _train(job, opened, tracker, out, plan, address)
+            _train(job, spec, opened, tracker, out, plan, address)
 
 
-def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Path, plan: Plan, address: str | None):
+def _train(
+    job: TrainJobConfig,
+    spec: ModuleSpec,
+    opened: AtlasStore,
+    tracker: MlflowRun,
+    out: Path,
+    plan: Plan,
+    address: str | None,
+):
     """Train (resuming plan's checkpoint), then save, write back and log everything (`_finish`)."""
     checkpoints = Path(plan.checkpoints)
     shape = {"n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
@@ -146,7 +178,11 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
     if changed:
         console.print(f"resumed with changed settings (kept as MLflow tags): {changed}")
     logged = set(tracker.logged_epochs())
-    model = SCVI(opened, job.model, job.device, seed=job.train.seed)
+    entry = entry_of(job.model)
+    model = _user_class(entry)(opened, job.model, job.device, registry=spec.schema, seed=job.train.seed)
+    if spec.init_state is not None:  # the module is build_module's: same seed, same registry, these weights
+        model.module.load_state_dict(build_module(job.model, spec.schema, job.train.seed, spec.init_state).state_dict())
+    job = job.model_copy(update={"train": pretrained_train(job, opened)})
     if model.device.type == "cpu":
         torch.set_num_threads(job.cpu_threads(os.cpu_count() or 1))
     n_train_cells = opened.n_cells - (model.validation_rows[1] - model.validation_rows[0])
@@ -155,11 +191,11 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
     if plan.resuming:
         console.print(f"resuming from {checkpoints} (MLflow run {tracker.run_id})")
     if plan.record["runner"]["ray"]:
-        history = _train_on_ray(job, model, opened, tracker, plan.checkpoints, address)
+        history = _train_on_ray(job, spec, model, opened, tracker, plan.checkpoints, address)
         _finish(job, model, opened, history, tracker, out)
         return
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
-        task = bars.add_task("training scVI", total=n_epochs)
+        task = bars.add_task(f"training {entry.saved_name}", total=n_epochs)
 
         def on_epoch_end(record: EpochRecord) -> None:
             if record.epoch not in logged:  # a resumed run recomputes, never re-logs, an epoch
@@ -168,7 +204,7 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
             bars.update(
                 task,
                 completed=record.epoch + 1,
-                description=f"training scVI  held-out -ELBO {record.validation_elbo:9.1f}"
+                description=f"training {entry.saved_name}  held-out -ELBO {record.validation_elbo:9.1f}"
                 f"  {record.cells_per_second:8.0f} cells/s",
             )
 
@@ -182,7 +218,13 @@ def _train(job: TrainJobConfig, opened: AtlasStore, tracker: MlflowRun, out: Pat
 
 
 def _train_on_ray(
-    job: TrainJobConfig, model: SCVI, store: AtlasStore, tracker: MlflowRun, checkpoints: str, address: str | None
+    job: TrainJobConfig,
+    spec: ModuleSpec,
+    model: SCVI,
+    store: AtlasStore,
+    tracker: MlflowRun,
+    checkpoints: str,
+    address: str | None,
 ) -> list[EpochRecord]:
     """The same loop in job.num_workers Ray Train workers, persisting checkpoints in `checkpoints` (Ray's
     storage_path/name: a run there is resumed); rank 0 logs into this MLflow run."""
@@ -198,9 +240,11 @@ def _train_on_ray(
     tracker.set_tags({"workers": str(job.num_workers), "ray_storage": checkpoints})
     console.print(f"training in {job.num_workers} Ray Train workers; checkpoints in {checkpoints}")
     connect(address)
-    with console.status(f"training scVI in {job.num_workers} workers (per-epoch figures go to MLflow)"):
+    with console.status(
+        f"training {entry_of(job.model).saved_name} in {job.num_workers} workers (per-epoch figures go to MLflow)"
+    ):
         checkpoint, metrics = train_distributed(
-            job, path_for_workers, run, on_epoch_end=logger, on_restart=logger.restarted
+            job, path_for_workers, run, on_epoch_end=logger, on_restart=logger.restarted, spec=spec
         )
     weights, history = read_checkpoint(checkpoint)
     model.module.load_state_dict(weights)
@@ -223,7 +267,8 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     written = None
     if job.latent_key and not is_url(store.path):
         with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
-            written = model.write_latent_representation(key=job.latent_key, attrs=writer_attrs(out))
+            # SCVI's method: SCANVI's override (its default key only) does not pass attrs on yet
+            written = SCVI.write_latent_representation(model, key=job.latent_key, attrs=writer_attrs(out))
     last = history[-1]
     seconds = sum(r.seconds for r in history)
     final = {
@@ -239,7 +284,7 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     tracker.log_artifact(model_dir, "model")
     figures = _figures(job, model, store, history, tracker, out / "figures")
     tracker.finish()
-    table = Table(title="scVI trained", show_header=False)
+    table = Table(title=f"{entry_of(job.model).saved_name} trained", show_header=False)
     table.add_row("epochs", f"{len(history)} ({seconds:.1f} s, {final['train_cells_per_second']:.0f} cells/s)")
     table.add_row("held-out -ELBO", f"{last.validation_elbo:.2f} nats per cell")
     table.add_row("model", str(model_dir))
@@ -280,7 +325,7 @@ def _figures(
 def latent_command(
     model: Annotated[Path, typer.Option(help="a saved SCVI or SCANVI model folder (OUTPUT/model of `atlasvi train`)")],
     store: Annotated[str | None, typer.Option(help="store to annotate (default: the model's training store)")] = None,
-    key: Annotated[str, typer.Option(help="obsm key of the latent")] = "X_scvi",
+    key: Annotated[str | None, typer.Option(help="obsm key of the latent (default: the model's)")] = None,
     normalized_layer: Annotated[str | None, typer.Option(help="also write normalized expression here")] = None,
     library_size: Annotated[float, typer.Option(help="normalized expression per this many counts")] = 1e4,
     transform_batch: Annotated[str | None, typer.Option(help="decode every cell as this batch")] = None,
@@ -288,6 +333,7 @@ def latent_command(
 ) -> None:
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     model_class = saved_model_class(model)
+    key = key or get_entry(read_meta(model)["method"]).latent_key
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):
         written = [scvi.write_latent_representation(key=key)]

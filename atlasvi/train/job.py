@@ -7,17 +7,25 @@ scvi-tools' defaults).
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.errors import ConfigError
-from atlasvi.models.registry import ModelConfig, ModelEntry, default_model_config, entry_of, get_entry
+from atlasvi.models.registry import (
+    DEFAULT_MODEL,
+    REGISTRY,
+    ModelConfig,
+    ModelEntry,
+    default_model_config,
+    entry_of,
+    get_entry,
+)
 from atlasvi.models.saving import check_compatible, load_weights, read_meta, saved_schema
 from atlasvi.train.loop import TrainConfig, pretrained_max_epochs
 
@@ -26,9 +34,10 @@ class TrainJobConfig(BaseModel):
     """`atlasvi train`. store None: the embedded CellBench store (built on first use).
 
     output: folder of the saved model and checkpoints; latent_key: obsm key the latent is written back
-    to (None: not written); init_from: a saved model folder whose weights the model starts from (its method
-    must be in the model's `init_from`; the registry is then the saved model's); umap_cells: cells in the UMAP
-    figure (the store's first rows, a random sample);
+    to (None: not written); both default to the model's (outputs/NAME, its registry latent key);
+    init_from: a saved model folder whose weights the model starts from (its method must be in the model's
+    `init_from`; the registry is then the saved model's); umap_cells: cells in the UMAP figure (the store's
+    first rows, a random sample);
     torch_threads: CPU intra-op threads (None: see `cpu_threads`). num_workers > 1 trains in Ray Train
     workers (use_gpu: one GPU each), restarting the group up to max_failures times; storage_path: where
     Ray persists checkpoints, absolute or a URI (None: OUTPUT/ray_results).
@@ -52,6 +61,18 @@ class TrainJobConfig(BaseModel):
     max_failures: int = Field(default=3, ge=0)
     storage_path: str | None = None
     init_from: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, data: Any) -> Any:
+        """output and latent_key default to the model's: outputs/NAME and its registry latent key."""
+        if not isinstance(data, dict) or data.get("model") is None:
+            return data
+        model = data["model"]
+        name = model.get("name", DEFAULT_MODEL) if isinstance(model, dict) else getattr(model, "name", DEFAULT_MODEL)
+        if name not in REGISTRY:
+            return data  # the union names the unknown model
+        return {"output": f"outputs/{name}", "latent_key": REGISTRY[name].latent_key} | data
 
     def cpu_threads(self, n_cores: int) -> int:
         """torch intra-op threads on CPU: torch_threads, else the cores the loader's read threads leave (>= 1).

@@ -303,3 +303,30 @@ def test_broken_model_files_are_one_line_naming_file_and_field(quick):
     said = latent_with(good)
     assert "model.pt: not a weights-only model file; loading it would run code from the file, refused" in said
     assert "weights_only" not in said and not marker.exists()
+
+
+def test_train_scanvi_from_a_saved_scvi_is_atlasvi_scanvi(workdir):
+    assert _train("--max-epochs", "2").exit_code == 0
+    args = ["train", "--store", "store.zarr", "--model", "scanvi", "--init-from", "out/model", "--output", "sc"]
+    result = runner.invoke(app, [*args, "--max-epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "SCANVI trained" in result.output
+    assert json.loads((workdir / "sc" / "model" / "model.json").read_text())["method"] == "SCANVI"
+    reference = ["scanvi", "--scvi-model", "out/model", "--output", "ref", "--latent-key", "X_ref", "--max-epochs", "2"]
+    assert runner.invoke(app, reference).exit_code == 0
+    again = runner.invoke(app, ["latent", "--model", "sc/model", "--key", "X_again"])
+    assert again.exit_code == 0, again.output
+    adata = ad.read_zarr(workdir / "store.zarr")
+    assert adata.obsm["X_scanvi"].shape == (1408, 10)
+    np.testing.assert_allclose(adata.obsm["X_scanvi"], adata.obsm["X_ref"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(adata.obsm["X_again"], adata.obsm["X_scanvi"], rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_a_model_the_target_cannot_start_from_is_one_error_line(workdir):
+    assert _train("--max-epochs", "1").exit_code == 0
+    result = runner.invoke(app, ["train", "--store", "store.zarr", "--init-from", "out/model", "--output", "o2"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: init_from out/model: a saved scvi model; scvi starts only from no saved model"
+    ]
+    assert not (workdir / "o2" / "model").exists()

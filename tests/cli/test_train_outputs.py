@@ -104,6 +104,8 @@ def test_resuming_with_settings_that_change_the_result_is_refused_with_the_flag(
     assert "--overwrite" in result.output
     result = _train("--max-epochs", "2", "--lr", "0.01")
     assert result.exit_code == 2 and "train.lr 0.001 -> 0.01" in result.output
+    result = _train("--max-epochs", "2", "--model", "scanvi", "--output", "out")
+    assert result.exit_code == 2 and "model.name scvi -> scanvi" in result.output.replace("\n", "")
     # settings that change nothing computed: a longer run continues the same MLflow run
     result = _train("--max-epochs", "3", "--run-name", "renamed")
     assert result.exit_code == 0, result.output
