@@ -267,8 +267,7 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     written = None
     if job.latent_key and not is_url(store.path):
         with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
-            # SCVI's method: SCANVI's override (its default key only) does not pass attrs on yet
-            written = SCVI.write_latent_representation(model, key=job.latent_key, attrs=writer_attrs(out))
+            written = model.write_latent_representation(key=job.latent_key, attrs=writer_attrs(out))
     last = history[-1]
     seconds = sum(r.seconds for r in history)
     final = {
