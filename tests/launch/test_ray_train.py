@@ -115,32 +115,3 @@ def test_the_same_run_started_again_resumes_from_its_checkpoint(embedded_store, 
     (restart,) = tracker.client.get_metric_history(tracker.run_id, "resumed_at_epoch")
     assert restart.value == 2
     assert [m.step for m in tracker.client.get_metric_history(tracker.run_id, "validation_elbo")] == list(range(EPOCHS))
-
-
-def test_scanvi_from_a_saved_scvi_trains_in_two_workers(embedded_store, tmp_path, ray_local):
-    """scANVI (registry with the unlabeled category, code maps, scVI start weights shipped to the workers) in 2
-    workers: the held-out ELBO of 1 plain process within 2%, and the classification loss is logged."""
-    from atlasvi.data import open_store
-    from atlasvi.models.saving import save_model
-    from atlasvi.train.job import build_module, module_spec
-
-    store = open_store(embedded_store)
-    scvi_job = _job(embedded_store, 64)
-    scvi = build_module(scvi_job.model, store.schema, seed=0)
-    save_model(tmp_path / "scvi", "SCVI", {"model": scvi_job.model.model_dump()}, store.schema, scvi.state_dict())
-    job = scvi_job.model_copy(update={"model": {"name": "scanvi"}, "init_from": str(tmp_path / "scvi")})
-    job = TrainJobConfig.model_validate(job.model_dump())
-    run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="scanvi")
-    checkpoint, _ = train_distributed(job, str(embedded_store), run)
-    weights, two = read_checkpoint(checkpoint)
-    assert any(k.startswith("classifier.") for k in weights)
-
-    spec = module_spec(job, store)
-    module = build_module(job.model, spec.schema, job.train.seed, spec.init_state)
-    train, validation = make_loaders(
-        store, job.loader.model_copy(update={"batch_size": 128}), 0.1, code_maps=spec.code_maps
-    )
-    one = fit(module, train, validation, job.train)
-    assert len(two) == len(one) == EPOCHS
-    assert two[-1].validation_elbo == pytest.approx(one[-1].validation_elbo, rel=0.02)
-    assert two[-1].extra_metrics and set(two[-1].extra_metrics) == set(one[-1].extra_metrics)

@@ -294,22 +294,3 @@ def test_the_best_config_trains_as_is_into_its_own_folder_and_latent_key(workdir
     assert (folder / "best/model/model.pt").exists() and not (workdir / "outputs/scvi").exists()
     obsm = ad.read_zarr(workdir / "store.zarr").obsm
     assert "X_scvi" not in obsm and obsm["X_scvi_best-of-four"].shape == (1408, 6)
-
-
-@pytest.mark.slow
-def test_two_trial_scanvi_sweep_trains_scanvi_in_its_trials(workdir, embedded_store):
-    config = _sweep(workdir, embedded_store, {"model.classification_ratio": {"grid": [10.0, 50.0]}}, "scanvi")
-    config["job"]["model"] = {"name": "scanvi"}
-    (workdir / "scanvi.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["sweep", "--config", "scanvi.yaml"])
-    assert result.exit_code == 0, result.output
-    with (workdir / "outputs/sweeps/scanvi/ranked.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 and {r["status"] for r in rows} == {"FINISHED"}
-    assert all(math.isfinite(float(r["validation_elbo"])) for r in rows)
-    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert {c.data.params["model.classification_ratio"] for c in children} == {"10.0", "50.0"}
-    # scANVI's classification loss of the labelled cells reached Tune in every trial (train_ metrics)
-    assert all(any(k.startswith("train_") for k in c.data.metrics) for c in children)

@@ -1,0 +1,219 @@
+"""The conformance suite: every model in the registry's ENTRIES passes it, and a new entry is tested by being added.
+
+Only the pipeline's public functions are used (registry entry -> TrainJobConfig -> module_spec -> build_module ->
+make_loaders -> fit; the entry's user class for save / load; train_distributed and `atlasvi sweep` in the slow
+tests), so a model is tested as the pipeline runs it. Every model trains on the Kang store (batch, labels and a
+continuous covariate), small (n_latent 4, n_hidden 16 where the config has them), seconds per test on one CPU
+thread; the slow tests (2 Ray Train workers, a 2-trial sweep: a minute or two each) run with `pytest -m slow`.
+"""
+
+import csv
+import importlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from atlasvi.data import LoaderConfig, open_store
+from atlasvi.models.registry import ENTRIES, REGISTRY, ModelEntry
+from atlasvi.train import EpochRecord, TrainConfig, fit
+from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
+
+SMALL = {"n_latent": 4, "n_hidden": 16}  # fields every model config has; applied where the config has them
+EPOCHS = 6
+LOADER = LoaderConfig(batch_size=128, seed=0)
+
+
+def _model(entry: ModelEntry) -> dict:
+    """The job's `model` section: the entry's name and the small architecture."""
+    return {"name": entry.name} | {k: v for k, v in SMALL.items() if k in entry.config_class.model_fields}
+
+
+def _job(entry: ModelEntry, store: Path, **update) -> TrainJobConfig:
+    train = TrainConfig(max_epochs=EPOCHS, n_epochs_kl_warmup=2, seed=0)
+    return TrainJobConfig.model_validate(
+        {"store": str(store), "model": _model(entry), "train": train, "loader": LOADER} | update
+    )
+
+
+def _user_class(entry: ModelEntry) -> type:
+    module, _, name = entry.user_class.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.fixture(scope="module", params=ENTRIES, ids=[entry.name for entry in ENTRIES])
+def entry(request) -> ModelEntry:
+    return request.param
+
+
+def _built(job: TrainJobConfig, seed: int | None = None):
+    """(module, spec, store) of the job through the registry; seed: the initial weights' (default the job's)."""
+    store = open_store(job.store)
+    spec = module_spec(job, store)
+    module = build_module(job.model, spec.schema, job.train.seed if seed is None else seed, spec.init_state)
+    return module, spec, store
+
+
+def _fit(job: TrainJobConfig, checkpoint_dir: Path | None = None, seed: int | None = None):
+    """(module, epoch records) of the job trained in this process (as `atlasvi train` with one worker)."""
+    module, spec, store = _built(job, seed)
+    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    with train, validation:
+        history = fit(module, train, validation, pretrained_train(job, store), checkpoint_dir)
+    return module, history
+
+
+def _minibatch_loss(job: TrainJobConfig):
+    """(module, minibatch, its LossOutput at KL weight 1) of a freshly built module in training mode."""
+    module, spec, store = _built(job)
+    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    with train, validation:
+        batch = next(iter(train))
+    module.train()
+    return module, batch, module.loss(module.unpack(batch), kl_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def straight(entry, kang_store) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
+    """(final weights, epoch records) of EPOCHS epochs without interruption."""
+    module, history = _fit(_job(entry, kang_store))
+    return {k: v.clone() for k, v in module.state_dict().items()}, history
+
+
+def test_the_module_builds_from_a_store_through_the_registry(entry, kang_store):
+    job = _job(entry, kang_store)
+    module, batch, output = _minibatch_loss(job)
+    assert isinstance(module, entry.module_class) and module.config == job.model
+    assert job.model.name == entry.name and type(job.model) is entry.config_class
+    n = len(batch)
+    assert n == LOADER.batch_size
+    assert output.loss.shape == () and torch.isfinite(output.loss)
+    assert output.reconstruction_loss.shape == (n,) and torch.isfinite(output.reconstruction_loss).all()
+    assert output.kl_local and all(kl.shape == (n,) and torch.isfinite(kl).all() for kl in output.kl_local.values())
+    assert (output.reconstruction_loss > 0).all()  # -log p(counts) of real cells, nats
+    assert output.negative_elbo.shape == (n,) and torch.isfinite(output.negative_elbo).all()
+
+
+def test_every_parameter_gets_a_finite_nonzero_gradient(entry, kang_store):
+    module, _, output = _minibatch_loss(_job(entry, kang_store))
+    output.loss.backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.requires_grad and parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_a_few_epochs_lower_the_held_out_loss(entry, straight):
+    _, history = straight
+    assert [r.epoch for r in history] == list(range(EPOCHS))
+    assert all(np.isfinite(r.validation_elbo) for r in history)
+    assert history[-1].validation_elbo < 0.95 * history[0].validation_elbo
+
+
+def test_save_load_gives_the_identical_latent(entry, kang_store, tmp_path):
+    cls = _user_class(entry)
+    config = entry.config_class(**_model(entry))
+    model = cls(kang_store, config=config, device="cpu")
+    model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LOADER)
+    latent = model.get_latent_representation()
+    loaded = cls.load(model.save(tmp_path / entry.name), kang_store, device="cpu")
+    assert type(loaded) is cls and loaded.config == config
+    again = loaded.get_latent_representation()
+    assert latent.shape == (open_store(kang_store).n_cells, config.n_latent) and np.isfinite(latent).all()
+    np.testing.assert_array_equal(again, latent)
+
+
+@pytest.mark.filterwarnings("ignore:the KL warm-up")  # the 1-epoch first leg ends inside the warm-up
+def test_resume_is_exact(entry, kang_store, straight, tmp_path):
+    weights, history = straight
+    job = _job(entry, kang_store)
+    first = _fit(job.model_copy(update={"train": job.train.model_copy(update={"max_epochs": 1})}), tmp_path)[1]
+    assert len(first) == 1 and (tmp_path / "last.pt").exists()
+    module, resumed = _fit(job, tmp_path, seed=123)  # another init: the checkpoint must restore it
+    assert [r.epoch for r in resumed] == list(range(EPOCHS))
+    for before, after in zip(history, resumed, strict=True):
+        assert before.step_losses == after.step_losses and before.validation_elbo == after.validation_elbo
+    state = module.state_dict()
+    assert state.keys() == weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(state[name], value), name
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    from atlasvi.launch import connect
+
+    connect(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_path, ray_local):
+    """Global batch 128 = 2 workers x 64, from the saved weights of the first model in the entry's init_from if it
+    has one (shipped to the workers): the held-out loss falls, within 2% of one process, the same extra metrics."""
+    from atlasvi.launch import DistributedConfig, train_distributed
+    from atlasvi.train.loop import read_checkpoint
+
+    update = {}
+    if entry.init_from:
+        source = REGISTRY[entry.init_from[0]]
+        saved = _user_class(source)(kang_store, config=source.config_class(**_model(source)), device="cpu")
+        update["init_from"] = str(saved.save(tmp_path / source.name))
+    job = _job(entry, kang_store, **update)
+    halves = job.model_copy(update={"loader": LOADER.model_copy(update={"batch_size": 64})})
+    run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name=entry.name)
+    checkpoint, metrics = train_distributed(halves, str(kang_store), run)
+    weights, two = read_checkpoint(checkpoint)
+
+    module, one = _fit(job)
+    assert len(two) == len(one) == EPOCHS
+    assert two[-1].validation_elbo < 0.95 * two[0].validation_elbo
+    assert two[-1].validation_elbo == pytest.approx(one[-1].validation_elbo, rel=0.02)
+    assert set(two[-1].extra_metrics) == set(one[-1].extra_metrics) == set(_minibatch_loss(job)[2].extra_metrics)
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in module.state_dict().items()}
+    assert metrics["rows_read_by_several_ranks"] == 0  # every rank read its own shard
+
+
+@pytest.mark.slow
+def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, kang_store, tmp_path, monkeypatch):
+    """`atlasvi sweep` over n_latent (4, 6): both trials finish with a finite held-out loss, each child run has its
+    value, its epochs and the model's extra metrics (train_NAME)."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from atlasvi.cli.main import app
+
+    ray.shutdown()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = {
+        "name": entry.name,
+        "grace_period": 2,
+        "search_space": {"model.n_latent": {"grid": [4, 6]}},
+        "job": {"store": str(kang_store), "model": _model(entry), "train": {"max_epochs": 2, "n_epochs_kl_warmup": 1}},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    try:
+        result = CliRunner().invoke(app, ["sweep", "--config", "sweep.yaml"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    with (tmp_path / f"outputs/sweeps/{entry.name}/ranked.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"FINISHED"} and {r["epochs"] for r in rows} == {"2"}
+    assert all(math.isfinite(float(r["validation_elbo"])) for r in rows)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.data.params["model.n_latent"] for c in children) == ["4", "6"]
+    extra = {f"train_{k}" for k in _minibatch_loss(_job(entry, kang_store))[2].extra_metrics}
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
+        assert sorted(steps) == [0, 1] and extra <= set(child.data.metrics)
