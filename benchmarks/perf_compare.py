@@ -209,8 +209,8 @@ def readme_section(report: dict, table_path: str) -> str:
     return "\n".join(
         [
             README_START,
-            f"`atlasvi bench` on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, CPU only, "
-            f"{report['config']['threads']} torch thread per training process on both sides); steady-state "
+            f"`make bench` (`benchmarks/perf_compare.py`) on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB RAM, "
+            f"CPU only, {report['config']['threads']} torch thread per training process on both sides); steady-state "
             f"training cells/s, same cells, architecture and batch size; full table, loaders and the documentation's "
             f"table side by side: `{table_path}`. Epochs per row: {schedule}. The last column is the CPU other "
             "processes took meanwhile (a shared machine: compare within a row).",

@@ -72,7 +72,7 @@ def test_run_bench_with_another_tool_gets_its_rows_ratios_table_and_readme(tmp_p
     assert "## Headline: atlasvi / scvi-tools" in table and "scvi-tools 9.9" in table
     assert f"| {atlasvi['x_scvi_tools']:,.2f} |" in table
     section = readme.read_text()
-    assert section.startswith(f"intro\n{README_START}\n`atlasvi bench` on ") and section.endswith(
-        f"{README_END}\nrest\n"
-    )
+    assert section.startswith(
+        f"intro\n{README_START}\n`make bench` (`benchmarks/perf_compare.py`) on "
+    ) and section.endswith(f"{README_END}\nrest\n")
     assert f"| 3,600 | {atlasvi['x_scvi_tools']:,.2f} |" in section
