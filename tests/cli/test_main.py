@@ -13,7 +13,10 @@ from atlasvi.api import SCVI
 from atlasvi.cli.common import EMBEDDED_BUILD
 from atlasvi.cli.main import app
 from atlasvi.data import BuildConfig, LoaderConfig, open_store
+from atlasvi.models.scanvi import SCANVIConfig
+from atlasvi.models.scvi import SCVIConfig
 from atlasvi.train import TrainConfig
+from atlasvi.train.job import TrainJobConfig
 from tests.conftest import KANG
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +74,18 @@ def test_shipped_configs_are_valid():
     for config in [shipped, embedded]:
         assert config.categorical_covariate_keys == [] and config.annotation_keys == ["technology"]
     LoaderConfig(**yaml.safe_load((REPO / "configs" / "loader.yaml").read_text()))
+
+
+def test_shipped_train_configs_load_as_the_models_they_name():
+    """configs/scvi.yaml is scVI; configs/scanvi.yaml is scANVI from the demo's saved scVI (model: {name: scanvi})."""
+    scvi, scanvi = (
+        TrainJobConfig(**yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())) for name in ("scvi", "scanvi")
+    )
+    assert type(scvi.model) is SCVIConfig and scvi.output == "outputs/scvi" and scvi.init_from is None
+    assert type(scanvi.model) is SCANVIConfig and scanvi.model.classification_ratio == 50.0
+    assert scanvi.model.unlabeled_category == "Unknown" and scanvi.model.n_latent == 10
+    assert (scanvi.init_from, scanvi.output, scanvi.latent_key) == ("outputs/scvi/model", "outputs/scanvi", "X_scanvi")
+    assert scanvi.train.max_epochs is None  # scvi-tools' pretrained rule
 
 
 def test_an_annotation_column_is_kept_and_de_groups_by_it(tmp_path):
