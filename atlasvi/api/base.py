@@ -24,7 +24,7 @@ from atlasvi.models.saving import (
     META_NAME,
     IncompatibleStoreError,
     ModelFileError,
-    check_compatible,
+    load_init_state,
     load_model,
     load_state,
     read_meta,
@@ -44,9 +44,7 @@ class AtlasModel:
     query_masks: after `load_query_data`, the entries of each parameter that train (the new batch columns).
     """
 
-    method: str  # model.json's method, the registry entry's saved_name
-    _module_cls: type[torch.nn.Module]
-    _config_cls: type[BaseModel]
+    method: str  # model.json's method, the registry entry's saved_name: the entry gives the config and module classes
 
     def __init__(
         self,
@@ -56,13 +54,14 @@ class AtlasModel:
         registry: StoreSchema | None = None,
         seed: int = 0,
     ):
+        entry = self.entry
         self.store = store if isinstance(store, AtlasStore) else open_store(store)
-        self.schema = registry or self.store.schema
-        self.config = config or self._config_cls()
+        self.config = config or entry.config_class()
+        self.schema = entry.module_class.registry(registry or self.store.schema, self.config)  # type: ignore[attr-defined]
         self.device = resolve_device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.module = self._module_cls(self.schema, self.config).to(self.device)
+            self.module = entry.module_class(self.schema, self.config).to(self.device)
         self.code_maps = self._code_maps(self.store)
         self.query_masks: dict[str, torch.Tensor] | None = None
         self.train_config: TrainConfig | None = None
@@ -93,22 +92,21 @@ class AtlasModel:
             )
         return self.history
 
+    @classmethod
+    def _entry(cls) -> ModelEntry:
+        return get_entry(cls.method)
+
     @property
     def entry(self) -> ModelEntry:
-        """The model registry's entry of this method (saved name, latent key, ...)."""
-        return get_entry(self.method)
+        """The model registry's entry of this method (config and module classes, saved name, latent key, ...)."""
+        return self._entry()
 
-    def init_from(self, other: "AtlasModel", shared: tuple[str, ...]) -> None:
-        """Start from `other`'s trained weights (`other`'s entry must be in this entry's init_from): every
-        weight of `other` is loaded, and each weight of this module whose name starts with a `shared`
-        prefix must come from it; the others keep their initial values."""
+    def init_from(self, other: "AtlasModel") -> None:
+        """Start from `other`'s trained weights (`other`'s entry must be in this entry's init_from): the weights
+        under this module's `init_prefixes` must come from `other`; the others keep their initial values."""
         if other.entry.name not in self.entry.init_from:
             raise ValueError(f"a {self.method} model starts from {list(self.entry.init_from)}, not a {other.method}")
-        missing, unexpected = self.module.load_state_dict(other.module.state_dict(), strict=False)
-        if unexpected or any(k.startswith(shared) for k in missing):
-            raise ValueError(
-                f"the {other.method} weights do not fit this {self.method}: missing {missing}, unexpected {unexpected}"
-            )
+        load_init_state(self.module, other.module.state_dict(), f"a {other.method} model")
 
     @property
     def validation_rows(self) -> tuple[int, int]:
@@ -124,7 +122,7 @@ class AtlasModel:
         return minibatches(opened, rows, batch_size, self._code_maps(opened))
 
     def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
-        return check_compatible(self.schema, opened.schema, self.module.used_keys, str(opened.path))
+        return self.module.code_maps(opened.schema, str(opened.path))  # type: ignore[operator]
 
     @contextmanager
     def _own_rng(self, seed: int = 0) -> Iterator[None]:
@@ -224,7 +222,7 @@ class AtlasModel:
         opened = store if isinstance(store, AtlasStore) else open_store(store)
         _check_training_store(directory, meta["config"], opened)
         schema = saved_schema(meta, opened.n_cells)
-        config = _section(directory, cls._config_cls, meta["config"], "model")
+        config = _section(directory, cls._entry().config_class, meta["config"], "model")
         model = cls(opened, config, device, registry=schema)
         load_state(model.module, state, str(directory), _described(config))
         if "train" in meta["config"]:
@@ -251,9 +249,12 @@ class AtlasModel:
             schema, config, state = reference.schema, reference.config, reference.module.state_dict()
         else:
             meta, state = load_model(Path(reference), cls.method)
-            schema, config = saved_schema(meta), _section(Path(reference), cls._config_cls, meta["config"], "model")
+            schema, config = (
+                saved_schema(meta),
+                _section(Path(reference), cls._entry().config_class, meta["config"], "model"),
+            )
         with torch.random.fork_rng(devices=[]):  # its initial weights are replaced by the reference's
-            reference_module = cls._module_cls(schema, config)
+            reference_module = cls._entry().module_class(schema, config)
         load_state(reference_module, state, str(reference), _described(config))
         registry = extend_registry(schema, opened.schema, str(opened.path))
         model = cls(opened, config, device, registry=registry, seed=seed)

@@ -8,44 +8,27 @@ to missing labels and to the cells of `BuildConfig.unlabeled_batches`) are unlab
 label categories the model has not seen (or none at all: a query study) has those cells unlabeled.
 """
 
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-
+from atlasvi.api.base import AtlasModel
 from atlasvi.api.extras import ClassifierExtras, ExpressionExtras
-from atlasvi.api.scvi import SCVI
-from atlasvi.data import LoaderConfig, open_store
+from atlasvi.data import LoaderConfig
 from atlasvi.data.store import AtlasStore, StoreSchema
-from atlasvi.models.saving import check_compatible
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
-from atlasvi.train import EpochRecord, TrainConfig, default_max_epochs
+from atlasvi.train import EpochRecord, TrainConfig, pretrained_max_epochs
 
 __all__ = ["SCANVI"]
-
-SCVI_SHARED = ("z_encoder.", "l_encoder.", "decoder.", "px_r")  # weights a scANVI takes from its scVI
-
-
-def _with_unlabeled(schema: StoreSchema, unlabeled_category: str) -> StoreSchema:
-    """The registry with the unlabeled category among the labels categories (appended when absent)."""
-    if schema.labels_key is None:
-        raise ValueError("scANVI needs a store built with a labels key (BuildConfig.labels_key)")
-    labels = schema.categorical[schema.labels_key]
-    if unlabeled_category in labels:
-        return schema
-    return replace(schema, categorical=schema.categorical | {schema.labels_key: (*labels, unlabeled_category)})
 
 
 class SCANVI(ClassifierExtras, ExpressionExtras):
     """scANVI trained on `store` (a path, URL or open AtlasStore). device: "auto", "cpu" or "cuda".
 
+    The registry gets the unlabeled category among the labels (the module's `registry` hook).
     was_pretrained: initialised from a trained scVI (`from_scvi_model`); fit's default epochs are then
     scvi-tools' pretrained rule, min(10, max(2, round(default / 3))).
     """
 
     method = "SCANVI"
-    _module_cls = SCANVIModule
-    _config_cls = SCANVIConfig
     module: SCANVIModule
     config: SCANVIConfig
 
@@ -57,28 +40,13 @@ class SCANVI(ClassifierExtras, ExpressionExtras):
         registry: StoreSchema | None = None,
         seed: int = 0,
     ):
-        config = config or SCANVIConfig()
-        opened = store if isinstance(store, AtlasStore) else open_store(store)
-        registry = _with_unlabeled(registry or opened.schema, config.unlabeled_category)
-        super().__init__(opened, config, device, registry, seed)
+        super().__init__(store, config, device, registry, seed)
         self.was_pretrained = False
-
-    def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
-        """Store code -> model code; a labels category the model has not seen maps to unlabeled."""
-        labels_key = self.schema.labels_key
-        others = tuple(k for k in self.module.used_keys if k != labels_key)
-        code_maps = check_compatible(self.schema, opened.schema, others, str(opened.path))
-        if labels_key in opened.schema.categorical:
-            known = {c: i for i, c in enumerate(self.schema.categorical[labels_key])}
-            unlabeled = known[self.config.unlabeled_category]
-            categories = opened.schema.categorical[labels_key]
-            code_maps[labels_key] = torch.tensor([known.get(c, unlabeled) for c in categories], dtype=torch.int64)
-        return code_maps
 
     @classmethod
     def from_scvi_model(
         cls,
-        scvi_model: SCVI,
+        scvi_model: AtlasModel,
         unlabeled_category: str = "Unknown",
         classification_ratio: float = 50.0,
         linear_classifier: bool = False,
@@ -92,7 +60,7 @@ class SCANVI(ClassifierExtras, ExpressionExtras):
             classification_ratio=classification_ratio, linear_classifier=linear_classifier,
         )  # fmt: skip
         model = cls(scvi_model.store, config, device or scvi_model.device.type, registry=scvi_model.schema, seed=seed)
-        model.init_from(scvi_model, SCVI_SHARED)
+        model.init_from(scvi_model)
         model.was_pretrained = True
         return model
 
@@ -105,7 +73,6 @@ class SCANVI(ClassifierExtras, ExpressionExtras):
     ) -> list[EpochRecord]:
         """As SCVI.fit; the epoch records' extra_metrics hold the labelled cells' classification loss."""
         train = train or TrainConfig()
-        if train.max_epochs is None and self.was_pretrained:
-            default = default_max_epochs(self.store.n_cells)  # all the store's cells, as scvi-tools here
-            train = train.model_copy(update={"max_epochs": int(min(10, max(2, round(default / 3.0))))})
+        if train.max_epochs is None and self.was_pretrained:  # all the store's cells, as scvi-tools here
+            train = train.model_copy(update={"max_epochs": pretrained_max_epochs(self.store.n_cells)})
         return super().fit(train, loader, checkpoint_dir, on_epoch_end)

@@ -20,7 +20,5 @@ class SCVI(ExpressionExtras):
     """
 
     method = "SCVI"
-    _module_cls = SCVIModule
-    _config_cls = SCVIConfig
     module: SCVIModule
     config: SCVIConfig

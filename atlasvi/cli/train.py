@@ -30,10 +30,10 @@ from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_ou
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.models.registry import ModelEntry, entry_of, get_entry
-from atlasvi.models.saving import META_NAME, read_meta
+from atlasvi.models.saving import META_NAME, load_init_state, read_meta
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned, local_tracking_uri
 from atlasvi.train import EpochRecord
-from atlasvi.train.job import ModuleSpec, TrainJobConfig, build_module, module_spec, pretrained_train
+from atlasvi.train.job import ModuleSpec, TrainJobConfig, module_spec, pretrained_train
 from atlasvi.train.lock import OutputLock, describe
 from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall, read_checkpoint
 
@@ -180,8 +180,8 @@ def _train(
     logged = set(tracker.logged_epochs())
     entry = entry_of(job.model)
     model = _user_class(entry)(opened, job.model, job.device, registry=spec.schema, seed=job.train.seed)
-    if spec.init_state is not None:  # the module is build_module's: same seed, same registry, these weights
-        model.module.load_state_dict(build_module(job.model, spec.schema, job.train.seed, spec.init_state).state_dict())
+    if spec.init_state is not None:
+        load_init_state(model.module, spec.init_state, f"init_from {job.init_from}")
     job = job.model_copy(update={"train": pretrained_train(job, opened)})
     if model.device.type == "cpu":
         torch.set_num_threads(job.cpu_threads(os.cpu_count() or 1))

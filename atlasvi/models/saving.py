@@ -121,6 +121,27 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: s
     module.load_state_dict(state)
 
 
+def load_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Start `module` from another model's trained weights (`--init-from`): every weight of `state` is loaded, and
+    each weight under the module's `init_prefixes` must come from it; the others keep their initial values.
+    A state that does not fit raises ModelFileError naming the first weight at fault."""
+    prefixes: tuple[str, ...] = getattr(module, "init_prefixes", ())
+    expected = module.state_dict()
+    problems = [f"{k!r} is not a weight of this model" for k in state if k not in expected]
+    problems += [f"{k!r} is missing" for k in expected if k.startswith(prefixes) and k not in state]
+    problems += [
+        f"{k!r} is {tuple(v.shape)}, this model's is {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise ModelFileError(
+            f"{where}: the weights do not fit this model: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
+    module.load_state_dict(state, strict=False)
+
+
 def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:
     """The registry of a saved model as a StoreSchema (n_cells is not part of it)."""
     registry = dict(meta["registry"])

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from atlasvi.data import StoreSchema
+from atlasvi.models.contract import SurgerySpec
 from atlasvi.nn import FCLayers
 
 
@@ -89,30 +90,30 @@ def _grow_columns(old: torch.Tensor, new: torch.Tensor, old_layers: FCLayers, la
 def transplant(reference: nn.Module, query: nn.Module) -> dict[str, torch.Tensor]:
     """Copy the reference's weights into `query` (built on the extended registry); returns the train masks.
 
-    The masks (parameter name -> bool tensor of its shape) mark the entries that train: the added
-    categories' columns. Every other entry holds the reference's value.
+    What grows is the query module's `surgery_spec()`: its covariate layers and batch tensors. The masks
+    (parameter name -> bool tensor of its shape) mark the entries that train: the added categories' columns.
+    Every other entry holds the reference's value.
     """
+    spec: SurgerySpec = query.surgery_spec()  # type: ignore[operator]
     old_state, new_state = reference.state_dict(), query.state_dict()
     masks: dict[str, torch.Tensor] = {}
-    old_modules = dict(reference.named_modules())
-    for name, layers in query.named_modules():
-        if isinstance(layers, FCLayers) and list(old_modules[name].n_categories) != list(layers.n_categories):
-            for i, inject in enumerate(layers.inject):
-                if inject:
-                    key = f"{name}.layers.{i}.0.weight"
-                    new_state[key], masks[key] = _grow_columns(
-                        old_state[key], new_state[key], old_modules[name], layers
-                    )
-    for key, old in old_state.items():
-        new = new_state[key]
-        if key in masks:
+    old_modules, new_modules = dict(reference.named_modules()), dict(query.named_modules())
+    for name in spec.covariate_layers:
+        old_layers, layers = old_modules[name], new_modules[name]
+        if list(old_layers.n_categories) == list(layers.n_categories):
             continue
-        if new.shape == old.shape:
+        for i, inject in enumerate(layers.inject):
+            if inject:
+                key = f"{name}.layers.{i}.0.weight"
+                new_state[key], masks[key] = _grow_columns(old_state[key], new_state[key], old_layers, layers)
+    for key in spec.batch_tensors:  # (..., n_batch): the new batches' slices train
+        old, new = old_state[key], new_state[key]
+        new_state[key] = torch.cat([old, new[..., old.shape[-1] :]], dim=-1)
+        masks[key] = torch.zeros_like(new, dtype=torch.bool)
+        masks[key][..., old.shape[-1] :] = True
+    for key, old in old_state.items():
+        if key not in masks and new_state[key].shape == old.shape:
             new_state[key] = old.clone()
-        elif key.split(".")[-1] == "px_r":  # gene-batch dispersion (n_genes, n_batch): new batches' columns train
-            new_state[key] = torch.cat([old, new[:, old.shape[1] :]], dim=1)
-            masks[key] = torch.zeros_like(new, dtype=torch.bool)
-            masks[key][:, old.shape[1] :] = True
         # else a buffer built from the extended registry (the library prior): its reference slice is the same
     query.load_state_dict(new_state)
     return masks
@@ -128,17 +129,18 @@ class _EvalBatchNorm1d(nn.BatchNorm1d):
 def freeze_for_query(module: nn.Module, masks: dict[str, torch.Tensor], config: SurgeryConfig | None = None) -> None:
     """Only the masked entries train: gradient hooks zero the rest, other parameters are frozen.
 
-    Encoder batch norms (every BatchNorm1d outside a decoder) stay in eval mode; decoder batch norms
-    train as scvi-tools' unless config.freeze_batchnorm_decoder.
+    Encoder batch norms (every BatchNorm1d outside the decoders of the module's `surgery_spec()`) stay in
+    eval mode; decoder batch norms train as scvi-tools' unless config.freeze_batchnorm_decoder.
     """
     config = config or SurgeryConfig()
+    decoders = module.surgery_spec().decoders  # type: ignore[operator]
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(name in masks)
         if name in masks:
             keep = masks[name].to(parameter.device, parameter.dtype)
             parameter.register_hook(lambda grad, keep=keep: grad * keep)
     for name, layer in module.named_modules():
-        in_decoder = "decoder" in name.split(".")[0]
+        in_decoder = name.split(".")[0] in decoders
         if isinstance(layer, nn.BatchNorm1d):
             if in_decoder and not config.freeze_batchnorm_decoder:
                 for parameter in layer.parameters():

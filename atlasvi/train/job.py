@@ -5,7 +5,7 @@ loader and where outputs go; every field has a default that serves (the embedded
 scvi-tools' defaults).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,16 +17,8 @@ from torch import nn
 from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.errors import ConfigError
-from atlasvi.models.registry import (
-    DEFAULT_MODEL,
-    REGISTRY,
-    ModelConfig,
-    ModelEntry,
-    default_model_config,
-    entry_of,
-    get_entry,
-)
-from atlasvi.models.saving import check_compatible, load_weights, read_meta, saved_schema
+from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelConfig, default_model_config, entry_of, get_entry
+from atlasvi.models.saving import load_init_state, load_weights, read_meta, saved_schema
 from atlasvi.train.loop import TrainConfig, pretrained_max_epochs
 
 
@@ -140,27 +132,28 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
                 f"{', '.join(entry.init_from) or 'no saved model'}"
             )
         base, init_state = saved_schema(meta, store.n_cells), load_weights(Path(job.init_from))
-    schema = model_registry(entry, base, job.model)
-    module = build_module(job.model, schema, job.train.seed)
-    maps = model_code_maps(entry, module, schema, store)
+    try:
+        schema = entry.module_class.registry(base, job.model)  # type: ignore[attr-defined]
+        module = build_module(job.model, schema, job.train.seed)
+    except ValueError as err:
+        raise ConfigError(f"{store.path}: {err}") from None
+    if init_state is not None:
+        load_init_state(module, init_state, f"init_from {job.init_from}")
+    maps = module.code_maps(store.schema, str(store.path))  # type: ignore[operator]
     return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state)
 
 
 def build_module(
     model: BaseModel, schema: StoreSchema, seed: int, init_state: dict[str, torch.Tensor] | None = None
 ) -> nn.Module:
-    """The module of `model`'s registry entry on registry `schema`, its initial weights drawn from `seed` (the
-    global RNG is left as it was); init_state: trained weights it starts from (its shared parts; the rest stays
-    fresh), as scvi-tools' SCANVI.from_scvi_model."""
+    """The module of `model`'s registry entry on registry `schema` (the entry's `registry` hook already applied),
+    its initial weights drawn from `seed` (the global RNG is left as it was); init_state: trained weights it starts
+    from (those under its `init_prefixes` must be there; the rest stays fresh), as scvi-tools' from_scvi_model."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = entry_of(model).module_class(schema, model)
     if init_state is not None:
-        missing, unexpected = module.load_state_dict(init_state, strict=False)
-        if unexpected or any(k.startswith(("z_encoder.", "l_encoder.", "decoder.", "px_r")) for k in missing):
-            raise ConfigError(
-                f"the init_from weights do not fit this model: missing {missing}, unexpected {unexpected}"
-            )
+        load_init_state(module, init_state, "init_from")
     return module
 
 
@@ -170,34 +163,3 @@ def pretrained_train(job: TrainJobConfig, store: AtlasStore) -> TrainConfig:
     if job.init_from is None or job.train.max_epochs is not None:
         return job.train
     return job.train.model_copy(update={"max_epochs": pretrained_max_epochs(store.n_cells)})
-
-
-def model_registry(entry: ModelEntry, schema: StoreSchema, config: BaseModel) -> StoreSchema:
-    """The registry `entry`'s module is built on. Until models/ gives each module class its `registry` hook,
-    scANVI's (the unlabeled category among the labels) is stated here; this function then calls the hook."""
-    if entry.name != "scanvi":
-        return schema
-    if schema.labels_key is None:
-        raise ConfigError("scANVI needs a store built with a labels key (BuildConfig.labels_key)")
-    labels = schema.categorical[schema.labels_key]
-    unlabeled = config.unlabeled_category  # type: ignore[attr-defined]
-    if unlabeled in labels:
-        return schema
-    return replace(schema, categorical=schema.categorical | {schema.labels_key: (*labels, unlabeled)})
-
-
-def model_code_maps(
-    entry: ModelEntry, module: nn.Module, schema: StoreSchema, store: AtlasStore
-) -> dict[str, torch.Tensor]:
-    """Store code -> model code for the keys the module uses. Until models/ has the `code_maps` hook, scANVI's
-    (a labels category the model has not seen is unlabeled) is stated here; this function then calls the hook."""
-    used: tuple[str, ...] = module.used_keys  # type: ignore[assignment]
-    labels_key = schema.labels_key if entry.name == "scanvi" else None
-    maps = check_compatible(schema, store.schema, tuple(k for k in used if k != labels_key), str(store.path))
-    if labels_key is not None and labels_key in store.schema.categorical:
-        known = {c: i for i, c in enumerate(schema.categorical[labels_key])}
-        unlabeled = known[module.config.unlabeled_category]  # type: ignore[union-attr]
-        maps[labels_key] = torch.tensor(
-            [known.get(c, unlabeled) for c in store.schema.categorical[labels_key]], dtype=torch.int64
-        )
-    return maps

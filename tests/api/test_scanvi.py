@@ -59,7 +59,7 @@ def test_method_classes_compose_the_base_and_resolve_through_the_registry(transf
     assert not isinstance(scvi.module, HasClassifier)
     assert saved_model_class(scanvi.save(tmp_path / "scanvi")) is SCANVI
     with pytest.raises(ValueError, match=r"a SCVI model starts from \[\], not a SCANVI"):
-        SCVI(scvi.store, device="cpu").init_from(scanvi, ())
+        SCVI(scvi.store, device="cpu").init_from(scanvi)
     assert scanvi.differential_expression("cell_type", "B cells", n_samples_overall=50, all_stats=False).shape[0] == 400
 
 

@@ -33,7 +33,7 @@ def test_the_job_model_is_chosen_by_name_and_scvi_without_one():
 @pytest.mark.parametrize(
     ("model", "expected"),
     [
-        ({"name": "scanvi", "colour": 1}, "unknown field 'model.colour' (fields: name, n_latent,"),
+        ({"name": "scanvi", "colour": 1}, "unknown field 'model.colour' (fields: n_latent, n_hidden,"),
         ({"name": "ldvae"}, "model.name 'ldvae': unknown model name; registered models: scvi, scanvi"),
         ({"classification_ratio": 5.0}, "unknown field 'model.classification_ratio'"),  # a scANVI field on scVI
         ({"name": "scanvi", "n_latent": 0}, "model.n_latent: Input should be greater than 0"),

@@ -14,7 +14,7 @@ cells (scvi-tools draws a separate minibatch of labelled cells; a streamed store
 """
 
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +23,21 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from atlasvi.data import Minibatch, StoreSchema
+from atlasvi.models.contract import SurgerySpec
 from atlasvi.models.loss import LossOutput
-from atlasvi.models.scvi.module import SCVIConfig, SCVIModule, VAEInputs
+from atlasvi.models.saving import check_compatible
+from atlasvi.models.vae import VAE, VAEConfig, VAEInputs
 from atlasvi.nn import Encoder, FCLayers
 
 
-class SCANVIConfig(SCVIConfig):
-    """scANVI: the scVI architecture plus the classifier; defaults are scvi-tools'.
+class SCANVIConfig(VAEConfig):
+    """scANVI: the scVI family's architecture plus the classifier; defaults are scvi-tools'.
 
     unlabeled_category: the labels category of unlabeled cells (not a class); classification_ratio:
     weight of the labelled cells' cross-entropy; linear_classifier: one linear layer instead of an MLP.
     """
 
-    name: Literal["scanvi"] = "scanvi"  # type: ignore[assignment]
+    name: Literal["scanvi"] = "scanvi"
     unlabeled_category: str = "Unknown"
     classification_ratio: float = Field(default=50.0, ge=0)
     linear_classifier: bool = False
@@ -49,12 +51,17 @@ class SCANVIConfig(SCVIConfig):
         return self
 
 
-class SCANVIModule(SCVIModule):
+class SCANVIModule(VAE):
     """scANVI as a plain nn.Module, built from a store's schema (which must have a labels key).
 
     The classes are the labels categories other than `unlabeled_category`, in registry order;
-    `inputs.labels` holds class indices, -1 for unlabeled cells.
+    `inputs.labels` holds class indices, -1 for unlabeled cells. Started from a saved scVI (`--init-from`,
+    `SCANVI.from_scvi_model`), it takes the family body's weights (`init_prefixes`); the classifier and the
+    z2 levels start fresh.
     """
+
+    config: SCANVIConfig
+    init_prefixes: ClassVar[tuple[str, ...]] = ("z_encoder.", "l_encoder.", "decoder.", "px_r")
 
     def __init__(self, schema: StoreSchema, config: SCANVIConfig | None = None):
         config = config or SCANVIConfig()
@@ -95,6 +102,34 @@ class SCANVIModule(SCVIModule):
         )  # fmt: skip
         self.register_buffer("y_prior", torch.full((1, self.n_labels), 1.0 / self.n_labels))
 
+    @classmethod
+    def registry(cls, schema: StoreSchema, config: SCANVIConfig) -> StoreSchema:
+        """The registry with the unlabeled category among the labels categories (appended when absent)."""
+        if schema.labels_key is None:
+            raise ValueError("scANVI needs a store built with a labels key (BuildConfig.labels_key)")
+        labels = schema.categorical[schema.labels_key]
+        if config.unlabeled_category in labels:
+            return schema
+        categorical = schema.categorical | {schema.labels_key: (*labels, config.unlabeled_category)}
+        return replace(schema, categorical=categorical)
+
+    def code_maps(self, store: StoreSchema, where: str) -> dict[str, torch.Tensor]:
+        """Store code -> model code; a labels category the model has not seen maps to unlabeled, and a store
+        without the labels key (a query study) has every cell unlabeled."""
+        labels_key = self.labels_key
+        maps = check_compatible(self.schema, store, tuple(k for k in self.used_keys if k != labels_key), where)
+        if labels_key in store.categorical:
+            known = {c: i for i, c in enumerate(self.schema.categorical[labels_key])}
+            unlabeled = known[self.config.unlabeled_category]
+            categories = store.categorical[labels_key]
+            maps[labels_key] = torch.tensor([known.get(c, unlabeled) for c in categories], dtype=torch.int64)
+        return maps
+
+    def surgery_spec(self) -> SurgerySpec:
+        """The family's, with the z1 | z2, y level among the decoders (scvi-tools': "decoder" in its name)."""
+        spec = super().surgery_spec()
+        return replace(spec, decoders=(*spec.decoders, "decoder_z1_z2"))
+
     @property
     def used_keys(self) -> tuple[str, ...]:
         """The categorical obs keys whose codes the module reads (batch, covariates, labels)."""
@@ -116,10 +151,6 @@ class SCANVIModule(SCVIModule):
         inference = self.inference(inputs)
         z1 = inference["qz"].loc if use_posterior_mean else inference["z"]
         return self.classifier(z1)
-
-    def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
-        """The loss (DDP hooks its gradient reduction on forward)."""
-        return self.loss(inputs, kl_weight)
 
     def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """Minibatch loss; per-cell reconstruction (n,) and KL terms (n,) in nats (see the module docstring).

@@ -1,189 +1,30 @@
 """The scVI module: z ~ N(0, I), x | z, library ~ ZINB / NB / Poisson (Lopez et al. 2018; scvi-tools' VAE).
 
-inference: log1p(counts) -> q(z | x) (covariates enter the encoder only with `encode_covariates`);
-  library = log total counts (observed) or a latent log-normal with the store's per-batch prior.
-generative: px_scale = softmax(decoder(z, batch, covariates)); mean = exp(library) * px_scale;
-  dispersion per gene, gene-batch, gene-label or gene-cell.
-loss: mean over cells of -log p(x | z, library) + kl_weight * KL(q(z) || p(z)) + KL(q(l) || p(l)).
-No parameter is built that the configuration does not use, so DDP needs no find_unused_parameters.
+The body (encoders, decoder, dispersion) is the family's `VAE`; scVI's own part is its loss:
+mean over cells of -log p(x | z, library) + kl_weight * KL(q(z) || p(z)) + KL(q(l) || p(l)).
 """
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-from torch.distributions import Distribution, Normal, kl_divergence
+from torch.distributions import kl_divergence
 
-from atlasvi.data import Minibatch, StoreSchema
-from atlasvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from atlasvi.data import StoreSchema
 from atlasvi.models.loss import LossOutput
-from atlasvi.nn import CountDecoder, Encoder
+from atlasvi.models.vae import VAE, VAEConfig, VAEInputs
 
 
-class SCVIConfig(BaseModel):
-    """scVI architecture; the defaults are scvi-tools' (n_latent 10, n_hidden 128, n_layers 1, ZINB)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SCVIConfig(VAEConfig):
+    """scVI: the family's architecture; the defaults are scvi-tools' (n_latent 10, n_hidden 128, n_layers 1, ZINB)."""
 
     name: Literal["scvi"] = "scvi"
-    n_latent: int = Field(default=10, gt=0)
-    n_hidden: int = Field(default=128, gt=0)
-    n_layers: int = Field(default=1, gt=0)
-    dropout_rate: float = Field(default=0.1, ge=0, lt=1)
-    dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene"
-    gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb"
-    log_variational: bool = True
-    encode_covariates: bool = False
-    deeply_inject_covariates: bool = True
-    use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both"
-    use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none"
-    use_observed_lib_size: bool = True
 
 
-@dataclass(frozen=True)
-class VAEInputs:
-    """A minibatch as the module reads it.
-
-    x: (n, n_genes) counts; batch_index: (n,) codes; labels: (n,) codes or None;
-    categorical: one (n,) code tensor per extra covariate; continuous: (n, n_continuous) or None.
-    """
-
-    x: torch.Tensor
-    batch_index: torch.Tensor
-    labels: torch.Tensor | None
-    categorical: tuple[torch.Tensor, ...]
-    continuous: torch.Tensor | None
-
-
-class SCVIModule(nn.Module):
+class SCVIModule(VAE):
     """scVI as a plain nn.Module, built from a store's schema (genes, covariates, library prior)."""
 
     def __init__(self, schema: StoreSchema, config: SCVIConfig | None = None):
-        super().__init__()
-        self.config = config = config or SCVIConfig()
-        self.batch_key, self.labels_key = schema.batch_key, schema.labels_key
-        self.categorical_keys = tuple(k for k in schema.categorical if k not in (schema.batch_key, schema.labels_key))
-        self.continuous_keys = schema.continuous
-        self.n_genes = schema.n_genes
-        self.n_batch = len(schema.batch_categories)
-        self.n_labels = len(schema.categorical[schema.labels_key]) if schema.labels_key else 0
-        if config.dispersion == "gene-label" and self.n_labels == 0:
-            raise ValueError("dispersion='gene-label' needs a store built with a labels key")
-        n_categories = [self.n_batch] + [len(schema.categorical[k]) for k in self.categorical_keys]
-        n_continuous = len(self.continuous_keys)
-
-        def norm(where: str, part: str) -> bool:
-            return where in (part, "both")
-
-        encoder_categories = n_categories if config.encode_covariates else []
-        n_encoder_in = self.n_genes + (n_continuous if config.encode_covariates else 0)
-        encoder_options = {
-            "n_layers": config.n_layers,
-            "n_hidden": config.n_hidden,
-            "dropout_rate": config.dropout_rate,
-            "use_batch_norm": norm(config.use_batch_norm, "encoder"),
-            "use_layer_norm": norm(config.use_layer_norm, "encoder"),
-            "inject_covariates": config.deeply_inject_covariates,
-        }
-        self.z_encoder = Encoder(n_encoder_in, config.n_latent, encoder_categories, **encoder_options)
-        if config.use_observed_lib_size:
-            self.l_encoder = None
-        else:
-            self.l_encoder = Encoder(n_encoder_in, 1, encoder_categories, **(encoder_options | {"n_layers": 1}))
-            self.register_buffer("library_log_means", torch.tensor(schema.library_log_means).view(1, -1))
-            self.register_buffer("library_log_vars", torch.tensor(schema.library_log_vars).view(1, -1))
-        uses_dispersion = config.gene_likelihood != "poisson"
-        self.decoder = CountDecoder(
-            config.n_latent + n_continuous,
-            self.n_genes,
-            n_categories,
-            n_layers=config.n_layers,
-            n_hidden=config.n_hidden,
-            use_batch_norm=norm(config.use_batch_norm, "decoder"),
-            use_layer_norm=norm(config.use_layer_norm, "decoder"),
-            inject_covariates=config.deeply_inject_covariates,
-            zero_inflation=config.gene_likelihood == "zinb",
-            cell_dispersion=uses_dispersion and config.dispersion == "gene-cell",
-        )
-        columns = {"gene": 0, "gene-batch": self.n_batch, "gene-label": self.n_labels, "gene-cell": None}
-        n_columns = columns[config.dispersion]
-        if uses_dispersion and n_columns is not None:
-            shape = (self.n_genes,) if n_columns == 0 else (self.n_genes, n_columns)
-            self.px_r = nn.Parameter(torch.randn(shape))
-        else:
-            self.px_r = None
-
-    @property
-    def used_keys(self) -> tuple[str, ...]:
-        """The categorical obs keys whose codes the module reads (batch, covariates, labels if used)."""
-        uses_labels = self.config.dispersion == "gene-label"
-        return (self.batch_key, *self.categorical_keys, *((self.labels_key,) if uses_labels else ()))
-
-    def unpack(self, batch: Minibatch) -> VAEInputs:
-        """The module's inputs from a loader minibatch (counts densified on the batch's device)."""
-        continuous = (
-            torch.stack([batch.continuous[k] for k in self.continuous_keys], dim=-1) if self.continuous_keys else None
-        )
-        return VAEInputs(
-            x=batch.counts(),
-            batch_index=batch.categorical[self.batch_key],
-            labels=batch.categorical.get(self.labels_key) if self.labels_key else None,  # unused unless gene-label
-            categorical=tuple(batch.categorical[k] for k in self.categorical_keys),
-            continuous=continuous,
-        )
-
-    def inference(self, inputs: VAEInputs) -> dict:
-        """q(z | x) and the library. Returns qz, z (n, n_latent), ql (or None), library (n, 1) log counts."""
-        x = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
-        codes: tuple[torch.Tensor, ...] = ()
-        if self.config.encode_covariates:
-            codes = (inputs.batch_index, *inputs.categorical)
-            if inputs.continuous is not None:
-                x = torch.cat([x, inputs.continuous], dim=-1)
-        qz, z = self.z_encoder(x, *codes)
-        if self.l_encoder is None:
-            ql, library = None, torch.log(inputs.x.sum(dim=1, keepdim=True))
-        else:
-            ql, library = self.l_encoder(x, *codes)
-        return {"qz": qz, "z": z, "ql": ql, "library": library}
-
-    def generative(self, z: torch.Tensor, library: torch.Tensor, inputs: VAEInputs) -> dict:
-        """p(x | z, library), p(z) and p(library). Returns px (a count distribution), px_scale, pz, pl."""
-        decoder_input = z if inputs.continuous is None else torch.cat([z, inputs.continuous], -1)
-        scale, rate, cell_dispersion, zi_logits = self.decoder(
-            decoder_input, library, inputs.batch_index, *inputs.categorical
-        )
-        if self.config.gene_likelihood == "poisson":
-            px: Distribution = Poisson(rate, validate_args=False)
-        else:
-            theta = torch.exp(self._log_dispersion(cell_dispersion, inputs))
-            if self.config.gene_likelihood == "zinb":
-                px = ZeroInflatedNegativeBinomial(rate, theta, zi_logits)
-            else:
-                px = NegativeBinomial(rate, theta)
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
-        pl = None
-        if self.l_encoder is not None:
-            one_hot = F.one_hot(inputs.batch_index.long().view(-1), self.n_batch).float()
-            means = one_hot @ self.library_log_means.T
-            variances = one_hot @ self.library_log_vars.T
-            pl = Normal(means, variances.sqrt())
-        return {"px": px, "px_scale": scale, "pz": pz, "pl": pl}
-
-    def _log_dispersion(self, cell_dispersion: torch.Tensor | None, inputs: VAEInputs) -> torch.Tensor:
-        if self.config.dispersion == "gene-cell":
-            return cell_dispersion
-        if self.config.dispersion == "gene":
-            return self.px_r
-        codes = inputs.batch_index if self.config.dispersion == "gene-batch" else inputs.labels
-        return F.linear(F.one_hot(codes.long().view(-1), self.px_r.shape[1]).float(), self.px_r)
-
-    def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
-        """The loss (DDP hooks its gradient reduction on forward)."""
-        return self.loss(inputs, kl_weight)
+        super().__init__(schema, config or SCVIConfig())
 
     def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """Minibatch loss; per-cell reconstruction (n,) and KL terms (n,) in nats."""
