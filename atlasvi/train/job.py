@@ -42,8 +42,8 @@ class TrainJobConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     loader: LoaderConfig = LoaderConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output: str = "outputs/scvi"
-    latent_key: str | None = "X_scvi"
+    output: str = f"outputs/{DEFAULT_MODEL}"
+    latent_key: str | None = REGISTRY[DEFAULT_MODEL].latent_key
     experiment: str = "atlasvi"
     run_name: str | None = None
     umap_cells: int = Field(default=20000, ge=0)

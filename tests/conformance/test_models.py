@@ -19,7 +19,9 @@ import yaml
 from typer.testing import CliRunner
 
 from atlasvi.data import LoaderConfig, open_store
+from atlasvi.models.contract import ModuleContract
 from atlasvi.models.registry import ENTRIES, REGISTRY, ModelEntry
+from atlasvi.nn import FCLayers
 from atlasvi.train import EpochRecord, TrainConfig, fit
 from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 
@@ -96,6 +98,22 @@ def test_the_module_builds_from_a_store_through_the_registry(entry, kang_store):
     assert output.kl_local and all(kl.shape == (n,) and torch.isfinite(kl).all() for kl in output.kl_local.values())
     assert (output.reconstruction_loss > 0).all()  # -log p(counts) of real cells, nats
     assert output.negative_elbo.shape == (n,) and torch.isfinite(output.negative_elbo).all()
+
+
+def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, kang_store):
+    module, spec, store = _built(_job(entry, kang_store))
+    assert isinstance(module, ModuleContract)
+    assert entry.module_class.registry(module.schema, module.config) == module.schema == spec.schema  # idempotent
+    maps = module.code_maps(store.schema, "kang")
+    assert set(maps) <= set(module.used_keys) and set(maps) == set(spec.code_maps)
+    for key, codes in maps.items():  # every store category maps to one of the model's
+        assert len(codes) == len(store.schema.categorical[key])
+        assert 0 <= int(codes.min()) and int(codes.max()) < len(module.schema.categorical[key])
+    surgery = module.surgery_spec()
+    modules, weights, children = dict(module.named_modules()), module.state_dict(), dict(module.named_children())
+    assert surgery.covariate_layers and all(isinstance(modules[n], FCLayers) for n in surgery.covariate_layers)
+    assert all(n in weights for n in surgery.batch_tensors) and all(d in children for d in surgery.decoders)
+    assert not module.init_prefixes or any(k.startswith(module.init_prefixes) for k in weights)  # names real weights
 
 
 def test_every_parameter_gets_a_finite_nonzero_gradient(entry, kang_store):

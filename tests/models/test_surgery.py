@@ -126,6 +126,16 @@ def test_a_single_batch_reference_gains_a_zero_column(stores, tmp_path, kang):
     np.testing.assert_array_equal(query.get_latent_representation(one), latent)
 
 
+def test_gene_batch_dispersion_grows_by_the_new_batches(stores):
+    """The module's surgery_spec names px_r as a batch tensor: the query's batches get trainable columns."""
+    reference = SCVI(stores[0], SCVIConfig(dispersion="gene-batch"), device="cpu")
+    assert reference.module.surgery_spec().batch_tensors == ("px_r",)
+    query = SCVI.load_query_data(stores[1], reference, device="cpu")
+    px_r, mask = query.module.px_r.detach(), query.query_masks["px_r"]
+    assert px_r.shape == (300, 4) and torch.equal(px_r[:, :2], reference.module.px_r.detach())
+    assert mask[:, 2:].all() and not mask[:, :2].any()
+
+
 def test_nothing_new_to_map_is_an_error(stores):
     schema = open_store(stores[0]).schema
     with pytest.raises(ValueError, match="every sample of the query is in the reference"):

@@ -1,9 +1,11 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from atlasvi.data import open_store
 from atlasvi.errors import ConfigError
-from atlasvi.models.saving import save_model
+from atlasvi.models.saving import ModelFileError, save_model
 from atlasvi.models.scanvi import SCANVIModule
 from atlasvi.train.job import TrainJobConfig, build_module, module_spec, pretrained_train
 
@@ -48,3 +50,16 @@ def test_init_from_a_saved_scvi_starts_from_its_weights(embedded_store, tmp_path
         module_spec(_job(model={"name": "scanvi"}, init_from=str(tmp_path / "scanvi")), store)
     with pytest.raises(ConfigError, match="a saved scvi model; scvi starts only from no saved model"):
         module_spec(_job(init_from=str(tmp_path / "scvi")), store)
+
+
+def test_init_from_weights_that_do_not_fit_and_a_store_without_labels_are_one_error(embedded_store, tmp_path):
+    store = open_store(embedded_store)
+    small = _job(model={"n_latent": 5})
+    scvi = build_module(small.model, store.schema, seed=1)
+    save_model(tmp_path / "scvi", "SCVI", {"model": small.model.model_dump()}, store.schema, scvi.state_dict())
+    job = _job(model={"name": "scanvi"}, init_from=str(tmp_path / "scvi"))  # n_latent 10: other shapes
+    with pytest.raises(ModelFileError, match=r"init_from .*scvi: the weights do not fit this model: '.*' is \("):
+        module_spec(job, store)
+    store.schema = replace(store.schema, labels_key=None)  # a store built without labels
+    with pytest.raises(ConfigError, match=r"embedded.*: scANVI needs a store built with a labels key"):
+        module_spec(_job(model={"name": "scanvi"}), store)
