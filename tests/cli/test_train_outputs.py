@@ -10,7 +10,6 @@ import time
 
 import anndata as ad
 import numpy as np
-import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -19,15 +18,6 @@ from atlasvi.cli.main import app
 from atlasvi.train.lock import LOCK_NAME
 
 runner = CliRunner()
-
-
-@pytest.fixture
-def workdir(tmp_path, embedded_store, monkeypatch):
-    """A working folder with a copy of the embedded store; MLflow's default local store lands in it."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copytree(embedded_store, tmp_path / "store.zarr")
-    return tmp_path
 
 
 def _train(*flags: str, output: str = "out"):
