@@ -165,6 +165,11 @@ class AtlasModel:
         with self._own_rng():
             return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent, attrs)
 
+    def write_results(self, key: str | None = None, attrs: dict[str, Any] | None = None) -> list[Path]:
+        """What `atlasvi train` writes back into the training store: the latent in obsm[key] (default the entry's
+        latent key); a method's extras add their own (e.g. predictions). Returns the written arrays' paths."""
+        return [self.write_latent_representation(key=key, attrs=attrs)]
+
     def _elbo_terms(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
     ) -> tuple[float, float, float]:

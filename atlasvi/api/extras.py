@@ -174,6 +174,13 @@ class ClassifierExtras(AtlasModel):
                 _write(_tee_argmax(parts, labels_writer), path, "obsm", probabilities_key, len(self.labels))
             return labels_writer.commit()
 
+    def write_results(self, key: str | None = None, attrs: dict[str, Any] | None = None) -> list[Path]:
+        """The latent in obsm[key], and the predictions beside it: obs["NAME_prediction"] and
+        obsm["NAME_probabilities"], NAME the latent key without its "X_" (X_scanvi: scanvi_prediction)."""
+        written = super().write_results(key, attrs)
+        name = (key or self.entry.latent_key).removeprefix("X_")
+        return [*written, self.write_predictions(key=f"{name}_prediction", probabilities_key=f"{name}_probabilities")]
+
 
 def _tee_argmax(parts, writer: ObsCategoricalWriter):
     for rows, probabilities in parts:

@@ -78,14 +78,18 @@ def make_config(model: type, sources: list[tuple[str, dict[str, Any]]]):
         problems = []
         for e in err.errors():
             owner, names = _owner(model, e["loc"][:-1])
-            field = ".".join([*names, str(e["loc"][-1])] if e["loc"] else names)
+            tag = e["loc"] and e["loc"][-1] in [
+                getattr(m.model_fields.get("name"), "default", None) for m in _members(owner)
+            ]
+            field = ".".join([*names, str(e["loc"][-1])] if e["loc"] and not tag else names)
             if e["type"] == "extra_forbidden":
                 allowed = ", ".join(owner.model_fields)
                 problems.append(f"unknown field {field!r} (fields: {allowed})")
             elif e["type"] == "unknown_model" and isinstance(e["input"], dict):
                 problems.append(f"{field}.name {e['input'].get('name')!r}: {e['msg']}")
-            else:
-                problems.append(f"{field}: {e['msg']}")
+            else:  # a validator's ValueError reads as its message; a whole-config one names no field
+                message = e["msg"].removeprefix("Value error, ")
+                problems.append(f"{field}: {message}" if field else message)
         where = " + ".join(name for name, _ in sources)
         raise ConfigError(f"invalid {model.__name__} ({where}): " + "; ".join(problems)) from None
 

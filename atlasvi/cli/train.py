@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
-from atlasvi.api import SCVI, saved_model_class
+from atlasvi.api import AtlasModel, saved_model_class
 from atlasvi.cli.common import (
     EMBEDDED_BUILD,
     build_with_progress,
@@ -29,7 +29,7 @@ from atlasvi.cli.common import (
 from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
 from atlasvi.data import BuildConfig, open_store, split_rows
 from atlasvi.data.store import AtlasStore, is_url
-from atlasvi.models.registry import ModelEntry, entry_of, get_entry
+from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, entry_of, get_entry
 from atlasvi.models.saving import META_NAME, load_init_state, read_meta
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned, local_tracking_uri
 from atlasvi.train import EpochRecord
@@ -55,7 +55,7 @@ def _warn_kl_warmup(job: TrainJobConfig, n_train_cells: int, n_epochs: int) -> N
         console.print(f"[yellow]warning:[/yellow] {shortfall}")
 
 
-def _umap(model: SCVI, store: AtlasStore, n_cells: int, path: Path) -> Path | None:
+def _umap(model: AtlasModel, store: AtlasStore, n_cells: int, path: Path) -> Path | None:
     """UMAP of the first n_cells rows (a random sample: a store's rows are shuffled at build)."""
     n = min(n_cells, store.n_cells)
     if n < 20:
@@ -67,7 +67,7 @@ def _umap(model: SCVI, store: AtlasStore, n_cells: int, path: Path) -> Path | No
     return umap_png(latent, names, path)
 
 
-def _user_class(entry: ModelEntry) -> type[SCVI]:
+def _user_class(entry: ModelEntry) -> type[AtlasModel]:
     """The user-facing class of a registry entry ("module:Class")."""
     module, name = entry.user_class.split(":")
     return getattr(importlib.import_module(module), name)
@@ -77,11 +77,15 @@ def train_command(
     config: Annotated[
         Path | None, typer.Option(help="YAML of TrainJobConfig (store, model, train, loader, ...)")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="the model (scvi, scanvi); default scvi")] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"the model ({', '.join(REGISTRY)}); default {DEFAULT_MODEL}")
+    ] = None,
     init_from: Annotated[
         Path | None, typer.Option(help="saved model folder whose weights the model starts from")
     ] = None,
-    store: Annotated[str | None, typer.Option(help="atlas store path or URL (default: the embedded one)")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="atlas store path or URL (default: --init-from's, else the embedded one)")
+    ] = None,
     output: Annotated[str | None, typer.Option(help="folder for the model, checkpoints and figures")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
     n_epochs_kl_warmup: Annotated[int | None, typer.Option(help="epochs of linear KL warm-up")] = None,
@@ -131,11 +135,13 @@ def train_command(
         "train": {"max_epochs": max_epochs, "n_epochs_kl_warmup": n_epochs_kl_warmup, "lr": lr, "seed": seed},
         "loader": {"batch_size": batch_size, "seed": seed},
     }
-    if init_from is not None:  # the saved model's architecture, under the YAML and the flags
-        saved = read_meta(init_from)["config"]["model"]
-        sources.insert(0, (f"{init_from}/{META_NAME}", {"model": {k: v for k, v in saved.items() if k != "name"}}))
     sources.append(("flags", flags))
     job = make_config(TrainJobConfig, sources)
+    if job.init_from is not None:  # the saved model's architecture and store, under the YAML and the flags
+        saved = Path(job.init_from)
+        section = {k: v for k, v in read_meta(saved)["config"]["model"].items() if k != "name"}
+        defaults = {"model": section} | ({} if job.store is not None else {"store": AtlasModel.saved_store(saved)})
+        job = make_config(TrainJobConfig, [(f"{saved}/{META_NAME}", defaults), *sources])
     opened = open_store(job.store or _embedded_store())
     split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
     spec = module_spec(job, opened)  # so does an init_from the model cannot start from
@@ -220,7 +226,7 @@ def _train(
 def _train_on_ray(
     job: TrainJobConfig,
     spec: ModuleSpec,
-    model: SCVI,
+    model: AtlasModel,
     store: AtlasStore,
     tracker: MlflowRun,
     checkpoints: str,
@@ -259,15 +265,15 @@ def _train_on_ray(
     return history
 
 
-def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, out: Path):
+def _finish(job: TrainJobConfig, model: AtlasModel, store: AtlasStore, history: list[EpochRecord], tracker, out: Path):
     """Results first (the model, the latent in the store, the final metrics), then the figures, whose failure
     is a warning: a figure cannot lose a result. Ends the MLflow run FINISHED; print where everything is."""
     model_dir = model.save(out / "model")
     config_yaml = write_atomic(out / "config.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    written = None
+    written: list[Path] = []
     if job.latent_key and not is_url(store.path):
-        with console.status(f"writing the latent into obsm[{job.latent_key!r}]"):
-            written = model.write_latent_representation(key=job.latent_key, attrs=writer_attrs(out))
+        with console.status(f"writing the results into the store (the latent: obsm[{job.latent_key!r}])"):
+            written = model.write_results(key=job.latent_key, attrs=writer_attrs(out))
     last = history[-1]
     seconds = sum(r.seconds for r in history)
     final = {
@@ -287,7 +293,9 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
     table.add_row("epochs", f"{len(history)} ({seconds:.1f} s, {final['train_cells_per_second']:.0f} cells/s)")
     table.add_row("held-out -ELBO", f"{last.validation_elbo:.2f} nats per cell")
     table.add_row("model", str(model_dir))
-    table.add_row("latent", f"{written} (obsm['{job.latent_key}'])" if written else "not written (URL store)")
+    table.add_row(
+        "written", "\n".join(str(p) for p in written) if written else "nothing (no latent key, or a URL store)"
+    )
     table.add_row("figures", ", ".join(str(f) for f in figures) or "none")
     table.add_row("MLflow run", f"{tracker.run_id} in experiment {job.experiment!r} at {tracker.tracking_uri}")
     Console().print(table)
@@ -298,7 +306,7 @@ def _finish(job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[E
 
 
 def _figures(
-    job: TrainJobConfig, model: SCVI, store: AtlasStore, history: list[EpochRecord], tracker, folder: Path
+    job: TrainJobConfig, model: AtlasModel, store: AtlasStore, history: list[EpochRecord], tracker, folder: Path
 ) -> list[Path]:
     """The loss curves and the latent UMAP, logged into the run; one that fails is a warning (and a
     `figure_error.NAME` tag), never an error: the results are already written."""

@@ -45,3 +45,20 @@ def test_an_invalid_config_is_one_config_error_naming_the_field_and_its_source(t
             assert str(err) == f"{path}: {expected}"
         else:
             raise AssertionError(f"{path} loaded")
+
+
+def test_a_validator_error_reads_as_its_message_under_its_field():
+    from atlasvi.errors import ConfigError
+    from atlasvi.launch.sweep import SweepConfig
+    from atlasvi.train.job import TrainJobConfig
+
+    for model, sources, expected in [
+        (TrainJobConfig, {"model": {"name": "scanvi", "dispersion": "gene-label"}}, "model: dispersion='gene-label'"),
+        (SweepConfig, {"search_space": {"model.colour": {"grid": [1]}}}, "search_space: 'model.colour' is not"),
+    ]:
+        try:
+            common.make_config(model, [("x.yaml", sources)])
+        except ConfigError as err:
+            assert str(err).startswith(f"invalid {model.__name__} (x.yaml): {expected}"), str(err)
+        else:
+            raise AssertionError(f"{sources} validated")

@@ -297,20 +297,28 @@ def test_broken_model_files_are_one_line_naming_file_and_field(quick):
 
 
 def test_train_scanvi_from_a_saved_scvi_is_atlasvi_scanvi(workdir):
-    assert _train("--max-epochs", "2").exit_code == 0
-    args = ["train", "--store", "store.zarr", "--model", "scanvi", "--init-from", "out/model", "--output", "sc"]
-    result = runner.invoke(app, [*args, "--max-epochs", "2"])
+    """init_from in YAML: the saved scVI's architecture (n_latent 6) and training store, no flag needed; the latent
+    and the predictions are atlasvi scanvi's."""
+    assert _train("--max-epochs", "2", "--n-latent", "6").exit_code == 0
+    (workdir / "scanvi.yaml").write_text(
+        yaml.safe_dump({"model": {"name": "scanvi"}, "init_from": "out/model", "output": "sc"})
+    )
+    result = runner.invoke(app, ["train", "--config", "scanvi.yaml", "--max-epochs", "2"])
     assert result.exit_code == 0, result.output
-    assert "SCANVI trained" in result.output
-    assert json.loads((workdir / "sc" / "model" / "model.json").read_text())["method"] == "SCANVI"
+    assert "SCANVI trained" in result.output, result.output
+    saved = json.loads((workdir / "sc" / "model" / "model.json").read_text())
+    assert saved["method"] == "SCANVI" and saved["config"]["model"]["n_latent"] == 6
+    assert saved["config"]["store"] == str((workdir / "store.zarr").resolve())
     reference = ["scanvi", "--scvi-model", "out/model", "--output", "ref", "--latent-key", "X_ref", "--max-epochs", "2"]
-    assert runner.invoke(app, reference).exit_code == 0
+    assert runner.invoke(app, [*reference, "--prediction-key", "ref_prediction"]).exit_code == 0
     again = runner.invoke(app, ["latent", "--model", "sc/model", "--key", "X_again"])
     assert again.exit_code == 0, again.output
     adata = ad.read_zarr(workdir / "store.zarr")
-    assert adata.obsm["X_scanvi"].shape == (1408, 10)
+    assert adata.obsm["X_scanvi"].shape == (1408, 6)
     np.testing.assert_allclose(adata.obsm["X_scanvi"], adata.obsm["X_ref"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(adata.obsm["X_again"], adata.obsm["X_scanvi"], rtol=1e-5, atol=1e-6)
+    assert adata.obsm["scanvi_probabilities"].shape == (1408, 5)  # the 5 cell lines
+    assert (adata.obs["scanvi_prediction"] == adata.obs["ref_prediction"]).mean() > 0.99
 
 
 def test_init_from_a_model_the_target_cannot_start_from_is_one_error_line(workdir):
