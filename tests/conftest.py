@@ -14,6 +14,7 @@ CELLBENCH = SHARED_DATA / "cellbench_sc_mixology_3tech.h5ad"
 KANG = SHARED_DATA / "kang2018_pbmc_ifnb_muscat.h5ad"
 KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
 RNAMIX = SHARED_DATA / "cellbench_rnamix_2tech.h5ad"
+GRANJA = SHARED_DATA / "granja2019_bmmc_scatac_5kpeaks.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,4 +59,13 @@ def embedded_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             inputs=[str(EMBEDDED)], output=str(path), batch_key="batch", labels_key="cell_line", n_top_genes=300
         )
         build_store(config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def granja_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Granja 2019 BMMC scATAC: 600 cells x 5000 peaks (counts, `chr:start-end`), batch `Group` (2 donors),
+    labels `BioClassification` (6 x 100 cells), every peak kept (no HVG selection)."""
+    path = tmp_path_factory.mktemp("stores") / "granja.zarr"
+    build_store(BuildConfig(inputs=[str(GRANJA)], output=str(path), batch_key="Group", labels_key="BioClassification"))
     return path

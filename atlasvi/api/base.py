@@ -33,7 +33,7 @@ from atlasvi.models.saving import (
 )
 from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
 from atlasvi.train import EpochRecord, TrainConfig, fit
-from atlasvi.train.job import make_loaders, resolve_device
+from atlasvi.train.job import make_loaders, resolve_device, train_config_for
 
 
 class AtlasModel:
@@ -76,10 +76,11 @@ class AtlasModel:
     ) -> list[EpochRecord]:
         """Train on the store's training rows, evaluating on its held-out rows; returns the epoch records.
 
-        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`). A query model
-        (`load_query_data`) trains with weight decay 0, whatever `train` says: decay would move frozen weights.
+        With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`). The fields `train`
+        does not set are the method's defaults (its registry entry's `train_defaults`, else TrainConfig's). A query
+        model (`load_query_data`) trains with weight decay 0, whatever `train` says: decay would move frozen weights.
         """
-        self.train_config = train or TrainConfig()
+        self.train_config = train_config_for(self.config, train)
         if self.query_masks is not None:
             self.train_config = self.train_config.model_copy(update={"weight_decay": 0.0})
         train_loader, validation_loader = make_loaders(
@@ -107,6 +108,11 @@ class AtlasModel:
         if other.entry.name not in self.entry.init_from:
             raise ValueError(f"a {self.method} model starts from {list(self.entry.init_from)}, not a {other.method}")
         load_init_state(self.module, other.module.state_dict(), f"a {other.method} model")
+
+    @property
+    def n_latent(self) -> int:
+        """The latent's width: the module's where it resolves it from the data (PeakVI's default), else the config's."""
+        return int(getattr(self.module, "n_latent", None) or self.config.n_latent)
 
     @property
     def validation_rows(self) -> tuple[int, int]:
@@ -148,7 +154,7 @@ class AtlasModel:
         generator = torch.Generator().manual_seed(seed)
         parts = latent_representation(self.module, self._batches(store, rows, batch_size), give_mean, generator)
         with self._own_rng(seed):
-            return _stack(parts, self.config.n_latent)
+            return _stack(parts, self.n_latent)
 
     def write_latent_representation(
         self,
@@ -163,7 +169,7 @@ class AtlasModel:
         key = key or self.entry.latent_key
         parts = latent_representation(self.module, self._batches(store, None, batch_size))
         with self._own_rng():
-            return _write(parts, self._store_path(store), "obsm", key, self.config.n_latent, attrs)
+            return _write(parts, self._store_path(store), "obsm", key, self.n_latent, attrs)
 
     def write_results(self, key: str | None = None, attrs: dict[str, Any] | None = None) -> list[Path]:
         """What `atlasvi train` writes back into the training store: the latent in obsm[key] (default the entry's

@@ -16,11 +16,12 @@ from atlasvi.data import open_store
 from atlasvi.data.store import AtlasStore
 from atlasvi.data.writeback import ObsCategoricalWriter
 
-__all__ = ["ClassifierExtras", "ExpressionExtras"]
+__all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras"]
 
 
-class ExpressionExtras(AtlasModel):
-    """Normalized expression (get / write) and Bayesian DE of a model whose module has a decoder."""
+class BayesianDE(AtlasModel):
+    """Bayesian DE over a store (scvi-tools' `differential_expression` machinery, `atlasvi.analysis.de`) of a model
+    whose module decodes `px_scale` (features: genes or regions); a method class names it after what it compares."""
 
     def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
         if gene_list is None:
@@ -40,6 +41,50 @@ class ExpressionExtras(AtlasModel):
         if transform_batch not in categories:
             raise KeyError(f"transform_batch {transform_batch!r} is not a {self.schema.batch_key}: {categories}")
         return categories.index(transform_batch)
+
+    def _bayesian_de(
+        self,
+        groupby: str | None,
+        group1: str | Sequence[str] | None,
+        group2: str | None,
+        idx1: np.ndarray | Sequence[int] | None,
+        idx2: np.ndarray | Sequence[int] | None,
+        store: AtlasStore | str | Path | None,
+        progress: Callable[[int, int], None] | None,
+        options: de.DEConfig,
+    ) -> pd.DataFrame:
+        """The DE table of `atlasvi.analysis.de.differential_expression` (see `differential_expression`)."""
+        batch_codes = {
+            key: [self._batch_code(str(b)) for b in names]
+            for key, names in (("batchid1", options.batchid1), ("batchid2", options.batchid2))
+            if names is not None
+        }
+        opened = self.store if store is None else (store if isinstance(store, AtlasStore) else open_store(store))
+        code_maps = self.code_maps if store is None else self._code_maps(opened)
+        if idx1 is not None:
+            codes, categories = de.index_codes(opened.n_cells, np.asarray(idx1), idx2), ("one", "two")
+            group1, group2 = ["one"], None if idx2 is None else "two"
+        elif groupby is not None:
+            codes, categories = opened.read_obs_categorical(groupby)
+        else:
+            raise ValueError("give groupby (an obs column) or idx1")
+        with self._own_rng(options.seed):
+            return de.differential_expression(
+                self.module,
+                opened,
+                codes,
+                categories,
+                group1=[group1] if isinstance(group1, str) else group1,
+                group2=group2,
+                config=options.model_copy(update=batch_codes),
+                label_comparisons=idx1 is None,
+                code_maps=code_maps,
+                progress=progress,
+            )
+
+
+class ExpressionExtras(BayesianDE):
+    """Normalized expression (get / write) and Bayesian DE of a model whose module has a decoder."""
 
     def get_normalized_expression(
         self,
@@ -102,33 +147,7 @@ class ExpressionExtras(AtlasModel):
         "vanilla") adds the LFC columns and is_de_fdr_<target>.
         """
         options = de.DEConfig.model_validate({**(config or de.DEConfig()).model_dump(exclude_unset=True), **overrides})
-        batch_codes = {
-            key: [self._batch_code(str(b)) for b in names]
-            for key, names in (("batchid1", options.batchid1), ("batchid2", options.batchid2))
-            if names is not None
-        }
-        opened = self.store if store is None else (store if isinstance(store, AtlasStore) else open_store(store))
-        code_maps = self.code_maps if store is None else self._code_maps(opened)
-        if idx1 is not None:
-            codes, categories = de.index_codes(opened.n_cells, np.asarray(idx1), idx2), ("one", "two")
-            group1, group2 = ["one"], None if idx2 is None else "two"
-        elif groupby is not None:
-            codes, categories = opened.read_obs_categorical(groupby)
-        else:
-            raise ValueError("give groupby (an obs column) or idx1")
-        with self._own_rng(options.seed):
-            return de.differential_expression(
-                self.module,
-                opened,
-                codes,
-                categories,
-                group1=[group1] if isinstance(group1, str) else group1,
-                group2=group2,
-                config=options.model_copy(update=batch_codes),
-                label_comparisons=idx1 is None,
-                code_maps=code_maps,
-                progress=progress,
-            )
+        return self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options)
 
 
 class ClassifierExtras(AtlasModel):

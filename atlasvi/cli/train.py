@@ -87,7 +87,7 @@ def train_command(
         str | None, typer.Option(help="atlas store path or URL (default: --init-from's, else the embedded one)")
     ] = None,
     output: Annotated[str | None, typer.Option(help="folder for the model, checkpoints and figures")] = None,
-    max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (default: the model's; scVI's rule)")] = None,
     n_epochs_kl_warmup: Annotated[int | None, typer.Option(help="epochs of linear KL warm-up")] = None,
     n_latent: Annotated[int | None, typer.Option(help="latent dimensions")] = None,
     n_layers: Annotated[int | None, typer.Option(help="hidden layers of encoder and decoder")] = None,

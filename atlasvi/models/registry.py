@@ -5,17 +5,30 @@ Adding a model is its own folder under `atlasvi/models/` plus one `ModelEntry` l
 (`model: {name: scanvi, n_latent: 20}` in YAML; no name means scvi, so older configs and run records still read).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 from torch import nn
 
 from atlasvi.errors import ConfigError
+from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
 
 DEFAULT_MODEL = "scvi"
+
+PEAKVI_TRAIN = {  # scvi-tools' PEAKVI.train: AdamW, early stopping on the held-out reconstruction, 50-epoch warm-up
+    "max_epochs": 500,
+    "optimizer": "AdamW",
+    "lr": 1e-4,
+    "weight_decay": 1e-3,
+    "eps": 1e-8,
+    "n_epochs_kl_warmup": 50,
+    "early_stopping": True,
+    "early_stopping_monitor": "reconstruction",
+    "early_stopping_patience": 50,
+}
 
 
 @dataclass(frozen=True)
@@ -25,7 +38,8 @@ class ModelEntry:
     name: the config's `name` and `atlasvi train --model NAME`; saved_name: `method` in model.json (scvi-tools'
     class name); user_class: "module:Class" of the user-facing class (the api layer imports it); latent_key:
     the obsm key its latent is written to by default; init_from: names of the entries whose saved weights it
-    can start from (`--init-from`).
+    can start from (`--init-from`); train_defaults: TrainConfig fields whose defaults differ for this method (as
+    scvi-tools' `train` of the method sets them), under whatever the job or the caller sets.
     """
 
     name: str
@@ -35,11 +49,15 @@ class ModelEntry:
     user_class: str
     latent_key: str
     init_from: tuple[str, ...] = ()
+    train_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry("scvi", "SCVI", SCVIConfig, SCVIModule, "atlasvi.api.scvi:SCVI", "X_scvi"),
     ModelEntry("scanvi", "SCANVI", SCANVIConfig, SCANVIModule, "atlasvi.api.scanvi:SCANVI", "X_scanvi", ("scvi",)),
+    ModelEntry(
+        "peakvi", "PEAKVI", PEAKVIConfig, PEAKVIModule, "atlasvi.api.peakvi:PEAKVI", "X_peakvi", (), PEAKVI_TRAIN
+    ),
 )
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}
 

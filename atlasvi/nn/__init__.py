@@ -1,8 +1,8 @@
-"""Fully-connected blocks with covariate injection, Gaussian encoders and the count decoder.
+"""Fully-connected blocks with covariate injection, Gaussian encoders, the count decoder and a probability decoder.
 
 The same layers and defaults as scvi-tools (`FCLayers`, `Encoder`, `DecoderSCVI`): Linear ->
-BatchNorm1d(momentum 0.01, eps 1e-3) | LayerNorm -> ReLU -> Dropout, categorical covariates one-hot
-and concatenated to the input of the first layer, and of every layer when `inject_covariates`.
+BatchNorm1d(momentum 0.01, eps 1e-3) | LayerNorm -> activation (ReLU unless given) -> Dropout, categorical
+covariates one-hot and concatenated to the input of the first layer, and of every layer when `inject_covariates`.
 Nothing model-specific, and no parameter that a configuration does not use.
 """
 
@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
-__all__ = ["CountDecoder", "Encoder", "FCLayers"]
+__all__ = ["CountDecoder", "Encoder", "FCLayers", "ProbabilityDecoder"]
 
 
 class FCLayers(nn.Module):
     """n_layers fully-connected layers, (n, n_in) -> (n, n_out), with categorical covariates injected.
 
-    n_categories: categories per covariate (a covariate with 1 category is ignored, as in scvi-tools).
+    n_categories: categories per covariate (a covariate with 1 category is ignored, as in scvi-tools);
+    activation: the nonlinearity's class (scvi-tools' activation_fn; PeakVI's layers use LeakyReLU).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class FCLayers(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
+        activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
         self.n_categories = [n if n > 1 else 0 for n in n_categories]
@@ -46,7 +48,7 @@ class FCLayers(nn.Module):
                 block.append(nn.BatchNorm1d(b, momentum=0.01, eps=0.001))
             if use_layer_norm:
                 block.append(nn.LayerNorm(b, elementwise_affine=False))
-            block.append(nn.ReLU())
+            block.append(activation())
             if dropout_rate > 0:
                 block.append(nn.Dropout(dropout_rate))
             self.layers.append(nn.Sequential(*block))
@@ -85,7 +87,8 @@ class FCLayers(nn.Module):
 class Encoder(nn.Module):
     """Gaussian q(z | x): (n, n_in) -> Normal over (n, n_out) and a reparametrised sample.
 
-    The variance is exp(output) + var_eps (scvi-tools' default activation and eps).
+    The variance is exp(output) + var_eps (scvi-tools' default variance activation and eps);
+    activation: the hidden layers' nonlinearity (see `FCLayers`).
     """
 
     def __init__(
@@ -100,12 +103,13 @@ class Encoder(nn.Module):
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
         var_eps: float = 1e-4,
+        activation: type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
         self.var_eps = var_eps
         self.encoder = FCLayers(
             n_in, n_hidden, n_categories, n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm,
-            inject_covariates,
+            inject_covariates, activation,
         )  # fmt: skip
         self.mean_encoder = nn.Linear(n_hidden, n_out)
         self.var_encoder = nn.Linear(n_hidden, n_out)
@@ -157,3 +161,34 @@ class CountDecoder(nn.Module):
         dispersion = self.px_r_decoder(hidden) if self.px_r_decoder is not None else None
         zi_logits = self.px_dropout_decoder(hidden) if self.px_dropout_decoder is not None else None
         return scale, rate, dispersion, zi_logits
+
+
+class ProbabilityDecoder(nn.Module):
+    """(n, n_in) -> (n, n_out) probabilities in (0, 1): FCLayers (no dropout), then Linear and a sigmoid.
+
+    scvi-tools' PeakVI `Decoder` (its defaults: 2 layers, LeakyReLU, layer norm, covariates into the first
+    layer only); PeakVI decodes region accessibility with it, and the cell's depth factor from the counts.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        n_categories: Sequence[int] = (),
+        n_layers: int = 2,
+        n_hidden: int = 128,
+        use_batch_norm: bool = False,
+        use_layer_norm: bool = True,
+        inject_covariates: bool = False,
+        activation: type[nn.Module] = nn.LeakyReLU,
+    ):
+        super().__init__()
+        self.px_decoder = FCLayers(
+            n_in, n_hidden, n_categories, n_layers, n_hidden, 0.0, use_batch_norm, use_layer_norm, inject_covariates,
+            activation,
+        )  # fmt: skip
+        self.output = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
+        """x: (n, n_in); codes: one (n,) integer tensor per covariate. Returns (n, n_out) in (0, 1)."""
+        return torch.sigmoid(self.output(self.px_decoder(x, *codes)))

@@ -57,14 +57,19 @@ class TrainJobConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _model_defaults(cls, data: Any) -> Any:
-        """output and latent_key default to the model's: outputs/NAME and its registry latent key."""
+        """output and latent_key default to the model's: outputs/NAME and its registry latent key; the train
+        fields the job does not set default to the model's (`ModelEntry.train_defaults`)."""
         if not isinstance(data, dict) or data.get("model") is None:
             return data
         model = data["model"]
         name = model.get("name", DEFAULT_MODEL) if isinstance(model, dict) else getattr(model, "name", DEFAULT_MODEL)
         if name not in REGISTRY:
             return data  # the union names the unknown model
-        return {"output": f"outputs/{name}", "latent_key": REGISTRY[name].latent_key} | data
+        entry = REGISTRY[name]
+        data = {"output": f"outputs/{name}", "latent_key": entry.latent_key} | data
+        if entry.train_defaults:
+            data["train"] = train_fields(entry.train_defaults, data.get("train"))
+        return data
 
     def cpu_threads(self, n_cores: int) -> int:
         """torch intra-op threads on CPU: torch_threads, else the cores the loader's read threads leave (>= 1).
@@ -73,6 +78,18 @@ class TrainJobConfig(BaseModel):
         slower than 1.
         """
         return self.torch_threads or max(1, n_cores - self.loader.num_threads)
+
+
+def train_fields(defaults: dict[str, Any], train: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """The TrainConfig fields of `train` (a TrainConfig, a mapping of its fields, or None) with those it does not
+    set taken from `defaults` (a model's `ModelEntry.train_defaults`); a TrainConfig sets its `model_fields_set`."""
+    given = train.model_dump(exclude_unset=True) if isinstance(train, TrainConfig) else dict(train or {})
+    return defaults | given
+
+
+def train_config_for(model: BaseModel, train: TrainConfig | None) -> TrainConfig:
+    """The TrainConfig a `model` (a registry entry's config) trains with: `train` over its entry's train defaults."""
+    return TrainConfig.model_validate(train_fields(entry_of(model).train_defaults, train))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -37,6 +37,10 @@ class TrainConfig(BaseModel):
 
     max_epochs None: scvi-tools' rule, min(round(20000 / n_train_cells * 400), 400).
     n_epochs_kl_warmup / n_steps_kl_warmup: linear warm-up of the KL weight by epochs, or else by steps.
+    optimizer, lr, weight_decay, eps: torch's Adam (L2 penalty in the gradient) or AdamW (decoupled decay).
+    early_stopping_monitor: the held-out figure early stopping watches, the -ELBO ("elbo", scvi-tools'
+    default) or the reconstruction term alone ("reconstruction").
+    A model's registry entry may give other defaults (`ModelEntry.train_defaults`, applied by the job and the API).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +57,7 @@ class TrainConfig(BaseModel):
     gradient_clip_norm: float | None = Field(default=None, gt=0)
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)
     early_stopping: bool = False
+    early_stopping_monitor: Literal["elbo", "reconstruction"] = "elbo"
     early_stopping_patience: int = Field(default=45, gt=0)
     early_stopping_min_delta: float = Field(default=0.0, ge=0)
     checkpoint_every_n_epochs: int = Field(default=1, gt=0)
@@ -355,8 +360,9 @@ def _fit(
         )  # fmt: skip
         progress.history.append(record)
         progress.epoch += 1
-        if validation_elbo < progress.best_validation - config.early_stopping_min_delta:
-            progress.best_validation, progress.epochs_without_improvement = validation_elbo, 0
+        monitored = validation_elbo if config.early_stopping_monitor == "elbo" else validation_reconstruction
+        if monitored < progress.best_validation - config.early_stopping_min_delta:
+            progress.best_validation, progress.epochs_without_improvement = monitored, 0
         else:
             progress.epochs_without_improvement += 1
         stop = config.early_stopping and progress.epochs_without_improvement >= config.early_stopping_patience

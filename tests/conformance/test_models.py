@@ -36,7 +36,8 @@ def _model(entry: ModelEntry) -> dict:
 
 
 def _job(entry: ModelEntry, store: Path, **update) -> TrainJobConfig:
-    train = TrainConfig(max_epochs=EPOCHS, n_epochs_kl_warmup=2, seed=0)
+    # one step size for every model (a method's own default may be smaller: PeakVI's lr is 1e-4, for 500 epochs)
+    train = TrainConfig(max_epochs=EPOCHS, n_epochs_kl_warmup=2, lr=1e-3, seed=0)
     return TrainJobConfig.model_validate(
         {"store": str(store), "model": _model(entry), "train": train, "loader": LOADER} | update
     )

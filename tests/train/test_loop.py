@@ -104,6 +104,27 @@ def test_early_stopping_on_validation_elbo(store):
     assert len(history) == 3  # the first epoch sets the best; two without a 1e9 improvement stop it
 
 
+def _stopped_after(values: list[float], patience: int, min_delta: float) -> int:
+    """The epochs early stopping runs on `values` (held-out figures per epoch): the loop's rule, replayed."""
+    best, waited = float("inf"), 0
+    for epoch, value in enumerate(values):
+        best, waited = (value, 0) if value < best - min_delta else (best, waited + 1)
+        if waited >= patience:
+            return epoch + 1
+    return len(values)
+
+
+def test_early_stopping_may_watch_the_held_out_reconstruction(store):
+    module, train, validation = _setup(store)
+    config = TrainConfig(
+        max_epochs=40, n_epochs_kl_warmup=5, early_stopping=True, early_stopping_monitor="reconstruction",
+        early_stopping_patience=2, early_stopping_min_delta=2.0,
+    )  # fmt: skip
+    history = fit(module, train, validation, config)
+    reconstruction = [r.validation_reconstruction for r in history]
+    assert 3 <= len(history) < 40 and len(history) == _stopped_after(reconstruction, 2, 2.0)
+
+
 def test_held_out_figures_count_each_cell_once_under_padding(store):
     """141 held-out cells in padded batches of 128 (115 repeats, some within one batch): the KL (exact
     in eval mode) must be the mean over the 141 distinct cells."""
