@@ -15,6 +15,7 @@ KANG = SHARED_DATA / "kang2018_pbmc_ifnb_muscat.h5ad"
 KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
 RNAMIX = SHARED_DATA / "cellbench_rnamix_2tech.h5ad"
 GRANJA = SHARED_DATA / "granja2019_bmmc_scatac_5kpeaks.h5ad"
+BARON = SHARED_DATA / "baron2016_pancreas_human_mouse_subset350_cider.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,4 +69,18 @@ def granja_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     labels `BioClassification` (6 x 100 cells), every peak kept (no HVG selection)."""
     path = tmp_path_factory.mktemp("stores") / "granja.zarr"
     build_store(BuildConfig(inputs=[str(GRANJA)], output=str(path), batch_key="Group", labels_key="BioClassification"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def baron_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Baron 2016 pancreas, human + mouse (CIDER subset, 328 cells): batch `species` (2), labels `cell_type` (5),
+    1000 Seurat v3 HVGs."""
+    path = tmp_path_factory.mktemp("stores") / "baron.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BuildConfig(
+            inputs=[str(BARON)], output=str(path), batch_key="species", labels_key="cell_type", n_top_genes=1000
+        )
+        build_store(config)
     return path

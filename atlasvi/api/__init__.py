@@ -11,10 +11,11 @@ from atlasvi.api.base import AtlasModel
 from atlasvi.api.peakvi import PEAKVI
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
+from atlasvi.api.sysvi import SysVI
 from atlasvi.models.registry import ENTRIES, ModelEntry
 from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
-__all__ = ["METHODS", "PEAKVI", "AtlasModel", "SCANVI", "SCVI", "saved_model_class", "user_class"]
+__all__ = ["METHODS", "PEAKVI", "AtlasModel", "SCANVI", "SCVI", "SysVI", "saved_model_class", "user_class"]
 
 
 def user_class(entry: ModelEntry) -> type[AtlasModel]:

@@ -15,6 +15,7 @@ from atlasvi.errors import ConfigError
 from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
+from atlasvi.models.sysvi import SysVIConfig, SysVIModule
 
 DEFAULT_MODEL = "scvi"
 
@@ -29,6 +30,7 @@ PEAKVI_TRAIN = {  # scvi-tools' PEAKVI.train: AdamW, early stopping on the held-
     "early_stopping_monitor": "reconstruction",
     "early_stopping_patience": 50,
 }
+SYSVI_TRAIN = {"n_epochs_kl_warmup": 0}  # scvi-tools' SysVI.train: no KL warm-up (poor integration with one)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry(
         "peakvi", "PEAKVI", PEAKVIConfig, PEAKVIModule, "atlasvi.api.peakvi:PEAKVI", "X_peakvi", (), PEAKVI_TRAIN
     ),
+    ModelEntry("sysvi", "SysVI", SysVIConfig, SysVIModule, "atlasvi.api.sysvi:SysVI", "X_sysvi", (), SYSVI_TRAIN),
 )
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}
 

@@ -97,7 +97,7 @@ def test_the_module_builds_from_a_store_through_the_registry(entry, kang_store):
     assert output.loss.shape == () and torch.isfinite(output.loss)
     assert output.reconstruction_loss.shape == (n,) and torch.isfinite(output.reconstruction_loss).all()
     assert output.kl_local and all(kl.shape == (n,) and torch.isfinite(kl).all() for kl in output.kl_local.values())
-    assert (output.reconstruction_loss > 0).all()  # -log p(counts) of real cells, nats
+    assert output.reconstruction_loss.std() > 0  # a per-cell -log p(x | latents), nats (a density's may be < 0)
     assert output.negative_elbo.shape == (n,) and torch.isfinite(output.negative_elbo).all()
 
 
