@@ -13,7 +13,8 @@ A conditional VAE for strong batch effects between systems (species, technologie
 loss per cell, then the minibatch mean:
   reconstruction_weight * -log p(x | z) + kl_weight * (log q(z | x) - log p(z)) + z_distance_cycle_weight * cycle
 Defaults are scvi-tools': n_latent 15, n_hidden 256, n_layers 2, dropout 0.1, VampPrior with 5 components,
-per-feature output variance, reconstruction weight 1, cycle weight 2 and KL weight 1 without warm-up (`SysVI.fit`).
+per-feature output variance, reconstruction weight 1, cycle weight 2 and KL weight 1 without warm-up (the
+registry entry's train_defaults).
 Both networks are FCLayers (batch norm, ReLU, dropout) with the categorical covariates, the system first,
 injected into every layer.
 
@@ -246,7 +247,7 @@ class SysVIModule(nn.Module):
         if self.pseudo_continuous is not None:
             values.append(inputs.continuous[:k])
         if dist.is_available() and dist.is_initialized():
-            values = [v.contiguous() for v in values]
+            values = [v.clone() for v in values]  # copies: the broadcast must not overwrite this rank's cells
             for value in values:
                 dist.broadcast(value, src=0)
         self.pseudo_x.copy_(values[0])
