@@ -218,7 +218,7 @@ def loss_check(seed: int) -> dict:
     """scvi-tools' reference in atlasvi: latent agreement, then loss and gradients against scvi-tools' (step "loss")."""
     import anndata as ad
 
-    from atlasvi.models.scvi.module import VAEInputs
+    from atlasvi.models.vae import VAEInputs
 
     _, model = atlasvi_reference(scvi_to_atlasvi(torch.load(WORK / f"ref_scvi_{seed}.pt", weights_only=True)), seed)
     order = {n: i for i, n in enumerate(json.loads((WORK / f"names_scvi_{seed}.json").read_text()))}

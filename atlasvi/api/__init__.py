@@ -8,6 +8,7 @@ from importlib import import_module
 from pathlib import Path
 
 from atlasvi.api.base import AtlasModel
+from atlasvi.api.ldvae import LinearSCVI
 from atlasvi.api.peakvi import PEAKVI
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
@@ -15,7 +16,17 @@ from atlasvi.api.sysvi import SysVI
 from atlasvi.models.registry import ENTRIES, ModelEntry
 from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
-__all__ = ["METHODS", "PEAKVI", "AtlasModel", "SCANVI", "SCVI", "SysVI", "saved_model_class", "user_class"]
+__all__ = [
+    "METHODS",
+    "PEAKVI",
+    "AtlasModel",
+    "LinearSCVI",
+    "SCANVI",
+    "SCVI",
+    "SysVI",
+    "saved_model_class",
+    "user_class",
+]
 
 
 def user_class(entry: ModelEntry) -> type[AtlasModel]:

@@ -1,9 +1,10 @@
 """Per-cell results written back into a local atlas store, chunk by chunk and atomically.
 
 `ObsArrayWriter` fills a dense (n_cells, width) array for `obsm/<key>` or `layers/<key>` from rows that
-arrive in store order, never holding more than one chunk of rows. The array is written beside the store
-and only `commit` moves it into place and re-consolidates the store's metadata, so an interrupted write
-leaves the store as it was and `anndata.read_zarr` sees either the old array or the complete new one.
+arrive in store order, never holding more than one chunk of rows; `VarmWriter` stages a whole per-gene
+(n_genes, width) array for `varm/<key>`. The array is written beside the store and only `commit` moves it
+into place and re-consolidates the store's metadata, so an interrupted write leaves the store as it was and
+`anndata.read_zarr` sees either the old array or the complete new one.
 
 Every writer holds an exclusive `flock` on a lock file beside its staging folder for its whole life and
 records its pid and host in it. A writer killed outright (SIGKILL, power loss) leaves its staging behind;
@@ -222,6 +223,32 @@ class ObsArrayWriter(_StagedWriter):
     def commit(self) -> Path:
         """Move the finished array into the store and re-consolidate its metadata; returns its path."""
         self._flush(whole_chunks=False)
+        return self._swap_in()
+
+
+class VarmWriter(_StagedWriter):
+    """Writes a whole (n_genes, width) float32 array into `varm/<key>` of the store at `path` (per-gene results,
+    e.g. a linear decoder's loadings: small, so staged at once); `commit` moves it into place as `ObsArrayWriter`.
+    """
+
+    def __init__(self, path: str | Path, key: str, values: np.ndarray, attrs: dict[str, Any] | None = None):
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"{key!r} is not a usable varm key")
+        opened = self._claim(path, f"varm/{key}")
+        if values.ndim != 2 or values.shape[0] != opened.schema.n_genes:
+            self._release()
+            raise ValueError(f"varm has one row per gene: {values.shape} for {opened.schema.n_genes} genes")
+        zarr.create_array(
+            str(self.partial),
+            data=np.asarray(values, dtype=np.float32),
+            compressors=compressors(3),
+            attributes={**(attrs or {}), "encoding-type": "array", "encoding-version": "0.2.0"},
+            zarr_format=3,
+        )
+        self.written = self.n_cells  # no per-cell rows: `_swap_in` still checks the store was not rebuilt meanwhile
+
+    def commit(self) -> Path:
+        """Move the array into the store and re-consolidate its metadata; returns its path."""
         return self._swap_in()
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Discriminator, Tag
 from torch import nn
 
 from atlasvi.errors import ConfigError
+from atlasvi.models.ldvae import LDVAEConfig, LDVAEModule
 from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
@@ -57,6 +58,7 @@ class ModelEntry:
 ENTRIES: tuple[ModelEntry, ...] = (
     ModelEntry("scvi", "SCVI", SCVIConfig, SCVIModule, "atlasvi.api.scvi:SCVI", "X_scvi"),
     ModelEntry("scanvi", "SCANVI", SCANVIConfig, SCANVIModule, "atlasvi.api.scanvi:SCANVI", "X_scanvi", ("scvi",)),
+    ModelEntry("ldvae", "LinearSCVI", LDVAEConfig, LDVAEModule, "atlasvi.api.ldvae:LinearSCVI", "X_ldvae"),
     ModelEntry(
         "peakvi", "PEAKVI", PEAKVIConfig, PEAKVIModule, "atlasvi.api.peakvi:PEAKVI", "X_peakvi", (), PEAKVI_TRAIN
     ),

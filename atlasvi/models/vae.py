@@ -3,7 +3,8 @@
 inference: log1p(counts) -> q(z | x) (covariates enter the encoder only with `encode_covariates`);
   library = log total counts (observed) or a latent log-normal with the store's per-batch prior.
 generative: px_scale = softmax(decoder(z, batch, covariates)); mean = exp(library) * px_scale;
-  dispersion per gene, gene-batch, gene-label or gene-cell.
+  dispersion per gene, gene-batch, gene-label or gene-cell (the decoder is the `count_decoder` hook: an MLP here).
+loss: the unsupervised ELBO (scVI's and LDVAE's); scANVI overrides it.
 No parameter is built that the configuration does not use, so DDP needs no find_unused_parameters.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.distributions import Distribution, Normal
+from torch.distributions import Distribution, Normal, kl_divergence
 
 from atlasvi.data import Minibatch, StoreSchema
 from atlasvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
@@ -63,7 +64,8 @@ class VAEInputs:
 
 class VAE(nn.Module):
     """The scVI-family body as a plain nn.Module, built from a store's schema (genes, covariates, library prior):
-    the z and library encoders, the count decoder and the dispersion; a method adds its `loss` (and its parts).
+    the z and library encoders, the count decoder and the dispersion, and the unsupervised ELBO as `loss` (a method
+    with another objective overrides it).
 
     The model contract's hooks (`atlasvi.models.contract.ModuleContract`) have the scVI family's defaults here.
     """
@@ -85,17 +87,14 @@ class VAE(nn.Module):
         n_categories = [self.n_batch] + [len(schema.categorical[k]) for k in self.categorical_keys]
         n_continuous = len(self.continuous_keys)
 
-        def norm(where: str, part: str) -> bool:
-            return where in (part, "both")
-
         encoder_categories = n_categories if config.encode_covariates else []
         n_encoder_in = self.n_genes + (n_continuous if config.encode_covariates else 0)
         encoder_options = {
             "n_layers": config.n_layers,
             "n_hidden": config.n_hidden,
             "dropout_rate": config.dropout_rate,
-            "use_batch_norm": norm(config.use_batch_norm, "encoder"),
-            "use_layer_norm": norm(config.use_layer_norm, "encoder"),
+            "use_batch_norm": _norm(config.use_batch_norm, "encoder"),
+            "use_layer_norm": _norm(config.use_layer_norm, "encoder"),
             "inject_covariates": config.deeply_inject_covariates,
         }
         self.z_encoder = Encoder(n_encoder_in, config.n_latent, encoder_categories, **encoder_options)
@@ -106,18 +105,7 @@ class VAE(nn.Module):
             self.register_buffer("library_log_means", torch.tensor(schema.library_log_means).view(1, -1))
             self.register_buffer("library_log_vars", torch.tensor(schema.library_log_vars).view(1, -1))
         uses_dispersion = config.gene_likelihood != "poisson"
-        self.decoder = CountDecoder(
-            config.n_latent + n_continuous,
-            self.n_genes,
-            n_categories,
-            n_layers=config.n_layers,
-            n_hidden=config.n_hidden,
-            use_batch_norm=norm(config.use_batch_norm, "decoder"),
-            use_layer_norm=norm(config.use_layer_norm, "decoder"),
-            inject_covariates=config.deeply_inject_covariates,
-            zero_inflation=config.gene_likelihood == "zinb",
-            cell_dispersion=uses_dispersion and config.dispersion == "gene-cell",
-        )
+        self.decoder = self.count_decoder(config.n_latent + n_continuous, n_categories)
         columns = {"gene": 0, "gene-batch": self.n_batch, "gene-label": self.n_labels, "gene-cell": None}
         n_columns = columns[config.dispersion]
         if uses_dispersion and n_columns is not None:
@@ -125,6 +113,23 @@ class VAE(nn.Module):
             self.px_r = nn.Parameter(torch.randn(shape))
         else:
             self.px_r = None
+
+    def count_decoder(self, n_in: int, n_categories: list[int]) -> nn.Module:
+        """p(x | z, library): (n, n_in) and covariate codes -> (scale, rate, log dispersion per cell or None,
+        zero-inflation logits or None); the family's MLP `CountDecoder` (a method may decode otherwise)."""
+        config = self.config
+        return CountDecoder(
+            n_in,
+            self.n_genes,
+            n_categories,
+            n_layers=config.n_layers,
+            n_hidden=config.n_hidden,
+            use_batch_norm=_norm(config.use_batch_norm, "decoder"),
+            use_layer_norm=_norm(config.use_layer_norm, "decoder"),
+            inject_covariates=config.deeply_inject_covariates,
+            zero_inflation=config.gene_likelihood == "zinb",
+            cell_dispersion=config.gene_likelihood != "poisson" and config.dispersion == "gene-cell",
+        )
 
     @classmethod
     def registry(cls, schema: StoreSchema, config: VAEConfig) -> StoreSchema:
@@ -210,6 +215,27 @@ class VAE(nn.Module):
         codes = inputs.batch_index if self.config.dispersion == "gene-batch" else inputs.labels
         return F.linear(F.one_hot(codes.long().view(-1), self.px_r.shape[1]).float(), self.px_r)
 
+    def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
+        """The family's unsupervised ELBO (scVI's, LDVAE's; a method with another objective overrides it):
+        mean over cells of -log p(x | z, library) + kl_weight * KL(q(z) || p(z)) + KL(q(l) || p(l)).
+        Per-cell reconstruction (n,) and KL terms (n,) in nats."""
+        inference = self.inference(inputs)
+        generative = self.generative(inference["z"], inference["library"], inputs)
+        reconstruction = -generative["px"].log_prob(inputs.x).sum(dim=-1)
+        kl_z = kl_divergence(inference["qz"], generative["pz"]).sum(dim=-1)
+        kl_local = {"kl_z": kl_z}
+        weighted = kl_weight * kl_z
+        if inference["ql"] is not None:
+            kl_l = kl_divergence(inference["ql"], generative["pl"]).sum(dim=-1)
+            kl_local["kl_library"] = kl_l
+            weighted = weighted + kl_l
+        return LossOutput(torch.mean(reconstruction + weighted), reconstruction, kl_local)
+
     def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The method's loss (DDP hooks its gradient reduction on forward)."""
-        return self.loss(inputs, kl_weight)  # type: ignore[attr-defined]
+        return self.loss(inputs, kl_weight)
+
+
+def _norm(where: str, part: str) -> bool:
+    """Whether a use_batch_norm / use_layer_norm setting ("encoder", "decoder", "both", "none") covers `part`."""
+    return where in (part, "both")

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
-__all__ = ["CountDecoder", "Encoder", "FCLayers", "ProbabilityDecoder"]
+__all__ = ["CountDecoder", "Encoder", "FCLayers", "LinearCountDecoder", "ProbabilityDecoder"]
 
 
 class FCLayers(nn.Module):
     """n_layers fully-connected layers, (n, n_in) -> (n, n_out), with categorical covariates injected.
 
     n_categories: categories per covariate (a covariate with 1 category is ignored, as in scvi-tools);
-    activation: the nonlinearity's class (scvi-tools' activation_fn; PeakVI's layers use LeakyReLU).
+    activation: the nonlinearity's class (scvi-tools' activation_fn; PeakVI's layers use LeakyReLU), None for
+    none (scvi-tools' use_activation=False); bias: whether the Linear layers have one (scvi-tools' bias).
     """
 
     def __init__(
@@ -34,7 +35,8 @@ class FCLayers(nn.Module):
         use_batch_norm: bool = True,
         use_layer_norm: bool = False,
         inject_covariates: bool = True,
-        activation: type[nn.Module] = nn.ReLU,
+        activation: type[nn.Module] | None = nn.ReLU,
+        bias: bool = True,
     ):
         super().__init__()
         self.n_categories = [n if n > 1 else 0 for n in n_categories]
@@ -43,12 +45,13 @@ class FCLayers(nn.Module):
         self.inject = [i == 0 or inject_covariates for i in range(n_layers)]
         self.layers = nn.ModuleList()
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            block = [nn.Linear(a + n_cov * self.inject[i], b)]
+            block: list[nn.Module] = [nn.Linear(a + n_cov * self.inject[i], b, bias=bias)]
             if use_batch_norm:
                 block.append(nn.BatchNorm1d(b, momentum=0.01, eps=0.001))
             if use_layer_norm:
                 block.append(nn.LayerNorm(b, elementwise_affine=False))
-            block.append(activation())
+            if activation is not None:
+                block.append(activation())
             if dropout_rate > 0:
                 block.append(nn.Dropout(dropout_rate))
             self.layers.append(nn.Sequential(*block))
@@ -161,6 +164,53 @@ class CountDecoder(nn.Module):
         dispersion = self.px_r_decoder(hidden) if self.px_r_decoder is not None else None
         zi_logits = self.px_dropout_decoder(hidden) if self.px_dropout_decoder is not None else None
         return scale, rate, dispersion, zi_logits
+
+
+class LinearCountDecoder(nn.Module):
+    """p(x | z, library) with a linear decoder (scvi-tools' LinearDecoderSCVI, LDVAE; Svensson et al. 2020):
+    px_scale = softmax(BatchNorm(W [z, one-hot covariates] (+ b))), one layer, no activation, no dropout.
+
+    The same outputs as `CountDecoder` (scale, rate, None, zi_logits): the dispersion is never per cell;
+    zi_logits come from a second linear layer of the same form, built only with `zero_inflation`.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_genes: int,
+        n_categories: Sequence[int] = (),
+        use_batch_norm: bool = True,
+        bias: bool = False,
+        zero_inflation: bool = False,
+    ):
+        super().__init__()
+        options = {"n_layers": 1, "dropout_rate": 0.0, "use_batch_norm": use_batch_norm, "activation": None}
+        self.n_in, self.use_batch_norm = n_in, use_batch_norm
+        self.factor_regressor = FCLayers(n_in, n_genes, n_categories, bias=bias, **options)
+        self.px_dropout_decoder = (
+            FCLayers(n_in, n_genes, n_categories, bias=bias, **options) if zero_inflation else None
+        )
+
+    def forward(
+        self, z: torch.Tensor, library: torch.Tensor, *codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None, torch.Tensor | None]:
+        """z: (n, n_in); library: (n, 1) log library size."""
+        scale = torch.softmax(self.factor_regressor(z, *codes), dim=-1)
+        zi_logits = self.px_dropout_decoder(z, *codes) if self.px_dropout_decoder is not None else None
+        return scale, torch.exp(library) * scale, None, zi_logits
+
+    def loadings(self) -> torch.Tensor:
+        """(n_genes, n_in) per-gene weights of the latent factors, the batch norm folded in as scvi-tools'
+        LDVAE.get_loadings: diag(gamma / sqrt(running_var + eps)) W (the covariates' columns left out).
+
+        In eval mode the decoder's pre-softmax output is then loadings @ z plus a term of the covariates alone.
+        """
+        block = self.factor_regressor.layers[0]
+        weight = block[0].weight[:, : self.n_in]
+        if self.use_batch_norm:
+            norm = block[1]
+            weight = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).unsqueeze(1) * weight
+        return weight.detach()
 
 
 class ProbabilityDecoder(nn.Module):
