@@ -6,13 +6,21 @@ p = f(z, batch, covariates) is a deterministic network (the z decoder, a sigmoid
 cell's depth factor (a second, non-variational network of the counts: the d encoder) and f_j = sigmoid(r_j)
 learned region factors; x_ij > 0 ~ Bernoulli(p_ij d_i f_j). Inference: q(z | x) from the raw counts (not
 log-transformed, not binarised, as scvi-tools). Per cell: reconstruction = BCE(p d f, x > 0) summed over
-regions (torch's BCE, logs clamped at -100), KL(q(z | x) || N(0, I)); loss = their minibatch mean, the KL
-weighted by kl_weight.
+regions (torch's BCE, logs clamped at -100) and KL(q(z | x) || N(0, I)), reported unweighted (the held-out
+-ELBO and reconstruction are these).
+
+The KL's weight in the loss is scvi-tools' (kl_weighting "scvi-tools", the default): its PEAKVAE.loss is
+`(rl.sum() + kld * kl_weight).sum()`, which adds the minibatch's summed reconstruction to every cell's term,
+so the reconstruction enters n times (n: the minibatch's cells) and the loss is n * sum(rl) + kl_weight * sum(kl)
+= n^2 * mean(rl + kl_weight / n * kl). atlasvi minimises mean(rl + kl_weight / n * kl): the same objective up
+to a constant factor, to which Adam / AdamW are invariant (up to their eps; decoupled weight decay does not see
+it). This is what keeps PeakVI's latent informative on sparse peaks: with the ELBO's weighting
+(kl_weighting "elbo") the latent of Granja 2019 (5000 peaks, ~77 open per cell) collapses to KL ~0.005 nats
+and carries no cell type (benchmarks/results/peakvi_fidelity.md). In N data-parallel workers n is each rank's
+minibatch (scvi-tools' per-device loss does the same).
 
 Departures from scvi-tools, and why:
-- the loss is the minibatch MEAN of the per-cell terms (atlasvi's loss contract), where scvi-tools' PEAKVAE
-  returns their SUM; under Adam / AdamW the parameter updates are the same up to the optimizer's eps (the
-  gradient's scale cancels) and decoupled weight decay does not see the loss's scale;
+- the loss is the minibatch MEAN as above (atlasvi's loss contract: per-cell figures are logged from it);
 - the likelihood is computed in float32 with autocast off (torch refuses BCE under CUDA autocast);
 - only the Normal latent (scvi-tools' latent_distribution="ln" is not offered).
 """
@@ -41,7 +49,8 @@ class PEAKVIConfig(BaseModel):
     n_hidden None: int(sqrt(n_regions)); n_latent None: int(sqrt(n_hidden)) (resolved by the module);
     model_depth: learn the cell depth factor d (else d = 1); region_factors: learn f (else f = 1);
     deeply_inject_covariates: covariates into every decoder layer (else the first); encode_covariates: the
-    encoders see the covariates too.
+    encoders see the covariates too; kl_weighting: "scvi-tools" (the KL weighted by kl_weight / minibatch cells,
+    as scvi-tools' loss has it: see the module docstring) or "elbo" (by kl_weight).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,6 +67,7 @@ class PEAKVIConfig(BaseModel):
     use_layer_norm: Norm = "both"
     deeply_inject_covariates: bool = False
     encode_covariates: bool = False
+    kl_weighting: Literal["scvi-tools", "elbo"] = "scvi-tools"
 
 
 class PEAKVIModule(nn.Module):
@@ -171,14 +181,16 @@ class PEAKVIModule(nn.Module):
         return {"px_scale": p, "probs": probs, "pz": pz}
 
     def loss(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
-        """Minibatch loss; per-cell reconstruction (BCE over regions, nats) and KL of z (n,)."""
+        """Minibatch loss (the KL weighted as `kl_weighting` says); per-cell reconstruction (BCE over regions,
+        nats) and KL of z (n,), unweighted."""
         inference = self.inference(inputs)
         generative = self.generative(inference["z"], inference["library"], inputs)
         with torch.autocast(inputs.x.device.type, enabled=False):
             opened = (inputs.x > 0).float()
             reconstruction = F.binary_cross_entropy(generative["probs"].float(), opened, reduction="none").sum(-1)
         kl_z = kl_divergence(inference["qz"], generative["pz"]).sum(dim=-1)
-        return LossOutput(torch.mean(reconstruction + kl_weight * kl_z), reconstruction, {"kl_z": kl_z})
+        weight = kl_weight / len(kl_z) if self.config.kl_weighting == "scvi-tools" else kl_weight
+        return LossOutput(torch.mean(reconstruction + weight * kl_z), reconstruction, {"kl_z": kl_z})
 
     def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The loss (DDP hooks its gradient reduction on forward)."""
