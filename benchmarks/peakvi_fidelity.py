@@ -1,0 +1,278 @@
+"""PeakVI fidelity: atlasvi's PEAKVI next to scvi-tools 1.4.2's on Granja 2019 BMMC scATAC (600 cells x 5000 peaks).
+
+    .venv/bin/python benchmarks/peakvi_fidelity.py --seeds 0 1 2
+
+Both tools get the same cells: 10% of the file's cells (numpy default_rng(0).choice, h5ad order: 60 cells) are
+held out and never trained on; the other 540 are written to one h5ad that both read (counts, batch `Group`,
+labels `BioClassification`). Each tool trains with its PEAKVI defaults (n_hidden int(sqrt(5000)) = 70,
+n_latent int(sqrt(70)) = 8, 2 + 2 layers, AdamW lr 1e-4, weight decay 1e-3, eps 1e-8, KL warm-up 50 epochs,
+batch 128, up to 500 epochs with early stopping on the reconstruction of a 10% validation split of its own
+training cells, patience 50; `--max-epochs` / `--n-epochs-kl-warmup` / `--no-early-stopping` change that for
+both). Per seed and tool:
+
+- held-out reconstruction: BCE(p d f, x > 0) summed over peaks, mean over the 60 held-out cells (nats per cell),
+  at z = the posterior mean (deterministic; computed by this script from each tool's module the same way), and
+  the tool's own one-draw figure (scvi-tools' get_reconstruction_error, atlasvi's get_reconstruction_error);
+- label kNN accuracy of the latent (posterior means of all 600 cells): 15-nearest-neighbour classifier
+  (Euclidean), stratified 5-fold cross-validation (sklearn, shuffled with random_state 0) on BioClassification;
+  the same function scores both tools' latents.
+
+The scvi-tools half is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv,
+`bash benchmarks/setup_scvi_venv.sh`) as a subprocess, one torch thread each. Output: results/peakvi_fidelity.json
+and .md (`--out NAME` for another name).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+GRANJA = SHARED / "granja2019_bmmc_scatac_5kpeaks.h5ad"
+SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
+CACHE = HERE / ".cache" / "peakvi_fidelity"
+BATCH_KEY, LABELS_KEY = "Group", "BioClassification"
+HELD_OUT_FRACTION = 0.1
+KNN_NEIGHBOURS, KNN_FOLDS = 15, 5
+
+
+def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS) -> float:
+    """Mean accuracy of a k-nearest-neighbour label classifier on the latent, stratified `folds`-fold CV."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), latent, labels, cv=split).mean())
+
+
+def held_out_mask(n_cells: int) -> np.ndarray:
+    """(n_cells,) bool: the held-out cells, numpy default_rng(0).choice of 10% in h5ad order."""
+    picked = np.random.default_rng(0).choice(n_cells, size=round(HELD_OUT_FRACTION * n_cells), replace=False)
+    mask = np.zeros(n_cells, dtype=bool)
+    mask[picked] = True
+    return mask
+
+
+def prepare() -> dict[str, Path]:
+    """The train and held-out h5ad files (both tools read them) and atlasvi's stores built from them."""
+    import anndata as ad
+
+    from atlasvi.data import BuildConfig, build_store
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = {name: CACHE / f"{name}.h5ad" for name in ("train", "heldout")}
+    stores = {name: CACHE / f"{name}.zarr" for name in ("train", "heldout")}
+    adata = ad.read_h5ad(GRANJA)
+    adata.obs = adata.obs[[BATCH_KEY, LABELS_KEY]].copy()
+    held = held_out_mask(adata.n_obs)
+    for name, cells in (("train", ~held), ("heldout", held)):
+        if not paths[name].exists():
+            adata[cells].copy().write_h5ad(paths[name])
+        if not stores[name].exists():
+            config = BuildConfig(
+                inputs=[str(paths[name])], output=str(stores[name]), batch_key=BATCH_KEY, labels_key=LABELS_KEY
+            )
+            build_store(config)
+    return paths | {f"{name}_store": store for name, store in stores.items()}
+
+
+def train_fields(args: argparse.Namespace) -> dict:
+    """The training options both sides apply over their PEAKVI defaults."""
+    fields: dict = {}
+    if args.max_epochs is not None:
+        fields["max_epochs"] = args.max_epochs
+    if args.n_epochs_kl_warmup is not None:
+        fields["n_epochs_kl_warmup"] = args.n_epochs_kl_warmup
+    if args.no_early_stopping:
+        fields["early_stopping"] = False
+    return fields
+
+
+# --------------------------------------------------------------------------------------------- atlasvi
+def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
+    """atlasvi's PEAKVI on the training store; the figures of one seed."""
+    import anndata as ad
+    import torch
+    import torch.nn.functional as F
+
+    from atlasvi.api import PEAKVI
+    from atlasvi.data import LoaderConfig, open_store
+    from atlasvi.train import TrainConfig
+
+    torch.set_num_threads(1)
+    model = PEAKVI(paths["train_store"], device="cpu", seed=seed)
+    started = time.perf_counter()
+    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
+    seconds = time.perf_counter() - started
+    held = open_store(paths["heldout_store"])
+    module = model.module.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in model._batches(held, None, 1024):
+            inputs = module.unpack(batch)
+            inference = module.inference(inputs)
+            probs = module.generative(inference["qz"].loc, inference["library"], inputs)["probs"]
+            total += F.binary_cross_entropy(probs, (inputs.x > 0).float(), reduction="none").sum().item()
+    latents, labels = [], []
+    for name in ("train_store", "heldout_store"):
+        latents.append(model.get_latent_representation(store=paths[name]))
+        labels.append(ad.read_zarr(paths[name]).obs[LABELS_KEY].astype(str).to_numpy())
+    return {
+        "tool": "atlasvi",
+        "seed": seed,
+        "heldout_bce_mean_z": total / held.n_cells,
+        "heldout_bce_one_draw": model.get_reconstruction_error(store=paths["heldout_store"]),
+        "knn_accuracy": knn_accuracy(np.concatenate(latents), np.concatenate(labels)),
+        "epochs": len(model.history),
+        "train_seconds": seconds,
+        "n_hidden": model.module.n_hidden,
+        "n_latent": model.n_latent,
+    }
+
+
+# --------------------------------------------------------------------------------------------- scvi-tools
+def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
+    """scvi-tools' PEAKVI on the training h5ad (run in the scvi-tools venv); the figures of one seed."""
+    import logging
+
+    import anndata as ad
+    import scvi
+    import torch
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = seed
+    train, held = ad.read_h5ad(paths["train"]), ad.read_h5ad(paths["heldout"])
+    scvi.model.PEAKVI.setup_anndata(train, batch_key=BATCH_KEY)
+    model = scvi.model.PEAKVI(train)
+    options = {k: v for k, v in fields.items() if k in ("max_epochs", "early_stopping", "n_epochs_kl_warmup")}
+    started = time.perf_counter()
+    model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
+    seconds = time.perf_counter() - started
+    held = model._validate_anndata(held)  # registered like the training data (same batches)
+    module = model.module.eval()
+    total = 0.0
+    with torch.no_grad():
+        for tensors in model._make_data_loader(adata=held, batch_size=1024):
+            inference = module.inference(**module._get_inference_input(tensors))
+            generative = module.generative(**module._get_generative_input(tensors, inference), use_z_mean=True)
+            factors = torch.sigmoid(module.region_factors)
+            x = tensors[scvi.REGISTRY_KEYS.X_KEY]
+            total += module.get_reconstruction_loss(generative["px"], inference["d"], factors, x).sum().item()
+    latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
+    labels = np.concatenate([train.obs[LABELS_KEY].astype(str), held.obs[LABELS_KEY].astype(str)])
+    return {
+        "tool": "scvi-tools",
+        "seed": seed,
+        "heldout_bce_mean_z": total / held.n_obs,
+        "heldout_bce_one_draw": float(model.get_reconstruction_error(held)["reconstruction_loss"]),
+        "knn_accuracy": knn_accuracy(latent, labels),
+        "epochs": int(model.history["reconstruction_loss_train"].shape[0]),
+        "train_seconds": seconds,
+        "n_hidden": int(module.n_hidden),
+        "n_latent": int(module.n_latent),
+        "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
+    }
+
+
+# --------------------------------------------------------------------------------------------- report
+def summary(rows: list[dict], tool: str, key: str) -> tuple[float, float, float, float]:
+    """(mean, sd, min, max) of `key` over the seeds of `tool`."""
+    values = np.array([r[key] for r in rows if r["tool"] == tool])
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, values.min(), values.max()
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# PeakVI fidelity: atlasvi vs scvi-tools 1.4.2 (Granja 2019 BMMC scATAC, 600 cells x 5000 peaks)",
+        "",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']}.",
+        "",
+        "Same 540 training cells and 60 held-out cells (never trained on) for both tools; each tool's PEAKVI defaults"
+        f" (training options over them: {meta['train_fields'] or 'none'}). Held-out BCE: nats per cell summed over"
+        " peaks at the posterior mean of z (lower is better); one-draw: each tool's own get_reconstruction_error."
+        f" kNN: {KNN_NEIGHBOURS}-NN label accuracy, stratified {KNN_FOLDS}-fold CV on the latent of all 600 cells.",
+        "",
+        "| tool | seed | epochs | held-out BCE (mean z) | held-out BCE (one draw) | kNN accuracy | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["tool"], r["seed"])):
+        lines.append(
+            f"| {r['tool']} | {r['seed']} | {r['epochs']} | {r['heldout_bce_mean_z']:.2f} | "
+            f"{r['heldout_bce_one_draw']:.2f} | {r['knn_accuracy']:.3f} | {r['train_seconds']:.0f} |"
+        )
+    lines += ["", "| tool | held-out BCE (mean z), mean ± sd [min, max] | kNN accuracy, mean ± sd [min, max] |"]
+    lines += ["|---|---|---|"]
+    for tool in ("atlasvi", "scvi-tools"):
+        bce, knn = summary(rows, tool, "heldout_bce_mean_z"), summary(rows, tool, "knn_accuracy")
+        lines.append(
+            f"| {tool} | {bce[0]:.2f} ± {bce[1]:.2f} [{bce[2]:.2f}, {bce[3]:.2f}] | "
+            f"{knn[0]:.3f} ± {knn[1]:.3f} [{knn[2]:.3f}, {knn[3]:.3f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
+    parser.add_argument("--no-early-stopping", action="store_true")
+    parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
+    parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
+    parser.add_argument("--out", default="peakvi_fidelity", help="results/OUT.json and results/OUT.md")
+    args = parser.parse_args()
+    fields = train_fields(args)
+    if args.side == "scvi":
+        paths = json.loads(args.paths)
+        for seed in args.seeds:
+            print(json.dumps(scvi_side(paths, seed, fields)), flush=True)
+        return
+    paths = prepare()
+    command = [
+        str(SCVI_PYTHON),
+        __file__,
+        "--side",
+        "scvi",
+        "--paths",
+        json.dumps({k: str(v) for k, v in paths.items()}),
+    ]
+    command += ["--seeds", *map(str, args.seeds)]
+    for flag, value in (("--max-epochs", args.max_epochs), ("--n-epochs-kl-warmup", args.n_epochs_kl_warmup)):
+        command += [flag, str(value)] if value is not None else []
+    command += ["--no-early-stopping"] if args.no_early_stopping else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    scvi = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    rows = []
+    for seed in args.seeds:
+        rows.append(atlasvi_side(paths, seed, fields))
+        print(json.dumps(rows[-1]), flush=True)
+    output, _ = scvi.communicate()
+    if scvi.returncode != 0:
+        raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
+    for line in output.splitlines():
+        if line.startswith('{"tool"'):
+            rows.append(json.loads(line))
+            print(line, flush=True)
+    meta = {
+        "command": " ".join(["python", "benchmarks/peakvi_fidelity.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread per side",
+        "train_fields": fields,
+        "held_out_cells": int(round(HELD_OUT_FRACTION * 600)),
+    }
+    results = HERE / "results"
+    (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (results / f"{args.out}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
