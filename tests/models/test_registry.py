@@ -34,7 +34,7 @@ def test_the_job_model_is_chosen_by_name_and_scvi_without_one():
     ("model", "expected"),
     [
         ({"name": "scanvi", "colour": 1}, "unknown field 'model.colour' (fields: n_latent, n_hidden,"),
-        ({"name": "ldvae"}, "model.name 'ldvae': unknown model name; registered models: scvi, scanvi"),
+        ({"name": "nosuchmodel"}, "model.name 'nosuchmodel': unknown model name; registered models: scvi, scanvi"),
         ({"classification_ratio": 5.0}, "unknown field 'model.classification_ratio'"),  # a scANVI field on scVI
         ({"name": "scanvi", "n_latent": 0}, "model.n_latent: Input should be greater than 0"),
     ],
@@ -43,8 +43,8 @@ def test_a_bad_model_section_is_one_error_naming_the_field(model, expected):
     with pytest.raises(ConfigError) as raised:
         make_config(TrainJobConfig, [("train.yaml", {"model": model})])
     assert expected in str(raised.value) and "\n" not in str(raised.value)
-    with pytest.raises(ConfigError, match="unknown model 'ldvae'; registered models: scvi, scanvi"):
-        get_entry("ldvae")
+    with pytest.raises(ConfigError, match="unknown model 'nosuchmodel'; registered models: scvi, scanvi"):
+        get_entry("nosuchmodel")
 
 
 def test_a_sweep_may_search_the_fields_of_the_job_model_only():
