@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from atlasvi.data import StoreError, open_store
-from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter
+from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter, VarmWriter
 
 
 @pytest.fixture
@@ -50,6 +50,19 @@ def test_an_unfinished_write_leaves_the_store_unchanged(store):
     after = ad.read_zarr(store)
     assert list(after.obsm) == list(before.obsm) == [] and list(after.layers) == []
     assert not list(store.parent.glob(".*.partial"))
+
+
+def test_varm_gets_one_row_per_gene_and_a_wrong_shape_or_an_abort_leaves_the_store_unchanged(store):
+    values = np.random.default_rng(0).normal(size=(1267, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="one row per gene"):
+        VarmWriter(store, "loadings", values[:100])
+    with VarmWriter(store, "loadings", values) as writer:
+        writer.abort()
+    assert list(ad.read_zarr(store).varm) == []
+    with VarmWriter(store, "loadings", values) as writer:
+        assert writer.commit() == store / "varm" / "loadings"
+    np.testing.assert_array_equal(ad.read_zarr(store).varm["loadings"], values)
+    assert open_store(store).n_cells == 1556 and not list(store.parent.glob(".*"))
 
 
 def test_overwrite_replaces_and_a_kept_array_is_refused(store):
@@ -88,7 +101,7 @@ def _writer_process(store: Path, kill_while_swapping: bool) -> subprocess.Popen:
     script = f"""
 import os, signal, sys, time
 import numpy as np
-from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter
+from atlasvi.data.writeback import ObsArrayWriter, ObsCategoricalWriter, VarmWriter
 writer = ObsArrayWriter({str(store)!r}, "obsm", "X_killed", 3)
 writer.chunk_rows = 100
 writer.write(np.full((1556 if {kill_while_swapping} else 500, 3), 9.0, np.float32))
