@@ -1,0 +1,31 @@
+"""benchmarks/sysvi_fidelity.py: the batch-neighbour entropy, and the committed table renders from its JSON."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.sysvi_fidelity import checks, entropy_mixing, markdown
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_batch_entropy_is_1_for_even_neighbourhoods_and_0_for_one_system():
+    systems = np.array(["a", "b"] * 50)
+    even = np.array([[(i + 1) % 100, (i + 2) % 100] for i in range(100)])  # one cell of each system
+    assert entropy_mixing(even, systems) == pytest.approx(1.0)
+    same = np.array([[(i + 2) % 100, (i + 4) % 100] for i in range(100)])  # two cells of its own system
+    assert entropy_mixing(same, systems) == pytest.approx(0.0)
+    three = np.array(["a", "b", "c"] * 10)
+    mixed = np.array([[(i + 1) % 30, (i + 2) % 30, (i + 3) % 30] for i in range(30)])
+    assert entropy_mixing(mixed, three) == pytest.approx(1.0)
+
+
+def test_committed_table_renders_from_its_json():
+    report = json.loads((RESULTS / "sysvi_fidelity.json").read_text())
+    assert markdown(report) == (RESULTS / "sysvi_fidelity.md").read_text()
+    for result in report["datasets"].values():
+        assert checks(result["summary"]) == result["checks"]
+        assert {len(m["ilisi"]["values"]) for m in result["summary"].values()} == {len(report["seeds"])}
+        assert len(report["seeds"]) >= 3
