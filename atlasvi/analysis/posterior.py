@@ -23,10 +23,12 @@ def minibatches(
     rows: tuple[int, int] | None = None,
     batch_size: int = 1024,
     code_maps: dict[str, torch.Tensor] | None = None,
+    modalities: tuple[str, ...] = (),
 ) -> Iterator[Minibatch]:
-    """The store's rows [start, stop) in order, in minibatches, with categorical codes in the model's coding."""
+    """The store's rows [start, stop) in order, in minibatches, with categorical codes in the model's coding and
+    the named modalities beside the RNA counts."""
     config = LoaderConfig(batch_size=batch_size, shuffle=False, block_size=max(16384, batch_size))
-    with StreamingLoader(store, config, rows=rows) as loader:
+    with StreamingLoader(store, config, rows=rows, modalities=modalities) as loader:
         for batch in loader:
             for key, code_map in (code_maps or {}).items():
                 batch.categorical[key] = code_map[batch.categorical[key]]

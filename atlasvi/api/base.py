@@ -85,7 +85,7 @@ class AtlasModel:
             self.train_config = self.train_config.model_copy(update={"weight_decay": 0.0})
         train_loader, validation_loader = make_loaders(
             self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction,
-            code_maps={k: v.numpy() for k, v in self.code_maps.items()},
+            code_maps={k: v.numpy() for k, v in self.code_maps.items()}, modalities=self.module.used_modalities,
         )  # fmt: skip
         with train_loader, validation_loader:
             self.history = fit(
@@ -122,10 +122,11 @@ class AtlasModel:
     def _batches(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int
     ) -> Iterator[Minibatch]:
+        modalities = self.module.used_modalities
         if store is None:
-            return minibatches(self.store, rows, batch_size, self.code_maps)
+            return minibatches(self.store, rows, batch_size, self.code_maps, modalities)
         opened = store if isinstance(store, AtlasStore) else open_store(store)
-        return minibatches(opened, rows, batch_size, self._code_maps(opened))
+        return minibatches(opened, rows, batch_size, self._code_maps(opened), modalities)
 
     def _code_maps(self, opened: AtlasStore) -> dict[str, torch.Tensor]:
         return self.module.code_maps(opened.schema, str(opened.path))  # type: ignore[operator]

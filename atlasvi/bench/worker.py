@@ -54,7 +54,9 @@ def run(spec: dict) -> dict:
         job = TrainJobConfig(store=spec["store"], train=train, loader=loader)
         built = module_spec(job, store)
         module = build_module(job.model, built.schema, spec["seed"]).to(device)
-        train_loader, validation = make_loaders(store, loader, train.validation_fraction, code_maps=built.code_maps)
+        train_loader, validation = make_loaders(
+            store, loader, train.validation_fraction, code_maps=built.code_maps, modalities=built.modalities
+        )
         with train_loader, validation:
             history = fit(module, train_loader, validation, train)
         if device.type == "cuda":

@@ -6,6 +6,9 @@ Passes over the inputs, one chunk of cells at a time (memory scales with `chunk_
   3. scatter: every kept cell goes, with its destination row in the global seeded permutation, to
      the temporary bucket file that covers that row range (an external shuffle);
   4. gather: each bucket is sorted by destination and appended to the store, shard by shard.
+With a protein key, each cell's protein counts travel with it (the union of the inputs' panels, in order of
+first appearance; a protein outside an input's panel is stored as 0 and masked as not measured) and
+become the store's protein modality (see `atlasvi.data.store`).
 The store is written to a hidden sibling and renamed into place at the end: an interrupted build
 leaves nothing under the target name. The hidden siblings (`.NAME.building-`, `.scratch-`, `.replaced-`)
 carry the host and pid of their build: an interrupted build removes its own, and one killed outright
@@ -42,6 +45,9 @@ from atlasvi.data.store import (
     ATTRS_KEY,
     CHUNK_NNZ,
     CHUNK_ROWS,
+    DENSE_CHUNK_BYTES,
+    DENSE_SHARD_CHUNKS,
+    PROTEIN_OBSM_KEY,
     SCHEMA_VERSION,
     SHARD_NNZ,
     SHARD_ROWS,
@@ -66,13 +72,14 @@ class _InputPlan:
     path: Path
     n_cells: int
     gene_map: np.ndarray  # (input genes,) -> aligned gene index or -1
+    protein_map: np.ndarray | None  # (input proteins,) -> index among the store's proteins
     keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) after pass 1
 
 
 def _open(config: BuildConfig, path: Path) -> InputFile:
     keys = [k for k in [config.batch_key, config.labels_key] if k is not None]
     keys += config.categorical_covariate_keys + config.continuous_covariate_keys + config.annotation_keys
-    return open_input(path, keys, config.layer, config.gene_id_key)
+    return open_input(path, keys, config.layer, config.gene_id_key, config.protein_key)
 
 
 def _align_genes(config: BuildConfig, genes: list[tuple[Path, np.ndarray, np.ndarray]]):
@@ -137,6 +144,50 @@ def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids
             )
 
 
+def _validate_proteins(path: Path, values: np.ndarray, cells: pd.Index, names: np.ndarray) -> None:
+    """Raise naming file, cell and protein for NaN / inf, negative, non-integer or too large protein counts."""
+    problems = [
+        (~np.isfinite(values), "NaN or infinite protein counts"),
+        (values < 0, "negative protein counts"),
+        (np.isfinite(values) & (values != np.round(values)), "non-integer protein counts (atlasvi needs raw counts)"),
+        (np.isfinite(values) & (values >= MAX_COUNT), f"protein counts of {MAX_COUNT} (2^53) or more"),
+    ]
+    for mask, what in problems:
+        if mask.any():
+            row, column = np.argwhere(mask)[0]
+            raise AtlasInputError(
+                f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, first "
+                f"{values[row, column]} at cell {str(cells[row])!r}, protein {str(names[column])!r}"
+            )
+
+
+def _protein_prior(counts: np.ndarray, measured: np.ndarray, seed: int) -> tuple[float, float]:
+    """scvi-tools' empirical prior of one batch's protein background: the mean over cells of the lower
+    component's (mean, s.d.) of a 2-component Gaussian mixture fitted to each cell's log1p counts of its
+    measured proteins. counts, measured: (cells, proteins). (0, 0.05) without cells or with fewer than 5
+    proteins, and a cell whose fit does not converge (all zero) counts as (0, 0.05), as in scvi-tools."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    if len(counts) == 0 or measured.any(axis=0).sum() < 5:
+        return 0.0, 0.05
+    mus, scales = [], []
+    gmm = GaussianMixture(n_components=2, random_state=seed)
+    for cell, keep in zip(counts, measured, strict=True):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", category=ConvergenceWarning)
+            try:
+                gmm.fit(np.log1p(cell[keep].reshape(-1, 1)))
+            except ConvergenceWarning:
+                mus.append(0.0)
+                scales.append(0.05)
+                continue
+        lower = int(np.argmin(gmm.means_.ravel()))
+        mus.append(float(gmm.means_.ravel()[lower]))
+        scales.append(float(np.sqrt(gmm.covariances_.ravel()[lower])))
+    return float(np.mean(mus)), float(np.mean(scales))
+
+
 def _count_dtype(max_count: int) -> np.dtype:
     """The narrowest unsigned integer type that holds every count (counts above MAX_COUNT are refused before)."""
     return next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if max_count <= np.iinfo(t).max)
@@ -194,16 +245,27 @@ class _SequentialWriter:
 
 
 def _create(
-    group: zarr.Group, name: str, n: int, dtype, fill, chunk: int, shard: int, level: int, cname: str
+    group: zarr.Group,
+    name: str,
+    n: int,
+    dtype,
+    fill,
+    chunk: int,
+    shard: int,
+    level: int,
+    cname: str,
+    width: int | None = None,
 ) -> zarr.Array:
+    """A 1-D array of n elements, or with `width` a 2-D one of n rows (chunked and sharded by rows)."""
     n_chunk = max(1, min(chunk, n))
     n_shard = max(n_chunk, min(shard, -(-n // n_chunk) * n_chunk))
+    columns = () if width is None else (width,)
     return group.create_array(
         name,
-        shape=(n,),
+        shape=(n, *columns),
         dtype=dtype,
-        chunks=(n_chunk,),
-        shards=(n_shard,),
+        chunks=(n_chunk, *columns),
+        shards=(n_shard, *columns),
         compressors=compressors(level, cname),
         fill_value=fill,
         attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
@@ -455,11 +517,12 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 0: metadata of every input (genes, categories, hashes of cell names); one input open at a time.
     genes, categories = [], {k: set() for k in stored_keys}
-    n_cells_in, name_hashes = [], []
+    n_cells_in, name_hashes, panels = [], [], []
     for i, path in enumerate(paths):
         source = _open(config, path)
         try:
             genes.append((path, source.gene_ids, source.gene_names))
+            panels.append(source.protein_names)
             n_cells_in.append(source.n_cells)
             if config.batch_key is None:
                 categories[batch_key].add(path.name)
@@ -488,7 +551,11 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     absent = sorted(set(config.unlabeled_batches) - set(categories[batch_key]))
     if absent:
         raise AtlasInputError(f"unlabeled_batches {absent} are not {batch_key} categories: {categories[batch_key]}")
-    plans = [_InputPlan(p, n, m) for p, n, m in zip(paths, n_cells_in, gene_maps, strict=True)]
+    proteins = config.protein_key is not None
+    protein_names = list(dict.fromkeys(name for panel in panels if panel is not None for name in panel))
+    protein_maps = [pd.Index(protein_names).get_indexer(panel) if proteins else None for panel in panels]
+    n_proteins = len(protein_names)
+    plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, strict=True)]
     n_genes_all = len(gene_ids)
     n_batch = len(categories[batch_key])
     total_cells = sum(n_cells_in)
@@ -514,9 +581,13 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 1: validation, empty cells, gene moments.
     moments = GeneMoments(n_batch, n_genes_all)
-    max_count, dropped = 0, 0
+    max_count, dropped, max_protein = 0, 0, 0
     for plan, source, rows, counts, obs in chunks("validate"):
         _validate_chunk(plan.path, counts, obs.index, source.gene_ids)
+        if proteins:
+            values = source.protein_rows(rows.start, rows.stop)
+            _validate_proteins(plan.path, values, obs.index, source.protein_names)
+            max_protein = max(max_protein, int(values.max(initial=0)))
         aligned = _remap(counts, plan.gene_map, n_genes_all)
         totals = np.asarray(aligned.sum(axis=1)).ravel()
         empty = totals == 0
@@ -563,6 +634,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     destination = np.empty(n_cells, dtype=np.int64)
     destination[order] = np.arange(n_cells)
     count_dtype = _count_dtype(max_count)
+    protein_dtype = _count_dtype(max_protein + 1)  # its largest value is the fill value, never a count
+    batch_panels = np.zeros((n_batch, n_proteins), dtype=bool)
     buckets = _Buckets(scratch, max(config.chunk_size, 4096), n_cells)
     cont_keys = config.continuous_covariate_keys
     log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
@@ -595,6 +668,14 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
                 fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
         for key in cont_keys:
             fields[key] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
+        if proteins:
+            panel = plan.protein_map
+            values = np.zeros((n_kept, n_proteins), dtype=protein_dtype)
+            values[:, panel] = source.protein_rows(rows.start, rows.stop)[keep]
+            measured = np.zeros((n_kept, n_proteins), dtype=np.uint8)
+            measured[:, panel] = 1
+            batch_panels[np.unique(codes)[:, None], panel[None, :]] = True
+            fields["protein"], fields["protein_mask"] = values, measured
         nnz = np.diff(cells.indptr).astype(np.int64)
         nnz_total += int(nnz.sum())
         name_bytes = np.char.encode(fields.pop("name"), "utf-8")
@@ -663,6 +744,23 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         chunks=(min(CHUNK_ROWS, n_cells),),
         attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
     )
+    chunk_rows = 0
+    if proteins:
+        per_row = n_proteins * protein_dtype.itemsize
+        chunk_rows = int(min(CHUNK_ROWS, max(1024, 2 ** int(np.log2(max(1, DENSE_CHUNK_BYTES // per_row))))))
+        obsm = root.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        shard_rows = chunk_rows * DENSE_SHARD_CHUNKS
+        fill = int(np.iinfo(protein_dtype).max)
+        for key, dtype, fill_value in (
+            (PROTEIN_OBSM_KEY, protein_dtype, fill),
+            (f"{PROTEIN_OBSM_KEY}_mask", np.uint8, 255),
+        ):
+            array = _create(obsm, key, n_cells, dtype, fill_value, chunk_rows, shard_rows, level, cname, n_proteins)
+            writers[f"obsm:{key}"] = _SequentialWriter(array, shard_rows)
+        prior_cells = 100  # scvi-tools' n_cells of its protein prior: the first 100 in store order are random cells
+        prior_counts = [np.zeros((0, n_proteins)) for _ in range(n_batch)]
+        prior_masks = [np.zeros((0, n_proteins), dtype=bool) for _ in range(n_batch)]
     writers["indptr"].append(np.zeros(1, dtype=np.int64))
     dtypes = {
         "dest": np.int64,
@@ -673,6 +771,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "name": np.uint8,
     }
     dtypes |= {key: np.int32 for key in stored_keys} | {key: np.float64 for key in cont_keys}
+    if proteins:
+        dtypes |= {"protein": protein_dtype, "protein_mask": np.uint8}
     row_offset, entry_offset = 0, 0
     for k in range(buckets.n):
         part = buckets.read(k, dtypes)
@@ -689,6 +789,18 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
         for key in cont_keys:
             writers[f"cont:{key}"].append(part[key][order_k])
+        if proteins:
+            values = part["protein"].reshape(-1, n_proteins)[order_k]
+            measured = part["protein_mask"].reshape(-1, n_proteins)[order_k]
+            writers[f"obsm:{PROTEIN_OBSM_KEY}"].append(values)
+            writers[f"obsm:{PROTEIN_OBSM_KEY}_mask"].append(measured)
+            codes_k = part[batch_key][order_k]
+            for b in range(n_batch):
+                need = prior_cells - len(prior_counts[b])
+                if need > 0:
+                    take_b = np.flatnonzero((codes_k == b) & measured.any(axis=1))[:need]
+                    prior_counts[b] = np.concatenate([prior_counts[b], values[take_b]])
+                    prior_masks[b] = np.concatenate([prior_masks[b], measured[take_b].astype(bool)])
         name_start = np.concatenate([[0], np.cumsum(part["name_len"])[:-1]])
         raw = part["name"].tobytes()
         names = np.array(
@@ -712,7 +824,24 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             var[column] = hvg_table[column].to_numpy()[stored]
     _write_small(root, "var", var)
     for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
+        if name == "obsm" and proteins:
+            continue
+        if name == "uns" and proteins:
+            _write_small(root, name, {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)})
+            continue
         _write_small(root, name, {})
+    modalities = {}
+    if proteins:
+        priors = [_protein_prior(prior_counts[b], prior_masks[b], config.seed) for b in range(n_batch)]
+        modalities["protein"] = {
+            "obsm_key": PROTEIN_OBSM_KEY,
+            "features": protein_names,
+            "count_dtype": protein_dtype.name,
+            "batch_mask": batch_panels.tolist(),
+            "background_log_means": [mu for mu, _ in priors],
+            "background_log_scales": [scale for _, scale in priors],
+            "chunk_rows": chunk_rows,
+        }
 
     safe_n = np.maximum(lib_n, 1)
     log_means = log_lib_sum / safe_n
@@ -734,6 +863,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "annotations": {key: categories[key] for key in config.annotation_keys},
         "library_log_means": log_means.tolist(),
         "library_log_vars": log_vars.tolist(),
+        "modalities": modalities,
         "layout": {"chunk_nnz": CHUNK_NNZ, "shard_nnz": SHARD_NNZ, "chunk_rows": CHUNK_ROWS, "shard_rows": SHARD_ROWS},
         "provenance": {
             "atlasvi_version": __version__,

@@ -24,6 +24,9 @@ class BuildConfig(_Frozen):
       transfer: the query batches' labels are not seen by the model).
     annotation_keys: obs columns kept as categorical obs columns of the store that no model conditions on
       (e.g. a condition to group cells by in `atlasvi de`); missing values stay missing.
+    protein_key: read surface-protein counts (CITE-seq) too: an `.h5ad`'s obsm[protein_key] (a DataFrame of
+      antibodies, or an array named by uns[protein_key + "_names"]); a 10x `.h5`'s Antibody Capture features.
+      The store keeps them in obsm["protein_expression"] with a mask of what each cell measured.
     overwrite: replace an existing atlas store at `output` (anything else there is refused).
     Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`
     does (later occurrences become NAME-1, NAME-2, ...), with a warning.
@@ -40,6 +43,7 @@ class BuildConfig(_Frozen):
     annotation_keys: list[str] = []
     layer: str | None = None
     gene_id_key: str | None = None
+    protein_key: str | None = Field(default=None, min_length=1)
     gene_join: Literal["inner", "outer"] = "inner"
     n_top_genes: int | None = Field(default=None, gt=0)
     hvg_subset: bool = True

@@ -4,6 +4,11 @@ Each input is opened once for its metadata (cells, genes, requested obs columns)
 chunks of rows, so that a build never holds more than one chunk of counts in memory. `.h5ad` files
 are read through anndata's backed sparse datasets; 10x inputs through scanpy's readers (a 10x file
 is loaded whole, one input at a time: the MatrixMarket text format cannot be read by rows).
+
+Surface-protein counts (CITE-seq), asked for with a protein key: an `.h5ad`'s `obsm[key]` (a DataFrame
+whose columns are the antibodies, as scvi-tools' totalVI reads it, or an array with the names in
+`uns[key + "_names"]` or `uns["protein_names"]`), read by rows like X; a 10x `.h5`'s "Antibody Capture"
+features (its "Gene Expression" features are X).
 """
 
 import hashlib
@@ -91,6 +96,8 @@ class InputFile:
     obs: _H5adObs | pd.DataFrame
     _h5: h5py.File | None = None
     _x: object = None
+    protein_names: np.ndarray | None = None  # (n_proteins,) str, when proteins were asked for
+    _protein: object = None  # rows [start:stop] -> counts
 
     @property
     def n_cells(self) -> int:
@@ -119,6 +126,15 @@ class InputFile:
             block.eliminate_zeros()
             yield start, block, obs
 
+    def protein_rows(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, n_proteins) float64 protein counts of cells [start, stop) (as stored: not validated)."""
+        try:
+            return _dense_rows(self._protein, start, stop)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise AtlasInputError(
+                f"{self.path}: cannot read the protein counts of cells {start}..{stop} (truncated or corrupt?): {err}"
+            ) from err
+
     def close(self) -> None:
         if self._h5 is not None:
             self._h5.close()
@@ -134,7 +150,53 @@ def _check_obs_keys(path: Path, columns: list[str], keys: list[str]) -> None:
         )
 
 
-def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: str | None) -> InputFile:
+class _ColumnFrame:
+    """An `.h5ad` obsm DataFrame read by rows: its columns side by side."""
+
+    def __init__(self, group: h5py.Group):
+        self.columns = [str(c) for c in group.attrs["column-order"]]
+        self._columns = [group[c] for c in self.columns]
+        self.shape = (group[group.attrs["_index"]].shape[0], len(self.columns))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.stack([np.asarray(c[rows], dtype=np.float64) for c in self._columns], axis=1)
+
+
+def _dense_rows(source, start: int, stop: int) -> np.ndarray:
+    block = source[start:stop]
+    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+
+
+def _h5ad_proteins(path: Path, handle: h5py.File, key: str, n_cells: int) -> tuple[np.ndarray, object]:
+    """(names, row reader) of the protein counts obsm[key] of an `.h5ad`."""
+    obsm = handle["obsm"] if "obsm" in handle else {}
+    if key not in obsm:
+        raise AtlasInputError(f"{path}: obsm has no {key!r} (the protein counts); obsm keys are {list(obsm.keys())}")
+    elem = obsm[key]
+    encoding = elem.attrs.get("encoding-type", "array")
+    if encoding == "dataframe":
+        frame = _ColumnFrame(elem)
+        names, reader = np.asarray(frame.columns, dtype=str), frame
+    else:
+        reader = ad.io.sparse_dataset(elem) if encoding in ("csr_matrix", "csc_matrix") else elem
+        uns = handle["uns"] if "uns" in handle else {}
+        found = [k for k in (f"{key}_names", "protein_names") if k in uns]
+        if not found:
+            raise AtlasInputError(
+                f"{path}: obsm[{key!r}] is an array without protein names: put them in uns[{key + '_names'!r}] or "
+                "uns['protein_names'], or store the proteins as a DataFrame"
+            )
+        names = np.asarray(ad.io.read_elem(uns[found[0]]), dtype=str)
+    if len(reader.shape) != 2 or reader.shape[0] != n_cells or reader.shape[1] != len(names):
+        raise AtlasInputError(
+            f"{path}: obsm[{key!r}] has shape {tuple(reader.shape)}, expected ({n_cells} cells, {len(names)} proteins)"
+        )
+    return names, reader
+
+
+def _open_h5ad(
+    path: Path, obs_keys: list[str], layer: str | None, gene_id_key: str | None, protein_key: str | None
+) -> InputFile:
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -153,6 +215,7 @@ def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: 
             available = list(handle["layers"].keys()) if "layers" in handle else []
             raise AtlasInputError(f"{path}: no layer {layer!r}; layers are {available}")
         x = ad.io.sparse_dataset(x_elem) if isinstance(x_elem, h5py.Group) else x_elem
+        proteins = _h5ad_proteins(path, handle, protein_key, len(obs)) if protein_key else (None, None)
     except AtlasInputError:
         handle.close()
         raise
@@ -169,16 +232,30 @@ def _open_h5ad(path: Path, obs_keys: list[str], layer: str | None, gene_id_key: 
     if x.shape != (len(obs), len(gene_ids)):
         handle.close()
         raise AtlasInputError(f"{path}: X has shape {x.shape} but obs/var give {(len(obs), len(gene_ids))}")
-    return InputFile(path, "h5ad", gene_ids, np.asarray(var.index, dtype=str), obs, handle, x)
+    return InputFile(path, "h5ad", gene_ids, np.asarray(var.index, dtype=str), obs, handle, x, *proteins)
 
 
-def _open_10x(path: Path, kind: InputKind, obs_keys: list[str]) -> InputFile:
+def _open_10x(path: Path, kind: InputKind, obs_keys: list[str], proteins: bool) -> InputFile:
     import scanpy as sc
 
     try:
-        adata = sc.read_10x_mtx(path, var_names="gene_ids") if kind == "10x_mtx" else sc.read_10x_h5(path)
+        if kind == "10x_mtx":
+            adata = sc.read_10x_mtx(path, var_names="gene_ids")
+        else:
+            adata = sc.read_10x_h5(path, gex_only=not proteins)
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise AtlasInputError(f"{path}: not a readable 10x input (truncated or corrupt?): {err}") from err
+    protein_names, protein = None, None
+    if proteins:
+        types = adata.var.get("feature_types", pd.Series("Gene Expression", index=adata.var_names)).astype(str)
+        antibody = (types == "Antibody Capture").to_numpy()
+        if not antibody.any():
+            raise AtlasInputError(
+                f"{path}: no 'Antibody Capture' features (the protein counts); feature types are {sorted(set(types))}"
+            )
+        protein_names = np.asarray(adata.var_names[antibody], dtype=str)
+        protein = sp.csr_matrix(adata.X[:, antibody])
+        adata = adata[:, (types == "Gene Expression").to_numpy()]
     if kind == "10x_mtx":
         gene_ids = np.asarray(adata.var_names, dtype=str)
         gene_names = np.asarray(adata.var.get("gene_symbols", adata.var_names), dtype=str)
@@ -188,15 +265,27 @@ def _open_10x(path: Path, kind: InputKind, obs_keys: list[str]) -> InputFile:
     _check_obs_keys(path, list(adata.obs.columns), obs_keys)
     obs = adata.obs[obs_keys]
     obs.index = obs.index.astype(str)
-    return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X))
+    return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X), protein_names, protein)
 
 
-def open_input(path: Path, obs_keys: list[str], layer: str | None = None, gene_id_key: str | None = None) -> InputFile:
-    """Open one input for a build; obs_keys must all be obs columns of it."""
+def open_input(
+    path: Path,
+    obs_keys: list[str],
+    layer: str | None = None,
+    gene_id_key: str | None = None,
+    protein_key: str | None = None,
+) -> InputFile:
+    """Open one input for a build; obs_keys must all be obs columns of it. protein_key: read the protein counts
+    too (an `.h5ad`'s obsm[protein_key]; a 10x `.h5`'s Antibody Capture features; 10x folders have none)."""
     if not path.exists():
         raise AtlasInputError(f"{path}: input does not exist")
     kind = detect_kind(path)
-    opened = _open_h5ad(path, obs_keys, layer, gene_id_key) if kind == "h5ad" else _open_10x(path, kind, obs_keys)
+    if protein_key and kind == "10x_mtx":
+        raise AtlasInputError(f"{path}: a 10x matrix folder holds no protein counts; give the 10x .h5 file instead")
+    if kind == "h5ad":
+        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, protein_key)
+    else:
+        opened = _open_10x(path, kind, obs_keys, protein_key is not None)
     duplicated = pd.Index(opened.gene_ids)[pd.Index(opened.gene_ids).duplicated()].unique()
     if len(duplicated):
         opened.close()
@@ -204,4 +293,11 @@ def open_input(path: Path, obs_keys: list[str], layer: str | None = None, gene_i
             f"{path}: duplicated gene ids {list(duplicated[:5])} ({len(duplicated)} in all); "
             "gene ids must be unique (use --gene-id-key to choose a unique id column)"
         )
+    if opened.protein_names is not None:
+        repeated = pd.Index(opened.protein_names)[pd.Index(opened.protein_names).duplicated()].unique()
+        if len(repeated):
+            opened.close()
+            raise AtlasInputError(
+                f"{path}: duplicated protein (antibody) names {list(repeated[:5])}; each protein needs its own name"
+            )
     return opened

@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ class Minibatch:
     """One minibatch: CSR counts (cells x genes) and per-cell covariates, on the host until `to`.
 
     crow_indices: (n+1,) int32; col_indices, values: (nnz,) int32 gene indices, float32 counts;
-    categorical: key -> (n,) int64 codes; continuous: key -> (n,) float32; rows: (n,) int64 store rows.
+    categorical: key -> (n,) int64 codes; continuous: key -> (n,) float32; rows: (n,) int64 store rows;
+    obsm: modality -> (n, n_features) float32 counts (0 where not measured); masks: modality -> (n, n_features)
+    bool, True where measured (the modalities the loader was asked for, e.g. "protein").
     """
 
     crow_indices: torch.Tensor
@@ -45,6 +47,8 @@ class Minibatch:
     categorical: dict[str, torch.Tensor]
     continuous: dict[str, torch.Tensor]
     rows: torch.Tensor
+    obsm: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,6 +67,8 @@ class Minibatch:
             {k: move(v) for k, v in self.categorical.items()},
             {k: move(v) for k, v in self.continuous.items()},
             move(self.rows),
+            {k: move(v) for k, v in self.obsm.items()},
+            {k: move(v) for k, v in self.masks.items()},
         )
 
     def counts(self) -> torch.Tensor:
@@ -112,6 +118,8 @@ def minibatch_from_rows(
         {k: torch.from_numpy(v.astype(np.int64, copy=False)) for k, v in categorical.items()},
         {k: torch.from_numpy(v[take].astype(np.float32, copy=False)) for k, v in block.continuous.items()},
         torch.from_numpy(rows[take].astype(np.int64, copy=False)),
+        {k: torch.from_numpy(v[take].astype(np.float32)) for k, v in block.obsm.items()},
+        {k: torch.from_numpy(np.ascontiguousarray(v[take])) for k, v in block.masks.items()},
     )
 
 
@@ -184,16 +192,21 @@ class StreamingLoader:
         world_size: int = 1,
         rows: tuple[int, int] | None = None,
         code_maps: dict[str, np.ndarray] | None = None,
+        modalities: tuple[str, ...] = (),
     ):
         """rows: the store's rows [start, stop) to read (e.g. from `split_rows`); default every row.
 
         code_maps: key -> (n_store_categories,) codes in a model's coding (e.g. a query store's batches
         after the reference's); the minibatches carry the mapped codes.
+        modalities: the store's modalities the minibatches carry beside the RNA counts (a model's
+        `used_modalities`); none are read otherwise.
         """
         config = config or LoaderConfig()
         if not isinstance(store, AtlasStore):
             store = open_store(store, backend=config.backend)
         self.store, self.config = store, config
+        store.check_modalities(modalities)
+        self.modalities = tuple(modalities)
         self.code_maps = {k: np.asarray(v, dtype=np.int64) for k, v in (code_maps or {}).items()}
         start, stop = rows or (0, store.n_cells)
         if not 0 <= start < stop <= store.n_cells:
@@ -267,7 +280,7 @@ class StreamingLoader:
 
     def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> list[Minibatch]:
         """Read, shuffle and cut one window into minibatches (in a read-ahead thread)."""
-        blocks = self.store.read_ranges(ranges)
+        blocks = self.store.read_ranges(ranges, self.modalities)
         offsets = np.cumsum([0] + [b.indptr[-1] for b in blocks[:-1]])
         indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=True)])
         indices = np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False)
@@ -293,6 +306,8 @@ class StreamingLoader:
                 for k in blocks[0].continuous
             },
             rows,
+            {k: np.concatenate([b.obsm[k] for b in blocks])[order] for k in self.modalities},
+            {k: np.concatenate([b.masks[k] for b in blocks])[order] for k in self.modalities},
         )
         return self._batches(window)
 

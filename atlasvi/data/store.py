@@ -4,17 +4,26 @@ Layout (any scverse tool opens it with `anndata.read_zarr`):
   X/{data,indices,indptr}   CSR of integer counts, cells x genes, rows globally pre-shuffled
   obs/_index, obs/<key>     cell names; categorical covariates (codes + categories); continuous ones
   var                       gene ids, gene names, HVG flags and statistics
-  attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, provenance
+  obsm/<modality key>       (schema 2) a dense per-cell modality, e.g. obsm/protein_expression: cells x
+                            proteins integer counts, where scvi-tools' totalVI reads them (feature names in
+                            uns/<modality key>_names, as its `protein_names_uns_key`); 0 where not measured
+  obsm/<modality key>_mask  (schema 2) cells x features uint8: 1 = measured, 0 = not (a cell without the
+                            modality, a protein outside its study's panel): missing is never read as zero
+  attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, modalities,
+                            provenance
+
+Schema 1 stores (RNA only, before modalities) still open, with no modalities.
 
 Every chunk is compressed (Blosc zstd + bitshuffle) and checksummed (crc32c), and every array's fill
 value is one that real data never holds (0 for counts, -1 for indices, indptr and codes, NaN for
-continuous covariates). A corrupt chunk fails its checksum; a missing or truncated one reads as the
-fill value, which block validation rejects: a damaged store is never read silently as zeros.
+continuous covariates, the dtype's largest value for a dense modality's counts, 255 for its mask). A
+corrupt chunk fails its checksum; a missing or truncated one reads as the fill value, which block
+validation rejects: a damaged store is never read silently as zeros.
 """
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,12 +33,16 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from atlasvi.data.errors import StoreCorruptError, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ATTRS_KEY = "atlasvi"
 CHUNK_NNZ = 1 << 18  # non-zeros per chunk of X/data and X/indices (1 MiB of int32)
 SHARD_NNZ = 1 << 22  # non-zeros per shard file
 CHUNK_ROWS = 1 << 16  # rows per chunk of X/indptr and of obs arrays
 SHARD_ROWS = 1 << 20
+PROTEIN_OBSM_KEY = "protein_expression"  # where scvi-tools' totalVI tutorials keep protein counts
+DENSE_CHUNK_BYTES = 1 << 20  # a dense modality's chunk: about 1 MiB of counts (rows x features)
+DENSE_SHARD_CHUNKS = 16  # chunks of rows per shard file of a dense modality
 
 FILL_VALUES = {"X/data": 0, "X/indices": -1, "X/indptr": -1}
 
@@ -44,11 +57,56 @@ def is_url(path: str | Path) -> bool:
 
 
 @dataclass(frozen=True)
+class ModalitySchema:
+    """A dense per-cell modality of the store (e.g. surface-protein counts), beside the RNA counts in X.
+
+    obsm_key: counts at obsm/<obsm_key>, (n_cells, n_features); mask at obsm/<obsm_key>_mask, 1 = measured.
+    features: (n_features,) names (antibodies); count_dtype: the counts' integer dtype.
+    batch_mask: per batch category, (n_features,) whether any cell of that batch measured the feature
+      (scvi-tools' `protein_batch_mask`: a study's panel).
+    background_log_means, background_log_scales: per batch, the empirical prior of the log background
+      (scvi-tools' totalVI initialisation: a 2-component Gaussian mixture over each of up to 100 cells'
+      log1p counts of the measured features, the lower component's mean and s.d. averaged over the cells).
+    chunk_rows: rows per chunk of the counts and the mask.
+    """
+
+    obsm_key: str
+    features: tuple[str, ...]
+    count_dtype: str
+    batch_mask: tuple[tuple[bool, ...], ...]
+    background_log_means: tuple[float, ...]
+    background_log_scales: tuple[float, ...]
+    chunk_rows: int
+
+    @property
+    def mask_key(self) -> str:
+        return f"{self.obsm_key}_mask"
+
+    @property
+    def fill_value(self) -> int:
+        """The counts' fill value: the dtype's largest, which a build never stores."""
+        return int(np.iinfo(np.dtype(self.count_dtype)).max)
+
+    @classmethod
+    def from_dict(cls, meta: dict) -> "ModalitySchema":
+        return cls(
+            obsm_key=meta["obsm_key"],
+            features=tuple(meta["features"]),
+            count_dtype=meta["count_dtype"],
+            batch_mask=tuple(tuple(bool(v) for v in row) for row in meta["batch_mask"]),
+            background_log_means=tuple(meta["background_log_means"]),
+            background_log_scales=tuple(meta["background_log_scales"]),
+            chunk_rows=int(meta["chunk_rows"]),
+        )
+
+
+@dataclass(frozen=True)
 class StoreSchema:
     """What a model needs to know of a store: genes, covariates and the library-size prior.
 
     library_log_means, library_log_vars: (n_batch,) mean and variance of log total counts per batch.
     categorical: key -> categories (codes in obs index into them); continuous: keys of float covariates.
+    modalities: name (e.g. "protein") -> the dense modality beside X; none in an RNA-only store.
     """
 
     n_cells: int
@@ -62,6 +120,7 @@ class StoreSchema:
     library_log_means: tuple[float, ...]
     library_log_vars: tuple[float, ...]
     count_dtype: str
+    modalities: dict[str, ModalitySchema] = field(default_factory=dict)
 
     @property
     def batch_categories(self) -> tuple[str, ...]:
@@ -70,12 +129,12 @@ class StoreSchema:
     @classmethod
     def from_attrs(cls, meta: dict, where: str) -> "StoreSchema":
         version = meta.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{where}: atlas store schema version {version}, this atlasvi reads version {SCHEMA_VERSION}; "
-                "rebuild the store with `atlasvi build`"
+                f"{where}: atlas store schema version {version}, this atlasvi reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the store with `atlasvi build`"
             )
-        missing = [field for field in cls.__dataclass_fields__ if field not in meta]
+        missing = [name for name in cls.__dataclass_fields__ if name not in meta and name != "modalities"]
         if missing:
             raise StoreError(
                 f"{where}: the atlas store's attrs lack {', '.join(missing)}; rebuild it with `atlasvi build`"
@@ -92,6 +151,7 @@ class StoreSchema:
             library_log_means=tuple(meta["library_log_means"]),
             library_log_vars=tuple(meta["library_log_vars"]),
             count_dtype=meta["count_dtype"],
+            modalities={k: ModalitySchema.from_dict(v) for k, v in (meta.get("modalities") or {}).items()},
         )
 
 
@@ -139,7 +199,11 @@ class ZarrReader:
         results: list[np.ndarray | Exception] = []
         for name, points in requests:
             try:
-                results.append(self._arrays[name].get_coordinate_selection(points))
+                array = self._arrays[name]
+                if array.ndim == 1:
+                    results.append(array.get_coordinate_selection(points))
+                else:  # rows of a 2-D array
+                    results.append(array.get_orthogonal_selection((points, slice(None))))
             except Exception as err:  # noqa: BLE001 - reported per request by the caller
                 results.append(err)
         return results
@@ -171,7 +235,7 @@ class TensorStoreReader:
         return _results(futures)
 
     def read_points(self, requests: list[PointRequest]) -> list[np.ndarray | Exception]:
-        futures = [self._arrays[name].vindex[points].read() for name, points in requests]
+        futures = [self._arrays[name].oindex[points].read() for name, points in requests]
         return _results(futures)
 
 
@@ -185,11 +249,16 @@ def _results(futures: list) -> list[np.ndarray | Exception]:
     return results
 
 
-def _chunk_of(name: str, element: int) -> str:
-    """Where element `element` of array `name` lives: its chunk and its shard file."""
+def _chunk_of(name: str, element: int, dense_rows: dict[str, int] | None = None) -> str:
+    """Where element (or row) `element` of array `name` lives: its chunk and its shard file.
+
+    dense_rows: rows per chunk of the store's 2-D (modality) arrays, by name.
+    """
     nnz_array = name in ("X/data", "X/indices")
-    per_chunk = CHUNK_NNZ if nnz_array else CHUNK_ROWS
-    per_shard = SHARD_NNZ if nnz_array else SHARD_ROWS
+    per_chunk = CHUNK_NNZ if nnz_array else (dense_rows or {}).get(name, CHUNK_ROWS)
+    per_shard = (
+        SHARD_NNZ if nnz_array else SHARD_ROWS if name not in (dense_rows or {}) else per_chunk * DENSE_SHARD_CHUNKS
+    )
     chunk = element // per_chunk
     return (
         f"{chunk} = elements {chunk * per_chunk}..{(chunk + 1) * per_chunk - 1}, "
@@ -202,7 +271,7 @@ class RowBlock:
     """Rows [start, stop) of the store: CSR counts and obs covariates.
 
     indptr: (n+1,) int64 from 0; indices, data: (nnz,); categorical: key -> (n,) int codes;
-    continuous: key -> (n,) float.
+    continuous: key -> (n,) float; obsm, masks: the modalities read with the block (see `read_ranges`).
     """
 
     start: int
@@ -213,6 +282,8 @@ class RowBlock:
     categorical: dict[str, np.ndarray]
     continuous: dict[str, np.ndarray]
     rows: np.ndarray | None = None  # the store rows of a block of scattered rows (`read_selected`)
+    obsm: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, n_features) counts
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, n_features) bool, True = measured
 
 
 class AtlasStore:
@@ -232,9 +303,14 @@ class AtlasStore:
         self.nnz = int(meta["nnz"])
         self._check_shapes(root)
         self.rows_read = np.zeros(self.schema.n_cells, dtype=bool)
+        self._dense_rows = {
+            f"obsm/{key}": m.chunk_rows for m in self.schema.modalities.values() for key in (m.obsm_key, m.mask_key)
+        }
         names = ["X/data", "X/indices", "X/indptr"]
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
         names += [f"obs/{k}" for k in self.schema.continuous]
+        for modality in self.schema.modalities.values():
+            names += [f"obsm/{modality.obsm_key}", f"obsm/{modality.mask_key}"]
         try:
             self._reader: ArrayReader = _make_reader(backend, self.path, names)
         except Exception as err:
@@ -273,9 +349,19 @@ class AtlasStore:
         n_batches = len(schema.batch_categories)
         checks.append(("len(library_log_means)", len(schema.library_log_means), "batch categories", n_batches))
         checks.append(("len(library_log_vars)", len(schema.library_log_vars), "batch categories", n_batches))
-        for field, value, what, actual in checks:
+        for name, modality in schema.modalities.items():
+            for key in (modality.obsm_key, modality.mask_key):
+                shape = _shape(root, f"obsm/{key}", 2, self.path)
+                checks.append(("n_cells", n, f"obsm/{key}'s shape[0]", shape[0]))
+                checks.append(
+                    (f"len(modalities.{name}.features)", len(modality.features), f"obsm/{key}'s shape[1]", shape[1])
+                )
+            checks.append(
+                (f"len(modalities.{name}.batch_mask)", len(modality.batch_mask), "batch categories", n_batches)
+            )
+        for attr, value, what, actual in checks:
             if value != actual:
-                raise self._mismatch(field, value, what, actual)
+                raise self._mismatch(attr, value, what, actual)
 
     def _check_contents(self, root: zarr.Group) -> None:
         """The few values the shapes do not show: the row pointers' ends against nnz, every category code in
@@ -315,7 +401,8 @@ class AtlasStore:
         for (name, start, stop), result in zip(requests, results, strict=True):
             if isinstance(result, Exception):
                 raise StoreCorruptError(
-                    f"{self.path}: cannot read {name}[{start}:{stop}] (chunk {_chunk_of(name, start)}): {result}"
+                    f"{self.path}: cannot read {name}[{start}:{stop}] "
+                    f"(chunk {_chunk_of(name, start, self._dense_rows)}): {result}"
                 ) from result
         return [np.asarray(r) for r in results]
 
@@ -325,13 +412,15 @@ class AtlasStore:
             if isinstance(result, Exception):
                 raise StoreCorruptError(
                     f"{self.path}: cannot read {name} at {len(points)} positions from {int(points[0])} "
-                    f"(chunk {_chunk_of(name, int(points[0]))}): {result}"
+                    f"(chunk {_chunk_of(name, int(points[0]), self._dense_rows)}): {result}"
                 ) from result
         return [np.asarray(r) for r in results]
 
-    def read_selected(self, rows: np.ndarray) -> RowBlock:
+    def read_selected(self, rows: np.ndarray, modalities: tuple[str, ...] = ()) -> RowBlock:
         """Read and validate the rows at sorted, distinct positions `rows` (scattered rows: point reads that
-        decode each chunk once). The block's rows are `rows` in order; start/stop span them."""
+        decode each chunk once), with the named modalities. The block's rows are `rows` in order; start/stop
+        span them."""
+        self.check_modalities(modalities)
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0 or rows[0] < 0 or rows[-1] >= self.n_cells or (np.diff(rows) <= 0).any():
             raise IndexError(f"rows must be sorted, distinct and inside the store's {self.n_cells} cells")
@@ -345,9 +434,10 @@ class AtlasStore:
         requests: list[PointRequest] = [("X/indices", elements), ("X/data", elements)]
         requests += [(f"obs/{k}/codes", rows) for k in self.schema.categorical]
         requests += [(f"obs/{k}", rows) for k in self.schema.continuous]
+        requests += [(name, rows) for name in self._modality_arrays(modalities)]
         results = iter(self._read_points(requests) if len(elements) else self._read_empty(requests))
         self.rows_read[rows] = True
-        return self._block(int(rows[0]), int(rows[-1]) + 1, indptr, results, rows, elements)
+        return self._block(int(rows[0]), int(rows[-1]) + 1, indptr, results, modalities, rows, elements)
 
     def _read_empty(self, requests: list[PointRequest]) -> list[np.ndarray]:
         """Selected rows that hold no counts: no X element to read."""
@@ -363,13 +453,14 @@ class AtlasStore:
             return codes, self.schema.categorical[key]
         return read_obs_column(self.path, key, self.n_cells)
 
-    def read_rows(self, start: int, stop: int) -> RowBlock:
+    def read_rows(self, start: int, stop: int, modalities: tuple[str, ...] = ()) -> RowBlock:
         """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
-        return self.read_ranges([(start, stop)])[0]
+        return self.read_ranges([(start, stop)], modalities)[0]
 
-    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[RowBlock]:
+    def read_ranges(self, ranges: list[tuple[int, int]], modalities: tuple[str, ...] = ()) -> list[RowBlock]:
         """Read and validate several row ranges with all their reads in flight together (two rounds:
-        row pointers, then gene indices, counts and covariates)."""
+        row pointers, then gene indices, counts, covariates and the named modalities with their masks)."""
+        self.check_modalities(modalities)
         for start, stop in ranges:
             if not 0 <= start < stop <= self.n_cells:
                 raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
@@ -381,11 +472,12 @@ class AtlasStore:
             requests += [("X/indices", lo, hi), ("X/data", lo, hi)]
             requests += [(f"obs/{k}/codes", start, stop) for k in self.schema.categorical]
             requests += [(f"obs/{k}", start, stop) for k in self.schema.continuous]
+            requests += [(name, start, stop) for name in self._modality_arrays(modalities)]
         results = iter(self._read_many(requests))
         for start, stop in ranges:
             self.rows_read[start:stop] = True
         return [
-            self._block(start, stop, indptr.astype(np.int64, copy=False), results)
+            self._block(start, stop, indptr.astype(np.int64, copy=False), results, modalities)
             for (start, stop), indptr in zip(ranges, indptrs, strict=True)
         ]
 
@@ -395,6 +487,7 @@ class AtlasStore:
         stop: int,
         indptr: np.ndarray,
         results,
+        modalities: tuple[str, ...] = (),
         rows: np.ndarray | None = None,
         elements: np.ndarray | None = None,
     ) -> RowBlock:
@@ -417,11 +510,41 @@ class AtlasStore:
             if not np.isfinite(values).all():
                 i = int(np.flatnonzero(~np.isfinite(values))[0])
                 self._corrupt(f"obs/{key}", row_of(i), f"holds {values[i]} at row {row_of(i)}")
-        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous, rows)
+        obsm, masks = {}, {}
+        for name in modalities:
+            modality = self.schema.modalities[name]
+            counts, mask = next(results), next(results)
+            for key, bad in (
+                (modality.obsm_key, counts == modality.fill_value),
+                (modality.mask_key, mask > 1),
+            ):
+                if bad.any():
+                    i = int(np.flatnonzero(bad.any(axis=1))[0])
+                    self._corrupt(f"obsm/{key}", row_of(i), f"holds its fill value at row {row_of(i)}")
+            obsm[name], masks[name] = counts, mask.astype(bool)
+        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous, rows, obsm, masks)
+
+    def check_modalities(self, modalities: tuple[str, ...]) -> None:
+        unknown = [m for m in modalities if m not in self.schema.modalities]
+        if unknown:
+            held = ", ".join(self.schema.modalities) or "none (RNA only)"
+            raise StoreError(
+                f"{self.path}: the store has no {unknown[0]!r} modality (its modalities: {held}); "
+                "build it with that modality (e.g. `atlasvi build --protein-key`)"
+            )
+
+    def _modality_arrays(self, modalities: tuple[str, ...]) -> list[str]:
+        """The arrays of the named modalities in read order: counts, then mask, per modality."""
+        arrays = []
+        for name in modalities:
+            modality = self.schema.modalities[name]
+            arrays += [f"obsm/{modality.obsm_key}", f"obsm/{modality.mask_key}"]
+        return arrays
 
     def _corrupt(self, name: str, element: int, what: str) -> None:
         raise StoreCorruptError(
-            f"{self.path}: {name} {what} (chunk {_chunk_of(name, element)}): the chunk is missing or corrupt"
+            f"{self.path}: {name} {what} (chunk {_chunk_of(name, element, self._dense_rows)}): "
+            "the chunk is missing or corrupt"
         )
 
     def _check_indptr(self, indptr: np.ndarray, start: int) -> None:
@@ -489,6 +612,19 @@ def _atlas_attrs(root: zarr.Group, path: str) -> dict:
     if ATTRS_KEY not in attrs:
         raise StoreError(f"{path}: a Zarr store but not an atlas store (no '{ATTRS_KEY}' attrs)")
     return attrs[ATTRS_KEY]
+
+
+def _shape(root: zarr.Group, name: str, ndim: int, path: str) -> tuple[int, ...]:
+    """The shape of the `ndim`-D array `name` (from the metadata); a StoreError when there is none."""
+    try:
+        node = root[name]
+    except KeyError:
+        node = None
+    if not isinstance(node, zarr.Array) or node.ndim != ndim:
+        raise StoreError(
+            f"{path}: no {ndim}-D array {name}; not a complete atlas store: rebuild it with `atlasvi build`"
+        )
+    return node.shape
 
 
 def _length(root: zarr.Group, name: str, path: str) -> int:

@@ -204,7 +204,9 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
     store = open_store(config["store"], backend=job.loader.backend)
     spec = module_spec(job, store)
     module = build_module(job.model, spec.schema, job.train.seed, spec.init_state)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    train, validation = make_loaders(
+        store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
+    )
     with tempfile.TemporaryDirectory(prefix="atlasvi-trial-") as scratch:
         checkpoint_dir = Path(scratch)
         restored = tune.get_checkpoint()

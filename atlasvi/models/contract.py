@@ -36,13 +36,15 @@ class ModuleContract(Protocol):
     """A registered model's module (an nn.Module built as `module_class(schema, config)`).
 
     config: its config (the registry entry's config class); schema: the registry it was built on;
-    used_keys: the categorical obs keys whose codes it reads; init_prefixes: the weights a module started from
-    a saved model (`--init-from`) must take from it (the rest start fresh).
+    used_keys: the categorical obs keys whose codes it reads; used_modalities: the store modalities its
+    minibatches must carry beside the RNA counts (e.g. "protein"; see `StoreSchema.modalities`); init_prefixes:
+    the weights a module started from a saved model (`--init-from`) must take from it (the rest start fresh).
     """
 
     config: BaseModel
     schema: StoreSchema
     used_keys: tuple[str, ...]
+    used_modalities: tuple[str, ...]
     init_prefixes: ClassVar[tuple[str, ...]]
 
     @classmethod

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from atlasvi.data import StoreSchema
+from atlasvi.data.store import ModalitySchema
 from atlasvi.errors import AtlasviError
 
 FORMAT_VERSION = 1
@@ -148,6 +149,7 @@ def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:
     registry["categorical"] = {k: tuple(v) for k, v in registry["categorical"].items()}
     for key in ("gene_ids", "gene_names", "continuous", "library_log_means", "library_log_vars"):
         registry[key] = tuple(registry[key])
+    registry["modalities"] = {k: ModalitySchema.from_dict(v) for k, v in registry.get("modalities", {}).items()}
     return StoreSchema(n_cells=n_cells, **registry)
 
 

@@ -71,6 +71,7 @@ class VAE(nn.Module):
     """
 
     init_prefixes: tuple[str, ...] = ()
+    used_modalities: tuple[str, ...] = ()  # RNA counts only
 
     def __init__(self, schema: StoreSchema, config: VAEConfig):
         super().__init__()

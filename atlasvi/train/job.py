@@ -108,31 +108,35 @@ def make_loaders(
     rank: int = 0,
     world_size: int = 1,
     code_maps: dict[str, np.ndarray] | None = None,
+    modalities: tuple[str, ...] = (),
 ) -> tuple[StreamingLoader, StreamingLoader]:
     """(train, validation) loaders of one rank on the seeded split of the store's rows (see `split_rows`).
 
     The validation loader reads its rows in order (no shuffling), with the training batch size.
-    code_maps: store code -> model code per categorical key (see `StreamingLoader`).
+    code_maps: store code -> model code per categorical key; modalities: those the minibatches carry beside the
+    RNA counts (the module's `used_modalities`; see `StreamingLoader`).
     """
     train_rows, validation_rows = split_rows(store.n_cells, validation_fraction)
     if validation_rows[0] == validation_rows[1]:
         raise ValueError("validation_fraction leaves no held-out cell; the loop evaluates on held-out cells")
-    train = StreamingLoader(store, loader, rank, world_size, rows=train_rows, code_maps=code_maps)
+    train = StreamingLoader(store, loader, rank, world_size, train_rows, code_maps, modalities)
     held_out = loader.model_copy(update={"shuffle": False})
-    return train, StreamingLoader(store, held_out, rank, world_size, rows=validation_rows, code_maps=code_maps)
+    return train, StreamingLoader(store, held_out, rank, world_size, validation_rows, code_maps, modalities)
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
     """What every runner (plain process, Ray worker, sweep trial) needs to build the job's module; picklable.
 
-    schema: the model's registry; code_maps: store code -> model code per categorical key (for `make_loaders`);
-    init_state: the weights it starts from (`init_from`), else None.
+    schema: the model's registry; code_maps: store code -> model code per categorical key, and modalities: the
+    store modalities the module reads (both for `make_loaders`); init_state: the weights it starts from
+    (`init_from`), else None.
     """
 
     schema: StoreSchema
     code_maps: dict[str, np.ndarray]
     init_state: dict[str, torch.Tensor] | None = None
+    modalities: tuple[str, ...] = ()
 
 
 def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
@@ -157,7 +161,7 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
     if init_state is not None:
         load_init_state(module, init_state, f"init_from {job.init_from}")
     maps = module.code_maps(store.schema, str(store.path))  # type: ignore[operator]
-    return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state)
+    return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state, module.used_modalities)
 
 
 def build_module(

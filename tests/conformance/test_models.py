@@ -64,7 +64,9 @@ def _built(job: TrainJobConfig, seed: int | None = None):
 def _fit(job: TrainJobConfig, checkpoint_dir: Path | None = None, seed: int | None = None):
     """(module, epoch records) of the job trained in this process (as `atlasvi train` with one worker)."""
     module, spec, store = _built(job, seed)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    train, validation = make_loaders(
+        store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
+    )
     with train, validation:
         history = fit(module, train, validation, pretrained_train(job, store), checkpoint_dir)
     return module, history
@@ -73,7 +75,9 @@ def _fit(job: TrainJobConfig, checkpoint_dir: Path | None = None, seed: int | No
 def _minibatch_loss(job: TrainJobConfig):
     """(module, minibatch, its LossOutput at KL weight 1) of a freshly built module in training mode."""
     module, spec, store = _built(job)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    train, validation = make_loaders(
+        store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
+    )
     with train, validation:
         batch = next(iter(train))
     module.train()

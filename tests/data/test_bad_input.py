@@ -470,7 +470,7 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], type[Exception], list[str]]] = 
         ["obs/sample/codes", "obs/sample/codes/c/0"],
     ),
     "truncated root zarr.json": (lambda s: _truncate(s / "zarr.json"), StoreError, ["zarr.json"]),
-    "other schema version": (_set_schema_version, StoreError, ["version 99", "version 1"]),
+    "other schema version": (_set_schema_version, StoreError, ["version 99", "versions 1, 2"]),
 }
 
 

@@ -81,6 +81,7 @@ class PEAKVIModule(nn.Module):
 
     config: PEAKVIConfig
     init_prefixes: ClassVar[tuple[str, ...]] = ()
+    used_modalities: ClassVar[tuple[str, ...]] = ()  # the peaks are the store's X
 
     def __init__(self, schema: StoreSchema, config: PEAKVIConfig | None = None):
         super().__init__()

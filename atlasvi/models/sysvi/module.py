@@ -152,6 +152,7 @@ class SysVIModule(nn.Module):
 
     config: SysVIConfig
     init_prefixes: ClassVar[tuple[str, ...]] = ()
+    used_modalities: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, schema: StoreSchema, config: SysVIConfig | None = None):
         super().__init__()
