@@ -22,12 +22,13 @@ from atlasvi.data import LoaderConfig, open_store
 from atlasvi.models.contract import ModuleContract
 from atlasvi.models.registry import ENTRIES, REGISTRY, ModelEntry
 from atlasvi.nn import FCLayers
-from atlasvi.train import EpochRecord, TrainConfig, fit
+from atlasvi.train import EpochRecord, TrainConfig, evaluate, fit
 from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 
 SMALL = {"n_latent": 4, "n_hidden": 16}  # fields every model config has; applied where the config has them
 EPOCHS = 6
 LOADER = LoaderConfig(batch_size=128, seed=0)
+DRAWS = 16  # seeded draws of the latents averaged in `_held_out_elbo`
 
 
 def _model(entry: ModelEntry) -> dict:
@@ -82,6 +83,20 @@ def _minibatch_loss(job: TrainJobConfig):
         batch = next(iter(train))
     module.train()
     return module, batch, module.loss(module.unpack(batch), kl_weight=1.0)
+
+
+def _held_out_elbo(module: torch.nn.Module, job: TrainJobConfig) -> float:
+    """The mean held-out -ELBO per cell of `module` (the loop's `evaluate`) over DRAWS draws of the latents, draw i
+    from torch seed i whatever the module (common random numbers); the caller's RNG state is left as it was."""
+    store = open_store(job.store)
+    spec = module_spec(job, store)
+    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    values = []
+    with train, validation, torch.random.fork_rng(devices=[]):
+        for draw in range(DRAWS):
+            torch.manual_seed(draw)
+            values.append(evaluate(module, validation, torch.device("cpu"))[0])
+    return float(np.mean(values))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +195,15 @@ def ray_local():
 @pytest.mark.slow
 def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_path, ray_local):
     """Global batch 128 = 2 workers x 64, from the saved weights of the first model in the entry's init_from if it
-    has one (shipped to the workers): the held-out loss falls, within 2% of one process, the same extra metrics."""
+    has one (shipped to the workers): the held-out loss falls, within 2% of one process, the same extra metrics.
+
+    Every model is compared the same way: both trained models on the same held-out cells with the same draws of
+    the latents, averaged over DRAWS draws (`_held_out_elbo`), not by the figure each run records per epoch, which
+    is a one-draw Monte Carlo estimate whose own noise can exceed 2% after 6 epochs. LDVAE's latent library size
+    (posterior sd about 1 in log space, its mean still climbing: 1.4 against a log library of 7.1) gives one draw
+    of its held-out -ELBO an sd of ~2% (7165 to 7552 over 8 draws of the same weights); its records of one process
+    and 2 workers differed by 5.4%, the draw-averaged figures by 0.35% (0.18%, 1.0% with train seeds 1, 2).
+    """
     from atlasvi.launch import DistributedConfig, train_distributed
     from atlasvi.train.loop import read_checkpoint
 
@@ -198,7 +221,9 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_p
     module, one = _fit(job)
     assert len(two) == len(one) == EPOCHS
     assert two[-1].validation_elbo < 0.95 * two[0].validation_elbo
-    assert two[-1].validation_elbo == pytest.approx(one[-1].validation_elbo, rel=0.02)
+    distributed, _, _ = _built(job)
+    distributed.load_state_dict(weights)
+    assert _held_out_elbo(distributed, job) == pytest.approx(_held_out_elbo(module, job), rel=0.02)
     assert set(two[-1].extra_metrics) == set(one[-1].extra_metrics) == set(_minibatch_loss(job)[2].extra_metrics)
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in module.state_dict().items()}
     assert metrics["rows_read_by_several_ranks"] == 0  # every rank read its own shard
