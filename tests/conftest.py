@@ -16,6 +16,9 @@ KANG_HARMONY = SHARED_DATA / "kang2018_pbmc_ifnb_harmony.h5ad"
 RNAMIX = SHARED_DATA / "cellbench_rnamix_2tech.h5ad"
 GRANJA = SHARED_DATA / "granja2019_bmmc_scatac_5kpeaks.h5ad"
 BARON = SHARED_DATA / "baron2016_pancreas_human_mouse_subset350_cider.h5ad"
+CBMC = SHARED_DATA / "cbmc_citeseq_stoeckius2017_top2000genes.h5ad"
+PBMC10K_PROTEIN = SHARED_DATA / "pbmc10k_protein_v3_subset200.h5ad"
+PBMC5K_PROTEIN = SHARED_DATA / "pbmc5k_protein_v3_subset200.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,4 +86,39 @@ def baron_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             inputs=[str(BARON)], output=str(path), batch_key="species", labels_key="cell_type", n_top_genes=1000
         )
         build_store(config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_panel_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10x pbmc10k (14 antibodies) + pbmc5k (29) CITE-seq, 200 cells each: batch = the file (2), proteins the
+    union of the panels (29; pbmc10k's 15 others masked as not measured), 500 Seurat v3 HVGs."""
+    path = tmp_path_factory.mktemp("stores") / "two_panel.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BuildConfig(
+            inputs=[str(PBMC10K_PROTEIN), str(PBMC5K_PROTEIN)],
+            output=str(path),
+            protein_key="protein_expression",
+            n_top_genes=500,
+        )
+        build_store(config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cbmc_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CBMC CITE-seq (Stoeckius 2017), its first 600 cells: 2000 genes, 13 antibodies (all measured), labels
+    `scdcc_label`, one batch."""
+    folder = tmp_path_factory.mktemp("stores")
+    subset = folder / "cbmc600.h5ad"
+    ad.read_h5ad(CBMC)[:600].copy().write_h5ad(subset)
+    path = folder / "cbmc.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_store(
+            BuildConfig(
+                inputs=[str(subset)], output=str(path), protein_key="protein_expression", labels_key="scdcc_label"
+            )
+        )
     return path

@@ -13,6 +13,7 @@ from atlasvi.api.peakvi import PEAKVI
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
 from atlasvi.api.sysvi import SysVI
+from atlasvi.api.totalvi import TOTALVI
 from atlasvi.models.registry import ENTRIES, ModelEntry
 from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
@@ -23,6 +24,7 @@ __all__ = [
     "LinearSCVI",
     "SCANVI",
     "SCVI",
+    "TOTALVI",
     "SysVI",
     "saved_model_class",
     "user_class",

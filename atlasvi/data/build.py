@@ -162,10 +162,11 @@ def _validate_proteins(path: Path, values: np.ndarray, cells: pd.Index, names: n
 
 
 def _protein_prior(counts: np.ndarray, measured: np.ndarray, seed: int) -> tuple[float, float]:
-    """scvi-tools' empirical prior of one batch's protein background: the mean over cells of the lower
-    component's (mean, s.d.) of a 2-component Gaussian mixture fitted to each cell's log1p counts of its
-    measured proteins. counts, measured: (cells, proteins). (0, 0.05) without cells or with fewer than 5
-    proteins, and a cell whose fit does not converge (all zero) counts as (0, 0.05), as in scvi-tools."""
+    """scvi-tools' empirical prior of one batch's protein background from the lower component's (mean, s.d.) of a
+    2-component Gaussian mixture fitted to each cell's log1p counts of its measured proteins: the mean of the means,
+    and sqrt(sum of the s.d.s squared) / cells. counts, measured: (cells, proteins). (0, 0.05) without cells or
+    with fewer than 5 proteins, and a cell whose fit does not converge (all zero) counts as (0, 0.05), as in
+    scvi-tools."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
@@ -185,7 +186,9 @@ def _protein_prior(counts: np.ndarray, measured: np.ndarray, seed: int) -> tuple
         lower = int(np.argmin(gmm.means_.ravel()))
         mus.append(float(gmm.means_.ravel()[lower]))
         scales.append(float(np.sqrt(gmm.covariances_.ravel()[lower])))
-    return float(np.mean(mus)), float(np.mean(scales))
+    # scvi-tools' batch_avg_scale: sqrt(sum(s^2) / n^2), the s.d. of the mean of n independent draws (not the
+    # mean s.d.); n is its 100 draws with replacement, here the batch's cells up to 100
+    return float(np.mean(mus)), float(np.sqrt(np.sum(np.square(scales))) / len(scales))
 
 
 def _count_dtype(max_count: int) -> np.dtype:

@@ -2,6 +2,8 @@
 
 NegativeBinomial(mu, theta): mean mu >= 0, inverse dispersion theta > 0 (variance mu + mu^2 / theta).
 ZeroInflatedNegativeBinomial(mu, theta, zi_logits): with probability sigmoid(zi_logits) a structural zero.
+NegativeBinomialMixture(mu1, mu2, theta1, mixture_logits, theta2=None): NB(mu1, theta1) with probability
+sigmoid(mixture_logits), else NB(mu2, theta2 or theta1) (totalVI's protein background / foreground).
 Poisson: torch's own (`torch.distributions.Poisson`), re-exported so models import likelihoods from here.
 
 log Gamma(x + theta) - log Gamma(theta) is computed in float64: in float32 it loses every digit once
@@ -12,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Distribution, Poisson, constraints
 
-__all__ = ["NegativeBinomial", "Poisson", "ZeroInflatedNegativeBinomial", "log_nb_positive", "log_zinb_positive"]
+__all__ = [
+    "NegativeBinomial",
+    "NegativeBinomialMixture",
+    "Poisson",
+    "ZeroInflatedNegativeBinomial",
+    "log_mixture_nb",
+    "log_nb_positive",
+    "log_zinb_positive",
+]
 
 
 def _lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -69,6 +79,23 @@ def log_zinb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi
     index = _nonzero_index(x)
     x, mu, theta, zi_logits = (torch.take(t, index) for t in (x, mu, theta, zi_logits))
     return _put(zero, index, -F.softplus(zi_logits) + _log_nb_nonzero(x, mu, theta))
+
+
+def log_mixture_nb(
+    x: torch.Tensor,
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta1: torch.Tensor,
+    mixture_logits: torch.Tensor,
+    theta2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log(pi NB(x; mu1, theta1) + (1 - pi) NB(x; mu2, theta2)), pi = sigmoid(mixture_logits), elementwise
+    (broadcast); theta2 None: theta1 (scvi-tools' log_mixture_nb, with this module's exact NB terms)."""
+    log_nb1 = log_nb_positive(x, mu1, theta1)
+    log_nb2 = log_nb_positive(x, mu2, theta1 if theta2 is None else theta2)
+    # log pi = -softplus(-l); log(1 - pi) = -l - softplus(-l)
+    mixture_logits = mixture_logits.to(log_nb1.dtype)
+    return torch.logaddexp(log_nb1, log_nb2 - mixture_logits) - F.softplus(-mixture_logits)
 
 
 class NegativeBinomial(Distribution):
@@ -142,6 +169,59 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
                 counts.shape
             )
             return counts * keep
+
+
+class NegativeBinomialMixture(Distribution):
+    """Two-component NB mixture: NB(mu1, theta1) with probability sigmoid(`mixture_logits`), else NB(mu2, theta2)
+    (theta2 None: theta1). totalVI's protein counts: component 1 the background, component 2 the foreground."""
+
+    arg_constraints = {
+        "mu1": constraints.greater_than_eq(0),
+        "mu2": constraints.greater_than_eq(0),
+        "theta1": constraints.positive,
+        "mixture_logits": constraints.real,
+    }
+    support = constraints.nonnegative_integer
+
+    def __init__(
+        self,
+        mu1: torch.Tensor,
+        mu2: torch.Tensor,
+        theta1: torch.Tensor,
+        mixture_logits: torch.Tensor,
+        theta2: torch.Tensor | None = None,
+        validate_args: bool | None = False,
+    ):
+        tensors = (mu1, mu2, theta1, mixture_logits) + (() if theta2 is None else (theta2,))
+        broadcast = torch.broadcast_tensors(*tensors)
+        self.mu1, self.mu2, self.theta1, self.mixture_logits = broadcast[:4]
+        self.theta2 = broadcast[4] if theta2 is not None else None
+        super().__init__(self.mu1.shape, validate_args=validate_args)
+
+    @property
+    def mixture_probs(self) -> torch.Tensor:
+        """P(component 1) = sigmoid(mixture_logits)."""
+        return torch.sigmoid(self.mixture_logits)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        pi = self.mixture_probs
+        return pi * self.mu1 + (1 - pi) * self.mu2
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return log_mixture_nb(value, self.mu1, self.mu2, self.theta1, self.mixture_logits, self.theta2)
+
+    def sample(self, sample_shape: tuple[int, ...] = (), generator: torch.Generator | None = None):
+        """The component by a Bernoulli draw, then a Gamma-Poisson draw from it; `generator` makes them reproducible."""
+        with torch.no_grad():
+            shape = self._extended_shape(torch.Size(sample_shape))
+            first = torch.rand(shape, generator=generator, device=self.mu1.device) < self.mixture_probs.expand(shape)
+            mu = torch.where(first, self.mu1.expand(shape), self.mu2.expand(shape))
+            theta2 = self.theta1 if self.theta2 is None else self.theta2
+            theta = torch.where(first, self.theta1.expand(shape), theta2.expand(shape))
+            return torch.poisson(_gamma(theta, generator) * mu / theta, generator=generator)
 
 
 def _gamma(concentration: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
 from atlasvi.models.sysvi import SysVIConfig, SysVIModule
+from atlasvi.models.totalvi import TOTALVIConfig, TOTALVIModule
 
 DEFAULT_MODEL = "scvi"
 
@@ -32,6 +33,13 @@ PEAKVI_TRAIN = {  # scvi-tools' PEAKVI.train: AdamW, early stopping on the held-
     "early_stopping_patience": 50,
 }
 SYSVI_TRAIN = {"n_epochs_kl_warmup": 0}  # scvi-tools' SysVI.train: no KL warm-up (poor integration with one)
+TOTALVI_TRAIN = {  # scvi-tools' TOTALVI.train: lr 4e-3, KL warm-up over 0.75 x cells steps, lr on plateau, early stop
+    "lr": 4e-3,
+    "n_epochs_kl_warmup": None,
+    "kl_warmup_steps_per_cell": 0.75,
+    "reduce_lr_on_plateau": True,
+    "early_stopping": True,
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,16 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "peakvi", "PEAKVI", PEAKVIConfig, PEAKVIModule, "atlasvi.api.peakvi:PEAKVI", "X_peakvi", (), PEAKVI_TRAIN
     ),
     ModelEntry("sysvi", "SysVI", SysVIConfig, SysVIModule, "atlasvi.api.sysvi:SysVI", "X_sysvi", (), SYSVI_TRAIN),
+    ModelEntry(
+        "totalvi",
+        "TOTALVI",
+        TOTALVIConfig,
+        TOTALVIModule,
+        "atlasvi.api.totalvi:TOTALVI",
+        "X_totalvi",
+        (),
+        TOTALVI_TRAIN,
+    ),
 )
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}
 

@@ -48,7 +48,8 @@ class SurgeryConfig(BaseModel):
 
 
 def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> StoreSchema:
-    """The reference registry with the query's new batch categories (and their library prior) appended.
+    """The reference registry with the query's new batch categories (and their library prior) appended; a modality
+    of both gets the query's new batches' panels and priors appended (one of the reference alone is dropped).
 
     Raises ValueError when the query has no batch the reference has not seen (nothing to map).
     """
@@ -61,12 +62,25 @@ def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> S
         )
     categorical = dict(reference.categorical)
     categorical[reference.batch_key] = reference.batch_categories + tuple(query.batch_categories[i] for i in new)
+    modalities = {
+        name: replace(
+            modality,
+            batch_mask=modality.batch_mask + tuple(query.modalities[name].batch_mask[i] for i in new),
+            background_log_means=modality.background_log_means
+            + tuple(query.modalities[name].background_log_means[i] for i in new),
+            background_log_scales=modality.background_log_scales
+            + tuple(query.modalities[name].background_log_scales[i] for i in new),
+        )
+        for name, modality in reference.modalities.items()
+        if name in query.modalities
+    }
     return replace(
         reference,
         n_cells=query.n_cells,
         categorical=categorical,
         library_log_means=reference.library_log_means + tuple(query.library_log_means[i] for i in new),
         library_log_vars=reference.library_log_vars + tuple(query.library_log_vars[i] for i in new),
+        modalities=modalities,
     )
 
 

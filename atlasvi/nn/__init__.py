@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
-__all__ = ["CountDecoder", "Encoder", "FCLayers", "LinearCountDecoder", "ProbabilityDecoder"]
+__all__ = ["CountDecoder", "Encoder", "FCLayers", "LinearCountDecoder", "ProbabilityDecoder", "RNAProteinDecoder"]
 
 
 class FCLayers(nn.Module):
@@ -242,3 +242,67 @@ class ProbabilityDecoder(nn.Module):
     def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
         """x: (n, n_in); codes: one (n,) integer tensor per covariate. Returns (n, n_out) in (0, 1)."""
         return torch.sigmoid(self.output(self.px_decoder(x, *codes)))
+
+
+class RNAProteinDecoder(nn.Module):
+    """totalVI's decoder (scvi-tools' DecoderTOTALVI): z -> RNA fractions and protein background / foreground.
+
+    Four hidden FCLayers from z (RNA, protein background, protein foreground, mixing), each followed by heads
+    that see [hidden, z] and the covariates (one Linear each, scvi-tools' linear FCLayers):
+    RNA: scale = softmax(.), rate = library * scale, zi_logits (only with `zero_inflation`);
+    background: log rate ~ Normal(back_alpha, back_beta = softplus(.) + 1e-8), rate_back = exp(a draw);
+    foreground: rate_fore = rate_back * (ReLU(.) + 1 + 1e-8); mixing: logits of P(background) per protein.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_genes: int,
+        n_proteins: int,
+        n_categories: Sequence[int] = (),
+        n_layers: int = 1,
+        n_hidden: int = 256,
+        dropout_rate: float = 0.2,
+        use_batch_norm: bool = True,
+        use_layer_norm: bool = False,
+        zero_inflation: bool = False,
+    ):
+        super().__init__()
+
+        def hidden() -> FCLayers:
+            return FCLayers(
+                n_in, n_hidden, n_categories, n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm
+            )
+
+        def head(n_out: int, activation: type[nn.Module] | None = None) -> FCLayers:
+            options = {"dropout_rate": 0.0, "use_batch_norm": False, "activation": activation}
+            return FCLayers(n_hidden + n_in, n_out, n_categories, n_layers=1, **options)
+
+        self.px_decoder, self.px_scale_decoder = hidden(), head(n_genes)
+        self.py_back_decoder, self.py_back_mean_log_alpha, self.py_back_mean_log_beta = (
+            hidden(), head(n_proteins), head(n_proteins)
+        )  # fmt: skip
+        self.py_fore_decoder, self.py_fore_scale_decoder = hidden(), head(n_proteins, nn.ReLU)
+        self.sigmoid_decoder, self.py_background_decoder = hidden(), head(n_proteins)
+        self.px_dropout_decoder_gene = head(n_genes) if zero_inflation else None
+
+    def forward(self, z: torch.Tensor, library: torch.Tensor, *codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """z: (n, n_in); library: (n, 1) library size (counts, not log). Returns scale, rate, zi_logits (or None),
+        back_alpha, back_beta, log_rate_back (the draw), rate_back, fore_scale, rate_fore, mixing: (n, features)."""
+        out: dict[str, torch.Tensor | None] = {}
+        px = torch.cat([self.px_decoder(z, *codes), z], dim=-1)
+        out["scale"] = torch.softmax(self.px_scale_decoder(px, *codes), dim=-1)
+        out["rate"] = library * out["scale"]
+        back = torch.cat([self.py_back_decoder(z, *codes), z], dim=-1)
+        out["back_alpha"] = self.py_back_mean_log_alpha(back, *codes)
+        out["back_beta"] = F.softplus(self.py_back_mean_log_beta(back, *codes)) + 1e-8
+        out["log_rate_back"] = Normal(out["back_alpha"], out["back_beta"], validate_args=False).rsample()
+        out["rate_back"] = torch.exp(out["log_rate_back"])
+        fore = torch.cat([self.py_fore_decoder(z, *codes), z], dim=-1)
+        out["fore_scale"] = self.py_fore_scale_decoder(fore, *codes) + 1 + 1e-8
+        out["rate_fore"] = out["rate_back"] * out["fore_scale"]
+        mixing = torch.cat([self.sigmoid_decoder(z, *codes), z], dim=-1)
+        out["mixing"] = self.py_background_decoder(mixing, *codes)
+        dropout = self.px_dropout_decoder_gene
+        out["zi_logits"] = dropout(mixing, *codes) if dropout is not None else None
+        return out

@@ -36,10 +36,15 @@ class TrainConfig(BaseModel):
     """Optimisation; the defaults are scvi-tools' (Adam lr 1e-3, eps 0.01, weight decay 1e-6, KL warm-up 400 epochs).
 
     max_epochs None: scvi-tools' rule, min(round(20000 / n_train_cells * 400), 400).
-    n_epochs_kl_warmup / n_steps_kl_warmup: linear warm-up of the KL weight by epochs, or else by steps.
+    n_epochs_kl_warmup / n_steps_kl_warmup: linear warm-up of the KL weight by epochs, or else by steps;
+    kl_warmup_steps_per_cell: with neither set, n_steps_kl_warmup = floor(it x training cells) (scvi-tools'
+    totalVI: 0.75 x cells).
     optimizer, lr, weight_decay, eps: torch's Adam (L2 penalty in the gradient) or AdamW (decoupled decay).
     early_stopping_monitor: the held-out figure early stopping watches, the -ELBO ("elbo", scvi-tools'
     default) or the reconstruction term alone ("reconstruction").
+    reduce_lr_on_plateau: multiply the learning rate by lr_factor when the held-out -ELBO has not fallen by more than
+    lr_threshold (absolute) for lr_patience epochs, down to lr_min (scvi-tools' TrainingPlan: torch's
+    ReduceLROnPlateau, threshold_mode "abs", on elbo_validation; its defaults).
     A model's registry entry may give other defaults (`ModelEntry.train_defaults`, applied by the job and the API).
     """
 
@@ -52,6 +57,7 @@ class TrainConfig(BaseModel):
     eps: float = Field(default=0.01, gt=0)
     n_epochs_kl_warmup: int | None = Field(default=400, ge=0)
     n_steps_kl_warmup: int | None = Field(default=None, ge=0)
+    kl_warmup_steps_per_cell: float | None = Field(default=None, gt=0)
     min_kl_weight: float = Field(default=0.0, ge=0)
     max_kl_weight: float = Field(default=1.0, ge=0)
     gradient_clip_norm: float | None = Field(default=None, gt=0)
@@ -60,6 +66,11 @@ class TrainConfig(BaseModel):
     early_stopping_monitor: Literal["elbo", "reconstruction"] = "elbo"
     early_stopping_patience: int = Field(default=45, gt=0)
     early_stopping_min_delta: float = Field(default=0.0, ge=0)
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = Field(default=0.6, gt=0, lt=1)
+    lr_patience: int = Field(default=30, gt=0)
+    lr_threshold: float = Field(default=0.0, ge=0)
+    lr_min: float = Field(default=0.0, ge=0)
     checkpoint_every_n_epochs: int = Field(default=1, gt=0)
     amp: bool = True
     seed: int = 0
@@ -76,6 +87,14 @@ class TrainConfig(BaseModel):
     def epochs_for(self, n_train_cells: int) -> int:
         """max_epochs, else `default_max_epochs(n_train_cells)`."""
         return self.max_epochs or default_max_epochs(n_train_cells)
+
+    def resolved(self, n_train_cells: int) -> "TrainConfig":
+        """The config with kl_warmup_steps_per_cell turned into n_steps_kl_warmup for `n_train_cells` (the cells
+        the model trains on; scvi-tools counts every cell of the AnnData), where no warm-up length is set."""
+        if self.kl_warmup_steps_per_cell is None or self.n_epochs_kl_warmup or self.n_steps_kl_warmup:
+            return self
+        steps = math.floor(self.kl_warmup_steps_per_cell * n_train_cells)
+        return self.model_copy(update={"n_steps_kl_warmup": steps})
 
 
 def default_max_epochs(n_train_cells: int) -> int:
@@ -225,13 +244,35 @@ def _rng_states() -> dict[str, list[torch.Tensor]]:
     return {"cpu": [r["cpu"] for r in ranks], "cuda": [r["cuda"] for r in ranks]}
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """torch's ReduceLROnPlateau as scvi-tools' TrainingPlan builds it, or None without reduce_lr_on_plateau."""
+    if not config.reduce_lr_on_plateau:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        patience=config.lr_patience,
+        factor=config.lr_factor,
+        threshold=config.lr_threshold,
+        min_lr=config.lr_min,
+        threshold_mode="abs",
+    )
+
+
 def _save(
-    path: Path, module, optimizer, progress: _Progress, train: StreamingLoader, validation: StreamingLoader, rng: dict
+    path: Path,
+    module,
+    optimizer,
+    scheduler,
+    progress: _Progress,
+    train: StreamingLoader,
+    validation: StreamingLoader,
+    rng: dict,
 ):
     """Atomic: write a sibling, then rename over the last checkpoint (rank 0 only)."""
     payload = {
         "model": module.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "progress": {k: v for k, v in asdict(progress).items() if k != "history"},
         "history": [asdict(r) for r in progress.history],
         "train_loader": train.state_dict(),
@@ -244,10 +285,14 @@ def _save(
     os.replace(partial, path)
 
 
-def _restore(path: Path, module, optimizer, train: StreamingLoader, validation: StreamingLoader) -> _Progress:
+def _restore(
+    path: Path, module, optimizer, scheduler, train: StreamingLoader, validation: StreamingLoader
+) -> _Progress:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
     train.load_state_dict(payload["train_loader"])
     validation.load_state_dict(payload["validation_loader"])
     rank, world_size = _world()
@@ -284,6 +329,7 @@ def fit(
     Warns (KLWarmupWarning) when the KL warm-up outlasts the run.
     """
     device = next(module.parameters()).device
+    config = config.resolved(train.sampler.n_cells)
     shortfall = kl_warmup_shortfall(config, config.epochs_for(train.sampler.n_cells), len(train))
     if shortfall is not None and _world()[0] == 0:
         warnings.warn(shortfall, KLWarmupWarning, stacklevel=2)
@@ -302,9 +348,10 @@ def _fit(
     device = next(module.parameters()).device
     rank, world_size = _world()
     optimizer = _optimizer(module, config)
+    scheduler = _scheduler(optimizer, config)
     checkpoint = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
-        progress = _restore(checkpoint, module, optimizer, train, validation)
+        progress = _restore(checkpoint, module, optimizer, scheduler, train, validation)
     else:
         torch.manual_seed(config.seed + rank)
         progress = _Progress()
@@ -360,6 +407,8 @@ def _fit(
         )  # fmt: skip
         progress.history.append(record)
         progress.epoch += 1
+        if scheduler is not None:
+            scheduler.step(validation_elbo)
         monitored = validation_elbo if config.early_stopping_monitor == "elbo" else validation_reconstruction
         if monitored < progress.best_validation - config.early_stopping_min_delta:
             progress.best_validation, progress.epochs_without_improvement = monitored, 0
@@ -370,7 +419,7 @@ def _fit(
             rng = _rng_states()
             if rank == 0:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                _save(checkpoint, module, optimizer, progress, train, validation, rng)
+                _save(checkpoint, module, optimizer, scheduler, progress, train, validation, rng)
         if on_epoch_end is not None:
             on_epoch_end(record)  # after the checkpoint: the callback may hand it on (Ray Train reports it)
         if stop:

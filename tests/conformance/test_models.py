@@ -2,9 +2,12 @@
 
 Only the pipeline's public functions are used (registry entry -> TrainJobConfig -> module_spec -> build_module ->
 make_loaders -> fit; the entry's user class for save / load; train_distributed and `atlasvi sweep` in the slow
-tests), so a model is tested as the pipeline runs it. Every model trains on the Kang store (batch, labels and a
-continuous covariate), small (n_latent 4, n_hidden 16 where the config has them), seconds per test on one CPU
-thread; the slow tests (2 Ray Train workers, a 2-trial sweep: a minute or two each) run with `pytest -m slow`.
+tests), so a model is tested as the pipeline runs it. Every model trains on the first store of `STORES` that holds
+every modality its module uses (`used_modalities`), the same rule for every entry: the Kang store (RNA; batch,
+labels and a continuous covariate), else the two-panel CITE-seq store (pbmc10k + pbmc5k: 2 batches, proteins of
+which one batch measured 14 of 29); small (n_latent 4, n_hidden 16 where the config has them), seconds per test
+on one CPU thread; the slow tests (2 Ray Train workers, a 2-trial sweep: a minute or two each) run with
+`pytest -m slow`.
 """
 
 import csv
@@ -29,6 +32,7 @@ SMALL = {"n_latent": 4, "n_hidden": 16}  # fields every model config has; applie
 EPOCHS = 6
 LOADER = LoaderConfig(batch_size=128, seed=0)
 DRAWS = 16  # seeded draws of the latents averaged in `_held_out_elbo`
+STORES = (("kang_store", ()), ("two_panel_store", ("protein",)))  # (fixture, the modalities its store holds)
 
 
 def _model(entry: ModelEntry) -> dict:
@@ -52,6 +56,20 @@ def _user_class(entry: ModelEntry) -> type:
 @pytest.fixture(scope="module", params=ENTRIES, ids=[entry.name for entry in ENTRIES])
 def entry(request) -> ModelEntry:
     return request.param
+
+
+def _store_fixture(entry: ModelEntry) -> str:
+    """The first of STORES holding every modality the entry's module uses."""
+    used = set(entry.module_class.used_modalities)  # type: ignore[attr-defined]
+    return next(name for name, modalities in STORES if used <= set(modalities))
+
+
+@pytest.fixture(scope="module")
+def store(entry, request) -> Path:
+    """The store the entry trains on (see `STORES`)."""
+    path = request.getfixturevalue(_store_fixture(entry))
+    assert set(entry.module_class.used_modalities) <= set(open_store(path).schema.modalities)
+    return path
 
 
 def _built(job: TrainJobConfig, seed: int | None = None):
@@ -90,7 +108,9 @@ def _held_out_elbo(module: torch.nn.Module, job: TrainJobConfig) -> float:
     from torch seed i whatever the module (common random numbers); the caller's RNG state is left as it was."""
     store = open_store(job.store)
     spec = module_spec(job, store)
-    train, validation = make_loaders(store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps)
+    train, validation = make_loaders(
+        store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
+    )
     values = []
     with train, validation, torch.random.fork_rng(devices=[]):
         for draw in range(DRAWS):
@@ -100,14 +120,14 @@ def _held_out_elbo(module: torch.nn.Module, job: TrainJobConfig) -> float:
 
 
 @pytest.fixture(scope="module")
-def straight(entry, kang_store) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
+def straight(entry, store) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
     """(final weights, epoch records) of EPOCHS epochs without interruption."""
-    module, history = _fit(_job(entry, kang_store))
+    module, history = _fit(_job(entry, store))
     return {k: v.clone() for k, v in module.state_dict().items()}, history
 
 
-def test_the_module_builds_from_a_store_through_the_registry(entry, kang_store):
-    job = _job(entry, kang_store)
+def test_the_module_builds_from_a_store_through_the_registry(entry, store):
+    job = _job(entry, store)
     module, batch, output = _minibatch_loss(job)
     assert isinstance(module, entry.module_class) and module.config == job.model
     assert job.model.name == entry.name and type(job.model) is entry.config_class
@@ -120,11 +140,11 @@ def test_the_module_builds_from_a_store_through_the_registry(entry, kang_store):
     assert output.negative_elbo.shape == (n,) and torch.isfinite(output.negative_elbo).all()
 
 
-def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, kang_store):
-    module, spec, store = _built(_job(entry, kang_store))
+def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, store):
+    module, spec, store = _built(_job(entry, store))
     assert isinstance(module, ModuleContract)
     assert entry.module_class.registry(module.schema, module.config) == module.schema == spec.schema  # idempotent
-    maps = module.code_maps(store.schema, "kang")
+    maps = module.code_maps(store.schema, "the store")
     assert set(maps) <= set(module.used_keys) and set(maps) == set(spec.code_maps)
     for key, codes in maps.items():  # every store category maps to one of the model's
         assert len(codes) == len(store.schema.categorical[key])
@@ -136,8 +156,8 @@ def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, kan
     assert not module.init_prefixes or any(k.startswith(module.init_prefixes) for k in weights)  # names real weights
 
 
-def test_every_parameter_gets_a_finite_nonzero_gradient(entry, kang_store):
-    module, _, output = _minibatch_loss(_job(entry, kang_store))
+def test_every_parameter_gets_a_finite_nonzero_gradient(entry, store):
+    module, _, output = _minibatch_loss(_job(entry, store))
     output.loss.backward()
     for name, parameter in module.named_parameters():
         assert parameter.requires_grad and parameter.grad is not None, name
@@ -152,23 +172,23 @@ def test_a_few_epochs_lower_the_held_out_loss(entry, straight):
     assert history[-1].validation_elbo < 0.95 * history[0].validation_elbo
 
 
-def test_save_load_gives_the_identical_latent(entry, kang_store, tmp_path):
+def test_save_load_gives_the_identical_latent(entry, store, tmp_path):
     cls = _user_class(entry)
     config = entry.config_class(**_model(entry))
-    model = cls(kang_store, config=config, device="cpu")
+    model = cls(store, config=config, device="cpu")
     model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LOADER)
     latent = model.get_latent_representation()
-    loaded = cls.load(model.save(tmp_path / entry.name), kang_store, device="cpu")
+    loaded = cls.load(model.save(tmp_path / entry.name), store, device="cpu")
     assert type(loaded) is cls and loaded.config == config
     again = loaded.get_latent_representation()
-    assert latent.shape == (open_store(kang_store).n_cells, config.n_latent) and np.isfinite(latent).all()
+    assert latent.shape == (open_store(store).n_cells, config.n_latent) and np.isfinite(latent).all()
     np.testing.assert_array_equal(again, latent)
 
 
 @pytest.mark.filterwarnings("ignore:the KL warm-up")  # the 1-epoch first leg ends inside the warm-up
-def test_resume_is_exact(entry, kang_store, straight, tmp_path):
+def test_resume_is_exact(entry, store, straight, tmp_path):
     weights, history = straight
-    job = _job(entry, kang_store)
+    job = _job(entry, store)
     first = _fit(job.model_copy(update={"train": job.train.model_copy(update={"max_epochs": 1})}), tmp_path)[1]
     assert len(first) == 1 and (tmp_path / "last.pt").exists()
     module, resumed = _fit(job, tmp_path, seed=123)  # another init: the checkpoint must restore it
@@ -193,7 +213,7 @@ def ray_local():
 
 
 @pytest.mark.slow
-def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_path, ray_local):
+def test_two_ray_workers_train_the_model_as_one_process(entry, store, tmp_path, ray_local):
     """Global batch 128 = 2 workers x 64, from the saved weights of the first model in the entry's init_from if it
     has one (shipped to the workers): the held-out loss falls, within 2% of one process, the same extra metrics.
 
@@ -210,12 +230,12 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_p
     update = {}
     if entry.init_from:
         source = REGISTRY[entry.init_from[0]]
-        saved = _user_class(source)(kang_store, config=source.config_class(**_model(source)), device="cpu")
+        saved = _user_class(source)(store, config=source.config_class(**_model(source)), device="cpu")
         update["init_from"] = str(saved.save(tmp_path / source.name))
-    job = _job(entry, kang_store, **update)
+    job = _job(entry, store, **update)
     halves = job.model_copy(update={"loader": LOADER.model_copy(update={"batch_size": 64})})
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name=entry.name)
-    checkpoint, metrics = train_distributed(halves, str(kang_store), run)
+    checkpoint, metrics = train_distributed(halves, str(store), run)
     weights, two = read_checkpoint(checkpoint)
 
     module, one = _fit(job)
@@ -230,7 +250,7 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, kang_store, tmp_p
 
 
 @pytest.mark.slow
-def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, kang_store, tmp_path, monkeypatch):
+def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, store, tmp_path, monkeypatch):
     """`atlasvi sweep` over n_latent (4, 6): both trials finish with a finite held-out loss, each child run has its
     value, its epochs and the model's extra metrics (train_NAME)."""
     import ray
@@ -245,7 +265,7 @@ def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, kang_store, tm
         "name": entry.name,
         "grace_period": 2,
         "search_space": {"model.n_latent": {"grid": [4, 6]}},
-        "job": {"store": str(kang_store), "model": _model(entry), "train": {"max_epochs": 2, "n_epochs_kl_warmup": 1}},
+        "job": {"store": str(store), "model": _model(entry), "train": {"max_epochs": 2, "n_epochs_kl_warmup": 1}},
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
     try:
@@ -261,7 +281,7 @@ def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, kang_store, tm
     runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(c.data.params["model.n_latent"] for c in children) == ["4", "6"]
-    extra = {f"train_{k}" for k in _minibatch_loss(_job(entry, kang_store))[2].extra_metrics}
+    extra = {f"train_{k}" for k in _minibatch_loss(_job(entry, store))[2].extra_metrics}
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
         assert sorted(steps) == [0, 1] and extra <= set(child.data.metrics)

@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 from scipy.special import expit, logsumexp
 
-from atlasvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from atlasvi.distributions import NegativeBinomial, NegativeBinomialMixture, Poisson, ZeroInflatedNegativeBinomial
 
 MU = [1e-30, 1e-4, 0.1, 3.0, 50.0, 1e4]
 THETA = [1e-3, 0.5, 10.0, 1e3, 1e6]
@@ -106,3 +106,41 @@ def test_samples_match_mean_and_variance_and_follow_the_generator(zi_logit):
     assert (draws == draws.round()).all() and (draws >= 0).all()
     np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean.numpy(), rtol=0.02)
     np.testing.assert_allclose(draws.var(0).numpy(), dist.variance.numpy(), rtol=0.05)
+
+
+@pytest.mark.parametrize("logit", [-6.0, -0.7, 0.0, 3.0])
+def test_negative_binomial_mixture_log_prob_is_the_scipy_mixture(logit):
+    mu, theta, x = _grid()
+    mu2 = mu * 7.5  # totalVI's foreground: the background scaled up
+    keep = mu > 1e-20  # scipy's logpmf is -inf at mu = 1e-30
+    mu, mu2, theta, x = mu[keep], mu2[keep], theta[keep], x[keep]
+    pi = expit(logit)
+    expected = logsumexp(
+        [np.log(pi) + _nb_reference(x, mu, theta), np.log1p(-pi) + _nb_reference(x, mu2, theta)], axis=0
+    )
+    logits = torch.full(mu.shape, logit, dtype=torch.float64)
+    got = NegativeBinomialMixture(torch.tensor(mu), torch.tensor(mu2), torch.tensor(theta), logits)
+    finite = np.isfinite(expected)
+    assert finite.mean() > 0.9
+    values = got.log_prob(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(values[finite], expected[finite], rtol=1e-6, atol=1e-6)
+    assert np.isfinite(values).all()
+
+
+def test_negative_binomial_mixture_with_two_dispersions_and_its_samples():
+    mu1 = torch.tensor([0.5, 4.0, 30.0], dtype=torch.float64)
+    mu2 = torch.tensor([6.0, 40.0, 300.0], dtype=torch.float64)
+    theta1 = torch.tensor([1.0, 5.0, 20.0], dtype=torch.float64)
+    theta2 = torch.tensor([0.5, 2.0, 50.0], dtype=torch.float64)
+    logits = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    dist = NegativeBinomialMixture(mu1, mu2, theta1, logits, theta2)
+    x = np.array([0.0, 12.0, 250.0])
+    pi = expit(logits.numpy())
+    expected = np.log(
+        pi * stats.nbinom.pmf(x, theta1, theta1 / (theta1 + mu1))
+        + (1 - pi) * stats.nbinom.pmf(x, theta2, theta2 / (theta2 + mu2))
+    )
+    np.testing.assert_allclose(dist.log_prob(torch.tensor(x)).numpy(), expected, rtol=1e-9)
+    draws = dist.sample((200_000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, dist.sample((200_000,), generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean.numpy(), rtol=0.02)

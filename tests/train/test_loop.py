@@ -139,3 +139,24 @@ def test_held_out_figures_count_each_cell_once_under_padding(store):
         (batch,) = list(unpadded)
         expected = module.loss(module.unpack(batch)).kl_local["kl_z"].double().mean().item()
     assert kl == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_warmup_steps_per_cell_resolve_against_the_training_cells():
+    # scvi-tools' totalVI: floor(0.75 x cells) steps, unless a warm-up length is given
+    config = TrainConfig(n_epochs_kl_warmup=None, kl_warmup_steps_per_cell=0.75)
+    assert config.resolved(1001).n_steps_kl_warmup == 750
+    assert TrainConfig(kl_warmup_steps_per_cell=0.75).resolved(1001).n_steps_kl_warmup is None  # 400 epochs given
+    assert config.model_copy(update={"n_steps_kl_warmup": 9}).resolved(1001).n_steps_kl_warmup == 9
+
+
+def test_reduce_lr_on_plateau_multiplies_the_learning_rate_and_is_checkpointed(store, tmp_path):
+    # threshold 1e9: no epoch after the first counts as an improvement; patience 1: the third epoch's step cuts it
+    module, train, validation = _setup(store)
+    config = TrainConfig(
+        max_epochs=3, n_epochs_kl_warmup=1, lr=1e-3, reduce_lr_on_plateau=True, lr_patience=1, lr_threshold=1e9
+    )
+    with train, validation:
+        fit(module, train, validation, config, tmp_path)
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert payload["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.6)
+    assert payload["scheduler"]["num_bad_epochs"] == 0 and payload["scheduler"]["_last_lr"] == [pytest.approx(6e-4)]

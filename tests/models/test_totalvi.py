@@ -1,0 +1,133 @@
+"""totalVI: scvi-tools' defaults, the background prior from the store, the masked protein likelihood, and a small
+run on the two-panel CITE-seq store (pbmc10k's 14 antibodies, pbmc5k's 29) that imputes the missing proteins."""
+
+import numpy as np
+import pytest
+import torch
+
+from atlasvi.api import TOTALVI
+from atlasvi.data import LoaderConfig, open_store
+from atlasvi.models.totalvi import TOTALVIConfig, TOTALVIModule
+from atlasvi.train import TrainConfig
+from atlasvi.train.job import make_loaders, train_config_for
+
+LOADER = LoaderConfig(batch_size=128, seed=0)
+SMALL = TOTALVIConfig(n_latent=6, n_hidden=32)
+
+
+def test_the_defaults_are_scvi_tools():
+    config = TOTALVIConfig()
+    assert (config.n_latent, config.n_hidden, config.n_layers_encoder, config.n_layers_decoder) == (20, 256, 2, 1)
+    assert (config.dropout_rate_encoder, config.dropout_rate_decoder) == (0.2, 0.2)
+    assert (config.gene_likelihood, config.gene_dispersion, config.protein_dispersion) == ("nb", "gene", "protein")
+    assert config.encode_covariates and config.use_batch_norm == "both" and config.use_observed_lib_size
+    train = train_config_for(config, None)  # TOTALVI.train: lr 4e-3, warm-up 0.75 x cells steps, plateau, stop
+    assert (train.lr, train.n_epochs_kl_warmup, train.kl_warmup_steps_per_cell) == (4e-3, None, 0.75)
+    assert train.reduce_lr_on_plateau and (train.lr_factor, train.lr_patience, train.lr_threshold) == (0.6, 30, 0.0)
+    assert train.early_stopping and train.early_stopping_patience == 45
+    assert train_config_for(config, TrainConfig(lr=1e-3)).lr == 1e-3  # the caller's field wins
+
+
+def test_the_background_prior_starts_at_the_stores_per_batch_values(two_panel_store, cbmc_store):
+    schema = open_store(two_panel_store).schema
+    proteins = schema.modalities["protein"]
+    assert len(proteins.features) == 29 and [sum(m) for m in proteins.batch_mask] == [14, 29]
+    module = TOTALVIModule(schema, SMALL)  # 29 proteins > 10: the empirical prior, per batch, for every protein
+    assert module.background_pro_alpha.shape == (29, 2)
+    for b in range(2):
+        np.testing.assert_allclose(module.background_pro_alpha[:, b].detach(), proteins.background_log_means[b])
+        np.testing.assert_allclose(
+            module.background_pro_log_beta[:, b].exp().detach(), proteins.background_log_scales[b], rtol=1e-6
+        )
+    assert proteins.background_log_means[0] == pytest.approx(3.0877, abs=1e-3)  # a GMM fit at build: stable figure
+    flat = TOTALVIModule(schema, SMALL.model_copy(update={"empirical_protein_background_prior": False}))
+    assert (flat.background_pro_alpha == 3.0).all() and (flat.background_pro_log_beta == 0.0).all()
+    cbmc = TOTALVIModule(open_store(cbmc_store).schema, SMALL)  # 13 proteins, one batch
+    assert cbmc.background_pro_alpha.shape == (13, 1)
+
+
+def _batch(store):
+    schema = open_store(store).schema
+    module = TOTALVIModule(schema, SMALL)
+    train, validation = make_loaders(open_store(store), LOADER, 0.1, modalities=module.used_modalities)
+    with train, validation:
+        batch = next(iter(train))
+    return module, batch
+
+
+def _loss(module, batch, seed: int = 0):
+    module.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return module.loss(module.unpack(batch))
+
+
+def test_unmeasured_proteins_change_nothing_and_measured_ones_do(two_panel_store):
+    module, batch = _batch(two_panel_store)
+    mask = batch.masks["protein"]
+    assert (~mask).any() and mask.any()  # pbmc10k's cells lack 15 proteins
+    before = _loss(module, batch)
+    counts = batch.obsm["protein"].clone()
+    batch.obsm["protein"] = torch.where(mask, counts, torch.full_like(counts, 5000.0))
+    after = _loss(module, batch)
+    assert torch.equal(before.loss, after.loss) and torch.equal(before.reconstruction_loss, after.reconstruction_loss)
+    batch.obsm["protein"] = torch.where(mask, counts + 50.0, counts)
+    changed = _loss(module, batch)
+    assert (changed.reconstruction_loss - before.reconstruction_loss).abs().min() > 1.0
+
+
+def test_the_masked_likelihood_sums_the_measured_proteins_only(two_panel_store):
+    module, batch = _batch(two_panel_store)
+    inputs = module.unpack(batch)
+    module.eval()
+    torch.manual_seed(0)
+    inference = module.inference(inputs)
+    generative = module.generative(inference["qz"].loc, inference["library"], inputs)
+    per_protein = -generative["py"].log_prob(inputs.y)
+    expected = (per_protein * inputs.y_mask).sum(-1)
+    assert (per_protein[~inputs.y_mask] > 0).all()  # the unmasked terms would have added to the loss
+    rna = -generative["px"].log_prob(inputs.x).sum(-1)
+    torch.manual_seed(0)
+    got = module.loss(inputs)
+    assert torch.allclose(got.extra_metrics["reconstruction_protein"], expected.mean(), rtol=0.05)
+    assert torch.allclose(got.extra_metrics["reconstruction_rna"], rna.mean(), rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def trained(two_panel_store) -> TOTALVI:
+    model = TOTALVI(two_panel_store, config=SMALL, device="cpu")
+    model.fit(TrainConfig(max_epochs=60, n_epochs_kl_warmup=20), LOADER)
+    return model
+
+
+def test_a_two_panel_store_trains_and_imputes_the_missing_proteins(trained, two_panel_store):
+    history = trained.history
+    assert history[-1].validation_elbo < 0.8 * history[0].validation_elbo
+    schema = open_store(two_panel_store).schema
+    proteins = schema.modalities["protein"]
+    missing = ~np.array(proteins.batch_mask[0])  # not in pbmc10k's panel
+    codes = open_store(two_panel_store).read_obs_categorical(schema.batch_key)[0]
+    in_10k = codes == 0
+    as_5k = {"transform_batch": schema.batch_categories[1], "include_protein_background": True}
+    imputed = trained.get_protein_expression(**as_5k)
+    assert imputed.shape == (400, 29) and np.isfinite(imputed).all()
+    values = imputed[in_10k][:, missing]
+    assert (values > 0.1).all()  # imputed, not zeros
+    assert (values.std(axis=0) > 0).all()  # per cell, not one constant
+    # the pbmc10k cells' imputed levels of the 15 proteins rank as pbmc5k's measured levels do
+    block = open_store(two_panel_store).read_rows(0, 400, ("protein",))
+    measured = block.obsm["protein"][~in_10k][:, missing]
+    rho = np.corrcoef(np.log1p(values.mean(0)), np.log1p(measured.mean(0)))[0, 1]
+    assert rho > 0.75, rho  # 0.86 at seed 0
+    foreground = trained.get_protein_foreground_probability()
+    assert foreground.shape == (400, 29) and (foreground >= 0).all() and (foreground <= 1).all()
+    rna = trained.get_normalized_expression(rows=(0, 50))
+    np.testing.assert_allclose(rna.sum(1), 1.0, rtol=1e-4)
+
+
+def test_save_load_gives_the_same_protein_expression(trained, two_panel_store, tmp_path):
+    loaded = TOTALVI.load(trained.save(tmp_path / "totalvi"), two_panel_store, device="cpu")
+    np.testing.assert_array_equal(
+        loaded.get_protein_expression(rows=(0, 64)), trained.get_protein_expression(rows=(0, 64))
+    )
+    assert loaded.protein_names == trained.protein_names
