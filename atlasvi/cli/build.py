@@ -16,7 +16,7 @@ from atlasvi.datasets import CELLBENCH
 
 def build_command(
     inputs: Annotated[
-        list[Path] | None, typer.Argument(help=".h5ad files, 10x matrix folders or 10x .h5 files")
+        list[Path] | None, typer.Argument(help=".h5ad or .h5mu files, 10x matrix folders or 10x .h5 files")
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="the atlas store to write (.zarr)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
@@ -33,6 +33,12 @@ def build_command(
     ] = None,
     layer: Annotated[str | None, typer.Option(help="h5ad layer holding the raw counts (default X)")] = None,
     gene_id_key: Annotated[str | None, typer.Option(help="var column of gene ids (default var_names)")] = None,
+    protein_key: Annotated[
+        str | None,
+        typer.Option(
+            help="obsm key of CITE-seq protein counts in .h5ad inputs (10x .h5: its Antibody Capture features)"
+        ),
+    ] = None,
     gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
     n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
     hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
@@ -61,6 +67,7 @@ def build_command(
         "annotation_keys": annotation_key or None,
         "layer": layer,
         "gene_id_key": gene_id_key,
+        "protein_key": protein_key,
         "gene_join": gene_join,
         "n_top_genes": n_top_genes,
         "hvg_subset": hvg_subset,
@@ -88,6 +95,14 @@ def _print_summary(path: Path) -> None:
         table.add_row(f"obs[{key!r}] (annotation)", f"{len(categories)}: {shown}")
     means = ", ".join(f"{m:.2f}" for m in meta["library_log_means"])
     table.add_row("library prior", f"log-library means per {meta['batch_key']}: {means}")
+    for name, modality in (meta.get("modalities") or {}).items():
+        features = modality["features"]
+        shown = ", ".join(features[:6]) + (" ..." if len(features) > 6 else "")
+        panels = ", ".join(str(sum(row)) for row in modality["batch_mask"])
+        table.add_row(
+            f"{name} (obsm[{modality['obsm_key']!r}])",
+            f"{len(features)}: {shown}; measured per {meta['batch_key']}: {panels}",
+        )
     table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))
     Console().print(table)
 

@@ -676,8 +676,9 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             values = np.zeros((n_kept, n_proteins), dtype=protein_dtype)
             values[:, panel] = source.protein_rows(rows.start, rows.stop)[keep]
             measured = np.zeros((n_kept, n_proteins), dtype=np.uint8)
-            measured[:, panel] = 1
-            batch_panels[np.unique(codes)[:, None], panel[None, :]] = True
+            present = source.protein_present(rows.start, rows.stop)[keep]
+            measured[:, panel] = present[:, None]
+            batch_panels[np.unique(codes[present])[:, None], panel[None, :]] = True
             fields["protein"], fields["protein_mask"] = values, measured
         nnz = np.diff(cells.indptr).astype(np.int64)
         nnz_total += int(nnz.sum())

@@ -12,7 +12,8 @@ class _Frozen(BaseModel):
 class BuildConfig(_Frozen):
     """How `atlasvi build` turns input files into one atlas store.
 
-    inputs: `.h5ad` files, 10x matrix folders (matrix.mtx[.gz] + features/genes + barcodes) or 10x `.h5`.
+    inputs: `.h5ad` files, `.h5mu` files (the "rna" modality is X), 10x matrix folders (matrix.mtx[.gz] +
+      features/genes + barcodes) or 10x `.h5`.
     batch_key: obs column holding the batch; None makes one batch per input file (named by file).
     gene_join: "inner" keeps genes present in every input, "outer" fills missing genes with zeros.
     n_top_genes: Seurat v3 HVG selection on counts (batch-aware); None keeps every gene.
@@ -25,7 +26,8 @@ class BuildConfig(_Frozen):
     annotation_keys: obs columns kept as categorical obs columns of the store that no model conditions on
       (e.g. a condition to group cells by in `atlasvi de`); missing values stay missing.
     protein_key: read surface-protein counts (CITE-seq) too: an `.h5ad`'s obsm[protein_key] (a DataFrame of
-      antibodies, or an array named by uns[protein_key + "_names"]); a 10x `.h5`'s Antibody Capture features.
+      antibodies, or an array named by uns[protein_key + "_names"]); an `.h5mu`'s modality protein_key (e.g.
+      "prot", cells matched to the "rna" modality's by name); a 10x `.h5`'s Antibody Capture features.
       The store keeps them in obsm["protein_expression"] with a mask of what each cell measured.
     overwrite: replace an existing atlas store at `output` (anything else there is refused).
     Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`

@@ -1,4 +1,4 @@
-"""Readers for build inputs: `.h5ad`, 10x matrix folders and 10x `.h5` files.
+"""Readers for build inputs: `.h5ad`, `.h5mu`, 10x matrix folders and 10x `.h5` files.
 
 Each input is opened once for its metadata (cells, genes, requested obs columns) and then read in
 chunks of rows, so that a build never holds more than one chunk of counts in memory. `.h5ad` files
@@ -8,7 +8,9 @@ is loaded whole, one input at a time: the MatrixMarket text format cannot be rea
 Surface-protein counts (CITE-seq), asked for with a protein key: an `.h5ad`'s `obsm[key]` (a DataFrame
 whose columns are the antibodies, as scvi-tools' totalVI reads it, or an array with the names in
 `uns[key + "_names"]` or `uns["protein_names"]`), read by rows like X; a 10x `.h5`'s "Antibody Capture"
-features (its "Gene Expression" features are X).
+features (its "Gene Expression" features are X); an `.h5mu`'s modality named by the protein key (e.g. "prot"),
+whose cells are matched to the RNA modality's ("rna") by name: an RNA cell without protein counts is stored
+as not measured, a protein cell without RNA is refused.
 """
 
 import hashlib
@@ -25,7 +27,8 @@ import scipy.sparse as sp
 
 from atlasvi.data.errors import AtlasInputError
 
-InputKind = Literal["h5ad", "10x_mtx", "10x_h5"]
+InputKind = Literal["h5ad", "h5mu", "10x_mtx", "10x_h5"]
+RNA_MODALITY = "rna"  # the .h5mu modality read as X (MuData's and muon's name for gene expression)
 
 
 def detect_kind(path: Path) -> InputKind:
@@ -34,9 +37,11 @@ def detect_kind(path: Path) -> InputKind:
         return "10x_mtx"
     if path.suffix == ".h5ad":
         return "h5ad"
+    if path.suffix == ".h5mu":
+        return "h5mu"
     if path.suffix == ".h5":
         return "10x_h5"
-    raise AtlasInputError(f"{path}: unknown input format (expected .h5ad, a 10x .h5 or a 10x matrix folder)")
+    raise AtlasInputError(f"{path}: unknown input format (expected .h5ad, .h5mu, a 10x .h5 or a 10x matrix folder)")
 
 
 def file_sha256(path: Path) -> str:
@@ -98,6 +103,7 @@ class InputFile:
     _x: object = None
     protein_names: np.ndarray | None = None  # (n_proteins,) str, when proteins were asked for
     _protein: object = None  # rows [start:stop] -> counts
+    _protein_present: np.ndarray | None = None  # (n_cells,) bool, where not every cell has protein counts
 
     @property
     def n_cells(self) -> int:
@@ -134,6 +140,12 @@ class InputFile:
             raise AtlasInputError(
                 f"{self.path}: cannot read the protein counts of cells {start}..{stop} (truncated or corrupt?): {err}"
             ) from err
+
+    def protein_present(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) bool: which of cells [start, stop) have protein counts at all."""
+        if self._protein_present is None:
+            return np.ones(stop - start, dtype=bool)
+        return self._protein_present[start:stop]
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -194,34 +206,102 @@ def _h5ad_proteins(path: Path, handle: h5py.File, key: str, n_cells: int) -> tup
     return names, reader
 
 
+class _MatchedRows:
+    """Rows of another modality's matrix in the order of the RNA cells: row i is `source` row `index[i]`, zeros
+    where index[i] is -1 (an RNA cell the modality did not measure)."""
+
+    def __init__(self, source, index: np.ndarray):
+        self._source, self._index = source, index
+        self.shape = (len(index), source.shape[1])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        index = self._index[rows]
+        out = np.zeros((len(index), self.shape[1]), dtype=np.float64)
+        present = index >= 0
+        if present.any():
+            wanted, inverse = np.unique(index[present], return_inverse=True)
+            block = self._source[wanted]
+            block = block.toarray() if sp.issparse(block) else np.asarray(block)
+            out[present] = block[inverse]
+        return out
+
+
+def _cell_names(group: h5py.Group) -> np.ndarray:
+    index = group[group.attrs["_index"]]
+    return np.asarray(index.asstr()[:] if index.dtype.kind in "OS" else index[:], dtype=str)
+
+
+def _h5mu_proteins(path: Path, handle: h5py.File, key: str, rna_names: np.ndarray):
+    """(names, row reader in RNA order, (n_rna,) present) of the .h5mu modality `key`."""
+    mods = list(handle["mod"].keys())
+    if key not in mods:
+        raise AtlasInputError(f"{path}: no modality {key!r} (the protein counts); modalities are {mods}")
+    group = handle["mod"][key]
+    names = np.asarray(ad.io.read_elem(group["var"]).index, dtype=str)
+    cells = _cell_names(group["obs"])
+    index = pd.Index(rna_names).get_indexer(cells)
+    if (index < 0).any():
+        cell = str(cells[int(np.flatnonzero(index < 0)[0])])
+        raise AtlasInputError(
+            f"{path}: cell {cell!r} of modality {key!r} is not a cell of {RNA_MODALITY!r} "
+            f"({int((index < 0).sum())} such cells): every cell with protein counts needs its RNA"
+        )
+    rna_to_protein = np.full(len(rna_names), -1, dtype=np.int64)
+    rna_to_protein[index] = np.arange(len(cells))
+    x = group["X"]
+    source = ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x
+    if source.shape != (len(cells), len(names)):
+        raise AtlasInputError(
+            f"{path}: modality {key!r} has X of shape {tuple(source.shape)} but obs/var give {(len(cells), len(names))}"
+        )
+    return names, _MatchedRows(source, rna_to_protein), rna_to_protein >= 0
+
+
 def _open_h5ad(
-    path: Path, obs_keys: list[str], layer: str | None, gene_id_key: str | None, protein_key: str | None
+    path: Path,
+    obs_keys: list[str],
+    layer: str | None,
+    gene_id_key: str | None,
+    protein_key: str | None,
+    modality: str | None = None,
 ) -> InputFile:
+    """An `.h5ad`, or with `modality` the RNA modality of an `.h5mu` (the same AnnData layout under mod/NAME)."""
+    what = ".h5mu" if modality else ".h5ad"
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise AtlasInputError(f"{path}: not a readable .h5ad file (truncated or corrupt?): {err}") from err
+        raise AtlasInputError(f"{path}: not a readable {what} file (truncated or corrupt?): {err}") from err
+    present = None
     try:
-        var = ad.io.read_elem(handle["var"])
-        obs_group = handle["obs"]
+        if modality is not None and modality not in handle.get("mod", {}):
+            mods = list(handle["mod"].keys()) if "mod" in handle else []
+            raise AtlasInputError(f"{path}: no modality {modality!r} (read as RNA counts); modalities are {mods}")
+        root = handle if modality is None else handle["mod"][modality]
+        var = ad.io.read_elem(root["var"])
+        obs_group = root["obs"]
         columns = [k for k in obs_group.keys() if k != obs_group.attrs["_index"]]
         _check_obs_keys(path, columns, obs_keys)
         obs = _H5adObs(obs_group, obs_keys)
         if layer is None:
-            x_elem = handle["X"]
-        elif "layers" in handle and layer in handle["layers"]:
-            x_elem = handle["layers"][layer]
+            x_elem = root["X"]
+        elif "layers" in root and layer in root["layers"]:
+            x_elem = root["layers"][layer]
         else:
-            available = list(handle["layers"].keys()) if "layers" in handle else []
+            available = list(root["layers"].keys()) if "layers" in root else []
             raise AtlasInputError(f"{path}: no layer {layer!r}; layers are {available}")
         x = ad.io.sparse_dataset(x_elem) if isinstance(x_elem, h5py.Group) else x_elem
-        proteins = _h5ad_proteins(path, handle, protein_key, len(obs)) if protein_key else (None, None)
+        if not protein_key:
+            proteins = (None, None)
+        elif modality is None:
+            proteins = _h5ad_proteins(path, root, protein_key, len(obs))
+        else:
+            *proteins, present = _h5mu_proteins(path, handle, protein_key, _cell_names(obs_group))
     except AtlasInputError:
         handle.close()
         raise
     except (OSError, KeyError, RuntimeError) as err:
         handle.close()
-        raise AtlasInputError(f"{path}: not a readable .h5ad file (truncated or corrupt?): {err}") from err
+        raise AtlasInputError(f"{path}: not a readable {what} file (truncated or corrupt?): {err}") from err
     if gene_id_key is None:
         gene_ids = np.asarray(var.index, dtype=str)
     elif gene_id_key in var.columns:
@@ -232,7 +312,8 @@ def _open_h5ad(
     if x.shape != (len(obs), len(gene_ids)):
         handle.close()
         raise AtlasInputError(f"{path}: X has shape {x.shape} but obs/var give {(len(obs), len(gene_ids))}")
-    return InputFile(path, "h5ad", gene_ids, np.asarray(var.index, dtype=str), obs, handle, x, *proteins)
+    kind: InputKind = "h5ad" if modality is None else "h5mu"
+    return InputFile(path, kind, gene_ids, np.asarray(var.index, dtype=str), obs, handle, x, *proteins, present)
 
 
 def _open_10x(path: Path, kind: InputKind, obs_keys: list[str], proteins: bool) -> InputFile:
@@ -282,8 +363,9 @@ def open_input(
     kind = detect_kind(path)
     if protein_key and kind == "10x_mtx":
         raise AtlasInputError(f"{path}: a 10x matrix folder holds no protein counts; give the 10x .h5 file instead")
-    if kind == "h5ad":
-        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, protein_key)
+    if kind in ("h5ad", "h5mu"):
+        modality = RNA_MODALITY if kind == "h5mu" else None
+        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, protein_key, modality)
     else:
         opened = _open_10x(path, kind, obs_keys, protein_key is not None)
     duplicated = pd.Index(opened.gene_ids)[pd.Index(opened.gene_ids).duplicated()].unique()

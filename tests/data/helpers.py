@@ -7,6 +7,7 @@ from pathlib import Path
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
@@ -24,21 +25,28 @@ def write_10x_mtx(adata: ad.AnnData, folder: Path, gene_id_key: str) -> Path:
     return folder
 
 
-def write_10x_h5(adata: ad.AnnData, path: Path, gene_id_key: str) -> Path:
-    """A Cell Ranger v3 filtered_feature_bc_matrix.h5 (CSC genes x cells = CSR cells x genes)."""
+def write_10x_h5(adata: ad.AnnData, path: Path, gene_id_key: str, proteins: pd.DataFrame | None = None) -> Path:
+    """A Cell Ranger v3 filtered_feature_bc_matrix.h5 (CSC genes x cells = CSR cells x genes); with `proteins`
+    (cells x antibodies) those follow the genes as "Antibody Capture" features."""
     counts = sp.csr_matrix(adata.X)
+    ids, names = list(adata.var[gene_id_key].astype(str)), list(adata.var_names.astype(str))
+    types = ["Gene Expression"] * adata.n_vars
+    if proteins is not None:
+        counts = sp.hstack([counts, sp.csr_matrix(proteins.to_numpy())], format="csr")
+        ids, names = ids + list(proteins.columns), names + list(proteins.columns)
+        types += ["Antibody Capture"] * proteins.shape[1]
     with h5py.File(path, "w") as handle:
         matrix = handle.create_group("matrix")
         matrix["barcodes"] = np.array(adata.obs_names, dtype="S")
         matrix["data"] = counts.data.astype(np.int32)
         matrix["indices"] = counts.indices.astype(np.int64)
         matrix["indptr"] = counts.indptr.astype(np.int64)
-        matrix["shape"] = np.array([adata.n_vars, adata.n_obs], dtype=np.int32)
+        matrix["shape"] = np.array([counts.shape[1], adata.n_obs], dtype=np.int32)
         features = matrix.create_group("features")
-        features["id"] = np.array(adata.var[gene_id_key].astype(str), dtype="S")
-        features["name"] = np.array(adata.var_names.astype(str), dtype="S")
-        features["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
-        features["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
+        features["id"] = np.array(ids, dtype="S")
+        features["name"] = np.array(names, dtype="S")
+        features["feature_type"] = np.array(types, dtype="S")
+        features["genome"] = np.array(["GRCh38"] * len(ids), dtype="S")
     return path
 
 
