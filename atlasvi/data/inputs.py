@@ -171,6 +171,9 @@ class _ColumnFrame:
         self.shape = (group[group.attrs["_index"]].shape[0], len(self.columns))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
+        """(cells, columns) float64; a frame of no columns (a study that measured no protein) gives (cells, 0)."""
+        if not self._columns:
+            return np.zeros((len(range(*rows.indices(self.shape[0]))), 0))
         return np.stack([np.asarray(c[rows], dtype=np.float64) for c in self._columns], axis=1)
 
 

@@ -131,3 +131,61 @@ def test_save_load_gives_the_same_protein_expression(trained, two_panel_store, t
         loaded.get_protein_expression(rows=(0, 64)), trained.get_protein_expression(rows=(0, 64))
     )
     assert loaded.protein_names == trained.protein_names
+
+
+def test_a_study_that_measured_no_antibody_is_masked_whole_and_imputed(cbmc_store, tmp_path):
+    import anndata as ad
+    import pandas as pd
+
+    from atlasvi.data import BuildConfig, build_store
+
+    cite = ad.read_zarr(cbmc_store)[:300].copy()
+    rna = ad.read_zarr(cbmc_store)[300:].copy()
+    cite.obsm["protein_expression"] = pd.DataFrame(
+        cite.obsm["protein_expression"], index=cite.obs_names, columns=list(cite.uns["protein_expression_names"])
+    )
+    rna.obsm["protein_expression"] = pd.DataFrame(index=rna.obs_names)  # an obsm DataFrame of no antibodies
+    for part, name in ((cite, "cite"), (rna, "rna")):
+        part.obs["study"] = name
+        part.uns = {}
+        part.write_h5ad(tmp_path / f"{name}.h5ad")
+    store = tmp_path / "mixed.zarr"
+    inputs = [str(tmp_path / "cite.h5ad"), str(tmp_path / "rna.h5ad")]
+    build_store(BuildConfig(inputs=inputs, output=str(store), protein_key="protein_expression", batch_key="study"))
+    proteins = open_store(store).schema.modalities["protein"]
+    assert [sum(m) for m in proteins.batch_mask] == [13, 0]
+    assert (proteins.background_log_means[1], proteins.background_log_scales[1]) == (0.0, 0.05)  # scvi-tools' rule
+    model = TOTALVI(store, config=SMALL, device="cpu")
+    model.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1), LOADER)
+    imputed = model.get_protein_expression(transform_batch="cite", include_protein_background=True)
+    assert np.isfinite(imputed).all() and (imputed > 0).all()
+
+
+def test_query_mapping_adds_the_new_batch_with_its_own_prior(cbmc_store, tmp_path):
+    import anndata as ad
+
+    from atlasvi.data import BuildConfig, build_store
+    from tests.conftest import CBMC
+
+    reference = TOTALVI(cbmc_store, config=SMALL, device="cpu")
+    reference.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1), LOADER)
+    query_h5ad = tmp_path / "query_cbmc.h5ad"
+    ad.read_h5ad(CBMC)[600:900].copy().write_h5ad(query_h5ad)
+    query_store = tmp_path / "query.zarr"
+    build_store(BuildConfig(inputs=[str(query_h5ad)], output=str(query_store), protein_key="protein_expression"))
+    query = TOTALVI.load_query_data(query_store, reference, device="cpu")
+    prior = open_store(query_store).schema.modalities["protein"]
+    alpha = query.module.background_pro_alpha.detach()
+    assert alpha.shape == (13, 2)
+    torch.testing.assert_close(alpha[:, 0], reference.module.background_pro_alpha.detach()[:, 0])
+    np.testing.assert_allclose(alpha[:, 1], prior.background_log_means[0], rtol=1e-6)  # the query's own prior
+    assert (
+        query.query_masks["background_pro_alpha"][:, 1].all()
+        and not query.query_masks["background_pro_alpha"][:, 0].any()
+    )
+    query.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1), LOADER)
+    latent = query.get_latent_representation()
+    assert latent.shape == (300, 6) and np.isfinite(latent).all()
+    torch.testing.assert_close(
+        query.module.background_pro_alpha.detach()[:, 0], reference.module.background_pro_alpha.detach()[:, 0]
+    )  # the reference's batch did not move
