@@ -26,7 +26,7 @@ def _default(field: str) -> Any:
 
 
 def de_command(
-    model: Annotated[Path, typer.Option(help="a saved SCVI or SCANVI model folder (OUTPUT/model of `atlasvi train`)")],
+    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
     groupby: Annotated[str, typer.Option(help="categorical obs column of the store holding the groups")],
     group1: Annotated[list[str] | None, typer.Option(help="group(s) to test (default: every group)")] = None,
     group2: Annotated[str | None, typer.Option(help="reference group (default: the rest of the cells)")] = None,

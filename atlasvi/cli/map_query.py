@@ -1,4 +1,4 @@
-"""`atlasvi map-query`: scArches query mapping of a new study onto a saved reference model (SCVI or SCANVI)."""
+"""`atlasvi map-query`: scArches query mapping of a new study onto a saved reference model (any registered method)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -45,11 +45,13 @@ def fit_tracked(
 
 
 def map_query_command(
-    reference: Annotated[Path, typer.Option(help="saved reference model (SCVI or SCANVI)")],
+    reference: Annotated[Path, typer.Option(help="saved reference model (any registered method: model.json names it)")],
     query: Annotated[Path, typer.Option(help="query store, with the reference's genes")],
     output: Annotated[Path | None, typer.Option(help="query model folder (default: QUERY_model)")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="epochs (default: scvi-tools' rule)")] = None,
-    latent_key: Annotated[str | None, typer.Option(help="obsm key (default: X_scvi / X_scanvi)")] = None,
+    latent_key: Annotated[
+        str | None, typer.Option(help="obsm key (default: the method's, e.g. X_scvi, X_totalvi)")
+    ] = None,
     prediction_key: Annotated[str, typer.Option(help="scANVI: obs column")] = "scanvi_prediction",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="seed of new columns and shuffling")] = 0,

@@ -330,7 +330,7 @@ def _figures(
 
 
 def latent_command(
-    model: Annotated[Path, typer.Option(help="a saved SCVI or SCANVI model folder (OUTPUT/model of `atlasvi train`)")],
+    model: Annotated[Path, typer.Option(help="a saved model folder (OUTPUT/model of `atlasvi train`)")],
     store: Annotated[str | None, typer.Option(help="store to annotate (default: the model's training store)")] = None,
     key: Annotated[str | None, typer.Option(help="obsm key of the latent (default: the model's)")] = None,
     normalized_layer: Annotated[str | None, typer.Option(help="also write normalized expression here")] = None,
