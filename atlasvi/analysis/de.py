@@ -121,17 +121,24 @@ def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int) -> Gro
     return GroupStats(np.bincount(slot, minlength=n_groups + 1), counts, nonzero, normalized)
 
 
-def _minibatch(store: AtlasStore, rows: np.ndarray, code_maps: dict[str, torch.Tensor] | None) -> Minibatch:
-    """The cells at store rows `rows` (sorted, repeats allowed: one cell per draw) as one minibatch."""
+def _minibatch(
+    store: AtlasStore, rows: np.ndarray, code_maps: dict[str, torch.Tensor] | None, modalities: tuple[str, ...]
+) -> Minibatch:
+    """The cells at store rows `rows` (sorted, repeats allowed: one cell per draw) as one minibatch, with the
+    named modalities."""
     unique, inverse = np.unique(rows, return_inverse=True)
-    return minibatch_from_rows(store.read_selected(unique), inverse, store.schema.n_genes, code_maps)
+    return minibatch_from_rows(store.read_selected(unique, modalities), inverse, store.schema.n_genes, code_maps)
 
 
 def _draw_batches(
-    store: AtlasStore, rows: np.ndarray, batch_size: int, code_maps: dict[str, torch.Tensor] | None
+    store: AtlasStore,
+    rows: np.ndarray,
+    batch_size: int,
+    code_maps: dict[str, torch.Tensor] | None,
+    modalities: tuple[str, ...] = (),
 ) -> Iterator[Minibatch]:
     for start in range(0, len(rows), batch_size):
-        yield _minibatch(store, rows[start : start + batch_size], code_maps)
+        yield _minibatch(store, rows[start : start + batch_size], code_maps, modalities)
 
 
 def sample_scales(
@@ -159,7 +166,10 @@ def sample_scales(
         order = np.argsort(picks, kind="stable")  # read in store order, keep the draws' random order
         drawn = np.empty((per_batch, module.n_genes), dtype=np.float32)
         parts = normalized_expression(
-            module, _draw_batches(store, picks[order], batch_size, code_maps), transform_batch, generator=generator
+            module,
+            _draw_batches(store, picks[order], batch_size, code_maps, module.used_modalities),
+            transform_batch,
+            generator=generator,
         )
         done = 0
         for _, values in parts:

@@ -16,7 +16,10 @@ from atlasvi.data import Minibatch
 
 @runtime_checkable
 class HasLatent(Protocol):
-    """A module with an encoder: `inference(unpack(batch))["qz"]` is q(z | x) (a Normal)."""
+    """A module with an encoder: `inference(unpack(batch))["qz"]` is q(z | x) (a Normal); its minibatches carry
+    the store modalities in `used_modalities` (e.g. "protein")."""
+
+    used_modalities: tuple[str, ...]
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 

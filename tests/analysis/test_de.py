@@ -258,3 +258,14 @@ def test_mixture_lfc_follows_the_known_proportions_and_spike_ins_are_null(tmp_pa
     assert pearsonr(lfc, truth)[0] > pearsonr(raw_lfc, truth)[0] + 0.1  # the raw LFC: 0.60
     assert result.loc[adata.var_names[ercc], "is_de_fdr_0.05"].mean() <= 0.05
     assert result.loc[adata.var_names[genes], "is_de_fdr_0.05"].sum() >= 20  # yet genes are called
+
+
+def test_de_of_a_protein_model_reads_the_proteins_its_module_uses(two_panel_store):
+    """totalVI's encoder reads the protein counts: DE's scattered reads carry them (no KeyError 'protein')."""
+    from atlasvi.api.totalvi import TOTALVI
+    from atlasvi.models.totalvi import TOTALVIConfig
+
+    model = TOTALVI(two_panel_store, config=TOTALVIConfig(n_latent=4, n_hidden=16), device="cpu")
+    result = model.differential_expression("batch", n_samples_overall=40, seed=0)
+    n_genes = open_store(two_panel_store).schema.n_genes
+    assert len(result) == 2 * n_genes and np.isfinite(result["lfc_mean"]).all()
