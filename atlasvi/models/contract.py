@@ -23,12 +23,15 @@ class SurgerySpec:
     covariate_layers: names of the FCLayers whose input carries the batch one-hot (their injected Linear
     layers grow by the query's new batches); batch_tensors: parameters whose last axis is the batch (e.g.
     gene-batch dispersion, (n_genes, n_batch)); decoders: top-level modules whose batch norms adapt to the
-    query as scvi-tools' decoders do (the batch norms of every other module stay frozen in eval mode).
+    query as scvi-tools' decoders do (the batch norms of every other module stay frozen in eval mode);
+    fresh: top-level modules a query starts afresh and trains whole (an adversarial batch classifier, which
+    scvi-tools builds anew for every training on the query's batches).
     """
 
     covariate_layers: tuple[str, ...]
     batch_tensors: tuple[str, ...]
     decoders: tuple[str, ...]
+    fresh: tuple[str, ...] = ()
 
 
 @runtime_checkable

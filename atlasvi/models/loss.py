@@ -11,12 +11,15 @@ class LossOutput:
 
     reconstruction_loss: (n,) -log p(x | latents) per cell (nats); kl_local: name -> (n,) KL per cell.
     extra_metrics: name -> scalar of the minibatch to log (e.g. scANVI's classification loss), detached.
+    adversary_loss: scalar loss of the module's `adversary` (`atlasvi.models.adversary`), which its own optimizer
+    minimises; backpropagated with `loss`, it reaches the adversary's parameters alone.
     """
 
     loss: torch.Tensor
     reconstruction_loss: torch.Tensor
     kl_local: dict[str, torch.Tensor]
     extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    adversary_loss: torch.Tensor | None = None
 
     @property
     def negative_elbo(self) -> torch.Tensor:

@@ -6,9 +6,10 @@ A query study with new batches is mapped onto a trained reference model without 
 2. `transplant`: a module built on the extended registry takes every reference weight; tensors that
    grew with the batch one-hot (the first layer of every covariate-injected block, gene-batch
    dispersion) keep the reference slice, and the new columns keep their fresh initialisation.
-3. `freeze_for_query`: only the new batch columns train. Gradient hooks zero the gradient of every
-   other entry of those tensors, every other parameter has requires_grad False, and the encoders'
-   batch-norm layers stay in eval mode (their running statistics are neither updated nor replaced by
+   Modules the spec names `fresh` (an adversarial batch classifier) keep their fresh initialisation.
+3. `freeze_for_query`: only the new batch columns (and the fresh modules) train. Gradient hooks zero the
+   gradient of every other entry of those tensors, every other parameter has requires_grad False, and the
+   encoders' batch-norm layers stay in eval mode (their running statistics are neither updated nor replaced by
    minibatch statistics). Query training must use weight decay 0, or frozen entries would still move.
 
 Differences from scvi-tools 1.4.2 (each keeps the reference exactly as it was): scvi-tools lets the
@@ -125,8 +126,12 @@ def transplant(reference: nn.Module, query: nn.Module) -> dict[str, torch.Tensor
         new_state[key] = torch.cat([old, new[..., old.shape[-1] :]], dim=-1)
         masks[key] = torch.zeros_like(new, dtype=torch.bool)
         masks[key][..., old.shape[-1] :] = True
+    fresh = {key for key in new_state if key.split(".")[0] in spec.fresh}
+    for key, parameter in query.named_parameters():
+        if key in fresh:
+            masks[key] = torch.ones_like(parameter, dtype=torch.bool)
     for key, old in old_state.items():
-        if key not in masks and new_state[key].shape == old.shape:
+        if key not in masks and key not in fresh and new_state[key].shape == old.shape:
             new_state[key] = old.clone()
         # else a buffer built from the extended registry (the library prior): its reference slice is the same
     query.load_state_dict(new_state)
@@ -147,7 +152,8 @@ def freeze_for_query(module: nn.Module, masks: dict[str, torch.Tensor], config: 
     eval mode; decoder batch norms train as scvi-tools' unless config.freeze_batchnorm_decoder.
     """
     config = config or SurgeryConfig()
-    decoders = module.surgery_spec().decoders  # type: ignore[operator]
+    spec: SurgerySpec = module.surgery_spec()  # type: ignore[operator]
+    decoders = spec.decoders
     for name, parameter in module.named_parameters():
         parameter.requires_grad_(name in masks)
         if name in masks:
@@ -155,7 +161,7 @@ def freeze_for_query(module: nn.Module, masks: dict[str, torch.Tensor], config: 
             parameter.register_hook(lambda grad, keep=keep: grad * keep)
     for name, layer in module.named_modules():
         in_decoder = name.split(".")[0] in decoders
-        if isinstance(layer, nn.BatchNorm1d):
+        if isinstance(layer, nn.BatchNorm1d) and name.split(".")[0] not in spec.fresh:
             if in_decoder and not config.freeze_batchnorm_decoder:
                 for parameter in layer.parameters():
                     parameter.requires_grad_(True)

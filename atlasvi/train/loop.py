@@ -2,7 +2,9 @@
 
 fit() reads top to bottom: restore the last checkpoint if there is one; for each epoch, minibatches
 -> loss (KL weight from the warm-up schedule) -> backward -> clip -> step; the held-out ELBO at KL
-weight 1; a record per epoch; early stopping; a checkpoint. A checkpoint holds the model, the
+weight 1; a record per epoch; early stopping; a checkpoint. A module with an `adversary` (an nn.Module, e.g.
+totalVI's batch classifier) has it trained by a second optimizer on `LossOutput.adversary_loss`, backpropagated
+with the loss (scvi-tools' AdversarialTrainingPlan; see `atlasvi.models.adversary`). A checkpoint holds the model, the
 optimizer, the epoch and step, both loaders' positions and the RNG states, so resuming continues
 exactly (on CPU the per-step losses after a resume are those of the uninterrupted run).
 
@@ -204,9 +206,22 @@ class _Progress:
 
 
 def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The model's optimizer, over every trainable parameter but its adversary's."""
     cls = torch.optim.Adam if config.optimizer == "Adam" else torch.optim.AdamW
-    params = [p for p in module.parameters() if p.requires_grad]
+    adversary = {id(p) for p in _adversary_parameters(module)}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in adversary]
     return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def _adversary_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    adversary = getattr(module, "adversary", None)
+    return [p for p in adversary.parameters() if p.requires_grad] if adversary is not None else []
+
+
+def _adversary_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
+    """scvi-tools' optimizer of the adversarial classifier: Adam, lr 1e-3, eps 0.01, the run's weight decay."""
+    params = _adversary_parameters(module)
+    return torch.optim.Adam(params, lr=1e-3, eps=0.01, weight_decay=config.weight_decay) if params else None
 
 
 def evaluate(module: Trainable, loader: Iterable[Minibatch], device: torch.device) -> tuple[float, float, float]:
@@ -261,7 +276,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 def _save(
     path: Path,
     module,
-    optimizer,
+    optimizers: list,
     scheduler,
     progress: _Progress,
     train: StreamingLoader,
@@ -271,7 +286,8 @@ def _save(
     """Atomic: write a sibling, then rename over the last checkpoint (rank 0 only)."""
     payload = {
         "model": module.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizers[0].state_dict(),
+        "adversary_optimizer": optimizers[1].state_dict() if optimizers[1] is not None else {},
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
         "progress": {k: v for k, v in asdict(progress).items() if k != "history"},
         "history": [asdict(r) for r in progress.history],
@@ -286,11 +302,13 @@ def _save(
 
 
 def _restore(
-    path: Path, module, optimizer, scheduler, train: StreamingLoader, validation: StreamingLoader
+    path: Path, module, optimizers: list, scheduler, train: StreamingLoader, validation: StreamingLoader
 ) -> _Progress:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     module.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizers[0].load_state_dict(payload["optimizer"])
+    if optimizers[1] is not None:
+        optimizers[1].load_state_dict(payload["adversary_optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
     train.load_state_dict(payload["train_loader"])
@@ -347,11 +365,12 @@ def _fit(
 ) -> list[EpochRecord]:
     device = next(module.parameters()).device
     rank, world_size = _world()
-    optimizer = _optimizer(module, config)
+    optimizer, adversary_optimizer = _optimizer(module, config), _adversary_optimizer(module, config)
+    optimizers = [optimizer, adversary_optimizer]
     scheduler = _scheduler(optimizer, config)
     checkpoint = checkpoint_dir / CHECKPOINT_NAME if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
-        progress = _restore(checkpoint, module, optimizer, scheduler, train, validation)
+        progress = _restore(checkpoint, module, optimizers, scheduler, train, validation)
     else:
         torch.manual_seed(config.seed + rank)
         progress = _Progress()
@@ -374,11 +393,15 @@ def _fit(
                 raise TrainingDiverged(
                     f"loss is {output.loss.item()} at epoch {epoch}, step {progress.step}; last good checkpoint: {last}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            adversarial = adversary_optimizer is not None and output.adversary_loss is not None
+            for opt in filter(None, optimizers):
+                opt.zero_grad(set_to_none=True)
+            (output.loss + output.adversary_loss if adversarial else output.loss).backward()
             if config.gradient_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), config.gradient_clip_norm)
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.gradient_clip_norm)
             optimizer.step()
+            if adversarial:
+                adversary_optimizer.step()
             progress.step += 1
             # kept on the device: one host sync per epoch, not several per step
             loss = output.loss.detach()
@@ -419,7 +442,7 @@ def _fit(
             rng = _rng_states()
             if rank == 0:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                _save(checkpoint, module, optimizer, scheduler, progress, train, validation, rng)
+                _save(checkpoint, module, optimizers, scheduler, progress, train, validation, rng)
         if on_epoch_end is not None:
             on_epoch_end(record)  # after the checkpoint: the callback may hand it on (Ray Train reports it)
         if stop:

@@ -22,8 +22,11 @@ Where atlasvi departs from scvi-tools:
 - latent_distribution "normal" only (scvi-tools' default; no logistic-normal latent) and no size-factor key.
 - No parameter is built that the configuration does not use (scvi-tools builds the gene zero-inflation head and
   the library encoder always): DDP needs no find_unused_parameters.
-- The adversarial batch classifier (scvi-tools' AdversarialTrainingPlan, on when proteins are missing) is not
-  trained: atlasvi's one loop has one optimizer and one loss (see the README's totalVI section).
+
+The adversarial batch classifier (scvi-tools' AdversarialTrainingPlan; `adversarial_classifier`, by default on
+when a batch's panel misses a protein, as TOTALVI.train) is `atlasvi.models.adversary.BatchAdversary`: the
+fooling term joins the loss, the classifier's own loss is `LossOutput.adversary_loss`, trained by the loop's
+second optimizer; a query mapping starts it afresh (scvi-tools builds a new one for every training).
 """
 
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from torch.distributions import Distribution, LogNormal, Normal, kl_divergence
 
 from atlasvi.data import Minibatch, StoreSchema
 from atlasvi.distributions import NegativeBinomial, NegativeBinomialMixture, ZeroInflatedNegativeBinomial
+from atlasvi.models.adversary import BatchAdversary
 from atlasvi.models.contract import SurgerySpec
 from atlasvi.models.loss import LossOutput
 from atlasvi.models.saving import IncompatibleStoreError, check_compatible
@@ -51,6 +55,8 @@ class TOTALVIConfig(BaseModel):
 
     empirical_protein_background_prior: start the background prior from the store's per-batch values; None:
     when there are more than 10 proteins (scvi-tools' rule).
+    adversarial_classifier: train an adversarial batch classifier on the latent; None: when some batch's panel
+    lacks a protein (scvi-tools' TOTALVI.train rule); never with a single batch.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +77,7 @@ class TOTALVIConfig(BaseModel):
     use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none"
     use_observed_lib_size: bool = True
     empirical_protein_background_prior: bool | None = None
+    adversarial_classifier: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,11 @@ class TOTALVIModule(nn.Module):
         self.background_pro_alpha = nn.Parameter(alpha.clone())
         self.background_pro_log_beta = nn.Parameter(log_beta.clone())
         self.log_per_batch_efficiency = nn.Parameter(torch.zeros(self.n_proteins, self.n_batch))
+        adversarial = config.adversarial_classifier
+        if adversarial is None:
+            adversarial = not all(all(panel) for panel in proteins.batch_mask)
+        # built last, so that the other weights are those of a module without it
+        self.adversary = BatchAdversary(config.n_latent, self.n_batch) if adversarial and self.n_batch > 1 else None
 
     @classmethod
     def registry(cls, schema: StoreSchema, config: TOTALVIConfig) -> StoreSchema:
@@ -197,7 +209,8 @@ class TOTALVIModule(nn.Module):
         grown = ("background_pro_alpha", "background_pro_log_beta", "log_per_batch_efficiency")
         grown += ("px_r",) if self.config.gene_dispersion == "gene-batch" else ()
         grown += ("py_r",) if self.config.protein_dispersion == "protein-batch" else ()
-        return SurgerySpec(covariate_layers=layers, batch_tensors=grown, decoders=("decoder",))
+        fresh = ("adversary",) if self.adversary is not None else ()
+        return SurgerySpec(covariate_layers=layers, batch_tensors=grown, decoders=("decoder",), fresh=fresh)
 
     @property
     def used_keys(self) -> tuple[str, ...]:
@@ -305,7 +318,13 @@ class TOTALVIModule(nn.Module):
             "reconstruction_rna": reconstruction_gene.mean().detach(),
             "reconstruction_protein": reconstruction_protein.mean().detach(),
         }
-        return LossOutput(torch.mean(loss), reconstruction_gene + reconstruction_protein, kl_local, extra)
+        total, adversary_loss = torch.mean(loss), None
+        if self.adversary is not None:  # scvi-tools' kappa: 1 - kl_weight
+            fooling, adversary_loss = self.adversary.losses(inference["z"], inputs.batch_index, 1.0 - kl_weight)
+            total = total + fooling
+            extra["adversary_loss"] = adversary_loss.detach()
+        reconstruction = reconstruction_gene + reconstruction_protein
+        return LossOutput(total, reconstruction, kl_local, extra, adversary_loss)
 
     def forward(self, inputs: TOTALVIInputs, kl_weight: float = 1.0) -> LossOutput:
         """The loss (DDP hooks its gradient reduction on forward)."""
