@@ -12,7 +12,10 @@ with its TOTALVI defaults (n_latent 20, n_hidden 256, lr 4e-3, batch 256, a 10% 
 cells, reduce-lr-on-plateau and early stopping on the validation -ELBO); `--max-epochs` and `--n-steps-kl-warmup`
 set both tools' epochs and KL warm-up (the default warm-up, 0.75 x cells steps, is ~190 epochs here, so a shorter
 run must shorten it to end at KL weight 1); `--scvi-no-adversary` trains scvi-tools' TOTALVI without its adversarial
-classifier (adversarial_classifier=False), as atlasvi trains. Per seed and tool:
+classifier (adversarial_classifier=False), as atlasvi trains; `--atlasvi-nb-eps` (a diagnostic, with `--out`) runs
+atlasvi with scvi-tools' log(mu + 1e-8) in its NB log-likelihoods (patched into atlasvi.distributions for the run;
+its held-out -ELBO then uses that NB too).
+Per seed and tool:
 
 - held-out -ELBO: nats per held-out cell at KL weight 1, each tool's own get_elbo (RNA + protein reconstruction,
   KL of z, the protein background terms), one draw;
@@ -265,6 +268,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--n-steps-kl-warmup", type=int, default=None)
     parser.add_argument("--scvi-no-adversary", action="store_true", help="scvi-tools without its adversary")
+    parser.add_argument("--atlasvi-nb-eps", action="store_true", help="diagnostic: atlasvi's NB with log(mu + 1e-8)")
     parser.add_argument("--scvi-only", action="store_true", help="run the scvi-tools side alone (merge with --merge)")
     parser.add_argument("--merge", default=None, help="results/MERGE.json whose atlasvi rows to reuse")
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
@@ -279,6 +283,12 @@ def main() -> None:
             print(json.dumps(scvi_side(paths, seed, fields, adversary)), flush=True)
         return
     paths = prepare()
+    if args.atlasvi_nb_eps:
+        import torch
+
+        import atlasvi.distributions
+
+        atlasvi.distributions._log_mu = lambda mu: torch.log(mu + 1e-8)  # scvi-tools' log_nb_positive
     rows = []
     if args.merge is not None:  # atlasvi's rows of an earlier run with the same options
         earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
@@ -307,6 +317,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
         "train_fields": fields,
         "scvi_adversarial_classifier": "off" if args.scvi_no_adversary else "default (on: proteins missing)",
+        **({"atlasvi_nb_eps": 1e-8} if args.atlasvi_nb_eps else {}),
         "cells": cells,
     }
     results = HERE / "results"
