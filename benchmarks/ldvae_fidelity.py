@@ -8,8 +8,12 @@ setups of the batch covariate: `sample` (fidelity.py's batch key) and `none` (th
 Kang's samples are each all ctrl or all stim, so with `sample` the decoder's per-batch terms can carry the
 interferon response. Both tools train the LDVAE defaults (n_latent 10, n_hidden 128, 1 encoder layer, NB, gene
 dispersion, latent library size, no decoder bias) for the same epochs, KL warm-up and batch size on the training
-cells; the held-out -ELBO is per cell at KL weight 1 (scvi-tools: -`get_elbo(heldout)`). The scvi-tools side is
-this file run with `--side scvi` in the scvi venv (benchmarks/.cache/scvi-venv); it imports nothing of atlasvi.
+cells; the held-out -ELBO is per cell at KL weight 1, one draw of the latents (atlasvi: the last epoch's record;
+scvi-tools: -`get_elbo(heldout)`), and its mean over DRAWS seeded draws; scvi-tools' trained weights are also
+evaluated by atlasvi (`cross_evaluate`, the same draws count), so a gap between the tools is training, not the
+evaluation. Medians and a Mann-Whitney U test compare the seeds; `--merge` adds seeds to the committed rows. The
+scvi-tools side is this file run with `--side scvi` in the scvi venv (benchmarks/.cache/scvi-venv); it imports
+nothing of atlasvi.
 Each run's figures, loadings and latent are cached under benchmarks/.cache/ldvae_fidelity/<setup>/.
 
 The interferon check, the same code for both tools' loadings (genes x factors) and latents (posterior means of
@@ -38,6 +42,8 @@ KANG = SHARED / "kang2018_pbmc_ifnb_muscat.h5ad"
 SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
 WORK = HERE / ".cache" / "ldvae_fidelity"
 ISGS = ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1"]
+DRAWS = 10  # seeded draws of the latents averaged in the held-out -ELBO's draw mean (draw i: torch seed i)
+TAIL = 50  # the last epochs over which the held-out -ELBO's fall is reported (still descending or not)
 CONFIGS = ("sample", "none")  # the batch covariate: Kang's sample (fidelity.py's), or none
 
 
@@ -48,6 +54,7 @@ def scvi_side(args: argparse.Namespace) -> None:
 
     import anndata as ad
     import scvi
+    import torch
 
     scvi.settings.verbosity = logging.WARNING
     scvi.settings.num_threads = 1
@@ -69,6 +76,10 @@ def scvi_side(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - started
     neg_elbo = -float(model.get_elbo(held, batch_size=args.batch_size))
     recon = float(model.get_reconstruction_error(held, batch_size=args.batch_size)["reconstruction_loss"])
+    draws = []
+    for draw in range(DRAWS):  # seeded draws, as `heldout_draws` on the atlasvi side
+        torch.manual_seed(draw)
+        draws.append(-float(model.get_elbo(held, batch_size=args.batch_size)))
     loadings = model.get_loadings()
     both = ad.concat([train, held])
     latent = model.get_latent_representation(both)
@@ -76,7 +87,9 @@ def scvi_side(args: argparse.Namespace) -> None:
     np.save(out / f"scvi_latent_seed{args.seed}.npy", latent)
     (out / f"scvi_cells_seed{args.seed}.txt").write_text("\n".join(both.obs_names) + "\n")
     loadings.to_csv(out / f"scvi_loadings_seed{args.seed}.csv")
-    print(json.dumps({"neg_elbo": neg_elbo, "reconstruction_loss": recon, "train_seconds": seconds}))
+    torch.save(model.module.state_dict(), out / f"scvi_state_seed{args.seed}.pt")
+    figures = {"neg_elbo": neg_elbo, "neg_elbo_draws": float(np.mean(draws)), "reconstruction_loss": recon}
+    print(json.dumps(figures | {"train_seconds": seconds}))
 
 
 def scvi_weights_side(args: argparse.Namespace) -> None:
@@ -135,12 +148,7 @@ def weights_check(train_store: Path) -> dict:
     if list(saved["categories"]) != list(module.schema.batch_categories):
         raise SystemExit("scvi-tools' batch categories differ from the store's")
     prior = {k: module.state_dict()[k].numpy().copy() for k in ("library_log_means", "library_log_vars")}
-    state = {
-        k.removeprefix("weight:").replace("fc_layers.Layer 0", "layers.0"): torch.tensor(saved[k])
-        for k in saved.files
-        if k.startswith("weight:") and "px_dropout_decoder" not in k
-    }
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(atlasvi_names({k.removeprefix("weight:"): saved[k] for k in saved.files if "weight:" in k}))
     module.eval()
     x = torch.tensor(saved["x"])
     inputs = VAEInputs(x=x, batch_index=torch.tensor(saved["batch"]), labels=None, categorical=(), continuous=None)
@@ -160,6 +168,48 @@ def weights_check(train_store: Path) -> dict:
             max(np.abs(prior[k] - saved[f"weight:{k}"]).max() for k in ("library_log_means", "library_log_vars"))
         ),
     }
+
+
+def atlasvi_names(state: dict) -> dict:
+    """scvi-tools' LDVAE state dict under atlasvi's names (its FCLayers' "fc_layers.Layer 0" is "layers.0"), as
+    tensors, less the zero-inflation layer scvi-tools builds unused for NB."""
+    import torch
+
+    return {
+        k.replace("fc_layers.Layer 0", "layers.0"): torch.as_tensor(v)
+        for k, v in state.items()
+        if "px_dropout_decoder" not in k
+    }
+
+
+def heldout_draws(module, heldout) -> float:
+    """The mean over DRAWS seeded draws of the latents (draw i: torch seed i) of `module`'s held-out -ELBO per cell,
+    atlasvi's `evaluate` (eval mode, KL weight 1); the caller's RNG state is left as it was."""
+    import torch
+
+    from atlasvi.train import evaluate
+
+    values = []
+    with torch.random.fork_rng(devices=[]):
+        for draw in range(DRAWS):
+            torch.manual_seed(draw)
+            values.append(evaluate(module, heldout, torch.device("cpu"))[0])
+    return float(np.mean(values))
+
+
+def cross_evaluate(train_store: Path, heldout_store: Path, state_file: Path) -> float:
+    """scvi-tools' trained weights (its saved state dict) in atlasvi's module: their held-out -ELBO under atlasvi's
+    evaluation (`heldout_draws`), to set against scvi-tools' own `get_elbo` over as many seeded draws."""
+    import torch
+
+    from atlasvi.data import LoaderConfig, StreamingLoader
+    from atlasvi.models.ldvae import LDVAEModule
+
+    module = LDVAEModule(StreamingLoader(train_store, LoaderConfig()).store.schema)
+    module.load_state_dict(atlasvi_names(torch.load(state_file, weights_only=True)), strict=True)
+    heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=128))
+    with heldout:
+        return heldout_draws(module, heldout)
 
 
 # --------------------------------------------------------------------------------------------- atlasvi side
@@ -192,9 +242,11 @@ def atlasvi_side(train_store: Path, heldout_store: Path, seed: int, out: Path, a
     np.save(out / f"atlasvi_latent_seed{seed}.npy", np.concatenate([train_latent, held_latent]))
     (out / f"atlasvi_cells_seed{seed}.txt").write_text("\n".join(train_names + held_names) + "\n")
     loadings.to_csv(out / f"atlasvi_loadings_seed{seed}.csv")
-    last = history[-1]
+    last, curve = history[-1], [r.validation_elbo for r in history]
     return {
         "neg_elbo": last.validation_elbo,
+        "neg_elbo_draws": heldout_draws(module, heldout),
+        "neg_elbo_tail_fall": curve[-min(TAIL, len(curve) - 1) - 1] - curve[-1],
         "reconstruction_loss": last.validation_reconstruction,
         "train_seconds": seconds,
     }
@@ -254,12 +306,20 @@ def heldout_file() -> Path:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Per tool: the held-out -ELBO's mean, median, sd, range, the ISG figures; the tools against each other: the
+    two-sided Mann-Whitney U p-value of the -ELBOs over seeds, and (runs that have them) scvi-tools' weights under
+    atlasvi's evaluation against scvi-tools' own, and atlasvi's fall over the last TAIL epochs."""
+    from scipy.stats import mannwhitneyu
+
     out = {}
     for tool in ("atlasvi", "scvi-tools"):
         mine = [r for r in rows if r["tool"] == tool]
         elbo = np.array([r["neg_elbo"] for r in mine])
         out[tool] = {
+            "n_seeds": len(mine),
             "neg_elbo_mean": float(elbo.mean()),
+            "neg_elbo_median": float(np.median(elbo)),
+            "neg_elbo_sd": float(elbo.std(ddof=1)) if len(elbo) > 1 else 0.0,
             "neg_elbo_min": float(elbo.min()),
             "neg_elbo_max": float(elbo.max()),
             "auroc_mean": float(np.mean([r["auroc_stim_vs_ctrl"] for r in mine])),
@@ -272,6 +332,17 @@ def summary(rows: list[dict]) -> dict:
         atlas["neg_elbo_max"] >= ref["neg_elbo_min"] and atlas["neg_elbo_min"] <= ref["neg_elbo_max"]
     )
     out["neg_elbo_mean_difference"] = atlas["neg_elbo_mean"] - ref["neg_elbo_mean"]
+    out["neg_elbo_median_difference"] = atlas["neg_elbo_median"] - ref["neg_elbo_median"]
+    elbos = [[r["neg_elbo"] for r in rows if r["tool"] == tool] for tool in ("atlasvi", "scvi-tools")]
+    out["mann_whitney_p"] = float(mannwhitneyu(*elbos, alternative="two-sided").pvalue)
+    crossed = [r for r in rows if "neg_elbo_draws_atlasvi_eval" in r]
+    if crossed:
+        gaps = [abs(r["neg_elbo_draws_atlasvi_eval"] - r["neg_elbo_draws"]) for r in crossed]
+        out["cross_evaluation_max_abs_diff"] = float(max(gaps))
+        out["cross_evaluation_seeds"] = len(crossed)
+    falls = [r["neg_elbo_tail_fall"] for r in rows if "neg_elbo_tail_fall" in r]
+    if falls:
+        out["atlasvi_tail_fall_median"] = float(np.median(falls))
     return out
 
 
@@ -280,11 +351,13 @@ def markdown(result: dict) -> str:
     lines = [
         "# LDVAE fidelity: atlasvi `ldvae` vs scvi-tools LinearSCVI on Kang",
         "",
-        f"Command: `{result['command']}`; machine: {result['machine']}.",
+        f"Machine: {result['machine']}. Each section names the command that ran it.",
         f"{result['n_train']} training / {result['n_heldout']} held-out cells x {result['n_genes']} genes, "
         f"{result['max_epochs']} epochs, KL warm-up {result['n_epochs_kl_warmup']} epochs, batch size "
-        f"{result['batch_size']}, LDVAE defaults (n_latent 10, NB, gene dispersion, latent library size), "
-        f"{result['n_seeds']} seeds per tool. ISG factor: the factor with the largest |mean loading| of ISG15, IFI6, "
+        f"{result['batch_size']}, LDVAE defaults (n_latent 10, NB, gene dispersion, latent library size). "
+        "Held-out -ELBO: per cell at KL weight 1 in eval mode, one draw of the latents (atlasvi: the last epoch's "
+        f"record; scvi-tools: `get_elbo`); 'mean of {DRAWS} draws': the same figure averaged over {DRAWS} seeded "
+        "draws. ISG factor: the factor with the largest |mean loading| of ISG15, IFI6, "
         "IFIT1, IFIT3, MX1; ranks are among all genes by the oriented loading (1 = top); AUROC: that factor's "
         "oriented posterior mean, stim vs ctrl, over all cells.",
         "",
@@ -311,28 +384,39 @@ def markdown(result: dict) -> str:
             "",
             f"## {title}",
             "",
-            "| tool | seed | held-out -ELBO | held-out recon | ISG factor | same sign | ISG ranks | AUROC stim vs ctrl "
-            "| train s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "Commands (each row's is in the JSON): "
+            + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", result["command"]) for r in part["runs"]))
+            + ".",
+            "",
+            f"| tool | seed | held-out -ELBO | mean of {DRAWS} draws | scvi-tools' weights, atlasvi's evaluation | "
+            "held-out recon | ISG factor | same sign | ISG ranks | AUROC stim vs ctrl | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+
+        def figure(row: dict, key: str) -> str:
+            return f"{row[key]:.2f}" if key in row else "-"
+
         for r in part["runs"]:
             ranks = ", ".join(f"{g} {k}" for g, k in r["isg_ranks"].items())
             lines.append(
-                f"| {r['tool']} | {r['seed']} | {r['neg_elbo']:.2f} | {r['reconstruction_loss']:.2f} | "
+                f"| {r['tool']} | {r['seed']} | {r['neg_elbo']:.2f} | {figure(r, 'neg_elbo_draws')} | "
+                f"{figure(r, 'neg_elbo_draws_atlasvi_eval')} | {r['reconstruction_loss']:.2f} | "
                 f"Z_{r['factor']} | {'yes' if r['same_sign'] else 'no'} | {ranks} | {r['auroc_stim_vs_ctrl']:.3f} | "
                 f"{r['train_seconds']:.0f} |"
             )
         lines += [
             "",
-            "| tool | -ELBO mean [min, max] | AUROC mean | seeds with the ISGs of one sign | worst ISG rank |",
-            "|---|---|---|---|---|",
+            "| tool | -ELBO median | mean [min, max] | sd | AUROC mean | seeds with the ISGs of one sign | "
+            "worst ISG rank |",
+            "|---|---|---|---|---|---|---|",
         ]
         for tool in ("atlasvi", "scvi-tools"):
             t = s[tool]
+            n_seeds = t.get("n_seeds", result.get("n_seeds"))
             lines.append(
-                f"| {tool} | {t['neg_elbo_mean']:.2f} [{t['neg_elbo_min']:.2f}, {t['neg_elbo_max']:.2f}] | "
-                f"{t['auroc_mean']:.3f} | {t['isg_same_sign_seeds']} of {result['n_seeds']} | "
-                f"{t['max_isg_rank_worst']} |"
+                f"| {tool} | {t.get('neg_elbo_median', float('nan')):.2f} | {t['neg_elbo_mean']:.2f} "
+                f"[{t['neg_elbo_min']:.2f}, {t['neg_elbo_max']:.2f}] | {t.get('neg_elbo_sd', float('nan')):.2f} | "
+                f"{t['auroc_mean']:.3f} | {t['isg_same_sign_seeds']} of {n_seeds} | {t['max_isg_rank_worst']} |"
             )
         within = "within" if s["atlasvi_mean_within_scvi_range"] else "outside"
         overlap = "overlap" if s["ranges_overlap"] else "do not overlap"
@@ -341,6 +425,30 @@ def markdown(result: dict) -> str:
             f"atlasvi's mean held-out -ELBO is {within} scvi-tools' seed range (difference of the means "
             f"{s['neg_elbo_mean_difference']:+.2f} nats per cell); the two tools' ranges {overlap}.",
         ]
+        if "mann_whitney_p" in s:
+            lines[-1] += (
+                f" Difference of the medians {s['neg_elbo_median_difference']:+.2f} nats per cell; two-sided "
+                f"Mann-Whitney U over the seeds p = {s['mann_whitney_p']:.2f}"
+                + (": not significant at the 5% level." if s["mann_whitney_p"] >= 0.05 else ".")
+            )
+        if "cross_evaluation_max_abs_diff" in s:
+            lines[-1] += (
+                f" The held-out evaluation is the same: scvi-tools' trained weights in atlasvi's module, evaluated by "
+                f"atlasvi over as many ({DRAWS}) seeded draws, are within "
+                f"{s['cross_evaluation_max_abs_diff']:.2f} nats per cell of scvi-tools' `get_elbo` in each of the "
+                f"{s['cross_evaluation_seeds']} seeds with that column."
+            )
+        if "atlasvi_tail_fall_median" in s:
+            fall, tail = s["atlasvi_tail_fall_median"], min(TAIL, result["max_epochs"] - 1)
+            lines[-1] += (
+                f" atlasvi's held-out -ELBO changed by {-fall:+.1f} nats per cell over the last {tail} epochs (median "
+                "over seeds)"
+                + (
+                    ": still falling, each seed's figure a point on a curve that has not converged."
+                    if fall > 0
+                    else "."
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -395,6 +503,9 @@ def one_run(config: str, tool: str, seed: int, train_store: Path, heldout_store:
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
         done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
         figures = json.loads(done.stdout.strip().splitlines()[-1])
+        figures["neg_elbo_draws_atlasvi_eval"] = cross_evaluate(
+            train_store, heldout_store, out / f"scvi_state_seed{seed}.pt"
+        )
     cached.write_text(json.dumps(figures))
     return figures
 
@@ -407,36 +518,46 @@ def run(args: argparse.Namespace) -> None:
     heldout_file()
     obs = ad.read_h5ad(KANG, backed="r").obs
     condition = dict(zip(obs.index.astype(str), obs["condition"].astype(str), strict=True))
-    configs, same_function = {}, None
+    results = HERE / "results"
+    previous = json.loads((results / "ldvae_fidelity.json").read_text()) if args.merge else {}
+    for key in ("max_epochs", "n_epochs_kl_warmup", "batch_size"):
+        if previous and previous[key] != getattr(args, key):
+            raise SystemExit(f"--merge: the committed results ran {key} {previous[key]}, not {getattr(args, key)}")
+    command = "python benchmarks/ldvae_fidelity.py " + " ".join(sys.argv[1:])
+    kept = {  # the committed rows this run does not redo, each with the command that ran it
+        c: [{"command": part.get("command", previous["command"])} | r for r in part["runs"]]
+        for c, part in previous.get("configs", {}).items()
+    }
+    configs = {c: {"runs": rows, "summary": summary(rows)} for c, rows in kept.items() if c not in args.configs}
+    same_function = previous.get("weights_check") if "sample" not in args.configs else None
     for config in args.configs:
         train_store, heldout_store = stores(config, HERE / ".cache" / "fidelity" / "kang")
-        rows = []
+        rows = [r for r in kept.get(config, []) if r["seed"] not in args.seeds]
         for seed in args.seeds:
             for tool in ("atlasvi", "scvi-tools"):
                 figures = one_run(config, tool, seed, train_store, heldout_store, args)
-                row = {"tool": tool, "seed": seed} | figures
+                row = {"command": command, "tool": tool, "seed": seed} | figures
                 row |= evaluate(tool.split("-")[0], seed, WORK / config, condition)
                 print(json.dumps({"config": config} | row), flush=True)
                 rows.append(row)
+        rows.sort(key=lambda r: (r["seed"], r["tool"]))
         configs[config] = {"runs": rows, "summary": summary(rows)}
         if config == "sample":
             same_function = weights_check(train_store)
             print(json.dumps({"weights_check": same_function}), flush=True)
     n_train, n_held = (ad.read_zarr(s).n_obs for s in (train_store, heldout_store))
     result = {
-        "command": "python benchmarks/ldvae_fidelity.py " + " ".join(sys.argv[1:]),
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
         "n_train": n_train,
         "n_heldout": n_held,
         "n_genes": rows[0]["n_genes"],
-        "n_seeds": len(args.seeds),
         "max_epochs": args.max_epochs,
         "n_epochs_kl_warmup": args.n_epochs_kl_warmup,
         "batch_size": args.batch_size,
         "weights_check": same_function,
-        "configs": configs,
+        "configs": {c: configs[c] for c in CONFIGS if c in configs},
     }
-    results = HERE / "results"
     (results / "ldvae_fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
     (results / "ldvae_fidelity.md").write_text(markdown(result))
     print(markdown(result))
@@ -456,6 +577,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="batch covariates")
     parser.add_argument("--batch-key", default="sample", help="(scvi side) the batch key, or none")
     parser.add_argument("--rerun", action="store_true", help="train again where a run's figures are cached")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the committed rows of the configs and seeds this run does not redo (each row names its command)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.side == "scvi":
         scvi_side(args)
