@@ -39,6 +39,10 @@ def build_command(
             help="obsm key of CITE-seq protein counts in .h5ad inputs (10x .h5: its Antibody Capture features)"
         ),
     ] = None,
+    atac_key: Annotated[
+        str | None,
+        typer.Option(help="scATAC peak counts: obsm key in .h5ad inputs, modality in .h5mu (10x .h5: Peaks)"),
+    ] = None,
     gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
     n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
     hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
@@ -68,6 +72,7 @@ def build_command(
         "layer": layer,
         "gene_id_key": gene_id_key,
         "protein_key": protein_key,
+        "atac_key": atac_key,
         "gene_join": gene_join,
         "n_top_genes": n_top_genes,
         "hvg_subset": hvg_subset,
@@ -98,11 +103,13 @@ def _print_summary(path: Path) -> None:
     for name, modality in (meta.get("modalities") or {}).items():
         features = modality["features"]
         shown = ", ".join(features[:6]) + (" ..." if len(features) > 6 else "")
-        panels = ", ".join(str(sum(row)) for row in modality["batch_mask"])
-        table.add_row(
-            f"{name} (obsm[{modality['obsm_key']!r}])",
-            f"{len(features)}: {shown}; measured per {meta['batch_key']}: {panels}",
-        )
+        if modality.get("kind", "dense") == "csr":
+            panels = ", ".join("yes" if row[0] else "no" for row in modality["batch_mask"])
+            what = f"{len(features)} (sparse, {modality['nnz']} non-zeros): {shown}"
+        else:
+            panels = ", ".join(str(sum(row)) for row in modality["batch_mask"])
+            what = f"{len(features)}: {shown}"
+        table.add_row(f"{name} (obsm[{modality['obsm_key']!r}])", f"{what}; measured per {meta['batch_key']}: {panels}")
     table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))
     Console().print(table)
 

@@ -8,7 +8,9 @@ Passes over the inputs, one chunk of cells at a time (memory scales with `chunk_
   4. gather: each bucket is sorted by destination and appended to the store, shard by shard.
 With a protein key, each cell's protein counts travel with it (the union of the inputs' panels, in order of
 first appearance; a protein outside an input's panel is stored as 0 and masked as not measured) and
-become the store's protein modality (see `atlasvi.data.store`).
+become the store's protein modality (see `atlasvi.data.store`). With an ATAC key, each cell's peak counts
+travel as a second sparse matrix (their own shuffle buckets) and become the store's "atac" modality; inputs
+with peaks must share one peak set (aligned by name), a cell without peaks is stored as not measured.
 The store is written to a hidden sibling and renamed into place at the end: an interrupted build
 leaves nothing under the target name. The hidden siblings (`.NAME.building-`, `.scratch-`, `.replaced-`)
 carry the host and pid of their build: an interrupted build removes its own, and one killed outright
@@ -42,6 +44,7 @@ from atlasvi.data.errors import AtlasInputError
 from atlasvi.data.hvg import ClippedSums, GeneMoments, select_hvg
 from atlasvi.data.inputs import InputFile, detect_kind, file_sha256, open_input
 from atlasvi.data.store import (
+    ATAC_OBSM_KEY,
     ATTRS_KEY,
     CHUNK_NNZ,
     CHUNK_ROWS,
@@ -73,13 +76,14 @@ class _InputPlan:
     n_cells: int
     gene_map: np.ndarray  # (input genes,) -> aligned gene index or -1
     protein_map: np.ndarray | None  # (input proteins,) -> index among the store's proteins
+    peak_map: np.ndarray | None  # (input peaks,) -> index among the store's peaks
     keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) after pass 1
 
 
 def _open(config: BuildConfig, path: Path) -> InputFile:
     keys = [k for k in [config.batch_key, config.labels_key] if k is not None]
     keys += config.categorical_covariate_keys + config.continuous_covariate_keys + config.annotation_keys
-    return open_input(path, keys, config.layer, config.gene_id_key, config.protein_key)
+    return open_input(path, keys, config.layer, config.gene_id_key, config.protein_key, config.atac_key)
 
 
 def _align_genes(config: BuildConfig, genes: list[tuple[Path, np.ndarray, np.ndarray]]):
@@ -125,14 +129,17 @@ def _compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return np.where(first >= 0, second[np.maximum(first, 0)], -1)
 
 
-def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids: np.ndarray) -> None:
-    """Raise naming file, cell and gene for NaN / inf, negative, non-integer or too large counts."""
+def _validate_chunk(
+    path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids: np.ndarray, feature: str = "gene", what: str = ""
+) -> None:
+    """Raise naming file, cell and gene (or `feature`) for NaN / inf, negative, non-integer or too large counts
+    (of `what`, e.g. "peak ")."""
     data = counts.data
     problems = [
-        (~np.isfinite(data), "NaN or infinite counts"),
-        (data < 0, "negative counts"),
-        (np.isfinite(data) & (data != np.round(data)), "non-integer counts (atlasvi needs raw counts)"),
-        (np.isfinite(data) & (data > MAX_COUNT), f"counts above {MAX_COUNT} (2^53), the largest a store holds"),
+        (~np.isfinite(data), f"NaN or infinite {what}counts"),
+        (data < 0, f"negative {what}counts"),
+        (np.isfinite(data) & (data != np.round(data)), f"non-integer {what}counts (atlasvi needs raw counts)"),
+        (np.isfinite(data) & (data > MAX_COUNT), f"{what}counts above {MAX_COUNT} (2^53), the largest a store holds"),
     ]
     for mask, what in problems:
         if mask.any():
@@ -140,7 +147,7 @@ def _validate_chunk(path: Path, counts: sp.csr_matrix, cells: pd.Index, gene_ids
             row = int(np.searchsorted(counts.indptr, position, side="right") - 1)
             raise AtlasInputError(
                 f"{path}: {what}: {int(mask.sum())} values in cells {cells[0]}..{cells[-1]}, first {data[position]} "
-                f"at cell {str(cells[row])!r}, gene {str(gene_ids[counts.indices[position]])!r}"
+                f"at cell {str(cells[row])!r}, {feature} {str(gene_ids[counts.indices[position]])!r}"
             )
 
 
@@ -189,6 +196,30 @@ def _protein_prior(counts: np.ndarray, measured: np.ndarray, seed: int) -> tuple
     # scvi-tools' batch_avg_scale: sqrt(sum(s^2) / n^2), the s.d. of the mean of n independent draws (not the
     # mean s.d.); n is its 100 draws with replacement, here the batch's cells up to 100
     return float(np.mean(mus)), float(np.sqrt(np.sum(np.square(scales))) / len(scales))
+
+
+def _align_peaks(peak_sets: list[tuple[Path, np.ndarray] | None]) -> tuple[list[str], list[np.ndarray | None]]:
+    """(the store's peaks: the first input's, in its order; per input its peaks' positions among them, or None).
+    Inputs with peaks must share one peak set: peaks called per study do not line up, and a peak one study lacks
+    would read as zero there."""
+    given = [entry for entry in peak_sets if entry is not None]
+    if not given:
+        raise AtlasInputError("atac_key given, but no input has peak counts")
+    first_path, first = given[0]
+    maps = []
+    for entry in peak_sets:
+        if entry is None:
+            maps.append(None)
+            continue
+        path, names = entry
+        if set(names) != set(first):
+            odd = sorted(set(names) ^ set(first))[0]
+            raise AtlasInputError(
+                f"{path}: its peaks differ from {first_path}'s (e.g. {odd!r}); inputs with peak counts must share "
+                "one peak set (call peaks on all studies together, or quantify them on one peak set)"
+            )
+        maps.append(pd.Index(first).get_indexer(names))
+    return list(first), maps
 
 
 def _count_dtype(max_count: int) -> np.dtype:
@@ -520,12 +551,13 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 0: metadata of every input (genes, categories, hashes of cell names); one input open at a time.
     genes, categories = [], {k: set() for k in stored_keys}
-    n_cells_in, name_hashes, panels = [], [], []
+    n_cells_in, name_hashes, panels, peak_sets = [], [], [], []
     for i, path in enumerate(paths):
         source = _open(config, path)
         try:
             genes.append((path, source.gene_ids, source.gene_names))
-            panels.append(source.protein_names)
+            panels.append(source.sides["protein"].names if "protein" in source.sides else None)
+            peak_sets.append((path, source.sides["atac"].names) if "atac" in source.sides else None)
             n_cells_in.append(source.n_cells)
             if config.batch_key is None:
                 categories[batch_key].add(path.name)
@@ -558,7 +590,10 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     protein_names = list(dict.fromkeys(name for panel in panels if panel is not None for name in panel))
     protein_maps = [pd.Index(protein_names).get_indexer(panel) if proteins else None for panel in panels]
     n_proteins = len(protein_names)
-    plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, strict=True)]
+    atac = config.atac_key is not None
+    peak_names, peak_maps = _align_peaks(peak_sets) if atac else ([], [None] * len(paths))
+    n_peaks = len(peak_names)
+    plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, peak_maps, strict=True)]
     n_genes_all = len(gene_ids)
     n_batch = len(categories[batch_key])
     total_cells = sum(n_cells_in)
@@ -584,13 +619,18 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 1: validation, empty cells, gene moments.
     moments = GeneMoments(n_batch, n_genes_all)
-    max_count, dropped, max_protein = 0, 0, 0
+    max_count, dropped, max_protein, max_peak = 0, 0, 0, 0
     for plan, source, rows, counts, obs in chunks("validate"):
         _validate_chunk(plan.path, counts, obs.index, source.gene_ids)
         if proteins:
-            values = source.protein_rows(rows.start, rows.stop)
-            _validate_proteins(plan.path, values, obs.index, source.protein_names)
+            values = source.side_rows("protein", rows.start, rows.stop)
+            _validate_proteins(plan.path, values, obs.index, source.sides["protein"].names)
             max_protein = max(max_protein, int(values.max(initial=0)))
+        if atac:
+            peaks = source.side_rows("atac", rows.start, rows.stop) if plan.peak_map is not None else None
+            if peaks is not None:
+                _validate_chunk(plan.path, peaks, obs.index, source.sides["atac"].names, "peak", "peak ")
+                max_peak = max(max_peak, int(peaks.data.max(initial=0)))
         aligned = _remap(counts, plan.gene_map, n_genes_all)
         totals = np.asarray(aligned.sum(axis=1)).ravel()
         empty = totals == 0
@@ -639,7 +679,11 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     count_dtype = _count_dtype(max_count)
     protein_dtype = _count_dtype(max_protein + 1)  # its largest value is the fill value, never a count
     batch_panels = np.zeros((n_batch, n_proteins), dtype=bool)
-    buckets = _Buckets(scratch, max(config.chunk_size, 4096), n_cells)
+    buckets = _Buckets(scratch / "cells", max(config.chunk_size, 4096), n_cells)
+    peak_buckets = _Buckets(scratch / "peaks", max(config.chunk_size, 4096), n_cells) if atac else None
+    peak_dtype = _count_dtype(max_peak)
+    peaks_measured = np.zeros(n_batch, dtype=bool)
+    nnz_peaks = 0
     cont_keys = config.continuous_covariate_keys
     log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
     zero_library, nnz_total, kept_before = 0, 0, 0
@@ -674,12 +718,24 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         if proteins:
             panel = plan.protein_map
             values = np.zeros((n_kept, n_proteins), dtype=protein_dtype)
-            values[:, panel] = source.protein_rows(rows.start, rows.stop)[keep]
+            values[:, panel] = source.side_rows("protein", rows.start, rows.stop)[keep]
             measured = np.zeros((n_kept, n_proteins), dtype=np.uint8)
-            present = source.protein_present(rows.start, rows.stop)[keep]
+            present = source.side_present("protein", rows.start, rows.stop)[keep]
             measured[:, panel] = present[:, None]
             batch_panels[np.unique(codes[present])[:, None], panel[None, :]] = True
             fields["protein"], fields["protein_mask"] = values, measured
+        if atac:
+            if plan.peak_map is not None:
+                present = source.side_present("atac", rows.start, rows.stop)[keep]
+                peaks = _remap(source.side_rows("atac", rows.start, rows.stop)[keep], plan.peak_map, n_peaks)
+            else:
+                present, peaks = np.zeros(n_kept, dtype=bool), sp.csr_matrix((n_kept, n_peaks))
+            peaks_measured[np.unique(codes[present])] = True
+            fields["atac_mask"] = present.astype(np.uint8)
+            peak_nnz = np.diff(peaks.indptr).astype(np.int64)
+            nnz_peaks += int(peak_nnz.sum())
+            entries_peaks = {"indices": peaks.indices.astype(np.int32), "data": peaks.data.astype(peak_dtype)}
+            peak_buckets.append(dest, {}, entries_peaks, peak_nnz)
         nnz = np.diff(cells.indptr).astype(np.int64)
         nnz_total += int(nnz.sum())
         name_bytes = np.char.encode(fields.pop("name"), "utf-8")
@@ -749,11 +805,28 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
     )
     chunk_rows = 0
+    if proteins or atac:
+        obsm = root.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    if atac:
+        peaks_group = obsm.create_group(ATAC_OBSM_KEY)
+        peaks_group.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_peaks]}
+        )
+        for part_name, n, dtype, fill, chunk, shard in (
+            ("data", nnz_peaks, peak_dtype, 0, CHUNK_NNZ, SHARD_NNZ),
+            ("indices", nnz_peaks, np.int32, -1, CHUNK_NNZ, SHARD_NNZ),
+            ("indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS),
+        ):
+            array = _create(peaks_group, part_name, n, dtype, fill, chunk, shard, level, cname)
+            writers[f"atac:{part_name}"] = _SequentialWriter(array, shard)
+        writers["atac:indptr"].append(np.zeros(1, dtype=np.int64))
+        mask = _create(obsm, f"{ATAC_OBSM_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
+        writers["atac:mask"] = _SequentialWriter(mask, SHARD_ROWS)
+        peak_offset = 0
     if proteins:
         per_row = n_proteins * protein_dtype.itemsize
         chunk_rows = int(min(CHUNK_ROWS, max(1024, 2 ** int(np.log2(max(1, DENSE_CHUNK_BYTES // per_row))))))
-        obsm = root.create_group("obsm")
-        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         shard_rows = chunk_rows * DENSE_SHARD_CHUNKS
         fill = int(np.iinfo(protein_dtype).max)
         for key, dtype, fill_value in (
@@ -777,6 +850,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     dtypes |= {key: np.int32 for key in stored_keys} | {key: np.float64 for key in cont_keys}
     if proteins:
         dtypes |= {"protein": protein_dtype, "protein_mask": np.uint8}
+    if atac:
+        dtypes["atac_mask"] = np.uint8
     row_offset, entry_offset = 0, 0
     for k in range(buckets.n):
         part = buckets.read(k, dtypes)
@@ -793,6 +868,19 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
         for key in cont_keys:
             writers[f"cont:{key}"].append(part[key][order_k])
+        if atac:
+            writers["atac:mask"].append(part["atac_mask"][order_k].reshape(-1, 1))
+            peak_part = peak_buckets.read(
+                k, {"dest": np.int64, "nnz": np.int64, "indices": np.int32, "data": peak_dtype}
+            )
+            peak_order = np.argsort(peak_part["dest"], kind="stable")
+            peak_start = np.concatenate([[0], np.cumsum(peak_part["nnz"])[:-1]])
+            take_peaks = _ranges(peak_start[peak_order], peak_part["nnz"][peak_order])
+            writers["atac:data"].append(peak_part["data"][take_peaks])
+            writers["atac:indices"].append(peak_part["indices"][take_peaks])
+            writers["atac:indptr"].append(peak_offset + np.cumsum(peak_part["nnz"][peak_order]))
+            peak_offset += int(peak_part["nnz"].sum())
+            shutil.rmtree(peak_buckets.root / str(k))
         if proteins:
             values = part["protein"].reshape(-1, n_proteins)[order_k]
             measured = part["protein_mask"].reshape(-1, n_proteins)[order_k]
@@ -827,14 +915,25 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         for column in hvg_table.columns:
             var[column] = hvg_table[column].to_numpy()[stored]
     _write_small(root, "var", var)
+    uns = {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)} if proteins else {}
+    uns |= {f"{ATAC_OBSM_KEY}_names": np.array(peak_names, dtype=object)} if atac else {}
     for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
-        if name == "obsm" and proteins:
+        if name == "obsm" and (proteins or atac):
             continue
-        if name == "uns" and proteins:
-            _write_small(root, name, {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)})
-            continue
-        _write_small(root, name, {})
+        _write_small(root, name, uns if name == "uns" else {})
     modalities = {}
+    if atac:
+        modalities["atac"] = {
+            "obsm_key": ATAC_OBSM_KEY,
+            "features": peak_names,
+            "count_dtype": peak_dtype.name,
+            "batch_mask": [[bool(m)] for m in peaks_measured],
+            "background_log_means": [],
+            "background_log_scales": [],
+            "chunk_rows": CHUNK_ROWS,
+            "kind": "csr",
+            "nnz": nnz_peaks,
+        }
     if proteins:
         priors = [_protein_prior(prior_counts[b], prior_masks[b], config.seed) for b in range(n_batch)]
         modalities["protein"] = {

@@ -29,6 +29,9 @@ class BuildConfig(_Frozen):
       antibodies, or an array named by uns[protein_key + "_names"]); an `.h5mu`'s modality protein_key (e.g.
       "prot", cells matched to the "rna" modality's by name); a 10x `.h5`'s Antibody Capture features.
       The store keeps them in obsm["protein_expression"] with a mask of what each cell measured.
+    atac_key: read scATAC peak counts too (the store's "atac" modality, CSR in obsm["atac"]): an `.h5ad`'s
+      obsm[atac_key] with the peaks in uns[atac_key + "_names"], an `.h5mu`'s modality atac_key (e.g. "atac"),
+      a 10x `.h5`'s Peaks features; inputs with peaks must share one peak set.
     overwrite: replace an existing atlas store at `output` (anything else there is refused).
     Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`
     does (later occurrences become NAME-1, NAME-2, ...), with a warning.
@@ -45,6 +48,7 @@ class BuildConfig(_Frozen):
     annotation_keys: list[str] = []
     layer: str | None = None
     gene_id_key: str | None = None
+    atac_key: str | None = Field(default=None, min_length=1)
     protein_key: str | None = Field(default=None, min_length=1)
     gene_join: Literal["inner", "outer"] = "inner"
     n_top_genes: int | None = Field(default=None, gt=0)

@@ -11,11 +11,15 @@ whose columns are the antibodies, as scvi-tools' totalVI reads it, or an array w
 features (its "Gene Expression" features are X); an `.h5mu`'s modality named by the protein key (e.g. "prot"),
 whose cells are matched to the RNA modality's ("rna") by name: an RNA cell without protein counts is stored
 as not measured, a protein cell without RNA is refused.
+
+Peak counts (scATAC), asked for with an ATAC key, are read the same way, as sparse rows: an `.h5ad`'s
+`obsm[key]` with the peak names in `uns[key + "_names"]`, an `.h5mu`'s modality `key` (e.g. "atac"), a 10x
+`.h5`'s "Peaks" features.
 """
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -101,9 +105,7 @@ class InputFile:
     obs: _H5adObs | pd.DataFrame
     _h5: h5py.File | None = None
     _x: object = None
-    protein_names: np.ndarray | None = None  # (n_proteins,) str, when proteins were asked for
-    _protein: object = None  # rows [start:stop] -> counts
-    _protein_present: np.ndarray | None = None  # (n_cells,) bool, where not every cell has protein counts
+    sides: dict[str, "SideModality"] = field(default_factory=dict)  # "protein", "atac": asked-for modalities
 
     @property
     def n_cells(self) -> int:
@@ -132,20 +134,27 @@ class InputFile:
             block.eliminate_zeros()
             yield start, block, obs
 
-    def protein_rows(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, n_proteins) float64 protein counts of cells [start, stop) (as stored: not validated)."""
+    def side_rows(self, name: str, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
+        """Counts of modality `name` for cells [start, stop), as stored (not validated): (stop - start, features)
+        float64 for proteins, canonical CSR (indices sorted, duplicates summed, no stored zeros) for peaks."""
         try:
-            return _dense_rows(self._protein, start, stop)
+            block = self.sides[name].reader[start:stop]
+            if name != "atac":
+                return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+            block = sp.csr_matrix(block)
+            block.sum_duplicates()
+            block.eliminate_zeros()
+            return block
         except (OSError, RuntimeError, KeyError, ValueError) as err:
             raise AtlasInputError(
-                f"{self.path}: cannot read the protein counts of cells {start}..{stop} (truncated or corrupt?): {err}"
+                f"{self.path}: cannot read the {SIDE_WHAT[name][0]} of cells {start}..{stop} (truncated or "
+                f"corrupt?): {err}"
             ) from err
 
-    def protein_present(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start,) bool: which of cells [start, stop) have protein counts at all."""
-        if self._protein_present is None:
-            return np.ones(stop - start, dtype=bool)
-        return self._protein_present[start:stop]
+    def side_present(self, name: str, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) bool: which of cells [start, stop) have modality `name` at all."""
+        present = self.sides[name].present
+        return np.ones(stop - start, dtype=bool) if present is None else present[start:stop]
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -177,16 +186,26 @@ class _ColumnFrame:
         return np.stack([np.asarray(c[rows], dtype=np.float64) for c in self._columns], axis=1)
 
 
-def _dense_rows(source, start: int, stop: int) -> np.ndarray:
-    block = source[start:stop]
-    return np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float64)
+SIDE_WHAT = {"protein": ("protein counts", "protein"), "atac": ("peak counts", "peak")}
+"""modality -> (what its counts are, what a feature is), for messages."""
 
 
-def _h5ad_proteins(path: Path, handle: h5py.File, key: str, n_cells: int) -> tuple[np.ndarray, object]:
-    """(names, row reader) of the protein counts obsm[key] of an `.h5ad`."""
+@dataclass
+class SideModality:
+    """A modality read beside X: names (n_features,) str, `reader[start:stop]` its rows in the cells' order, and
+    present (n_cells,) bool where not every cell has it (an .h5mu modality of fewer cells)."""
+
+    names: np.ndarray
+    reader: object
+    present: np.ndarray | None = None
+
+
+def _h5ad_side(path: Path, handle: h5py.File, name: str, key: str, n_cells: int) -> SideModality:
+    """Modality `name` of an `.h5ad`: obsm[key] (a DataFrame, or an array / sparse matrix named in uns)."""
+    what, feature = SIDE_WHAT[name]
     obsm = handle["obsm"] if "obsm" in handle else {}
     if key not in obsm:
-        raise AtlasInputError(f"{path}: obsm has no {key!r} (the protein counts); obsm keys are {list(obsm.keys())}")
+        raise AtlasInputError(f"{path}: obsm has no {key!r} (the {what}); obsm keys are {list(obsm.keys())}")
     elem = obsm[key]
     encoding = elem.attrs.get("encoding-type", "array")
     if encoding == "dataframe":
@@ -195,18 +214,19 @@ def _h5ad_proteins(path: Path, handle: h5py.File, key: str, n_cells: int) -> tup
     else:
         reader = ad.io.sparse_dataset(elem) if encoding in ("csr_matrix", "csc_matrix") else elem
         uns = handle["uns"] if "uns" in handle else {}
-        found = [k for k in (f"{key}_names", "protein_names") if k in uns]
+        found = [k for k in (f"{key}_names", f"{name}_names") if k in uns]
         if not found:
             raise AtlasInputError(
-                f"{path}: obsm[{key!r}] is an array without protein names: put them in uns[{key + '_names'!r}] or "
-                "uns['protein_names'], or store the proteins as a DataFrame"
+                f"{path}: obsm[{key!r}] is an array without {feature} names: put them in uns[{key + '_names'!r}] or "
+                f"uns[{name + '_names'!r}], or store the {what} as a DataFrame"
             )
         names = np.asarray(ad.io.read_elem(uns[found[0]]), dtype=str)
     if len(reader.shape) != 2 or reader.shape[0] != n_cells or reader.shape[1] != len(names):
         raise AtlasInputError(
-            f"{path}: obsm[{key!r}] has shape {tuple(reader.shape)}, expected ({n_cells} cells, {len(names)} proteins)"
+            f"{path}: obsm[{key!r}] has shape {tuple(reader.shape)}, "
+            f"expected ({n_cells} cells, {len(names)} {feature}s)"
         )
-    return names, reader
+    return SideModality(names, reader)
 
 
 class _MatchedRows:
@@ -217,15 +237,21 @@ class _MatchedRows:
         self._source, self._index = source, index
         self.shape = (len(index), source.shape[1])
 
-    def __getitem__(self, rows: slice) -> np.ndarray:
+    def __getitem__(self, rows: slice) -> np.ndarray | sp.csr_matrix:
+        """Dense rows of a dense source, CSR rows (empty where absent) of a sparse one."""
         index = self._index[rows]
+        present = np.flatnonzero(index >= 0)
+        wanted, inverse = np.unique(index[present], return_inverse=True)
+        block = self._source[wanted] if len(wanted) else None
+        if block is not None and sp.issparse(block) or isinstance(self._source, ad.abc.CSRDataset):
+            block = sp.csr_matrix(block if block is not None else (0, self.shape[1]))[inverse]
+            place = sp.csr_matrix(
+                (np.ones(len(present)), (present, np.arange(len(present)))), shape=(len(index), len(present))
+            )
+            return sp.csr_matrix(place @ block)
         out = np.zeros((len(index), self.shape[1]), dtype=np.float64)
-        present = index >= 0
-        if present.any():
-            wanted, inverse = np.unique(index[present], return_inverse=True)
-            block = self._source[wanted]
-            block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            out[present] = block[inverse]
+        if block is not None:
+            out[present] = np.asarray(block)[inverse]
         return out
 
 
@@ -234,11 +260,12 @@ def _cell_names(group: h5py.Group) -> np.ndarray:
     return np.asarray(index.asstr()[:] if index.dtype.kind in "OS" else index[:], dtype=str)
 
 
-def _h5mu_proteins(path: Path, handle: h5py.File, key: str, rna_names: np.ndarray):
-    """(names, row reader in RNA order, (n_rna,) present) of the .h5mu modality `key`."""
+def _h5mu_side(path: Path, handle: h5py.File, name: str, key: str, rna_names: np.ndarray) -> SideModality:
+    """Modality `name` of an `.h5mu`: its modality `key`, rows matched to the RNA cells by name."""
+    what = SIDE_WHAT[name][0]
     mods = list(handle["mod"].keys())
     if key not in mods:
-        raise AtlasInputError(f"{path}: no modality {key!r} (the protein counts); modalities are {mods}")
+        raise AtlasInputError(f"{path}: no modality {key!r} (the {what}); modalities are {mods}")
     group = handle["mod"][key]
     names = np.asarray(ad.io.read_elem(group["var"]).index, dtype=str)
     cells = _cell_names(group["obs"])
@@ -247,17 +274,17 @@ def _h5mu_proteins(path: Path, handle: h5py.File, key: str, rna_names: np.ndarra
         cell = str(cells[int(np.flatnonzero(index < 0)[0])])
         raise AtlasInputError(
             f"{path}: cell {cell!r} of modality {key!r} is not a cell of {RNA_MODALITY!r} "
-            f"({int((index < 0).sum())} such cells): every cell with protein counts needs its RNA"
+            f"({int((index < 0).sum())} such cells): every cell with {what} needs its RNA"
         )
-    rna_to_protein = np.full(len(rna_names), -1, dtype=np.int64)
-    rna_to_protein[index] = np.arange(len(cells))
+    rna_to_side = np.full(len(rna_names), -1, dtype=np.int64)
+    rna_to_side[index] = np.arange(len(cells))
     x = group["X"]
     source = ad.io.sparse_dataset(x) if isinstance(x, h5py.Group) else x
     if source.shape != (len(cells), len(names)):
         raise AtlasInputError(
             f"{path}: modality {key!r} has X of shape {tuple(source.shape)} but obs/var give {(len(cells), len(names))}"
         )
-    return names, _MatchedRows(source, rna_to_protein), rna_to_protein >= 0
+    return SideModality(names, _MatchedRows(source, rna_to_side), rna_to_side >= 0)
 
 
 def _open_h5ad(
@@ -265,7 +292,7 @@ def _open_h5ad(
     obs_keys: list[str],
     layer: str | None,
     gene_id_key: str | None,
-    protein_key: str | None,
+    side_keys: dict[str, str],
     modality: str | None = None,
 ) -> InputFile:
     """An `.h5ad`, or with `modality` the RNA modality of an `.h5mu` (the same AnnData layout under mod/NAME)."""
@@ -274,7 +301,6 @@ def _open_h5ad(
         handle = h5py.File(path, "r")
     except OSError as err:
         raise AtlasInputError(f"{path}: not a readable {what} file (truncated or corrupt?): {err}") from err
-    present = None
     try:
         if modality is not None and modality not in handle.get("mod", {}):
             mods = list(handle["mod"].keys()) if "mod" in handle else []
@@ -293,12 +319,11 @@ def _open_h5ad(
             available = list(root["layers"].keys()) if "layers" in root else []
             raise AtlasInputError(f"{path}: no layer {layer!r}; layers are {available}")
         x = ad.io.sparse_dataset(x_elem) if isinstance(x_elem, h5py.Group) else x_elem
-        if not protein_key:
-            proteins = (None, None)
-        elif modality is None:
-            proteins = _h5ad_proteins(path, root, protein_key, len(obs))
+        if modality is None:
+            sides = {name: _h5ad_side(path, root, name, key, len(obs)) for name, key in side_keys.items()}
         else:
-            *proteins, present = _h5mu_proteins(path, handle, protein_key, _cell_names(obs_group))
+            cells = _cell_names(obs_group)
+            sides = {name: _h5mu_side(path, handle, name, key, cells) for name, key in side_keys.items()}
     except AtlasInputError:
         handle.close()
         raise
@@ -316,29 +341,35 @@ def _open_h5ad(
         handle.close()
         raise AtlasInputError(f"{path}: X has shape {x.shape} but obs/var give {(len(obs), len(gene_ids))}")
     kind: InputKind = "h5ad" if modality is None else "h5mu"
-    return InputFile(path, kind, gene_ids, np.asarray(var.index, dtype=str), obs, handle, x, *proteins, present)
+    return InputFile(path, kind, gene_ids, np.asarray(var.index, dtype=str), obs, handle, x, sides)
 
 
-def _open_10x(path: Path, kind: InputKind, obs_keys: list[str], proteins: bool) -> InputFile:
+TENX_FEATURE_TYPES = {"protein": "Antibody Capture", "atac": "Peaks"}
+
+
+def _open_10x(path: Path, kind: InputKind, obs_keys: list[str], side_names: list[str]) -> InputFile:
     import scanpy as sc
 
     try:
         if kind == "10x_mtx":
             adata = sc.read_10x_mtx(path, var_names="gene_ids")
         else:
-            adata = sc.read_10x_h5(path, gex_only=not proteins)
+            adata = sc.read_10x_h5(path, gex_only=not side_names)
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise AtlasInputError(f"{path}: not a readable 10x input (truncated or corrupt?): {err}") from err
-    protein_names, protein = None, None
-    if proteins:
+    sides = {}
+    if side_names:
         types = adata.var.get("feature_types", pd.Series("Gene Expression", index=adata.var_names)).astype(str)
-        antibody = (types == "Antibody Capture").to_numpy()
-        if not antibody.any():
-            raise AtlasInputError(
-                f"{path}: no 'Antibody Capture' features (the protein counts); feature types are {sorted(set(types))}"
+        for name in side_names:
+            chosen = (types == TENX_FEATURE_TYPES[name]).to_numpy()
+            if not chosen.any():
+                raise AtlasInputError(
+                    f"{path}: no {TENX_FEATURE_TYPES[name]!r} features (the {SIDE_WHAT[name][0]}); feature types "
+                    f"are {sorted(set(types))}"
+                )
+            sides[name] = SideModality(
+                np.asarray(adata.var_names[chosen], dtype=str), sp.csr_matrix(adata.X[:, chosen])
             )
-        protein_names = np.asarray(adata.var_names[antibody], dtype=str)
-        protein = sp.csr_matrix(adata.X[:, antibody])
         adata = adata[:, (types == "Gene Expression").to_numpy()]
     if kind == "10x_mtx":
         gene_ids = np.asarray(adata.var_names, dtype=str)
@@ -349,7 +380,7 @@ def _open_10x(path: Path, kind: InputKind, obs_keys: list[str], proteins: bool) 
     _check_obs_keys(path, list(adata.obs.columns), obs_keys)
     obs = adata.obs[obs_keys]
     obs.index = obs.index.astype(str)
-    return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X), protein_names, protein)
+    return InputFile(path, kind, gene_ids, gene_names, obs, None, sp.csr_matrix(adata.X), sides)
 
 
 def open_input(
@@ -358,19 +389,23 @@ def open_input(
     layer: str | None = None,
     gene_id_key: str | None = None,
     protein_key: str | None = None,
+    atac_key: str | None = None,
 ) -> InputFile:
-    """Open one input for a build; obs_keys must all be obs columns of it. protein_key: read the protein counts
-    too (an `.h5ad`'s obsm[protein_key]; a 10x `.h5`'s Antibody Capture features; 10x folders have none)."""
+    """Open one input for a build; obs_keys must all be obs columns of it. protein_key / atac_key: read the protein
+    (peak) counts too: an `.h5ad`'s obsm[key], an `.h5mu`'s modality key, a 10x `.h5`'s Antibody Capture (Peaks)
+    features; 10x folders have neither."""
     if not path.exists():
         raise AtlasInputError(f"{path}: input does not exist")
     kind = detect_kind(path)
-    if protein_key and kind == "10x_mtx":
-        raise AtlasInputError(f"{path}: a 10x matrix folder holds no protein counts; give the 10x .h5 file instead")
+    side_keys = {name: key for name, key in (("protein", protein_key), ("atac", atac_key)) if key}
+    if side_keys and kind == "10x_mtx":
+        what = " or ".join(SIDE_WHAT[name][0] for name in side_keys)
+        raise AtlasInputError(f"{path}: a 10x matrix folder holds no {what}; give the 10x .h5 file instead")
     if kind in ("h5ad", "h5mu"):
         modality = RNA_MODALITY if kind == "h5mu" else None
-        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, protein_key, modality)
+        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, side_keys, modality)
     else:
-        opened = _open_10x(path, kind, obs_keys, protein_key is not None)
+        opened = _open_10x(path, kind, obs_keys, list(side_keys))
     duplicated = pd.Index(opened.gene_ids)[pd.Index(opened.gene_ids).duplicated()].unique()
     if len(duplicated):
         opened.close()
@@ -378,11 +413,12 @@ def open_input(
             f"{path}: duplicated gene ids {list(duplicated[:5])} ({len(duplicated)} in all); "
             "gene ids must be unique (use --gene-id-key to choose a unique id column)"
         )
-    if opened.protein_names is not None:
-        repeated = pd.Index(opened.protein_names)[pd.Index(opened.protein_names).duplicated()].unique()
+    for name, side in opened.sides.items():
+        repeated = pd.Index(side.names)[pd.Index(side.names).duplicated()].unique()
         if len(repeated):
             opened.close()
+            what = "protein (antibody)" if name == "protein" else SIDE_WHAT[name][1]
             raise AtlasInputError(
-                f"{path}: duplicated protein (antibody) names {list(repeated[:5])}; each protein needs its own name"
+                f"{path}: duplicated {what} names {list(repeated[:5])}; each {SIDE_WHAT[name][1]} needs its own name"
             )
     return opened

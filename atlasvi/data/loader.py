@@ -36,8 +36,9 @@ class Minibatch:
 
     crow_indices: (n+1,) int32; col_indices, values: (nnz,) int32 gene indices, float32 counts;
     categorical: key -> (n,) int64 codes; continuous: key -> (n,) float32; rows: (n,) int64 store rows;
-    obsm: modality -> (n, n_features) float32 counts (0 where not measured); masks: modality -> (n, n_features)
-    bool, True where measured (the modalities the loader was asked for, e.g. "protein").
+    obsm: modality -> (n, n_features) float32 counts, dense (proteins; 0 where not measured) or a sparse CSR tensor
+    (peaks; `.to_dense()` on the device); masks: modality -> (n, n_features) bool (dense) or (n, 1) (CSR), True
+    where measured (the modalities the loader was asked for, e.g. "protein", "atac").
     """
 
     crow_indices: torch.Tensor
@@ -118,9 +119,24 @@ def minibatch_from_rows(
         {k: torch.from_numpy(v.astype(np.int64, copy=False)) for k, v in categorical.items()},
         {k: torch.from_numpy(v[take].astype(np.float32, copy=False)) for k, v in block.continuous.items()},
         torch.from_numpy(rows[take].astype(np.int64, copy=False)),
-        {k: torch.from_numpy(v[take].astype(np.float32)) for k, v in block.obsm.items()},
+        {k: _tensor(v[take]) for k, v in block.obsm.items()},
         {k: torch.from_numpy(np.ascontiguousarray(v[take])) for k, v in block.masks.items()},
     )
+
+
+def _tensor(values: np.ndarray | sp.csr_matrix) -> torch.Tensor:
+    """float32 counts as a dense tensor, or a sparse CSR tensor for a CSR matrix."""
+    if not sp.issparse(values):
+        return torch.from_numpy(values.astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(values.indptr.astype(np.int64)),
+            torch.from_numpy(values.indices.astype(np.int64)),
+            torch.from_numpy(values.data.astype(np.float32)),
+            values.shape,
+            check_invariants=False,
+        )
 
 
 class _ReadAheadPool:
@@ -179,6 +195,11 @@ _LIVE_POOLS: "weakref.WeakSet[_ReadAheadPool]" = weakref.WeakSet()
 def _stop_read_ahead_at_exit() -> None:
     for pool in list(_LIVE_POOLS):
         pool.stop(timeout=30.0)
+
+
+def _stack(parts: list) -> np.ndarray | sp.csr_matrix:
+    """Rows of several blocks, dense or CSR, one after the other."""
+    return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
 
 
 class StreamingLoader:
@@ -306,7 +327,7 @@ class StreamingLoader:
                 for k in blocks[0].continuous
             },
             rows,
-            {k: np.concatenate([b.obsm[k] for b in blocks])[order] for k in self.modalities},
+            {k: _stack([b.obsm[k] for b in blocks])[order] for k in self.modalities},
             {k: np.concatenate([b.masks[k] for b in blocks])[order] for k in self.modalities},
         )
         return self._batches(window)

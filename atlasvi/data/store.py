@@ -9,6 +9,11 @@ Layout (any scverse tool opens it with `anndata.read_zarr`):
                             uns/<modality key>_names, as its `protein_names_uns_key`); 0 where not measured
   obsm/<modality key>_mask  (schema 2) cells x features uint8: 1 = measured, 0 = not (a cell without the
                             modality, a protein outside its study's panel): missing is never read as zero
+  obsm/atac/{data,indices,indptr}  (schema 2) a sparse modality, e.g. scATAC peak counts: CSR cells x peaks,
+                            chunked as X (anndata reads it as a sparse obsm matrix), peak names in
+                            uns/atac_names; its mask obsm/atac_mask is cells x 1 (whether the cell's ATAC
+                            was measured). One AnnData: `anndata.read_zarr` opens every modality, and a MuData
+                            is one call away (`MuData({"rna": adata, "atac": AnnData(adata.obsm["atac"], ...)})`).
   attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, modalities,
                             provenance
 
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -41,6 +47,7 @@ SHARD_NNZ = 1 << 22  # non-zeros per shard file
 CHUNK_ROWS = 1 << 16  # rows per chunk of X/indptr and of obs arrays
 SHARD_ROWS = 1 << 20
 PROTEIN_OBSM_KEY = "protein_expression"  # where scvi-tools' totalVI tutorials keep protein counts
+ATAC_OBSM_KEY = "atac"  # MuData's (and muon's) name of the chromatin-accessibility modality
 DENSE_CHUNK_BYTES = 1 << 20  # a dense modality's chunk: about 1 MiB of counts (rows x features)
 DENSE_SHARD_CHUNKS = 16  # chunks of rows per shard file of a dense modality
 
@@ -58,16 +65,18 @@ def is_url(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class ModalitySchema:
-    """A dense per-cell modality of the store (e.g. surface-protein counts), beside the RNA counts in X.
+    """A per-cell modality of the store beside the RNA counts in X: dense (surface-protein counts) or CSR (peaks).
 
-    obsm_key: counts at obsm/<obsm_key>, (n_cells, n_features); mask at obsm/<obsm_key>_mask, 1 = measured.
+    kind: "dense", counts at obsm/<obsm_key>, (n_cells, n_features), mask at obsm/<obsm_key>_mask of the same
+    shape, 1 = measured; "csr", counts as CSR at obsm/<obsm_key>/{data,indices,indptr} (nnz stored counts, all
+    > 0) and mask (n_cells, 1), 1 = the cell's modality was measured.
     features: (n_features,) names (antibodies); count_dtype: the counts' integer dtype.
     batch_mask: per batch category, (n_features,) whether any cell of that batch measured the feature
-      (scvi-tools' `protein_batch_mask`: a study's panel).
+      (scvi-tools' `protein_batch_mask`: a study's panel); for a CSR modality (1,): whether any cell did.
     background_log_means, background_log_scales: per batch, the empirical prior of the log background
       (scvi-tools' totalVI initialisation: a 2-component Gaussian mixture over each of up to 100 cells'
       log1p counts of the measured features, the lower component's mean and s.d. averaged over the cells).
-    chunk_rows: rows per chunk of the counts and the mask.
+    chunk_rows: rows per chunk of the counts (dense) and of the mask.
     """
 
     obsm_key: str
@@ -77,6 +86,8 @@ class ModalitySchema:
     background_log_means: tuple[float, ...]
     background_log_scales: tuple[float, ...]
     chunk_rows: int
+    kind: str = "dense"
+    nnz: int = 0
 
     @property
     def mask_key(self) -> str:
@@ -97,6 +108,8 @@ class ModalitySchema:
             background_log_means=tuple(meta["background_log_means"]),
             background_log_scales=tuple(meta["background_log_scales"]),
             chunk_rows=int(meta["chunk_rows"]),
+            kind=meta.get("kind", "dense"),
+            nnz=int(meta.get("nnz", 0)),
         )
 
 
@@ -254,7 +267,7 @@ def _chunk_of(name: str, element: int, dense_rows: dict[str, int] | None = None)
 
     dense_rows: rows per chunk of the store's 2-D (modality) arrays, by name.
     """
-    nnz_array = name in ("X/data", "X/indices")
+    nnz_array = name.endswith(("/data", "/indices"))
     per_chunk = CHUNK_NNZ if nnz_array else (dense_rows or {}).get(name, CHUNK_ROWS)
     per_shard = (
         SHARD_NNZ if nnz_array else SHARD_ROWS if name not in (dense_rows or {}) else per_chunk * DENSE_SHARD_CHUNKS
@@ -303,14 +316,18 @@ class AtlasStore:
         self.nnz = int(meta["nnz"])
         self._check_shapes(root)
         self.rows_read = np.zeros(self.schema.n_cells, dtype=bool)
-        self._dense_rows = {
-            f"obsm/{key}": m.chunk_rows for m in self.schema.modalities.values() for key in (m.obsm_key, m.mask_key)
+        self._dense_rows = {f"obsm/{m.mask_key}": m.chunk_rows for m in self.schema.modalities.values()}
+        self._dense_rows |= {
+            f"obsm/{m.obsm_key}": m.chunk_rows for m in self.schema.modalities.values() if m.kind == "dense"
         }
         names = ["X/data", "X/indices", "X/indptr"]
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
         names += [f"obs/{k}" for k in self.schema.continuous]
         for modality in self.schema.modalities.values():
-            names += [f"obsm/{modality.obsm_key}", f"obsm/{modality.mask_key}"]
+            counts = [f"obsm/{modality.obsm_key}"]
+            if modality.kind == "csr":
+                counts = [f"obsm/{modality.obsm_key}/{part}" for part in ("data", "indices", "indptr")]
+            names += [*counts, f"obsm/{modality.mask_key}"]
         try:
             self._reader: ArrayReader = _make_reader(backend, self.path, names)
         except Exception as err:
@@ -350,12 +367,20 @@ class AtlasStore:
         checks.append(("len(library_log_means)", len(schema.library_log_means), "batch categories", n_batches))
         checks.append(("len(library_log_vars)", len(schema.library_log_vars), "batch categories", n_batches))
         for name, modality in schema.modalities.items():
-            for key in (modality.obsm_key, modality.mask_key):
+            dense = (modality.obsm_key, modality.mask_key) if modality.kind == "dense" else (modality.mask_key,)
+            for key in dense:
                 shape = _shape(root, f"obsm/{key}", 2, self.path)
+                width = len(modality.features) if modality.kind == "dense" else 1
                 checks.append(("n_cells", n, f"obsm/{key}'s shape[0]", shape[0]))
+                checks.append((f"width of modalities.{name}", width, f"obsm/{key}'s shape[1]", shape[1]))
+            if modality.kind == "csr":
+                group = f"obsm/{modality.obsm_key}"
                 checks.append(
-                    (f"len(modalities.{name}.features)", len(modality.features), f"obsm/{key}'s shape[1]", shape[1])
+                    ("n_cells", n, f"len({group}/indptr) - 1", _length(root, f"{group}/indptr", self.path) - 1)
                 )
+                for part in ("data", "indices"):
+                    length = _length(root, f"{group}/{part}", self.path)
+                    checks.append((f"modalities.{name}.nnz", modality.nnz, f"len({group}/{part})", length))
             checks.append(
                 (f"len(modalities.{name}.batch_mask)", len(modality.batch_mask), "batch categories", n_batches)
             )
@@ -367,14 +392,16 @@ class AtlasStore:
         """The few values the shapes do not show: the row pointers' ends against nnz, every category code in
         range, the categories' names (two indptr elements and n_cells small codes per key are read)."""
         n = self.n_cells
-        first, last = self._read_many([("X/indptr", 0, 1), ("X/indptr", n, n + 1)])
-        for row, value in ((0, int(first[0])), (n, int(last[0]))):
-            if value < 0:
-                self._corrupt("X/indptr", row, f"holds {value} at row {row}")
-        if int(first[0]) != 0:
-            self._corrupt("X/indptr", 0, f"starts at {int(first[0])}, not 0")
-        if int(last[0]) != self.nnz:
-            raise self._mismatch("nnz", self.nnz, f"X/indptr[{n}]", int(last[0]))
+        for group in self._csr_groups(tuple(self.schema.modalities)):
+            name = f"{group.prefix}/indptr"
+            first, last = self._read_many([(name, 0, 1), (name, n, n + 1)])
+            for row, value in ((0, int(first[0])), (n, int(last[0]))):
+                if value < 0:
+                    self._corrupt(name, row, f"holds {value} at row {row}")
+            if int(first[0]) != 0:
+                self._corrupt(name, 0, f"starts at {int(first[0])}, not 0")
+            if int(last[0]) != group.nnz:
+                raise self._mismatch(group.nnz_field, group.nnz, f"{name}[{n}]", int(last[0]))
         for key, categories in self.schema.categorical.items():
             (codes,) = self._read_many([(f"obs/{key}/codes", 0, n)])
             if codes.min() < 0:  # the fill value: a chunk is missing
@@ -407,7 +434,10 @@ class AtlasStore:
         return [np.asarray(r) for r in results]
 
     def _read_points(self, requests: list[PointRequest]) -> list[np.ndarray]:
-        results = self._reader.read_points(requests)
+        """Point reads; a request of no points (rows without stored entries) reads nothing."""
+        asked = [r for r in requests if len(r[1])]
+        read = iter(self._reader.read_points(asked))
+        results = [next(read) if len(points) else self._empty(name) for name, points in requests]
         for (name, points), result in zip(requests, results, strict=True):
             if isinstance(result, Exception):
                 raise StoreCorruptError(
@@ -415,6 +445,26 @@ class AtlasStore:
                     f"(chunk {_chunk_of(name, int(points[0]), self._dense_rows)}): {result}"
                 ) from result
         return [np.asarray(r) for r in results]
+
+    def _empty(self, name: str) -> np.ndarray:
+        """No elements of the CSR array `name` (PREFIX/indices or PREFIX/data), in its dtype."""
+        if name.endswith("/indices"):
+            return np.zeros(0, dtype=np.int32)
+        prefix = name.rsplit("/", 1)[0]
+        dtypes = {f"obsm/{m.obsm_key}": m.count_dtype for m in self.schema.modalities.values()}
+        return np.zeros(0, dtype=np.dtype(dtypes.get(prefix, self.schema.count_dtype)))
+
+    def _csr_groups(self, modalities: tuple[str, ...]) -> list["_CSRGroup"]:
+        """X, then the CSR modalities among `modalities`: the sparse matrices a read of rows fetches."""
+        groups = [_CSRGroup("X", self.nnz, "nnz", self.schema.n_genes, self.schema.count_dtype, "gene")]
+        for name in modalities:
+            m = self.schema.modalities[name]
+            if m.kind == "csr":
+                groups.append(
+                    _CSRGroup(f"obsm/{m.obsm_key}", m.nnz, f"modalities.{name}.nnz", len(m.features), m.count_dtype,
+                              "feature", name)
+                )  # fmt: skip
+        return groups
 
     def read_selected(self, rows: np.ndarray, modalities: tuple[str, ...] = ()) -> RowBlock:
         """Read and validate the rows at sorted, distinct positions `rows` (scattered rows: point reads that
@@ -424,26 +474,25 @@ class AtlasStore:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0 or rows[0] < 0 or rows[-1] >= self.n_cells or (np.diff(rows) <= 0).any():
             raise IndexError(f"rows must be sorted, distinct and inside the store's {self.n_cells} cells")
-        starts, stops = self._read_points([("X/indptr", rows), ("X/indptr", rows + 1)])
-        lengths = stops - starts
-        if starts.min() < 0 or stops.max() > self.nnz or lengths.min() < 0:
-            row = int(rows[np.flatnonzero((starts < 0) | (stops > self.nnz) | (lengths < 0))[0]])
-            self._corrupt("X/indptr", row, f"is not a valid row pointer at row {row}")
-        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        elements = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
-        requests: list[PointRequest] = [("X/indices", elements), ("X/data", elements)]
+        groups = self._csr_groups(modalities)
+        pointers = iter(self._read_points([(f"{g.prefix}/indptr", r) for g in groups for r in (rows, rows + 1)]))
+        sparse, requests = [], []
+        for group in groups:
+            starts, stops = next(pointers), next(pointers)
+            lengths = stops - starts
+            if starts.min() < 0 or stops.max() > group.nnz or lengths.min() < 0:
+                row = int(rows[np.flatnonzero((starts < 0) | (stops > group.nnz) | (lengths < 0))[0]])
+                self._corrupt(f"{group.prefix}/indptr", row, f"is not a valid row pointer at row {row}")
+            indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            elements = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+            sparse.append((indptr, elements))
+            requests += [(f"{group.prefix}/indices", elements), (f"{group.prefix}/data", elements)]
         requests += [(f"obs/{k}/codes", rows) for k in self.schema.categorical]
         requests += [(f"obs/{k}", rows) for k in self.schema.continuous]
         requests += [(name, rows) for name in self._modality_arrays(modalities)]
-        results = iter(self._read_points(requests) if len(elements) else self._read_empty(requests))
+        results = iter(self._read_points(requests))
         self.rows_read[rows] = True
-        return self._block(int(rows[0]), int(rows[-1]) + 1, indptr, results, modalities, rows, elements)
-
-    def _read_empty(self, requests: list[PointRequest]) -> list[np.ndarray]:
-        """Selected rows that hold no counts: no X element to read."""
-        dtypes = {"X/indices": np.int32, "X/data": np.dtype(self.schema.count_dtype)}
-        empty = [np.zeros(0, dtype=dtypes[name]) for name, _ in requests[:2]]
-        return empty + self._read_points(requests[2:])
+        return self._block(int(rows[0]), int(rows[-1]) + 1, groups, sparse, results, modalities, rows)
 
     def read_obs_categorical(self, key: str) -> tuple[np.ndarray, tuple[str, ...]]:
         """(codes (n_cells,), categories) of the categorical obs column `key`: a covariate of the schema, or
@@ -464,12 +513,20 @@ class AtlasStore:
         for start, stop in ranges:
             if not 0 <= start < stop <= self.n_cells:
                 raise IndexError(f"rows {start}:{stop} outside the store's {self.n_cells} cells")
-        indptrs = self._read_many([("X/indptr", start, stop + 1) for start, stop in ranges])
+        groups = self._csr_groups(modalities)
+        pointers = iter(
+            self._read_many([(f"{g.prefix}/indptr", start, stop + 1) for start, stop in ranges for g in groups])
+        )
         requests: list[Request] = []
-        for (start, stop), indptr in zip(ranges, indptrs, strict=True):
-            self._check_indptr(indptr, start)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            requests += [("X/indices", lo, hi), ("X/data", lo, hi)]
+        sparse = []
+        for start, stop in ranges:
+            sparse.append([])
+            for group in groups:
+                indptr = next(pointers).astype(np.int64, copy=False)
+                self._check_indptr(indptr, start, group)
+                lo, hi = int(indptr[0]), int(indptr[-1])
+                requests += [(f"{group.prefix}/indices", lo, hi), (f"{group.prefix}/data", lo, hi)]
+                sparse[-1].append((indptr, None))
             requests += [(f"obs/{k}/codes", start, stop) for k in self.schema.categorical]
             requests += [(f"obs/{k}", start, stop) for k in self.schema.continuous]
             requests += [(name, start, stop) for name in self._modality_arrays(modalities)]
@@ -477,28 +534,31 @@ class AtlasStore:
         for start, stop in ranges:
             self.rows_read[start:stop] = True
         return [
-            self._block(start, stop, indptr.astype(np.int64, copy=False), results, modalities)
-            for (start, stop), indptr in zip(ranges, indptrs, strict=True)
+            self._block(start, stop, groups, parts, results, modalities)
+            for (start, stop), parts in zip(ranges, sparse, strict=True)
         ]
 
     def _block(
         self,
         start: int,
         stop: int,
-        indptr: np.ndarray,
+        groups: list["_CSRGroup"],
+        sparse: list[tuple[np.ndarray, np.ndarray | None]],
         results,
         modalities: tuple[str, ...] = (),
         rows: np.ndarray | None = None,
-        elements: np.ndarray | None = None,
     ) -> RowBlock:
         """Validate the next results (in request order) of rows [start, stop) into a RowBlock.
 
-        rows, elements: the store rows and X element positions of a block of scattered rows.
+        sparse: per CSR group, its row pointers of these rows and, for scattered rows, the element positions;
+        rows: the store rows of a block of scattered rows.
         """
-        lo = int(indptr[0])
-        indices, data = next(results), next(results)
-        local_indptr = indptr - lo
-        self._check_entries(indices, data, local_indptr, lo, elements)
+        matrices = []
+        for group, (indptr, elements) in zip(groups, sparse, strict=True):
+            lo = int(indptr[0])
+            indices, data = next(results), next(results)
+            self._check_entries(indices, data, indptr - lo, lo, group, elements)
+            matrices.append((indptr - lo, indices, data))
         categorical = {k: next(results) for k in self.schema.categorical}
         continuous = {k: next(results) for k in self.schema.continuous}
         row_of = (lambda i: int(rows[i])) if rows is not None else (lambda i: start + i)
@@ -511,18 +571,23 @@ class AtlasStore:
                 i = int(np.flatnonzero(~np.isfinite(values))[0])
                 self._corrupt(f"obs/{key}", row_of(i), f"holds {values[i]} at row {row_of(i)}")
         obsm, masks = {}, {}
+        csr = {g.modality: m for g, m in zip(groups, matrices, strict=True) if g.modality is not None}
         for name in modalities:
             modality = self.schema.modalities[name]
-            counts, mask = next(results), next(results)
-            for key, bad in (
-                (modality.obsm_key, counts == modality.fill_value),
-                (modality.mask_key, mask > 1),
-            ):
+            if modality.kind == "csr":
+                indptr, indices, data = csr[name]
+                counts = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, len(modality.features)))
+                checks = [(modality.mask_key, (mask := next(results)) > 1)]
+            else:
+                counts, mask = next(results), next(results)
+                checks = [(modality.obsm_key, counts == modality.fill_value), (modality.mask_key, mask > 1)]
+            for key, bad in checks:
                 if bad.any():
                     i = int(np.flatnonzero(bad.any(axis=1))[0])
                     self._corrupt(f"obsm/{key}", row_of(i), f"holds its fill value at row {row_of(i)}")
             obsm[name], masks[name] = counts, mask.astype(bool)
-        return RowBlock(start, stop, local_indptr, indices, data, categorical, continuous, rows, obsm, masks)
+        indptr, indices, data = matrices[0]
+        return RowBlock(start, stop, indptr, indices, data, categorical, continuous, rows, obsm, masks)
 
     def check_modalities(self, modalities: tuple[str, ...]) -> None:
         unknown = [m for m in modalities if m not in self.schema.modalities]
@@ -534,11 +599,14 @@ class AtlasStore:
             )
 
     def _modality_arrays(self, modalities: tuple[str, ...]) -> list[str]:
-        """The arrays of the named modalities in read order: counts, then mask, per modality."""
+        """The 2-D arrays of the named modalities in read order: a dense one's counts, then its mask; a CSR
+        one's mask (its CSR arrays are read with X's)."""
         arrays = []
         for name in modalities:
             modality = self.schema.modalities[name]
-            arrays += [f"obsm/{modality.obsm_key}", f"obsm/{modality.mask_key}"]
+            if modality.kind == "dense":
+                arrays.append(f"obsm/{modality.obsm_key}")
+            arrays.append(f"obsm/{modality.mask_key}")
         return arrays
 
     def _corrupt(self, name: str, element: int, what: str) -> None:
@@ -547,31 +615,40 @@ class AtlasStore:
             "the chunk is missing or corrupt"
         )
 
-    def _check_indptr(self, indptr: np.ndarray, start: int) -> None:
+    def _check_indptr(self, indptr: np.ndarray, start: int, group: "_CSRGroup") -> None:
         steps = np.diff(indptr)
-        if indptr[0] < 0 or indptr[-1] > self.nnz or steps.min() < 0:
+        if indptr[0] < 0 or indptr[-1] > group.nnz or steps.min() < 0:
             bad = np.flatnonzero(steps < 0)
             row = start + (int(bad[0]) + 1 if len(bad) else 0)
-            self._corrupt("X/indptr", row, f"is not a valid row pointer near row {row}")
+            self._corrupt(f"{group.prefix}/indptr", row, f"is not a valid row pointer near row {row}")
 
     def _check_entries(
-        self, indices: np.ndarray, data: np.ndarray, indptr: np.ndarray, lo: int, elements: np.ndarray | None = None
+        self,
+        indices: np.ndarray,
+        data: np.ndarray,
+        indptr: np.ndarray,
+        lo: int,
+        group: "_CSRGroup",
+        elements: np.ndarray | None = None,
     ) -> None:
-        """Stored counts are > 0; gene indices are in range and strictly increasing within each cell.
+        """Stored counts are > 0; column indices are in range and strictly increasing within each cell.
 
-        elements: the X positions of scattered entries (default lo, lo + 1, ...), for the messages.
+        elements: the positions of scattered entries (default lo, lo + 1, ...), for the messages.
         """
         if len(data) == 0:
             return
         at = (lambda i: int(elements[i])) if elements is not None else (lambda i: lo + i)
+        data_name, indices_name = f"{group.prefix}/data", f"{group.prefix}/indices"
         if data.min() <= 0:
             element = int(np.flatnonzero(data <= 0)[0])
             self._corrupt(
-                "X/data", at(element), f"holds {data[element]} at element {at(element)}, stored counts are > 0"
+                data_name, at(element), f"holds {data[element]} at element {at(element)}, stored counts are > 0"
             )
-        if indices.min() < 0 or indices.max() >= self.schema.n_genes:
-            element = int(np.flatnonzero((indices < 0) | (indices >= self.schema.n_genes))[0])
-            self._corrupt("X/indices", at(element), f"holds gene index {indices[element]} at element {at(element)}")
+        if indices.min() < 0 or indices.max() >= group.n_columns:
+            element = int(np.flatnonzero((indices < 0) | (indices >= group.n_columns))[0])
+            self._corrupt(
+                indices_name, at(element), f"holds {group.column} index {indices[element]} at element {at(element)}"
+            )
         not_increasing = np.diff(indices) <= 0
         inner_starts = indptr[1:-1]
         inner_starts = np.unique(inner_starts[(inner_starts > 0) & (inner_starts < len(indices))])
@@ -580,7 +657,20 @@ class AtlasStore:
             allowed = np.zeros(len(indices), dtype=bool)
             allowed[inner_starts] = True
             element = int(np.flatnonzero(not_increasing & ~allowed[1:])[0]) + 1
-            self._corrupt("X/indices", at(element), f"is not sorted within a cell at element {at(element)}")
+            self._corrupt(indices_name, at(element), f"is not sorted within a cell at element {at(element)}")
+
+
+@dataclass(frozen=True)
+class _CSRGroup:
+    """A CSR matrix of the store read by rows: X or a sparse modality (prefix/{data,indices,indptr})."""
+
+    prefix: str
+    nnz: int
+    nnz_field: str  # its nnz's name in the attrs, for messages
+    n_columns: int
+    count_dtype: str
+    column: str  # what a column is, for messages
+    modality: str | None = None
 
 
 def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:

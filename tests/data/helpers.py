@@ -25,16 +25,24 @@ def write_10x_mtx(adata: ad.AnnData, folder: Path, gene_id_key: str) -> Path:
     return folder
 
 
-def write_10x_h5(adata: ad.AnnData, path: Path, gene_id_key: str, proteins: pd.DataFrame | None = None) -> Path:
+def write_10x_h5(
+    adata: ad.AnnData,
+    path: Path,
+    gene_id_key: str | None,
+    proteins: pd.DataFrame | None = None,
+    feature_type: str = "Antibody Capture",
+) -> Path:
     """A Cell Ranger v3 filtered_feature_bc_matrix.h5 (CSC genes x cells = CSR cells x genes); with `proteins`
-    (cells x antibodies) those follow the genes as "Antibody Capture" features."""
+    (cells x features) those follow the genes as `feature_type` features (antibodies, or "Peaks" of a multiome).
+    gene_id_key None: the var names are the ids."""
     counts = sp.csr_matrix(adata.X)
-    ids, names = list(adata.var[gene_id_key].astype(str)), list(adata.var_names.astype(str))
+    names = list(adata.var_names.astype(str))
+    ids = list(adata.var[gene_id_key].astype(str)) if gene_id_key else names
     types = ["Gene Expression"] * adata.n_vars
     if proteins is not None:
         counts = sp.hstack([counts, sp.csr_matrix(proteins.to_numpy())], format="csr")
         ids, names = ids + list(proteins.columns), names + list(proteins.columns)
-        types += ["Antibody Capture"] * proteins.shape[1]
+        types += [feature_type] * proteins.shape[1]
     with h5py.File(path, "w") as handle:
         matrix = handle.create_group("matrix")
         matrix["barcodes"] = np.array(adata.obs_names, dtype="S")

@@ -14,6 +14,8 @@ import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
+import torch
 
 from atlasvi.data import (
     AtlasInputError,
@@ -27,6 +29,7 @@ from atlasvi.data import (
 from atlasvi.data.build import _protein_prior
 from atlasvi.data.errors import StoreCorruptError
 from atlasvi.models.saving import saved_schema
+from tests.conftest import KANG as KANG_PATH
 from tests.conftest import SHARED_DATA
 from tests.data.helpers import write_10x_h5
 
@@ -286,3 +289,87 @@ def test_cli_builds_proteins_and_reports_bad_ones_in_one_line(tmp_path: Path):
     )  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "negative protein counts" in bad.stderr + bad.stdout and not (tmp_path / "t.zarr").exists()
+
+
+GRANJA = SHARED_DATA / "granja2019_bmmc_scatac_5kpeaks.h5ad"  # 600 cells x 5000 peaks
+
+
+def _multiome(tmp_path: Path, n_rna: int = 300, first_atac: int = 60) -> tuple[Path, ad.AnnData, ad.AnnData]:
+    """An .h5mu of Kang RNA (n_rna cells) and Granja peak counts for the cells from `first_atac` on (a stand-in
+    multiome: the pairing is made up, the formats are real)."""
+    kang, peaks = ad.read_h5ad(KANG_PATH), ad.read_h5ad(GRANJA)
+    names = [f"cell{i}" for i in range(n_rna)]
+    rna = ad.AnnData(kang.X[:n_rna], obs=pd.DataFrame({"sample": kang.obs["sample"].to_numpy()[:n_rna]}, index=names))
+    rna.var_names = kang.var_names
+    atac = ad.AnnData(
+        sp.csr_matrix(peaks.X[: n_rna - first_atac]),
+        obs=pd.DataFrame(index=names[first_atac:][::-1]),
+        var=peaks.var[[]],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md.MuData({"rna": rna, "atac": atac}).write(tmp_path / "multiome.h5mu")
+    return tmp_path / "multiome.h5mu", rna, atac
+
+
+def test_peaks_are_a_sparse_modality_scverse_opens(tmp_path: Path):
+    source, rna, atac = _multiome(tmp_path)
+    path = _build(tmp_path, [source], atac_key="atac", batch_key="sample")
+    store = open_store(path)
+    modality = store.schema.modalities["atac"]
+    assert (modality.kind, len(modality.features), modality.nnz) == ("csr", 5000, atac.X.nnz)
+    adata = ad.read_zarr(path)  # peaks as a sparse obsm matrix, names in uns
+    assert sp.issparse(adata.obsm["atac"]) and list(adata.uns["atac_names"]) == list(atac.var_names)
+    block = store.read_rows(0, store.n_cells, ("atac",))
+    measured = np.isin(adata.obs_names, atac.obs_names)
+    np.testing.assert_array_equal(block.masks["atac"][:, 0], measured)
+    np.testing.assert_array_equal(block.obsm["atac"][measured].toarray(), atac[adata.obs_names[measured]].X.toarray())
+    assert block.obsm["atac"][~measured].nnz == 0 and (adata.obsm["atac"] != block.obsm["atac"]).nnz == 0
+    rows = np.array([0, 7, 150, 299])
+    picked = store.read_selected(rows, ("atac",))
+    np.testing.assert_array_equal(picked.obsm["atac"].toarray(), block.obsm["atac"][rows].toarray())
+    seen = []
+    for rank in range(2):
+        for batch in StreamingLoader(store, LoaderConfig(batch_size=32, block_size=64), rank, 2, modalities=("atac",)):
+            r = batch.rows.numpy()
+            assert batch.obsm["atac"].layout == torch.sparse_csr and batch.masks["atac"].shape == (len(r), 1)
+            np.testing.assert_array_equal(batch.obsm["atac"].to_dense().numpy(), block.obsm["atac"][r].toarray())
+            seen.append(r)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(store.n_cells))
+    assert store.read_rows(0, 10).obsm == {}  # RNA only unless asked
+
+
+def test_10x_h5_peaks_and_bad_peak_input(tmp_path: Path):
+    _, rna, atac = _multiome(tmp_path, n_rna=100, first_atac=0)
+    peaks = pd.DataFrame(atac[rna.obs_names].X.toarray(), index=rna.obs_names, columns=atac.var_names)
+    write_10x_h5(rna.copy(), tmp_path / "multiome.h5", "gene_ids" if "gene_ids" in rna.var else None, peaks, "Peaks")
+    store = open_store(_build(tmp_path, [tmp_path / "multiome.h5"], "tenx.zarr", atac_key="any"))
+    block = store.read_rows(0, store.n_cells, ("atac",))
+    assert block.masks["atac"].all() and block.obsm["atac"].nnz == atac.X.nnz
+    assert store.schema.n_genes == rna.n_vars  # peaks are not genes
+    other = atac[:, ::-1].copy()
+    other.var_names = [f"chr1:{i}-{i + 500}" for i in range(other.n_vars)]  # another peak set
+    bad = ad.AnnData(rna.X, obs=rna.obs, var=rna.var)
+    bad.obsm["atac"], bad.uns["atac_names"] = sp.csr_matrix(other[rna.obs_names].X), np.array(other.var_names)
+    bad.obs_names = [f"other{i}" for i in range(bad.n_obs)]
+    bad.write_h5ad(tmp_path / "other_peaks.h5ad")
+    with pytest.raises(AtlasInputError, match=r"other_peaks.h5ad: its peaks differ from .*multiome.h5's"):
+        _build(tmp_path, [tmp_path / "multiome.h5", tmp_path / "other_peaks.h5ad"], "mixed.zarr", atac_key="atac")
+    half = atac[rna.obs_names].X.astype(np.float32).tocsr()
+    half.data[3] = 0.5
+    bad.obsm["atac"], bad.uns["atac_names"] = half, np.array(atac.var_names)
+    bad.write_h5ad(tmp_path / "half.h5ad")
+    with pytest.raises(AtlasInputError, match=r"half.h5ad: non-integer peak counts.*cell 'other\d+', peak 'chr"):
+        _build(tmp_path, [tmp_path / "half.h5ad"], "half.zarr", atac_key="atac")
+
+
+def test_a_missing_peak_chunk_is_refused(tmp_path: Path):
+    source, _, _ = _multiome(tmp_path)
+    path = _build(tmp_path, [source], atac_key="atac", batch_key="sample")
+    for shard in (path / "obsm" / "atac" / "data" / "c").rglob("*"):
+        if shard.is_file():
+            shard.unlink()
+    store = open_store(path)
+    store.read_rows(0, 10)
+    with pytest.raises(StoreCorruptError, match=r"obsm/atac/data holds 0 at element 0, stored counts are > 0"):
+        store.read_rows(0, 10, ("atac",))
