@@ -1,7 +1,16 @@
 """sysVI side by side with scvi-tools 1.4.2's SysVI: system mixing and label conservation of the latent.
 
-    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets baron cellbench --seeds 0 1 2 --epochs 100 \
+    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets baron --seeds 0 1 2 --epochs 400 --own-cycle \
+        --weights-epochs 20 --scvi-python /path/to/scvi-venv/bin/python
+    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets cellbench --seeds 0 1 2 --epochs 400 \
         --scvi-python /path/to/scvi-venv/bin/python
+
+400 epochs is scvi-tools' default for both datasets (min(round(20000 / n_cells * 400), 400)). Each run
+replaces its datasets' entries in results/sysvi_fidelity.json and keeps the others.
+Weights check (`--weights-epochs N`): scvi-tools' SysVI trained N epochs, its weights loaded into atlasvi's
+module; on every cell, in eval mode, with the same draws, the latent, reconstruction, KL and both cycle
+variants are compared. `--own-cycle` also trains atlasvi's sysVI with scvi-tools' cycle (cycle_input
+"own_system").
 
 Datasets (system = the store's batch key): Baron 2016 pancreas human + mouse (CIDER subset, 328 cells,
 system `species`, labels `cell_type`) and CellBench sc_mixology CEL-seq2 vs Drop-seq (demuxlet singlets,
@@ -73,8 +82,9 @@ def prepare(name: str, workdir: Path) -> tuple[Path, Path]:
     return store, h5ad
 
 
-def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int) -> dict[str, np.ndarray]:
-    """{"atlasvi_sysvi_s{seed}": latent, "atlasvi_scvi_s{seed}": latent} (store row order) and timings."""
+def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int, own_cycle: bool) -> dict[str, np.ndarray]:
+    """{"atlasvi_sysvi_s{seed}": latent, "atlasvi_scvi_s{seed}": latent} (store row order) and timings; with
+    own_cycle also "atlasvi_sysvi-own_s{seed}", sysVI with scvi-tools 1.4.2's cycle (cycle_input="own_system")."""
     import torch
 
     from atlasvi.api import SCVI, SysVI
@@ -92,6 +102,12 @@ def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int) -> dict[
         model.fit(TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=0, seed=seed), loader)
         latents[f"atlasvi_sysvi_s{seed}"] = model.get_latent_representation()
         seconds[f"atlasvi_sysvi_s{seed}"] = time.perf_counter() - started
+        if own_cycle:
+            started = time.perf_counter()
+            model = SysVI(store, SysVIConfig(cycle_input="own_system"), device="cpu", seed=seed)
+            model.fit(TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=0, seed=seed), loader)
+            latents[f"atlasvi_sysvi-own_s{seed}"] = model.get_latent_representation()
+            seconds[f"atlasvi_sysvi-own_s{seed}"] = time.perf_counter() - started
         started = time.perf_counter()
         baseline = SCVI(store, SCVIConfig(), device="cpu", seed=seed)
         with warnings.catch_warnings():
@@ -130,6 +146,137 @@ def scvi_side(name: str, h5ad: Path, seeds: list[int], epochs: int, out: Path) -
         seconds[f"scvi-tools_sysvi_s{seed}"] = time.perf_counter() - started
         print(json.dumps({"dataset": name, "seed": seed, "seconds": seconds}), flush=True)
     np.savez(out, seconds=np.array(json.dumps(seconds)), version=np.array(scvi.__version__), **latents)
+
+
+def scvi_weights_side(name: str, h5ad: Path, epochs: int, out: Path) -> None:
+    """scvi-tools' SysVI after `epochs` epochs (seed 0): its weights and, in eval mode on every cell, with one
+    saved draw of z and of the other system per cell, its latent means, reconstruction, KL and both cycle
+    distances (own-system decoding re-encoded as scvi-tools does, cross-system decoding as the paper)."""
+    import anndata as ad
+    import scanpy as sc
+    import scvi
+    import torch
+
+    torch.set_num_threads(1)
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = 0
+    _, system_key, _, _ = DATASETS[name]
+    adata = ad.read_h5ad(h5ad)
+    adata.X = adata.X.astype(np.float32)
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    scvi.external.SysVI.setup_anndata(adata, batch_key=system_key)
+    model = scvi.external.SysVI(adata)
+    model.train(max_epochs=epochs, batch_size=128, accelerator="cpu", enable_progress_bar=False)
+    module = model.module.eval()
+    x = torch.tensor(np.asarray(adata.X.todense() if hasattr(adata.X, "todense") else adata.X))
+    batch = torch.tensor(adata.obs[system_key].cat.codes.to_numpy()).long().view(-1, 1)
+    with torch.no_grad():
+        qz = module.encoder(x, batch_index=batch, cat_list=[])["q_dist"]
+        eps = torch.randn_like(qz.loc)
+        z = qz.loc + qz.scale * eps
+        px = module.decoder(z, batch_index=batch, cat_list=[])["q_dist"]
+        reconstruction = torch.nn.GaussianNLLLoss(reduction="none")(px.loc, x, px.scale).sum(1)
+        kl = module.prior.kl(qz=qz, z=z)
+        other = module.random_select_batch(batch)
+        own = module.encoder(px.loc, batch_index=other, cat_list=[])["q_dist"]
+        cross_px = module.decoder(z, batch_index=other, cat_list=[])["q_dist"]
+        cross = module.encoder(cross_px.loc, batch_index=other, cat_list=[])["q_dist"]
+        cycle_own = module.latent_cycle_consistency(qz, own)
+        cycle_cross = module.latent_cycle_consistency(qz, cross)
+    weights = {f"weight:{k}": v.numpy() for k, v in module.state_dict().items() if not k.startswith("prior.encoder")}
+    np.savez(
+        out, x=x.numpy(), batch=batch.numpy().ravel(), eps=eps.numpy(), other=other.numpy().ravel(),
+        qz_mean=qz.loc.numpy(), qz_scale=qz.scale.numpy(), reconstruction=reconstruction.numpy(), kl=kl.numpy(),
+        cycle_own=cycle_own.numpy(), cycle_cross=cycle_cross.numpy(),
+        categories=np.asarray(adata.obs[system_key].cat.categories, dtype=str), **weights,
+    )  # fmt: skip
+
+
+def atlasvi_state(saved: "np.lib.npyio.NpzFile") -> dict:
+    """atlasvi's SysVIModule state dict from scvi-tools' SysVAE weights saved as "weight:<name>" arrays (the
+    VampPrior's one-hot category weights become the pseudo-inputs' codes)."""
+    import torch
+
+    renames = {
+        "decoder_y.fc_layers.Layer ": "fc.layers.",
+        "mean_encoder": "mean",
+        "var_encoder.encoder": "var",
+        "var_encoder.var_param": "var_param",
+    }
+    state = {}
+    for key in saved.files:
+        if not key.startswith("weight:"):
+            continue
+        value, key = torch.tensor(saved[key]), key.removeprefix("weight:")
+        if key == "prior.u":
+            state["pseudo_x"] = value
+        elif key == "prior.w":
+            state["prior_logits"] = value.flatten()
+        elif key.startswith("prior.u_cat."):
+            continue
+        else:
+            for old, new in renames.items():
+                key = key.replace(old, new)
+            state[key] = value
+    state["pseudo_codes"] = torch.tensor(saved["weight:prior.u_cat.0"]).argmax(-1).view(1, -1)
+    state["pseudo_initialised"] = torch.tensor(True)
+    return state
+
+
+def weights_check(name: str, store: Path, h5ad: Path, scvi_python: str, workdir: Path, epochs: int) -> dict:
+    """scvi-tools' trained SysVI weights in atlasvi's module (names mapped): the largest differences from
+    scvi-tools' own outputs on the same cells and draws (see `scvi_weights_side`). The reconstruction is
+    compared less 0.5 log(2 pi) per gene, which scvi-tools' GaussianNLLLoss leaves out."""
+    import math
+
+    import torch
+
+    from atlasvi.data import open_store
+    from atlasvi.models.sysvi import SysVIConfig, SysVIModule
+    from atlasvi.models.sysvi.module import SysVIInputs
+
+    out = workdir / f"{name}_scvi_weights.npz"
+    me = [scvi_python, str(Path(__file__).resolve())]
+    command = [*me, "--side", "scvi-weights", "--datasets", name, "--h5ad", str(h5ad), "--epochs", str(epochs)]
+    subprocess.run([*command, "--out", str(out)], check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    saved = np.load(out)
+    module = SysVIModule(open_store(store).schema, SysVIConfig())
+    if list(saved["categories"]) != list(module.schema.categorical[module.system_key]):
+        raise SystemExit("scvi-tools' system categories differ from the store's")
+    module.load_state_dict(atlasvi_state(saved), strict=True)
+    module.eval()
+    x, system = torch.tensor(saved["x"]), torch.tensor(saved["batch"])
+    other = torch.tensor(saved["other"])
+    inputs = SysVIInputs(x=x, system=system, categorical=(), continuous=None)
+    with torch.no_grad():
+        qz = module.inference(inputs)["qz"]
+        z = qz.loc + qz.scale * torch.tensor(saved["eps"])
+        px = module.generative(z, inputs)["px"]
+        nll = torch.nn.functional.gaussian_nll_loss(px.loc, x, px.scale, full=True, reduction="none").sum(-1)
+        reconstruction = nll - 0.5 * math.log(2 * math.pi) * x.shape[1]
+        kl = (qz.log_prob(z) - module.prior_log_prob(z)).sum(-1)
+        cycle_own = module.cycle_distance(qz, module._encode(px.loc, other, inputs))
+        cross = module.generative(z, inputs, other)["px"].loc
+        cycle_cross = module.cycle_distance(qz, module._encode(cross, other, inputs))
+
+    def diff(ours: torch.Tensor, key: str) -> float:
+        return float(np.abs(ours.numpy() - saved[key]).max())
+
+    return {
+        "epochs": epochs,
+        "cells": len(x),
+        "latent_mean_max_abs_diff": diff(qz.loc, "qz_mean"),
+        "latent_scale_max_abs_diff": diff(qz.scale, "qz_scale"),
+        "reconstruction_mean": float(reconstruction.mean()),
+        "reconstruction_max_abs_diff": diff(reconstruction, "reconstruction"),
+        "kl_mean": float(kl.mean()),
+        "kl_max_abs_diff": diff(kl, "kl"),
+        "cycle_own_system_mean": float(cycle_own.mean()),
+        "cycle_own_system_max_abs_diff": diff(cycle_own, "cycle_own"),
+        "cycle_cross_system_mean": float(cycle_cross.mean()),
+        "cycle_cross_system_max_abs_diff": diff(cycle_cross, "cycle_cross"),
+    }
 
 
 def entropy_mixing(neighbours: np.ndarray, systems: np.ndarray) -> float:
@@ -179,6 +326,7 @@ def score_side(name: str, h5ad: Path, latents: list[Path], out: Path) -> None:
 
 ROWS = (
     ("atlasvi", "sysvi", "atlasvi sysVI"),
+    ("atlasvi", "sysvi-own", "atlasvi sysVI, scvi-tools' cycle"),
     ("scvi-tools", "sysvi", "scvi-tools SysVI"),
     ("atlasvi", "scvi", "atlasvi scVI"),
 )
@@ -186,10 +334,12 @@ METRICS = ("ilisi", "batch_entropy", "knn_accuracy", "nmi")
 
 
 def summary(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{row: {metric: {"mean", "sd", "values"}}} over seeds, rows as in ROWS."""
+    """{row: {metric: {"mean", "sd", "values"}}} over seeds, rows as in ROWS (those with scores)."""
     out = {}
     for tool, model, label in ROWS:
         keys = sorted(k for k in scores if k.startswith(f"{tool}_{model}_s"))
+        if not keys:
+            continue
         out[label] = {
             m: {
                 "mean": float(np.mean([scores[k][m] for k in keys])),
@@ -205,19 +355,39 @@ def markdown(report: dict) -> str:
     lines = [
         "# sysVI fidelity: atlasvi vs scvi-tools 1.4.2 SysVI (and atlasvi scVI's mixing)",
         "",
-        f"Command: `{report['command']}`. Machine: {report['machine']}. Seeds {report['seeds']}, "
-        f"{report['epochs']} epochs each; scvi-tools {report['scvi_tools_version']}. Metrics: iLISI (scaled, "
-        "90 neighbours), batch-neighbour entropy (50 neighbours, / log n_systems), label kNN accuracy (15 "
-        "neighbours, 5-fold CV), NMI of k-means (k = labels). Mean ± sd over seeds. See the script's docstring.",
+        f"Machine: {report['machine']}. Metrics: iLISI (scaled, 90 neighbours), batch-neighbour entropy (50 "
+        "neighbours, / log n_systems), label kNN accuracy (15 neighbours, 5-fold CV), NMI of k-means (k = labels). "
+        "Mean ± sd over seeds. See the script's docstring.",
         "",
-        "The two sysVIs differ in one place by design: atlasvi's cycle re-encodes the decoding as the other system "
-        "(the published method), scvi-tools 1.4.2 re-encodes the own-system decoding with the other system's label "
-        "(`atlasvi/models/sysvi/module.py` says why).",
+        "atlasvi's default cycle re-encodes the decoding as the other system (the published method); scvi-tools "
+        "1.4.2 re-encodes the own-system decoding with the other system's label. The row \"atlasvi sysVI, "
+        'scvi-tools\' cycle" is atlasvi with `cycle_input="own_system"` (`atlasvi/models/sysvi/module.py`).',
         "",
     ]
+    if "weights_check" in report:
+        w = report["weights_check"]
+        lines += [
+            f"## Weights check ({w['dataset']}, `{w['command']}`)",
+            "",
+            f"scvi-tools' SysVI weights after {w['epochs']} epochs (seed 0) loaded into atlasvi's module, eval mode, "
+            f"all {w['cells']} cells, the same draw of z and of the other system per cell; largest absolute "
+            "difference from scvi-tools' own figures:",
+            "",
+            "| latent means | latent scales | reconstruction (nats) | KL (nats) | cycle (own) | cycle (cross) |",
+            "|---|---|---|---|---|---|",
+            "| " + " | ".join(f"{w[k]:.1e}" for k in (
+                "latent_mean_max_abs_diff", "latent_scale_max_abs_diff", "reconstruction_max_abs_diff",
+                "kl_max_abs_diff", "cycle_own_system_max_abs_diff", "cycle_cross_system_max_abs_diff")) + " |",
+            "",
+            f"(means per cell: reconstruction {w['reconstruction_mean']:.1f}, KL {w['kl_mean']:.2f}, cycle "
+            f"{w['cycle_own_system_mean']:.3f} own-system, {w['cycle_cross_system_mean']:.3f} cross-system.)",
+            "",
+        ]  # fmt: skip
     for name, result in report["datasets"].items():
         lines += [f"## {name}: system `{result['system_key']}`, labels `{result['labels_key']}`, "
-                  f"{result['n_cells']} cells x {result['n_genes']} genes", ""]  # fmt: skip
+                  f"{result['n_cells']} cells x {result['n_genes']} genes", "",
+                  f"Command: `{result['command']}`. Seeds {result['seeds']}, {result['epochs']} epochs each; "
+                  f"scvi-tools {report['scvi_tools_version']}.", ""]  # fmt: skip
         lines += ["| model | iLISI | batch entropy | kNN accuracy | NMI |", "|---|---|---|---|---|"]
         for label, metrics in result["summary"].items():
             cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" for m in METRICS]
@@ -241,10 +411,14 @@ def checks(summ: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=["main", "scvi", "score", "render"], default="main")
+    parser.add_argument(
+        "--side", choices=["main", "scvi", "scvi-weights", "weights", "score", "render"], default="main"
+    )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--own-cycle", action="store_true", help="also atlasvi sysVI with scvi-tools' cycle")
+    parser.add_argument("--weights-epochs", type=int, default=0, help="weights check after N epochs (0: none)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "sysvi_fidelity")
     parser.add_argument("--scvi-python", default=str(HERE / ".cache" / "scvi-venv" / "bin" / "python"))
     parser.add_argument("--h5ad", type=Path)
@@ -253,6 +427,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.side == "scvi":
         return scvi_side(args.datasets[0], args.h5ad, args.seeds, args.epochs, args.out)
+    if args.side == "scvi-weights":
+        return scvi_weights_side(args.datasets[0], args.h5ad, args.epochs, args.out)
+    if args.side == "weights":
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        store, h5ad = prepare(args.datasets[0], args.workdir)
+        check = weights_check(args.datasets[0], store, h5ad, args.scvi_python, args.workdir, args.epochs)
+        return print(json.dumps(check, indent=1))
     if args.side == "score":
         return score_side(args.datasets[0], args.h5ad, args.latents, args.out)
     if args.side == "render":
@@ -261,14 +442,19 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     me = [args.scvi_python, str(Path(__file__).resolve())]
-    report = {
-        "command": f"python benchmarks/sysvi_fidelity.py --datasets {' '.join(args.datasets)} --seeds "
-        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs} --scvi-python SCVI_PYTHON",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only, 1 torch thread per tool",
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "datasets": {},
-    }
+    results = HERE / "results"
+    existing = results / "sysvi_fidelity.json"
+    report = json.loads(existing.read_text()) if existing.exists() else {"datasets": {}}  # other datasets kept
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only, 1 torch thread per tool"
+    command = (
+        f"python benchmarks/sysvi_fidelity.py --datasets {' '.join(args.datasets)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}{' --own-cycle' * args.own_cycle}"
+        f"{f' --weights-epochs {args.weights_epochs}' * bool(args.weights_epochs)} --scvi-python SCVI_PYTHON"
+    )
+    if args.weights_epochs:
+        store, h5ad = prepare(args.datasets[0], args.workdir)
+        check = weights_check(args.datasets[0], store, h5ad, args.scvi_python, args.workdir, args.weights_epochs)
+        report["weights_check"] = {"dataset": args.datasets[0], "command": command} | check
     for name in args.datasets:
         store, h5ad = prepare(name, args.workdir)
         scvi_out = args.workdir / f"{name}_scvi.npz"
@@ -276,7 +462,7 @@ def main() -> None:
         child = subprocess.Popen(
             [*me, "--side", "scvi", *common, "--epochs", str(args.epochs), "--out", str(scvi_out)], env=env
         )
-        ours = atlasvi_side(name, store, args.seeds, args.epochs)
+        ours = atlasvi_side(name, store, args.seeds, args.epochs, args.own_cycle)
         atlas_out = args.workdir / f"{name}_atlasvi.npz"
         np.savez(atlas_out, **ours)
         if child.wait() != 0:
@@ -295,6 +481,9 @@ def main() -> None:
         adata = ad.read_h5ad(h5ad, backed="r")
         summ = summary(scores)
         report["datasets"][name] = {
+            "command": command,
+            "seeds": args.seeds,
+            "epochs": args.epochs,
             "system_key": DATASETS[name][1],
             "labels_key": DATASETS[name][2],
             "n_cells": int(adata.n_obs),
@@ -304,7 +493,6 @@ def main() -> None:
             "summary": summ,
             "checks": checks(summ),
         }
-    results = HERE / "results"
     (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     (results / "sysvi_fidelity.md").write_text(markdown(report))
     print(markdown(report))
