@@ -7,14 +7,14 @@ never trained on; the next 10% ("rna_only") train with their protein counts hidd
 with RNA and proteins. Batch `source` (cite / rna_only): atlasvi's store marks every protein of the rna_only cells
 as not measured (their h5ad has an obsm DataFrame of no antibodies); scvi-tools reads the same cells with all-zero
 protein counts, which it detects as that batch's missing panel (protein_batch_mask), so its TOTALVI turns on its
-adversarial batch classifier (its default with missing proteins; atlasvi has none, see the README). Each tool trains
-with its TOTALVI defaults (n_latent 20, n_hidden 256, lr 4e-3, batch 256, a 10% validation split of its training
+adversarial batch classifier (its default with missing proteins; atlasvi's too, `adversarial_classifier`). Each tool
+trains with its TOTALVI defaults (n_latent 20, n_hidden 256, lr 4e-3, batch 256, a 10% validation split of its training
 cells, reduce-lr-on-plateau and early stopping on the validation -ELBO); `--max-epochs` and `--n-steps-kl-warmup`
 set both tools' epochs and KL warm-up (the default warm-up, 0.75 x cells steps, is ~190 epochs here, so a shorter
 run must shorten it to end at KL weight 1); `--scvi-no-adversary` trains scvi-tools' TOTALVI without its adversarial
-classifier (adversarial_classifier=False), as atlasvi trains; `--atlasvi-nb-eps` (a diagnostic, with `--out`) runs
-atlasvi with scvi-tools' log(mu + 1e-8) in its NB log-likelihoods (patched into atlasvi.distributions for the run;
-its held-out -ELBO then uses that NB too).
+classifier (adversarial_classifier=False), `--atlasvi-no-adversary` atlasvi's; `--atlasvi-nb-eps` (a diagnostic,
+with `--out`) runs atlasvi with scvi-tools' log(mu + 1e-8) in its NB log-likelihoods (patched into
+atlasvi.distributions for the run; its held-out -ELBO then uses that NB too).
 Per seed and tool:
 
 - held-out -ELBO: nats per held-out cell at KL weight 1, each tool's own get_elbo (RNA + protein reconstruction,
@@ -119,17 +119,20 @@ def train_fields(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- atlasvi
-def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
-    """atlasvi's TOTALVI on the training store; the figures of one seed."""
+def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict, adversary: bool | None = None) -> dict:
+    """atlasvi's TOTALVI on the training store; the figures of one seed. adversary: its config's
+    adversarial_classifier (None: its default, on where proteins are missing)."""
     import anndata as ad
     import torch
 
     from atlasvi.api import TOTALVI
     from atlasvi.data import LoaderConfig
+    from atlasvi.models.totalvi import TOTALVIConfig
     from atlasvi.train import TrainConfig
 
     torch.set_num_threads(1)
-    model = TOTALVI(paths["train_store"], device="cpu", seed=seed)
+    config = TOTALVIConfig(adversarial_classifier=adversary)
+    model = TOTALVI(paths["train_store"], config=config, device="cpu", seed=seed)
     started = time.perf_counter()
     model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=256, seed=seed))
     seconds = time.perf_counter() - started
@@ -154,6 +157,7 @@ def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
         "imputation_pearson": dict(zip(model.protein_names, pearson, strict=True)),
         "epochs": len(model.history),
         "train_seconds": seconds,
+        "adversarial_classifier": getattr(model.module, "adversary", None) is not None,
     }
 
 
@@ -234,7 +238,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "cell. Imputation: the rna_only cells' denoised proteins decoded as batch cite from RNA alone, Pearson r of "
         f"log1p per protein vs the hidden counts, mean over 13 proteins ({IMPUTATION_DRAWS} draws averaged).",
         "",
-        f"scvi-tools' adversarial classifier: {meta['scvi_adversarial_classifier']}; atlasvi has none.",
+        f"Adversarial classifier: scvi-tools {meta['scvi_adversarial_classifier']}; atlasvi "
+        f"{meta['atlasvi_adversarial_classifier']}.",
         "",
         "| tool | seed | epochs | adversarial classifier | held-out -ELBO | kNN accuracy | imputation r (mean) "
         "| train s |",
@@ -268,9 +273,11 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--n-steps-kl-warmup", type=int, default=None)
     parser.add_argument("--scvi-no-adversary", action="store_true", help="scvi-tools without its adversary")
+    parser.add_argument("--atlasvi-no-adversary", action="store_true", help="atlasvi without its adversary")
     parser.add_argument("--atlasvi-nb-eps", action="store_true", help="diagnostic: atlasvi's NB with log(mu + 1e-8)")
     parser.add_argument("--scvi-only", action="store_true", help="run the scvi-tools side alone (merge with --merge)")
-    parser.add_argument("--merge", default=None, help="results/MERGE.json whose atlasvi rows to reuse")
+    parser.add_argument("--atlasvi-only", action="store_true", help="run atlasvi's side alone (merge with --merge)")
+    parser.add_argument("--merge", default=None, help="results/MERGE.json whose rows of the side not run to reuse")
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
     parser.add_argument("--out", default="totalvi_fidelity", help="results/OUT.json and results/OUT.md")
@@ -290,14 +297,39 @@ def main() -> None:
 
         atlasvi.distributions._log_mu = lambda mu: torch.log(mu + 1e-8)  # scvi-tools' log_nb_positive
     rows = []
-    if args.merge is not None:  # atlasvi's rows of an earlier run with the same options
+    if args.merge is not None:  # the other side's rows of an earlier run with the same options
         earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
         if earlier["meta"]["train_fields"] != fields:
             raise SystemExit(f"results/{args.merge}.json was run with {earlier['meta']['train_fields']}, not {fields}")
-        rows = [r for r in earlier["rows"] if r["tool"] == "atlasvi" and r["seed"] in args.seeds]
+        reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
+        rows = [r for r in earlier["rows"] if r["tool"] == reused and r["seed"] in args.seeds]
+        if args.atlasvi_only:
+            args.scvi_no_adversary = earlier["meta"]["scvi_adversarial_classifier"] == "off"
     for seed in [] if args.scvi_only else args.seeds:
-        rows.append(atlasvi_side(paths, seed, fields))
+        rows.append(atlasvi_side(paths, seed, fields, False if args.atlasvi_no_adversary else None))
         print(json.dumps(rows[-1]), flush=True)
+    for line in [] if args.atlasvi_only else _scvi_rows(args, paths):
+        rows.append(json.loads(line))
+        print(line, flush=True)
+    atlasvi_adversary = {r.get("adversarial_classifier", False) for r in rows if r["tool"] == "atlasvi"}
+    cells = {name: len(part) for name, part in split(8617).items()}
+    meta = {
+        "command": " ".join(["python", "benchmarks/totalvi_fidelity.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
+        "train_fields": fields,
+        "scvi_adversarial_classifier": "off" if args.scvi_no_adversary else "default (on: proteins missing)",
+        "atlasvi_adversarial_classifier": "default (on: proteins missing)" if atlasvi_adversary == {True} else "off",
+        **({"atlasvi_nb_eps": 1e-8} if args.atlasvi_nb_eps else {}),
+        "cells": cells,
+    }
+    results = HERE / "results"
+    (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (results / f"{args.out}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+def _scvi_rows(args: argparse.Namespace, paths: dict[str, Path]) -> list[str]:
+    """The scvi-tools side's JSON lines, run in its venv after atlasvi's runs."""
     prepared = json.dumps({k: str(v) for k, v in paths.items()})
     command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", prepared]
     command += ["--seeds", *map(str, args.seeds)] + (["--scvi-no-adversary"] if args.scvi_no_adversary else [])
@@ -307,23 +339,7 @@ def main() -> None:
     scvi = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)  # after atlasvi's runs
     if scvi.returncode != 0:
         raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
-    for line in scvi.stdout.splitlines():
-        if line.startswith('{"tool"'):
-            rows.append(json.loads(line))
-            print(line, flush=True)
-    cells = {name: len(part) for name, part in split(8617).items()}
-    meta = {
-        "command": " ".join(["python", "benchmarks/totalvi_fidelity.py", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
-        "train_fields": fields,
-        "scvi_adversarial_classifier": "off" if args.scvi_no_adversary else "default (on: proteins missing)",
-        **({"atlasvi_nb_eps": 1e-8} if args.atlasvi_nb_eps else {}),
-        "cells": cells,
-    }
-    results = HERE / "results"
-    (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (results / f"{args.out}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    return [line for line in scvi.stdout.splitlines() if line.startswith('{"tool"')]
 
 
 if __name__ == "__main__":
