@@ -3,7 +3,7 @@ with a decoder, predictions for a module with a classifier (see `atlasvi.analysi
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -21,7 +21,11 @@ __all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras"]
 
 class BayesianDE(AtlasModel):
     """Bayesian DE over a store (scvi-tools' `differential_expression` machinery, `atlasvi.analysis.de`) of a model
-    whose module decodes `px_scale` (features: genes or regions); a method class names it after what it compares."""
+    whose module decodes `px_scale` (features: genes or regions); a method class names it after what it compares
+    (`differential_expression = BayesianDE._differential`), with its own option defaults (`de_defaults`) and
+    table (`_de_table`)."""
+
+    de_defaults: ClassVar[dict[str, Any]] = {}  # DEConfig fields whose defaults differ for this method
 
     def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
         if gene_list is None:
@@ -42,6 +46,34 @@ class BayesianDE(AtlasModel):
             raise KeyError(f"transform_batch {transform_batch!r} is not a {self.schema.batch_key}: {categories}")
         return categories.index(transform_batch)
 
+    def _differential(
+        self,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: np.ndarray | Sequence[int] | None = None,
+        idx2: np.ndarray | Sequence[int] | None = None,
+        store: AtlasStore | str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        config: de.DEConfig | None = None,
+        **overrides: Any,
+    ) -> pd.DataFrame:
+        """Bayesian DE as scvi-tools' (see `atlasvi.analysis.de`): `groupby` (a categorical obs column of the
+        store) with group1 (default: each group) vs group2 (default: the rest), or row masks / indices
+        idx1 vs idx2. Only the sampled cells' rows are read, plus one streaming pass for the raw-count
+        columns. The options are `config` (a `DEConfig`) with scvi-tools' keywords (mode, delta, batchid1,
+        seed, ...) as overrides, over the method's `de_defaults`; batchid1 / batchid2 are batch names. mode
+        "change" (scvi-tools' default for expression is "vanilla") adds the LFC columns and is_de_fdr_<target>.
+        The table is the method's `_de_table` of the DE machinery's.
+        """
+        given = (config or de.DEConfig()).model_dump(exclude_unset=True)
+        options = de.DEConfig.model_validate({**self.de_defaults, **given, **overrides})
+        return self._de_table(self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options), options)
+
+    def _de_table(self, table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
+        """The method's DE table from that of `atlasvi.analysis.de.differential_expression`: that one as it is."""
+        return table
+
     def _bayesian_de(
         self,
         groupby: str | None,
@@ -53,7 +85,7 @@ class BayesianDE(AtlasModel):
         progress: Callable[[int, int], None] | None,
         options: de.DEConfig,
     ) -> pd.DataFrame:
-        """The DE table of `atlasvi.analysis.de.differential_expression` (see `differential_expression`)."""
+        """The DE table of `atlasvi.analysis.de.differential_expression` (see `_differential`)."""
         batch_codes = {
             key: [self._batch_code(str(b)) for b in names]
             for key, names in (("batchid1", options.batchid1), ("batchid2", options.batchid2))
@@ -127,27 +159,7 @@ class ExpressionExtras(BayesianDE):
         with self._own_rng(seed):
             return _write(parts, self._store_path(store), "layers", layer, self.schema.n_genes)
 
-    def differential_expression(
-        self,
-        groupby: str | None = None,
-        group1: str | Sequence[str] | None = None,
-        group2: str | None = None,
-        idx1: np.ndarray | Sequence[int] | None = None,
-        idx2: np.ndarray | Sequence[int] | None = None,
-        store: AtlasStore | str | Path | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        config: de.DEConfig | None = None,
-        **overrides: Any,
-    ) -> pd.DataFrame:
-        """Bayesian DE as scvi-tools' (see `atlasvi.analysis.de`): `groupby` (a categorical obs column of the
-        store) with group1 (default: each group) vs group2 (default: the rest), or row masks / indices
-        idx1 vs idx2. Only the sampled cells' rows are read, plus one streaming pass for the raw-count
-        columns. The options are `config` (a `DEConfig`) with scvi-tools' keywords (mode, delta, batchid1,
-        seed, ...) as overrides; batchid1 / batchid2 are batch names. mode "change" (scvi-tools' default is
-        "vanilla") adds the LFC columns and is_de_fdr_<target>.
-        """
-        options = de.DEConfig.model_validate({**(config or de.DEConfig()).model_dump(exclude_unset=True), **overrides})
-        return self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options)
+    differential_expression = BayesianDE._differential
 
 
 class ClassifierExtras(AtlasModel):

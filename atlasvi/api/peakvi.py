@@ -7,9 +7,8 @@ scvi-tools' PEAKVI defaults: change mode, delta 0.05). The store's genes are the
 counts or 0/1 both serve: the likelihood reads x > 0.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +36,7 @@ class PEAKVI(BayesianDE):
     """
 
     method = "PEAKVI"
+    de_defaults = {"delta": DA_DELTA}
     module: PEAKVIModule
     config: PEAKVIConfig
 
@@ -126,31 +126,17 @@ class PEAKVI(BayesianDE):
             raise RuntimeError("region factors were not included in this model")
         return torch.sigmoid(self.module.region_factors.detach()).cpu().numpy()
 
-    def differential_accessibility(
-        self,
-        groupby: str | None = None,
-        group1: str | Sequence[str] | None = None,
-        group2: str | None = None,
-        idx1: np.ndarray | Sequence[int] | None = None,
-        idx2: np.ndarray | Sequence[int] | None = None,
-        store: AtlasStore | str | Path | None = None,
-        progress: Callable[[int, int], None] | None = None,
-        config: de.DEConfig | None = None,
-        **overrides: Any,
-    ) -> pd.DataFrame:
-        """scvi-tools' PEAKVI differential accessibility: `groupby` with group1 (default each group) vs group2
-        (default the rest), or row masks / indices idx1 vs idx2, on posterior draws of p (z drawn from q(z | x)).
+    differential_accessibility = BayesianDE._differential
 
-        Options: `config` (a `DEConfig`) and scvi-tools' keywords as overrides; the defaults are PEAKVI's, change
-        mode with delta 0.05 (log2 fold change of the probabilities, pseudocount from the unopened regions).
+    def _de_table(self, table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
+        """scvi-tools' PEAKVI differential accessibility table (`differential_accessibility`: its defaults change
+        mode, delta 0.05; z drawn from q(z | x)), from the DE machinery's on posterior draws of p.
+
         Columns, per region: prob_da, is_da_fdr (change mode), bayes_factor, effect_size = est_prob2 - est_prob1,
         est_prob1, est_prob2 (mean posterior p per group) and, with all_stats, emp_effect = emp_prob2 - emp_prob1,
         emp_prob1, emp_prob2 (fractions of the groups' cells with the region open); with groupby also comparison,
         group1, group2 (which scvi-tools' table drops), one block of regions per comparison.
         """
-        given = (config or de.DEConfig(delta=DA_DELTA)).model_dump(exclude_unset=True)
-        options = de.DEConfig.model_validate({"delta": DA_DELTA, **given, **overrides})
-        table = self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options)
         change = options.mode == "change"
         stats = options.all_stats
         columns = {

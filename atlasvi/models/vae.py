@@ -61,6 +61,35 @@ class VAEInputs:
     categorical: tuple[torch.Tensor, ...]
     continuous: torch.Tensor | None
 
+    @classmethod
+    def of(
+        cls,
+        batch: Minibatch,
+        batch_key: str,
+        categorical_keys: tuple[str, ...],
+        continuous_keys: tuple[str, ...],
+        labels: torch.Tensor | None = None,
+    ) -> "VAEInputs":
+        """A loader minibatch's inputs: counts densified on the batch's device, the codes of `batch_key` and of
+        each of `categorical_keys`, the `continuous_keys` columns stacked (n, n_continuous) (None without any)."""
+        continuous = torch.stack([batch.continuous[k] for k in continuous_keys], dim=-1) if continuous_keys else None
+        return cls(
+            x=batch.counts(),
+            batch_index=batch.categorical[batch_key],
+            labels=labels,
+            categorical=tuple(batch.categorical[k] for k in categorical_keys),
+            continuous=continuous,
+        )
+
+    def encoder_input(self, x: torch.Tensor, encode_covariates: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(encoder input, its covariate codes): with encode_covariates, x (n, n_features) with the continuous
+        covariates appended (n, n_features + n_continuous) and the batch and categorical codes; else x and none."""
+        if not encode_covariates:
+            return x, ()
+        if self.continuous is not None:
+            x = torch.cat([x, self.continuous], dim=-1)
+        return x, (self.batch_index, *self.categorical)
+
 
 class VAE(nn.Module):
     """The scVI-family body as a plain nn.Module, built from a store's schema (genes, covariates, library prior):
@@ -159,25 +188,13 @@ class VAE(nn.Module):
 
     def unpack(self, batch: Minibatch) -> VAEInputs:
         """The module's inputs from a loader minibatch (counts densified on the batch's device)."""
-        continuous = (
-            torch.stack([batch.continuous[k] for k in self.continuous_keys], dim=-1) if self.continuous_keys else None
-        )
-        return VAEInputs(
-            x=batch.counts(),
-            batch_index=batch.categorical[self.batch_key],
-            labels=batch.categorical.get(self.labels_key) if self.labels_key else None,  # unused unless gene-label
-            categorical=tuple(batch.categorical[k] for k in self.categorical_keys),
-            continuous=continuous,
-        )
+        labels = batch.categorical.get(self.labels_key) if self.labels_key else None  # unused unless gene-label
+        return VAEInputs.of(batch, self.batch_key, self.categorical_keys, self.continuous_keys, labels)
 
     def inference(self, inputs: VAEInputs) -> dict:
         """q(z | x) and the library. Returns qz, z (n, n_latent), ql (or None), library (n, 1) log counts."""
-        x = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
-        codes: tuple[torch.Tensor, ...] = ()
-        if self.config.encode_covariates:
-            codes = (inputs.batch_index, *inputs.categorical)
-            if inputs.continuous is not None:
-                x = torch.cat([x, inputs.continuous], dim=-1)
+        counts = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
+        x, codes = inputs.encoder_input(counts, self.config.encode_covariates)
         qz, z = self.z_encoder(x, *codes)
         if self.l_encoder is None:
             ql, library = None, torch.log(inputs.x.sum(dim=1, keepdim=True))
