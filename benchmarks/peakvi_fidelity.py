@@ -2,24 +2,30 @@
 
     .venv/bin/python benchmarks/peakvi_fidelity.py --seeds 0 1 2
 
-Both tools get the same cells: 10% of the file's cells (numpy default_rng(0).choice, h5ad order: 60 cells) are
-held out and never trained on; the other 540 are written to one h5ad that both read (counts, batch `Group`,
-labels `BioClassification`). Each tool trains with its PEAKVI defaults (n_hidden int(sqrt(5000)) = 70,
-n_latent int(sqrt(70)) = 8, 2 + 2 layers, AdamW lr 1e-4, weight decay 1e-3, eps 1e-8, KL warm-up 50 epochs,
-batch 128, up to 500 epochs with early stopping on the reconstruction of a 10% validation split of its own
-training cells, patience 50; `--max-epochs` / `--n-epochs-kl-warmup` / `--no-early-stopping` change that for
-both). Per seed and tool:
+Both tools get the same cells: 10% of the file's cells (numpy default_rng(0).choice, h5ad order: 60 cells) are held
+out and never trained on; the other 540 are written to one h5ad that both read (counts, batch `Group`, labels
+`BioClassification`). Per seed both tools also split those 540 cells the same way into 486 training and 54
+validation cells (early stopping's): atlasvi's split of a training store built with that seed's row permutation
+(BuildConfig seed; the validation cells are its last 10% rows, `split_rows`), handed to scvi-tools' DataSplitter as
+`external_indexing` (`--scvi-split own`: scvi-tools draws its own split from its seed). Which 54 cells are left out
+of training moves the held-out BCE by about 2 nats, so with each tool's own split the comparison measures the splits
+as much as the training (benchmarks/README.md). Each tool trains with its PEAKVI defaults (n_hidden int(sqrt(5000))
+= 70, n_latent int(sqrt(70)) = 8, 2 + 2 layers, AdamW lr 1e-4, weight decay 1e-3, eps 1e-8, KL warm-up 50 epochs,
+batch 128, up to 500 epochs with early stopping on the reconstruction of the validation cells, patience 50; `--max-
+epochs` / `--n-epochs-kl-warmup` / `--no-early-stopping` change that for both); the table gives the epochs each tool
+ran. Per seed and tool:
 
 - held-out reconstruction: BCE(p d f, x > 0) summed over peaks, mean over the 60 held-out cells (nats per cell),
   at z = the posterior mean (deterministic; computed by this script from each tool's module the same way), and
   the tool's own one-draw figure (scvi-tools' get_reconstruction_error, atlasvi's get_reconstruction_error);
 - label kNN accuracy of the latent (posterior means of all 600 cells): 15-nearest-neighbour classifier
   (Euclidean), stratified 5-fold cross-validation (sklearn, shuffled with random_state 0) on BioClassification;
-  the same function scores both tools' latents.
+  the same function scores both tools' latents, both in the h5ad files' cell order (training then held-out
+  cells), so both get the same folds.
 
-The scvi-tools half is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv,
-`bash benchmarks/setup_scvi_venv.sh`) as a subprocess, one torch thread each. Output: results/peakvi_fidelity.json
-and .md (`--out NAME` for another name).
+The scvi-tools half is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv, `bash
+benchmarks/setup_scvi_venv.sh`) as a subprocess after atlasvi's seeds (one process at a time), one torch thread
+each. Output: results/peakvi_fidelity.json and .md (`--out NAME` for another name).
 """
 
 import argparse
@@ -41,6 +47,12 @@ CACHE = HERE / ".cache" / "peakvi_fidelity"
 BATCH_KEY, LABELS_KEY = "Group", "BioClassification"
 HELD_OUT_FRACTION = 0.1
 KNN_NEIGHBOURS, KNN_FOLDS = 15, 5
+SPLITS = {  # --scvi-split: which 54 of the 540 cells each tool validates on
+    "atlasvi": "per seed the same 54 for both tools, atlasvi's split of the training store built with the seed's"
+    " row permutation, given to scvi-tools as DataSplitter external_indexing",
+    "own": "each tool's own split (atlasvi's of its store built with the seed's permutation, scvi-tools' drawn from"
+    " its seed)",
+}
 
 
 def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS) -> float:
@@ -52,6 +64,21 @@ def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS
     return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), latent, labels, cv=split).mean())
 
 
+def atlasvi_knn_accuracy(model, stores: list[Path], h5ads: list[Path]) -> float:
+    """`knn_accuracy` of atlasvi's latent (posterior means) of the stores' cells, taken in the cell order of the
+    h5ad files the stores were built from (a store permutes its cells), so the folds are those of scvi-tools' run."""
+    import anndata as ad
+
+    latent = np.concatenate([model.get_latent_representation(store=store) for store in stores])
+    obs = [ad.read_zarr(store).obs for store in stores]
+    names = np.concatenate([o.index.to_numpy() for o in obs])
+    labels = np.concatenate([o[LABELS_KEY].astype(str).to_numpy() for o in obs])
+    wanted = np.concatenate([ad.read_h5ad(h5ad, backed="r").obs_names.to_numpy() for h5ad in h5ads])
+    order = {name: i for i, name in enumerate(names)}
+    rows = np.array([order[name] for name in wanted])
+    return knn_accuracy(latent[rows], labels[rows])
+
+
 def held_out_mask(n_cells: int) -> np.ndarray:
     """(n_cells,) bool: the held-out cells, numpy default_rng(0).choice of 10% in h5ad order."""
     picked = np.random.default_rng(0).choice(n_cells, size=round(HELD_OUT_FRACTION * n_cells), replace=False)
@@ -60,27 +87,60 @@ def held_out_mask(n_cells: int) -> np.ndarray:
     return mask
 
 
-def prepare() -> dict[str, Path]:
-    """The train and held-out h5ad files (both tools read them) and atlasvi's stores built from them."""
+def prepare(seeds: list[int]) -> dict:
+    """The train and held-out h5ad files (both tools read them), atlasvi's held-out store and one training store
+    per seed (built with the seed's row permutation), and per seed the validation cells: positions in the train
+    h5ad of the store's validation rows (`split_rows` at TrainConfig's validation_fraction)."""
     import anndata as ad
 
-    from atlasvi.data import BuildConfig, build_store
+    from atlasvi.data import BuildConfig, build_store, split_rows
+    from atlasvi.train import TrainConfig
 
     CACHE.mkdir(parents=True, exist_ok=True)
     paths = {name: CACHE / f"{name}.h5ad" for name in ("train", "heldout")}
-    stores = {name: CACHE / f"{name}.zarr" for name in ("train", "heldout")}
+    stores = {"heldout_store": CACHE / "heldout.zarr"} | {
+        f"train_store_{s}": CACHE / f"train_seed{s}.zarr" for s in seeds
+    }
     adata = ad.read_h5ad(GRANJA)
     adata.obs = adata.obs[[BATCH_KEY, LABELS_KEY]].copy()
     held = held_out_mask(adata.n_obs)
     for name, cells in (("train", ~held), ("heldout", held)):
         if not paths[name].exists():
             adata[cells].copy().write_h5ad(paths[name])
-        if not stores[name].exists():
+    for key, store in stores.items():
+        if not store.exists():
+            source = paths["heldout" if key == "heldout_store" else "train"]
+            seed = 0 if key == "heldout_store" else int(key.rsplit("_", 1)[1])
             config = BuildConfig(
-                inputs=[str(paths[name])], output=str(stores[name]), batch_key=BATCH_KEY, labels_key=LABELS_KEY
+                inputs=[str(source)], output=str(store), batch_key=BATCH_KEY, labels_key=LABELS_KEY, seed=seed
             )
             build_store(config)
-    return paths | {f"{name}_store": store for name, store in stores.items()}
+    train_names = ad.read_h5ad(paths["train"], backed="r").obs_names
+    validation = {}
+    for seed in seeds:
+        names = ad.read_zarr(stores[f"train_store_{seed}"]).obs_names
+        start, stop = split_rows(len(names), TrainConfig().validation_fraction)[1]
+        validation[str(seed)] = sorted(train_names.get_indexer(names[start:stop]).tolist())
+    return paths | stores | {"validation": validation}
+
+
+def heldout_bce(model, store: Path) -> float:
+    """atlasvi's held-out BCE(p d f, x > 0) at the posterior mean of z, summed over peaks, mean over the cells."""
+    import torch
+    import torch.nn.functional as F
+
+    from atlasvi.data import open_store
+
+    held = open_store(store)
+    module = model.module.eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in model._batches(held, None, 1024):
+            inputs = module.unpack(batch)
+            inference = module.inference(inputs)
+            probs = module.generative(inference["qz"].loc, inference["library"], inputs)["probs"]
+            total += F.binary_cross_entropy(probs, (inputs.x > 0).float(), reduction="none").sum().item()
+    return total / held.n_cells
 
 
 def train_fields(args: argparse.Namespace) -> dict:
@@ -96,40 +156,27 @@ def train_fields(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- atlasvi
-def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
-    """atlasvi's PEAKVI on the training store; the figures of one seed."""
-    import anndata as ad
+def atlasvi_side(paths: dict, seed: int, fields: dict) -> dict:
+    """atlasvi's PEAKVI on the seed's training store; the figures of one seed."""
     import torch
-    import torch.nn.functional as F
 
     from atlasvi.api import PEAKVI
-    from atlasvi.data import LoaderConfig, open_store
+    from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
 
     torch.set_num_threads(1)
-    model = PEAKVI(paths["train_store"], device="cpu", seed=seed)
+    train = paths[f"train_store_{seed}"]
+    model = PEAKVI(train, device="cpu", seed=seed)
     started = time.perf_counter()
     model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
     seconds = time.perf_counter() - started
-    held = open_store(paths["heldout_store"])
-    module = model.module.eval()
-    total = 0.0
-    with torch.no_grad():
-        for batch in model._batches(held, None, 1024):
-            inputs = module.unpack(batch)
-            inference = module.inference(inputs)
-            probs = module.generative(inference["qz"].loc, inference["library"], inputs)["probs"]
-            total += F.binary_cross_entropy(probs, (inputs.x > 0).float(), reduction="none").sum().item()
-    latents, labels = [], []
-    for name in ("train_store", "heldout_store"):
-        latents.append(model.get_latent_representation(store=paths[name]))
-        labels.append(ad.read_zarr(paths[name]).obs[LABELS_KEY].astype(str).to_numpy())
+    knn = atlasvi_knn_accuracy(model, [train, paths["heldout_store"]], [paths["train"], paths["heldout"]])
     return {
         "tool": "atlasvi",
         "seed": seed,
-        "heldout_bce_mean_z": total / held.n_cells,
+        "heldout_bce_mean_z": heldout_bce(model, paths["heldout_store"]),
         "heldout_bce_one_draw": model.get_reconstruction_error(store=paths["heldout_store"]),
-        "knn_accuracy": knn_accuracy(np.concatenate(latents), np.concatenate(labels)),
+        "knn_accuracy": knn,
         "epochs": len(model.history),
         "train_seconds": seconds,
         "n_hidden": model.module.n_hidden,
@@ -138,8 +185,9 @@ def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- scvi-tools
-def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
-    """scvi-tools' PEAKVI on the training h5ad (run in the scvi-tools venv); the figures of one seed."""
+def scvi_side(paths: dict, seed: int, fields: dict) -> dict:
+    """scvi-tools' PEAKVI on the training h5ad with the seed's validation cells (run in the scvi-tools venv); the
+    figures of one seed."""
     import logging
 
     import anndata as ad
@@ -155,6 +203,10 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
     model = scvi.model.PEAKVI(train)
     options = {k: v for k, v in fields.items() if k in ("max_epochs", "early_stopping", "n_epochs_kl_warmup")}
     started = time.perf_counter()
+    if paths["validation"] is not None:
+        validation = np.array(paths["validation"][str(seed)])
+        split = [np.setdiff1d(np.arange(train.n_obs), validation), validation, np.array([], dtype=int)]
+        options["datasplitter_kwargs"] = {"external_indexing": split}
     model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
     seconds = time.perf_counter() - started
     held = model._validate_anndata(held)  # registered like the training data (same batches)
@@ -196,8 +248,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}.",
         "",
-        "Same 540 training cells and 60 held-out cells (never trained on) for both tools; each tool's PEAKVI defaults"
-        f" (training options over them: {meta['train_fields'] or 'none'}). Held-out BCE: nats per cell summed over"
+        "Same 540 training cells and 60 held-out cells (never trained on) for both tools; validation (early"
+        f" stopping's) cells: {SPLITS[meta['scvi_split']]}. Each tool's PEAKVI defaults"
+        f" (training options over them: {meta['train_fields'] or 'none'}); epochs: those each tool ran (early"
+        " stopping's stop, else the maximum). Held-out BCE: nats per cell summed over"
         " peaks at the posterior mean of z (lower is better); one-draw: each tool's own get_reconstruction_error."
         f" kNN: {KNN_NEIGHBOURS}-NN label accuracy, stratified {KNN_FOLDS}-fold CV on the latent of all 600 cells.",
         "",
@@ -226,6 +280,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
     parser.add_argument("--no-early-stopping", action="store_true")
+    parser.add_argument("--scvi-split", choices=sorted(SPLITS), default="atlasvi", help="scvi-tools' validation cells")
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
     parser.add_argument("--out", default="peakvi_fidelity", help="results/OUT.json and results/OUT.md")
@@ -236,29 +291,22 @@ def main() -> None:
         for seed in args.seeds:
             print(json.dumps(scvi_side(paths, seed, fields)), flush=True)
         return
-    paths = prepare()
-    command = [
-        str(SCVI_PYTHON),
-        __file__,
-        "--side",
-        "scvi",
-        "--paths",
-        json.dumps({k: str(v) for k, v in paths.items()}),
-    ]
+    paths = prepare(args.seeds)
+    rows = []
+    for seed in args.seeds:
+        rows.append(atlasvi_side(paths, seed, fields))
+        print(json.dumps(rows[-1]), flush=True)
+    given = paths | {"validation": paths["validation"] if args.scvi_split == "atlasvi" else None}
+    command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", json.dumps(given, default=str)]
     command += ["--seeds", *map(str, args.seeds)]
     for flag, value in (("--max-epochs", args.max_epochs), ("--n-epochs-kl-warmup", args.n_epochs_kl_warmup)):
         command += [flag, str(value)] if value is not None else []
     command += ["--no-early-stopping"] if args.no_early_stopping else []
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    scvi = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    rows = []
-    for seed in args.seeds:
-        rows.append(atlasvi_side(paths, seed, fields))
-        print(json.dumps(rows[-1]), flush=True)
-    output, _ = scvi.communicate()
+    scvi = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     if scvi.returncode != 0:
         raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
-    for line in output.splitlines():
+    for line in scvi.stdout.splitlines():
         if line.startswith('{"tool"'):
             rows.append(json.loads(line))
             print(line, flush=True)
@@ -266,6 +314,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/peakvi_fidelity.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread per side",
         "train_fields": fields,
+        "scvi_split": args.scvi_split,
         "held_out_cells": int(round(HELD_OUT_FRACTION * 600)),
     }
     results = HERE / "results"
