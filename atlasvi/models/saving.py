@@ -125,7 +125,15 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: s
 def load_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Start `module` from another model's trained weights (`--init-from`): every weight of `state` is loaded, and
     each weight under the module's `init_prefixes` must come from it; the others keep their initial values.
-    A state that does not fit raises ModelFileError naming the first weight at fault."""
+    A state that does not fit raises ModelFileError naming the first weight at fault (`check_init_state`)."""
+    check_init_state(module, state, where)
+    module.load_state_dict(state, strict=False)
+
+
+def check_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """ModelFileError naming the first weight at fault where `load_init_state` could not start `module` from `state`
+    (a weight the module lacks, one under its `init_prefixes` missing, another shape); reads only names and shapes,
+    so `module` may be shape-only (built on torch's meta device)."""
     prefixes: tuple[str, ...] = getattr(module, "init_prefixes", ())
     expected = module.state_dict()
     problems = [f"{k!r} is not a weight of this model" for k in state if k not in expected]
@@ -140,7 +148,6 @@ def load_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], whe
             f"{where}: the weights do not fit this model: {problems[0]}"
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
-    module.load_state_dict(state, strict=False)
 
 
 def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:

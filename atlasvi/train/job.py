@@ -18,7 +18,7 @@ from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.errors import ConfigError
 from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelConfig, default_model_config, entry_of, get_entry
-from atlasvi.models.saving import load_init_state, load_weights, read_meta, saved_schema
+from atlasvi.models.saving import check_init_state, load_init_state, load_weights, read_meta, saved_schema
 from atlasvi.train.loop import TrainConfig, pretrained_max_epochs
 
 
@@ -141,7 +141,11 @@ class ModuleSpec:
 
 def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
     """The job's ModuleSpec on `store`: the registry from the store (or from the `init_from` model, whose
-    method must be one the job's model can start from: ConfigError naming both), the code maps, the weights."""
+    method must be one the job's model can start from: ConfigError naming both), the code maps, the weights.
+
+    The checks (the model on this registry, the init weights' names and shapes, the store's codes) run on a
+    shape-only module on torch's meta device: no weight is allocated, initialised or loaded here, so the runner's
+    `build_module` (or user class) builds the one module with weights."""
     entry = entry_of(job.model)
     base, init_state = store.schema, None
     if job.init_from is not None:
@@ -155,11 +159,12 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
         base, init_state = saved_schema(meta, store.n_cells), load_weights(Path(job.init_from))
     try:
         schema = entry.module_class.registry(base, job.model)  # type: ignore[attr-defined]
-        module = build_module(job.model, schema, job.train.seed)
+        with torch.device("meta"):
+            module = entry.module_class(schema, job.model)  # type: ignore[attr-defined]
     except ValueError as err:
         raise ConfigError(f"{store.path}: {err}") from None
     if init_state is not None:
-        load_init_state(module, init_state, f"init_from {job.init_from}")
+        check_init_state(module, init_state, f"init_from {job.init_from}")
     maps = module.code_maps(store.schema, str(store.path))  # type: ignore[operator]
     return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state, module.used_modalities)
 
