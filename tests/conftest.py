@@ -29,6 +29,15 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"the real datasets are expected in {SHARED_DATA} (../shared/data beside the repo)")
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one torch thread: a command run in-process (`atlasvi train` sets its own thread count)
+    must not leave the next test's float reductions in another order (a resumed run compared bit for bit with an
+    uninterrupted one failed so, depending on the tests before it)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def cellbench() -> ad.AnnData:
     """CellBench sc_mixology: 1408 cells x 11533 genes, batch `batch` (5), labels `cell_line` (5)."""
