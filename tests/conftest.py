@@ -33,9 +33,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def _one_torch_thread():
     """Every test starts on one torch thread: a command run in-process (`atlasvi train` sets its own thread count)
     must not leave the next test's float reductions in another order (a resumed run compared bit for bit with an
-    uninterrupted one failed so, depending on the tests before it)."""
+    uninterrupted one failed so, depending on the tests before it). Reset after the test too, so that the wider
+    fixtures set up before the next test's (a module's trained model) see one thread as well."""
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
