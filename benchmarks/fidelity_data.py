@@ -21,6 +21,23 @@ from pathlib import Path
 
 import numpy as np
 
+KNN_NEIGHBOURS, KNN_FOLDS = 15, 5
+
+
+def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS) -> float:
+    """Mean accuracy of a k-nearest-neighbour label classifier on the latent, stratified `folds`-fold CV."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), latent, labels, cv=split).mean())
+
+
+def seed_summary(rows: list[dict], tool: str, key: str) -> tuple[float, float, float, float]:
+    """(mean, sd, min, max) of `key` over the rows (one a seed) of `tool`."""
+    values = np.array([r[key] for r in rows if r["tool"] == tool])
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, values.min(), values.max()
+
 
 def parse_filters(items: list[str] | None) -> dict[str, str]:
     out = {}

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fidelity_data import KNN_FOLDS, KNN_NEIGHBOURS, knn_accuracy, seed_summary
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 GRANJA = SHARED / "granja2019_bmmc_scatac_5kpeaks.h5ad"
@@ -46,22 +48,12 @@ SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
 CACHE = HERE / ".cache" / "peakvi_fidelity"
 BATCH_KEY, LABELS_KEY = "Group", "BioClassification"
 HELD_OUT_FRACTION = 0.1
-KNN_NEIGHBOURS, KNN_FOLDS = 15, 5
 SPLITS = {  # --scvi-split: which 54 of the 540 cells each tool validates on
     "atlasvi": "per seed the same 54 for both tools, atlasvi's split of the training store built with the seed's"
     " row permutation, given to scvi-tools as DataSplitter external_indexing",
     "own": "each tool's own split (atlasvi's of its store built with the seed's permutation, scvi-tools' drawn from"
     " its seed)",
 }
-
-
-def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS) -> float:
-    """Mean accuracy of a k-nearest-neighbour label classifier on the latent, stratified `folds`-fold CV."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
-    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), latent, labels, cv=split).mean())
 
 
 def atlasvi_knn_accuracy(model, stores: list[Path], h5ads: list[Path]) -> float:
@@ -236,12 +228,6 @@ def scvi_side(paths: dict, seed: int, fields: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- report
-def summary(rows: list[dict], tool: str, key: str) -> tuple[float, float, float, float]:
-    """(mean, sd, min, max) of `key` over the seeds of `tool`."""
-    values = np.array([r[key] for r in rows if r["tool"] == tool])
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, values.min(), values.max()
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# PeakVI fidelity: atlasvi vs scvi-tools 1.4.2 (Granja 2019 BMMC scATAC, 600 cells x 5000 peaks)",
@@ -266,7 +252,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "| tool | held-out BCE (mean z), mean ± sd [min, max] | kNN accuracy, mean ± sd [min, max] |"]
     lines += ["|---|---|---|"]
     for tool in ("atlasvi", "scvi-tools"):
-        bce, knn = summary(rows, tool, "heldout_bce_mean_z"), summary(rows, tool, "knn_accuracy")
+        bce, knn = seed_summary(rows, tool, "heldout_bce_mean_z"), seed_summary(rows, tool, "knn_accuracy")
         lines.append(
             f"| {tool} | {bce[0]:.2f} ± {bce[1]:.2f} [{bce[2]:.2f}, {bce[3]:.2f}] | "
             f"{knn[0]:.3f} ± {knn[1]:.3f} [{knn[2]:.3f}, {knn[3]:.3f}] |"

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fidelity_data import KNN_FOLDS, KNN_NEIGHBOURS, knn_accuracy, seed_summary
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 CBMC = SHARED / "cbmc_citeseq_stoeckius2017_top2000genes.h5ad"
@@ -48,17 +50,7 @@ SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
 CACHE = HERE / ".cache" / "totalvi_fidelity"
 PROTEIN_KEY, BATCH_KEY, LABELS_KEY = "protein_expression", "source", "scdcc_label"
 HELD_OUT_FRACTION = RNA_ONLY_FRACTION = 0.1
-KNN_NEIGHBOURS, KNN_FOLDS = 15, 5
 IMPUTATION_DRAWS = 10
-
-
-def knn_accuracy(latent: np.ndarray, labels: np.ndarray, k: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS) -> float:
-    """Mean accuracy of a k-nearest-neighbour label classifier on the latent, stratified `folds`-fold CV."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
-    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), latent, labels, cv=split).mean())
 
 
 def imputation_pearson(imputed: np.ndarray, observed: np.ndarray) -> list[float]:
@@ -217,12 +209,6 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | 
 
 
 # --------------------------------------------------------------------------------------------- report
-def summary(rows: list[dict], tool: str, key: str) -> tuple[float, float, float, float]:
-    """(mean, sd, min, max) of `key` over the seeds of `tool`."""
-    values = np.array([r[key] for r in rows if r["tool"] == tool])
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, values.min(), values.max()
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
     """The results table: every seed, then mean ± sd [min, max] per tool, then Pearson r per protein."""
     lines = [
@@ -255,7 +241,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for tool in ("atlasvi", "scvi-tools"):
         cells = []
         for key, digits in (("heldout_elbo", 1), ("knn_accuracy", 3), ("imputation_pearson_mean", 3)):
-            mean, sd, low, high = summary(rows, tool, key)
+            mean, sd, low, high = seed_summary(rows, tool, key)
             cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
         lines.append(f"| {tool} | " + " | ".join(cells) + " |")
     proteins = list(rows[0]["imputation_pearson"])
