@@ -43,6 +43,10 @@ def build_command(
         str | None,
         typer.Option(help="scATAC peak counts: obsm key in .h5ad inputs, modality in .h5mu (10x .h5: Peaks)"),
     ] = None,
+    spatial_key: Annotated[
+        str | None,
+        typer.Option(help="obsm key of spatial coordinates in .h5ad inputs, kept as obsm['spatial'] (default spatial)"),
+    ] = None,
     gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
     n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
     hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
@@ -73,6 +77,7 @@ def build_command(
         "gene_id_key": gene_id_key,
         "protein_key": protein_key,
         "atac_key": atac_key,
+        "spatial_key": spatial_key,
         "gene_join": gene_join,
         "n_top_genes": n_top_genes,
         "hvg_subset": hvg_subset,
@@ -110,6 +115,10 @@ def _print_summary(path: Path) -> None:
             panels = ", ".join(str(sum(row)) for row in modality["batch_mask"])
             what = f"{len(features)}: {shown}"
         table.add_row(f"{name} (obsm[{modality['obsm_key']!r}])", f"{what}; measured per {meta['batch_key']}: {panels}")
+    if meta.get("spatial"):
+        table.add_row(
+            "spatial coordinates", f"obsm[{meta['spatial']['obsm_key']!r}]: {meta['spatial']['n_dims']} per cell"
+        )
     table.add_row("inputs", ", ".join(Path(i["path"]).name for i in meta["provenance"]["inputs"]))
     Console().print(table)
 

@@ -11,6 +11,8 @@ first appearance; a protein outside an input's panel is stored as 0 and masked a
 become the store's protein modality (see `atlasvi.data.store`). With an ATAC key, each cell's peak counts
 travel as a second sparse matrix (their own shuffle buckets) and become the store's "atac" modality; inputs
 with peaks must share one peak set (aligned by name), a cell without peaks is stored as not measured.
+Spatial coordinates (obsm[spatial_key] of every input) travel with their cells too and become the store's
+obsm["spatial"] (float64, cells x 2 or 3), as scanpy and squidpy read them.
 The store is written to a hidden sibling and renamed into place at the end: an interrupted build
 leaves nothing under the target name. The hidden siblings (`.NAME.building-`, `.scratch-`, `.replaced-`)
 carry the host and pid of their build: an interrupted build removes its own, and one killed outright
@@ -54,6 +56,7 @@ from atlasvi.data.store import (
     SCHEMA_VERSION,
     SHARD_NNZ,
     SHARD_ROWS,
+    SPATIAL_OBSM_KEY,
     compressors,
 )
 
@@ -83,7 +86,9 @@ class _InputPlan:
 def _open(config: BuildConfig, path: Path) -> InputFile:
     keys = [k for k in [config.batch_key, config.labels_key] if k is not None]
     keys += config.categorical_covariate_keys + config.continuous_covariate_keys + config.annotation_keys
-    return open_input(path, keys, config.layer, config.gene_id_key, config.protein_key, config.atac_key)
+    return open_input(
+        path, keys, config.layer, config.gene_id_key, config.protein_key, config.atac_key, config.spatial_key
+    )
 
 
 def _align_genes(config: BuildConfig, genes: list[tuple[Path, np.ndarray, np.ndarray]]):
@@ -551,13 +556,14 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
 
     # Pass 0: metadata of every input (genes, categories, hashes of cell names); one input open at a time.
     genes, categories = [], {k: set() for k in stored_keys}
-    n_cells_in, name_hashes, panels, peak_sets = [], [], [], []
+    n_cells_in, name_hashes, panels, peak_sets, spatial_dims = [], [], [], [], []
     for i, path in enumerate(paths):
         source = _open(config, path)
         try:
             genes.append((path, source.gene_ids, source.gene_names))
             panels.append(source.sides["protein"].names if "protein" in source.sides else None)
             peak_sets.append((path, source.sides["atac"].names) if "atac" in source.sides else None)
+            spatial_dims.append(len(source.sides["spatial"].names) if "spatial" in source.sides else 0)
             n_cells_in.append(source.n_cells)
             if config.batch_key is None:
                 categories[batch_key].add(path.name)
@@ -593,6 +599,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     atac = config.atac_key is not None
     peak_names, peak_maps = _align_peaks(peak_sets) if atac else ([], [None] * len(paths))
     n_peaks = len(peak_names)
+    n_spatial = _spatial_dims(config, paths, spatial_dims)
+    spatial = n_spatial > 0
     plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, peak_maps, strict=True)]
     n_genes_all = len(gene_ids)
     n_batch = len(categories[batch_key])
@@ -631,6 +639,14 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             if peaks is not None:
                 _validate_chunk(plan.path, peaks, obs.index, source.sides["atac"].names, "peak", "peak ")
                 max_peak = max(max_peak, int(peaks.data.max(initial=0)))
+        if spatial:
+            coordinates = source.side_rows("spatial", rows.start, rows.stop)
+            if not np.isfinite(coordinates).all():
+                row = int(np.flatnonzero(~np.isfinite(coordinates).all(axis=1))[0])
+                raise AtlasInputError(
+                    f"{plan.path}: obsm[{config.spatial_key!r}] (spatial coordinates) holds NaN or infinite values "
+                    f"at cell {str(obs.index[row])!r}"
+                )
         aligned = _remap(counts, plan.gene_map, n_genes_all)
         totals = np.asarray(aligned.sum(axis=1)).ravel()
         empty = totals == 0
@@ -715,6 +731,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
                 fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
         for key in cont_keys:
             fields[key] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
+        if spatial:
+            fields["spatial"] = source.side_rows("spatial", rows.start, rows.stop)[keep]
         if proteins:
             panel = plan.protein_map
             values = np.zeros((n_kept, n_proteins), dtype=protein_dtype)
@@ -805,7 +823,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
     )
     chunk_rows = 0
-    if proteins or atac:
+    if proteins or atac or spatial:
         obsm = root.create_group("obsm")
         obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
     if atac:
@@ -824,6 +842,11 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         mask = _create(obsm, f"{ATAC_OBSM_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
         writers["atac:mask"] = _SequentialWriter(mask, SHARD_ROWS)
         peak_offset = 0
+    if spatial:
+        coordinates = _create(
+            obsm, SPATIAL_OBSM_KEY, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname, n_spatial
+        )
+        writers["spatial"] = _SequentialWriter(coordinates, SHARD_ROWS)
     if proteins:
         per_row = n_proteins * protein_dtype.itemsize
         chunk_rows = int(min(CHUNK_ROWS, max(1024, 2 ** int(np.log2(max(1, DENSE_CHUNK_BYTES // per_row))))))
@@ -852,6 +875,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         dtypes |= {"protein": protein_dtype, "protein_mask": np.uint8}
     if atac:
         dtypes["atac_mask"] = np.uint8
+    if spatial:
+        dtypes["spatial"] = np.float64
     row_offset, entry_offset = 0, 0
     for k in range(buckets.n):
         part = buckets.read(k, dtypes)
@@ -868,6 +893,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
         for key in cont_keys:
             writers[f"cont:{key}"].append(part[key][order_k])
+        if spatial:
+            writers["spatial"].append(part["spatial"].reshape(-1, n_spatial)[order_k])
         if atac:
             writers["atac:mask"].append(part["atac_mask"][order_k].reshape(-1, 1))
             peak_part = peak_buckets.read(
@@ -918,7 +945,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     uns = {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)} if proteins else {}
     uns |= {f"{ATAC_OBSM_KEY}_names": np.array(peak_names, dtype=object)} if atac else {}
     for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
-        if name == "obsm" and (proteins or atac):
+        if name == "obsm" and (proteins or atac or spatial):
             continue
         _write_small(root, name, uns if name == "uns" else {})
     modalities = {}
@@ -967,6 +994,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         "library_log_means": log_means.tolist(),
         "library_log_vars": log_vars.tolist(),
         "modalities": modalities,
+        "spatial": {"obsm_key": SPATIAL_OBSM_KEY, "n_dims": n_spatial} if spatial else None,
         "layout": {"chunk_nnz": CHUNK_NNZ, "shard_nnz": SHARD_NNZ, "chunk_rows": CHUNK_ROWS, "shard_rows": SHARD_ROWS},
         "provenance": {
             "atlasvi_version": __version__,
@@ -985,6 +1013,28 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(staging)
+
+
+def _spatial_dims(config: BuildConfig, paths: list[Path], dims: list[int]) -> int:
+    """How many spatial coordinates the store keeps per cell: those of every input (0: none, with a warning when
+    only some inputs have them); inputs whose coordinates differ in number are refused."""
+    if config.spatial_key is None or not any(dims):
+        return 0
+    if not all(dims):
+        without = paths[dims.index(0)]
+        warnings.warn(
+            f"{without}: no obsm[{config.spatial_key!r}] (spatial coordinates) while other inputs have them: the "
+            "store keeps none",
+            stacklevel=3,
+        )
+        return 0
+    if len(set(dims)) > 1:
+        odd = next(p for p, d in zip(paths, dims, strict=True) if d != dims[0])
+        raise AtlasInputError(
+            f"{odd}: obsm[{config.spatial_key!r}] holds {dims[paths.index(odd)]} coordinates per cell, "
+            f"{paths[0]} {dims[0]}: inputs must share one coordinate system"
+        )
+    return dims[0]
 
 
 def _append_names(buckets: _Buckets, dest: np.ndarray, name_bytes: np.ndarray, name_len: np.ndarray) -> None:

@@ -32,6 +32,9 @@ class BuildConfig(_Frozen):
     atac_key: read scATAC peak counts too (the store's "atac" modality, CSR in obsm["atac"]): an `.h5ad`'s
       obsm[atac_key] with the peaks in uns[atac_key + "_names"], an `.h5mu`'s modality atac_key (e.g. "atac"),
       a 10x `.h5`'s Peaks features; inputs with peaks must share one peak set.
+    spatial_key: the obsm key of spatial coordinates (spots x 2 or 3) in `.h5ad` inputs (in an `.h5mu`, its RNA
+      modality's); kept, with each cell, as the store's obsm["spatial"] when every input has them (a warning
+      names the first input without them otherwise); None reads none.
     overwrite: replace an existing atlas store at `output` (anything else there is refused).
     Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`
     does (later occurrences become NAME-1, NAME-2, ...), with a warning.
@@ -50,6 +53,7 @@ class BuildConfig(_Frozen):
     gene_id_key: str | None = None
     atac_key: str | None = Field(default=None, min_length=1)
     protein_key: str | None = Field(default=None, min_length=1)
+    spatial_key: str | None = Field(default="spatial", min_length=1)
     gene_join: Literal["inner", "outer"] = "inner"
     n_top_genes: int | None = Field(default=None, gt=0)
     hvg_subset: bool = True

@@ -15,6 +15,10 @@ as not measured, a protein cell without RNA is refused.
 Peak counts (scATAC), asked for with an ATAC key, are read the same way, as sparse rows: an `.h5ad`'s
 `obsm[key]` with the peak names in `uns[key + "_names"]`, an `.h5mu`'s modality `key` (e.g. "atac"), a 10x
 `.h5`'s "Peaks" features.
+
+Spatial coordinates, asked for with a spatial key, are an `.h5ad`'s (or the `.h5mu` RNA modality's) dense
+`obsm[key]` (spots x 2 or 3, as scanpy and squidpy keep `obsm["spatial"]`), read by rows; an input without
+them has no "spatial" side (the build decides what that means).
 """
 
 import hashlib
@@ -136,7 +140,8 @@ class InputFile:
 
     def side_rows(self, name: str, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
         """Counts of modality `name` for cells [start, stop), as stored (not validated): (stop - start, features)
-        float64 for proteins, canonical CSR (indices sorted, duplicates summed, no stored zeros) for peaks."""
+        float64 for proteins (and spatial coordinates), canonical CSR (indices sorted, duplicates summed, no
+        stored zeros) for peaks."""
         try:
             block = self.sides[name].reader[start:stop]
             if name != "atac":
@@ -186,7 +191,11 @@ class _ColumnFrame:
         return np.stack([np.asarray(c[rows], dtype=np.float64) for c in self._columns], axis=1)
 
 
-SIDE_WHAT = {"protein": ("protein counts", "protein"), "atac": ("peak counts", "peak")}
+SIDE_WHAT = {
+    "protein": ("protein counts", "protein"),
+    "atac": ("peak counts", "peak"),
+    "spatial": ("spatial coordinates", "coordinate"),
+}
 """modality -> (what its counts are, what a feature is), for messages."""
 
 
@@ -227,6 +236,27 @@ def _h5ad_side(path: Path, handle: h5py.File, name: str, key: str, n_cells: int)
             f"expected ({n_cells} cells, {len(names)} {feature}s)"
         )
     return SideModality(names, reader)
+
+
+def _h5ad_spatial(path: Path, root: h5py.Group, key: str, n_cells: int) -> SideModality | None:
+    """Spatial coordinates of an `.h5ad` (or of an `.h5mu`'s RNA modality): a dense obsm[key] of n_cells rows and
+    2 or 3 columns; None when obsm has no `key`."""
+    obsm = root["obsm"] if "obsm" in root else {}
+    if key not in obsm:
+        return None
+    elem = obsm[key]
+    if not isinstance(elem, h5py.Dataset) or len(elem.shape) != 2 or elem.shape[0] != n_cells:
+        shape = tuple(elem.shape) if isinstance(elem, h5py.Dataset) else elem.attrs.get("encoding-type", "group")
+        raise AtlasInputError(
+            f"{path}: obsm[{key!r}] (spatial coordinates) is {shape}, expected a dense array of ({n_cells} cells, 2 "
+            "or 3 coordinates)"
+        )
+    if elem.shape[1] not in (2, 3) or elem.dtype.kind not in "iuf":
+        raise AtlasInputError(
+            f"{path}: obsm[{key!r}] (spatial coordinates) has {elem.shape[1]} columns of dtype {elem.dtype}, expected "
+            "2 or 3 numeric coordinates"
+        )
+    return SideModality(np.asarray(["x", "y", "z"][: elem.shape[1]]), elem)
 
 
 class _MatchedRows:
@@ -294,6 +324,7 @@ def _open_h5ad(
     gene_id_key: str | None,
     side_keys: dict[str, str],
     modality: str | None = None,
+    spatial_key: str | None = None,
 ) -> InputFile:
     """An `.h5ad`, or with `modality` the RNA modality of an `.h5mu` (the same AnnData layout under mod/NAME)."""
     what = ".h5mu" if modality else ".h5ad"
@@ -324,6 +355,8 @@ def _open_h5ad(
         else:
             cells = _cell_names(obs_group)
             sides = {name: _h5mu_side(path, handle, name, key, cells) for name, key in side_keys.items()}
+        if spatial_key is not None and (spatial := _h5ad_spatial(path, root, spatial_key, len(obs))) is not None:
+            sides["spatial"] = spatial
     except AtlasInputError:
         handle.close()
         raise
@@ -390,10 +423,12 @@ def open_input(
     gene_id_key: str | None = None,
     protein_key: str | None = None,
     atac_key: str | None = None,
+    spatial_key: str | None = None,
 ) -> InputFile:
     """Open one input for a build; obs_keys must all be obs columns of it. protein_key / atac_key: read the protein
     (peak) counts too: an `.h5ad`'s obsm[key], an `.h5mu`'s modality key, a 10x `.h5`'s Antibody Capture (Peaks)
-    features; 10x folders have neither."""
+    features; 10x folders have neither. spatial_key: the `.h5ad`'s (`.h5mu` RNA modality's) obsm key of spatial
+    coordinates, read as the side "spatial" where the input has it (10x inputs have none)."""
     if not path.exists():
         raise AtlasInputError(f"{path}: input does not exist")
     kind = detect_kind(path)
@@ -403,7 +438,7 @@ def open_input(
         raise AtlasInputError(f"{path}: a 10x matrix folder holds no {what}; give the 10x .h5 file instead")
     if kind in ("h5ad", "h5mu"):
         modality = RNA_MODALITY if kind == "h5mu" else None
-        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, side_keys, modality)
+        opened = _open_h5ad(path, obs_keys, layer, gene_id_key, side_keys, modality, spatial_key)
     else:
         opened = _open_10x(path, kind, obs_keys, list(side_keys))
     duplicated = pd.Index(opened.gene_ids)[pd.Index(opened.gene_ids).duplicated()].unique()

@@ -14,6 +14,8 @@ Layout (any scverse tool opens it with `anndata.read_zarr`):
                             uns/atac_names; its mask obsm/atac_mask is cells x 1 (whether the cell's ATAC
                             was measured). One AnnData: `anndata.read_zarr` opens every modality, and a MuData
                             is one call away (`MuData({"rna": adata, "atac": AnnData(adata.obsm["atac"], ...)})`).
+  obsm/spatial              spatial coordinates (cells x 2 or 3, float64) of a store built from inputs that
+                            have them (attrs "spatial": {obsm_key, n_dims}); no model reads them
   attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, modalities,
                             provenance
 
@@ -48,6 +50,7 @@ CHUNK_ROWS = 1 << 16  # rows per chunk of X/indptr and of obs arrays
 SHARD_ROWS = 1 << 20
 PROTEIN_OBSM_KEY = "protein_expression"  # where scvi-tools' totalVI tutorials keep protein counts
 ATAC_OBSM_KEY = "atac"  # MuData's (and muon's) name of the chromatin-accessibility modality
+SPATIAL_OBSM_KEY = "spatial"  # where scanpy and squidpy keep spots' coordinates
 DENSE_CHUNK_BYTES = 1 << 20  # a dense modality's chunk: about 1 MiB of counts (rows x features)
 DENSE_SHARD_CHUNKS = 16  # chunks of rows per shard file of a dense modality
 
