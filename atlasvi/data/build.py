@@ -110,6 +110,17 @@ def _align_genes(config: BuildConfig, genes: list[tuple[Path, np.ndarray, np.nda
             for gene_id, name in zip(ids, names, strict=True):
                 seen.setdefault(gene_id, name)
         aligned_ids, aligned_names = np.array(list(seen), dtype=str), np.array(list(seen.values()), dtype=str)
+    if config.genes is not None:  # exactly these genes, in this order
+        found = pd.Index(aligned_ids).get_indexer(config.genes)
+        missing = [g for g, i in zip(config.genes, found, strict=True) if i < 0]
+        if missing and config.gene_join == "inner":
+            raise AtlasInputError(
+                f"{len(missing)} of the {len(config.genes)} genes asked for are not in every input "
+                f"(first {missing[:5]}); check --gene-id-key, or use --gene-join outer to store them as zeros"
+            )
+        named = dict(zip(aligned_ids, aligned_names, strict=True))
+        aligned_ids = np.array(config.genes, dtype=str)
+        aligned_names = np.array([named.get(g, g) for g in config.genes], dtype=str)
     position = pd.Index(aligned_ids)
     maps = [position.get_indexer(ids) for _, ids, _ in genes]
     return aligned_ids, aligned_names, maps

@@ -35,6 +35,9 @@ class BuildConfig(_Frozen):
     spatial_key: the obsm key of spatial coordinates (spots x 2 or 3) in `.h5ad` inputs (in an `.h5mu`, its RNA
       modality's); kept, with each cell, as the store's obsm["spatial"] when every input has them (a warning
       names the first input without them otherwise); None reads none.
+    genes: the gene ids to store, in this order (e.g. a trained model's, to use it on new data); each must be in
+      the inputs (with gene_join "outer", a gene no input has is stored as zeros), the other genes are dropped;
+      not with n_top_genes.
     overwrite: replace an existing atlas store at `output` (anything else there is refused).
     Cell names repeated across (or within) inputs are made unique as anndata's `obs_names_make_unique`
     does (later occurrences become NAME-1, NAME-2, ...), with a warning.
@@ -56,6 +59,7 @@ class BuildConfig(_Frozen):
     spatial_key: str | None = Field(default="spatial", min_length=1)
     gene_join: Literal["inner", "outer"] = "inner"
     n_top_genes: int | None = Field(default=None, gt=0)
+    genes: list[str] | None = Field(default=None, min_length=1)
     hvg_subset: bool = True
     zero_count_cells: Literal["error", "drop"] = "error"
     seed: int = 0
@@ -74,6 +78,10 @@ class BuildConfig(_Frozen):
             raise ValueError("with batch_key null the store's batch column is 'batch' (one per input): rename yours")
         if self.unlabeled_batches and self.labels_key is None:
             raise ValueError("unlabeled_batches needs a labels_key")
+        if self.genes is not None and self.n_top_genes is not None:
+            raise ValueError("genes and n_top_genes exclude each other (genes names the genes to store)")
+        if self.genes is not None and len(set(self.genes)) != len(self.genes):
+            raise ValueError("genes lists a gene twice")
         return self
 
 

@@ -276,3 +276,22 @@ def test_annotation_columns_are_stored_but_not_covariates(tmp_path, kang):
     assert meta["annotations"] == {"condition": ["ctrl", "stim"], "donor": ["101", "107"]}
     codes, categories = opened.read_obs_categorical("condition")
     assert categories == ("ctrl", "stim") and np.bincount(codes).tolist() == [750, 806]
+
+
+def test_genes_stores_exactly_those_genes_in_that_order(tmp_path, kang):
+    """`genes` (a model's genes): those columns, in the given order, every count kept; a gene not in the input is
+    named (inner join) or stored as zeros (outer join); not with n_top_genes."""
+    top = np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:30]  # every cell has counts in them
+    genes = [str(g) for g in kang.var_names[np.sort(top)[::-1]]]  # the file's order, reversed
+    path = _build(tmp_path, inputs=[str(KANG)], batch_key="sample", genes=genes)
+    store = open_store(path)
+    assert list(store.schema.gene_ids) == genes
+    stored = ad.read_zarr(path)
+    np.testing.assert_array_equal(stored.X.toarray(), _dense_by_name(kang, stored.obs_names, genes))
+    with pytest.raises(AtlasInputError, match=r"1 of the 31 genes asked for are not in every input \(first \['NOPE'\]"):
+        _build(tmp_path, "missing.zarr", inputs=[str(KANG)], genes=[*genes, "NOPE"])
+    outer = ad.read_zarr(_build(tmp_path, "outer.zarr", inputs=[str(KANG)], genes=["NOPE", *genes], gene_join="outer"))
+    assert list(outer.var_names) == ["NOPE", *genes]
+    assert outer.X[:, 0].sum() == 0 and outer.X[:, 1:].sum() == kang[:, genes].X.sum()
+    with pytest.raises(ValueError, match="genes and n_top_genes exclude each other"):
+        BuildConfig(inputs=[str(KANG)], output="x.zarr", genes=genes, n_top_genes=10)
