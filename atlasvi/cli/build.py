@@ -108,13 +108,17 @@ def _print_summary(path: Path) -> None:
     for name, modality in (meta.get("modalities") or {}).items():
         features = modality["features"]
         shown = ", ".join(features[:6]) + (" ..." if len(features) > 6 else "")
-        if modality.get("kind", "dense") == "csr":
+        if modality.get("kind") == "mask":
+            panels = ", ".join("yes" if row[0] else "no" for row in modality["batch_mask"])
+            what = f"presence mask, {modality['n_measured']} of {meta['n_cells']} cells measured"
+        elif modality.get("kind", "dense") == "csr":
             panels = ", ".join("yes" if row[0] else "no" for row in modality["batch_mask"])
             what = f"{len(features)} (sparse, {modality['nnz']} non-zeros): {shown}"
         else:
             panels = ", ".join(str(sum(row)) for row in modality["batch_mask"])
             what = f"{len(features)}: {shown}"
-        table.add_row(f"{name} (obsm[{modality['obsm_key']!r}])", f"{what}; measured per {meta['batch_key']}: {panels}")
+        key = modality["obsm_key"] + ("_mask" if modality.get("kind") == "mask" else "")
+        table.add_row(f"{name} (obsm[{key!r}])", f"{what}; measured per {meta['batch_key']}: {panels}")
     if meta.get("spatial"):
         table.add_row(
             "spatial coordinates", f"obsm[{meta['spatial']['obsm_key']!r}]: {meta['spatial']['n_dims']} per cell"

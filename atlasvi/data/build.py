@@ -10,7 +10,13 @@ With a protein key, each cell's protein counts travel with it (the union of the 
 first appearance; a protein outside an input's panel is stored as 0 and masked as not measured) and
 become the store's protein modality (see `atlasvi.data.store`). With an ATAC key, each cell's peak counts
 travel as a second sparse matrix (their own shuffle buckets) and become the store's "atac" modality; inputs
-with peaks must share one peak set (aligned by name), a cell without peaks is stored as not measured.
+with peaks must share one peak set (aligned by name), a cell without peaks is stored as not measured. With an
+ATAC key the store's cells are the union of the cells with RNA and those with peaks (MultiVI's paired and
+unpaired cells), and an "rna" mask modality (obsm/rna_mask) says which cells' RNA was measured: a cell of an
+.h5mu's ATAC modality that its RNA modality lacks, and any cell with peaks but no RNA counts (scvi-tools'
+MULTIVI reads a concatenated AnnData so), is stored with an empty X row and RNA not measured; in an .h5ad or
+10x input a cell without any peak counts has ATAC not measured. A cell with neither is an empty cell
+(zero_count_cells). Such cells add nothing to the HVG statistics or the per-batch library prior.
 Spatial coordinates (obsm[spatial_key] of every input) travel with their cells too and become the store's
 obsm["spatial"] (float64, cells x 2 or 3), as scanpy and squidpy read them.
 The store is written to a hidden sibling and renamed into place at the end: an interrupted build
@@ -53,6 +59,7 @@ from atlasvi.data.store import (
     DENSE_CHUNK_BYTES,
     DENSE_SHARD_CHUNKS,
     PROTEIN_OBSM_KEY,
+    RNA_MASK_KEY,
     SCHEMA_VERSION,
     SHARD_NNZ,
     SHARD_ROWS,
@@ -81,6 +88,18 @@ class _InputPlan:
     protein_map: np.ndarray | None  # (input proteins,) -> index among the store's proteins
     peak_map: np.ndarray | None  # (input peaks,) -> index among the store's peaks
     keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) after pass 1
+    rna: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) RNA measured, pass 1
+
+
+def _atac_present(source: InputFile, plan: _InputPlan, rows: slice, peaks: sp.csr_matrix | None) -> np.ndarray:
+    """(cells,) bool: which cells of rows have ATAC measured: none of an input without peaks; an .h5mu's cells
+    of its ATAC modality; elsewhere (.h5ad, 10x) the cells with any peak counts."""
+    n = rows.stop - rows.start
+    if plan.peak_map is None:
+        return np.zeros(n, dtype=bool)
+    if source.sides["atac"].present is not None:
+        return source.side_present("atac", rows.start, rows.stop)
+    return np.diff(peaks.indptr) > 0
 
 
 def _open(config: BuildConfig, path: Path) -> InputFile:
@@ -645,11 +664,16 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             values = source.side_rows("protein", rows.start, rows.stop)
             _validate_proteins(plan.path, values, obs.index, source.sides["protein"].names)
             max_protein = max(max_protein, int(values.max(initial=0)))
+        aligned = _remap(counts, plan.gene_map, n_genes_all)
+        totals = np.asarray(aligned.sum(axis=1)).ravel()
+        rna = totals > 0
+        empty = ~rna
         if atac:
             peaks = source.side_rows("atac", rows.start, rows.stop) if plan.peak_map is not None else None
             if peaks is not None:
                 _validate_chunk(plan.path, peaks, obs.index, source.sides["atac"].names, "peak", "peak ")
                 max_peak = max(max_peak, int(peaks.data.max(initial=0)))
+            empty &= ~_atac_present(source, plan, rows, peaks)
         if spatial:
             coordinates = source.side_rows("spatial", rows.start, rows.stop)
             if not np.isfinite(coordinates).all():
@@ -658,22 +682,25 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
                     f"{plan.path}: obsm[{config.spatial_key!r}] (spatial coordinates) holds NaN or infinite values "
                     f"at cell {str(obs.index[row])!r}"
                 )
-        aligned = _remap(counts, plan.gene_map, n_genes_all)
-        totals = np.asarray(aligned.sum(axis=1)).ravel()
-        empty = totals == 0
         if empty.any() and config.zero_count_cells == "error":
             cells = obs.index[empty]
+            what = (
+                "neither RNA counts over the aligned genes nor peak counts"
+                if atac
+                else "zero counts over the aligned genes"
+            )
             raise AtlasInputError(
-                f"{plan.path}: cell {str(cells[0])!r} has zero counts over the aligned genes "
+                f"{plan.path}: cell {str(cells[0])!r} has {what} "
                 f"({len(cells)} such cells among cells {rows.start}..{rows.stop - 1}); "
                 "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
             )
         plan.keep = np.concatenate([plan.keep, ~empty])
+        plan.rna = np.concatenate([plan.rna, rna])
         dropped += int(empty.sum())
         if aligned.nnz:
             max_count = max(max_count, int(aligned.data.max()))
         if config.n_top_genes is not None:
-            moments.update(aligned[~empty], batch_codes(source, obs)[~empty])
+            moments.update(aligned[rna], batch_codes(source, obs)[rna])
     if dropped:
         warnings.warn(f"dropped {dropped} cells with zero counts", stacklevel=2)
     n_cells = sum(int(p.keep.sum()) for p in plans)
@@ -689,8 +716,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         clipped = ClippedSums(moments)
         for plan, source, rows, counts, obs in chunks("hvg"):
             aligned = _remap(counts, plan.gene_map, n_genes_all)
-            keep = plan.keep[rows]
-            clipped.update(aligned[keep], batch_codes(source, obs)[keep])
+            rna = plan.rna[rows]
+            clipped.update(aligned[rna], batch_codes(source, obs)[rna])
         hvg_table = select_hvg(moments, clipped, config.n_top_genes)
         if config.hvg_subset:
             stored = np.flatnonzero(hvg_table["highly_variable"].to_numpy())
@@ -710,6 +737,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     peak_buckets = _Buckets(scratch / "peaks", max(config.chunk_size, 4096), n_cells) if atac else None
     peak_dtype = _count_dtype(max_peak)
     peaks_measured = np.zeros(n_batch, dtype=bool)
+    rna_measured, n_rna_measured = np.zeros(n_batch, dtype=bool), 0
     nnz_peaks = 0
     cont_keys = config.continuous_covariate_keys
     log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
@@ -723,11 +751,12 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         kept_before += n_kept
         library = np.asarray(cells.sum(axis=1)).ravel()
         codes = batch_codes(source, obs)[keep]
-        zero_library += int((library == 0).sum())
+        rna = plan.rna[rows][keep]  # the library prior and its warning count the cells with RNA only
+        zero_library += int((library[rna] == 0).sum())
         log_lib = np.log(np.maximum(library, 1))  # as scvi-tools: np.ma.log(library).filled(0)
-        log_lib_sum += np.bincount(codes, weights=log_lib, minlength=n_batch)
-        log_lib_sq += np.bincount(codes, weights=log_lib**2, minlength=n_batch)
-        lib_n += np.bincount(codes, minlength=n_batch)
+        log_lib_sum += np.bincount(codes[rna], weights=log_lib[rna], minlength=n_batch)
+        log_lib_sq += np.bincount(codes[rna], weights=log_lib[rna] ** 2, minlength=n_batch)
+        lib_n += np.bincount(codes[rna], minlength=n_batch)
         fields = {"name": unique_names(np.asarray(obs.index[keep], dtype="U"))}
         for key in config.annotation_keys:
             fields[key] = _annotation_codes(obs[key], categories[key])[keep]
@@ -755,12 +784,16 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             fields["protein"], fields["protein_mask"] = values, measured
         if atac:
             if plan.peak_map is not None:
-                present = source.side_present("atac", rows.start, rows.stop)[keep]
-                peaks = _remap(source.side_rows("atac", rows.start, rows.stop)[keep], plan.peak_map, n_peaks)
+                read = source.side_rows("atac", rows.start, rows.stop)
+                present = _atac_present(source, plan, rows, read)[keep]
+                peaks = _remap(read[keep], plan.peak_map, n_peaks)
             else:
                 present, peaks = np.zeros(n_kept, dtype=bool), sp.csr_matrix((n_kept, n_peaks))
             peaks_measured[np.unique(codes[present])] = True
+            rna_measured[np.unique(codes[rna])] = True
+            n_rna_measured += int(rna.sum())
             fields["atac_mask"] = present.astype(np.uint8)
+            fields["rna_mask"] = rna.astype(np.uint8)
             peak_nnz = np.diff(peaks.indptr).astype(np.int64)
             nnz_peaks += int(peak_nnz.sum())
             entries_peaks = {"indices": peaks.indices.astype(np.int32), "data": peaks.data.astype(peak_dtype)}
@@ -852,6 +885,8 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         writers["atac:indptr"].append(np.zeros(1, dtype=np.int64))
         mask = _create(obsm, f"{ATAC_OBSM_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
         writers["atac:mask"] = _SequentialWriter(mask, SHARD_ROWS)
+        mask = _create(obsm, f"{RNA_MASK_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
+        writers["rna:mask"] = _SequentialWriter(mask, SHARD_ROWS)
         peak_offset = 0
     if spatial:
         coordinates = _create(
@@ -886,6 +921,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         dtypes |= {"protein": protein_dtype, "protein_mask": np.uint8}
     if atac:
         dtypes["atac_mask"] = np.uint8
+        dtypes["rna_mask"] = np.uint8
     if spatial:
         dtypes["spatial"] = np.float64
     row_offset, entry_offset = 0, 0
@@ -908,6 +944,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             writers["spatial"].append(part["spatial"].reshape(-1, n_spatial)[order_k])
         if atac:
             writers["atac:mask"].append(part["atac_mask"][order_k].reshape(-1, 1))
+            writers["rna:mask"].append(part["rna_mask"][order_k].reshape(-1, 1))
             peak_part = peak_buckets.read(
                 k, {"dest": np.int64, "nnz": np.int64, "indices": np.int32, "data": peak_dtype}
             )
@@ -971,6 +1008,17 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             "chunk_rows": CHUNK_ROWS,
             "kind": "csr",
             "nnz": nnz_peaks,
+        }
+        modalities["rna"] = {
+            "obsm_key": RNA_MASK_KEY,
+            "features": [],
+            "count_dtype": count_dtype.name,
+            "batch_mask": [[bool(m)] for m in rna_measured],
+            "background_log_means": [],
+            "background_log_scales": [],
+            "chunk_rows": CHUNK_ROWS,
+            "kind": "mask",
+            "n_measured": n_rna_measured,
         }
     if proteins:
         priors = [_protein_prior(prior_counts[b], prior_masks[b], config.seed) for b in range(n_batch)]

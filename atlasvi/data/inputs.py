@@ -14,7 +14,9 @@ as not measured, a protein cell without RNA is refused.
 
 Peak counts (scATAC), asked for with an ATAC key, are read the same way, as sparse rows: an `.h5ad`'s
 `obsm[key]` with the peak names in `uns[key + "_names"]`, an `.h5mu`'s modality `key` (e.g. "atac"), a 10x
-`.h5`'s "Peaks" features.
+`.h5`'s "Peaks" features. The cells of an `.h5mu` with peaks are the UNION of its RNA and ATAC cells (MultiVI's
+paired and unpaired cells): its RNA cells first, then the ATAC cells without RNA, whose RNA rows read as empty
+(the build stores them as RNA not measured) and whose obs columns come from the ATAC modality's obs.
 
 Spatial coordinates, asked for with a spatial key, are an `.h5ad`'s (or the `.h5mu` RNA modality's) dense
 `obsm[key]` (spots x 2 or 3, as scanpy and squidpy keep `obsm["spatial"]`), read by rows; an input without
@@ -290,16 +292,27 @@ def _cell_names(group: h5py.Group) -> np.ndarray:
     return np.asarray(index.asstr()[:] if index.dtype.kind in "OS" else index[:], dtype=str)
 
 
-def _h5mu_side(path: Path, handle: h5py.File, name: str, key: str, rna_names: np.ndarray) -> SideModality:
-    """Modality `name` of an `.h5mu`: its modality `key`, rows matched to the RNA cells by name."""
-    what = SIDE_WHAT[name][0]
+def _h5mu_group(path: Path, handle: h5py.File, name: str, key: str) -> h5py.Group:
+    """The `.h5mu` modality `key` read as modality `name`; raises naming the modalities there are."""
     mods = list(handle["mod"].keys())
     if key not in mods:
-        raise AtlasInputError(f"{path}: no modality {key!r} (the {what}); modalities are {mods}")
-    group = handle["mod"][key]
+        raise AtlasInputError(f"{path}: no modality {key!r} (the {SIDE_WHAT[name][0]}); modalities are {mods}")
+    return handle["mod"][key]
+
+
+def _h5mu_side(
+    path: Path, handle: h5py.File, name: str, key: str, rna_names: np.ndarray, n_rna: int | None = None
+) -> SideModality:
+    """Modality `name` of an `.h5mu`: its modality `key`, rows matched to the cells `rna_names` by name (with
+    n_rna: the first n_rna of them are the RNA cells, the others ATAC cells without RNA, which only the peaks
+    may have)."""
+    what = SIDE_WHAT[name][0]
+    group = _h5mu_group(path, handle, name, key)
     names = np.asarray(ad.io.read_elem(group["var"]).index, dtype=str)
     cells = _cell_names(group["obs"])
     index = pd.Index(rna_names).get_indexer(cells)
+    if name != "atac" and n_rna is not None:
+        index[index >= n_rna] = -1
     if (index < 0).any():
         cell = str(cells[int(np.flatnonzero(index < 0)[0])])
         raise AtlasInputError(
@@ -315,6 +328,60 @@ def _h5mu_side(path: Path, handle: h5py.File, name: str, key: str, rna_names: np
             f"{path}: modality {key!r} has X of shape {tuple(source.shape)} but obs/var give {(len(cells), len(names))}"
         )
     return SideModality(names, _MatchedRows(source, rna_to_side), rna_to_side >= 0)
+
+
+class _UnionObs:
+    """The requested obs columns of the RNA cells, then those of the ATAC cells without RNA (a DataFrame)."""
+
+    def __init__(self, rna: _H5adObs, extra: pd.DataFrame):
+        self._rna, self._extra, self._n_rna = rna, extra, len(rna)
+
+    def __len__(self) -> int:
+        return self._n_rna + len(self._extra)
+
+    def rows(self, start: int, stop: int) -> pd.DataFrame:
+        parts = [self._rna.rows(start, min(stop, self._n_rna))] if start < self._n_rna else []
+        if stop > self._n_rna:
+            parts.append(self._extra.iloc[max(start - self._n_rna, 0) : stop - self._n_rna])
+        if len(parts) == 1:
+            return parts[0]
+        return pd.concat([p.astype(object) if len(p.columns) else p for p in parts])
+
+
+class _UnionRows:
+    """RNA counts of the union of cells: the RNA modality's rows, then empty rows for the ATAC-only cells."""
+
+    def __init__(self, x, n_extra: int):
+        self._x, self._n = x, x.shape[0]
+        self.shape = (self._n + n_extra, x.shape[1])
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix:
+        start, stop, _ = rows.indices(self.shape[0])
+        head = sp.csr_matrix(self._x[start : min(stop, self._n)]) if start < self._n else None
+        n_empty = stop - max(start, self._n)
+        if n_empty <= 0:
+            return head
+        empty = sp.csr_matrix((n_empty, self.shape[1]), dtype=head.dtype if head is not None else np.float32)
+        return empty if head is None else sp.vstack([head, empty], format="csr")
+
+
+def _union_with_atac(path: Path, handle: h5py.File, key: str, obs_keys: list[str], obs: _H5adObs, x, cells: np.ndarray):
+    """(obs, X, cell names) of the union of an `.h5mu`'s RNA cells and its ATAC modality's cells: the ATAC cells
+    without RNA appended, their obs columns from the ATAC modality's obs, their RNA rows empty."""
+    group = _h5mu_group(path, handle, "atac", key)
+    atac_cells = _cell_names(group["obs"])
+    extra = np.flatnonzero(pd.Index(cells).get_indexer(atac_cells) < 0)
+    if not len(extra):
+        return obs, x, cells
+    columns = [k for k in group["obs"].keys() if k != group["obs"].attrs["_index"]]
+    missing = [k for k in obs_keys if k not in columns]
+    if missing:
+        raise AtlasInputError(
+            f"{path}: modality {key!r} has {len(extra)} cells without RNA, and its obs has no column {missing[0]!r} "
+            f"for them (asked for {missing}); its obs columns are {columns}"
+        )
+    frame = _H5adObs(group["obs"], obs_keys).rows(0, len(atac_cells)).iloc[extra]
+    return _UnionObs(obs, frame), _UnionRows(x, len(extra)), np.concatenate([cells, atac_cells[extra]])
 
 
 def _open_h5ad(
@@ -354,7 +421,10 @@ def _open_h5ad(
             sides = {name: _h5ad_side(path, root, name, key, len(obs)) for name, key in side_keys.items()}
         else:
             cells = _cell_names(obs_group)
-            sides = {name: _h5mu_side(path, handle, name, key, cells) for name, key in side_keys.items()}
+            n_rna = len(cells)
+            if "atac" in side_keys:
+                obs, x, cells = _union_with_atac(path, handle, side_keys["atac"], obs_keys, obs, x, cells)
+            sides = {name: _h5mu_side(path, handle, name, key, cells, n_rna) for name, key in side_keys.items()}
         if spatial_key is not None and (spatial := _h5ad_spatial(path, root, spatial_key, len(obs))) is not None:
             sides["spatial"] = spatial
     except AtlasInputError:

@@ -327,7 +327,7 @@ class StreamingLoader:
                 for k in blocks[0].continuous
             },
             rows,
-            {k: _stack([b.obsm[k] for b in blocks])[order] for k in self.modalities},
+            {k: _stack([b.obsm[k] for b in blocks])[order] for k in self.modalities if k in blocks[0].obsm},
             {k: np.concatenate([b.masks[k] for b in blocks])[order] for k in self.modalities},
         )
         return self._batches(window)

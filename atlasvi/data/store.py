@@ -12,8 +12,11 @@ Layout (any scverse tool opens it with `anndata.read_zarr`):
   obsm/atac/{data,indices,indptr}  (schema 2) a sparse modality, e.g. scATAC peak counts: CSR cells x peaks,
                             chunked as X (anndata reads it as a sparse obsm matrix), peak names in
                             uns/atac_names; its mask obsm/atac_mask is cells x 1 (whether the cell's ATAC
-                            was measured). One AnnData: `anndata.read_zarr` opens every modality, and a MuData
-                            is one call away (`MuData({"rna": adata, "atac": AnnData(adata.obsm["atac"], ...)})`).
+                            was measured). A store with peaks holds the union of RNA and ATAC cells, and
+                            obsm/rna_mask (cells x 1) says whose RNA was measured (X's row of a cell without
+                            RNA is empty and is not a measurement of zero). One AnnData: `anndata.read_zarr`
+                            opens every modality, and a MuData is one call away
+                            (`MuData({"rna": adata, "atac": AnnData(adata.obsm["atac"], ...)})`).
   obsm/spatial              spatial coordinates (cells x 2 or 3, float64) of a store built from inputs that
                             have them (attrs "spatial": {obsm_key, n_dims}); no model reads them
   attrs["atlasvi"]          schema version, genes, covariate categories, library-size prior, modalities,
@@ -51,6 +54,7 @@ SHARD_ROWS = 1 << 20
 PROTEIN_OBSM_KEY = "protein_expression"  # where scvi-tools' totalVI tutorials keep protein counts
 ATAC_OBSM_KEY = "atac"  # MuData's (and muon's) name of the chromatin-accessibility modality
 SPATIAL_OBSM_KEY = "spatial"  # where scanpy and squidpy keep spots' coordinates
+RNA_MASK_KEY = "rna"  # the RNA presence mask of a store with peaks: obsm/rna_mask (the counts are X)
 DENSE_CHUNK_BYTES = 1 << 20  # a dense modality's chunk: about 1 MiB of counts (rows x features)
 DENSE_SHARD_CHUNKS = 16  # chunks of rows per shard file of a dense modality
 
@@ -72,7 +76,9 @@ class ModalitySchema:
 
     kind: "dense", counts at obsm/<obsm_key>, (n_cells, n_features), mask at obsm/<obsm_key>_mask of the same
     shape, 1 = measured; "csr", counts as CSR at obsm/<obsm_key>/{data,indices,indptr} (nnz stored counts, all
-    > 0) and mask (n_cells, 1), 1 = the cell's modality was measured.
+    > 0) and mask (n_cells, 1), 1 = the cell's modality was measured; "mask", only the mask (n_cells, 1) of a
+    modality whose counts are elsewhere (the RNA of a store with peaks: its counts are X, "features" empty).
+    n_measured: (kind "mask") how many cells have the modality.
     features: (n_features,) names (antibodies); count_dtype: the counts' integer dtype.
     batch_mask: per batch category, (n_features,) whether any cell of that batch measured the feature
       (scvi-tools' `protein_batch_mask`: a study's panel); for a CSR modality (1,): whether any cell did.
@@ -91,6 +97,7 @@ class ModalitySchema:
     chunk_rows: int
     kind: str = "dense"
     nnz: int = 0
+    n_measured: int | None = None
 
     @property
     def mask_key(self) -> str:
@@ -113,6 +120,7 @@ class ModalitySchema:
             chunk_rows=int(meta["chunk_rows"]),
             kind=meta.get("kind", "dense"),
             nnz=int(meta.get("nnz", 0)),
+            n_measured=None if meta.get("n_measured") is None else int(meta["n_measured"]),
         )
 
 
@@ -327,7 +335,7 @@ class AtlasStore:
         names += [f"obs/{k}/codes" for k in self.schema.categorical]
         names += [f"obs/{k}" for k in self.schema.continuous]
         for modality in self.schema.modalities.values():
-            counts = [f"obsm/{modality.obsm_key}"]
+            counts = [f"obsm/{modality.obsm_key}"] if modality.kind == "dense" else []
             if modality.kind == "csr":
                 counts = [f"obsm/{modality.obsm_key}/{part}" for part in ("data", "indices", "indptr")]
             names += [*counts, f"obsm/{modality.mask_key}"]
@@ -581,6 +589,9 @@ class AtlasStore:
                 indptr, indices, data = csr[name]
                 counts = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, len(modality.features)))
                 checks = [(modality.mask_key, (mask := next(results)) > 1)]
+            elif modality.kind == "mask":
+                counts, mask = None, next(results)
+                checks = [(modality.mask_key, mask > 1)]
             else:
                 counts, mask = next(results), next(results)
                 checks = [(modality.obsm_key, counts == modality.fill_value), (modality.mask_key, mask > 1)]
@@ -588,7 +599,9 @@ class AtlasStore:
                 if bad.any():
                     i = int(np.flatnonzero(bad.any(axis=1))[0])
                     self._corrupt(f"obsm/{key}", row_of(i), f"holds its fill value at row {row_of(i)}")
-            obsm[name], masks[name] = counts, mask.astype(bool)
+            masks[name] = mask.astype(bool)
+            if counts is not None:
+                obsm[name] = counts
         indptr, indices, data = matrices[0]
         return RowBlock(start, stop, indptr, indices, data, categorical, continuous, rows, obsm, masks)
 

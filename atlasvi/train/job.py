@@ -165,6 +165,14 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
         raise ConfigError(f"{store.path}: {err}") from None
     if init_state is not None:
         check_init_state(module, init_state, f"init_from {job.init_from}")
+    rna = store.schema.modalities.get("rna")
+    if rna is not None and rna.n_measured is not None and rna.n_measured < store.n_cells:
+        if "rna" not in module.used_modalities:  # its RNA would be read as zero counts
+            raise ConfigError(
+                f"{store.path}: {store.n_cells - rna.n_measured} of its {store.n_cells} cells have no RNA (ATAC "
+                f"only); {entry.name} reads every cell's RNA: train a model that reads the RNA mask (multivi), or "
+                "build the store without those cells"
+            )
     maps = module.code_maps(store.schema, str(store.path))  # type: ignore[operator]
     return ModuleSpec(schema, {k: v.numpy() for k, v in maps.items()}, init_state, module.used_modalities)
 

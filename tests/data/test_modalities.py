@@ -28,7 +28,9 @@ from atlasvi.data import (
 )
 from atlasvi.data.build import _protein_prior
 from atlasvi.data.errors import StoreCorruptError
+from atlasvi.errors import ConfigError
 from atlasvi.models.saving import saved_schema
+from atlasvi.train.job import TrainJobConfig, module_spec
 from tests.conftest import KANG as KANG_PATH
 from tests.conftest import SHARED_DATA
 from tests.data.helpers import write_10x_h5
@@ -373,3 +375,57 @@ def test_a_missing_peak_chunk_is_refused(tmp_path: Path):
     store.read_rows(0, 10)
     with pytest.raises(StoreCorruptError, match=r"obsm/atac/data holds 0 at element 0, stored counts are > 0"):
         store.read_rows(0, 10, ("atac",))
+
+
+def test_union_of_rna_and_atac_cells_with_an_rna_mask(tmp_path: Path):
+    """An .h5mu whose ATAC modality has cells its RNA modality lacks: the store holds the union, their X rows empty
+    and their RNA marked not measured (never read as zero counts); the library prior counts the RNA cells only."""
+    kang, peaks = ad.read_h5ad(KANG_PATH), ad.read_h5ad(GRANJA)
+    names = [f"cell{i}" for i in range(120)]
+    rna = ad.AnnData(kang.X[:100], obs=pd.DataFrame({"sample": kang.obs["sample"].to_numpy()[:100]}, index=names[:100]))
+    rna.var_names = kang.var_names
+    atac_names = names[60:]  # 40 paired, 20 ATAC only
+    atac = ad.AnnData(
+        sp.csr_matrix(peaks.X[:60]),
+        obs=pd.DataFrame({"sample": kang.obs["sample"].to_numpy()[60:120]}, index=atac_names),
+        var=peaks.var[[]],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md.MuData({"rna": rna, "atac": atac}).write(tmp_path / "union.h5mu")
+    path = _build(tmp_path, [tmp_path / "union.h5mu"], atac_key="atac", batch_key="sample")
+    store = open_store(path)
+    assert store.n_cells == 120 and store.schema.modalities["rna"].n_measured == 100
+    assert store.schema.modalities["rna"].kind == "mask"
+    adata = ad.read_zarr(path)
+    block = store.read_rows(0, 120, ("atac", "rna"))
+    has_rna = np.isin(adata.obs_names, rna.obs_names)
+    np.testing.assert_array_equal(block.masks["rna"][:, 0], has_rna)
+    np.testing.assert_array_equal(block.masks["atac"][:, 0], np.isin(adata.obs_names, atac_names))
+    assert "rna" not in block.obsm and adata.X[~has_rna].nnz == 0
+    only = adata.obs_names[~has_rna]
+    np.testing.assert_array_equal(block.obsm["atac"][~has_rna].toarray(), atac[only].X.toarray())
+    np.testing.assert_array_equal(adata.obs["sample"][~has_rna].astype(str), atac.obs.loc[only, "sample"].astype(str))
+    np.testing.assert_array_equal(adata[rna.obs_names].X.toarray(), rna.X.toarray())
+    totals = np.log(np.asarray(rna.X.sum(axis=1)).ravel())
+    for b, category in enumerate(store.schema.batch_categories):
+        chosen = rna.obs["sample"].astype(str).to_numpy() == category
+        assert store.schema.library_log_means[b] == pytest.approx(totals[chosen].mean(), rel=1e-9)
+    with pytest.raises(ConfigError, match=r"20 of its 120 cells have no RNA \(ATAC only\); scvi reads every cell's"):
+        module_spec(TrainJobConfig(store=str(path)), store)
+    # an .h5ad (scvi-tools' concatenated layout): no RNA counts = RNA not measured, no peaks = ATAC not measured
+    flat = ad.AnnData(rna.X[:30].copy(), obs=rna.obs[:30], var=rna.var)
+    flat.X = sp.csr_matrix(flat.X)
+    flat.X[:10] = 0
+    flat.X.eliminate_zeros()
+    open_peaks = sp.csr_matrix(peaks.X[:30])
+    open_peaks[20:] = 0
+    open_peaks.eliminate_zeros()
+    flat.obsm["atac"], flat.uns["atac_names"] = open_peaks, np.array(peaks.var_names)
+    flat.write_h5ad(tmp_path / "flat.h5ad")
+    store = open_store(_build(tmp_path, [tmp_path / "flat.h5ad"], "flat.zarr", atac_key="atac", batch_key="sample"))
+    stored = ad.read_zarr(tmp_path / "flat.zarr").obs_names
+    block = store.read_rows(0, 30, ("atac", "rna"))
+    position = pd.Index(flat.obs_names).get_indexer(stored)
+    np.testing.assert_array_equal(block.masks["rna"][:, 0], position >= 10)
+    np.testing.assert_array_equal(block.masks["atac"][:, 0], position < 20)
