@@ -19,6 +19,7 @@ BARON = SHARED_DATA / "baron2016_pancreas_human_mouse_subset350_cider.h5ad"
 CBMC = SHARED_DATA / "cbmc_citeseq_stoeckius2017_top2000genes.h5ad"
 PBMC10K_PROTEIN = SHARED_DATA / "pbmc10k_protein_v3_subset200.h5ad"
 PBMC5K_PROTEIN = SHARED_DATA / "pbmc5k_protein_v3_subset200.h5ad"
+SCICAR = SHARED_DATA / "scicar_a549_multivi_concat_scai.h5ad"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -130,6 +131,44 @@ def cbmc_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         build_store(
             BuildConfig(
                 inputs=[str(subset)], output=str(path), protein_key="protein_expression", labels_key="scdcc_label"
+            )
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def multiome_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sci-CAR A549 (paired RNA + ATAC): 450 cells, 1185 genes, the 2000 most often open peaks, in scvi-tools'
+    concatenated layout (`obsm["atac"]` beside X, zero rows where a modality is missing): the ATAC of the first third
+    of the cells and the RNA of the second third removed (paired / RNA-only / ATAC-only cells); batch `modality`
+    (paired, expression, accessibility: scvi-tools' organize_multiome_anndatas names), labels `treatment_time_h`."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    folder = tmp_path_factory.mktemp("stores")
+    full = ad.read_h5ad(SCICAR)
+    cells = np.sort(np.random.default_rng(0).choice(full.n_obs, 450, replace=False))
+    genes = (full.var["modality"] == "Gene Expression").to_numpy()
+    peaks = sp.csr_matrix(full.X[cells][:, ~genes])
+    top = np.sort(np.argsort(-np.asarray((peaks > 0).sum(axis=0)).ravel(), kind="stable")[:2000])
+    x, atac = sp.csr_matrix(full.X[cells][:, genes]), peaks[:, top].tolil()
+    x = x.tolil()
+    atac[:150], x[150:300] = 0, 0
+    obs = full.obs.iloc[cells][["treatment_time_h"]].copy()
+    obs["modality"] = np.repeat(["expression", "accessibility", "paired"], 150)
+    adata = ad.AnnData(sp.csr_matrix(x), obs=obs, var=full.var[genes][[]])
+    adata.obsm["atac"], adata.uns["atac_names"] = sp.csr_matrix(atac), np.asarray(full.var_names[~genes][top])
+    adata.write_h5ad(folder / "scicar450.h5ad")
+    path = folder / "multiome.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_store(
+            BuildConfig(
+                inputs=[str(folder / "scicar450.h5ad")],
+                output=str(path),
+                atac_key="atac",
+                batch_key="modality",
+                labels_key="treatment_time_h",
             )
         )
     return path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from atlasvi.api.base import AtlasModel
 from atlasvi.api.ldvae import LinearSCVI
+from atlasvi.api.multivi import MULTIVI
 from atlasvi.api.peakvi import PEAKVI
 from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
@@ -19,6 +20,7 @@ from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
 __all__ = [
     "METHODS",
+    "MULTIVI",
     "PEAKVI",
     "AtlasModel",
     "LinearSCVI",

@@ -13,6 +13,7 @@ from torch import nn
 
 from atlasvi.errors import ConfigError
 from atlasvi.models.ldvae import LDVAEConfig, LDVAEModule
+from atlasvi.models.multivi import MULTIVIConfig, MULTIVIModule
 from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
 from atlasvi.models.scanvi import SCANVIConfig, SCANVIModule
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
@@ -32,6 +33,7 @@ PEAKVI_TRAIN = {  # scvi-tools' PEAKVI.train: AdamW, early stopping on the held-
     "early_stopping_monitor": "reconstruction",
     "early_stopping_patience": 50,
 }
+MULTIVI_TRAIN = PEAKVI_TRAIN  # scvi-tools' MULTIVI.train: the same optimizer, warm-up and early stopping as PEAKVI's
 SYSVI_TRAIN = {"n_epochs_kl_warmup": 0}  # scvi-tools' SysVI.train: no KL warm-up (poor integration with one)
 TOTALVI_TRAIN = {  # scvi-tools' TOTALVI.train: lr 4e-3, KL warm-up over 0.75 x cells steps, lr on plateau, early stop
     "lr": 4e-3,
@@ -80,6 +82,16 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "X_totalvi",
         (),
         TOTALVI_TRAIN,
+    ),
+    ModelEntry(
+        "multivi",
+        "MULTIVI",
+        MULTIVIConfig,
+        MULTIVIModule,
+        "atlasvi.api.multivi:MULTIVI",
+        "X_multivi",
+        (),
+        MULTIVI_TRAIN,
     ),
 )
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}

@@ -5,7 +5,8 @@ make_loaders -> fit; the entry's user class for save / load; train_distributed a
 tests), so a model is tested as the pipeline runs it. Every model trains on the first store of `STORES` that holds
 every modality its module uses (`used_modalities`), the same rule for every entry: the Kang store (RNA; batch,
 labels and a continuous covariate), else the two-panel CITE-seq store (pbmc10k + pbmc5k: 2 batches, proteins of
-which one batch measured 14 of 29); small (n_latent 4, n_hidden 16 where the config has them), seconds per test
+which one batch measured 14 of 29), else the sci-CAR multiome store (paired, RNA-only and ATAC-only cells);
+small (n_latent 4, n_hidden 16 where the config has them), seconds per test
 on one CPU thread; the slow tests (2 Ray Train workers, a 2-trial sweep: a minute or two each) run with
 `pytest -m slow`.
 """
@@ -32,7 +33,8 @@ SMALL = {"n_latent": 4, "n_hidden": 16}  # fields every model config has; applie
 EPOCHS = 6
 LOADER = LoaderConfig(batch_size=128, seed=0)
 DRAWS = 16  # seeded draws of the latents averaged in `_held_out_elbo`
-STORES = (("kang_store", ()), ("two_panel_store", ("protein",)))  # (fixture, the modalities its store holds)
+# (fixture, the modalities its store holds)
+STORES = (("kang_store", ()), ("two_panel_store", ("protein",)), ("multiome_store", ("atac", "rna")))
 
 
 def _model(entry: ModelEntry) -> dict:
