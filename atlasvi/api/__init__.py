@@ -4,10 +4,10 @@ They compose the layers below (module, training loop, streaming analysis); nothi
 Which class a saved model is comes from the model registry (`atlasvi.models.registry`).
 """
 
-from importlib import import_module
 from pathlib import Path
 
-from atlasvi.api.base import AtlasModel
+from atlasvi.api.base import AtlasModel, user_class
+from atlasvi.api.interop import export_scvi_tools, import_scvi_tools
 from atlasvi.api.ldvae import LinearSCVI
 from atlasvi.api.multivi import MULTIVI
 from atlasvi.api.peakvi import PEAKVI
@@ -15,7 +15,7 @@ from atlasvi.api.scanvi import SCANVI
 from atlasvi.api.scvi import SCVI
 from atlasvi.api.sysvi import SysVI
 from atlasvi.api.totalvi import TOTALVI
-from atlasvi.models.registry import ENTRIES, ModelEntry
+from atlasvi.models.registry import ENTRIES
 from atlasvi.models.saving import META_NAME, ModelFileError, read_meta
 
 __all__ = [
@@ -28,15 +28,11 @@ __all__ = [
     "SCVI",
     "TOTALVI",
     "SysVI",
+    "export_scvi_tools",
+    "import_scvi_tools",
     "saved_model_class",
     "user_class",
 ]
-
-
-def user_class(entry: ModelEntry) -> type[AtlasModel]:
-    """The user-facing class of a registry entry ("module:Class" in `entry.user_class`)."""
-    module, name = entry.user_class.split(":")
-    return getattr(import_module(module), name)
 
 
 METHODS: dict[str, type[AtlasModel]] = {entry.saved_name: user_class(entry) for entry in ENTRIES}

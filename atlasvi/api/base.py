@@ -8,6 +8,7 @@ into the store chunk by chunk, atomically.
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -273,6 +274,12 @@ class AtlasModel:
         model.query_masks = transplant(reference_module, model.module)
         freeze_for_query(model.module, model.query_masks, surgery)
         return model
+
+
+def user_class(entry: ModelEntry) -> type[AtlasModel]:
+    """The user-facing class of a registry entry ("module:Class" in `entry.user_class`)."""
+    module, name = entry.user_class.split(":")
+    return getattr(import_module(module), name)
 
 
 _Config = TypeVar("_Config", bound=BaseModel)

@@ -12,6 +12,7 @@ from atlasvi.cli.common import EMBEDDED_BUILD, build_with_progress, console, loa
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.store import read_store_attrs
 from atlasvi.datasets import CELLBENCH
+from atlasvi.errors import AtlasviError
 
 
 def build_command(
@@ -49,6 +50,10 @@ def build_command(
     ] = None,
     gene_join: Annotated[str | None, typer.Option(help="inner (genes in every input) or outer (union)")] = None,
     n_top_genes: Annotated[int | None, typer.Option(help="keep the top Seurat v3 HVGs (batch-aware)")] = None,
+    genes: Annotated[
+        Path | None,
+        typer.Option(help="store exactly these genes, in order: a model folder (atlasvi or scvi-tools) or a text file"),
+    ] = None,
     hvg_subset: Annotated[bool | None, typer.Option("--hvg-subset/--no-hvg-subset", help="store only HVGs")] = None,
     drop_empty_cells: Annotated[bool, typer.Option(help="drop zero-count cells with a warning")] = False,
     seed: Annotated[int | None, typer.Option(help="seed of the global cell permutation")] = None,
@@ -80,6 +85,7 @@ def build_command(
         "spatial_key": spatial_key,
         "gene_join": gene_join,
         "n_top_genes": n_top_genes,
+        "genes": _gene_list(genes) if genes is not None else None,
         "hvg_subset": hvg_subset,
         "zero_count_cells": "drop" if drop_empty_cells else None,
         "seed": seed,
@@ -91,6 +97,17 @@ def build_command(
     build_config = make_config(BuildConfig, sources)
     path = build_with_progress(build_config)
     _print_summary(path)
+
+
+def _gene_list(path: Path) -> list[str]:
+    """Gene ids in order: a saved model's (atlasvi model.json, scvi-tools model.pt) or a text file's, one a line."""
+    if path.is_dir():
+        from atlasvi.api.interop import model_genes  # torch only when a model names the genes
+
+        return model_genes(path)
+    if not path.is_file():
+        raise AtlasviError(f"{path}: no such file or model folder (--genes)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def _print_summary(path: Path) -> None:

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "scanvi": ("atlasvi.cli.scanvi", "scanvi_command", "Train scANVI from a saved scVI; predict labels."),
     "map-query": ("atlasvi.cli.map_query", "map_query_command", "scArches: map a query store onto a reference."),
     "de": ("atlasvi.cli.de", "de_command", "Bayesian differential expression between two groups of cells."),
+    "export": ("atlasvi.cli.interop", "export_command", "Write a saved model in scvi-tools' save format."),
+    "import": ("atlasvi.cli.interop", "import_command", "Read a scvi-tools saved model into an atlasvi model."),
     "bench": ("atlasvi.cli.bench", "bench_command", "The 10K / 100K / 1M performance table."),
 }
 HELP_WIDTH = 80

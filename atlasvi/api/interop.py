@@ -1,0 +1,134 @@
+"""scvi-tools interoperability: an atlasvi model exported in scvi-tools 1.4.2's save format, and a scvi-tools
+saved model imported as an atlasvi model on a store with its genes (`atlasvi export`, `atlasvi import`).
+
+The format and the renaming live in `atlasvi.models.scvi_tools`; here the user-facing class comes from the model
+registry and the store is checked against the imported model (genes, keys, categories), each problem named.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from atlasvi.api.base import AtlasModel, _described, user_class
+from atlasvi.data import open_store
+from atlasvi.data.store import AtlasStore, StoreSchema
+from atlasvi.models.registry import get_entry
+from atlasvi.models.saving import META_NAME, IncompatibleStoreError, load_state, load_weights, read_meta, saved_schema
+from atlasvi.models.scvi_tools import (
+    MODEL_FILE,
+    NO_BATCH_KEY,
+    ScviToolsFileError,
+    ScviToolsModel,
+    from_scvi_tools,
+    read_scvi_tools,
+    to_scvi_tools,
+    write_scvi_tools,
+)
+
+
+def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a trained model (an instance, or a saved model's folder: no store needed) as a scvi-tools 1.4.2
+    model folder `output` (`output`/model.pt), so that `scvi.model.SCVI.load(output, adata)` (SCANVI likewise)
+    gives its latent on the same cells. An existing `output` is refused unless `overwrite` (then only its
+    model.pt is replaced). Returns the written model.pt."""
+    output = Path(output)
+    if isinstance(model, AtlasModel):
+        method, config, schema = model.method, model.config.model_dump(), model.schema
+        state, n_cells = model.module.state_dict(), model.store.n_cells
+    else:
+        meta = read_meta(Path(model))
+        method, config, schema = meta["method"], meta["config"]["model"], saved_schema(meta)
+        state = load_weights(Path(model))
+        n_cells = int((meta["config"].get("store_identity") or {}).get("n_cells", 0))
+    contents = to_scvi_tools(method, config, schema, state, n_cells)
+    if output.exists() and not overwrite:
+        raise ScviToolsFileError(f"{output}: already exists; pass overwrite (--overwrite) to replace its {MODEL_FILE}")
+    return write_scvi_tools(output, contents)
+
+
+def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> AtlasModel:
+    """A scvi-tools saved SCVI / SCANVI (its folder or model.pt, read without running code from the file) as the
+    atlasvi model of the same method on `store`, which must hold the model's genes in its order, its batch (and
+    for SCANVI labels) key and no batch category it has not seen; the first problem is named."""
+    path = Path(source)
+    imported = from_scvi_tools(read_scvi_tools(path), str(path))
+    opened = store if isinstance(store, AtlasStore) else open_store(store)
+    schema = _registry(imported, opened.schema, str(path), str(opened.path))
+    entry = get_entry(imported.method)
+    cls = user_class(entry)
+    try:
+        config = entry.config_class(**imported.config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ScviToolsFileError(
+            f"{path}: scvi-tools option {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        ) from None
+    model = cls(opened, config, device, registry=schema)
+    load_state(model.module, imported.state, str(path), _described(config))
+    return model
+
+
+def model_genes(directory: str | Path) -> list[str]:
+    """The gene ids of a saved model, in its order: an atlasvi model folder (model.json) or a scvi-tools one."""
+    directory = Path(directory)
+    if (directory / META_NAME).exists():
+        return list(read_meta(directory)["registry"]["gene_ids"])
+    return [str(g) for g in read_scvi_tools(directory)["var_names"]]
+
+
+def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_path: str) -> StoreSchema:
+    """The atlasvi registry of an imported model on `store`: its genes, keys and categories (checked against the
+    store's), the store's count dtype and, with the observed library (unused then), the store's library prior."""
+    reg = dict(imported.registry)
+    genes, stored = reg["gene_ids"], store.gene_ids
+    if genes != stored:
+        missing = [g for g in genes if g not in set(stored)]
+        extra = [g for g in stored if g not in set(genes)]
+        detail = (
+            "; ".join(
+                f"{len(found)} {what}, first {found[:5]}"
+                for found, what in (
+                    (missing, "of the model's genes are not in the store"),
+                    (extra, "store genes are not the model's"),
+                )
+                if found
+            )
+            or "the same genes in another order"
+        )
+        raise IncompatibleStoreError(
+            f"{store_path}: not the genes of {where} ({len(genes)} genes; the store has {len(stored)}): {detail}; "
+            "build the store with the model's genes: atlasvi build ... --genes MODEL"
+        )
+    categorical = dict(reg["categorical"])
+    if reg["batch_key"] == NO_BATCH_KEY:  # scvi-tools set up without a batch key: one batch, named as the store's
+        if len(store.batch_categories) != 1:
+            raise IncompatibleStoreError(
+                f"{store_path}: {where} has one batch (no batch key), the store {len(store.batch_categories)}"
+            )
+        categorical.pop(NO_BATCH_KEY)
+        categorical = {store.batch_key: store.batch_categories} | categorical
+        reg["batch_key"] = store.batch_key
+    elif reg["batch_key"] != store.batch_key:
+        raise IncompatibleStoreError(
+            f"{store_path}: {where} has batch key obs[{reg['batch_key']!r}], the store obs[{store.batch_key!r}]; "
+            f"build the store with --batch-key {reg['batch_key']}"
+        )
+    labels_key = reg["labels_key"]
+    if labels_key is not None and labels_key != store.labels_key:
+        if imported.method == "SCANVI" or imported.config.get("dispersion") == "gene-label":
+            raise IncompatibleStoreError(
+                f"{store_path}: {where} has labels key obs[{labels_key!r}], the store {store.labels_key!r}; "
+                f"build the store with --labels-key {labels_key}"
+            )
+        categorical.pop(labels_key)  # labels the model does not use
+        reg["labels_key"] = None
+    if "library_log_means" not in reg:
+        pairs = zip(store.library_log_means, store.library_log_vars, strict=True)
+        prior = dict(zip(store.batch_categories, pairs, strict=True))
+        fill = (float(np.mean(store.library_log_means)), float(np.mean(store.library_log_vars)))
+        values = [prior.get(c, fill) for c in categorical[reg["batch_key"]]]
+        reg["library_log_means"] = tuple(v[0] for v in values)
+        reg["library_log_vars"] = tuple(v[1] for v in values)
+    reg["categorical"] = categorical
+    return StoreSchema(n_cells=store.n_cells, count_dtype=store.count_dtype, **reg)

@@ -1,0 +1,37 @@
+"""scvi-tools' side of tests/api/test_interop.py, run in a subprocess by an interpreter that has scvi-tools 1.4.2:
+
+    python tests/api/scvi_tools_load.py FOLDER:SCVI [FOLDER:SCANVI ...]
+
+Loads each exported FOLDER with `scvi.model.<CLASS>.load(FOLDER, anndata.read_zarr(store))` (the store's path is
+FOLDER/store) and writes its latent and its normalized expression with z at the posterior mean (scvi-tools draws
+z once; the draw is replaced by the mean) as FOLDER/scvi_tools_{latent,normalized}.npy.
+"""
+
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scvi
+import torch
+from torch.distributions import Normal
+
+
+def _posterior_mean(self: Normal, sample_shape: tuple = ()) -> torch.Tensor:
+    return self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
+
+
+def main(folder: Path, cls: str) -> None:
+    torch.set_num_threads(1)
+    adata = ad.read_zarr((folder / "store").read_text())
+    model = getattr(scvi.model, cls).load(str(folder), adata, accelerator="cpu")
+    np.save(folder / "scvi_tools_latent.npy", model.get_latent_representation())
+    Normal.sample = Normal.rsample = _posterior_mean
+    normalized = model.get_normalized_expression(adata, return_numpy=True)
+    np.save(folder / "scvi_tools_normalized.npy", np.asarray(normalized, dtype=np.float32))
+
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        folder, cls = argument.rsplit(":", 1)
+        main(Path(folder), cls)

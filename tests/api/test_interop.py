@@ -1,0 +1,240 @@
+"""scvi-tools interoperability: models saved by scvi-tools 1.4.2 itself (tests/fixtures/scvi_tools, made by
+tests/fixtures/make_scvi_tools_models.py) imported with their latent, and atlasvi models exported in its format.
+
+The import checks and the export's structure need no scvi-tools: the fixture holds scvi-tools' own latent, and an
+export of the imported fixture must give back scvi-tools' file (same parameter names, shapes, values, registry).
+`test_scvi_tools_loads_the_export` runs scvi-tools itself (a subprocess of this interpreter: the `test` extra
+installs it) on the exported folders.
+"""
+
+import importlib.util
+import json
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from atlasvi.analysis.protocols import expression_scale
+from atlasvi.api import SCANVI, SCVI, export_scvi_tools, import_scvi_tools
+from atlasvi.data import BuildConfig, build_store
+from atlasvi.models.saving import IncompatibleStoreError
+from atlasvi.models.scvi import SCVIConfig
+from atlasvi.models.scvi_tools import ScviToolsFileError, read_scvi_tools
+from atlasvi.train import TrainConfig
+from tests.conftest import KANG
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scvi_tools"
+UNLABELED = ["stim101", "stim107"]
+TOLERANCE = 1e-5
+
+
+def _build(path: Path, genes: list[str] | None, **fields) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BuildConfig(
+            inputs=[str(KANG)], output=str(path), batch_key="sample", labels_key="cell_type",
+            unlabeled_batches=UNLABELED, genes=genes, **fields,
+        )  # fmt: skip
+        return build_store(config)
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURE / "expected.npz"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """Kang with the fixture's 150 genes in the model's order (not the file's), stim samples unlabeled."""
+    genes = [str(g) for g in read_scvi_tools(FIXTURE / "scvi")["var_names"]]
+    return _build(tmp_path_factory.mktemp("interop") / "kang.zarr", genes)
+
+
+def _in_store_order(values: np.ndarray, names: np.ndarray, store: Path) -> np.ndarray:
+    order = {n: i for i, n in enumerate(names)}
+    return values[[order[n] for n in ad.read_zarr(store).obs_names]]
+
+
+def _normalized_at_mean(model, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """px_scale at the posterior mean of z (scvi-tools' get_normalized_expression with its draw at the mean)."""
+    module, parts = model.module.eval(), []
+    with torch.no_grad():
+        for batch in model._batches(None, rows, 1024):
+            inputs = module.unpack(batch)
+            inference = module.inference(inputs)
+            parts.append(expression_scale(module, inputs, inference["qz"].loc, inference["library"], None).numpy())
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("name", ["scvi", "scanvi"])
+def test_a_scvi_tools_model_imports_with_scvi_tools_latent(store, expected, name):
+    """The fixture saved by scvi-tools, read weights-only, gives scvi-tools' latent on the same cells (and SCANVI its
+    predictions, SCVI its normalized expression)."""
+    model = import_scvi_tools(FIXTURE / name, store, device="cpu")
+    assert type(model) is {"scvi": SCVI, "scanvi": SCANVI}[name]
+    theirs = _in_store_order(expected[f"{name}_latent"], expected["obs_names"], store)
+    assert np.abs(model.get_latent_representation() - theirs).max() <= TOLERANCE
+    if name == "scanvi":
+        predictions = _in_store_order(expected["scanvi_prediction"], expected["obs_names"], store)
+        np.testing.assert_array_equal(model.predict(), predictions)
+    else:
+        rows = {n: i for i, n in enumerate(ad.read_zarr(store).obs_names)}
+        first = [rows[n] for n in expected["obs_names"][:50]]
+        ours = _normalized_at_mean(model)[first]
+        assert np.abs(ours - expected["scvi_normalized"]).max() <= TOLERANCE
+
+
+def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, tmp_path):
+    """scvi-tools file -> atlasvi -> scvi-tools file: the same parameter names, shapes and values (scvi-tools' unused
+    library encoder and per-cell dispersion head aside, written as zeros), var_names and setup registry."""
+    for name in ("scvi", "scanvi"):
+        theirs = read_scvi_tools(FIXTURE / name)
+        ours = read_scvi_tools(export_scvi_tools(import_scvi_tools(FIXTURE / name, store, "cpu"), tmp_path / name))
+        their_state, our_state = theirs["model_state_dict"], ours["model_state_dict"]
+        assert set(our_state) == set(their_state)
+        unused = ("l_encoder.", "decoder.px_r_decoder.")
+        for key, value in their_state.items():
+            if isinstance(value, torch.Tensor):
+                assert our_state[key].shape == value.shape, key
+                if not key.startswith(unused):
+                    assert torch.equal(our_state[key], value), key
+        assert not our_state["decoder.px_r_decoder.weight"].any()
+        np.testing.assert_array_equal(ours["var_names"], theirs["var_names"])
+        registry, their_registry = ours["attr_dict"]["registry_"], theirs["attr_dict"]["registry_"]
+        assert registry["setup_args"] == their_registry["setup_args"]
+        assert registry["model_name"] == their_registry["model_name"] and registry["scvi_version"] == "1.4.2"
+        for field, content in their_registry["field_registries"].items():
+            mine = registry["field_registries"][field]
+            assert mine["summary_stats"] == content["summary_stats"], field
+            assert mine["data_registry"] == content["data_registry"], field
+            assert json.dumps(mine["state_registry"], default=list) == json.dumps(
+                content["state_registry"], default=list
+            ), field
+        init, their_init = ours["attr_dict"]["init_params_"], theirs["attr_dict"]["init_params_"]
+        assert init["non_kwargs"] == their_init["non_kwargs"]
+        assert list(init["kwargs"]) == list(their_init["kwargs"])
+
+
+@pytest.fixture(scope="module")
+def atlasvi_models(tmp_path_factory) -> dict[str, Path]:
+    """atlasvi models with the options scvi-tools' setup and module take (trained 2 epochs, then saved):
+    SCVI with a categorical and a continuous covariate encoded, gene-batch NB, the latent library; SCANVI."""
+    folder = tmp_path_factory.mktemp("atlasvi_models")
+    kang = ad.read_h5ad(KANG)
+    genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:120]]
+    adata = kang[:, genes].copy()
+    adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel()) / 10
+    adata.write_h5ad(folder / "kang.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covariates = build_store(
+            BuildConfig(
+                inputs=[str(folder / "kang.h5ad")], output=str(folder / "covariates.zarr"), batch_key="sample",
+                categorical_covariate_keys=["cell_type"], continuous_covariate_keys=["depth"],
+            )
+        )  # fmt: skip
+    labelled = _build(folder / "labelled.zarr", [str(g) for g in genes])
+    config = SCVIConfig(
+        n_latent=4, n_hidden=24, n_layers=2, encode_covariates=True, dispersion="gene-batch", gene_likelihood="nb",
+        use_observed_lib_size=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    scvi = SCVI(covariates, config, device="cpu")
+    scvi.fit(TrainConfig(max_epochs=2))
+    plain = SCVI(labelled, SCVIConfig(n_latent=4, n_hidden=24), device="cpu")
+    plain.fit(TrainConfig(max_epochs=2))
+    scanvi = SCANVI.from_scvi_model(plain)
+    scanvi.fit(TrainConfig(max_epochs=2))
+    return {"scvi": scvi.save(folder / "scvi"), "scanvi": scanvi.save(folder / "scanvi")}
+
+
+@pytest.mark.parametrize("name", ["scvi", "scanvi"])
+def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name):
+    """atlasvi -> scvi-tools file (from the saved folder, no store) -> atlasvi: every weight and the latent exact."""
+    cls = {"scvi": SCVI, "scanvi": SCANVI}[name]
+    saved = atlasvi_models[name]
+    original = cls.load(saved, cls.saved_store(saved), device="cpu")
+    exported = export_scvi_tools(saved, tmp_path / "exported")
+    back = import_scvi_tools(exported.parent, original.store, device="cpu")
+    assert back.config == original.config
+    assert back.schema.categorical == original.schema.categorical or name == "scanvi"
+    state = back.module.state_dict()
+    for key, value in original.module.state_dict().items():
+        assert torch.equal(state[key], value), key
+    np.testing.assert_array_equal(back.get_latent_representation(), original.get_latent_representation())
+
+
+def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
+    """scvi.model.SCVI.load / SCANVI.load of the exports on the training stores' cells (anndata.read_zarr): the same
+    latent and normalized expression (at the posterior mean) as atlasvi, max abs difference <= 1e-5."""
+    python = _scvi_tools_python()
+    folders = {}
+    for name, saved in atlasvi_models.items():
+        cls = {"scvi": SCVI, "scanvi": SCANVI}[name]
+        model = cls.load(saved, cls.saved_store(saved), device="cpu")
+        folders[name] = export_scvi_tools(saved, tmp_path / name).parent
+        np.save(folders[name] / "atlasvi_latent.npy", model.get_latent_representation())
+        np.save(folders[name] / "atlasvi_normalized.npy", _normalized_at_mean(model))
+        (folders[name] / "store").write_text(str(model.store.path))
+    script = Path(__file__).with_name("scvi_tools_load.py")
+    subprocess.run([python, str(script), *(f"{f}:{n.upper()}" for n, f in folders.items())], check=True, timeout=600)
+    for name, folder in folders.items():
+        for what in ("latent", "normalized"):
+            ours, theirs = (np.load(folder / f"{tool}_{what}.npy") for tool in ("atlasvi", "scvi_tools"))
+            assert ours.shape == theirs.shape
+            assert np.abs(ours - theirs).max() <= TOLERANCE, (name, what)
+
+
+def _scvi_tools_python() -> str:
+    """This interpreter where it has scvi-tools (the `test` extra installs it), else the benchmarks' scvi-tools venv;
+    skipped with neither."""
+    if importlib.util.find_spec("scvi") is not None:
+        return sys.executable
+    venv = Path(__file__).resolve().parents[2] / "benchmarks" / ".cache" / "scvi-venv" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    pytest.skip("scvi-tools is not installed (pip install -e '.[test]' installs it)")
+
+
+def test_a_file_that_needs_unpickling_code_is_refused(tmp_path):
+    """A model.pt whose pickle names a callable (here os.system) is refused before anything is unpickled."""
+
+    class Payload:
+        def __reduce__(self):
+            return (__import__("os").system, ("touch " + str(tmp_path / "ran"),))
+
+    saved = read_scvi_tools(FIXTURE / "scvi")
+    saved["attr_dict"]["hook"] = Payload()
+    torch.save(saved, tmp_path / "model.pt")  # pickle protocol 2, as scvi-tools saves
+    with pytest.raises(
+        ScviToolsFileError, match=r"model.pt: reading it would run code from the file \((posix|nt)\.sys"
+    ):
+        read_scvi_tools(tmp_path)
+    torch.save(saved, tmp_path / "model.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)  # beyond the weights-only reader
+    with pytest.raises(ScviToolsFileError, match=r"model.pt: not readable weights-only \(Unsupported operand"):
+        read_scvi_tools(tmp_path)
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(ScviToolsFileError, match="bad/model.pt: not readable weights-only"):
+        read_scvi_tools(tmp_path / "bad")
+
+
+def test_a_store_without_the_model_genes_is_named(tmp_path, store):
+    """Missing and extra genes are counted and named; the same genes in another order too."""
+    genes = [str(g) for g in read_scvi_tools(FIXTURE / "scvi")["var_names"]]
+    other = _build(tmp_path / "other.zarr", [*genes[2:], "CD3E"])
+    with pytest.raises(IncompatibleStoreError) as err:
+        import_scvi_tools(FIXTURE / "scvi", other, "cpu")
+    message = str(err.value)
+    assert f"2 of the model's genes are not in the store, first {genes[:2]}" in message
+    assert "1 store genes are not the model's, first ['CD3E']" in message and "--genes MODEL" in message
+    reordered = _build(tmp_path / "reordered.zarr", genes[::-1])
+    with pytest.raises(IncompatibleStoreError, match="the same genes in another order"):
+        import_scvi_tools(FIXTURE / "scvi", reordered, "cpu")
