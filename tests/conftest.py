@@ -141,7 +141,9 @@ def multiome_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """sci-CAR A549 (paired RNA + ATAC): 450 cells, 1185 genes, the 2000 most often open peaks, in scvi-tools'
     concatenated layout (`obsm["atac"]` beside X, zero rows where a modality is missing): the ATAC of the first third
     of the cells and the RNA of the second third removed (paired / RNA-only / ATAC-only cells); batch `modality`
-    (paired, expression, accessibility: scvi-tools' organize_multiome_anndatas names), labels `treatment_time_h`."""
+    (paired, expression, accessibility: scvi-tools' organize_multiome_anndatas names), labels `treatment_time_h`.
+    The hidden counts are in hidden.npz beside the store (atac: the first 150 cells', rna: the next 150 cells',
+    cells: the 450 names in that order)."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -153,6 +155,7 @@ def multiome_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     top = np.sort(np.argsort(-np.asarray((peaks > 0).sum(axis=0)).ravel(), kind="stable")[:2000])
     x, atac = sp.csr_matrix(full.X[cells][:, genes]), peaks[:, top].tolil()
     x = x.tolil()
+    np.savez(folder / "hidden.npz", atac=atac[:150].toarray(), rna=x[150:300].toarray(), cells=full.obs_names[cells])
     atac[:150], x[150:300] = 0, 0
     obs = full.obs.iloc[cells][["treatment_time_h"]].copy()
     obs["modality"] = np.repeat(["expression", "accessibility", "paired"], 150)

@@ -63,14 +63,19 @@ def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> S
         )
     categorical = dict(reference.categorical)
     categorical[reference.batch_key] = reference.batch_categories + tuple(query.batch_categories[i] for i in new)
+
+    def grown(values: tuple, name: str, field: str) -> tuple:
+        """A per-batch tuple of the reference with the query's new batches' values (none for a modality without
+        them: peaks and the RNA mask have no background prior)."""
+        theirs = getattr(query.modalities[name], field)
+        return values + tuple(theirs[i] for i in new) if values else values
+
     modalities = {
         name: replace(
             modality,
             batch_mask=modality.batch_mask + tuple(query.modalities[name].batch_mask[i] for i in new),
-            background_log_means=modality.background_log_means
-            + tuple(query.modalities[name].background_log_means[i] for i in new),
-            background_log_scales=modality.background_log_scales
-            + tuple(query.modalities[name].background_log_scales[i] for i in new),
+            background_log_means=grown(modality.background_log_means, name, "background_log_means"),
+            background_log_scales=grown(modality.background_log_scales, name, "background_log_scales"),
         )
         for name, modality in reference.modalities.items()
         if name in query.modalities

@@ -1,0 +1,392 @@
+"""MultiVI fidelity: atlasvi's MULTIVI next to scvi-tools 1.4.2's on sci-CAR A549 (2,641 paired cells, 1,185 genes +
+52,761 peaks, three dexamethasone treatment times), the MultiVI paper's unpaired protocol.
+
+    .venv/bin/python benchmarks/multivi_fidelity.py --seeds 0 1 2 --max-epochs 100
+
+Both tools get the same cells (numpy default_rng(0).permutation of the file's cells): the first 10% are held out
+(paired, never trained on); of the others, a third keep RNA only (their ATAC hidden: batch "expression"), a third
+ATAC only (their RNA hidden: "accessibility") and a third both ("paired"), scvi-tools' organize_multiome_anndatas
+names, used as the batch key as in scvi-tools' MultiVI tutorial. atlasvi reads them from one .h5ad in scvi-tools'
+concatenated layout (peaks in obsm["atac"], zero rows where a modality is hidden: `atlasvi build --atac-key` stores
+those as not measured); scvi-tools from a MuData (rna, atac) of the same zero-filled rows (its MULTIVAE reads a
+modality summing to 0 as missing). Each tool trains with its MULTIVI defaults (n_hidden 128, n_latent 11, ZINB,
+Jeffreys penalty, equal weights, AdamW lr 1e-4, weight decay 1e-3, batch 128, KL warm-up 50 epochs, early stopping on
+the held-out reconstruction, the adversarial batch classifier); `--max-epochs` shortens BOTH tools' runs alike
+(their default 500 epochs do not fit the shared 2-core machine). Per seed and tool:
+
+- held-out reconstruction per modality: nats per held-out cell (one draw), -log p(RNA) and the ATAC BCE;
+- accessibility imputed for the RNA-only cells (decoded from their RNA, each tool's get_accessibility_estimates /
+  get_normalized_accessibility, z the posterior mean) vs their hidden peaks (open = count > 0): AUROC over every
+  (cell, peak), and the mean of the per-cell AUROCs;
+- expression imputed for the ATAC-only cells (each tool's get_normalized_expression, z the posterior mean) vs their
+  hidden RNA: Pearson r of log1p(1e4 x imputed) vs log1p(1e4 x counts / library) per gene (genes detected in them),
+  averaged, and per cell, averaged;
+- mixing of the three groups: 15-NN treatment-time accuracy of the latent of every cell (stratified 5-fold CV).
+
+The scvi-tools half is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv) as a
+subprocess after atlasvi's runs, one torch thread. Output: results/multivi_fidelity.json and .md (`--out NAME`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.fidelity_data import KNN_FOLDS, KNN_NEIGHBOURS, knn_accuracy, seed_summary
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+SCICAR = SHARED / "scicar_a549_multivi_concat_scai.h5ad"
+SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
+CACHE = HERE / ".cache" / "multivi_fidelity"
+BATCH_KEY, LABELS_KEY, ATAC_KEY = "modality", "treatment_time_h", "atac"
+HELD_OUT_FRACTION = 0.1
+TRAIN_FIELDS = ("max_epochs", "n_epochs_kl_warmup")  # set alike for both tools (TrainConfig / MULTIVI.train names)
+GROUPS = ("expression", "accessibility", "paired")  # RNA only, ATAC only, both
+
+
+def split(n_cells: int) -> dict[str, np.ndarray]:
+    """Cell indices of the held-out cells and of the three training groups (default_rng(0).permutation, sorted)."""
+    order = np.random.default_rng(0).permutation(n_cells)
+    n_held = round(HELD_OUT_FRACTION * n_cells)
+    rest = order[n_held:]
+    third = len(rest) // 3
+    parts = {"heldout": order[:n_held], "expression": rest[:third], "accessibility": rest[third : 2 * third]}
+    parts["paired"] = rest[2 * third :]
+    return {name: np.sort(cells) for name, cells in parts.items()}
+
+
+def prepare() -> dict[str, Path]:
+    """The files both tools read: train.h5ad / heldout.h5ad (genes in X, peaks in obsm["atac"] with their names in
+    uns["atac_names"], zero rows where hidden; the hidden counts in truth.npz) and atlasvi's two stores."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from atlasvi.data import BuildConfig, build_store
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = {"train": CACHE / "train.h5ad", "heldout": CACHE / "heldout.h5ad", "truth": CACHE / "truth.npz"}
+    if not all(p.exists() for p in paths.values()):
+        full = ad.read_h5ad(SCICAR)
+        genes = (full.var["modality"] == "Gene Expression").to_numpy()
+        x_all, peaks_all = sp.csr_matrix(full.X[:, genes]), sp.csr_matrix(full.X[:, ~genes])
+        parts = split(full.n_obs)
+        train_cells = np.sort(np.concatenate([parts[g] for g in GROUPS]))
+        group = np.empty(full.n_obs, dtype=object)
+        for name in GROUPS:
+            group[parts[name]] = name
+        group[parts["heldout"]] = "paired"
+        for name, cells in (("train", train_cells), ("heldout", parts["heldout"])):
+            x, peaks = x_all[cells].tolil(), peaks_all[cells].tolil()
+            x[group[cells] == "accessibility"] = 0
+            peaks[group[cells] == "expression"] = 0
+            obs = full.obs.iloc[cells][[LABELS_KEY]].astype(str)
+            obs[BATCH_KEY] = group[cells]
+            adata = ad.AnnData(sp.csr_matrix(x, dtype=np.float32), obs=obs, var=full.var[genes][[]])
+            adata.obsm[ATAC_KEY] = sp.csr_matrix(peaks, dtype=np.float32)
+            adata.uns[f"{ATAC_KEY}_names"] = np.asarray(full.var_names[~genes], dtype=str)
+            adata.write_h5ad(paths[name])
+        sp.save_npz(paths["truth"].with_suffix(".rna.npz"), x_all[parts["accessibility"]])
+        sp.save_npz(paths["truth"].with_suffix(".atac.npz"), peaks_all[parts["expression"]])
+        np.savez(
+            paths["truth"],
+            rna_cells=np.asarray(full.obs_names[parts["accessibility"]], dtype=str),
+            atac_cells=np.asarray(full.obs_names[parts["expression"]], dtype=str),
+        )
+    stores = {"train_store": CACHE / "train.zarr", "heldout_store": CACHE / "heldout.zarr"}
+    for name, store in stores.items():
+        if not store.exists():
+            source = paths["train" if name == "train_store" else "heldout"]
+            config = BuildConfig(
+                inputs=[str(source)], output=str(store), atac_key=ATAC_KEY, batch_key=BATCH_KEY, labels_key=LABELS_KEY
+            )
+            build_store(config)
+    return paths | stores
+
+
+def truth(paths: dict) -> dict:
+    """The hidden counts: rna (ATAC-only cells x genes) and atac (RNA-only cells x peaks), with their cell names."""
+    import scipy.sparse as sp
+
+    names = np.load(paths["truth"])
+    return {
+        "rna": sp.load_npz(Path(paths["truth"]).with_suffix(".rna.npz")).tocsr(),
+        "atac": sp.load_npz(Path(paths["truth"]).with_suffix(".atac.npz")).tocsr(),
+        "rna_cells": names["rna_cells"],
+        "atac_cells": names["atac_cells"],
+    }
+
+
+def auroc(probabilities: np.ndarray, peaks) -> tuple[float, float]:
+    """(AUROC over every (cell, peak), mean per-cell AUROC) of imputed probabilities vs open peaks (count > 0)."""
+    from sklearn.metrics import roc_auc_score
+
+    opened = (peaks.toarray() > 0).astype(np.uint8)
+    overall = float(roc_auc_score(opened.ravel(), probabilities.ravel()))
+    per_cell = [roc_auc_score(o, p) for o, p in zip(opened, probabilities, strict=True) if 0 < o.sum() < len(o)]
+    return overall, float(np.mean(per_cell))
+
+
+def expression_correlation(imputed: np.ndarray, counts) -> tuple[float, float]:
+    """(mean per-gene, mean per-cell) Pearson r of log1p(1e4 x imputed) vs log1p(1e4 x counts / library)."""
+    dense = counts.toarray().astype(np.float64)
+    library = dense.sum(axis=1, keepdims=True)
+    keep = library[:, 0] > 0
+    a = np.log1p(1e4 * imputed[keep].astype(np.float64))
+    b = np.log1p(1e4 * dense[keep] / library[keep])
+
+    def pearson(u: np.ndarray, v: np.ndarray, axis: int) -> np.ndarray:
+        u, v = u - u.mean(axis, keepdims=True), v - v.mean(axis, keepdims=True)
+        return (u * v).sum(axis) / np.sqrt((u * u).sum(axis) * (v * v).sum(axis))
+
+    detected = b.std(axis=0) > 0
+    return float(np.mean(pearson(a[:, detected], b[:, detected], 0))), float(np.mean(pearson(a, b, 1)))
+
+
+# --------------------------------------------------------------------------------------------- atlasvi
+def atlasvi_heldout(model, store: Path) -> dict[str, float]:
+    """Held-out reconstruction per modality (nats per cell, one draw from torch seed 0), module in eval mode."""
+    import torch
+
+    module, sums, n = model.module, {"rna": 0.0, "atac": 0.0}, 0
+    module.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for batch in model._batches(store, None, 1024):
+            output = module.loss(module.unpack(batch))
+            sums["rna"] += float(output.extra_metrics["reconstruction_rna"]) * len(batch)
+            sums["atac"] += float(output.extra_metrics["reconstruction_atac"]) * len(batch)
+            n += len(batch)
+    return {key: value / n for key, value in sums.items()}
+
+
+def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> dict:
+    """atlasvi's MULTIVI on the training store; the figures of one seed."""
+    import anndata as ad
+    import torch
+
+    from atlasvi.api import MULTIVI
+    from atlasvi.data import LoaderConfig
+    from atlasvi.train import TrainConfig
+
+    torch.set_num_threads(1)
+    model = MULTIVI(paths["train_store"], device="cpu", seed=seed)
+    started = time.perf_counter()
+    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
+    seconds = time.perf_counter() - started
+    train_obs = ad.read_zarr(paths["train_store"]).obs
+    held_obs = ad.read_zarr(paths["heldout_store"]).obs
+    hidden = truth(paths)
+    names = train_obs.index
+    rna_only = np.flatnonzero(names.isin(hidden["atac_cells"]))
+    atac_only = np.flatnonzero(names.isin(hidden["rna_cells"]))
+    accessibility = np.concatenate(  # a block of rows at a time: every cell x 52,761 peaks would be ~0.5 GB
+        [
+            model.get_accessibility_estimates(rows=(start, min(start + 256, len(names))))[
+                rna_only[(rna_only >= start) & (rna_only < start + 256)] - start
+            ]
+            for start in range(0, len(names), 256)
+        ]
+    )
+    expression = model.get_normalized_expression()[atac_only]
+    peaks = hidden["atac"][pd_index(hidden["atac_cells"]).get_indexer(names[rna_only])]
+    counts = hidden["rna"][pd_index(hidden["rna_cells"]).get_indexer(names[atac_only])]
+    latent = np.concatenate(
+        [model.get_latent_representation(), model.get_latent_representation(store=paths["heldout_store"])]
+    )
+    labels = np.concatenate([train_obs[LABELS_KEY].astype(str), held_obs[LABELS_KEY].astype(str)])
+    return _row("atlasvi", seed, atlasvi_heldout(model, paths["heldout_store"]), accessibility, peaks, expression,
+                counts, latent, labels, len(model.history), seconds)  # fmt: skip
+
+
+def pd_index(values):
+    import pandas as pd
+
+    return pd.Index(values)
+
+
+def _row(tool, seed, heldout, accessibility, peaks, expression, counts, latent, labels, epochs, seconds) -> dict:
+    overall, per_cell = auroc(accessibility, peaks)
+    per_gene, per_cell_r = expression_correlation(expression, counts)
+    return {
+        "tool": tool,
+        "seed": seed,
+        "heldout_reconstruction_rna": heldout["rna"],
+        "heldout_reconstruction_atac": heldout["atac"],
+        "accessibility_auroc": overall,
+        "accessibility_auroc_per_cell": per_cell,
+        "expression_r_per_gene": per_gene,
+        "expression_r_per_cell": per_cell_r,
+        "knn_accuracy": knn_accuracy(latent, labels),
+        "epochs": epochs,
+        "train_seconds": seconds,
+    }
+
+
+# --------------------------------------------------------------------------------------------- scvi-tools
+def _mudata(path: str):
+    import anndata as ad
+    import mudata as md
+
+    adata = ad.read_h5ad(path)
+    atac = ad.AnnData(adata.obsm[ATAC_KEY], obs=adata.obs[[]].copy())
+    atac.var_names = adata.uns[f"{ATAC_KEY}_names"]
+    rna = ad.AnnData(adata.X, obs=adata.obs.copy(), var=adata.var)
+    return md.MuData({"rna": rna, "atac": atac})
+
+
+def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
+    """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed."""
+    import logging
+    import warnings
+
+    import scvi
+    import torch
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
+        held.obs["_indices"] = np.arange(held.n_obs)  # setup_mudata adds it to the data it registers only
+        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+        model = scvi.model.MULTIVI(train)
+        started = time.perf_counter()
+        model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **fields)
+        seconds = time.perf_counter() - started
+        torch.manual_seed(0)
+        error = model.get_reconstruction_error(held)
+        hidden = truth(paths)
+        names = train.obs_names
+        rna_only = np.flatnonzero(names.isin(hidden["atac_cells"]))
+        atac_only = np.flatnonzero(names.isin(hidden["rna_cells"]))
+        accessibility = model.get_normalized_accessibility(train, indices=rna_only, return_numpy=True)
+        expression = model.get_normalized_expression(train, indices=atac_only, return_numpy=True)
+        latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
+    peaks = hidden["atac"][pd_index(hidden["atac_cells"]).get_indexer(names[rna_only])]
+    counts = hidden["rna"][pd_index(hidden["rna_cells"]).get_indexer(names[atac_only])]
+    labels = np.concatenate([train["rna"].obs[LABELS_KEY].astype(str), held["rna"].obs[LABELS_KEY].astype(str)])
+    heldout = {
+        "rna": float(error["reconstruction_loss_expression"]),
+        "atac": float(error["reconstruction_loss_accessibility"]),
+    }
+    row = _row("scvi-tools", seed, heldout, np.asarray(accessibility), peaks, np.asarray(expression), counts,
+               latent, labels, int(model.history["elbo_train"].shape[0]), seconds)  # fmt: skip
+    return row | {"versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__}}
+
+
+# --------------------------------------------------------------------------------------------- report
+METRICS = (
+    ("heldout_reconstruction_rna", 1, "held-out -log p(RNA)"),
+    ("heldout_reconstruction_atac", 1, "held-out ATAC BCE"),
+    ("accessibility_auroc", 4, "accessibility AUROC (RNA-only)"),
+    ("accessibility_auroc_per_cell", 4, "per-cell AUROC"),
+    ("expression_r_per_gene", 4, "expression r per gene (ATAC-only)"),
+    ("expression_r_per_cell", 4, "per-cell r"),
+    ("knn_accuracy", 3, "kNN treatment time"),
+)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """Every seed, then mean ± sd [min, max] per tool."""
+    cells = meta["cells"]
+    lines = [
+        "# MultiVI fidelity: atlasvi vs scvi-tools 1.4.2 (sci-CAR A549, 2,641 cells, 1,185 genes + 52,761 peaks)",
+        "",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']}.",
+        "",
+        f"Same cells for both tools: {cells['heldout']} held out (paired, never trained on); trained: "
+        f"{cells['expression']} RNA-only (ATAC hidden), {cells['accessibility']} ATAC-only (RNA hidden), "
+        f"{cells['paired']} paired; batch = the group. Each tool's MULTIVI defaults; training options over them: "
+        f"{meta['train_fields'] or 'none'}. Held-out reconstruction: nats per held-out cell (lower is better). "
+        "AUROC: imputed accessibility of the RNA-only cells vs their hidden open peaks. r: imputed expression of the "
+        "ATAC-only cells vs their hidden RNA (log1p of 1e4-normalised). kNN: "
+        f"{KNN_NEIGHBOURS}-NN accuracy of treatment time, stratified {KNN_FOLDS}-fold CV, latent of every cell.",
+        "",
+        "| tool | seed | epochs | " + " | ".join(label for _, _, label in METRICS) + " | train s |",
+        "|---|---|---|" + "---|" * (len(METRICS) + 1),
+    ]
+    for r in sorted(rows, key=lambda r: (r["tool"], r["seed"])):
+        values = " | ".join(f"{r[key]:.{digits}f}" for key, digits, _ in METRICS)
+        lines.append(f"| {r['tool']} | {r['seed']} | {r['epochs']} | {values} | {r['train_seconds']:.0f} |")
+    lines += ["", "| tool | " + " | ".join(label for _, _, label in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for tool in ("atlasvi", "scvi-tools"):
+        if not any(r["tool"] == tool for r in rows):
+            continue
+        parts = []
+        for key, digits, _ in METRICS:
+            mean, sd, low, high = seed_summary(rows, tool, key)
+            parts.append(f"{mean:.{digits}f} ± {sd:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
+        lines.append(f"| {tool} | " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
+    parser.add_argument("--scvi-only", action="store_true", help="run the scvi-tools side alone (merge with --merge)")
+    parser.add_argument("--atlasvi-only", action="store_true", help="run atlasvi's side alone (merge with --merge)")
+    parser.add_argument("--merge", default=None, help="results/MERGE.json whose rows of the side not run to reuse")
+    parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
+    parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
+    parser.add_argument("--out", default="multivi_fidelity", help="results/OUT.json and results/OUT.md")
+    args = parser.parse_args()
+    fields = {key: value for key, value in vars(args).items() if key in TRAIN_FIELDS and value is not None}
+    if args.side == "scvi":
+        paths = json.loads(args.paths)
+        for seed in args.seeds:
+            print(json.dumps(scvi_side(paths, seed, fields)), flush=True)
+        return
+    paths = prepare()
+    rows = []
+    if args.merge is not None:
+        earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
+        if earlier["meta"]["train_fields"] != fields:
+            raise SystemExit(f"results/{args.merge}.json was run with {earlier['meta']['train_fields']}, not {fields}")
+        reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
+        rows = [r for r in earlier["rows"] if r["tool"] == reused]
+    meta = {
+        "command": " ".join(["python", "benchmarks/multivi_fidelity.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared, under load), CPU only, 1 torch thread",
+        "train_fields": fields,
+        "cells": {name: len(part) for name, part in split(2641).items()},
+    }
+    results = HERE / "results"
+    for seed in args.seeds:  # seed by seed, atlasvi then scvi-tools (a subprocess), the results written after each row
+        sides = ([] if args.scvi_only else ["atlasvi"]) + ([] if args.atlasvi_only else ["scvi-tools"])
+        for side in sides:
+            lines = [json.dumps(atlasvi_side(paths, seed, fields))] if side == "atlasvi" else []
+            for line in lines or _scvi_rows(seed, fields, paths):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+            (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+            (results / f"{args.out}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+def _scvi_rows(seed: int, fields: dict, paths: dict[str, Path]) -> list[str]:
+    """The scvi-tools side's JSON lines for one seed, run in its venv after atlasvi's runs."""
+    prepared = json.dumps({k: str(v) for k, v in paths.items()})
+    command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", prepared, "--seeds", str(seed)]
+    for key, value in fields.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    scvi = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    if scvi.returncode != 0:
+        raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
+    return [line for line in scvi.stdout.splitlines() if line.startswith('{"tool"')]
+
+
+if __name__ == "__main__":
+    main()
