@@ -2,9 +2,9 @@
 
     python benchmarks/workers_speed.py --store benchmarks/.cache/atlas_10k_zstd.zarr --workers 1 2 --epochs 4
 
-Per-worker batch size x workers = the global batch (--global-batch, default 128). cells/s: training cells of an
-epoch (all ranks) over its wall time, median of the epochs after the first. Prints one JSON line per setting and a
-Markdown table; CPU here (gloo), one torch thread per worker.
+The global batch (--global-batch, default 128) is the loader's batch size, split over the workers. cells/s: training
+cells of an epoch (all ranks) over its wall time, median of the epochs after the first. Prints one JSON line per
+setting and a Markdown table; CPU here (gloo), one torch thread per worker.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from atlasvi.data import LoaderConfig, open_store
 from atlasvi.launch import DistributedConfig, connect, train_distributed
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import TrainConfig, fit
-from atlasvi.train.job import TrainJobConfig, make_loaders
+from atlasvi.train.job import TrainJobConfig, make_loaders, rank_batch_size
 from atlasvi.train.loop import read_checkpoint
 
 
@@ -38,7 +38,7 @@ def main() -> None:
         job = TrainJobConfig(
             store=args.store,
             train=TrainConfig(max_epochs=args.epochs, n_epochs_kl_warmup=args.epochs),
-            loader=LoaderConfig(batch_size=args.global_batch // workers),
+            loader=LoaderConfig(batch_size=args.global_batch),  # global: the workers split it
         )
         started = time.perf_counter()
         if workers == 1:
@@ -52,7 +52,8 @@ def main() -> None:
         wall = time.perf_counter() - started
         steady = [r.cells_per_second for r in history[1:]] or [history[0].cells_per_second]
         row = {
-            "workers": workers, "per_worker_batch": job.loader.batch_size, "epochs": len(history),
+            "workers": workers, "per_worker_batch": rank_batch_size(job.loader.batch_size, workers),
+            "epochs": len(history),
             "cells_per_s": statistics.median(steady), "wall_s": wall, "held_out_elbo": history[-1].validation_elbo,
         }  # fmt: skip
         rows.append(row)

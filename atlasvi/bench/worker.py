@@ -43,7 +43,7 @@ def run(spec: dict) -> dict:
     train_rows, _ = split_rows(store.n_cells, TrainConfig().validation_fraction)
     workers = spec["workers"]
     train = TrainConfig(max_epochs=spec["epochs"], seed=spec["seed"])
-    loader = LoaderConfig(batch_size=spec["batch_size"] // workers, num_threads=spec["loader_threads"])
+    loader = LoaderConfig(batch_size=spec["batch_size"], num_threads=spec["loader_threads"])  # global batch
     device = torch.device("cuda" if spec["use_gpu"] else "cpu")
     torch.set_num_threads(spec["threads"])
     rank_zero: dict = {}

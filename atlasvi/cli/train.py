@@ -49,7 +49,7 @@ def _embedded_store() -> str:
 
 def _warn_kl_warmup(job: TrainJobConfig, n_train_cells: int, n_epochs: int) -> None:
     """One line when the KL warm-up outlasts the run (it would end at a KL weight below max_kl_weight)."""
-    steps = -(-n_train_cells // (job.loader.batch_size * job.num_workers))  # per epoch, for a warm-up in steps
+    steps = -(-n_train_cells // job.loader.batch_size)  # per epoch (the batch is global), for a warm-up in steps
     shortfall = kl_warmup_shortfall(job.train, n_epochs, max(1, steps))
     if shortfall is not None:
         console.print(f"[yellow]warning:[/yellow] {shortfall}")
@@ -93,7 +93,7 @@ def train_command(
     n_layers: Annotated[int | None, typer.Option(help="hidden layers of encoder and decoder")] = None,
     n_hidden: Annotated[int | None, typer.Option(help="units per hidden layer")] = None,
     gene_likelihood: Annotated[str | None, typer.Option(help="zinb, nb or poisson")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="cells per minibatch")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="cells a step (global: workers split it)")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of initialisation and shuffling")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,

@@ -7,8 +7,9 @@ reports each epoch (Ray's barrier). When a worker dies, Ray restarts the group (
 and every worker resumes from the last reported checkpoint: model, optimizer, loader position, each
 rank's RNG. Running the same `name` and `storage_path` again after the driver died resumes as well.
 
-Batch size is per worker: the global batch is `loader.batch_size x num_workers`; the learning rate is
-not rescaled.
+`loader.batch_size` is the global batch, split over the workers (`rank_batch_size`: ceil(batch / workers) cells
+each): N workers take one worker's optimiser steps per epoch on one worker's batch, with the same learning rate,
+so they reach the one-worker model in the same epochs.
 """
 
 import shutil

@@ -31,7 +31,8 @@ class TrainJobConfig(BaseModel):
     `init_from`; the registry is then the saved model's); umap_cells: cells in the UMAP figure (the store's
     first rows, a random sample);
     torch_threads: CPU intra-op threads (None: see `cpu_threads`). num_workers > 1 trains in Ray Train
-    workers (use_gpu: one GPU each), restarting the group up to max_failures times; storage_path: where
+    workers (use_gpu: one GPU each) that split the global batch `loader.batch_size` (see `rank_batch_size`),
+    restarting the group up to max_failures times; storage_path: where
     Ray persists checkpoints, absolute or a URI (None: OUTPUT/ray_results).
     """
 
@@ -70,6 +71,12 @@ class TrainJobConfig(BaseModel):
         if entry.train_defaults:
             data["train"] = train_fields(entry.train_defaults, data.get("train"))
         return data
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> "TrainJobConfig":
+        """loader.batch_size is the global batch, split over the workers: at least one cell each."""
+        rank_batch_size(self.loader.batch_size, self.num_workers)
+        return self
 
     def cpu_threads(self, n_cores: int) -> int:
         """torch intra-op threads on CPU: torch_threads, else the cores the loader's read threads leave (>= 1).
@@ -112,6 +119,9 @@ def make_loaders(
 ) -> tuple[StreamingLoader, StreamingLoader]:
     """(train, validation) loaders of one rank on the seeded split of the store's rows (see `split_rows`).
 
+    `loader.batch_size` is the global batch: each of the world_size ranks reads `rank_batch_size` cells a step, so
+    N workers take one worker's optimiser steps per epoch on (about) one worker's batch.
+
     The validation loader reads its rows in order (no shuffling), with the training batch size.
     code_maps: store code -> model code per categorical key; modalities: those the minibatches carry beside the
     RNA counts (the module's `used_modalities`; see `StreamingLoader`).
@@ -119,9 +129,21 @@ def make_loaders(
     train_rows, validation_rows = split_rows(store.n_cells, validation_fraction)
     if validation_rows[0] == validation_rows[1]:
         raise ValueError("validation_fraction leaves no held-out cell; the loop evaluates on held-out cells")
+    loader = loader.model_copy(update={"batch_size": rank_batch_size(loader.batch_size, world_size)})
     train = StreamingLoader(store, loader, rank, world_size, train_rows, code_maps, modalities)
     held_out = loader.model_copy(update={"shuffle": False})
     return train, StreamingLoader(store, held_out, rank, world_size, validation_rows, code_maps, modalities)
+
+
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Cells per rank per step when `batch_size` is the global batch: ceil(batch_size / world_size).
+
+    DDP averages the ranks' gradients, so a step of world_size ranks is one step on their cells together; the global
+    batch is rank_batch_size x world_size (batch_size itself when world_size divides it).
+    """
+    if batch_size < world_size:
+        raise ConfigError(f"loader.batch_size {batch_size} is the global batch: it must be >= num_workers {world_size}")
+    return -(-batch_size // world_size)
 
 
 @dataclass(frozen=True)

@@ -237,9 +237,8 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, store, tmp_path, 
         saved = _user_class(source)(store, config=source.config_class(**_model(source)), device="cpu")
         update["init_from"] = str(saved.save(tmp_path / source.name))
     job = _job(entry, store, **update)
-    halves = job.model_copy(update={"loader": LOADER.model_copy(update={"batch_size": 64})})
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name=entry.name)
-    checkpoint, metrics = train_distributed(halves, str(store), run)
+    checkpoint, metrics = train_distributed(job, str(store), run)  # the global batch of 128: 64 cells per worker
     weights, two = read_checkpoint(checkpoint)
 
     module, one = _fit(job)

@@ -54,7 +54,7 @@ def test_one_worker_per_node_each_reads_its_own_shard(embedded_store, tmp_path, 
     job = TrainJobConfig(
         store=str(embedded_store),
         train=TrainConfig(max_epochs=2, n_epochs_kl_warmup=1),
-        loader=LoaderConfig(batch_size=64),
+        loader=LoaderConfig(batch_size=128),  # global: 64 cells per worker
     )
     run = DistributedConfig(
         num_workers=2, storage_path=str(tmp_path / "ray"), name="two-nodes",

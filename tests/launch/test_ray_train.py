@@ -55,8 +55,8 @@ class KillOnce:
 
 
 def test_two_workers_match_one_and_read_disjoint_shards(embedded_store, tmp_path, ray_local):
-    """Global batch 128 = 2 workers x 64: the held-out ELBO of 1 plain process, within 2%."""
-    job = _job(embedded_store, 64)
+    """The global batch 128, split into 2 workers x 64: the held-out ELBO of 1 plain process at 128, within 2%."""
+    job = _job(embedded_store, 128)
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="two")
     checkpoint, metrics = train_distributed(job, str(embedded_store), run)
     _, two = read_checkpoint(checkpoint)
@@ -66,7 +66,7 @@ def test_two_workers_match_one_and_read_disjoint_shards(embedded_store, tmp_path
     store = open_store(embedded_store)
     torch.manual_seed(0)
     module = SCVIModule(store.schema)
-    train, validation = make_loaders(store, job.loader.model_copy(update={"batch_size": 128}), 0.1)
+    train, validation = make_loaders(store, job.loader, 0.1)
     one = fit(module, train, validation, job.train)
     assert len(two) == len(one) == EPOCHS
     assert two[-1].validation_elbo == pytest.approx(one[-1].validation_elbo, rel=0.02)
@@ -80,7 +80,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes(embedded_store, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowRun(uri, "atlasvi", run_name="killed")
     logger = EpochLogger(uri, "atlasvi", tracker.run_id)
-    job = _job(embedded_store, 64)
+    job = _job(embedded_store, 128)
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="killed", max_failures=1)
     hook = KillOnce(logger, tmp_path / "killed.pid", epoch=3)  # dies in epoch 4
     checkpoint, _ = train_distributed(job, str(embedded_store), run, on_epoch_end=hook, on_restart=logger.restarted)
@@ -106,10 +106,10 @@ def test_the_same_run_started_again_resumes_from_its_checkpoint(embedded_store, 
     tracker = MlflowRun(uri, "atlasvi", run_name="again")
     logger = EpochLogger(uri, "atlasvi", tracker.run_id)
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name="again")
-    short = _job(embedded_store, 64).model_copy(update={"train": TrainConfig(max_epochs=2, n_epochs_kl_warmup=4)})
+    short = _job(embedded_store, 128).model_copy(update={"train": TrainConfig(max_epochs=2, n_epochs_kl_warmup=4)})
     train_distributed(short, str(embedded_store), run, on_epoch_end=logger, on_restart=logger.restarted)
     checkpoint, _ = train_distributed(
-        _job(embedded_store, 64), str(embedded_store), run, on_epoch_end=logger, on_restart=logger.restarted
+        _job(embedded_store, 128), str(embedded_store), run, on_epoch_end=logger, on_restart=logger.restarted
     )
     assert [r.epoch for r in read_checkpoint(checkpoint)[1]] == list(range(EPOCHS))
     (restart,) = tracker.client.get_metric_history(tracker.run_id, "resumed_at_epoch")

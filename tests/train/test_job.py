@@ -63,3 +63,19 @@ def test_init_from_weights_that_do_not_fit_and_a_store_without_labels_are_one_er
     store.schema = replace(store.schema, labels_key=None)  # a store built without labels
     with pytest.raises(ConfigError, match=r"embedded.*: scANVI needs a store built with a labels key"):
         module_spec(_job(model={"name": "scanvi"}), store)
+
+
+def test_the_batch_size_is_global_and_split_over_the_workers(embedded_store):
+    """2 workers read 64 cells each a step at the default 128, and as many steps an epoch as one process; 3 workers
+    of a batch of 128 read 43 each (global 129); fewer cells than workers is refused."""
+    from atlasvi.data import LoaderConfig
+    from atlasvi.train.job import make_loaders, rank_batch_size
+
+    assert [rank_batch_size(128, n) for n in (1, 2, 3, 128)] == [128, 64, 43, 1]
+    store, loader = open_store(embedded_store), LoaderConfig(batch_size=128)
+    one, _ = make_loaders(store, loader, 0.1)
+    ranks = [make_loaders(store, loader, 0.1, rank, 2)[0] for rank in (0, 1)]
+    assert [r.config.batch_size for r in ranks] == [64, 64]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 10  # 1267 training cells: ceil(1267 / 128) steps
+    with pytest.raises(ValueError, match="global batch: it must be >= num_workers"):
+        _job(num_workers=4, loader={"batch_size": 2})
