@@ -92,12 +92,14 @@ def map_query_command(
     n_epochs = train.epochs_for(round(model.store.n_cells * (1 - train.validation_fraction)))
     with MlflowRun(tracking_uri(), experiment, run_name or out.name, tags={"method": method, "query": "true"}) as run:
         run.log_params(params)
+        run.log_store_input(str(query), context="query")
         history = fit_tracked(model, train, loader, run, "query training", n_epochs)
         written = [model.write_latent_representation(key=key)]
         if classifies:
             written.append(model.write_predictions(key=prediction_key))
         saved = model.save(out)
         run.log_artifact(saved, "model")
+        run.log_model(saved, history[-1].epoch)
         if classifies:
             figure = scanvi_loss_curves_png(history, model.config.classification_ratio, out / "loss_curves.png")
         else:

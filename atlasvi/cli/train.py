@@ -181,6 +181,7 @@ def _train(
     checkpoints = Path(plan.checkpoints)
     shape = {"n_cells": opened.n_cells, "n_genes": opened.schema.n_genes}
     changed = tracker.log_params(job.model_dump(mode="json") | {"store": opened.path} | shape)
+    tracker.log_store_input(opened.path)
     if changed:
         console.print(f"resumed with changed settings (kept as MLflow tags): {changed}")
     logged = set(tracker.logged_epochs())
@@ -287,6 +288,8 @@ def _finish(job: TrainJobConfig, model: AtlasModel, store: AtlasStore, history: 
     tracker.log_metrics(final, step=last.epoch)
     tracker.log_artifact(config_yaml)
     tracker.log_artifact(model_dir, "model")
+    with console.status("logging the MLflow Model"):
+        tracker.log_model(model_dir, last.epoch)
     figures = _figures(job, model, store, history, tracker, out / "figures")
     tracker.finish()
     table = Table(title=f"{entry_of(job.model).saved_name} trained", show_header=False)

@@ -14,13 +14,16 @@ on every exit path, so no failing command leaves a run RUNNING:
 
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib import import_module
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from atlasvi.data.store import read_store_attrs
 from atlasvi.train import EpochRecord
 
 LOCAL_FOLDER = "mlruns"
@@ -124,6 +127,16 @@ class MlflowRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_store_input(self, path: str, context: str = "training") -> None:
+        """The atlas store at `path` as the run's dataset input (name, path, digest of its attrs; once per run)."""
+        pyfunc = _mlflow_model()
+        pyfunc.log_dataset(self.client, self.run_id, pyfunc.store_dataset(path, read_store_attrs(path)), context)
+
+    def log_model(self, model_dir: Path, step: int = 0) -> str:
+        """The saved model folder as an MLflow Model of the run (pyfunc: the latent of a store's cells), registrable
+        as models:/<returned id>."""
+        return _mlflow_model().log_latent_model(self.client, self.experiment_id, self.run_id, model_dir, step)
+
     def finish(self, failed: bool = False, error: BaseException | str | None = None) -> None:
         """End the run: FINISHED; FAILED when `failed` or an `error` is given (kept as the `error` tag);
         KILLED when the error is a KeyboardInterrupt (Ctrl-C)."""
@@ -145,6 +158,11 @@ class MlflowRun:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
         if not self.ended:
             self.finish(error=None if exc is None or _exit_code(exc) == 0 else exc)
+
+
+def _mlflow_model() -> ModuleType:
+    """atlasvi.tracking.mlflow_model, imported when first used (mlflow.pyfunc takes a while to import)."""
+    return import_module("atlasvi.tracking.mlflow_model")
 
 
 def end_abandoned(tracking_uri: str, run_id: str, reason: str) -> bool:

@@ -56,6 +56,10 @@ def test_train_leaves_model_latent_figures_and_one_mlflow_run(workdir):
     assert run.data.metrics["cells_per_second"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "figures", "model"} <= artifacts
+    (store,) = run.inputs.dataset_inputs  # the store as the run's dataset, the model as its MLflow Model
+    assert store.dataset.name == "store.zarr" and [t.value for t in store.tags] == ["training"]
+    (logged,) = run.outputs.model_outputs
+    assert client.get_logged_model(logged.model_id).source_run_id == run.info.run_id
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert figures == {"figures/loss_curves.png", "figures/latent_umap.png"}
     assert (workdir / "out" / "figures" / "latent_umap.png").read_bytes()[:4] == b"\x89PNG"
