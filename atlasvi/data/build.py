@@ -28,12 +28,14 @@ carry the host and pid of their build: an interrupted build removes its own, and
 import asyncio
 import contextlib
 import datetime
+import functools
 import glob
 import json
 import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 import warnings
 from collections.abc import Callable
@@ -49,8 +51,10 @@ import zarr
 from atlasvi import __version__
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.errors import AtlasInputError
+from atlasvi.data.exact import add_exact, exact_bin_sums, to_float
+from atlasvi.data.executor import BuildExecutor
 from atlasvi.data.hvg import ClippedSums, GeneMoments, select_hvg
-from atlasvi.data.inputs import InputFile, detect_kind, file_sha256, open_input
+from atlasvi.data.inputs import InputFile, detect_kind, expand_inputs, file_sha256, open_input
 from atlasvi.data.store import (
     ATAC_OBSM_KEY,
     ATTRS_KEY,
@@ -87,8 +91,6 @@ class _InputPlan:
     gene_map: np.ndarray  # (input genes,) -> aligned gene index or -1
     protein_map: np.ndarray | None  # (input proteins,) -> index among the store's proteins
     peak_map: np.ndarray | None  # (input peaks,) -> index among the store's peaks
-    keep: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) after pass 1
-    rna: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (cells,) RNA measured, pass 1
 
 
 def _atac_present(source: InputFile, plan: _InputPlan, rows: slice, peaks: sp.csr_matrix | None) -> np.ndarray:
@@ -282,37 +284,6 @@ def _categories(values: pd.Series, path: Path, key: str, fill: str | None) -> np
     return np.asarray(values.astype(str))
 
 
-class _SequentialWriter:
-    """Appends to a 1-D zarr array, writing whole shards at a time (no read-modify-write)."""
-
-    def __init__(self, array: zarr.Array, shard: int):
-        self.array, self.shard, self.offset = array, shard, 0
-        self.pending: list[np.ndarray] = []
-        self.n_pending = 0
-
-    def append(self, values: np.ndarray) -> None:
-        self.pending.append(values)
-        self.n_pending += len(values)
-        if self.n_pending >= self.shard:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        if not self.pending:
-            return
-        values = np.concatenate(self.pending)
-        n_write = len(values) if final else len(values) // self.shard * self.shard
-        if n_write:
-            self.array[self.offset : self.offset + n_write] = values[:n_write]
-            self.offset += n_write
-        rest = values[n_write:]
-        self.pending, self.n_pending = ([rest] if len(rest) else []), len(rest)
-
-    def close(self) -> None:
-        self._flush(final=True)
-        if self.offset != self.array.shape[0]:
-            raise RuntimeError(f"wrote {self.offset} of {self.array.shape[0]} values to {self.array.path}")
-
-
 def _create(
     group: zarr.Group,
     name: str,
@@ -398,41 +369,6 @@ def _code_dtype(n_categories: int) -> np.dtype:
     return np.dtype(np.int8 if n_categories < 127 else np.int16 if n_categories < 32767 else np.int32)
 
 
-class _Buckets:
-    """Temporary bucket files of the external shuffle: bucket k holds destination rows [k*size, (k+1)*size)."""
-
-    def __init__(self, root: Path, size: int, n_rows: int):
-        self.root, self.size = root, size
-        self.n = max(1, -(-n_rows // size))
-        for k in range(self.n):
-            (root / str(k)).mkdir(parents=True)
-
-    def append(self, dest: np.ndarray, fields: dict[str, np.ndarray], entries: dict[str, np.ndarray], nnz: np.ndarray):
-        """dest: (cells,) destination rows; fields: per-cell arrays; entries: per-non-zero arrays."""
-        bucket = dest // self.size
-        order = np.argsort(bucket, kind="stable")
-        bounds = np.searchsorted(bucket[order], np.arange(self.n + 1))
-        entry_start = np.concatenate([[0], np.cumsum(nnz)])
-        for k in range(self.n):
-            cells = order[bounds[k] : bounds[k + 1]]
-            if not len(cells):
-                continue
-            folder = self.root / str(k)
-            take = _ranges(entry_start[cells], nnz[cells])
-            for name, values in [("dest", dest[cells]), ("nnz", nnz[cells])] + [
-                (n, v[cells]) for n, v in fields.items()
-            ]:
-                with open(folder / name, "ab") as handle:
-                    np.ascontiguousarray(values).tofile(handle)
-            for name, values in entries.items():
-                with open(folder / name, "ab") as handle:
-                    values[take].tofile(handle)
-
-    def read(self, k: int, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-        folder = self.root / str(k)
-        return {name: np.fromfile(folder / name, dtype=dtype) for name, dtype in dtypes.items()}
-
-
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
     total = int(lengths.sum())
@@ -450,15 +386,16 @@ def _write_small(group, key: str, element) -> None:
         ad.io.write_elem(group, key, element)
 
 
-def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
+def build_store(config: BuildConfig, progress: Progress = _no_progress, executor: BuildExecutor | None = None) -> Path:
     """Build one atlas store from config.inputs; returns its path. See the module docstring.
 
-    Refused before any work: a missing input, an output that is, holds or lies inside an input, an existing
-    output without `overwrite` or (with it) anything but an atlas store or an empty folder, and an output
-    folder that cannot be written.
+    executor: where the passes' tasks run (default: this process, one task at a time); the store is the same
+    bit for bit whatever it is. Refused before any work: a missing input, an output that is, holds or lies
+    inside an input, an existing output without `overwrite` or (with it) anything but an atlas store or an
+    empty folder, and an output folder that cannot be written.
     """
     output = Path(config.output)
-    paths = [Path(p) for p in config.inputs]
+    paths = expand_inputs(config.inputs)
     for path in paths:
         if not path.exists():
             raise AtlasInputError(f"{path}: input does not exist")
@@ -468,13 +405,22 @@ def build_store(config: BuildConfig, progress: Progress = _no_progress) -> Path:
     token = uuid.uuid4().hex[:8]
     staging, scratch = _sibling(output, "building", token), _sibling(output, "scratch", token)
     new_folders = [p for p in [output.parent, *output.parent.parents] if not p.exists()]  # deepest first
+    owned = executor is None
+    executor = executor or BuildExecutor()
     try:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             scratch.mkdir()
         except OSError as err:
             raise AtlasInputError(f"{output.parent}: cannot write the store there ({err.strerror})") from err
-        _build(config, paths, staging, scratch, progress)
+        try:
+            _build(config, paths, staging, scratch, progress, executor, token)
+        finally:
+            with contextlib.suppress(Exception):
+                executor.run_on_workers(functools.partial(_close_inputs, token))
+            _close_inputs(token)
+            if owned:
+                executor.close()
         if output.exists():
             retired = _sibling(output, "replaced", token)
             output.rename(retired)
@@ -579,429 +525,730 @@ def _settle_zarr_writes(timeout: float = 60.0) -> None:
     sync(settle())
 
 
-def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path, progress: Progress) -> None:
+# -- the build's tasks ------------------------------------------------------------------------------------
+# Each pass is a list of tasks run by a BuildExecutor (here, on local worker processes or on a dask cluster).
+# A task is a module-level function of (the build's _Context, its own arguments) that reads what it needs, writes
+# only files no other task writes, and returns what the driver folds (exact sums, maxima, masks).
+
+
+@dataclass
+class _Context:
+    """What every task of a build needs; sent to each worker once per pass."""
+
+    config: BuildConfig
+    token: str  # this build's: keys the inputs each worker keeps open
+    paths: list[Path]
+    staging: Path
+    scratch: Path
+    batch_key: str
+    cat_keys: list[str]
+    stored_keys: list[str]
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    plans: list[_InputPlan] = field(default_factory=list)
+    n_genes_all: int = 0
+    n_batch: int = 0
+    proteins: bool = False
+    atac: bool = False
+    n_proteins: int = 0
+    n_peaks: int = 0
+    n_spatial: int = 0  # spatial coordinates per cell (0: none stored)
+    # set after pass 1 / 2
+    stored_of_aligned: np.ndarray | None = None
+    n_genes: int = 0
+    count_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
+    protein_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
+    peak_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.uint16))
+    bucket_size: int = 0
+    n_buckets: int = 0
+    n_cells: int = 0
+
+    @property
+    def cont_keys(self) -> list[str]:
+        return self.config.continuous_covariate_keys
+
+    def batch_codes(self, path: Path, obs: pd.DataFrame) -> np.ndarray:
+        """(cells,) int64 batch codes of a chunk's cells."""
+        if self.config.batch_key is None:
+            return np.full(len(obs), self.categories[self.batch_key].index(path.name), dtype=np.int64)
+        values = _categories(obs[self.batch_key], path, self.batch_key, None)
+        return pd.Index(self.categories[self.batch_key]).get_indexer(values)
+
+    def row_columns(self) -> list[tuple[str, np.dtype, int]]:
+        """(name, dtype, values per cell) of what travels with each cell through the shuffle, in file order."""
+        columns = [("dest", np.dtype(np.int64), 1), ("nnz", np.dtype(np.int64), 1), ("name_len", np.dtype(np.int32), 1)]
+        columns += [(f"cat:{key}", np.dtype(np.int32), 1) for key in self.stored_keys]
+        columns += [(f"cont:{key}", np.dtype(np.float64), 1) for key in self.cont_keys]
+        if self.atac:
+            columns += [
+                ("peak_nnz", np.dtype(np.int64), 1),
+                ("atac_mask", np.dtype(np.uint8), 1),
+                ("rna_mask", np.dtype(np.uint8), 1),
+            ]
+        if self.proteins:
+            columns += [
+                ("protein", self.protein_dtype, self.n_proteins),
+                ("protein_mask", np.dtype(np.uint8), self.n_proteins),
+            ]
+        if self.n_spatial:
+            columns.append(("spatial", np.dtype(np.float64), self.n_spatial))
+        return columns
+
+    def row_targets(self) -> dict[str, str]:
+        """Row column -> the store array it is written to (one row per cell)."""
+        targets = {f"cat:{key}": f"obs/{key}/codes" for key in self.stored_keys}
+        targets |= {f"cont:{key}": f"obs/{key}" for key in self.cont_keys}
+        if self.atac:
+            targets["atac_mask"] = f"obsm/{ATAC_OBSM_KEY}_mask"
+            targets["rna_mask"] = f"obsm/{RNA_MASK_KEY}_mask"
+        if self.proteins:
+            targets |= {"protein": f"obsm/{PROTEIN_OBSM_KEY}", "protein_mask": f"obsm/{PROTEIN_OBSM_KEY}_mask"}
+        if self.n_spatial:
+            targets["spatial"] = f"obsm/{SPATIAL_OBSM_KEY}"
+        return targets
+
+    def entry_columns(self) -> list[tuple[str, np.dtype]]:
+        """(name, dtype) of the per-non-zero arrays of X, then of the peaks."""
+        columns = [("indices", np.dtype(np.int32)), ("data", self.count_dtype)]
+        if self.atac:
+            columns += [("peak_indices", np.dtype(np.int32)), ("peak_data", self.peak_dtype)]
+        return columns
+
+
+_LOCAL = threading.local()  # this thread's open inputs: {(build token, input index): InputFile}
+_OPENED: dict[str, list[InputFile]] = {}  # every input opened in this process, by build token
+_OPENED_LOCK = threading.Lock()
+_KEEP_OPEN = 2  # inputs a thread keeps open (a worker's chunks mostly come from one input at a time)
+
+
+def _source(ctx: _Context, i: int) -> InputFile:
+    """Input i, opened once per worker thread and build (a 10x input is read whole, once per worker)."""
+    files: dict = getattr(_LOCAL, "files", None) or {}
+    _LOCAL.files = files
+    key = (ctx.token, i)
+    if key not in files:
+        while len(files) >= _KEEP_OPEN:
+            files.pop(next(iter(files))).close()
+        files[key] = _open(ctx.config, ctx.paths[i])
+        with _OPENED_LOCK:
+            _OPENED.setdefault(ctx.token, []).append(files[key])
+    files[key] = files.pop(key)  # most recently used last
+    return files[key]
+
+
+def _close_inputs(token: str) -> None:
+    """Close the inputs this process opened for build `token` (run on every worker at the end of a build)."""
+    with _OPENED_LOCK:
+        opened = _OPENED.pop(token, [])
+    for source in opened:
+        source.close()
+    files = getattr(_LOCAL, "files", None)
+    if files:
+        for key in [k for k in files if k[0] == token]:
+            del files[key]
+
+
+def _chunk(ctx: _Context, i: int, start: int, stop: int) -> tuple[InputFile, sp.csr_matrix, pd.DataFrame]:
+    """Cells [start, stop) of input i: (the input, counts as canonical CSR, obs)."""
+    source = _source(ctx, i)
+    return source, source.read_rows(start, stop), source.obs_rows(start, stop)
+
+
+def _describe_task(ctx: _Context, i: int) -> tuple:
+    """Pass 0a, per input: (gene ids, gene names, protein names or None, peak names or None, cells, spatial
+    coordinates per cell (0: none))."""
+    source = _source(ctx, i)
+    panel = source.sides["protein"].names if "protein" in source.sides else None
+    peaks = source.sides["atac"].names if "atac" in source.sides else None
+    n_spatial = len(source.sides["spatial"].names) if "spatial" in source.sides else 0
+    return source.gene_ids, source.gene_names, panel, peaks, source.n_cells, n_spatial
+
+
+def _obs_task(ctx: _Context, i: int, start: int, stop: int) -> tuple[np.ndarray, dict[str, set]]:
+    """Pass 0b, per chunk: (hashes of the cell names, categories seen per stored key); missing or non-numeric
+    covariates are refused here."""
+    config, path = ctx.config, ctx.paths[i]
+    obs = _source(ctx, i).obs_rows(start, stop)
+    seen: dict[str, set] = {key: set() for key in ctx.stored_keys}
+    for key in config.annotation_keys:
+        seen[key].update(obs[key].dropna().astype(str))
+    for key in ctx.cat_keys:
+        if key == config.labels_key:
+            seen[key].update(_labels(config, obs, path))
+        elif key != ctx.batch_key or config.batch_key is not None:
+            seen[key].update(_categories(obs[key], path, key, None))
+    for key in config.continuous_covariate_keys:
+        values = pd.to_numeric(obs[key], errors="coerce").to_numpy(np.float64)
+        if not np.isfinite(values).all():
+            cell = str(obs.index[~np.isfinite(values)][0])
+            raise AtlasInputError(
+                f"{path}: obs column {key!r} has missing, non-numeric or infinite values (cell {cell!r})"
+            )
+    return _hashes(obs.index), seen
+
+
+@dataclass
+class _Validated:
+    """What pass 1 learned of one chunk."""
+
+    keep: np.ndarray  # (cells,) bool: cells stored
+    rna: np.ndarray  # (cells,) bool: cells with RNA counts (the others have peaks only, or are dropped)
+    max_count: int
+    max_protein: int
+    max_peak: int
+    moments: GeneMoments | None
+    repeated: tuple[np.ndarray, np.ndarray]  # (rows, names) of the chunk's cells whose name hash is repeated
+
+
+def _validate_task(ctx: _Context, repeated: np.ndarray, i: int, start: int, stop: int) -> _Validated:
+    """Pass 1, per chunk: validate counts (file, cell and gene named), find empty cells, gene moments."""
+    config, plan = ctx.config, ctx.plans[i]
+    source, counts, obs = _chunk(ctx, i, start, stop)
+    _validate_chunk(plan.path, counts, obs.index, source.gene_ids)
+    max_protein = max_peak = 0
+    if ctx.proteins:
+        values = source.side_rows("protein", start, stop)
+        _validate_proteins(plan.path, values, obs.index, source.sides["protein"].names)
+        max_protein = int(values.max(initial=0))
+    aligned = _remap(counts, plan.gene_map, ctx.n_genes_all)
+    totals = np.asarray(aligned.sum(axis=1)).ravel()
+    rna = totals > 0
+    empty = ~rna
+    if ctx.atac:
+        peaks = source.side_rows("atac", start, stop) if plan.peak_map is not None else None
+        if peaks is not None:
+            _validate_chunk(plan.path, peaks, obs.index, source.sides["atac"].names, "peak", "peak ")
+            max_peak = int(peaks.data.max(initial=0))
+        empty &= ~_atac_present(source, plan, slice(start, stop), peaks)
+    if ctx.n_spatial:
+        coordinates = source.side_rows("spatial", start, stop)
+        if not np.isfinite(coordinates).all():
+            row = int(np.flatnonzero(~np.isfinite(coordinates).all(axis=1))[0])
+            raise AtlasInputError(
+                f"{plan.path}: obsm[{config.spatial_key!r}] (spatial coordinates) holds NaN or infinite values "
+                f"at cell {str(obs.index[row])!r}"
+            )
+    if empty.any() and config.zero_count_cells == "error":
+        cells = obs.index[empty]
+        what = (
+            "neither RNA counts over the aligned genes nor peak counts"
+            if ctx.atac
+            else "zero counts over the aligned genes"
+        )
+        raise AtlasInputError(
+            f"{plan.path}: cell {str(cells[0])!r} has {what} "
+            f"({len(cells)} such cells among cells {start}..{stop - 1}); "
+            "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
+        )
+    moments = None
+    if config.n_top_genes is not None:
+        moments = GeneMoments(ctx.n_batch, ctx.n_genes_all)
+        moments.update(aligned[rna], ctx.batch_codes(plan.path, obs)[rna])
+    rows = np.flatnonzero(np.isin(_hashes(obs.index), repeated)) if len(repeated) else np.zeros(0, dtype=np.int64)
+    return _Validated(
+        keep=~empty,
+        rna=rna,
+        max_count=int(aligned.data.max(initial=0)),
+        max_protein=max_protein,
+        max_peak=max_peak,
+        moments=moments,
+        repeated=(rows, np.asarray(obs.index[rows], dtype=str)),
+    )
+
+
+def _hvg_task(ctx: _Context, clipped: ClippedSums, i: int, start: int, stop: int, rna: np.ndarray) -> tuple:
+    """Pass 2, per chunk: the exact clipped sums (Seurat v3) of the chunk's cells with RNA counts."""
+    plan = ctx.plans[i]
+    _, counts, obs = _chunk(ctx, i, start, stop)
+    aligned = _remap(counts, plan.gene_map, ctx.n_genes_all)
+    return clipped.partial(aligned[rna], ctx.batch_codes(plan.path, obs)[rna])
+
+
+@dataclass
+class _Scattered:
+    """What pass 3 wrote of one chunk: per shuffle bucket (n_buckets, 4) int64 cells, non-zeros, name bytes and
+    peak non-zeros of its segment of the chunk's file; and the chunk's share of the store's statistics."""
+
+    segments: np.ndarray
+    log_library: np.ndarray  # (n_batch,) exact sums of log library sizes (units of 2**-54)
+    log_library_sq: np.ndarray
+    n_library: np.ndarray  # (n_batch,) cells
+    zero_library: int
+    batch_panels: np.ndarray  # (n_batch, n_proteins) bool: proteins some cell of the batch measured
+    peaks_measured: np.ndarray  # (n_batch,) bool
+    rna_measured: np.ndarray  # (n_batch,) bool: batches with some cell's RNA (a store with peaks)
+    n_rna_measured: int
+
+
+_LOG_BITS = 54  # log library sizes are 0 or >= log(2) > 1/4: multiples of 2**-54 (see atlasvi.data.exact)
+
+
+def _scatter_task(
+    ctx: _Context,
+    t: int,
+    i: int,
+    start: int,
+    stop: int,
+    keep: np.ndarray,
+    rna: np.ndarray,
+    dest: np.ndarray,
+    renamed: tuple,
+) -> _Scattered:
+    """Pass 3, per chunk: every kept cell with its destination row in the global permutation, written to this
+    chunk's scratch file, grouped by the shuffle bucket covering that row (an external shuffle)."""
+    config, plan = ctx.config, ctx.plans[i]
+    source, counts, obs = _chunk(ctx, i, start, stop)
+    n_batch, n_proteins, n_peaks = ctx.n_batch, ctx.n_proteins, ctx.n_peaks
+    cells = _remap(counts, _compose(plan.gene_map, ctx.stored_of_aligned), ctx.n_genes)[keep]
+    n_kept = cells.shape[0]
+    library = np.asarray(cells.sum(axis=1)).ravel()
+    codes = ctx.batch_codes(plan.path, obs)[keep]
+    rna = rna[keep]  # the library prior and its warning count the cells with RNA only
+    log_lib = np.log(np.maximum(library[rna], 1))  # as scvi-tools: np.ma.log(library).filled(0)
+    names = np.asarray(obs.index[keep], dtype=object)
+    rows, new_names = renamed
+    names[rows] = new_names
+    name_bytes = np.char.encode(names.astype(str), "utf-8")
+    columns: dict[str, np.ndarray] = {
+        "dest": dest,
+        "nnz": np.diff(cells.indptr).astype(np.int64),
+        "name_len": np.char.str_len(name_bytes).astype(np.int32),
+    }
+    for key in ctx.stored_keys:
+        if key in config.annotation_keys:
+            columns[f"cat:{key}"] = _annotation_codes(obs[key], ctx.categories[key])[keep]
+        elif key == ctx.batch_key:
+            columns[f"cat:{key}"] = codes.astype(np.int32)
+        else:
+            if key == config.labels_key:
+                values = _labels(config, obs, plan.path)[keep]
+            else:
+                values = _categories(obs[key], plan.path, key, None)[keep]
+            columns[f"cat:{key}"] = pd.Index(ctx.categories[key]).get_indexer(values).astype(np.int32)
+    for key in ctx.cont_keys:
+        columns[f"cont:{key}"] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
+    batch_panels = np.zeros((n_batch, n_proteins), dtype=bool)
+    peaks_measured = np.zeros(n_batch, dtype=bool)
+    rna_measured = np.zeros(n_batch, dtype=bool)
+    entries = {"indices": cells.indices.astype(np.int32), "data": cells.data.astype(ctx.count_dtype)}
+    if ctx.proteins:
+        panel = plan.protein_map
+        values = np.zeros((n_kept, n_proteins), dtype=ctx.protein_dtype)
+        values[:, panel] = source.side_rows("protein", start, stop)[keep]
+        measured = np.zeros((n_kept, n_proteins), dtype=np.uint8)
+        present = source.side_present("protein", start, stop)[keep]
+        measured[:, panel] = present[:, None]
+        batch_panels[np.unique(codes[present])[:, None], panel[None, :]] = True
+        columns["protein"], columns["protein_mask"] = values, measured
+    peak_nnz = np.zeros(n_kept, dtype=np.int64)
+    if ctx.atac:
+        if plan.peak_map is not None:
+            read = source.side_rows("atac", start, stop)
+            present = _atac_present(source, plan, slice(start, stop), read)[keep]
+            peaks = _remap(read[keep], plan.peak_map, n_peaks)
+        else:
+            present, peaks = np.zeros(n_kept, dtype=bool), sp.csr_matrix((n_kept, n_peaks))
+        peaks_measured[np.unique(codes[present])] = True
+        rna_measured[np.unique(codes[rna])] = True
+        peak_nnz = np.diff(peaks.indptr).astype(np.int64)
+        columns["peak_nnz"], columns["atac_mask"] = peak_nnz, present.astype(np.uint8)
+        columns["rna_mask"] = rna.astype(np.uint8)
+        entries |= {"peak_indices": peaks.indices.astype(np.int32), "peak_data": peaks.data.astype(ctx.peak_dtype)}
+    if ctx.n_spatial:
+        columns["spatial"] = source.side_rows("spatial", start, stop)[keep]
+    segments = _write_segments(ctx, t, columns, entries, name_bytes, peak_nnz)
+    return _Scattered(
+        segments=segments,
+        log_library=exact_bin_sums(log_lib, codes[rna], n_batch, _LOG_BITS),
+        log_library_sq=exact_bin_sums(log_lib**2, codes[rna], n_batch, _LOG_BITS),
+        n_library=np.bincount(codes[rna], minlength=n_batch).astype(np.int64),
+        zero_library=int((library[rna] == 0).sum()),
+        batch_panels=batch_panels,
+        peaks_measured=peaks_measured,
+        rna_measured=rna_measured,
+        n_rna_measured=int(rna.sum()) if ctx.atac else 0,
+    )
+
+
+def _segment_bytes(ctx: _Context, counts: np.ndarray) -> np.ndarray:
+    """Bytes of segments of (cells, non-zeros, name bytes, peak non-zeros) (..., 4)."""
+    row_bytes = sum(dtype.itemsize * width for _, dtype, width in ctx.row_columns())
+    entry_bytes = 4 + ctx.count_dtype.itemsize
+    peak_bytes = 4 + ctx.peak_dtype.itemsize
+    return counts[..., 0] * row_bytes + counts[..., 1] * entry_bytes + counts[..., 2] + counts[..., 3] * peak_bytes
+
+
+def _scatter_file(ctx: _Context, t: int) -> Path:
+    return ctx.scratch / "scatter" / f"{t}.bin"
+
+
+def _write_segments(
+    ctx: _Context,
+    t: int,
+    columns: dict[str, np.ndarray],
+    entries: dict[str, np.ndarray],
+    name_bytes: np.ndarray,
+    peak_nnz: np.ndarray,
+) -> np.ndarray:
+    """Write chunk t's cells grouped by shuffle bucket to its scratch file; (n_buckets, 4) segment sizes."""
+    bucket = columns["dest"] // ctx.bucket_size
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(ctx.n_buckets + 1))
+    nnz, name_len = columns["nnz"], columns["name_len"].astype(np.int64)
+    entry_start = np.concatenate([[0], np.cumsum(nnz)[:-1]])
+    name_start = np.concatenate([[0], np.cumsum(name_len)[:-1]])
+    peak_start = np.concatenate([[0], np.cumsum(peak_nnz)[:-1]])
+    raw_names = np.frombuffer(b"".join(name_bytes.tolist()), dtype=np.uint8)
+    # every array in bucket order: then each bucket's segment is one slice of each
+    sorted_rows = {name: np.ascontiguousarray(columns[name][order]) for name, _, _ in ctx.row_columns()}
+    take = _ranges(entry_start[order], nnz[order])
+    take_peaks = _ranges(peak_start[order], peak_nnz[order])
+    sorted_entries = {
+        name: np.ascontiguousarray(entries[name][take_peaks if name.startswith("peak") else take])
+        for name, _ in ctx.entry_columns()
+    }
+    sorted_names = raw_names[_ranges(name_start[order], name_len[order])]
+    cum_entries = np.concatenate([[0], np.cumsum(nnz[order])])
+    cum_names = np.concatenate([[0], np.cumsum(name_len[order])])
+    cum_peaks = np.concatenate([[0], np.cumsum(peak_nnz[order])])
+    segments = np.zeros((ctx.n_buckets, 4), dtype=np.int64)
+    path = _scatter_file(ctx, t)
+    with open(path, "wb") as handle:
+        for k in np.flatnonzero(np.diff(bounds)):
+            a, b = bounds[k], bounds[k + 1]
+            for name, _, _ in ctx.row_columns():
+                handle.write(sorted_rows[name][a:b].data)
+            for name, _ in ctx.entry_columns():
+                lo, hi = (cum_peaks if name.startswith("peak") else cum_entries)[[a, b]]
+                handle.write(sorted_entries[name][lo:hi].data)
+            handle.write(sorted_names[cum_names[a] : cum_names[b]].data)
+            segments[k] = [
+                b - a,
+                cum_entries[b] - cum_entries[a],
+                cum_names[b] - cum_names[a],
+                cum_peaks[b] - cum_peaks[a],
+            ]
+    return segments
+
+
+def _read_segment(ctx: _Context, path: Path, offset: int, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """One bucket's segment of a chunk's scratch file: {column: values}, names as "name" (utf-8 bytes)."""
+    n_rows, n_entries, n_name, n_peaks = (int(c) for c in counts)
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        raw = handle.read(int(_segment_bytes(ctx, counts)))
+    out, position = {}, 0
+    for name, dtype, width in ctx.row_columns():
+        size = n_rows * width
+        out[name] = np.frombuffer(raw, dtype=dtype, count=size, offset=position).reshape(-1, width)
+        position += size * dtype.itemsize
+    for name, dtype in ctx.entry_columns():
+        size = n_peaks if name.startswith("peak") else n_entries
+        out[name] = np.frombuffer(raw, dtype=dtype, count=size, offset=position)
+        position += size * dtype.itemsize
+    out["name"] = np.frombuffer(raw, dtype=np.uint8, count=n_name, offset=position)
+    return out
+
+
+PRIOR_CELLS = 100  # scvi-tools' n_cells of its protein prior: the first 100 in store order are random cells
+
+
+def _bucket_task(
+    ctx: _Context, k: int, segments: list[tuple[int, int, np.ndarray]], entry_start: int, peak_start: int
+) -> tuple[list[tuple[str, int]], list | None]:
+    """Pass 4, per shuffle bucket (store rows [k * bucket_size, ...)): gather its segments from every chunk's
+    file, sort them by destination row and write them into the store. Whole shards of the store's arrays are
+    written here; the parts of shards that other buckets share are left as fragments for pass 5.
+    Returns (the (array, shard) fragments written, per batch the first cells with proteins or None)."""
+    parts = [_read_segment(ctx, _scatter_file(ctx, t), offset, counts) for t, offset, counts in segments]
+    part = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    dest = part["dest"].ravel()
+    order = np.argsort(dest, kind="stable")
+    row_start = k * ctx.bucket_size
+    if not np.array_equal(dest[order], np.arange(row_start, row_start + len(order))):
+        raise RuntimeError(f"shuffle bucket {k} does not hold rows {row_start}.. as planned")
+    nnz = part["nnz"].ravel()[order]
+    take = _ranges(np.concatenate([[0], np.cumsum(part["nnz"].ravel())[:-1]])[order], nnz)
+    writer = _SpanWriter(ctx)
+    indptr = entry_start + np.cumsum(nnz)
+    if k == 0:
+        writer.write("X/indptr", 0, np.concatenate([[0], indptr]))
+    else:
+        writer.write("X/indptr", row_start + 1, indptr)
+    writer.write("X/indices", entry_start, part["indices"][take])
+    writer.write("X/data", entry_start, part["data"][take])
+    for name, target in ctx.row_targets().items():
+        values = part[name][order]
+        writer.write(target, row_start, values.ravel() if target.startswith("obs/") else values)
+    if ctx.atac:
+        peak_nnz = part["peak_nnz"].ravel()[order]
+        take_peaks = _ranges(np.concatenate([[0], np.cumsum(part["peak_nnz"].ravel())[:-1]])[order], peak_nnz)
+        peak_indptr = peak_start + np.cumsum(peak_nnz)
+        key = f"obsm/{ATAC_OBSM_KEY}"
+        if k == 0:
+            writer.write(f"{key}/indptr", 0, np.concatenate([[0], peak_indptr]))
+        else:
+            writer.write(f"{key}/indptr", row_start + 1, peak_indptr)
+        writer.write(f"{key}/indices", peak_start, part["peak_indices"][take_peaks])
+        writer.write(f"{key}/data", peak_start, part["peak_data"][take_peaks])
+    name_len = part["name_len"].ravel().astype(np.int64)
+    name_start = np.concatenate([[0], np.cumsum(name_len)[:-1]])
+    raw = part["name"].tobytes()
+    names = [raw[s : s + n].decode("utf-8") for s, n in zip(name_start[order], name_len[order], strict=True)]
+    writer.write("obs/_index", row_start, np.array(names, dtype=str))
+    prior = None
+    if ctx.proteins:
+        values, measured = part["protein"][order], part["protein_mask"][order]
+        codes = part[f"cat:{ctx.batch_key}"].ravel()[order]
+        prior = []
+        for b in range(ctx.n_batch):
+            first = np.flatnonzero((codes == b) & measured.any(axis=1))[:PRIOR_CELLS]
+            prior.append((values[first], measured[first].astype(bool)))
+    return writer.fragments, prior
+
+
+class _SpanWriter:
+    """Writes a run of consecutive elements (rows, or non-zeros) of a store array: the shards (chunks, for an
+    unsharded array) it covers whole are written into the store, the parts of others are saved as fragments
+    for `_assemble_task`. Tasks thus never write the same shard file."""
+
+    def __init__(self, ctx: _Context):
+        self.ctx, self.fragments = ctx, []
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = zarr.open_array(store=str(self.ctx.staging), path=key, mode="r+", zarr_format=3)
+        unit = (array.shards or array.chunks)[0]
+        stop = start + len(values)
+        for j in range(start // unit, (stop - 1) // unit + 1):
+            lo, hi = j * unit, min((j + 1) * unit, array.shape[0])
+            a, b = max(lo, start), min(hi, stop)
+            piece = values[a - start : b - start]
+            if a == lo and b == hi:
+                array[lo:hi] = _for_array(array, piece)
+            else:
+                folder = _fragment_folder(self.ctx, key, j)
+                folder.mkdir(parents=True, exist_ok=True)
+                np.save(folder / f"{a:015d}.npy", piece)
+                self.fragments.append((key, j))
+
+
+def _for_array(array: zarr.Array, values: np.ndarray) -> np.ndarray:
+    """Values as the array stores them (cell names: Python strings)."""
+    if values.dtype.kind == "U":
+        return values.astype(object)
+    return values.astype(array.dtype, copy=False)
+
+
+def _fragment_folder(ctx: _Context, key: str, shard: int) -> Path:
+    return ctx.scratch / "fragments" / key.replace("/", "__") / str(shard)
+
+
+def _assemble_task(ctx: _Context, key: str, shard: int) -> int:
+    """Pass 5, per shard some buckets share: join its fragments (which must cover it exactly) and write it.
+    Returns the elements written."""
+    array = zarr.open_array(store=str(ctx.staging), path=key, mode="r+", zarr_format=3)
+    unit = (array.shards or array.chunks)[0]
+    lo, hi = shard * unit, min((shard + 1) * unit, array.shape[0])
+    folder = _fragment_folder(ctx, key, shard)
+    files = sorted(folder.iterdir())
+    starts = [int(f.stem) for f in files]
+    pieces = [np.load(f) for f in files]
+    ends = [s + len(p) for s, p in zip(starts, pieces, strict=True)]
+    if starts[0] != lo or ends[-1] != hi or starts[1:] != ends[:-1]:
+        raise RuntimeError(f"{key}: the fragments of shard {shard} do not cover elements {lo}..{hi} exactly")
+    array[lo:hi] = _for_array(array, np.concatenate(pieces))
+    shutil.rmtree(folder)
+    return hi - lo
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+
+def _fold_categories(into: dict[str, set], seen: dict[str, set]) -> None:
+    for key, values in seen.items():
+        into[key].update(values)
+
+
+def _build(
+    config: BuildConfig,
+    paths: list[Path],
+    staging: Path,
+    scratch: Path,
+    progress: Progress,
+    executor: BuildExecutor,
+    token: str,
+) -> None:
     batch_key = config.batch_key or "batch"
     cat_keys = [batch_key] + ([config.labels_key] if config.labels_key else []) + config.categorical_covariate_keys
     stored_keys = cat_keys + config.annotation_keys  # every categorical obs column of the store
+    ctx = _Context(config, token, paths, staging, scratch, batch_key, cat_keys, stored_keys)
 
-    # Pass 0: metadata of every input (genes, categories, hashes of cell names); one input open at a time.
-    genes, categories = [], {k: set() for k in stored_keys}
-    n_cells_in, name_hashes, panels, peak_sets, spatial_dims = [], [], [], [], []
-    for i, path in enumerate(paths):
-        source = _open(config, path)
-        try:
-            genes.append((path, source.gene_ids, source.gene_names))
-            panels.append(source.sides["protein"].names if "protein" in source.sides else None)
-            peak_sets.append((path, source.sides["atac"].names) if "atac" in source.sides else None)
-            spatial_dims.append(len(source.sides["spatial"].names) if "spatial" in source.sides else 0)
-            n_cells_in.append(source.n_cells)
-            if config.batch_key is None:
-                categories[batch_key].add(path.name)
-            for start in range(0, source.n_cells, config.chunk_size):
-                obs = source.obs_rows(start, min(start + config.chunk_size, source.n_cells))
-                name_hashes.append(_hashes(obs.index))
-                for key in config.annotation_keys:
-                    categories[key].update(obs[key].dropna().astype(str))
-                for key in cat_keys:
-                    if key == config.labels_key:
-                        categories[key].update(_labels(config, obs, path))
-                    elif key != batch_key or config.batch_key is not None:
-                        categories[key].update(_categories(obs[key], path, key, None))
-                for key in config.continuous_covariate_keys:
-                    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(np.float64)
-                    if not np.isfinite(values).all():
-                        cell = str(obs.index[~np.isfinite(values)][0])
-                        raise AtlasInputError(
-                            f"{path}: obs column {key!r} has missing, non-numeric or infinite values (cell {cell!r})"
-                        )
-        finally:
-            source.close()
-        progress("inputs", i + 1, len(paths))
+    # Pass 0: metadata of every input (genes, panels, categories, hashes of cell names).
+    described = dict(executor.map(_describe_task, [(i,) for i in range(len(paths))], "inputs", progress, shared=(ctx,)))
+    genes = [(paths[i], described[i][0], described[i][1]) for i in range(len(paths))]
+    panels = [described[i][2] for i in range(len(paths))]
+    peak_sets = [(paths[i], described[i][3]) if described[i][3] is not None else None for i in range(len(paths))]
+    n_cells_in = [int(described[i][4]) for i in range(len(paths))]
+    ctx.n_spatial = _spatial_dims(config, paths, [int(described[i][5]) for i in range(len(paths))])
+    chunks = [
+        (i, start, min(start + config.chunk_size, n))
+        for i, n in enumerate(n_cells_in)
+        for start in range(0, n, config.chunk_size)
+    ]
+    sizes = [stop - start for _, start, stop in chunks]
+    categories: dict[str, set] = {k: set() for k in stored_keys}
+    if config.batch_key is None:
+        categories[batch_key].update(path.name for path in paths)
+    name_hashes: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)] * len(chunks)
+    for t, (hashes, seen) in executor.map(_obs_task, chunks, "cells", progress, sizes, shared=(ctx,)):
+        name_hashes[t] = hashes
+        _fold_categories(categories, seen)
     gene_ids, gene_names, gene_maps = _align_genes(config, genes)
-    categories = {k: sorted(v) for k, v in categories.items()}
-    absent = sorted(set(config.unlabeled_batches) - set(categories[batch_key]))
+    ctx.categories = {k: sorted(v) for k, v in categories.items()}
+    absent = sorted(set(config.unlabeled_batches) - set(ctx.categories[batch_key]))
     if absent:
-        raise AtlasInputError(f"unlabeled_batches {absent} are not {batch_key} categories: {categories[batch_key]}")
-    proteins = config.protein_key is not None
+        raise AtlasInputError(f"unlabeled_batches {absent} are not {batch_key} categories: {ctx.categories[batch_key]}")
+    ctx.proteins = config.protein_key is not None
     protein_names = list(dict.fromkeys(name for panel in panels if panel is not None for name in panel))
-    protein_maps = [pd.Index(protein_names).get_indexer(panel) if proteins else None for panel in panels]
-    n_proteins = len(protein_names)
-    atac = config.atac_key is not None
-    peak_names, peak_maps = _align_peaks(peak_sets) if atac else ([], [None] * len(paths))
-    n_peaks = len(peak_names)
-    n_spatial = _spatial_dims(config, paths, spatial_dims)
-    spatial = n_spatial > 0
-    plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, peak_maps, strict=True)]
-    n_genes_all = len(gene_ids)
-    n_batch = len(categories[batch_key])
-    total_cells = sum(n_cells_in)
-
-    def batch_codes(source: InputFile, obs: pd.DataFrame) -> np.ndarray:
-        if config.batch_key is None:
-            return np.full(len(obs), categories[batch_key].index(source.path.name), dtype=np.int64)
-        values = _categories(obs[batch_key], source.path, batch_key, None)
-        return pd.Index(categories[batch_key]).get_indexer(values)
-
-    def chunks(stage: str):
-        done = 0
-        for plan in plans:
-            source = _open(config, plan.path)
-            try:
-                for start, counts, obs in source.iter_chunks(config.chunk_size):
-                    rows = slice(start, start + counts.shape[0])
-                    yield plan, source, rows, counts, obs
-                    done += counts.shape[0]
-                    progress(stage, done, total_cells)
-            finally:
-                source.close()
+    protein_maps = [pd.Index(protein_names).get_indexer(panel) if ctx.proteins else None for panel in panels]
+    ctx.n_proteins = len(protein_names)
+    ctx.atac = config.atac_key is not None
+    peak_names, peak_maps = _align_peaks(peak_sets) if ctx.atac else ([], [None] * len(paths))
+    ctx.n_peaks = len(peak_names)
+    ctx.plans = [_InputPlan(*plan) for plan in zip(paths, n_cells_in, gene_maps, protein_maps, peak_maps, strict=True)]
+    ctx.n_genes_all = len(gene_ids)
+    ctx.n_batch = len(ctx.categories[batch_key])
+    all_hashes = np.concatenate(name_hashes)
+    values, counts = np.unique(all_hashes, return_counts=True)
+    repeated = values[counts > 1]
 
     # Pass 1: validation, empty cells, gene moments.
-    moments = GeneMoments(n_batch, n_genes_all)
-    max_count, dropped, max_protein, max_peak = 0, 0, 0, 0
-    for plan, source, rows, counts, obs in chunks("validate"):
-        _validate_chunk(plan.path, counts, obs.index, source.gene_ids)
-        if proteins:
-            values = source.side_rows("protein", rows.start, rows.stop)
-            _validate_proteins(plan.path, values, obs.index, source.sides["protein"].names)
-            max_protein = max(max_protein, int(values.max(initial=0)))
-        aligned = _remap(counts, plan.gene_map, n_genes_all)
-        totals = np.asarray(aligned.sum(axis=1)).ravel()
-        rna = totals > 0
-        empty = ~rna
-        if atac:
-            peaks = source.side_rows("atac", rows.start, rows.stop) if plan.peak_map is not None else None
-            if peaks is not None:
-                _validate_chunk(plan.path, peaks, obs.index, source.sides["atac"].names, "peak", "peak ")
-                max_peak = max(max_peak, int(peaks.data.max(initial=0)))
-            empty &= ~_atac_present(source, plan, rows, peaks)
-        if spatial:
-            coordinates = source.side_rows("spatial", rows.start, rows.stop)
-            if not np.isfinite(coordinates).all():
-                row = int(np.flatnonzero(~np.isfinite(coordinates).all(axis=1))[0])
-                raise AtlasInputError(
-                    f"{plan.path}: obsm[{config.spatial_key!r}] (spatial coordinates) holds NaN or infinite values "
-                    f"at cell {str(obs.index[row])!r}"
-                )
-        if empty.any() and config.zero_count_cells == "error":
-            cells = obs.index[empty]
-            what = (
-                "neither RNA counts over the aligned genes nor peak counts"
-                if atac
-                else "zero counts over the aligned genes"
-            )
-            raise AtlasInputError(
-                f"{plan.path}: cell {str(cells[0])!r} has {what} "
-                f"({len(cells)} such cells among cells {rows.start}..{rows.stop - 1}); "
-                "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
-            )
-        plan.keep = np.concatenate([plan.keep, ~empty])
-        plan.rna = np.concatenate([plan.rna, rna])
-        dropped += int(empty.sum())
-        if aligned.nnz:
-            max_count = max(max_count, int(aligned.data.max()))
-        if config.n_top_genes is not None:
-            moments.update(aligned[rna], batch_codes(source, obs)[rna])
+    moments = GeneMoments(ctx.n_batch, ctx.n_genes_all)
+    keeps: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(chunks)
+    rnas: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(chunks)
+    repeated_names: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=str))] * len(
+        chunks
+    )
+    max_count = max_protein = max_peak = 0
+    for t, found in executor.map(_validate_task, chunks, "validate", progress, sizes, shared=(ctx, repeated)):
+        keeps[t], rnas[t], repeated_names[t] = found.keep, found.rna, found.repeated
+        max_count = max(max_count, found.max_count)
+        max_protein, max_peak = max(max_protein, found.max_protein), max(max_peak, found.max_peak)
+        if found.moments is not None:
+            moments.merge(found.moments)
+    dropped = sum(int((~keep).sum()) for keep in keeps)
     if dropped:
-        warnings.warn(f"dropped {dropped} cells with zero counts", stacklevel=2)
-    n_cells = sum(int(p.keep.sum()) for p in plans)
+        warnings.warn(f"dropped {dropped} cells with zero counts", stacklevel=3)
+    n_cells = sum(int(keep.sum()) for keep in keeps)
     if n_cells == 0:
         raise AtlasInputError("no cells left to store: every cell has zero counts")
-    unique_names = _UniqueNames(np.concatenate(name_hashes)[np.concatenate([p.keep for p in plans])])
-    del name_hashes
+    renamed, n_renamed, first_rename = _renames(all_hashes, keeps, repeated_names)
+    del all_hashes, name_hashes
 
     # Pass 2: highly variable genes.
     hvg_table = None
-    stored = np.arange(n_genes_all)
-    if config.n_top_genes is not None and config.n_top_genes < n_genes_all:
+    stored = np.arange(ctx.n_genes_all)
+    if config.n_top_genes is not None and config.n_top_genes < ctx.n_genes_all:
         clipped = ClippedSums(moments)
-        for plan, source, rows, counts, obs in chunks("hvg"):
-            aligned = _remap(counts, plan.gene_map, n_genes_all)
-            rna = plan.rna[rows]
-            clipped.update(aligned[rna], batch_codes(source, obs)[rna])
+        hvg_chunks = [(*chunk, rna) for chunk, rna in zip(chunks, rnas, strict=True)]
+        for _, partial in executor.map(_hvg_task, hvg_chunks, "hvg", progress, sizes, shared=(ctx, clipped)):
+            clipped.merge(partial)
         hvg_table = select_hvg(moments, clipped, config.n_top_genes)
         if config.hvg_subset:
             stored = np.flatnonzero(hvg_table["highly_variable"].to_numpy())
-    n_genes = len(stored)
-    stored_of_aligned = np.full(n_genes_all, -1, dtype=np.int64)
-    stored_of_aligned[stored] = np.arange(n_genes)
+    ctx.n_genes = len(stored)
+    ctx.stored_of_aligned = np.full(ctx.n_genes_all, -1, dtype=np.int64)
+    ctx.stored_of_aligned[stored] = np.arange(ctx.n_genes)
 
     # Pass 3: scatter kept cells to destination buckets of the global permutation.
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(n_cells)
     destination = np.empty(n_cells, dtype=np.int64)
     destination[order] = np.arange(n_cells)
-    count_dtype = _count_dtype(max_count)
-    protein_dtype = _count_dtype(max_protein + 1)  # its largest value is the fill value, never a count
-    batch_panels = np.zeros((n_batch, n_proteins), dtype=bool)
-    buckets = _Buckets(scratch / "cells", max(config.chunk_size, 4096), n_cells)
-    peak_buckets = _Buckets(scratch / "peaks", max(config.chunk_size, 4096), n_cells) if atac else None
-    peak_dtype = _count_dtype(max_peak)
-    peaks_measured = np.zeros(n_batch, dtype=bool)
-    rna_measured, n_rna_measured = np.zeros(n_batch, dtype=bool), 0
-    nnz_peaks = 0
-    cont_keys = config.continuous_covariate_keys
-    log_lib_sum, log_lib_sq, lib_n = np.zeros(n_batch), np.zeros(n_batch), np.zeros(n_batch)
-    zero_library, nnz_total, kept_before = 0, 0, 0
-    for plan, source, rows, counts, obs in chunks("shuffle"):
-        keep = plan.keep[rows]
-        cells = _remap(counts, _compose(plan.gene_map, stored_of_aligned), n_genes)
-        cells = cells[keep]
-        n_kept = cells.shape[0]
-        dest = destination[kept_before : kept_before + n_kept]
-        kept_before += n_kept
-        library = np.asarray(cells.sum(axis=1)).ravel()
-        codes = batch_codes(source, obs)[keep]
-        rna = plan.rna[rows][keep]  # the library prior and its warning count the cells with RNA only
-        zero_library += int((library[rna] == 0).sum())
-        log_lib = np.log(np.maximum(library, 1))  # as scvi-tools: np.ma.log(library).filled(0)
-        log_lib_sum += np.bincount(codes[rna], weights=log_lib[rna], minlength=n_batch)
-        log_lib_sq += np.bincount(codes[rna], weights=log_lib[rna] ** 2, minlength=n_batch)
-        lib_n += np.bincount(codes[rna], minlength=n_batch)
-        fields = {"name": unique_names(np.asarray(obs.index[keep], dtype="U"))}
-        for key in config.annotation_keys:
-            fields[key] = _annotation_codes(obs[key], categories[key])[keep]
-        for key in cat_keys:
-            if key == batch_key:
-                fields[key] = codes.astype(np.int32)
-            else:
-                if key == config.labels_key:
-                    values = _labels(config, obs, source.path)[keep]
-                else:
-                    values = _categories(obs[key], source.path, key, None)[keep]
-                fields[key] = pd.Index(categories[key]).get_indexer(values).astype(np.int32)
-        for key in cont_keys:
-            fields[key] = pd.to_numeric(obs[key]).to_numpy(np.float64)[keep]
-        if spatial:
-            fields["spatial"] = source.side_rows("spatial", rows.start, rows.stop)[keep]
-        if proteins:
-            panel = plan.protein_map
-            values = np.zeros((n_kept, n_proteins), dtype=protein_dtype)
-            values[:, panel] = source.side_rows("protein", rows.start, rows.stop)[keep]
-            measured = np.zeros((n_kept, n_proteins), dtype=np.uint8)
-            present = source.side_present("protein", rows.start, rows.stop)[keep]
-            measured[:, panel] = present[:, None]
-            batch_panels[np.unique(codes[present])[:, None], panel[None, :]] = True
-            fields["protein"], fields["protein_mask"] = values, measured
-        if atac:
-            if plan.peak_map is not None:
-                read = source.side_rows("atac", rows.start, rows.stop)
-                present = _atac_present(source, plan, rows, read)[keep]
-                peaks = _remap(read[keep], plan.peak_map, n_peaks)
-            else:
-                present, peaks = np.zeros(n_kept, dtype=bool), sp.csr_matrix((n_kept, n_peaks))
-            peaks_measured[np.unique(codes[present])] = True
-            rna_measured[np.unique(codes[rna])] = True
-            n_rna_measured += int(rna.sum())
-            fields["atac_mask"] = present.astype(np.uint8)
-            fields["rna_mask"] = rna.astype(np.uint8)
-            peak_nnz = np.diff(peaks.indptr).astype(np.int64)
-            nnz_peaks += int(peak_nnz.sum())
-            entries_peaks = {"indices": peaks.indices.astype(np.int32), "data": peaks.data.astype(peak_dtype)}
-            peak_buckets.append(dest, {}, entries_peaks, peak_nnz)
-        nnz = np.diff(cells.indptr).astype(np.int64)
-        nnz_total += int(nnz.sum())
-        name_bytes = np.char.encode(fields.pop("name"), "utf-8")
-        fields["name_len"] = np.char.str_len(name_bytes).astype(np.int32)
-        entries = {
-            "indices": cells.indices.astype(np.int32),
-            "data": cells.data.astype(count_dtype),
-        }
-        name_entries = np.frombuffer(b"".join(name_bytes.tolist()), dtype=np.uint8)
-        buckets.append(dest, fields, entries, nnz)
-        _append_names(buckets, dest, name_entries, fields["name_len"].astype(np.int64))
-    if unique_names.n_renamed:
-        name, renamed = unique_names.first
+    del order
+    ctx.count_dtype = _count_dtype(max_count)
+    ctx.protein_dtype = _count_dtype(max_protein + 1)  # its largest value is the fill value, never a count
+    ctx.peak_dtype = _count_dtype(max_peak)
+    ctx.bucket_size = max(config.chunk_size, 4096)
+    ctx.n_buckets = max(1, -(-n_cells // ctx.bucket_size))
+    ctx.n_cells = n_cells
+    (scratch / "scatter").mkdir()
+    kept_before = np.concatenate([[0], np.cumsum([int(keep.sum()) for keep in keeps])])
+    scatter_tasks = [
+        (t, *chunk, keep, rna, destination[kept_before[t] : kept_before[t + 1]], renamed.get(t, _NO_RENAMES))
+        for t, (chunk, keep, rna) in enumerate(zip(chunks, keeps, rnas, strict=True))
+    ]
+    del destination
+    segments = np.zeros((len(chunks), ctx.n_buckets, 4), dtype=np.int64)
+    log_lib_sum = log_lib_sq = None
+    lib_n = np.zeros(ctx.n_batch, dtype=np.int64)
+    zero_library = 0
+    batch_panels = np.zeros((ctx.n_batch, ctx.n_proteins), dtype=bool)
+    peaks_measured = np.zeros(ctx.n_batch, dtype=bool)
+    rna_measured, n_rna_measured = np.zeros(ctx.n_batch, dtype=bool), 0
+    for t, result in executor.map(_scatter_task, scatter_tasks, "shuffle", progress, sizes, shared=(ctx,)):
+        segments[t] = result.segments
+        log_lib_sum = add_exact(log_lib_sum, result.log_library)
+        log_lib_sq = add_exact(log_lib_sq, result.log_library_sq)
+        lib_n += result.n_library
+        zero_library += result.zero_library
+        batch_panels |= result.batch_panels
+        peaks_measured |= result.peaks_measured
+        rna_measured |= result.rna_measured
+        n_rna_measured += result.n_rna_measured
+    del scatter_tasks
+    if n_renamed:
+        name, new_name = first_rename
         warnings.warn(
-            f"{unique_names.n_renamed} cells have a name an earlier cell of the inputs has (first {name!r}); "
-            f"renamed as anndata's obs_names_make_unique does ({name!r} -> {renamed!r})",
-            stacklevel=2,
+            f"{n_renamed} cells have a name an earlier cell of the inputs has (first {name!r}); "
+            f"renamed as anndata's obs_names_make_unique does ({name!r} -> {new_name!r})",
+            stacklevel=3,
         )
     if zero_library:
         warnings.warn(
             f"{zero_library} cells have zero counts over the stored genes (kept; log-library 0 as in scvi-tools)",
-            stacklevel=2,
+            stacklevel=3,
         )
+    per_bucket = segments.sum(axis=0)  # (n_buckets, 4)
+    nnz_total, nnz_peaks = int(per_bucket[:, 1].sum()), int(per_bucket[:, 3].sum())
+    offsets = np.cumsum(_segment_bytes(ctx, segments), axis=1) - _segment_bytes(ctx, segments)
 
-    # Pass 4: gather buckets in destination order into the store.
+    # Pass 4: each bucket sorted into the store (whole shards), pass 5: the shards buckets share.
     root = zarr.open_group(staging, mode="w", zarr_format=3)
-    level, cname = config.compression_level, config.compressor
-    x_group = root.create_group("X")
-    x_group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_genes]})
-    writers = {
-        "data": _SequentialWriter(
-            _create(x_group, "data", nnz_total, count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level, cname), SHARD_NNZ
-        ),
-        "indices": _SequentialWriter(
-            _create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level, cname), SHARD_NNZ
-        ),
-        "indptr": _SequentialWriter(
-            _create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level, cname), SHARD_ROWS
-        ),
-    }
-    obs = root.create_group("obs")
-    obs.attrs.update(
-        {
-            "encoding-type": "dataframe",
-            "encoding-version": "0.2.0",
-            "_index": "_index",
-            "column-order": stored_keys + cont_keys,
-        }
-    )
-    for key in stored_keys:
-        column = obs.create_group(key)
-        column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
-        _write_small(column, "categories", np.array(categories[key], dtype=object))
-        array = _create(
-            column, "codes", n_cells, _code_dtype(len(categories[key])), -1, CHUNK_ROWS, SHARD_ROWS, level, cname
+    chunk_rows = _create_arrays(ctx, root, nnz_total, nnz_peaks)
+    entry_starts = np.concatenate([[0], np.cumsum(per_bucket[:, 1])])
+    peak_starts = np.concatenate([[0], np.cumsum(per_bucket[:, 3])])
+    bucket_tasks = [
+        (
+            k,
+            [(t, int(offsets[t, k]), segments[t, k]) for t in np.flatnonzero(segments[:, k, 0])],
+            int(entry_starts[k]),
+            int(peak_starts[k]),
         )
-        writers[f"cat:{key}"] = _SequentialWriter(array, SHARD_ROWS)
-    for key in cont_keys:
-        writers[f"cont:{key}"] = _SequentialWriter(
-            _create(obs, key, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname), SHARD_ROWS
-        )
-    names_array = obs.create_array(
-        "_index",
-        shape=(n_cells,),
-        dtype=str,
-        chunks=(min(CHUNK_ROWS, n_cells),),
-        attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
-    )
-    chunk_rows = 0
-    if proteins or atac or spatial:
-        obsm = root.create_group("obsm")
-        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    if atac:
-        peaks_group = obsm.create_group(ATAC_OBSM_KEY)
-        peaks_group.attrs.update(
-            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, n_peaks]}
-        )
-        for part_name, n, dtype, fill, chunk, shard in (
-            ("data", nnz_peaks, peak_dtype, 0, CHUNK_NNZ, SHARD_NNZ),
-            ("indices", nnz_peaks, np.int32, -1, CHUNK_NNZ, SHARD_NNZ),
-            ("indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS),
-        ):
-            array = _create(peaks_group, part_name, n, dtype, fill, chunk, shard, level, cname)
-            writers[f"atac:{part_name}"] = _SequentialWriter(array, shard)
-        writers["atac:indptr"].append(np.zeros(1, dtype=np.int64))
-        mask = _create(obsm, f"{ATAC_OBSM_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
-        writers["atac:mask"] = _SequentialWriter(mask, SHARD_ROWS)
-        mask = _create(obsm, f"{RNA_MASK_KEY}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
-        writers["rna:mask"] = _SequentialWriter(mask, SHARD_ROWS)
-        peak_offset = 0
-    if spatial:
-        coordinates = _create(
-            obsm, SPATIAL_OBSM_KEY, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname, n_spatial
-        )
-        writers["spatial"] = _SequentialWriter(coordinates, SHARD_ROWS)
-    if proteins:
-        per_row = n_proteins * protein_dtype.itemsize
-        chunk_rows = int(min(CHUNK_ROWS, max(1024, 2 ** int(np.log2(max(1, DENSE_CHUNK_BYTES // per_row))))))
-        shard_rows = chunk_rows * DENSE_SHARD_CHUNKS
-        fill = int(np.iinfo(protein_dtype).max)
-        for key, dtype, fill_value in (
-            (PROTEIN_OBSM_KEY, protein_dtype, fill),
-            (f"{PROTEIN_OBSM_KEY}_mask", np.uint8, 255),
-        ):
-            array = _create(obsm, key, n_cells, dtype, fill_value, chunk_rows, shard_rows, level, cname, n_proteins)
-            writers[f"obsm:{key}"] = _SequentialWriter(array, shard_rows)
-        prior_cells = 100  # scvi-tools' n_cells of its protein prior: the first 100 in store order are random cells
-        prior_counts = [np.zeros((0, n_proteins)) for _ in range(n_batch)]
-        prior_masks = [np.zeros((0, n_proteins), dtype=bool) for _ in range(n_batch)]
-    writers["indptr"].append(np.zeros(1, dtype=np.int64))
-    dtypes = {
-        "dest": np.int64,
-        "nnz": np.int64,
-        "name_len": np.int32,
-        "indices": np.int32,
-        "data": count_dtype,
-        "name": np.uint8,
-    }
-    dtypes |= {key: np.int32 for key in stored_keys} | {key: np.float64 for key in cont_keys}
-    if proteins:
-        dtypes |= {"protein": protein_dtype, "protein_mask": np.uint8}
-    if atac:
-        dtypes["atac_mask"] = np.uint8
-        dtypes["rna_mask"] = np.uint8
-    if spatial:
-        dtypes["spatial"] = np.float64
-    row_offset, entry_offset = 0, 0
-    for k in range(buckets.n):
-        part = buckets.read(k, dtypes)
-        order_k = np.argsort(part["dest"], kind="stable")
-        if not np.array_equal(part["dest"][order_k], np.arange(row_offset, row_offset + len(order_k))):
-            raise RuntimeError(f"shuffle bucket {k} does not hold rows {row_offset}.. as planned")
-        entry_start = np.concatenate([[0], np.cumsum(part["nnz"])[:-1]])
-        take = _ranges(entry_start[order_k], part["nnz"][order_k])
-        writers["data"].append(part["data"][take])
-        writers["indices"].append(part["indices"][take])
-        writers["indptr"].append(entry_offset + np.cumsum(part["nnz"][order_k]))
-        entry_offset += int(part["nnz"].sum())
-        for key in stored_keys:
-            writers[f"cat:{key}"].append(part[key][order_k].astype(_code_dtype(len(categories[key]))))
-        for key in cont_keys:
-            writers[f"cont:{key}"].append(part[key][order_k])
-        if spatial:
-            writers["spatial"].append(part["spatial"].reshape(-1, n_spatial)[order_k])
-        if atac:
-            writers["atac:mask"].append(part["atac_mask"][order_k].reshape(-1, 1))
-            writers["rna:mask"].append(part["rna_mask"][order_k].reshape(-1, 1))
-            peak_part = peak_buckets.read(
-                k, {"dest": np.int64, "nnz": np.int64, "indices": np.int32, "data": peak_dtype}
-            )
-            peak_order = np.argsort(peak_part["dest"], kind="stable")
-            peak_start = np.concatenate([[0], np.cumsum(peak_part["nnz"])[:-1]])
-            take_peaks = _ranges(peak_start[peak_order], peak_part["nnz"][peak_order])
-            writers["atac:data"].append(peak_part["data"][take_peaks])
-            writers["atac:indices"].append(peak_part["indices"][take_peaks])
-            writers["atac:indptr"].append(peak_offset + np.cumsum(peak_part["nnz"][peak_order]))
-            peak_offset += int(peak_part["nnz"].sum())
-            shutil.rmtree(peak_buckets.root / str(k))
-        if proteins:
-            values = part["protein"].reshape(-1, n_proteins)[order_k]
-            measured = part["protein_mask"].reshape(-1, n_proteins)[order_k]
-            writers[f"obsm:{PROTEIN_OBSM_KEY}"].append(values)
-            writers[f"obsm:{PROTEIN_OBSM_KEY}_mask"].append(measured)
-            codes_k = part[batch_key][order_k]
-            for b in range(n_batch):
-                need = prior_cells - len(prior_counts[b])
-                if need > 0:
-                    take_b = np.flatnonzero((codes_k == b) & measured.any(axis=1))[:need]
-                    prior_counts[b] = np.concatenate([prior_counts[b], values[take_b]])
-                    prior_masks[b] = np.concatenate([prior_masks[b], measured[take_b].astype(bool)])
-        name_start = np.concatenate([[0], np.cumsum(part["name_len"])[:-1]])
-        raw = part["name"].tobytes()
-        names = np.array(
-            [
-                raw[s : s + n].decode("utf-8")
-                for s, n in zip(name_start[order_k], part["name_len"][order_k], strict=True)
-            ],
-            dtype=object,
-        )
-        names_array[row_offset : row_offset + len(names)] = names
-        row_offset += len(order_k)
-        shutil.rmtree(buckets.root / str(k))
-        progress("write", row_offset, n_cells)
-    for writer in writers.values():
-        writer.close()
+        for k in range(ctx.n_buckets)
+    ]
+    del segments, offsets
+    fragments: set[tuple[str, int]] = set()
+    priors: list = [None] * ctx.n_buckets
+    rows = per_bucket[:, 0].tolist()
+    for k, (written, prior) in executor.map(_bucket_task, bucket_tasks, "write", progress, rows, shared=(ctx,)):
+        fragments.update(written)
+        priors[k] = prior
+    shutil.rmtree(scratch / "scatter")
+    shared_shards = sorted(fragments)
+    for _ in executor.map(_assemble_task, shared_shards, "finish", progress, shared=(ctx,)):
+        pass
 
-    var = pd.DataFrame({"gene_ids": gene_ids[stored], "gene_names": gene_names[stored]}, index=gene_ids[stored])
-    var.index.name = None
-    if hvg_table is not None:
-        for column in hvg_table.columns:
-            var[column] = hvg_table[column].to_numpy()[stored]
-    _write_small(root, "var", var)
-    uns = {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)} if proteins else {}
-    uns |= {f"{ATAC_OBSM_KEY}_names": np.array(peak_names, dtype=object)} if atac else {}
-    for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
-        if name == "obsm" and (proteins or atac or spatial):
-            continue
-        _write_small(root, name, uns if name == "uns" else {})
     modalities = {}
-    if atac:
+    if ctx.atac:
         modalities["atac"] = {
             "obsm_key": ATAC_OBSM_KEY,
             "features": peak_names,
-            "count_dtype": peak_dtype.name,
+            "count_dtype": ctx.peak_dtype.name,
             "batch_mask": [[bool(m)] for m in peaks_measured],
             "background_log_means": [],
             "background_log_scales": [],
@@ -1012,7 +1259,7 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
         modalities["rna"] = {
             "obsm_key": RNA_MASK_KEY,
             "features": [],
-            "count_dtype": count_dtype.name,
+            "count_dtype": ctx.count_dtype.name,
             "batch_mask": [[bool(m)] for m in rna_measured],
             "background_log_means": [],
             "background_log_scales": [],
@@ -1020,47 +1267,66 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
             "kind": "mask",
             "n_measured": n_rna_measured,
         }
-    if proteins:
-        priors = [_protein_prior(prior_counts[b], prior_masks[b], config.seed) for b in range(n_batch)]
+    if ctx.proteins:
+        prior_cells = []
+        for b in range(ctx.n_batch):
+            values = np.concatenate([p[b][0] for p in priors])[:PRIOR_CELLS]
+            measured = np.concatenate([p[b][1] for p in priors])[:PRIOR_CELLS]
+            prior_cells.append(_protein_prior(values.astype(np.float64), measured, config.seed))
         modalities["protein"] = {
             "obsm_key": PROTEIN_OBSM_KEY,
             "features": protein_names,
-            "count_dtype": protein_dtype.name,
+            "count_dtype": ctx.protein_dtype.name,
             "batch_mask": batch_panels.tolist(),
-            "background_log_means": [mu for mu, _ in priors],
-            "background_log_scales": [scale for _, scale in priors],
+            "background_log_means": [mu for mu, _ in prior_cells],
+            "background_log_scales": [scale for _, scale in prior_cells],
             "chunk_rows": chunk_rows,
         }
+    var = pd.DataFrame({"gene_ids": gene_ids[stored], "gene_names": gene_names[stored]}, index=gene_ids[stored])
+    var.index.name = None
+    if hvg_table is not None:
+        for column in hvg_table.columns:
+            var[column] = hvg_table[column].to_numpy()[stored]
+    _write_small(root, "var", var)
+    uns = {f"{PROTEIN_OBSM_KEY}_names": np.array(protein_names, dtype=object)} if ctx.proteins else {}
+    uns |= {f"{ATAC_OBSM_KEY}_names": np.array(peak_names, dtype=object)} if ctx.atac else {}
+    for name in ["obsm", "varm", "obsp", "varp", "layers", "uns"]:
+        if name == "obsm" and (ctx.proteins or ctx.atac or ctx.n_spatial):
+            continue
+        _write_small(root, name, uns if name == "uns" else {})
 
     safe_n = np.maximum(lib_n, 1)
-    log_means = log_lib_sum / safe_n
-    log_vars = np.maximum(log_lib_sq / safe_n - log_means**2, 0.0)
+    log_means = to_float(log_lib_sum, _LOG_BITS) / safe_n
+    log_vars = np.maximum(to_float(log_lib_sq, _LOG_BITS) / safe_n - log_means**2, 0.0)
+    checksums = dict(
+        executor.map(_checksum_task, [(i,) for i in range(len(paths))], "checksum", progress, shared=(ctx,))
+    )
     meta = {
         "schema_version": SCHEMA_VERSION,
         "n_cells": n_cells,
-        "n_genes": n_genes,
+        "n_genes": ctx.n_genes,
         "nnz": nnz_total,
-        "count_dtype": count_dtype.name,
+        "count_dtype": ctx.count_dtype.name,
         "gene_ids": gene_ids[stored].tolist(),
         "gene_names": gene_names[stored].tolist(),
         "highly_variable": None if hvg_table is None else hvg_table["highly_variable"].to_numpy()[stored].tolist(),
         "batch_key": batch_key,
         "labels_key": config.labels_key,
         "unlabeled_category": config.unlabeled_category if config.labels_key else None,
-        "categorical": {key: categories[key] for key in cat_keys},
-        "continuous": cont_keys,
-        "annotations": {key: categories[key] for key in config.annotation_keys},
+        "categorical": {key: ctx.categories[key] for key in cat_keys},
+        "continuous": ctx.cont_keys,
+        "annotations": {key: ctx.categories[key] for key in config.annotation_keys},
         "library_log_means": log_means.tolist(),
         "library_log_vars": log_vars.tolist(),
         "modalities": modalities,
-        "spatial": {"obsm_key": SPATIAL_OBSM_KEY, "n_dims": n_spatial} if spatial else None,
+        "spatial": {"obsm_key": SPATIAL_OBSM_KEY, "n_dims": ctx.n_spatial} if ctx.n_spatial else None,
         "layout": {"chunk_nnz": CHUNK_NNZ, "shard_nnz": SHARD_NNZ, "chunk_rows": CHUNK_ROWS, "shard_rows": SHARD_ROWS},
         "provenance": {
             "atlasvi_version": __version__,
             "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "inputs": [
-                {"path": str(p), "format": detect_kind(p), "sha256": file_sha256(p), "n_cells": n}
-                for p, n in zip(paths, n_cells_in, strict=True)
+                {"path": str(p), "format": detect_kind(p), "sha256": checksums[i], "n_cells": n}
+                for i, (p, n) in enumerate(zip(paths, n_cells_in, strict=True))
             ],
             "parameters": config.model_dump(mode="json"),
             "dropped_zero_count_cells": dropped,
@@ -1072,6 +1338,98 @@ def _build(config: BuildConfig, paths: list[Path], staging: Path, scratch: Path,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(staging)
+
+
+def _checksum_task(ctx: _Context, i: int) -> str:
+    """sha256 of input i (its provenance in the store's attrs)."""
+    return file_sha256(ctx.paths[i])
+
+
+_NO_RENAMES = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+
+
+def _renames(
+    kept_hashes_all: np.ndarray, keeps: list[np.ndarray], repeated_names: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, tuple[str, str] | None]:
+    """Cell names made unique as anndata's obs_names_make_unique does, over the kept cells in input order:
+    ({chunk: (positions among its kept cells, new names)}, cells renamed, the first (name, new name))."""
+    unique = _UniqueNames(kept_hashes_all[np.concatenate(keeps)])
+    renamed = {}
+    for t, ((rows, names), keep) in enumerate(zip(repeated_names, keeps, strict=True)):
+        if not len(rows) or not unique.repeated:
+            continue
+        kept = keep[rows]
+        rows, names = rows[kept], names[kept]
+        new = unique(names)
+        changed = np.flatnonzero(new != names)
+        if len(changed):
+            position = (np.cumsum(keep) - 1)[rows[changed]]
+            renamed[t] = (position, new[changed].astype(object))
+    return renamed, unique.n_renamed, unique.first
+
+
+def _create_arrays(ctx: _Context, root: zarr.Group, nnz_total: int, nnz_peaks: int) -> int:
+    """The store's groups and (empty) arrays, for the tasks to fill; returns the protein chunk rows (0: none)."""
+    config, n_cells = ctx.config, ctx.n_cells
+    level, cname = config.compression_level, config.compressor
+    x_group = root.create_group("X")
+    x_group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, ctx.n_genes]})
+    _create(x_group, "data", nnz_total, ctx.count_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level, cname)
+    _create(x_group, "indices", nnz_total, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level, cname)
+    _create(x_group, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level, cname)
+    obs = root.create_group("obs")
+    obs.attrs.update(
+        {
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+            "_index": "_index",
+            "column-order": ctx.stored_keys + ctx.cont_keys,
+        }
+    )
+    for key in ctx.stored_keys:
+        column = obs.create_group(key)
+        column.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
+        _write_small(column, "categories", np.array(ctx.categories[key], dtype=object))
+        dtype = _code_dtype(len(ctx.categories[key]))
+        _create(column, "codes", n_cells, dtype, -1, CHUNK_ROWS, SHARD_ROWS, level, cname)
+    for key in ctx.cont_keys:
+        _create(obs, key, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname)
+    obs.create_array(
+        "_index",
+        shape=(n_cells,),
+        dtype=str,
+        chunks=(min(CHUNK_ROWS, n_cells),),
+        attributes={"encoding-type": "string-array", "encoding-version": "0.2.0"},
+    )
+    chunk_rows = 0
+    if ctx.proteins or ctx.atac or ctx.n_spatial:
+        obsm = root.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    if ctx.atac:
+        peaks = obsm.create_group(ATAC_OBSM_KEY)
+        peaks.attrs.update(
+            {"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, ctx.n_peaks]}
+        )
+        _create(peaks, "data", nnz_peaks, ctx.peak_dtype, 0, CHUNK_NNZ, SHARD_NNZ, level, cname)
+        _create(peaks, "indices", nnz_peaks, np.int32, -1, CHUNK_NNZ, SHARD_NNZ, level, cname)
+        _create(peaks, "indptr", n_cells + 1, np.int64, -1, CHUNK_ROWS, SHARD_ROWS, level, cname)
+        for key in (ATAC_OBSM_KEY, RNA_MASK_KEY):
+            _create(obsm, f"{key}_mask", n_cells, np.uint8, 255, CHUNK_ROWS, SHARD_ROWS, level, cname, 1)
+    if ctx.n_spatial:
+        _create(
+            obsm, SPATIAL_OBSM_KEY, n_cells, np.float64, np.nan, CHUNK_ROWS, SHARD_ROWS, level, cname, ctx.n_spatial
+        )
+    if ctx.proteins:
+        per_row = ctx.n_proteins * ctx.protein_dtype.itemsize
+        chunk_rows = int(min(CHUNK_ROWS, max(1024, 2 ** int(np.log2(max(1, DENSE_CHUNK_BYTES // per_row))))))
+        shard_rows = chunk_rows * DENSE_SHARD_CHUNKS
+        fill = int(np.iinfo(ctx.protein_dtype).max)
+        for key, dtype, fill_value in (
+            (PROTEIN_OBSM_KEY, ctx.protein_dtype, fill),
+            (f"{PROTEIN_OBSM_KEY}_mask", np.uint8, 255),
+        ):
+            _create(obsm, key, n_cells, dtype, fill_value, chunk_rows, shard_rows, level, cname, ctx.n_proteins)
+    return chunk_rows
 
 
 def _spatial_dims(config: BuildConfig, paths: list[Path], dims: list[int]) -> int:
@@ -1094,16 +1452,3 @@ def _spatial_dims(config: BuildConfig, paths: list[Path], dims: list[int]) -> in
             f"{paths[0]} {dims[0]}: inputs must share one coordinate system"
         )
     return dims[0]
-
-
-def _append_names(buckets: _Buckets, dest: np.ndarray, name_bytes: np.ndarray, name_len: np.ndarray) -> None:
-    """Cell names travel through the buckets as utf-8 bytes (lengths in `name_len`)."""
-    bucket = dest // buckets.size
-    starts = np.concatenate([[0], np.cumsum(name_len)[:-1]])
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(buckets.n + 1))
-    for k in range(buckets.n):
-        cells = order[bounds[k] : bounds[k + 1]]
-        if len(cells):
-            with open(buckets.root / str(k) / "name", "ab") as handle:
-                name_bytes[_ranges(starts[cells], name_len[cells])].tofile(handle)

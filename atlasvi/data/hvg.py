@@ -9,31 +9,46 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from atlasvi.data.exact import add_exact, exact_bin_sums, to_float
 
-def _per_batch_gene_sums(
-    counts: sp.csr_matrix, batch_codes: np.ndarray, n_batch: int, values: np.ndarray
-) -> np.ndarray:
-    """(n_batch, n_genes) sums of `values` (one per stored entry of counts) by batch and gene."""
-    entry_batch = np.repeat(batch_codes, np.diff(counts.indptr))
-    flat = entry_batch.astype(np.int64) * counts.shape[1] + counts.indices
-    return np.bincount(flat, weights=values, minlength=n_batch * counts.shape[1]).reshape(n_batch, -1)
+
+def _entry_bins(counts: sp.csr_matrix, batch_codes: np.ndarray) -> np.ndarray:
+    """(nnz,) flat (batch, gene) bin of every stored entry of counts."""
+    entry_batch = np.repeat(batch_codes.astype(np.int64), np.diff(counts.indptr))
+    return entry_batch * counts.shape[1] + counts.indices
 
 
 class GeneMoments:
-    """Running per-batch sums of counts and squared counts of each gene (pass 1)."""
+    """Per-batch sums of counts and squared counts of each gene (pass 1), exact (see `atlasvi.data.exact`):
+    partial moments of chunks of cells `merge` into the same totals in any order."""
 
     def __init__(self, n_batch: int, n_genes: int):
+        self.n_batch, self.n_genes = n_batch, n_genes
         self.n_cells = np.zeros(n_batch, dtype=np.int64)
-        self.sums = np.zeros((n_batch, n_genes))
-        self.sums_sq = np.zeros((n_batch, n_genes))
+        self.sums: np.ndarray | None = None  # (n_batch * n_genes,) exact integer sums
+        self.sums_sq: np.ndarray | None = None
 
     def update(self, counts: sp.csr_matrix, batch_codes: np.ndarray) -> None:
-        """counts: (cells, n_genes) CSR; batch_codes: (cells,) int."""
-        n_batch = len(self.n_cells)
-        self.n_cells += np.bincount(batch_codes, minlength=n_batch)
-        data = counts.data.astype(np.float64)
-        self.sums += _per_batch_gene_sums(counts, batch_codes, n_batch, data)
-        self.sums_sq += _per_batch_gene_sums(counts, batch_codes, n_batch, data * data)
+        """counts: (cells, n_genes) CSR of integer counts; batch_codes: (cells,) int."""
+        self.n_cells += np.bincount(batch_codes, minlength=self.n_batch)
+        bins, data = _entry_bins(counts, batch_codes), counts.data.astype(np.float64)
+        size = self.n_batch * self.n_genes
+        self.sums = add_exact(self.sums, exact_bin_sums(data, bins, size))
+        self.sums_sq = add_exact(self.sums_sq, exact_bin_sums(data * data, bins, size))
+
+    def merge(self, other: "GeneMoments") -> None:
+        """Add the moments of other cells."""
+        self.n_cells += other.n_cells
+        for name in ("sums", "sums_sq"):
+            theirs = getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, add_exact(getattr(self, name), theirs))
+
+    def _totals(self) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.n_batch, self.n_genes)
+        if self.sums is None:
+            return np.zeros(shape), np.zeros(shape)
+        return to_float(self.sums).reshape(shape), to_float(self.sums_sq).reshape(shape)
 
     @staticmethod
     def mean_var(n: np.ndarray, sums: np.ndarray, sums_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,15 +60,23 @@ class GeneMoments:
 
     def batch_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
         """(n_batch, n_genes) means and variances."""
-        return self.mean_var(self.n_cells[:, None], self.sums, self.sums_sq)
+        sums, sums_sq = self._totals()
+        return self.mean_var(self.n_cells[:, None], sums, sums_sq)
 
     def overall_mean_var(self) -> tuple[np.ndarray, np.ndarray]:
         """(n_genes,) means and variances over all cells."""
-        return self.mean_var(self.n_cells.sum(), self.sums.sum(0), self.sums_sq.sum(0))
+        if self.sums is None:
+            return self.mean_var(self.n_cells.sum(), np.zeros(self.n_genes), np.zeros(self.n_genes))
+        shape = (self.n_batch, self.n_genes)
+        sums = to_float(self.sums.reshape(shape).sum(axis=0))
+        sums_sq = to_float(self.sums_sq.reshape(shape).sum(axis=0))
+        return self.mean_var(self.n_cells.sum(), sums, sums_sq)
 
 
 class ClippedSums:
-    """Pass 2: per-batch sums of counts clipped at mean + sqrt(n) * regularised std (Seurat v3)."""
+    """Pass 2: per-batch sums of counts clipped at mean + sqrt(n) * regularised std (Seurat v3). A count above
+    its clip adds the clip: the sums are kept as exact integer sums of the counts at or below their clip plus
+    the number of clipped counts, so that partial sums of chunks `merge` into the same totals in any order."""
 
     def __init__(self, moments: GeneMoments, span: float = 0.3):
         from skmisc.loess import loess
@@ -72,22 +95,43 @@ class ClippedSums:
             estimated[not_const] = model.outputs.fitted_values
             self.reg_std[b] = np.sqrt(10**estimated)
         self.clip = self.reg_std * np.sqrt(self.n_cells)[:, None] + means
-        self.sums = np.zeros_like(means)
-        self.sums_sq = np.zeros_like(means)
+        self.below: np.ndarray | None = None  # exact sums of the counts at or below their clip
+        self.below_sq: np.ndarray | None = None
+        self.n_clipped = np.zeros(means.size, dtype=np.int64)
+
+    def partial(self, counts: sp.csr_matrix, batch_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sums, sums of squares, clipped) of one chunk's counts: (n_batch * n_genes,) each."""
+        bins, data = _entry_bins(counts, batch_codes), counts.data.astype(np.float64)
+        clipped = data > self.clip.ravel()[bins]
+        size = self.clip.size
+        kept, kept_bins = data[~clipped], bins[~clipped]
+        return (
+            exact_bin_sums(kept, kept_bins, size),
+            exact_bin_sums(kept * kept, kept_bins, size),
+            np.bincount(bins[clipped], minlength=size).astype(np.int64),
+        )
+
+    def merge(self, partial: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        below, below_sq, n_clipped = partial
+        self.below, self.below_sq = add_exact(self.below, below), add_exact(self.below_sq, below_sq)
+        self.n_clipped += n_clipped
 
     def update(self, counts: sp.csr_matrix, batch_codes: np.ndarray) -> None:
-        entry_batch = np.repeat(batch_codes, np.diff(counts.indptr))
-        clipped = np.minimum(counts.data.astype(np.float64), self.clip[entry_batch, counts.indices])
-        n_batch = len(self.n_cells)
-        self.sums += _per_batch_gene_sums(counts, batch_codes, n_batch, clipped)
-        self.sums_sq += _per_batch_gene_sums(counts, batch_codes, n_batch, clipped * clipped)
+        """counts: (cells, n_genes) CSR of integer counts; batch_codes: (cells,) int."""
+        self.merge(self.partial(counts, batch_codes))
 
     def normalized_variances(self) -> np.ndarray:
         """(n_batch, n_genes) Seurat v3 normalised variances."""
+        shape = self.clip.shape
+        n_clipped = self.n_clipped.reshape(shape)
+        if self.below is None:
+            below, below_sq = np.zeros(shape), np.zeros(shape)
+        else:
+            below, below_sq = to_float(self.below).reshape(shape), to_float(self.below_sq).reshape(shape)
+        sums = below + n_clipped * self.clip
+        sums_sq = below_sq + n_clipped * np.square(self.clip)
         n = self.n_cells[:, None].astype(np.float64)
-        return (1 / ((n - 1) * np.square(self.reg_std))) * (
-            n * np.square(self.means) + self.sums_sq - 2 * self.sums * self.means
-        )
+        return (1 / ((n - 1) * np.square(self.reg_std))) * (n * np.square(self.means) + sums_sq - 2 * sums * self.means)
 
 
 def select_hvg(moments: GeneMoments, clipped: ClippedSums, n_top_genes: int) -> pd.DataFrame:

@@ -23,8 +23,8 @@ Spatial coordinates, asked for with a spatial key, are an `.h5ad`'s (or the `.h5
 them has no "spatial" side (the build decides what that means).
 """
 
+import glob
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,6 +52,47 @@ def detect_kind(path: Path) -> InputKind:
     if path.suffix == ".h5":
         return "10x_h5"
     raise AtlasInputError(f"{path}: unknown input format (expected .h5ad, .h5mu, a 10x .h5 or a 10x matrix folder)")
+
+
+INPUT_SUFFIXES = (".h5ad", ".h5mu", ".h5")
+
+
+def _is_10x_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("matrix.mtx", "matrix.mtx.gz"))
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """The inputs a build reads, in order: each item is an input (an `.h5ad`, `.h5mu` or 10x `.h5` file, a 10x
+    matrix folder), a folder of inputs (its `.h5ad` / `.h5mu` / `.h5` files and 10x matrix folders, by name) or
+    a glob pattern (e.g. `studies/*.h5ad`, matches by name). A folder or pattern that matches nothing, and an
+    input named twice, are refused."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if glob.has_magic(item):
+            matched = [Path(p) for p in sorted(glob.glob(item))]
+            found = [p for p in matched if p.suffix in INPUT_SUFFIXES or _is_10x_folder(p)]
+            if not found:
+                raise AtlasInputError(f"{item}: matches no input (.h5ad, .h5mu, 10x .h5 files or 10x matrix folders)")
+            paths += found
+        elif path.is_dir() and not _is_10x_folder(path):
+            found = [
+                p for p in sorted(path.iterdir()) if (p.is_file() and p.suffix in INPUT_SUFFIXES) or _is_10x_folder(p)
+            ]
+            if not found:
+                raise AtlasInputError(
+                    f"{path}: a folder with no inputs (.h5ad, .h5mu, 10x .h5 files or 10x matrix folders) and not "
+                    "a 10x matrix folder (no matrix.mtx)"
+                )
+            paths += found
+        else:
+            paths.append(path)
+    seen: set[Path] = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise AtlasInputError(f"{path}: given twice among the inputs (its cells would be stored twice)")
+        seen.add(path.resolve())
+    return paths
 
 
 def file_sha256(path: Path) -> str:
@@ -119,26 +160,26 @@ class InputFile:
 
     def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
         """(stop - start, k) requested obs columns of cells [start, stop), index = cell names."""
-        return self.obs.iloc[start:stop] if isinstance(self.obs, pd.DataFrame) else self.obs.rows(start, stop)
+        try:
+            return self.obs.iloc[start:stop] if isinstance(self.obs, pd.DataFrame) else self.obs.rows(start, stop)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise AtlasInputError(
+                f"{self.path}: cannot read the obs of cells {start}..{stop} (truncated or corrupt?): {err}"
+            ) from err
 
-    def iter_chunks(self, chunk_size: int) -> Iterator[tuple[int, sp.csr_matrix, pd.DataFrame]]:
-        """Yield (first row, counts, obs) for chunks of at most chunk_size cells.
-
-        counts: canonical CSR (rows, n_genes): indices sorted and in range, duplicates summed, no stored zeros.
-        """
-        for start in range(0, self.n_cells, chunk_size):
-            stop = min(start + chunk_size, self.n_cells)
-            try:
-                block = sp.csr_matrix(self._x[start:stop])
-                block.check_format(full_check=True)
-                obs = self.obs_rows(start, stop)
-            except (OSError, RuntimeError, KeyError, ValueError) as err:
-                raise AtlasInputError(
-                    f"{self.path}: cannot read cells {start}..{stop} (truncated or corrupt?): {err}"
-                ) from err
-            block.sum_duplicates()
-            block.eliminate_zeros()
-            yield start, block, obs
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of cells [start, stop): canonical CSR (rows, n_genes): indices sorted and in range, duplicates
+        summed, no stored zeros."""
+        try:
+            block = sp.csr_matrix(self._x[start:stop])
+            block.check_format(full_check=True)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise AtlasInputError(
+                f"{self.path}: cannot read cells {start}..{stop} (truncated or corrupt?): {err}"
+            ) from err
+        block.sum_duplicates()
+        block.eliminate_zeros()
+        return block
 
     def side_rows(self, name: str, start: int, stop: int) -> np.ndarray | sp.csr_matrix:
         """Counts of modality `name` for cells [start, stop), as stored (not validated): (stop - start, features)

@@ -31,6 +31,7 @@ corrupt chunk fails its checksum; a missing or truncated one reads as the fill v
 validation rejects: a damaged store is never read silently as zeros.
 """
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -780,3 +781,47 @@ def read_obs_column(path: str | Path, key: str, n_cells: int) -> tuple[np.ndarra
 def open_store(path: str | Path, backend: str = "zarr") -> AtlasStore:
     """Open an atlas store (local path or URL) for reading with the zarr or tensorstore backend."""
     return AtlasStore(path, backend)
+
+
+VOLATILE_PROVENANCE = ("created_utc",)
+"""Provenance fields that differ between two builds of the same store (`store_checksum` leaves them out)."""
+EXECUTION_PARAMETERS = ("chunk_size", "output")
+"""Build parameters that change how and where a build runs, not the store it writes (`store_checksum` leaves
+them out)."""
+
+
+def store_checksum(path: str | Path) -> str:
+    """sha256 of a store folder: every file's path and bytes (chunks and shards as written, compressed), the
+    metadata parsed, with the provenance's creation time and the build's execution parameters (chunk size)
+    left out. Two builds of the same inputs and parameters give the same checksum whatever their workers,
+    chunking or machines."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root).as_posix()
+        digest.update(relative.encode() + b"\0")
+        if file.name == "zarr.json":
+            meta = json.loads(file.read_text())
+            _drop_volatile(meta)
+            digest.update(json.dumps(meta, sort_keys=True).encode())
+        else:
+            digest.update(file.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _drop_volatile(meta: object) -> None:
+    """Remove the volatile provenance fields wherever atlasvi attrs appear in a zarr.json (root, consolidated)."""
+    if isinstance(meta, dict):
+        attrs = meta.get(ATTRS_KEY)
+        if isinstance(attrs, dict) and isinstance(attrs.get("provenance"), dict):
+            provenance = attrs["provenance"]
+            for key in VOLATILE_PROVENANCE:
+                provenance.pop(key, None)
+            for key in EXECUTION_PARAMETERS:
+                provenance.get("parameters", {}).pop(key, None)
+        for value in meta.values():
+            _drop_volatile(value)
+    elif isinstance(meta, list):
+        for value in meta:
+            _drop_volatile(value)

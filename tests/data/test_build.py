@@ -181,7 +181,7 @@ def test_an_interrupted_build_leaves_nothing_and_keeps_the_old_store(tmp_path, m
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(build_module._SequentialWriter, "close", crash)
+    monkeypatch.setattr(build_module._SpanWriter, "write", crash)
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path, "fresh.zarr", inputs=[str(KANG)], batch_key="sample")
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,169 @@
+"""Where a build's tasks run: in this process, on a local dask cluster (every core), or on a dask.distributed
+cluster given by its scheduler address.
+
+A build is a few passes, each a list of independent tasks (a chunk of an input's cells, a shuffle bucket, a
+shard of the store). `BuildExecutor.map` runs one pass and yields each task's result as it completes; the build
+folds the results (in any order: what it folds is exact, see `atlasvi.data.exact`). One worker runs the tasks
+here, one after the other, with no scheduler. Several workers are a `distributed.LocalCluster` of worker
+processes (or threads), started on the first pass that has more than one task; `connect` uses a running cluster
+(`dask scheduler` / `dask worker`, or dask-jobqueue / dask-kubernetes), whose workers must see the inputs and the
+output folder at the same paths. Tasks are module-level functions of `atlasvi.data.build`, so workers need
+atlasvi installed.
+"""
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+Progress = Callable[[str, int, int], None]
+
+
+def default_workers() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class BuildExecutor:
+    """Runs a build's tasks. `BuildExecutor()` (one worker, this process), `BuildExecutor.local(n)` (a local
+    dask cluster of n worker processes, or threads with processes=False) or `BuildExecutor.connect(address)`
+    (a running dask.distributed scheduler). Use it as a context manager, or call `close`."""
+
+    def __init__(self, workers: int = 1, processes: bool = True, address: str | None = None):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers, self.processes, self.address = workers, processes, address
+        self._cluster = None
+        self._client = None
+        self._prefix = f"atlasvi-build-{uuid.uuid4().hex[:8]}"
+
+    @classmethod
+    def local(cls, workers: int | None = None, processes: bool = True) -> "BuildExecutor":
+        """A local dask cluster of `workers` (default: every core) single-threaded workers."""
+        return cls(workers or default_workers(), processes=processes)
+
+    @classmethod
+    def connect(cls, address: str) -> "BuildExecutor":
+        """The dask.distributed cluster whose scheduler listens at `address` (e.g. tcp://10.0.0.1:8786)."""
+        executor = cls(address=address)
+        executor._start()
+        return executor
+
+    @property
+    def distributed(self) -> bool:
+        return self.address is not None or self.workers > 1
+
+    @property
+    def client(self):
+        """The dask.distributed Client (None while no cluster runs: one worker, or before the first pass)."""
+        return self._client
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return None if self._client is None else self._client.dashboard_link
+
+    def _start(self) -> None:
+        if self._client is not None:
+            return
+        from distributed import Client, LocalCluster
+
+        if self.address is not None:
+            self._client = Client(self.address, set_as_default=False)
+            return
+        self._cluster = LocalCluster(
+            n_workers=self.workers,
+            threads_per_worker=1,
+            processes=self.processes,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        self._client = Client(self._cluster, set_as_default=False)
+
+    def share(self, value: Any) -> Any:
+        """`value` as a task argument sent to each worker once (a scattered future), or itself in this process."""
+        if self._client is None:
+            return value
+        return self._client.scatter(value, broadcast=True, hash=False)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        tasks: Sequence[tuple],
+        stage: str,
+        progress: Progress,
+        weights: Sequence[int] | None = None,
+        shared: tuple = (),
+    ) -> Iterator[tuple[int, Any]]:
+        """Run fn(*shared, *task) for every task; yield (task index, result) as each completes. progress(stage,
+        done, total) advances by each task's weight (e.g. its cells). A task's error is raised here, the other
+        tasks cancelled and waited for (none writes after this returns)."""
+        weights = list(weights) if weights is not None else [1] * len(tasks)
+        total, done = sum(weights), 0
+        progress(stage, 0, total)
+        if self.distributed and len(tasks) > 1:
+            self._start()
+        if self._client is None:
+            for i, task in enumerate(tasks):
+                result = fn(*shared, *task)
+                done += weights[i]
+                progress(stage, done, total)
+                yield i, result
+            return
+        from distributed import as_completed
+
+        shared = tuple(self.share(value) for value in shared)
+        keys = [f"{self._prefix}-{stage}-{i}" for i in range(len(tasks))]
+        futures = [
+            self._client.submit(fn, *shared, *task, key=key, pure=False) for key, task in zip(keys, tasks, strict=True)
+        ]
+        index = {future.key: i for i, future in enumerate(futures)}
+        try:
+            for future, result in as_completed(futures, loop=self._client.loop, with_results=True):
+                i = index[future.key]
+                futures[i] = None  # release the result on the worker
+                done += weights[i]
+                progress(stage, done, total)
+                yield i, result
+        except BaseException:
+            self._stop([f for f in futures if f is not None])
+            raise
+
+    def _stop(self, futures: list) -> None:
+        """Cancel `futures` and wait (up to a minute) until no task of this build runs on any worker."""
+        with contextlib.suppress(Exception):
+            self._client.cancel(futures)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                running = self._client.processing()
+            except (OSError, RuntimeError, TimeoutError):  # the cluster is gone: nothing runs
+                return
+            if not any(str(key).startswith(self._prefix) for keys in running.values() for key in keys):
+                return
+            time.sleep(0.1)
+
+    def run_on_workers(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        """fn() on every worker (or here): {worker address (or "local"): result}."""
+        if self._client is None:
+            return {"local": fn()}
+        return self._client.run(fn)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    def __enter__(self) -> "BuildExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
