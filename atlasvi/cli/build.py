@@ -17,7 +17,10 @@ from atlasvi.errors import AtlasviError
 
 def build_command(
     inputs: Annotated[
-        list[Path] | None, typer.Argument(help=".h5ad or .h5mu files, 10x matrix folders or 10x .h5 files")
+        list[Path] | None,
+        typer.Argument(
+            help=".h5ad, .h5mu or 10x .h5 files, 10x matrix folders, folders of those or quoted glob patterns"
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="the atlas store to write (.zarr)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with BuildConfig fields; flags override it")] = None,
@@ -60,6 +63,14 @@ def build_command(
     chunk_size: Annotated[int | None, typer.Option(help="cells read at a time (bounds memory)")] = None,
     compressor: Annotated[str | None, typer.Option(help="Blosc codec: zstd (smaller) or lz4 (faster)")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace output")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=1, help="local dask worker processes (default: every core; 1: no dask, this process)"),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="address of a dask.distributed scheduler to build on (its workers see the same paths)"),
+    ] = None,
 ) -> None:
     """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -95,7 +106,7 @@ def build_command(
     }
     sources.append(("flags", flags))
     build_config = make_config(BuildConfig, sources)
-    path = build_with_progress(build_config)
+    path = build_with_progress(build_config, workers, scheduler)
     _print_summary(path)
 
 

@@ -21,6 +21,7 @@ from rich.progress import (
 
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
+from atlasvi.data.executor import BuildExecutor, default_workers
 from atlasvi.datasets import CELLBENCH
 from atlasvi.errors import ConfigError
 from atlasvi.tracking import local_tracking_uri
@@ -164,10 +165,22 @@ class _RichProgress:
         self.progress.update(self.tasks[stage], completed=done)
 
 
-def build_with_progress(config: BuildConfig) -> Path:
-    """build_store with rich bars per stage (a failed build raises AtlasInputError and writes nothing)."""
-    with progress_bars(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn()) as bars:
-        return build_store(config, _RichProgress(bars))
+def build_with_progress(config: BuildConfig, workers: int | None = 1, scheduler: str | None = None) -> Path:
+    """build_store with rich bars per stage (a failed build raises AtlasInputError and writes nothing), on
+    `workers` local worker processes (None: every core; 1: this process) or on the dask cluster at `scheduler`,
+    whose dashboard link is printed."""
+
+    def announce(link: str) -> None:
+        where = f"dask cluster at {scheduler}" if scheduler else f"{workers} local dask workers"
+        console.print(f"building on the {where}; dashboard: {link}")
+
+    if scheduler is not None:
+        executor = BuildExecutor.connect(scheduler, on_start=announce)
+    else:
+        workers = workers or default_workers()
+        executor = BuildExecutor.local(workers, on_start=announce) if workers > 1 else BuildExecutor()
+    with executor, progress_bars(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn()) as bars:
+        return build_store(config, _RichProgress(bars), executor)
 
 
 def write_atomic(path: Path, text: str) -> Path:

@@ -1,15 +1,24 @@
 """`atlasvi build`: many inputs -> one validated, globally shuffled atlas store, out of core.
 
-Passes over the inputs, one chunk of cells at a time (memory scales with `chunk_size`, not cells):
-  1. validate counts (integer, >= 0, finite), count each cell's total, per-batch gene moments;
+Passes over the inputs, each a list of tasks over chunks of `chunk_size` cells (a worker's memory scales with
+`chunk_size`, not with the cells):
+  0. metadata: each input's genes and panels; each chunk's categories and hashes of its cell names;
+  1. validate counts (integer, >= 0, finite), find empty cells, per-batch gene moments;
   2. (with n_top_genes) Seurat v3 clipped sums -> highly variable genes;
-  3. scatter: every kept cell goes, with its destination row in the global seeded permutation, to
-     the temporary bucket file that covers that row range (an external shuffle);
-  4. gather: each bucket is sorted by destination and appended to the store, shard by shard.
+  3. scatter: each chunk writes its kept cells, with their destination rows in the global seeded permutation,
+     to its own scratch file, grouped by shuffle bucket (a bucket covers a range of store rows);
+  4. gather: each bucket reads its segments of every chunk's file, sorts them by destination and writes the
+     shards of the store it covers whole; the parts of shards it shares with other buckets become fragments;
+  5. each shared shard is joined from its fragments and written.
+The tasks run on a `BuildExecutor`: here, one after the other, on local dask workers or on a dask.distributed
+cluster. No two tasks write the same file, and what the driver folds is exact (integer sums, see
+`atlasvi.data.exact`; maxima; unions), so the store is the same bit for bit whatever the workers, their
+number and the chunk size (`atlasvi.data.store.store_checksum`). Inputs are files, folders of them or glob
+patterns (`atlasvi.data.inputs.expand_inputs`); each one's sha256 is in the provenance.
 With a protein key, each cell's protein counts travel with it (the union of the inputs' panels, in order of
 first appearance; a protein outside an input's panel is stored as 0 and masked as not measured) and
 become the store's protein modality (see `atlasvi.data.store`). With an ATAC key, each cell's peak counts
-travel as a second sparse matrix (their own shuffle buckets) and become the store's "atac" modality; inputs
+travel as a second sparse matrix (in the same segments) and become the store's "atac" modality; inputs
 with peaks must share one peak set (aligned by name), a cell without peaks is stored as not measured. With an
 ATAC key the store's cells are the union of the cells with RNA and those with peaks (MultiVI's paired and
 unpaired cells), and an "rna" mask modality (obsm/rna_mask) says which cells' RNA was measured: a cell of an

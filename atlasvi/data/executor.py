@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from atlasvi.data.errors import AtlasInputError
+
 Progress = Callable[[str, int, int], None]
 
 
@@ -35,23 +37,32 @@ class BuildExecutor:
     dask cluster of n worker processes, or threads with processes=False) or `BuildExecutor.connect(address)`
     (a running dask.distributed scheduler). Use it as a context manager, or call `close`."""
 
-    def __init__(self, workers: int = 1, processes: bool = True, address: str | None = None):
+    def __init__(
+        self,
+        workers: int = 1,
+        processes: bool = True,
+        address: str | None = None,
+        on_start: Callable[[str], None] | None = None,
+    ):
+        """on_start(dashboard link): called when the cluster is started or connected to."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers, self.processes, self.address = workers, processes, address
+        self.workers, self.processes, self.address, self.on_start = workers, processes, address, on_start
         self._cluster = None
         self._client = None
         self._prefix = f"atlasvi-build-{uuid.uuid4().hex[:8]}"
 
     @classmethod
-    def local(cls, workers: int | None = None, processes: bool = True) -> "BuildExecutor":
+    def local(
+        cls, workers: int | None = None, processes: bool = True, on_start: Callable[[str], None] | None = None
+    ) -> "BuildExecutor":
         """A local dask cluster of `workers` (default: every core) single-threaded workers."""
-        return cls(workers or default_workers(), processes=processes)
+        return cls(workers or default_workers(), processes=processes, on_start=on_start)
 
     @classmethod
-    def connect(cls, address: str) -> "BuildExecutor":
+    def connect(cls, address: str, on_start: Callable[[str], None] | None = None) -> "BuildExecutor":
         """The dask.distributed cluster whose scheduler listens at `address` (e.g. tcp://10.0.0.1:8786)."""
-        executor = cls(address=address)
+        executor = cls(address=address, on_start=on_start)
         executor._start()
         return executor
 
@@ -74,16 +85,21 @@ class BuildExecutor:
         from distributed import Client, LocalCluster
 
         if self.address is not None:
-            self._client = Client(self.address, set_as_default=False)
-            return
-        self._cluster = LocalCluster(
-            n_workers=self.workers,
-            threads_per_worker=1,
-            processes=self.processes,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-        )
-        self._client = Client(self._cluster, set_as_default=False)
+            try:
+                self._client = Client(self.address, set_as_default=False, timeout=30)
+            except OSError as err:
+                raise AtlasInputError(f"{self.address}: no dask scheduler answers there ({err})") from err
+        else:
+            self._cluster = LocalCluster(
+                n_workers=self.workers,
+                threads_per_worker=1,
+                processes=self.processes,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
+            self._client = Client(self._cluster, set_as_default=False)
+        if self.on_start is not None:
+            self.on_start(self._client.dashboard_link)
 
     def share(self, value: Any) -> Any:
         """`value` as a task argument sent to each worker once (a scattered future), or itself in this process."""

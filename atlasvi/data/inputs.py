@@ -3,7 +3,7 @@
 Each input is opened once for its metadata (cells, genes, requested obs columns) and then read in
 chunks of rows, so that a build never holds more than one chunk of counts in memory. `.h5ad` files
 are read through anndata's backed sparse datasets; 10x inputs through scanpy's readers (a 10x file
-is loaded whole, one input at a time: the MatrixMarket text format cannot be read by rows).
+is loaded whole, once by each build worker that reads it: the MatrixMarket text format cannot be read by rows).
 
 Surface-protein counts (CITE-seq), asked for with a protein key: an `.h5ad`'s `obsm[key]` (a DataFrame
 whose columns are the antibodies, as scvi-tools' totalVI reads it, or an array with the names in

@@ -1,0 +1,226 @@
+"""`atlasvi build` on 1 and 2 workers: wall time, peak RSS per process, scaling, the store's checksum.
+
+    .venv/bin/python benchmarks/build_scaling.py --n-cells 1000000 --workers 1 2 --repeats 3
+    .venv/bin/python benchmarks/build_scaling.py --n-cells 1000000 --workers 1 --repeats 3 --baseline-src ../old
+    .venv/bin/python benchmarks/build_scaling.py --n-cells 10000000 --workers 1 2 --repeats 1 --merge
+
+Input: `synthetic.py`'s counts (2,000 genes, ~8% non-zeros, 4 batches; cached in `.cache/synth_<size>.h5ad`), built
+as every benchmark store is (`atlasvi.bench.perf`: batch and cell-type keys, 1,000 Seurat v3 HVG flags, every gene
+kept, zstd, default chunk size). Every build runs in its own process, as `atlasvi build --workers N` does (a
+local dask cluster of N single-threaded worker processes, its start-up included; N = 1: no dask, one process);
+the repeats are paired (each repeat runs every configuration, in rotated order) because the machine is shared.
+Peak RSS is each process's maximum resident set (`getrusage`): the driver's, and each worker's. Scaling
+efficiency = t(1 worker) / (N x t(N workers)), from medians. With --baseline-src a checkout of atlasvi before the
+build moved to dask runs the same build in the same repeats ("baseline": one process).
+The projection to 100M cells extrapolates linearly in cells from the largest size measured (the passes are
+linear in cells; the driver's per-cell arrays, ~18 bytes a cell, are reported with it).
+Results: `results/build_scaling.json` and `results/build_scaling.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / ".cache"
+RESULTS = HERE / "results"
+
+
+def _size_name(n: int) -> str:
+    return f"{n // 1_000_000}m" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def _input(n_cells: int) -> Path:
+    path = CACHE / f"synth_{_size_name(n_cells)}.h5ad"
+    if not path.exists():
+        sys.path.insert(0, str(HERE))
+        from synthetic import make_synthetic_h5ad
+
+        print(f"generating {n_cells:,} synthetic cells -> {path}", file=sys.stderr, flush=True)
+        make_synthetic_h5ad(path, n_cells, 2000, 0)
+    return path
+
+
+def _one(args: argparse.Namespace) -> None:
+    """One build in this process (run by the parent in a fresh process); prints a JSON line."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from atlasvi.data import BuildConfig, build_store
+
+    config = BuildConfig(
+        inputs=[args.input], output=args.output, batch_key="batch", labels_key="cell_type", n_top_genes=1000,
+        hvg_subset=False, seed=0, compressor="zstd", overwrite=True,
+    )  # fmt: skip
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    workers_rss: list[float] = []
+    if args.baseline:
+        build_store(config)
+    else:
+        from atlasvi.data.executor import BuildExecutor
+
+        executor = BuildExecutor.local(args.workers) if args.workers > 1 else BuildExecutor()
+        with executor:
+            build_store(config, executor=executor)
+            if executor.client is not None:
+                peaks = executor.run_on_workers(_peak_rss_mb)
+                workers_rss = sorted(peaks.values())
+    seconds = time.perf_counter() - start
+    from atlasvi.data.store import store_checksum
+
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "driver_peak_rss_mb": _peak_rss_mb(),
+                "worker_peak_rss_mb": workers_rss,
+                "load_1min_before": load,
+                "load_1min_after": os.getloadavg()[0],
+                "checksum": store_checksum(args.output),
+            }
+        )
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run(kind: str, workers: int, h5ad: Path, output: Path, baseline_src: str | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=baseline_src if kind == "baseline" else str(REPO))
+    command = [sys.executable, __file__, "--one", "--input", str(h5ad), "--output", str(output)]
+    command += ["--workers", str(workers)] + (["--baseline"] if kind == "baseline" else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {workers} workers failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(output, ignore_errors=True)
+    return {"kind": kind, "workers": workers} | result
+
+
+def _summary(runs: list[dict]) -> list[dict]:
+    rows = []
+    for n_cells in sorted({r["n_cells"] for r in runs}):
+        at = [r for r in runs if r["n_cells"] == n_cells]
+        base = [r["seconds"] for r in at if r["kind"] == "dask" and r["workers"] == 1]
+        for kind, workers in sorted({(r["kind"], r["workers"]) for r in at}):
+            mine = [r for r in at if (r["kind"], r["workers"]) == (kind, workers)]
+            seconds = statistics.median(r["seconds"] for r in mine)
+            rss_workers = [max(r["worker_peak_rss_mb"]) for r in mine if r["worker_peak_rss_mb"]]
+            row = {
+                "n_cells": n_cells,
+                "kind": kind,
+                "workers": workers,
+                "repeats": len(mine),
+                "median_seconds": seconds,
+                "seconds": [round(r["seconds"], 1) for r in mine],
+                "driver_peak_rss_mb": max(r["driver_peak_rss_mb"] for r in mine),
+                "worker_peak_rss_mb": max(rss_workers) if rss_workers else None,
+                "load_1min": [round(r["load_1min_before"], 1) for r in mine],
+                "checksums": sorted({r["checksum"] for r in mine}),
+            }
+            if base and kind == "dask":
+                row["scaling_efficiency"] = statistics.median(base) / (workers * seconds)
+            if kind == "baseline" and base:
+                pairs = [
+                    b["seconds"] / d["seconds"]
+                    for b in mine
+                    for d in at
+                    if d["kind"] == "dask" and d["workers"] == 1 and d["repeat"] == b["repeat"]
+                ]
+                row["baseline_over_dask_1_worker"] = statistics.median(pairs)
+            rows.append(row)
+    return rows
+
+
+def _markdown(result: dict) -> str:
+    lines = [
+        "# atlasvi build: 1 and 2 workers",
+        "",
+        f"Machine: {result['machine']}. Command: `{result['command']}`.",
+        "",
+        "| cells | build | workers | median s (runs) | scaling eff. | driver peak RSS | worker peak RSS | "
+        "load (1-min, per run) | store checksum |",
+        "|---:|---|---:|---|---:|---:|---:|---|---|",
+    ]
+    for row in result["summary"]:
+        efficiency = f"{row['scaling_efficiency']:.2f}" if "scaling_efficiency" in row else ""
+        worker = f"{row['worker_peak_rss_mb']:.0f} MB" if row["worker_peak_rss_mb"] else "(the driver)"
+        name = "before dask (baseline)" if row["kind"] == "baseline" else "dask"
+        if "baseline_over_dask_1_worker" in row:
+            name += f", {row['baseline_over_dask_1_worker']:.2f}x the 1-worker time (paired median)"
+        checksums = ", ".join(c[:12] for c in row["checksums"])
+        lines.append(
+            f"| {row['n_cells']:,} | {name} | {row['workers']} | {row['median_seconds']:.1f} "
+            f"({', '.join(str(s) for s in row['seconds'])}) | {efficiency} | {row['driver_peak_rss_mb']:.0f} MB | "
+            f"{worker} | {', '.join(str(x) for x in row['load_1min'])} | {checksums} |"
+        )
+    projection = result.get("projection_100m")
+    if projection:
+        lines += ["", "Projection to 100M cells (linear in cells from the largest size measured):", ""]
+        for workers, seconds in projection["seconds"].items():
+            lines.append(f"- {workers} worker(s): {seconds / 60:.0f} min")
+        lines.append(f"- driver memory for its per-cell arrays: ~{projection['driver_gb']:.1f} GB")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-cells", type=int, default=1_000_000)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baseline-src", default=None, help="an atlasvi checkout from before the dask build")
+    p.add_argument("--merge", action="store_true", help="add to the committed runs instead of replacing them")
+    p.add_argument("--out", default=str(RESULTS / "build_scaling.json"))
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        _one(args)
+        return 0
+    h5ad = _input(args.n_cells)
+    configs = [("dask", w) for w in args.workers] + ([("baseline", 1)] if args.baseline_src else [])
+    out = Path(args.out)
+    previous = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []
+    runs = [r for r in previous if r["n_cells"] != args.n_cells]
+    for repeat in range(args.repeats):
+        for kind, workers in configs[repeat % len(configs) :] + configs[: repeat % len(configs)]:
+            output = CACHE / f"build_scaling_{_size_name(args.n_cells)}.zarr"
+            run = _run(kind, workers, h5ad, output, args.baseline_src)
+            run |= {"n_cells": args.n_cells, "repeat": repeat}
+            runs.append(run)
+            print(json.dumps(run), file=sys.stderr, flush=True)
+    result = {
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, shared with other work (load averages per run)",
+        "command": " ".join(["python benchmarks/build_scaling.py", *(argv if argv is not None else sys.argv[1:])]),
+        "runs": runs,
+        "summary": _summary(runs),
+    }
+    largest = max(r["n_cells"] for r in runs)
+    at_largest = [s for s in result["summary"] if s["n_cells"] == largest and s["kind"] == "dask"]
+    result["projection_100m"] = {
+        "from_cells": largest,
+        "seconds": {str(s["workers"]): s["median_seconds"] * 100_000_000 / largest for s in at_largest},
+        "driver_gb": 100_000_000 * 18 / 1e9,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(_markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
