@@ -134,9 +134,11 @@ def read_scvi_tools(path: Path) -> dict[str, Any]:
 
 
 def _refusal(path: Path, refused: list[str]) -> str:
+    """One line naming the globals (sorted, at most 3) the file would unpickle."""
+    names = sorted(set(refused))
     return (
-        f"{path}: reading it would run code from the file ({refused[0]} must be unpickled"
-        + (f", and {len(refused) - 1} more" if len(refused) > 1 else "")
+        f"{path}: reading it would run code from the file ({', '.join(names[:3])} must be unpickled"
+        + (f", and {len(names) - 3} more" if len(names) > 3 else "")
         + "); refused (atlasvi reads tensors, numpy arrays and dicts only)"
     )
 

@@ -213,7 +213,7 @@ def test_a_file_that_needs_unpickling_code_is_refused(tmp_path):
     saved["attr_dict"]["hook"] = Payload()
     torch.save(saved, tmp_path / "model.pt")  # pickle protocol 2, as scvi-tools saves
     with pytest.raises(
-        ScviToolsFileError, match=r"model.pt: reading it would run code from the file \((posix|nt)\.sys"
+        ScviToolsFileError, match=r"model.pt: reading it would run code from the file \([^)]*(posix|nt)\.system"
     ):
         read_scvi_tools(tmp_path)
     torch.save(saved, tmp_path / "model.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)  # beyond the weights-only reader
