@@ -53,3 +53,19 @@ def _first_cell(store) -> str:
     import anndata as ad
 
     return str(ad.read_zarr(store).obs_names[0])
+
+
+def test_a_model_that_fails_to_log_ends_failed_and_leaves_no_run_running(kang_store, tmp_path, uri, monkeypatch):
+    saved = SCVI(kang_store, SCVIConfig(n_latent=2, n_hidden=8), device="cpu").save(tmp_path / "model")
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", failing_save)  # the upload fails
+    with pytest.raises(OSError, match="disk full"), MlflowRun(uri, "atlasvi") as run:
+        run.log_model(saved)
+    client = MlflowClient(uri)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FAILED" and finished.data.tags["error"] == "OSError: disk full"
+    (logged,) = client.search_logged_models(experiment_ids=[run.experiment_id])
+    assert logged.status.to_int() == logged.status.FAILED.to_int() and logged.source_run_id == run.run_id
