@@ -1,4 +1,5 @@
-"""Figures people would rather look at than numbers: loss curves and a latent UMAP, as PNG files."""
+"""Figures people would rather look at than numbers: loss curves, a latent UMAP and cell-type proportions on
+spot coordinates, as PNG files."""
 
 import textwrap
 import warnings
@@ -145,5 +146,36 @@ def scanvi_loss_curves_png(history: Sequence[EpochRecord], classification_ratio:
     """`scanvi_loss_figure` as a PNG."""
     fig = scanvi_loss_figure(history, classification_ratio)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def proportions_png(
+    coordinates: np.ndarray, proportions: np.ndarray, names: Sequence[str], path: Path, title: str = ""
+) -> Path:
+    """One panel per cell type: the spots at their coordinates (n, 2; image convention, y down) coloured by the
+    type's proportion (n, n_types), on one 0..1 scale per panel's maximum."""
+    n_types = proportions.shape[1]
+    columns = min(4, n_types)
+    rows = -(-n_types // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False, constrained_layout=True)
+    size = max(1.0, min(30.0, 20000.0 / max(len(coordinates), 1)))
+    for i, ax in enumerate(axes.ravel()):
+        if i >= n_types:
+            ax.axis("off")
+            continue
+        points = ax.scatter(
+            coordinates[:, 0], coordinates[:, 1], c=proportions[:, i], s=size, cmap="viridis", vmin=0,
+            vmax=max(float(proportions[:, i].max()), 1e-6), linewidths=0,
+        )  # fmt: skip
+        ax.set_title(textwrap.shorten(str(names[i]), 32), fontsize=9)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(points, ax=ax, shrink=0.7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

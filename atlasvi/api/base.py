@@ -116,6 +116,11 @@ class AtlasModel:
         return int(getattr(self.module, "n_latent", None) or self.config.n_latent)
 
     @property
+    def has_latent(self) -> bool:
+        """Whether the model gives each cell a latent (`get_latent_representation`); DestVI's may not."""
+        return True
+
+    @property
     def validation_rows(self) -> tuple[int, int]:
         """The held-out rows [start, stop) of the training store (the default of get_elbo)."""
         return split_rows(self.store.n_cells, (self.train_config or TrainConfig()).validation_fraction)[1]
@@ -177,6 +182,11 @@ class AtlasModel:
         """What `atlasvi train` writes back into the training store: the latent in obsm[key] (default the entry's
         latent key); a method's extras add their own (e.g. predictions). Returns the written arrays' paths."""
         return [self.write_latent_representation(key=key, attrs=attrs)]
+
+    def figures(self, folder: Path) -> list[tuple[str, Callable[[], Path | None]]]:
+        """The method's own figures `atlasvi train` draws and logs beside the loss curves and the latent UMAP:
+        (name, draw) pairs, draw() writing a PNG under `folder` (none here; DestVI draws its proportions)."""
+        return []
 
     def _elbo_terms(
         self, store: AtlasStore | str | Path | None, rows: tuple[int, int] | None, batch_size: int

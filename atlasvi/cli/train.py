@@ -58,7 +58,7 @@ def _warn_kl_warmup(job: TrainJobConfig, n_train_cells: int, n_epochs: int) -> N
 def _umap(model: AtlasModel, store: AtlasStore, n_cells: int, path: Path) -> Path | None:
     """UMAP of the first n_cells rows (a random sample: a store's rows are shuffled at build)."""
     n = min(n_cells, store.n_cells)
-    if n < 20:
+    if n < 20 or not model.has_latent:
         return None
     latent = model.get_latent_representation(rows=(0, n))
     codes = store.read_rows(0, n).categorical
@@ -139,7 +139,8 @@ def train_command(
     job = make_config(TrainJobConfig, sources)
     if job.init_from is not None:  # the saved model's architecture and store, under the YAML and the flags
         saved = Path(job.init_from)
-        section = {k: v for k, v in read_meta(saved)["config"]["model"].items() if k != "name"}
+        fields = type(job.model).model_fields  # the saved model's fields this model has (DestVI: CondSCVI's decoder)
+        section = {k: v for k, v in read_meta(saved)["config"]["model"].items() if k != "name" and k in fields}
         defaults = {"model": section} | ({} if job.store is not None else {"store": AtlasModel.saved_store(saved)})
         job = make_config(TrainJobConfig, [(f"{saved}/{META_NAME}", defaults), *sources])
     opened = open_store(job.store or _embedded_store())
@@ -318,6 +319,7 @@ def _figures(
     for name, draw in (
         ("loss_curves", lambda: loss_curves_png(history, folder / "loss_curves.png")),
         ("latent_umap", lambda: _umap(model, store, job.umap_cells, folder / "latent_umap.png")),
+        *model.figures(folder),
     ):
         try:
             with console.status(f"figure {name}"):

@@ -778,6 +778,29 @@ def read_obs_column(path: str | Path, key: str, n_cells: int) -> tuple[np.ndarra
     return codes, tuple(str(c) for c in categories)
 
 
+def read_obs_names(path: str | Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """(stop - start,) str: the names of the store's cells [start, stop) (obs/_index)."""
+    path = str(path)
+    store = zarr.storage.FsspecStore.from_url(path, read_only=True) if is_url(path) else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = zarr.open_group(store, mode="r", zarr_format=3)
+        index = root["obs"].attrs.get("_index", "_index")
+        return np.asarray(root["obs"][index][start:stop].astype(object), dtype=object).astype(str)
+
+
+def read_spatial(path: str | Path) -> np.ndarray | None:
+    """(n_cells, 2 or 3) float64 spatial coordinates of the store's cells (obsm/spatial), None when it has none."""
+    meta = read_store_attrs(path).get("spatial")
+    if not meta:
+        return None
+    path = str(path)
+    store = zarr.storage.FsspecStore.from_url(path, read_only=True) if is_url(path) else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.asarray(zarr.open_group(store, mode="r", zarr_format=3)[f"obsm/{meta['obsm_key']}"][:])
+
+
 def open_store(path: str | Path, backend: str = "zarr") -> AtlasStore:
     """Open an atlas store (local path or URL) for reading with the zarr or tensorstore backend."""
     return AtlasStore(path, backend)

@@ -42,6 +42,11 @@ class ModuleContract(Protocol):
     used_keys: the categorical obs keys whose codes it reads; used_modalities: the store modalities its
     minibatches must carry beside the RNA counts (e.g. "protein"; see `StoreSchema.modalities`); init_prefixes:
     the weights a module started from a saved model (`--init-from`) must take from it (the rest start fresh).
+
+    Optional hooks of a module started from another method's saved model (DestVI of a CondSCVI):
+    `init_registry(saved, store) -> StoreSchema` (classmethod), its registry from the saved model's and the store's
+    (default: the saved model's); `take_init_state(state) -> state`, the saved weights it takes (default: all).
+    `surgery_spec` may return None: the method has no scArches query mapping.
     """
 
     config: BaseModel
@@ -59,8 +64,8 @@ class ModuleContract(Protocol):
         """Store code -> model code per used key, (n_store_categories,) int64; raises on a store it cannot read."""
         ...
 
-    def surgery_spec(self) -> SurgerySpec:
-        """What scArches surgery grows and freezes in this module."""
+    def surgery_spec(self) -> SurgerySpec | None:
+        """What scArches surgery grows and freezes in this module (None: no query mapping)."""
         ...
 
     def unpack(self, batch: Minibatch) -> Any:

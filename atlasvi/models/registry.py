@@ -12,6 +12,8 @@ from pydantic import BaseModel, Discriminator, Tag
 from torch import nn
 
 from atlasvi.errors import ConfigError
+from atlasvi.models.condscvi import CondSCVIConfig, CondSCVIModule
+from atlasvi.models.destvi import DestVIConfig, DestVIModule
 from atlasvi.models.ldvae import LDVAEConfig, LDVAEModule
 from atlasvi.models.multivi import MULTIVIConfig, MULTIVIModule
 from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
@@ -43,6 +45,11 @@ TOTALVI_TRAIN = {  # scvi-tools' TOTALVI.train: lr 4e-3, KL warm-up over 0.75 x 
     "early_stopping": True,
 }
 
+CONDSCVI_TRAIN = {
+    "max_epochs": 300
+}  # scvi-tools' CondSCVI.train: 300 epochs, lr 1e-3, TrainingPlan's 400-epoch warm-up
+DESTVI_TRAIN = {"max_epochs": 2000, "lr": 3e-3, "n_epochs_kl_warmup": 200}  # scvi-tools' DestVI.train
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -52,7 +59,8 @@ class ModelEntry:
     class name); user_class: "module:Class" of the user-facing class (the api layer imports it); latent_key:
     the obsm key its latent is written to by default; init_from: names of the entries whose saved weights it
     can start from (`--init-from`); train_defaults: TrainConfig fields whose defaults differ for this method (as
-    scvi-tools' `train` of the method sets them), under whatever the job or the caller sets.
+    scvi-tools' `train` of the method sets them), under whatever the job or the caller sets; needs_init_from: it
+    cannot train without one of those saved models (DestVI reuses a CondSCVI's decoder).
     """
 
     name: str
@@ -63,6 +71,7 @@ class ModelEntry:
     latent_key: str
     init_from: tuple[str, ...] = ()
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    needs_init_from: bool = False
 
 
 ENTRIES: tuple[ModelEntry, ...] = (
@@ -93,6 +102,27 @@ ENTRIES: tuple[ModelEntry, ...] = (
         (),
         MULTIVI_TRAIN,
     ),
+    ModelEntry(
+        "condscvi",
+        "CondSCVI",
+        CondSCVIConfig,
+        CondSCVIModule,
+        "atlasvi.api.condscvi:CondSCVI",
+        "X_condscvi",
+        (),
+        CONDSCVI_TRAIN,
+    ),  # fmt: skip
+    ModelEntry(
+        "destvi",
+        "DestVI",
+        DestVIConfig,
+        DestVIModule,
+        "atlasvi.api.destvi:DestVI",
+        "proportions",
+        ("condscvi",),
+        DESTVI_TRAIN,
+        needs_init_from=True,
+    ),  # fmt: skip
 )
 REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in ENTRIES}
 

@@ -126,6 +126,7 @@ def load_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], whe
     """Start `module` from another model's trained weights (`--init-from`): every weight of `state` is loaded, and
     each weight under the module's `init_prefixes` must come from it; the others keep their initial values.
     A state that does not fit raises ModelFileError naming the first weight at fault (`check_init_state`)."""
+    state = taken_init_state(module, state)
     check_init_state(module, state, where)
     module.load_state_dict(state, strict=False)
 
@@ -134,6 +135,7 @@ def check_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
     """ModelFileError naming the first weight at fault where `load_init_state` could not start `module` from `state`
     (a weight the module lacks, one under its `init_prefixes` missing, another shape); reads only names and shapes,
     so `module` may be shape-only (built on torch's meta device)."""
+    state = taken_init_state(module, state)
     prefixes: tuple[str, ...] = getattr(module, "init_prefixes", ())
     expected = module.state_dict()
     problems = [f"{k!r} is not a weight of this model" for k in state if k not in expected]
@@ -148,6 +150,13 @@ def check_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor], wh
             f"{where}: the weights do not fit this model: {problems[0]}"
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
+
+
+def taken_init_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of another model's `state` that `module` starts from: those its `take_init_state(state)` picks
+    (a module reusing part of another method's model, e.g. DestVI of a CondSCVI), else all of them."""
+    take = getattr(module, "take_init_state", None)
+    return take(state) if take is not None else state
 
 
 def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:

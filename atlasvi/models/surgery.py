@@ -114,7 +114,9 @@ def transplant(reference: nn.Module, query: nn.Module) -> dict[str, torch.Tensor
     (parameter name -> bool tensor of its shape) mark the entries that train: the added categories' columns.
     Every other entry holds the reference's value.
     """
-    spec: SurgerySpec = query.surgery_spec()  # type: ignore[operator]
+    spec: SurgerySpec | None = query.surgery_spec()  # type: ignore[operator]
+    if spec is None:
+        raise ValueError(f"{type(query).__name__}: this method has no scArches query mapping (nor has scvi-tools')")
     old_state, new_state = reference.state_dict(), query.state_dict()
     masks: dict[str, torch.Tensor] = {}
     old_modules, new_modules = dict(reference.named_modules()), dict(query.named_modules())

@@ -7,6 +7,7 @@ Nothing model-specific, and no parameter that a configuration does not use.
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,9 @@ class FCLayers(nn.Module):
 class Encoder(nn.Module):
     """Gaussian q(z | x): (n, n_in) -> Normal over (n, n_out) and a reparametrised sample.
 
-    The variance is exp(output) + var_eps (scvi-tools' default variance activation and eps);
-    activation: the hidden layers' nonlinearity (see `FCLayers`).
+    The variance is var_activation(output) + var_eps (scvi-tools' default activation exp and eps 1e-4;
+    var_activation "softplus" as DestVI's amortization encoder); activation: the hidden layers' nonlinearity
+    (see `FCLayers`).
     """
 
     def __init__(
@@ -107,9 +109,11 @@ class Encoder(nn.Module):
         inject_covariates: bool = True,
         var_eps: float = 1e-4,
         activation: type[nn.Module] = nn.ReLU,
+        var_activation: Literal["exp", "softplus"] = "exp",
     ):
         super().__init__()
         self.var_eps = var_eps
+        self.var_activation = torch.exp if var_activation == "exp" else F.softplus
         self.encoder = FCLayers(
             n_in, n_hidden, n_categories, n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm,
             inject_covariates, activation,
@@ -120,8 +124,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
         hidden = self.encoder(x, *codes)
         mean = self.mean_encoder(hidden)
-        var = torch.exp(self.var_encoder(hidden)) + self.var_eps
-        distribution = Normal(mean, var.sqrt(), validate_args=False)  # exp(.) + var_eps > 0: no argument check
+        var = self.var_activation(self.var_encoder(hidden)) + self.var_eps
+        distribution = Normal(mean, var.sqrt(), validate_args=False)  # activation(.) + var_eps > 0: no argument check
         return distribution, distribution.rsample()
 
 

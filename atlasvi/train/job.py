@@ -170,6 +170,11 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
     `build_module` (or user class) builds the one module with weights."""
     entry = entry_of(job.model)
     base, init_state = store.schema, None
+    if job.init_from is None and entry.needs_init_from:
+        raise ConfigError(
+            f"{entry.name} starts from a saved {' or '.join(entry.init_from)} model: pass its folder as init_from "
+            "(--init-from)"
+        )
     if job.init_from is not None:
         meta = read_meta(Path(job.init_from))
         source = get_entry(meta["method"])
@@ -179,6 +184,9 @@ def module_spec(job: TrainJobConfig, store: AtlasStore) -> ModuleSpec:
                 f"{', '.join(entry.init_from) or 'no saved model'}"
             )
         base, init_state = saved_schema(meta, store.n_cells), load_weights(Path(job.init_from))
+        init_registry = getattr(entry.module_class, "init_registry", None)
+        if init_registry is not None:  # a module on the saved model's registry and the store's own parts (DestVI)
+            base = init_registry(base, store.schema)
     try:
         schema = entry.module_class.registry(base, job.model)  # type: ignore[attr-defined]
         with torch.device("meta"):

@@ -5,7 +5,9 @@ make_loaders -> fit; the entry's user class for save / load; train_distributed a
 tests), so a model is tested as the pipeline runs it. Every model trains on the first store of `STORES` that holds
 every modality its module uses (`used_modalities`), the same rule for every entry: the Kang store (RNA; batch,
 labels and a continuous covariate), else the two-panel CITE-seq store (pbmc10k + pbmc5k: 2 batches, proteins of
-which one batch measured 14 of 29), else the sci-CAR multiome store (paired, RNA-only and ATAC-only cells);
+which one batch measured 14 of 29), else the sci-CAR multiome store (paired, RNA-only and ATAC-only cells).
+A model that cannot train without a saved model to start from (`needs_init_from`,
+DestVI) starts from one of the first entry in its init_from, trained one epoch on the same store (`init_update`);
 small (n_latent 4, n_hidden 16 where the config has them), seconds per test
 on one CPU thread; the slow tests (2 Ray Train workers, a 2-trial sweep: a minute or two each) run with
 `pytest -m slow`.
@@ -29,7 +31,7 @@ from atlasvi.nn import FCLayers
 from atlasvi.train import EpochRecord, TrainConfig, evaluate, fit
 from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 
-SMALL = {"n_latent": 4, "n_hidden": 16}  # fields every model config has; applied where the config has them
+SMALL = {"n_latent": 4, "n_hidden": 16, "n_latent_amortization": 4}  # applied where the config has the field
 EPOCHS = 6
 LOADER = LoaderConfig(batch_size=128, seed=0)
 DRAWS = 16  # seeded draws of the latents averaged in `_held_out_elbo`
@@ -72,6 +74,22 @@ def store(entry, request) -> Path:
     path = request.getfixturevalue(_store_fixture(entry))
     assert set(entry.module_class.used_modalities) <= set(open_store(path).schema.modalities)
     return path
+
+
+def _saved_source(entry: ModelEntry, store: Path, folder: Path) -> Path:
+    """A model of the first entry in `entry.init_from`, trained one epoch on `store` and saved in `folder`."""
+    source = REGISTRY[entry.init_from[0]]
+    saved = _user_class(source)(store, config=source.config_class(**_model(source)), device="cpu")
+    saved.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LOADER)
+    return saved.save(folder / source.name)
+
+
+@pytest.fixture(scope="module")
+def init_update(entry, store, tmp_path_factory) -> dict:
+    """The job fields of a model that needs a saved model to start from (init_from), else none."""
+    if not entry.needs_init_from:
+        return {}
+    return {"init_from": str(_saved_source(entry, store, tmp_path_factory.mktemp(f"init_{entry.name}")))}
 
 
 def _built(job: TrainJobConfig, seed: int | None = None):
@@ -122,14 +140,14 @@ def _held_out_elbo(module: torch.nn.Module, job: TrainJobConfig) -> float:
 
 
 @pytest.fixture(scope="module")
-def straight(entry, store) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
+def straight(entry, store, init_update) -> tuple[dict[str, torch.Tensor], list[EpochRecord]]:
     """(final weights, epoch records) of EPOCHS epochs without interruption."""
-    module, history = _fit(_job(entry, store))
+    module, history = _fit(_job(entry, store, **init_update))
     return {k: v.clone() for k, v in module.state_dict().items()}, history
 
 
-def test_the_module_builds_from_a_store_through_the_registry(entry, store):
-    job = _job(entry, store)
+def test_the_module_builds_from_a_store_through_the_registry(entry, store, init_update):
+    job = _job(entry, store, **init_update)
     module, batch, output = _minibatch_loss(job)
     assert isinstance(module, entry.module_class) and module.config == job.model
     assert job.model.name == entry.name and type(job.model) is entry.config_class
@@ -142,8 +160,8 @@ def test_the_module_builds_from_a_store_through_the_registry(entry, store):
     assert output.negative_elbo.shape == (n,) and torch.isfinite(output.negative_elbo).all()
 
 
-def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, store):
-    module, spec, store = _built(_job(entry, store))
+def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, store, init_update):
+    module, spec, store = _built(_job(entry, store, **init_update))
     assert isinstance(module, ModuleContract)
     assert entry.module_class.registry(module.schema, module.config) == module.schema == spec.schema  # idempotent
     maps = module.code_maps(store.schema, "the store")
@@ -153,15 +171,16 @@ def test_the_module_meets_the_contract_and_its_hooks_name_what_it_has(entry, sto
         assert 0 <= int(codes.min()) and int(codes.max()) < len(module.schema.categorical[key])
     surgery = module.surgery_spec()
     modules, weights, children = dict(module.named_modules()), module.state_dict(), dict(module.named_children())
-    assert surgery.covariate_layers and all(isinstance(modules[n], FCLayers) for n in surgery.covariate_layers)
-    assert all(n in weights for n in surgery.batch_tensors) and all(d in children for d in surgery.decoders)
+    if surgery is not None:  # None: no query mapping (CondSCVI, DestVI)
+        assert surgery.covariate_layers and all(isinstance(modules[n], FCLayers) for n in surgery.covariate_layers)
+        assert all(n in weights for n in surgery.batch_tensors) and all(d in children for d in surgery.decoders)
     assert not module.init_prefixes or any(k.startswith(module.init_prefixes) for k in weights)  # names real weights
 
 
-def test_every_parameter_gets_a_finite_nonzero_gradient(entry, store):
+def test_every_parameter_gets_a_finite_nonzero_gradient(entry, store, init_update):
     # mid warm-up, where every term weighs (an adversary's loss is scaled by 1 - kl_weight); backward on what the
     # loop backpropagates: the loss plus the adversary's loss where the module has one
-    module, _, output = _minibatch_loss(_job(entry, store), kl_weight=0.5)
+    module, _, output = _minibatch_loss(_job(entry, store, **init_update), kl_weight=0.5)
     (output.loss if output.adversary_loss is None else output.loss + output.adversary_loss).backward()
     for name, parameter in module.named_parameters():
         assert parameter.requires_grad and parameter.grad is not None, name
@@ -173,26 +192,34 @@ def test_a_few_epochs_lower_the_held_out_loss(entry, straight):
     _, history = straight
     assert [r.epoch for r in history] == list(range(EPOCHS))
     assert all(np.isfinite(r.validation_elbo) for r in history)
-    assert history[-1].validation_elbo < 0.95 * history[0].validation_elbo
+    # 5 % in EPOCHS epochs; 2 % for a model on another's frozen decoder (DestVI's reconstruction, most of its
+    # -ELBO, is bounded by its CondSCVI's decoder; it falls 3.6 % here at lr 1e-3, a third of its default lr)
+    assert history[-1].validation_elbo < (0.98 if entry.needs_init_from else 0.95) * history[0].validation_elbo
 
 
 def test_save_load_gives_the_identical_latent(entry, store, tmp_path):
     cls = _user_class(entry)
     config = entry.config_class(**_model(entry))
-    model = cls(store, config=config, device="cpu")
+    if entry.needs_init_from:  # from the user class of its source, as scvi-tools' from_rna_model
+        source = REGISTRY[entry.init_from[0]]
+        reference = _user_class(source).load(_saved_source(entry, store, tmp_path), store, device="cpu")
+        model = cls.from_rna_model(store, reference, device="cpu", **_model(entry))
+        config = model.config
+    else:
+        model = cls(store, config=config, device="cpu")
     model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LOADER)
     latent = model.get_latent_representation()
     loaded = cls.load(model.save(tmp_path / entry.name), store, device="cpu")
     assert type(loaded) is cls and loaded.config == config
     again = loaded.get_latent_representation()
-    assert latent.shape == (open_store(store).n_cells, config.n_latent) and np.isfinite(latent).all()
+    assert latent.shape == (open_store(store).n_cells, model.n_latent) and np.isfinite(latent).all()
     np.testing.assert_array_equal(again, latent)
 
 
 @pytest.mark.filterwarnings("ignore:the KL warm-up")  # the 1-epoch first leg ends inside the warm-up
-def test_resume_is_exact(entry, store, straight, tmp_path):
+def test_resume_is_exact(entry, store, straight, init_update, tmp_path):
     weights, history = straight
-    job = _job(entry, store)
+    job = _job(entry, store, **init_update)
     first = _fit(job.model_copy(update={"train": job.train.model_copy(update={"max_epochs": 1})}), tmp_path)[1]
     assert len(first) == 1 and (tmp_path / "last.pt").exists()
     module, resumed = _fit(job, tmp_path, seed=123)  # another init: the checkpoint must restore it
@@ -233,9 +260,7 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, store, tmp_path, 
 
     update = {}
     if entry.init_from:
-        source = REGISTRY[entry.init_from[0]]
-        saved = _user_class(source)(store, config=source.config_class(**_model(source)), device="cpu")
-        update["init_from"] = str(saved.save(tmp_path / source.name))
+        update["init_from"] = str(_saved_source(entry, store, tmp_path))
     job = _job(entry, store, **update)
     run = DistributedConfig(num_workers=2, storage_path=str(tmp_path / "ray"), name=entry.name)
     checkpoint, metrics = train_distributed(job, str(store), run)  # the global batch of 128: 64 cells per worker
@@ -253,7 +278,7 @@ def test_two_ray_workers_train_the_model_as_one_process(entry, store, tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, store, tmp_path, monkeypatch):
+def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, store, init_update, tmp_path, monkeypatch):
     """`atlasvi sweep` over n_latent (4, 6): both trials finish with a finite held-out loss, each child run has its
     value, its epochs and the model's extra metrics (train_NAME)."""
     import ray
@@ -268,7 +293,8 @@ def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, store, tmp_pat
         "name": entry.name,
         "grace_period": 2,
         "search_space": {"model.n_latent": {"grid": [4, 6]}},
-        "job": {"store": str(store), "model": _model(entry), "train": {"max_epochs": 2, "n_epochs_kl_warmup": 1}},
+        "job": {"store": str(store), "model": _model(entry), "train": {"max_epochs": 2, "n_epochs_kl_warmup": 1}}
+        | init_update,
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
     try:
@@ -284,7 +310,7 @@ def test_a_two_trial_sweep_trains_the_model_in_both_trials(entry, store, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(c.data.params["model.n_latent"] for c in children) == ["4", "6"]
-    extra = {f"train_{k}" for k in _minibatch_loss(_job(entry, store))[2].extra_metrics}
+    extra = {f"train_{k}" for k in _minibatch_loss(_job(entry, store, **init_update))[2].extra_metrics}
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
         assert sorted(steps) == [0, 1] and extra <= set(child.data.metrics)

@@ -1,0 +1,378 @@
+"""DestVI side by side with scvi-tools 1.4.2's CondSCVI + DestVI: cell-type proportions of spatial spots.
+
+    .venv/bin/python benchmarks/destvi_fidelity.py --seeds 0 1 2 --condscvi-epochs 300 --destvi-epochs 2000
+
+(1) Simulation with known answers (the DestVI paper's protocol): the CBMC CITE-seq cells (8,617 cells x 2,000 genes,
+15 scDCC clusters as cell types) are split in halves per type by the seed; the CondSCVI reference trains on one
+half, and N spots (default 1,000, on a 32 x 32 grid) are sums of 10 cells of the other half, each type's share of a
+spot drawn from a smooth spatial field (a Gaussian bump per type at a random centre) through a softmax and a
+multinomial of 10 cells: the true proportions are the cells' types. Metrics of each tool's proportions against the
+truth: Spearman over every (spot, type) entry, the mean over types of the per-type Spearman across spots, and the
+RMSE over every entry.
+(2) Real data (/work/shared/data; each tool's proportions against the other's on the same spots, per type Pearson
+across spots): the RCTD human lymph node Visium subset (1,000 spots) with its 330-cell reference (11 types, the 558
+genes both files share) and the Moncada 2020 PDAC-A ST section (428 spots) with its inDrop reference (1,926 cells,
+20 types; the reference's 2,000 Seurat v3 HVGs). Figures: each tool's proportions on the spots' coordinates
+(results/destvi_lymph_node.png, results/destvi_pdac.png).
+
+Both tools read the same h5ad files (the atlasvi side through atlas stores built from them) with their defaults:
+CondSCVI (n_latent 5, n_hidden 128, 2 layers, lr 1e-3, KL warm-up 400 epochs), DestVI from it (vamp prior of 15
+prototypes per type, amortization "both", the mixture prior with 3 states per type, augmentation, lr 3e-3, KL
+warm-up 200 epochs, batch size 128), the same epochs (--condscvi-epochs, --destvi-epochs; scvi-tools' defaults
+300 and 2000). One departure of the pipeline: atlasvi holds out 10 % of the cells (spots) for its held-out
+figures, scvi-tools trains on all (its train_size 1); the held-out spots' proportions come from the same
+amortization networks. The scvi-tools half runs in its venv as a subprocess of this script (`--side scvi`),
+after the atlasvi half, one torch thread each. Output: results/destvi_fidelity.json and .md (a run replaces the
+entries of its datasets and seeds).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+RESULTS = HERE / "results"
+CBMC = "cbmc_citeseq_stoeckius2017_top2000genes.h5ad"
+REAL = {
+    # name: (spots file, reference file, reference labels key)
+    "lymph_node": ("human_lymph_node_visium_rctd.h5ad", "human_lymph_node_sc_reference_rctd.h5ad", "cell_type"),
+    "pdac": ("pdac_a_st1_moncada2020.h5ad", "pdac_a_indrop_sc_moncada2020.h5ad", "cell_type"),
+}
+CELLS_PER_SPOT = 10
+GRID = 32
+
+
+def _top_genes(reference, n_genes: int) -> list[str]:
+    """The reference's n_genes Seurat v3 highly variable genes (all of them with fewer)."""
+    import scanpy as sc
+
+    if reference.n_vars <= n_genes:
+        return list(reference.var_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hvg = sc.pp.highly_variable_genes(reference, n_top_genes=n_genes, flavor="seurat_v3", inplace=False)
+    return list(reference.var_names[hvg["highly_variable"].to_numpy()])
+
+
+def simulate(seed: int, workdir: Path, n_spots: int, n_genes: int) -> tuple[Path, Path, Path]:
+    """(reference h5ad, spots h5ad, truth csv) of the simulation of `seed` (see the module docstring)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    folder = workdir / f"sim{seed}_{n_spots}_{n_genes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "reference.h5ad", folder / "spots.h5ad", folder / "truth.csv"
+    if all(p.exists() for p in paths):
+        return paths
+    rng = np.random.default_rng(seed)
+    cells = ad.read_h5ad(SHARED / CBMC)
+    labels = cells.obs["scdcc_label"].astype(str).to_numpy()
+    types = sorted(set(labels), key=lambda t: (len(t), t))
+    reference, held_out = [], {}
+    for t in types:
+        members = rng.permutation(np.flatnonzero(labels == t))
+        half = len(members) // 2
+        reference.append(members[:half])
+        held_out[t] = members[half:]
+    reference = np.sort(np.concatenate(reference))
+    ref = ad.AnnData(
+        cells.X[reference], obs=pd.DataFrame({"cell_type": labels[reference]}, index=cells.obs_names[reference])
+    )
+    ref.var_names = cells.var_names
+    genes = _top_genes(ref, n_genes)
+    ref = ref[:, genes].copy()
+    cells = cells[:, genes].copy()
+    ref.write_h5ad(paths[0])
+    # spots on a grid, each type's share from a Gaussian bump at a random centre
+    coordinates = np.stack(
+        np.unravel_index(rng.choice(GRID * GRID, n_spots, replace=n_spots > GRID * GRID), (GRID, GRID)), 1
+    )
+    coordinates = coordinates.astype(float) + rng.uniform(-0.3, 0.3, size=(n_spots, 2))
+    centres = rng.uniform(0, GRID, size=(len(types), 2))
+    width = rng.uniform(4, 10, size=len(types))
+    distance = ((coordinates[:, None, :] - centres[None]) ** 2).sum(-1)
+    logits = 4.0 * np.exp(-distance / (2 * width**2)) + rng.normal(0, 0.5, size=distance.shape)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    counts = np.stack([rng.multinomial(CELLS_PER_SPOT, row) for row in p])
+    x = cells.X.tocsr() if sp.issparse(cells.X) else sp.csr_matrix(cells.X)
+    rows = []
+    for spot in range(n_spots):
+        chosen = np.concatenate([rng.choice(held_out[t], counts[spot, i]) for i, t in enumerate(types)])
+        rows.append(sp.csr_matrix(x[chosen].sum(axis=0)))
+    spots = ad.AnnData(
+        sp.vstack(rows).tocsr().astype(np.int32), obs=pd.DataFrame(index=[f"spot{i}" for i in range(n_spots)])
+    )
+    spots.var_names = cells.var_names
+    spots.obsm["spatial"] = coordinates
+    spots.write_h5ad(paths[1])
+    pd.DataFrame(counts / CELLS_PER_SPOT, index=spots.obs_names, columns=types).to_csv(paths[2])
+    return paths
+
+
+def real(name: str, workdir: Path, n_genes: int) -> tuple[Path, Path]:
+    """(reference h5ad, spots h5ad) of a real pair on shared genes (see the module docstring)."""
+    import anndata as ad
+    import pandas as pd
+
+    folder = workdir / f"{name}_{n_genes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "reference.h5ad", folder / "spots.h5ad"
+    if all(p.exists() for p in paths):
+        return paths
+    spots_file, reference_file, labels_key = REAL[name]
+    spots, reference = ad.read_h5ad(SHARED / spots_file), ad.read_h5ad(SHARED / reference_file)
+    genes = [g for g in reference.var_names if g in set(spots.var_names)]
+    reference, spots = reference[:, genes].copy(), spots[:, genes].copy()
+    keep = _top_genes(reference, n_genes)
+    reference, spots = reference[:, keep].copy(), spots[:, keep].copy()
+    spots = spots[np.asarray(spots.X.sum(1)).ravel() > 0].copy()
+    reference = reference[np.asarray(reference.X.sum(1)).ravel() > 0].copy()
+    reference.obs = pd.DataFrame({"cell_type": reference.obs[labels_key].astype(str)}, index=reference.obs_names)
+    spots.obs = pd.DataFrame(index=spots.obs_names)
+    reference.write_h5ad(paths[0])
+    spots.write_h5ad(paths[1])
+    return paths
+
+
+def warmups(epochs: tuple[int, int]) -> tuple[int, int]:
+    """The KL warm-ups (CondSCVI, DestVI) scaled with the epochs from scvi-tools' defaults (400 of 300 epochs,
+    200 of 2000): the default run's schedule, shortened."""
+    return max(1, round(400 / 300 * epochs[0])), max(1, round(200 / 2000 * epochs[1]))
+
+
+def run_atlasvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int]) -> dict:
+    """Train CondSCVI then DestVI in atlasvi; the proportions (spots x types, in the spots' file order) to `out`."""
+    import anndata as ad
+    import torch
+
+    from atlasvi.api.condscvi import CondSCVI
+    from atlasvi.api.destvi import DestVI
+    from atlasvi.data import BuildConfig, LoaderConfig, build_store
+    from atlasvi.train import TrainConfig
+
+    torch.set_num_threads(1)
+    stores = out.parent / f"{out.stem}_stores"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_store = build_store(
+            BuildConfig(
+                inputs=[str(reference)], output=str(stores / "ref.zarr"), labels_key="cell_type", overwrite=True
+            )
+        )
+        spot_store = build_store(BuildConfig(inputs=[str(spots)], output=str(stores / "spots.zarr"), overwrite=True))
+    started = time.perf_counter()
+    sc_model = CondSCVI(ref_store, device="cpu", seed=seed)
+    warmup = warmups(epochs)
+    sc_model.fit(TrainConfig(max_epochs=epochs[0], n_epochs_kl_warmup=warmup[0], seed=seed), LoaderConfig(seed=seed))
+    middle = time.perf_counter()
+    model = DestVI.from_rna_model(spot_store, sc_model, device="cpu", seed=seed)
+    model.fit(TrainConfig(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], seed=seed), LoaderConfig(seed=seed))
+    ended = time.perf_counter()
+    proportions = model.get_proportions()
+    order = ad.read_h5ad(spots, backed="r").obs_names
+    proportions.loc[order].to_csv(out)
+    return {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+
+
+def run_scvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int]) -> dict:
+    """The same in scvi-tools (run in its venv: `--side scvi`)."""
+    import anndata as ad
+    import scvi
+    import torch
+
+    torch.set_num_threads(1)
+    scvi.settings.seed = seed
+    sc_adata, st_adata = ad.read_h5ad(reference), ad.read_h5ad(spots)
+    started = time.perf_counter()
+    scvi.model.CondSCVI.setup_anndata(sc_adata, labels_key="cell_type")
+    sc_model = scvi.model.CondSCVI(sc_adata, prior="normal")  # 1.4.2's from_rna_model reads module_kwargs["prior"]
+    warmup = warmups(epochs)
+    plan = {"n_epochs_kl_warmup": warmup[0]}
+    sc_model.train(max_epochs=epochs[0], accelerator="cpu", enable_progress_bar=False, plan_kwargs=plan)
+    middle = time.perf_counter()
+    scvi.model.DestVI.setup_anndata(st_adata)
+    # scvi-tools 1.4.2: get_vamp_prior of the default (normal) prior returns numpy arrays, which MRDeconv's
+    # register_buffer refuses (TypeError); the same values as float32 tensors
+    vamp = type(sc_model).get_vamp_prior
+    sc_model.get_vamp_prior = lambda *a, **k: {
+        key: torch.as_tensor(value, dtype=torch.float32) for key, value in vamp(sc_model, *a, **k).items()
+    }
+    model = scvi.model.DestVI.from_rna_model(st_adata, sc_model)
+    model.train(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], accelerator="cpu", enable_progress_bar=False)
+    ended = time.perf_counter()
+    model.get_proportions().to_csv(out)
+    return {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+
+
+def _n_genes(spots: Path) -> int:
+    import anndata as ad
+
+    return ad.read_h5ad(spots, backed="r").n_vars
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def sim_metrics(estimate, truth) -> dict:
+    """Spearman over every entry, mean per-type Spearman across spots, RMSE over every entry."""
+    estimate = estimate.loc[truth.index, truth.columns].to_numpy()
+    truth = truth.to_numpy()
+    per_type = [_spearman(estimate[:, i], truth[:, i]) for i in range(truth.shape[1]) if truth[:, i].std() > 0]
+    return {
+        "spearman": _spearman(estimate.ravel(), truth.ravel()),
+        "spearman_per_type": float(np.mean(per_type)),
+        "rmse": float(np.sqrt(np.mean((estimate - truth) ** 2))),
+    }
+
+
+def scvi_python(given: str | None) -> str:
+    return given or str(HERE / ".cache" / "scvi-venv" / "bin" / "python")
+
+
+def side(tool: str, reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], python: str) -> dict:
+    """Run one tool (scvi-tools in its venv, as a subprocess) and return its timings."""
+    if tool == "atlasvi":
+        return run_atlasvi(reference, spots, out, seed, epochs)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    command = [python, __file__, "--side", "scvi", "--reference", str(reference), "--spots", str(spots)]
+    command += ["--out", str(out), "--seeds", str(seed), "--condscvi-epochs", str(epochs[0])]
+    command += ["--destvi-epochs", str(epochs[1])]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"scvi-tools side failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def figure(name: str, spots: Path, tables: dict, path: Path) -> Path:
+    """Each tool's proportions on the spots' coordinates, one row per tool."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coordinates = ad.read_h5ad(spots).obsm["spatial"]
+    types = list(next(iter(tables.values())).columns)
+    fig, axes = plt.subplots(len(tables), len(types), figsize=(2.2 * len(types), 2.3 * len(tables)), squeeze=False)
+    for r, (tool, table) in enumerate(tables.items()):
+        for c, t in enumerate(types):
+            ax = axes[r, c]
+            ax.scatter(coordinates[:, 0], coordinates[:, 1], c=table[t].to_numpy(), s=4, cmap="viridis", vmin=0,
+                       vmax=max(float(table[t].max()), 1e-6), linewidths=0)  # fmt: skip
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(t[:22], fontsize=7)
+            if c == 0:
+                ax.set_ylabel(tool, fontsize=8)
+    fig.suptitle(f"DestVI proportions, {name} (rows: tool; colour: proportion, 0 to each panel's max)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", default=["simulation", "lymph_node", "pdac"])
+    parser.add_argument("--tools", nargs="+", default=["atlasvi", "scvi-tools"])
+    parser.add_argument("--condscvi-epochs", type=int, default=300)
+    parser.add_argument("--destvi-epochs", type=int, default=2000)
+    parser.add_argument("--n-spots", type=int, default=1000)
+    parser.add_argument("--n-genes", type=int, default=2000, help="the reference's top HVGs kept (CBMC, PDAC)")
+    parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "destvi")
+    parser.add_argument("--scvi-python", default=None)
+    parser.add_argument("--side", choices=["scvi"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--spots", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    epochs = (args.condscvi_epochs, args.destvi_epochs)
+    if args.side == "scvi":
+        print(json.dumps(run_scvi(args.reference, args.spots, args.out, args.seeds[0], epochs)))
+        return
+    import pandas as pd
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results_path = RESULTS / "destvi_fidelity.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            if dataset == "simulation":
+                reference, spots, truth_path = simulate(seed, args.workdir, args.n_spots, args.n_genes)
+            else:
+                reference, spots = real(dataset, args.workdir, args.n_genes)
+            tables = {}
+            for tool in args.tools:
+                out = args.workdir / f"{dataset}_{seed}_{tool}.csv"
+                timing = side(tool, reference, spots, out, seed, epochs, scvi_python(args.scvi_python))
+                tables[tool] = pd.read_csv(out, index_col=0)
+                row = {"dataset": dataset, "seed": seed, "tool": tool, "epochs": list(epochs),
+                       "kl_warmup": list(warmups(epochs)), "n_genes": int(tables[tool].shape[0] and _n_genes(spots)),
+                       "n_spots": len(tables[tool])} | timing  # fmt: skip
+                if dataset == "simulation":
+                    row |= sim_metrics(tables[tool], pd.read_csv(truth_path, index_col=0))
+                results["runs"] = [
+                    r for r in results["runs"] if (r["dataset"], r["seed"], r["tool"]) != (dataset, seed, tool)
+                ] + [row]
+                print(json.dumps(row), flush=True)
+            if dataset != "simulation" and len(tables) == 2:
+                a, b = (tables[t] for t in args.tools)
+                b = b.loc[a.index, a.columns]
+                per_type = {
+                    t: float(np.corrcoef(a[t], b[t])[0, 1]) for t in a.columns if a[t].std() > 0 and b[t].std() > 0
+                }
+                results.setdefault("agreement", {})[f"{dataset}_{seed}"] = {"pearson_per_type": per_type,
+                                                                          "epochs": list(epochs)}  # fmt: skip
+                if seed == args.seeds[0]:
+                    figure(dataset, spots, tables, RESULTS / f"destvi_{dataset}.png")
+            results["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs (shared, under load)"
+            RESULTS.mkdir(exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1))
+            (RESULTS / "destvi_fidelity.md").write_text(table(results))
+
+
+def table(results: dict) -> str:
+    """The markdown tables of the results: simulation metrics (mean +- sd over seeds) and real-data agreement."""
+    lines = ["# DestVI fidelity: atlasvi vs scvi-tools 1.4.2", "", "Command: see benchmarks/destvi_fidelity.py.", ""]
+    sims = [r for r in results["runs"] if r["dataset"] == "simulation"]
+    if sims:
+        lines += ["## Simulation (CBMC cells summed into spots, known proportions)", "",
+                  "| tool | seeds | epochs (CondSCVI, DestVI) | Spearman (all entries) | Spearman (mean per type) "
+                  "| RMSE |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for tool in sorted({r["tool"] for r in sims}):
+            rows = [r for r in sims if r["tool"] == tool]
+            cells = [f"{np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows]):.3f}"
+                     for k in ("spearman", "spearman_per_type", "rmse")]  # fmt: skip
+            seeds = ", ".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
+            lines.append(f"| {tool} | {seeds} | {rows[0]['epochs']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for key, value in sorted(results.get("agreement", {}).items()):
+        per_type = value["pearson_per_type"]
+        title = f"## {key}: per-type Pearson r of atlasvi's vs scvi-tools' proportions (epochs {value['epochs']})"
+        lines += [title, "",
+                  f"mean {np.mean(list(per_type.values())):.3f}, median {np.median(list(per_type.values())):.3f}", "",
+                  "| cell type | r |", "|---|---|"]  # fmt: skip
+        lines += [f"| {t} | {r:.3f} |" for t, r in per_type.items()] + [""]
+    lines.append(f"Machine: {results.get('machine', '')}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
