@@ -87,6 +87,7 @@ class AtlasModel:
         train_loader, validation_loader = make_loaders(
             self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction,
             code_maps={k: v.numpy() for k, v in self.code_maps.items()}, modalities=self.module.used_modalities,
+            device=self.device,
         )  # fmt: skip
         with train_loader, validation_loader:
             self.history = fit(

@@ -55,7 +55,12 @@ def run(spec: dict) -> dict:
         built = module_spec(job, store)
         module = build_module(job.model, built.schema, spec["seed"]).to(device)
         train_loader, validation = make_loaders(
-            store, loader, train.validation_fraction, code_maps=built.code_maps, modalities=built.modalities
+            store,
+            loader,
+            train.validation_fraction,
+            code_maps=built.code_maps,
+            modalities=built.modalities,
+            device=device,
         )
         with train_loader, validation:
             history = fit(module, train_loader, validation, train)

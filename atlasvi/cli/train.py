@@ -27,7 +27,8 @@ from atlasvi.cli.common import (
     write_atomic,
 )
 from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_output, writer_attrs
-from atlasvi.data import BuildConfig, open_store, split_rows
+from atlasvi.data import BuildConfig, LoaderConfig, open_store, split_rows
+from atlasvi.data.resident import choose_resident
 from atlasvi.data.store import AtlasStore, is_url
 from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, entry_of, get_entry
 from atlasvi.models.saving import META_NAME, load_init_state, read_meta
@@ -198,8 +199,10 @@ def _train(
     _warn_kl_warmup(job, n_train_cells, n_epochs)
     if plan.resuming:
         console.print(f"resuming from {checkpoints} (MLflow run {tracker.run_id})")
+    loader = _place_rows(job, opened, model, tracker)
     if plan.record["runner"]["ray"]:
-        history = _train_on_ray(job, spec, model, opened, tracker, plan.checkpoints, address)
+        ray_job = job.model_copy(update={"loader": loader})
+        history = _train_on_ray(ray_job, spec, model, opened, tracker, plan.checkpoints, address)
         _finish(job, model, opened, history, tracker, out)
         return
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
@@ -218,11 +221,28 @@ def _train(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", KLWarmupWarning)  # said once above, as one line
-            history = model.fit(job.train, job.loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
+            history = model.fit(job.train, loader, checkpoint_dir=checkpoints, on_epoch_end=on_epoch_end)
     for record in history:  # epochs checkpointed by a run that died before logging them
         if record.epoch not in logged:
             tracker.log_epoch(record)
     _finish(job, model, opened, history, tracker, out)
+
+
+def _place_rows(job: TrainJobConfig, store: AtlasStore, model: AtlasModel, tracker: MlflowRun) -> LoaderConfig:
+    """The job's loader config with `resident` decided once (see `choose_resident`): said on the console and logged
+    (MLflow param loader.placement and tag loader_placement). GPU Ray workers decide "auto" each on its own GPU."""
+    if job.num_workers > 1 and job.use_gpu and job.loader.resident == "auto":
+        placement, loader = "auto per worker", job.loader
+        said = "loader: each worker holds the store's rows on its GPU if they fit (auto), else streams"
+    else:
+        device = model.device if job.num_workers == 1 else torch.device("cpu")
+        residency = choose_resident(store, job.loader, device, model.module.used_modalities, job.num_workers)
+        placement, said = residency.mode, residency.describe()
+        loader = job.loader.model_copy(update={"resident": residency.resident})
+    console.print(said)
+    tracker.log_params({"loader.placement": placement})
+    tracker.set_tags({"loader_placement": placement})
+    return loader
 
 
 def _train_on_ray(

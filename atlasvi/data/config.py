@@ -97,6 +97,11 @@ class LoaderConfig(_Frozen):
     prefetch: buffers read ahead by background threads.
     backend: "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional
       `zarrs` package) or "tensorstore"; all yield identical batches.
+    resident: whether training (`atlasvi.train.make_loaders`) holds the store's rows in memory on the training
+      device, read once, and cuts the minibatches there (`atlasvi.data.resident`: the very same minibatches as
+      streaming); "auto" does when they fit resident_budget_mb, else streams.
+    resident_budget_mb: the memory "auto" allows the rows (MiB); None: half the free memory of a CUDA device, or a
+      quarter of the available RAM shared by the ranks on CPU.
     """
 
     batch_size: int = Field(default=128, gt=0)
@@ -108,3 +113,5 @@ class LoaderConfig(_Frozen):
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)
     backend: Literal["zarr", "zarrs", "tensorstore"] = "zarr"
+    resident: Literal["auto"] | bool = "auto"
+    resident_budget_mb: float | None = Field(default=None, gt=0)

@@ -514,6 +514,12 @@ class AtlasStore:
             return codes, self.schema.categorical[key]
         return read_obs_column(self.path, key, self.n_cells)
 
+    def nnz_between(self, start: int, stop: int, modality: str | None = None) -> int:
+        """Stored entries of rows [start, stop) in X (or in the CSR modality `modality`), from two row pointers."""
+        prefix = "X" if modality is None else f"obsm/{self.schema.modalities[modality].obsm_key}"
+        lo, hi = self._read_many([(f"{prefix}/indptr", start, start + 1), (f"{prefix}/indptr", stop, stop + 1)])
+        return int(hi[0]) - int(lo[0])
+
     def read_rows(self, start: int, stop: int, modalities: tuple[str, ...] = ()) -> RowBlock:
         """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
         return self.read_ranges([(start, stop)], modalities)[0]

@@ -86,7 +86,7 @@ def _worker(config: dict) -> None:
     # the same initial weights everywhere (DDP broadcasts rank 0's anyway)
     module = build_module(job.model, spec.schema, job.train.seed, spec.init_state).to(device)
     train, validation = make_loaders(
-        store, job.loader, job.train.validation_fraction, rank, world_size, spec.code_maps, spec.modalities
+        store, job.loader, job.train.validation_fraction, rank, world_size, spec.code_maps, spec.modalities, device
     )
     local = Path(tempfile.mkdtemp(prefix=f"atlasvi-rank{rank}-"))
     restored = ray.train.get_checkpoint()

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from atlasvi.data import LoaderConfig, StreamingLoader, split_rows
+from atlasvi.data.resident import ResidentLoader, ResidentRows, choose_resident
 from atlasvi.data.store import AtlasStore, StoreSchema
 from atlasvi.errors import ConfigError
 from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelConfig, default_model_config, entry_of, get_entry
@@ -116,6 +117,7 @@ def make_loaders(
     world_size: int = 1,
     code_maps: dict[str, np.ndarray] | None = None,
     modalities: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
 ) -> tuple[StreamingLoader, StreamingLoader]:
     """(train, validation) loaders of one rank on the seeded split of the store's rows (see `split_rows`).
 
@@ -124,14 +126,22 @@ def make_loaders(
 
     The validation loader reads its rows in order (no shuffling), with the training batch size.
     code_maps: store code -> model code per categorical key; modalities: those the minibatches carry beside the
-    RNA counts (the module's `used_modalities`; see `StreamingLoader`).
+    RNA counts (the module's `used_modalities`; see `StreamingLoader`). With `loader.resident` (see
+    `choose_resident`: "auto" when the rows fit the budget on `device`) both are `ResidentLoader`s sharing the
+    store's rows held on `device`: the same minibatches, cut there.
     """
     train_rows, validation_rows = split_rows(store.n_cells, validation_fraction)
     if validation_rows[0] == validation_rows[1]:
         raise ValueError("validation_fraction leaves no held-out cell; the loop evaluates on held-out cells")
     loader = loader.model_copy(update={"batch_size": rank_batch_size(loader.batch_size, world_size)})
-    train = StreamingLoader(store, loader, rank, world_size, train_rows, code_maps, modalities)
     held_out = loader.model_copy(update={"shuffle": False})
+    if choose_resident(store, loader, device, modalities, world_size).resident:
+        rows = ResidentRows(store, 0, store.n_cells, modalities, device)
+        return (
+            ResidentLoader(store, rows, loader, rank, world_size, train_rows, code_maps),
+            ResidentLoader(store, rows, held_out, rank, world_size, validation_rows, code_maps),
+        )
+    train = StreamingLoader(store, loader, rank, world_size, train_rows, code_maps, modalities)
     return train, StreamingLoader(store, held_out, rank, world_size, validation_rows, code_maps, modalities)
 
 
