@@ -100,20 +100,23 @@ class GroupStats:
         }
 
 
-def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int) -> GroupStats:
-    """One streaming pass over the store: raw-count sums per group code (codes (n_cells,), -1 = no group)."""
-    n_genes = store.schema.n_genes
+def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int, modality: str | None = None) -> GroupStats:
+    """One streaming pass over the store: raw-count sums per group code (codes (n_cells,), -1 = no group), of X or
+    of a CSR modality's counts (e.g. "atac": the peaks)."""
+    n_genes = store.schema.n_genes if modality is None else len(store.schema.modalities[modality].features)
     slot = np.where(codes < 0, n_groups, codes).astype(np.int64)
     counts = np.zeros((n_groups + 1, n_genes))
     nonzero = np.zeros((n_groups + 1, n_genes))
     normalized = np.zeros((n_groups + 1, n_genes))
     for start in range(0, store.n_cells, STATS_BLOCK_ROWS):
-        block = store.read_rows(start, min(start + STATS_BLOCK_ROWS, store.n_cells))
-        cells = np.repeat(np.arange(block.stop - block.start), np.diff(block.indptr))
-        values = block.data.astype(np.float64)
+        stop = min(start + STATS_BLOCK_ROWS, store.n_cells)
+        block = store.read_rows(start, stop, () if modality is None else (modality,))
+        matrix = block if modality is None else block.obsm[modality]
+        cells = np.repeat(np.arange(block.stop - block.start), np.diff(matrix.indptr))
+        values = matrix.data.astype(np.float64)
         totals = np.bincount(cells, weights=values, minlength=block.stop - block.start)
         scaling = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-        flat = slot[block.start : block.stop][cells] * n_genes + block.indices
+        flat = slot[block.start : block.stop][cells] * n_genes + matrix.indices
         size = (n_groups + 1) * n_genes
         counts += np.bincount(flat, weights=values, minlength=size).reshape(n_groups + 1, n_genes)
         nonzero += np.bincount(flat, minlength=size).reshape(n_groups + 1, n_genes)
@@ -385,7 +388,8 @@ def differential_expression(
     generator = torch.Generator().manual_seed(c.seed)
     tests = comparisons(codes, categories, group1, group2)
     needs_stats = c.all_stats or (mode == "change" and pseudocounts is None)
-    stats = count_statistics(store, codes, len(categories)) if needs_stats else None
+    features_modality = getattr(module, "features_modality", None)  # a module decoding another modality's features
+    stats = count_statistics(store, codes, len(categories), features_modality) if needs_stats else None
     every_batch = list(range(module.n_batch))
     frames = []
     for done, test in enumerate(tests):
@@ -411,7 +415,7 @@ def differential_expression(
             one, two = stats.means(test.stats1), stats.means(test.stats2)
             for key in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
                 columns[f"{key}1"], columns[f"{key}2"] = one[key], two[key]
-        frame = pd.DataFrame(columns, index=pd.Index(store.schema.gene_ids))
+        frame = pd.DataFrame(columns, index=pd.Index(getattr(module, "feature_ids", store.schema.gene_ids)))
         frame = frame.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
         if mode == "change":
             frame[f"is_de_fdr_{c.fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr=c.fdr_target)

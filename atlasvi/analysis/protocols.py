@@ -32,7 +32,10 @@ class HasLatent(Protocol):
 
 @runtime_checkable
 class HasExpression(HasLatent, Protocol):
-    """A module with a decoder: `generative(z, library, inputs)["px_scale"]` (n, n_genes), batches 0..n_batch-1."""
+    """A module with a decoder: `generative(z, library, inputs)["px_scale"]` (n, n_genes), batches 0..n_batch-1.
+
+    One that decodes the features of a store modality rather than X's genes (MultiVI's accessibility) also names
+    them: `feature_ids` (n_genes,) and `features_modality` (the modality whose counts DE's statistics read)."""
 
     n_genes: int
     n_batch: int

@@ -16,7 +16,7 @@ from atlasvi.data import open_store
 from atlasvi.data.store import AtlasStore
 from atlasvi.data.writeback import ObsCategoricalWriter
 
-__all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras"]
+__all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras", "accessibility_table"]
 
 
 class BayesianDE(AtlasModel):
@@ -68,7 +68,8 @@ class BayesianDE(AtlasModel):
         """
         given = (config or de.DEConfig()).model_dump(exclude_unset=True)
         options = de.DEConfig.model_validate({**self.de_defaults, **given, **overrides})
-        return self._de_table(self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options), options)
+        table = self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options, self.module)
+        return self._de_table(table, options)
 
     def _de_table(self, table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
         """The method's DE table from that of `atlasvi.analysis.de.differential_expression`: that one as it is."""
@@ -84,8 +85,10 @@ class BayesianDE(AtlasModel):
         store: AtlasStore | str | Path | None,
         progress: Callable[[int, int], None] | None,
         options: de.DEConfig,
+        module: Any,
     ) -> pd.DataFrame:
-        """The DE table of `atlasvi.analysis.de.differential_expression` (see `_differential`)."""
+        """The DE table of `atlasvi.analysis.de.differential_expression` of `module` (the model's, or a view of it
+        decoding other features: `atlasvi.analysis.protocols.HasExpression`; see `_differential`)."""
         batch_codes = {
             key: [self._batch_code(str(b)) for b in names]
             for key, names in (("batchid1", options.batchid1), ("batchid2", options.batchid2))
@@ -102,7 +105,7 @@ class BayesianDE(AtlasModel):
             raise ValueError("give groupby (an obs column) or idx1")
         with self._own_rng(options.seed):
             return de.differential_expression(
-                self.module,
+                module,
                 opened,
                 codes,
                 categories,
@@ -113,6 +116,31 @@ class BayesianDE(AtlasModel):
                 code_maps=code_maps,
                 progress=progress,
             )
+
+
+def accessibility_table(table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
+    """scvi-tools' differential accessibility table (PEAKVI's and MULTIVI's) from the DE machinery's on posterior
+    draws of the accessibility p.
+
+    Columns, per region: prob_da, is_da_fdr (change mode), bayes_factor, effect_size = est_prob2 - est_prob1,
+    est_prob1, est_prob2 (mean posterior p per group) and, with all_stats, emp_effect = emp_prob2 - emp_prob1,
+    emp_prob1, emp_prob2 (fractions of the groups' cells with the region open); with groupby also comparison,
+    group1, group2 (which scvi-tools' table drops), one block of regions per comparison.
+    """
+    change = options.mode == "change"
+    stats = options.all_stats
+    columns = {
+        "prob_da": table["proba_de"] if change else table["proba_m1"],
+        "is_da_fdr": table[f"is_de_fdr_{options.fdr_target}"] if change else None,
+        "bayes_factor": table["bayes_factor"],
+        "effect_size": table["scale2"] - table["scale1"],
+        **({"emp_effect": table["non_zeros_proportion2"] - table["non_zeros_proportion1"]} if stats else {}),
+        "est_prob1": table["scale1"],
+        "est_prob2": table["scale2"],
+        **({"emp_prob1": table["non_zeros_proportion1"], "emp_prob2": table["non_zeros_proportion2"]} if stats else {}),
+    }
+    columns |= {key: table[key] for key in ("comparison", "group1", "group2") if key in table}
+    return pd.DataFrame(columns, index=table.index)
 
 
 class ExpressionExtras(BayesianDE):

@@ -2,30 +2,70 @@
 users know it.
 
 `AtlasModel` (fit with scvi-tools' MULTIVI.train defaults from the registry entry, latent, ELBO, save / load,
-scArches query mapping) with differential expression over genes (`BayesianDE`, scvi-tools' MULTIVI defaults:
-change mode, delta 0.25), plus `get_latent_representation` of the joint or one modality's posterior,
+scArches query mapping) with differential expression over genes and differential accessibility over peaks (the DE
+machinery of `atlasvi.analysis.de`, scvi-tools' MULTIVI defaults: change mode, delta 0.25 / 0.05, pseudocounts 1e-6),
+plus `get_latent_representation` of the joint or one modality's posterior,
 `get_normalized_expression` (imputed for the cells without RNA: decoded from their ATAC posterior),
 `get_accessibility_estimates` (imputed for the cells without ATAC), `get_library_size_factors` and
 `get_region_factors`. Each streams over the store, one minibatch in memory. The store is built with
 `atlasvi build --atac-key` (the union of the RNA and ATAC cells, with the RNA mask).
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from atlasvi.analysis import de
 from atlasvi.api.base import _stack
-from atlasvi.api.extras import BayesianDE
+from atlasvi.api.extras import BayesianDE, accessibility_table
+from atlasvi.data import Minibatch
 from atlasvi.data.store import AtlasStore
 from atlasvi.models.multivi import MULTIVIConfig, MULTIVIModule
 
 __all__ = ["MULTIVI"]
 
 POSTERIORS = {"joint": "qz", "expression": "qz_expression", "accessibility": "qz_accessibility"}
+DA_DEFAULTS = {"mode": "change", "delta": 0.05, "pseudocounts": 1e-6}  # scvi-tools' MULTIVI.differential_accessibility
+
+
+class AccessibilityView:
+    """The MultiVI module as the DE machinery reads it for differential accessibility
+    (`atlasvi.analysis.protocols.HasExpression`): its decoded features are the peaks, px_scale the accessibility p,
+    the statistics read from the store's "atac" counts."""
+
+    features_modality = "atac"
+
+    def __init__(self, module: MULTIVIModule):
+        self.module = module
+        self.used_modalities = module.used_modalities
+        self.n_genes, self.n_batch = module.n_regions, module.n_batch
+        self.feature_ids = module.region_names
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.module.parameters()
+
+    def eval(self) -> Any:
+        return self.module.eval()
+
+    def unpack(self, batch: Minibatch) -> Any:
+        return self.module.unpack(batch)
+
+    def inference(self, inputs: Any) -> dict:
+        return self.module.inference(inputs)
+
+    def generative(self, z: torch.Tensor, library: torch.Tensor, inputs: Any) -> dict:
+        return {"px_scale": self.module.generative(z, library, inputs)["p"]}
+
+    def expression_scale(
+        self, inputs: Any, z: torch.Tensor, library: torch.Tensor, transform_batch: int | None
+    ) -> torch.Tensor:
+        """p (n, n_regions) at z; transform_batch: decode every cell as if from that batch code."""
+        return self.module.generative(z, library, inputs, transform_batch=transform_batch)["p"]
 
 
 class MULTIVI(BayesianDE):
@@ -198,3 +238,27 @@ class MULTIVI(BayesianDE):
         return torch.sigmoid(self.module.region_factors.detach()).cpu().numpy()
 
     differential_expression = BayesianDE._differential
+
+    def differential_accessibility(
+        self,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: np.ndarray | Sequence[int] | None = None,
+        idx2: np.ndarray | Sequence[int] | None = None,
+        store: AtlasStore | str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        config: de.DEConfig | None = None,
+        **overrides: Any,
+    ) -> pd.DataFrame:
+        """Differential accessibility over the peaks as scvi-tools' MULTIVI (change mode, delta 0.05, pseudocounts
+        1e-6 by default): the DE machinery on posterior draws of p (z drawn from the joint posterior: a cell without
+        ATAC contributes its imputed accessibility), the empirical columns from the store's peak counts (a cell
+        without ATAC counts as closed there, as in scvi-tools). Arguments as `differential_expression`; scvi-tools'
+        columns (`atlasvi.api.extras.accessibility_table`)."""
+        given = (config or de.DEConfig()).model_dump(exclude_unset=True)
+        options = de.DEConfig.model_validate({**DA_DEFAULTS, **given, **overrides})
+        view = AccessibilityView(self.module)
+        return accessibility_table(
+            self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options, view), options
+        )

@@ -17,7 +17,7 @@ import torch
 
 from atlasvi.analysis import de
 from atlasvi.analysis.protocols import expression_scale
-from atlasvi.api.extras import BayesianDE
+from atlasvi.api.extras import BayesianDE, accessibility_table
 from atlasvi.data import Minibatch
 from atlasvi.data.store import AtlasStore
 from atlasvi.models.peakvi import PEAKVIConfig, PEAKVIModule
@@ -129,29 +129,6 @@ class PEAKVI(BayesianDE):
     differential_accessibility = BayesianDE._differential
 
     def _de_table(self, table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
-        """scvi-tools' PEAKVI differential accessibility table (`differential_accessibility`: its defaults change
-        mode, delta 0.05; z drawn from q(z | x)), from the DE machinery's on posterior draws of p.
-
-        Columns, per region: prob_da, is_da_fdr (change mode), bayes_factor, effect_size = est_prob2 - est_prob1,
-        est_prob1, est_prob2 (mean posterior p per group) and, with all_stats, emp_effect = emp_prob2 - emp_prob1,
-        emp_prob1, emp_prob2 (fractions of the groups' cells with the region open); with groupby also comparison,
-        group1, group2 (which scvi-tools' table drops), one block of regions per comparison.
-        """
-        change = options.mode == "change"
-        stats = options.all_stats
-        columns = {
-            "prob_da": table["proba_de"] if change else table["proba_m1"],
-            "is_da_fdr": table[f"is_de_fdr_{options.fdr_target}"] if change else None,
-            "bayes_factor": table["bayes_factor"],
-            "effect_size": table["scale2"] - table["scale1"],
-            **({"emp_effect": table["non_zeros_proportion2"] - table["non_zeros_proportion1"]} if stats else {}),
-            "est_prob1": table["scale1"],
-            "est_prob2": table["scale2"],
-            **(
-                {"emp_prob1": table["non_zeros_proportion1"], "emp_prob2": table["non_zeros_proportion2"]}
-                if stats
-                else {}
-            ),
-        }
-        columns |= {key: table[key] for key in ("comparison", "group1", "group2") if key in table}
-        return pd.DataFrame(columns, index=table.index)
+        """scvi-tools' PEAKVI differential accessibility table (`accessibility_table`; its defaults change mode,
+        delta 0.05; z drawn from q(z | x))."""
+        return accessibility_table(table, options)

@@ -92,3 +92,18 @@ def test_save_load_and_query_mapping(trained, multiome_store, tmp_path):
     assert torch.equal(before[layer][:, : n_latent + 3], after[layer][:, : n_latent + 3])  # the reference's columns
     assert not torch.equal(before[layer][:, n_latent + 3 :], after[layer][:, n_latent + 3 :])  # the new batch's
     assert query.get_latent_representation().shape == (150, n_latent)
+
+
+def test_differential_accessibility_over_the_peaks(trained, multiome_store):
+    table = trained.differential_accessibility(groupby="treatment_time_h", group1="dex_0h", group2="dex_3h")
+    assert len(table) == 2000 and set(table.index) == set(trained.region_names)
+    assert list(table.columns[:4]) == ["prob_da", "is_da_fdr", "bayes_factor", "effect_size"]
+    np.testing.assert_allclose(table["effect_size"], table["est_prob2"] - table["est_prob1"])
+    # the empirical columns are the fractions of each group's cells with the peak open, from the store's peaks
+    adata = ad.read_zarr(multiome_store)
+    group = adata.obs["treatment_time_h"].astype(str).to_numpy()
+    opened = (adata.obsm["atac"] > 0).toarray()
+    names = list(adata.uns["atac_names"])
+    first = table.index[0]
+    assert table.loc[first, "emp_prob1"] == pytest.approx(opened[group == "dex_0h", names.index(first)].mean())
+    assert table.loc[first, "emp_prob2"] == pytest.approx(opened[group == "dex_3h", names.index(first)].mean())
