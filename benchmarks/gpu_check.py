@@ -31,9 +31,9 @@ import anndata as ad
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resident_speed
 
-from atlasvi.bench.perf import _build_config, run_child
+from atlasvi.bench.perf import run_child
 from atlasvi.bench.synthetic import make_synthetic_h5ad
-from atlasvi.data import build_store
+from atlasvi.data import BuildConfig, build_store
 from atlasvi.data.store import read_store_attrs
 
 HERE = Path(__file__).resolve().parent
@@ -75,7 +75,10 @@ def _store(h5ad: Path, n_cells: int, n_genes: int) -> Path:
             return store
     except Exception:  # noqa: BLE001 - no usable cached store: build it
         pass
-    return build_store(_build_config(h5ad, store, 0))
+    config = BuildConfig(
+        inputs=[str(h5ad)], output=str(store), batch_key="batch", labels_key="cell_type", overwrite=True
+    )  # every gene, no HVG pass
+    return build_store(config)
 
 
 def stores(s: dict, log) -> dict[str, Path]:
