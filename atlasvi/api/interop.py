@@ -43,7 +43,7 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
         n_cells = int((meta["config"].get("store_identity") or {}).get("n_cells", 0))
     contents = to_scvi_tools(method, config, schema, state, n_cells)
     if output.exists() and not overwrite:
-        raise ScviToolsFileError(f"{output}: already exists; pass overwrite (--overwrite) to replace its {MODEL_FILE}")
+        raise ScviToolsFileError(f"{output}: already exists; --overwrite (overwrite=True) replaces its {MODEL_FILE}")
     return write_scvi_tools(output, contents)
 
 

@@ -9,6 +9,7 @@ finds it: a loaded MLflow model is an entry point of its own, like a command.
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -116,12 +117,17 @@ def log_latent_model(client: mlflow.MlflowClient, experiment_id: str, run_id: st
 
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """MLflow's artifact progress bars off (copying the model folder is quick; the command shows its own progress)."""
+    """MLflow's artifact progress bars and its notes on the pyfunc's signature off while the model is logged (copying
+    the model folder is quick; the command shows its own progress)."""
     name, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ[name] = "false"
+    signature = logging.getLogger("mlflow.models.signature")
+    level = signature.level
+    signature.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        signature.setLevel(level)
         if before is None:
             os.environ.pop(name)
         else:
