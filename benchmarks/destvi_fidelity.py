@@ -9,11 +9,11 @@ spot drawn from a smooth spatial field (a Gaussian bump per type at a random cen
 multinomial of 10 cells: the true proportions are the cells' types. Metrics of each tool's proportions against the
 truth: Spearman over every (spot, type) entry, the mean over types of the per-type Spearman across spots, and the
 RMSE over every entry.
-(2) Real data (/work/shared/data; each tool's proportions against the other's on the same spots, per type Pearson
+(2) Real data (../shared/data; each tool's proportions against the other's on the same spots, per type Pearson
 across spots): the RCTD human lymph node Visium subset (1,000 spots) with its 330-cell reference (11 types, the 558
-genes both files share) and the Moncada 2020 PDAC-A ST section (428 spots) with its inDrop reference (1,926 cells,
-20 types; the reference's 2,000 Seurat v3 HVGs). Figures: each tool's proportions on the spots' coordinates
-(results/destvi_lymph_node.png, results/destvi_pdac.png).
+genes both files share, or the reference's --n-genes HVGs among them) and the Moncada 2020 PDAC-A ST section (428
+spots) with its inDrop reference (1,926 cells, 20 types; the reference's --n-genes Seurat v3 HVGs). Figures: each
+tool's proportions on the spots' coordinates (results/destvi_lymph_node.png, results/destvi_pdac.png).
 
 Both tools read the same h5ad files (the atlasvi side through atlas stores built from them) with their defaults:
 CondSCVI (n_latent 5, n_hidden 128, 2 layers, lr 1e-3, KL warm-up 400 epochs), DestVI from it (vamp prior of 15
