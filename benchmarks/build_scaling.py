@@ -12,6 +12,8 @@ the repeats are paired (each repeat runs every configuration, in rotated order) 
 Peak RSS is each process's maximum resident set (`getrusage`): the driver's, and each worker's. Scaling
 efficiency = t(1 worker) / (N x t(N workers)), from medians. With --baseline-src a checkout of atlasvi before the
 build moved to dask runs the same build in the same repeats ("baseline": one process).
+With --copies K the input is a folder of K studies, copies of the cached input with their own cell names (10M =
+10 x 1M: generating 10M cells takes about an hour on this machine).
 The projection to 100M cells extrapolates linearly in cells from the largest size measured (the passes are
 linear in cells; the driver's per-cell arrays, ~18 bytes a cell, are reported with it).
 Results: `results/build_scaling.json` and `results/build_scaling.md`.
@@ -52,6 +54,31 @@ def _input(n_cells: int) -> Path:
     return path
 
 
+def _studies(n_cells: int, copies: int) -> Path:
+    """A folder of `copies` studies: copies of the n_cells input, each with its own cell names (study<i>-NAME)."""
+    import h5py
+    import numpy as np
+
+    source = _input(n_cells)
+    folder = CACHE / f"synth_{_size_name(n_cells)}_x{copies}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(copies):
+        path = folder / f"study{i}.h5ad"
+        if path.exists():
+            continue
+        partial = path.with_suffix(".partial")
+        shutil.copyfile(source, partial)
+        with h5py.File(partial, "r+") as handle:
+            names = handle["obs/_index"].asstr()[:]
+            attrs = dict(handle["obs/_index"].attrs)
+            del handle["obs/_index"]
+            renamed = np.array([f"study{i}-{name}" for name in names], dtype=object)
+            handle["obs"].create_dataset("_index", data=renamed, dtype=h5py.string_dtype())
+            handle["obs/_index"].attrs.update(attrs)
+        partial.rename(path)
+    return folder
+
+
 def _one(args: argparse.Namespace) -> None:
     """One build in this process (run by the parent in a fresh process); prints a JSON line."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -61,6 +88,7 @@ def _one(args: argparse.Namespace) -> None:
         inputs=[args.input], output=args.output, batch_key="batch", labels_key="cell_type", n_top_genes=1000,
         hvg_subset=False, seed=0, compressor="zstd", overwrite=True,
     )  # fmt: skip
+    workers = args.workers[0]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     workers_rss: list[float] = []
@@ -69,15 +97,13 @@ def _one(args: argparse.Namespace) -> None:
     else:
         from atlasvi.data.executor import BuildExecutor
 
-        executor = BuildExecutor.local(args.workers) if args.workers > 1 else BuildExecutor()
+        executor = BuildExecutor.local(workers) if workers > 1 else BuildExecutor()
         with executor:
             build_store(config, executor=executor)
             if executor.client is not None:
                 peaks = executor.run_on_workers(_peak_rss_mb)
                 workers_rss = sorted(peaks.values())
     seconds = time.perf_counter() - start
-    from atlasvi.data.store import store_checksum
-
     print(
         json.dumps(
             {
@@ -86,7 +112,6 @@ def _one(args: argparse.Namespace) -> None:
                 "worker_peak_rss_mb": workers_rss,
                 "load_1min_before": load,
                 "load_1min_after": os.getloadavg()[0],
-                "checksum": store_checksum(args.output),
             }
         )
     )
@@ -97,6 +122,8 @@ def _peak_rss_mb() -> float:
 
 
 def _run(kind: str, workers: int, h5ad: Path, output: Path, baseline_src: str | None) -> dict:
+    from atlasvi.data.store import store_checksum
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=baseline_src if kind == "baseline" else str(REPO))
     command = [sys.executable, __file__, "--one", "--input", str(h5ad), "--output", str(output)]
     command += ["--workers", str(workers)] + (["--baseline"] if kind == "baseline" else [])
@@ -104,6 +131,7 @@ def _run(kind: str, workers: int, h5ad: Path, output: Path, baseline_src: str | 
     if done.returncode != 0:
         raise RuntimeError(f"{kind} {workers} workers failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["checksum"] = store_checksum(output)  # here: the baseline's atlasvi has no store_checksum
     shutil.rmtree(output, ignore_errors=True)
     return {"kind": kind, "workers": workers} | result
 
@@ -179,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-cells", type=int, default=1_000_000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--copies", type=int, default=1, help="build a folder of this many copies of the input (own cell names)"
+    )
     p.add_argument("--baseline-src", default=None, help="an atlasvi checkout from before the dask build")
     p.add_argument("--merge", action="store_true", help="add to the committed runs instead of replacing them")
     p.add_argument("--out", default=str(RESULTS / "build_scaling.json"))
@@ -190,16 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         _one(args)
         return 0
-    h5ad = _input(args.n_cells)
+    h5ad = _input(args.n_cells) if args.copies == 1 else _studies(args.n_cells, args.copies)
+    n_cells = args.n_cells * args.copies
     configs = [("dask", w) for w in args.workers] + ([("baseline", 1)] if args.baseline_src else [])
     out = Path(args.out)
     previous = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []
-    runs = [r for r in previous if r["n_cells"] != args.n_cells]
+    runs = [r for r in previous if r["n_cells"] != n_cells]
     for repeat in range(args.repeats):
         for kind, workers in configs[repeat % len(configs) :] + configs[: repeat % len(configs)]:
-            output = CACHE / f"build_scaling_{_size_name(args.n_cells)}.zarr"
+            output = CACHE / f"build_scaling_{_size_name(n_cells)}.zarr"
             run = _run(kind, workers, h5ad, output, args.baseline_src)
-            run |= {"n_cells": args.n_cells, "repeat": repeat}
+            run |= {"n_cells": n_cells, "repeat": repeat, "inputs": args.copies}
             runs.append(run)
             print(json.dumps(run), file=sys.stderr, flush=True)
     result = {

@@ -47,7 +47,6 @@ import socket
 import threading
 import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +60,7 @@ from atlasvi import __version__
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.errors import AtlasInputError
 from atlasvi.data.exact import add_exact, exact_bin_sums, to_float
-from atlasvi.data.executor import BuildExecutor
+from atlasvi.data.executor import BuildExecutor, Progress
 from atlasvi.data.hvg import ClippedSums, GeneMoments, select_hvg
 from atlasvi.data.inputs import InputFile, detect_kind, expand_inputs, file_sha256, open_input
 from atlasvi.data.store import (
@@ -82,9 +81,6 @@ from atlasvi.data.store import (
 
 MAX_COUNT = 2**53
 """The largest count a store holds: larger integers are not exact in float64, in which totals are summed."""
-
-Progress = Callable[[str, int, int], None]
-"""progress(stage, done, total): called as work advances (the CLI draws rich bars from it)."""
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
