@@ -214,7 +214,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# totalVI fidelity: atlasvi vs scvi-tools 1.4.2 (CBMC CITE-seq, 8,617 cells x 2000 genes, 13 ADT)",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}.",
+        "Commands (each row ran under one): "
+        + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", meta["command"]) for r in rows))
+        + f". Machine: {meta['machine']}.",
         "",
         f"Same cells for both tools: {meta['cells']['heldout']} held out (never trained on), "
         f"{meta['cells']['rna_only']} trained with their proteins hidden (batch rna_only), {meta['cells']['cite']} "
@@ -263,7 +265,11 @@ def main() -> None:
     parser.add_argument("--atlasvi-nb-eps", action="store_true", help="diagnostic: atlasvi's NB with log(mu + 1e-8)")
     parser.add_argument("--scvi-only", action="store_true", help="run the scvi-tools side alone (merge with --merge)")
     parser.add_argument("--atlasvi-only", action="store_true", help="run atlasvi's side alone (merge with --merge)")
-    parser.add_argument("--merge", default=None, help="results/MERGE.json whose rows of the side not run to reuse")
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="keep the rows of results/MERGE.json (same options) not redone; each names its command",
+    )
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
     parser.add_argument("--out", default="totalvi_fidelity", help="results/OUT.json and results/OUT.md")
@@ -282,25 +288,32 @@ def main() -> None:
         import atlasvi.distributions
 
         atlasvi.distributions._log_mu = lambda mu: torch.log(mu + 1e-8)  # scvi-tools' log_nb_positive
+    command = " ".join(["python", "benchmarks/totalvi_fidelity.py", *sys.argv[1:]])
     rows = []
-    if args.merge is not None:  # the other side's rows of an earlier run with the same options
+    if args.merge is not None:  # an earlier run's rows (same options) that this run does not redo
         earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
         if earlier["meta"]["train_fields"] != fields:
             raise SystemExit(f"results/{args.merge}.json was run with {earlier['meta']['train_fields']}, not {fields}")
-        reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
-        rows = [r for r in earlier["rows"] if r["tool"] == reused and r["seed"] in args.seeds]
+        redone = {tool for tool, skip in (("atlasvi", args.scvi_only), ("scvi-tools", args.atlasvi_only)) if not skip}
+        rows = [
+            {"command": earlier["meta"]["command"]} | r
+            for r in earlier["rows"]
+            if not (r["tool"] in redone and r["seed"] in args.seeds)
+        ]
         if args.atlasvi_only:
             args.scvi_no_adversary = earlier["meta"]["scvi_adversarial_classifier"] == "off"
     for seed in [] if args.scvi_only else args.seeds:
-        rows.append(atlasvi_side(paths, seed, fields, False if args.atlasvi_no_adversary else None))
+        rows.append(
+            {"command": command} | atlasvi_side(paths, seed, fields, False if args.atlasvi_no_adversary else None)
+        )
         print(json.dumps(rows[-1]), flush=True)
     for line in [] if args.atlasvi_only else _scvi_rows(args, paths):
-        rows.append(json.loads(line))
+        rows.append({"command": command} | json.loads(line))
         print(line, flush=True)
     atlasvi_adversary = {r.get("adversarial_classifier", False) for r in rows if r["tool"] == "atlasvi"}
     cells = {name: len(part) for name, part in split(8617).items()}
     meta = {
-        "command": " ".join(["python", "benchmarks/totalvi_fidelity.py", *sys.argv[1:]]),
+        "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
         "train_fields": fields,
         "scvi_adversarial_classifier": "off" if args.scvi_no_adversary else "default (on: proteins missing)",

@@ -17,6 +17,11 @@ LFC summaries, posterior expected FDR control). For each comparison (group 1 vs 
 
 The raw-count columns (raw_mean, non_zeros_proportion, raw_normalized_mean) and the per-group means that
 tell which genes are not expressed (for the pseudocount) come from one streaming pass over the store.
+
+A module may compare more than its genes (`DEFeatures`): totalVI's genes and proteins, one joint table as
+scvi-tools' TOTALVI.differential_expression (protein rows "<name>_protein", their raw columns from the protein
+counts, raw_normalized_mean NaN). Where a store's cells did not measure a protein, its raw columns are over the
+cells that did (scvi-tools averages the zeros it fills in); NaN where no cell of a group measured it.
 """
 
 import warnings
@@ -29,10 +34,10 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from atlasvi.analysis.posterior import normalized_expression
+from atlasvi.analysis.posterior import FeatureValues, normalized_expression
 from atlasvi.analysis.protocols import HasExpression
 from atlasvi.data import Minibatch
-from atlasvi.data.loader import minibatch_from_rows
+from atlasvi.data.loader import feature_map_key, minibatch_from_rows
 from atlasvi.data.store import AtlasStore
 
 EPS = 1e-8  # scvi-tools' eps inside the Bayes factor logs
@@ -65,6 +70,21 @@ class DEConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class DEFeatures:
+    """The features a DE compares when they are not the module's genes alone (totalVI: genes and proteins).
+
+    names: (n_features,) the table's index; values: a draw's (n, n_features) values (posterior.FeatureValues);
+    genes: its first n_genes features are the store's genes (raw columns from X); modality: the store modality
+    whose features follow (raw columns from its counts where measured), or None.
+    """
+
+    names: tuple[str, ...]
+    values: FeatureValues
+    genes: bool = True
+    modality: str | None = None
+
+
+@dataclass(frozen=True)
 class Comparison:
     """One test: the store rows of group 1 and of group 2 (sorted), their names, their codes in `GroupStats`."""
 
@@ -80,8 +100,9 @@ class Comparison:
 class GroupStats:
     """Raw-count sums per group code (n_groups + 1 rows; the last one holds cells of no group).
 
-    n_cells: (n_groups + 1,); counts, nonzero, normalized: (n_groups + 1, n_genes) sums of counts, of
-    counts > 0 and of counts x 1e4 / total counts of the cell.
+    n_cells: (n_groups + 1,), or (n_groups + 1, n_features) cells that measured each feature; counts, nonzero,
+    normalized: (n_groups + 1, n_features) sums of counts, of counts > 0 and of counts x 1e4 / total counts of
+    the cell (NaN for a modality's features, as scvi-tools' proteins).
     """
 
     n_cells: np.ndarray
@@ -90,14 +111,33 @@ class GroupStats:
     normalized: np.ndarray
 
     def means(self, codes: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """(n_genes,) raw mean, non-zero proportion and normalized mean over the groups `codes`."""
+        """(n_features,) raw mean, non-zero proportion and normalized mean over the groups `codes` (NaN for a
+        feature no cell of them measured)."""
         index = list(codes)
-        n = max(int(self.n_cells[index].sum()), 1)
+        n = np.broadcast_to(self.n_cells[index].sum(0), self.counts.shape[1:]).astype(np.float64)
         return {
-            "raw_mean": self.counts[index].sum(0) / n,
-            "non_zeros_proportion": self.nonzero[index].sum(0) / n,
-            "raw_normalized_mean": self.normalized[index].sum(0) / n,
+            key: np.divide(total[index].sum(0), n, out=np.full(n.shape, np.nan), where=n > 0)
+            for key, total in (
+                ("raw_mean", self.counts),
+                ("non_zeros_proportion", self.nonzero),
+                ("raw_normalized_mean", self.normalized),
+            )
         }
+
+    def join(self, other: "GroupStats") -> "GroupStats":
+        """These features followed by `other`'s (same groups)."""
+        n_cells = [np.broadcast_to(s.n_cells.reshape(len(s.n_cells), -1), s.counts.shape) for s in (self, other)]
+        return GroupStats(
+            np.concatenate(n_cells, axis=1),
+            *(
+                np.concatenate([a, b], axis=1)
+                for a, b in (
+                    (self.counts, other.counts),
+                    (self.nonzero, other.nonzero),
+                    (self.normalized, other.normalized),
+                )
+            ),
+        )
 
 
 def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int, modality: str | None = None) -> GroupStats:
@@ -122,6 +162,51 @@ def count_statistics(store: AtlasStore, codes: np.ndarray, n_groups: int, modali
         nonzero += np.bincount(flat, minlength=size).reshape(n_groups + 1, n_genes)
         normalized += np.bincount(flat, weights=values * scaling[cells], minlength=size).reshape(n_groups + 1, n_genes)
     return GroupStats(np.bincount(slot, minlength=n_groups + 1), counts, nonzero, normalized)
+
+
+def modality_statistics(
+    store: AtlasStore, codes: np.ndarray, n_groups: int, modality: str, columns: np.ndarray | None = None
+) -> GroupStats:
+    """As `count_statistics` for a dense modality's counts (e.g. proteins), over the cells that measured each
+    feature (n_cells (n_groups + 1, n_features)); raw_normalized_mean NaN. columns: a model's features as store
+    columns (-1: the store lacks it, no cell measured it; see `feature_map_key`), default the store's."""
+    n_features = len(store.schema.modalities[modality].features)
+    slot = np.where(codes < 0, n_groups, codes).astype(np.int64)
+    sums = {key: np.zeros((n_groups + 1, n_features)) for key in ("measured", "counts", "nonzero")}
+    for start in range(0, store.n_cells, STATS_BLOCK_ROWS):
+        block = store.read_rows(start, min(start + STATS_BLOCK_ROWS, store.n_cells), (modality,))
+        measured = block.masks[modality].astype(np.float64)
+        counts = np.where(block.masks[modality], block.obsm[modality], 0).astype(np.float64)
+        groups = slot[block.start : block.stop]
+        for key, values in (("measured", measured), ("counts", counts), ("nonzero", (counts > 0) * measured)):
+            np.add.at(sums[key], groups, values)
+    if columns is not None:
+        present = np.asarray(columns) >= 0
+        sums = {k: np.where(present, v[:, np.where(present, columns, 0)], 0.0) for k, v in sums.items()}
+    normalized = np.full(sums["counts"].shape, np.nan)
+    return GroupStats(sums["measured"], sums["counts"], sums["nonzero"], normalized)
+
+
+def feature_statistics(
+    store: AtlasStore,
+    codes: np.ndarray,
+    n_groups: int,
+    features: DEFeatures | None,
+    code_maps: dict[str, torch.Tensor] | None = None,
+) -> GroupStats:
+    """The raw-count sums of the features DE compares: the genes, then a modality's features (`DEFeatures`, in
+    the model's order by the feature map of `code_maps`)."""
+    if features is None:
+        return count_statistics(store, codes, n_groups)
+    parts = [count_statistics(store, codes, n_groups)] if features.genes else []
+    if features.modality is not None:
+        columns = (code_maps or {}).get(feature_map_key(features.modality))
+        columns = None if columns is None else np.asarray(columns)
+        parts.append(modality_statistics(store, codes, n_groups, features.modality, columns))
+    stats = parts[0]
+    for part in parts[1:]:
+        stats = stats.join(part)
+    return stats
 
 
 def _minibatch(
@@ -154,11 +239,14 @@ def sample_scales(
     generator: torch.Generator,
     code_maps: dict[str, torch.Tensor] | None = None,
     batch_size: int = 1024,
+    features: DEFeatures | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scales (n, n_genes) float32, batch (n,)): posterior draws of px_scale for cells of `rows`, as
-    scvi-tools' `scale_sampler`: n_samples // len(transform_batches) draws per transform batch (None: each
-    cell's own batch, recorded as -1); a draw = a cell picked uniformly with replacement + z ~ q(z | x).
+    """(scales (n, n_genes) float32, batch (n,)): posterior draws of px_scale (or of `features`' values, (n,
+    n_features)) for cells of `rows`, as scvi-tools' `scale_sampler`: n_samples // len(transform_batches) draws
+    per transform batch (None: each cell's own batch, recorded as -1); a draw = a cell picked uniformly with
+    replacement + z ~ q(z | x).
     """
+    n_features = module.n_genes if features is None else len(features.names)
     per_batch = int(n_samples / len(transform_batches))
     if per_batch == 0:
         warnings.warn("very small sample size, please consider increasing `n_samples`", UserWarning, stacklevel=2)
@@ -167,12 +255,13 @@ def sample_scales(
     for transform_batch in transform_batches:
         picks = rows[rng.integers(0, len(rows), size=per_batch)]
         order = np.argsort(picks, kind="stable")  # read in store order, keep the draws' random order
-        drawn = np.empty((per_batch, module.n_genes), dtype=np.float32)
+        drawn = np.empty((per_batch, n_features), dtype=np.float32)
         parts = normalized_expression(
             module,
             _draw_batches(store, picks[order], batch_size, code_maps, module.used_modalities),
             transform_batch,
             generator=generator,
+            values=None if features is None else features.values,
         )
         done = 0
         for _, values in parts:
@@ -368,9 +457,11 @@ def differential_expression(
     label_comparisons: bool = True,
     code_maps: dict[str, torch.Tensor] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    features: DEFeatures | None = None,
 ) -> pd.DataFrame:
     """scvi-tools' differential_expression table: one block of n_genes rows per comparison, each sorted by
-    proba_de (change) or bayes_factor (vanilla), descending; indexed by gene id (the store's var_names).
+    proba_de (change) or bayes_factor (vanilla), descending; indexed by gene id (the store's var_names), or one
+    block of `features` (their names) per comparison.
 
     codes: (n_cells,) group code of every store row (-1: none), categories: the groups' names.
     config: the options (default DEConfig()); its batchid1 / batchid2 are model batch codes here.
@@ -388,14 +479,17 @@ def differential_expression(
     generator = torch.Generator().manual_seed(c.seed)
     tests = comparisons(codes, categories, group1, group2)
     needs_stats = c.all_stats or (mode == "change" and pseudocounts is None)
-    features_modality = getattr(module, "features_modality", None)  # a module decoding another modality's features
-    stats = count_statistics(store, codes, len(categories), features_modality) if needs_stats else None
+    if features is None:
+        features_modality = getattr(module, "features_modality", None)  # a module decoding another modality's features
+        stats = count_statistics(store, codes, len(categories), features_modality) if needs_stats else None
+    else:
+        stats = feature_statistics(store, codes, len(categories), features, code_maps) if needs_stats else None
     every_batch = list(range(module.n_batch))
     frames = []
     for done, test in enumerate(tests):
         batches1 = [None] if not batch_correction else list(batchid1 or every_batch)
         batches2 = [None] if not batch_correction else list(batchid2 or every_batch)
-        draw = dict(rng=rng, generator=generator, code_maps=code_maps, batch_size=c.batch_size)
+        draw = dict(rng=rng, generator=generator, code_maps=code_maps, batch_size=c.batch_size, features=features)
         scales1, ids1 = sample_scales(module, store, test.rows1, c.n_samples_overall, batches1, **draw)
         scales2, ids2 = sample_scales(module, store, test.rows2, c.n_samples_overall, batches2, **draw)
         paired_1, paired_2 = _pairs(
@@ -415,7 +509,8 @@ def differential_expression(
             one, two = stats.means(test.stats1), stats.means(test.stats2)
             for key in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
                 columns[f"{key}1"], columns[f"{key}2"] = one[key], two[key]
-        frame = pd.DataFrame(columns, index=pd.Index(getattr(module, "feature_ids", store.schema.gene_ids)))
+        names = getattr(module, "feature_ids", store.schema.gene_ids) if features is None else features.names
+        frame = pd.DataFrame(columns, index=pd.Index(names))
         frame = frame.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
         if mode == "change":
             frame[f"is_de_fdr_{c.fdr_target}"] = fdr_de_prediction(frame["proba_de"], fdr=c.fdr_target)

@@ -56,6 +56,7 @@ class BayesianDE(AtlasModel):
         store: AtlasStore | str | Path | None = None,
         progress: Callable[[int, int], None] | None = None,
         config: de.DEConfig | None = None,
+        features: de.DEFeatures | None = None,
         **overrides: Any,
     ) -> pd.DataFrame:
         """Bayesian DE as scvi-tools' (see `atlasvi.analysis.de`): `groupby` (a categorical obs column of the
@@ -64,11 +65,12 @@ class BayesianDE(AtlasModel):
         columns. The options are `config` (a `DEConfig`) with scvi-tools' keywords (mode, delta, batchid1,
         seed, ...) as overrides, over the method's `de_defaults`; batchid1 / batchid2 are batch names. mode
         "change" (scvi-tools' default for expression is "vanilla") adds the LFC columns and is_de_fdr_<target>.
-        The table is the method's `_de_table` of the DE machinery's.
+        The table is the method's `_de_table` of the DE machinery's; features: what it compares (default: the
+        module's genes; see `atlasvi.analysis.de.DEFeatures`).
         """
         given = (config or de.DEConfig()).model_dump(exclude_unset=True)
         options = de.DEConfig.model_validate({**self.de_defaults, **given, **overrides})
-        table = self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options, self.module)
+        table = self._bayesian_de(groupby, group1, group2, idx1, idx2, store, progress, options, self.module, features)
         return self._de_table(table, options)
 
     def _de_table(self, table: pd.DataFrame, options: de.DEConfig) -> pd.DataFrame:
@@ -86,6 +88,7 @@ class BayesianDE(AtlasModel):
         progress: Callable[[int, int], None] | None,
         options: de.DEConfig,
         module: Any,
+        features: de.DEFeatures | None = None,
     ) -> pd.DataFrame:
         """The DE table of `atlasvi.analysis.de.differential_expression` of `module` (the model's, or a view of it
         decoding other features: `atlasvi.analysis.protocols.HasExpression`; see `_differential`)."""
@@ -115,6 +118,7 @@ class BayesianDE(AtlasModel):
                 label_comparisons=idx1 is None,
                 code_maps=code_maps,
                 progress=progress,
+                features=features,
             )
 
 

@@ -1,22 +1,30 @@
 """`TOTALVI`: totalVI (Gayoso et al. 2021) on a CITE-seq atlas store, as scvi-tools users know it.
 
 `AtlasModel` (fit with scvi-tools' TOTALVI.train defaults from the registry entry, latent, ELBO, save / load,
-scArches query mapping) with normalized RNA expression and DE over genes (`ExpressionExtras`), plus the protein
-posterior quantities of scvi-tools' TOTALVI: `get_protein_expression` (denoised: the foreground rate times the
-foreground probability, optionally plus the background; imputed for proteins a cell's panel did not measure) and
-`get_protein_foreground_probability`. Each streams over the store, one minibatch in memory.
+scArches query mapping) with normalized RNA expression (`ExpressionExtras`), plus the protein posterior quantities
+of scvi-tools' TOTALVI: `get_protein_expression` (denoised: the foreground rate times the foreground probability,
+optionally plus the background; imputed for proteins a cell's panel did not measure),
+`get_protein_foreground_probability`, and `differential_expression` over genes and proteins (one table, as
+scvi-tools' TOTALVI.differential_expression). Each streams over the store, one minibatch in memory.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from atlasvi.analysis import de
+from atlasvi.analysis.posterior import protein_expression
 from atlasvi.api.base import _stack
-from atlasvi.api.extras import ExpressionExtras
+from atlasvi.api.extras import BayesianDE, ExpressionExtras
 from atlasvi.data.store import AtlasStore
 from atlasvi.models.totalvi import TOTALVIModule
+
+PROTEIN_DE_PSEUDOCOUNTS = 1e-5  # scvi-tools' TOTALVI.differential_expression defaults
+PROTEIN_PRIOR_COUNT = 0.1
 
 __all__ = ["TOTALVI"]
 
@@ -27,6 +35,7 @@ class TOTALVI(ExpressionExtras):
 
     method = "TOTALVI"
     module: TOTALVIModule
+    de_defaults = {"pseudocounts": PROTEIN_DE_PSEUDOCOUNTS}
 
     @property
     def protein_names(self) -> tuple[str, ...]:
@@ -65,14 +74,10 @@ class TOTALVI(ExpressionExtras):
                 for _ in range(n_samples):
                     z = inference["qz"].rsample()
                     out = module.generative(z, inference["library"], inputs, transform_batch=code)
-                    background = torch.sigmoid(out["mixing"])
                     if what == "expression":
-                        value = out["rate_fore"] * (1 - background)
-                        if include_background:
-                            value = value + out["rate_back"] * background
+                        total += protein_expression(out, include_background)
                     else:
-                        value = 1 - background
-                    total += value
+                        total += 1 - torch.sigmoid(out["mixing"])
                 yield batch.rows.numpy(), (total / n_samples).float().cpu().numpy()
 
     def get_protein_expression(
@@ -115,3 +120,53 @@ class TOTALVI(ExpressionExtras):
             parts = self._protein_parts("foreground", store, rows, transform_batch, n_samples, False, batch_size)
             values = _stack(parts, len(self.protein_names))
         return values if proteins is None else values[:, proteins]
+
+    def differential_expression(
+        self,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: np.ndarray | Sequence[int] | None = None,
+        idx2: np.ndarray | Sequence[int] | None = None,
+        store: AtlasStore | str | Path | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        config: de.DEConfig | None = None,
+        protein_prior_count: float = PROTEIN_PRIOR_COUNT,
+        scale_protein: bool = False,
+        sample_protein_mixing: bool = False,
+        include_protein_background: bool = False,
+        use_field: Sequence[str] = ("rna", "protein"),
+        **overrides: Any,
+    ) -> pd.DataFrame:
+        """Bayesian DE over genes and proteins, one table, as scvi-tools' TOTALVI.differential_expression (the
+        shared machinery of `BayesianDE._differential`, same groups and options; pseudocounts 1e-5 by default):
+        each draw is [px_scale (n_genes), denoised protein expression + protein_prior_count (n_proteins)] at
+        one z ~ q(z | x, y), decoded in the cell's batch (or each batchid with batch_correction), so a protein a
+        cell's panel lacks is compared as imputed. Rows: gene ids, then "<protein>_protein"; the proteins' raw
+        columns over the cells that measured them (raw_normalized_mean NaN). scale_protein: each draw's proteins
+        sum to 1; sample_protein_mixing: draw the background indicator (seeded by the DE seed);
+        include_protein_background: add the background rate; use_field: "rna" and / or "protein"."""
+        fields = tuple(use_field)
+        if not fields or set(fields) - {"rna", "protein"}:
+            raise ValueError(f"use_field: 'rna' and / or 'protein', not {list(use_field)}")
+        seed = overrides.get("seed", (config or de.DEConfig()).seed)
+        generator = torch.Generator().manual_seed(seed + 1) if sample_protein_mixing else None
+        module = self.module
+
+        def values(inputs: Any, z: torch.Tensor, library: torch.Tensor, transform_batch: int | None) -> torch.Tensor:
+            out = module.generative(z, library, inputs, transform_batch=transform_batch)
+            parts = [out["px_scale"]] if "rna" in fields else []
+            if "protein" in fields:
+                denoised = protein_expression(out, include_protein_background, scale_protein, generator)
+                parts.append(denoised + protein_prior_count)
+            return torch.cat(parts, dim=-1)
+
+        names = (self.schema.gene_ids if "rna" in fields else ()) + (
+            tuple(f"{p}_protein" for p in self.protein_names) if "protein" in fields else ()
+        )
+        features = de.DEFeatures(
+            names, values, genes="rna" in fields, modality="protein" if "protein" in fields else None
+        )
+        return BayesianDE._differential(
+            self, groupby, group1, group2, idx1, idx2, store, progress, config, features, **overrides
+        )

@@ -82,6 +82,20 @@ class Minibatch:
         return csr.to_dense()
 
 
+def feature_map_key(modality: str) -> str:
+    """The code_maps key of a dense modality's feature map: (n_model_features,) the store column of each of a
+    model's features (e.g. its proteins, matched by name), -1 where the store lacks the feature."""
+    return f"obsm/{modality}"
+
+
+def _aligned(counts: np.ndarray, mask: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, mask) of a dense modality in a model's feature order: a feature the store lacks is 0 and not
+    measured (mask False), never a count of 0."""
+    present = columns >= 0
+    take = np.where(present, columns, 0)
+    return np.where(present, counts[:, take], 0), mask[:, take] & present
+
+
 def minibatch_from_rows(
     block: RowBlock,
     take: slice | np.ndarray,
@@ -92,7 +106,8 @@ def minibatch_from_rows(
 
     take: a slice (step 1) of consecutive rows, cut without copying the counts, or an array of positions
     (repeats allowed: one cell per draw), gathered. code_maps: key -> (n_store_categories,) model codes
-    (see `StreamingLoader`); keys without one keep the store's codes. The minibatch's rows are
+    (see `StreamingLoader`); keys without one keep the store's codes; a dense modality's feature map
+    (`feature_map_key`) puts its columns in the model's order. The minibatch's rows are
     `block.rows[take]` (or `block.start + take` where the block has no rows).
     """
     rows = block.rows if block.rows is not None else np.arange(block.start, block.stop)
@@ -111,6 +126,11 @@ def minibatch_from_rows(
     categorical = {
         k: np.asarray(code_maps[k])[v[take]] if k in code_maps else v[take] for k, v in block.categorical.items()
     }
+    obsm = {k: v[take] for k, v in block.obsm.items()}
+    masks = {k: v[take] for k, v in block.masks.items()}
+    for k in obsm:
+        if feature_map_key(k) in code_maps:
+            obsm[k], masks[k] = _aligned(obsm[k], masks[k], np.asarray(code_maps[feature_map_key(k)]))
     return Minibatch(
         torch.from_numpy(crow),
         torch.from_numpy(indices.astype(np.int32, copy=False)),
@@ -119,8 +139,8 @@ def minibatch_from_rows(
         {k: torch.from_numpy(v.astype(np.int64, copy=False)) for k, v in categorical.items()},
         {k: torch.from_numpy(v[take].astype(np.float32, copy=False)) for k, v in block.continuous.items()},
         torch.from_numpy(rows[take].astype(np.int64, copy=False)),
-        {k: _tensor(v[take]) for k, v in block.obsm.items()},
-        {k: torch.from_numpy(np.ascontiguousarray(v[take])) for k, v in block.masks.items()},
+        {k: _tensor(v) for k, v in obsm.items()},
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in masks.items()},
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from atlasvi.data import StoreSchema
+from atlasvi.data.loader import feature_map_key
 from atlasvi.data.store import ModalitySchema
 from atlasvi.errors import AtlasviError
 
@@ -167,6 +168,21 @@ def saved_schema(meta: dict, n_cells: int = 0) -> StoreSchema:
         registry[key] = tuple(registry[key])
     registry["modalities"] = {k: ModalitySchema.from_dict(v) for k, v in registry.get("modalities", {}).items()}
     return StoreSchema(n_cells=n_cells, **registry)
+
+
+def feature_map(model: tuple[str, ...], store: tuple[str, ...], what: str, where: str) -> dict[str, torch.Tensor]:
+    """A dense modality's features matched by name: {feature_map_key(what): (n_model,) the store column of each
+    of the model's features, -1 where the store lacks it (read as not measured)}; {} when the store has them in
+    the model's order. Raises IncompatibleStoreError when the store has none of them."""
+    if store == model:
+        return {}
+    column = {name: i for i, name in enumerate(store)}
+    if not any(name in column for name in model):
+        raise IncompatibleStoreError(
+            f"{where}: the store has none of the model's {len(model)} {what} features {list(model[:3])}... "
+            f"(it has {len(store)}: {list(store[:3])}...)"
+        )
+    return {feature_map_key(what): torch.tensor([column.get(name, -1) for name in model], dtype=torch.int64)}
 
 
 def check_compatible(

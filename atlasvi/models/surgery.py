@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from atlasvi.data import StoreSchema
+from atlasvi.data.store import ModalitySchema
 from atlasvi.models.contract import SurgerySpec
 from atlasvi.nn import FCLayers
 
@@ -50,7 +51,8 @@ class SurgeryConfig(BaseModel):
 
 def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> StoreSchema:
     """The reference registry with the query's new batch categories (and their library prior) appended; a modality
-    of both gets the query's new batches' panels and priors appended (one of the reference alone is dropped).
+    of both gets the query's new batches' panels (in the reference's features, matched by name: one the query
+    lacks is not in its panel) and priors appended (one of the reference alone is dropped).
 
     Raises ValueError when the query has no batch the reference has not seen (nothing to map).
     """
@@ -73,7 +75,7 @@ def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> S
     modalities = {
         name: replace(
             modality,
-            batch_mask=modality.batch_mask + tuple(query.modalities[name].batch_mask[i] for i in new),
+            batch_mask=modality.batch_mask + tuple(_panel(modality, query.modalities[name], i) for i in new),
             background_log_means=grown(modality.background_log_means, name, "background_log_means"),
             background_log_scales=grown(modality.background_log_scales, name, "background_log_scales"),
         )
@@ -88,6 +90,14 @@ def extend_registry(reference: StoreSchema, query: StoreSchema, where: str) -> S
         library_log_vars=reference.library_log_vars + tuple(query.library_log_vars[i] for i in new),
         modalities=modalities,
     )
+
+
+def _panel(reference: ModalitySchema, query: ModalitySchema, batch: int) -> tuple[bool, ...]:
+    """The query batch's panel over the reference's features, matched by name (a CSR modality's: as it is)."""
+    if query.kind != "dense" or query.features == reference.features:
+        return query.batch_mask[batch]
+    measured = dict(zip(query.features, query.batch_mask[batch], strict=True))
+    return tuple(measured.get(name, False) for name in reference.features)
 
 
 def _grow_columns(old: torch.Tensor, new: torch.Tensor, old_layers: FCLayers, layers: FCLayers):

@@ -348,7 +348,8 @@ def fit(
     """
     device = next(module.parameters()).device
     config = config.resolved(train.sampler.n_cells)
-    shortfall = kl_warmup_shortfall(config, config.epochs_for(train.sampler.n_cells), len(train))
+    steps_per_batch = 2 if _adversary_parameters(module) else 1  # see _fit
+    shortfall = kl_warmup_shortfall(config, config.epochs_for(train.sampler.n_cells), len(train) * steps_per_batch)
     if shortfall is not None and _world()[0] == 0:
         warnings.warn(shortfall, KLWarmupWarning, stacklevel=2)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -378,14 +379,19 @@ def _fit(
     model = torch.nn.parallel.DistributedDataParallel(module) if world_size > 1 else module
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     max_epochs = config.epochs_for(train.sampler.n_cells)
+    # scvi-tools' step-based KL warm-up counts Lightning's global_step, the optimizer steps: with the adversarial
+    # classifier's optimizer (AdversarialTrainingPlan's manual optimization) two per minibatch, so the warm-up
+    # (and kappa = 1 - kl_weight) runs at twice the minibatch pace; measured: 20 global steps, KL weight 0.018,
+    # after 10 minibatches with the adversary, 10 and 0.009 without
+    steps_per_batch = 2 if adversary_optimizer is not None else 1
     module.train()
     while progress.epoch < max_epochs:
         epoch, started = progress.epoch, time.perf_counter()
-        weight = kl_weight(config, epoch, progress.step)
+        weight = kl_weight(config, epoch, progress.step * steps_per_batch)
         sums, cells, step_losses = torch.zeros(3, dtype=torch.float64, device=device), 0, []
         extra: dict[str, torch.Tensor] = {}
         for batch in train:
-            weight = kl_weight(config, epoch, progress.step)
+            weight = kl_weight(config, epoch, progress.step * steps_per_batch)
             with autocast:
                 output = model(module.unpack(batch.to(device, non_blocking=True)), kl_weight=weight)
             if not torch.isfinite(output.loss):

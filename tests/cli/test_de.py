@@ -4,8 +4,10 @@ import pandas as pd
 import torch
 from typer.testing import CliRunner
 
-from atlasvi.api import SCVI
+from atlasvi.api import SCVI, TOTALVI
 from atlasvi.cli.main import app
+from atlasvi.data import open_store
+from atlasvi.models.totalvi import TOTALVIConfig
 from atlasvi.train import TrainConfig
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -33,3 +35,24 @@ def test_de_prints_top_genes_and_writes_the_csv(kang_store, tmp_path):
     assert no_column.exit_code == 1 and "no categorical column 'tissue'" in no_column.output
     for failed in (missing, no_column):  # one line each, no traceback
         assert failed.output.startswith("error: ") and failed.output.count("\n") == 1, failed.output
+
+
+def test_de_of_a_totalvi_model_tests_genes_and_proteins(two_panel_store, tmp_path):
+    """A totalVI model's table has the proteins after scvi-tools' TOTALVI ("<name>_protein" rows); a protein no
+    cell of a group measured has no raw mean there (NaN), not 0."""
+    model = TOTALVI(two_panel_store, config=TOTALVIConfig(n_latent=4, n_hidden=16), device="cpu")
+    model.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1))
+    model.save(tmp_path / "model")
+    schema = open_store(two_panel_store).schema
+    first = schema.batch_categories[0]  # pbmc10k: 14 of the 29 antibodies
+    args = ["de", "--model", str(tmp_path / "model"), "--groupby", schema.batch_key, "--group1", first]
+    result = runner.invoke(app, [*args, "--n-samples-overall", "100", "--output", str(tmp_path / "de.csv")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "de.csv", index_col="gene")
+    proteins = table[table.index.str.endswith("_protein")]
+    assert len(table) == schema.n_genes + 29 and len(proteins) == 29
+    panel = schema.modalities["protein"].batch_mask[0]
+    unmeasured = [f"{p}_protein" for p, m in zip(model.protein_names, panel, strict=True) if not m]
+    assert len(unmeasured) == 15 and proteins.loc[unmeasured, "raw_mean1"].isna().all()
+    assert proteins.drop(index=unmeasured)["raw_mean1"].notna().all() and proteins["raw_mean2"].notna().all()
+    assert proteins["lfc_mean"].notna().all()  # imputed where not measured

@@ -71,6 +71,27 @@ def test_the_loop_trains_the_adversary_with_its_own_optimizer_and_resumes_it_exa
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_a_step_warmup_counts_both_optimizers_steps_as_scvi_tools_global_step(two_panel_store):
+    """scvi-tools' AdversarialTrainingPlan steps two optimizers per minibatch and its step-based KL warm-up reads
+    Lightning's global_step (optimizer steps): with the adversary the warm-up runs at twice the minibatch pace."""
+    weights = {}
+    for adversary in (True, False):
+        config = SMALL.model_copy(update={"adversarial_classifier": adversary})
+        model = TOTALVI(two_panel_store, config=config, device="cpu")
+        train, validation = make_loaders(model.store, LOADER, 0.1, modalities=("protein",))
+        with train, validation:
+            steps = len(train)
+            history = fit(
+                model.module,
+                train,
+                validation,
+                TrainConfig(max_epochs=2, n_epochs_kl_warmup=None, n_steps_kl_warmup=100, seed=0),
+            )
+        weights[adversary] = [r.kl_weight for r in history]  # the KL weight of each epoch's last minibatch
+    assert steps == 6  # 360 training cells, batches of 64: the last minibatches are steps 5 and 11
+    assert weights[False] == pytest.approx([0.05, 0.11]) and weights[True] == pytest.approx([0.10, 0.22])
+
+
 def test_a_query_starts_the_adversary_afresh_and_trains_it(two_panel_store, tmp_path):
     import anndata as ad
 

@@ -125,6 +125,43 @@ def test_a_two_panel_store_trains_and_imputes_the_missing_proteins(trained, two_
     np.testing.assert_allclose(rna.sum(1), 1.0, rtol=1e-4)
 
 
+def test_de_over_genes_and_proteins_finds_cd19_up_in_b_cells(trained, two_panel_store):
+    """One table as scvi-tools' TOTALVI.differential_expression: the genes and "<protein>_protein" rows, these
+    raw columns count only the cells that measured the protein. B cells (MS4A1 or CD79A RNA): CD19 protein up."""
+    store = open_store(two_panel_store)
+    schema, block = store.schema, store.read_rows(0, store.n_cells, ("protein",))
+    counts = np.zeros((store.n_cells, schema.n_genes))
+    for row in range(store.n_cells):
+        span = slice(block.indptr[row], block.indptr[row + 1])
+        counts[row, block.indices[span]] = block.data[span]
+    genes = list(schema.gene_names)
+    b_cells = (counts[:, genes.index("MS4A1")] > 0) | (counts[:, genes.index("CD79A")] > 0)
+    assert 30 <= b_cells.sum() <= 60
+    result = trained.differential_expression(idx1=b_cells, idx2=~b_cells, n_samples_overall=400, seed=0)
+    assert len(result) == schema.n_genes + 29 and result.index.str.endswith("_protein").sum() == 29
+    proteins = result.loc[[f"{p}_protein" for p in trained.protein_names]]
+    assert proteins["raw_normalized_mean1"].isna().all() and (proteins["scale1"] > 0.1).all()  # + prior count
+    # the B-cell proteins CD19 (both panels) and CD20 (pbmc5k's) the most up in B cells, CD4 down
+    lfc = proteins["lfc_mean"].sort_values(ascending=False)
+    assert lfc["CD19_TotalSeqB_protein"] > 2.0, lfc.head()
+    assert set(lfc.index[:2]) == {"CD19_TotalSeqB_protein", "CD20_TotalSeqB_protein"}  # 3.25 and 2.40 at seed 0
+    assert proteins.loc["CD19_TotalSeqB_protein", "proba_de"] > 0.7 and lfc["CD4_TotalSeqB_protein"] < -0.3
+    # raw columns over the measuring cells only: CD20 is in pbmc5k's panel alone
+    column = list(trained.protein_names).index("CD20_TotalSeqB")
+    measured = block.masks["protein"][:, column]
+    expected = block.obsm["protein"][b_cells & measured, column].mean()
+    assert proteins.loc["CD20_TotalSeqB_protein", "raw_mean1"] == pytest.approx(expected)
+    assert proteins.loc["CD20_TotalSeqB_protein", "raw_mean1"] > 5 * proteins.loc["CD20_TotalSeqB_protein", "raw_mean2"]
+    # use_field: the proteins alone, from the same draws
+    only_proteins = trained.differential_expression(
+        idx1=b_cells, idx2=~b_cells, n_samples_overall=400, seed=0, use_field=["protein"]
+    )
+    assert sorted(only_proteins.index) == sorted(proteins.index)
+    np.testing.assert_allclose(only_proteins.loc[proteins.index, "lfc_mean"], proteins["lfc_mean"], rtol=1e-5)
+    with pytest.raises(ValueError, match="use_field"):
+        trained.differential_expression(idx1=b_cells, use_field=["atac"])
+
+
 def test_save_load_gives_the_same_protein_expression(trained, two_panel_store, tmp_path):
     loaded = TOTALVI.load(trained.save(tmp_path / "totalvi"), two_panel_store, device="cpu")
     np.testing.assert_array_equal(
@@ -189,3 +226,57 @@ def test_query_mapping_adds_the_new_batch_with_its_own_prior(cbmc_store, tmp_pat
     torch.testing.assert_close(
         query.module.background_pro_alpha.detach()[:, 0], reference.module.background_pro_alpha.detach()[:, 0]
     )  # the reference's batch did not move
+
+
+def test_query_proteins_are_matched_by_name_and_the_missing_ones_masked(cbmc_store, tmp_path):
+    """A query whose panel has the reference's proteins in another order, lacks two (CD19, CD8) and has one more:
+    its columns are read in the reference's order by name; the two it lacks are not measured (mask False, 0 in,
+    imputed out, no raw DE mean), the extra one is not read; a query with none of them is refused in one line."""
+    import anndata as ad
+    import pandas as pd
+
+    from atlasvi.data import BuildConfig, build_store
+    from atlasvi.models.saving import IncompatibleStoreError
+    from tests.conftest import CBMC
+
+    reference = TOTALVI(cbmc_store, config=SMALL, device="cpu")
+    reference.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1), LOADER)
+    names = list(reference.protein_names)
+    cells = ad.read_h5ad(CBMC)[600:900].copy()
+    counts = pd.DataFrame(cells.obsm["protein_expression"], index=cells.obs_names, columns=names)
+    panel = counts[[p for p in reversed(names) if p not in ("CD19", "CD8")]].assign(CD999=7)
+    cells.obsm["protein_expression"] = panel
+    cells.write_h5ad(tmp_path / "query.h5ad")
+    store = tmp_path / "query.zarr"
+    build_store(BuildConfig(inputs=[str(tmp_path / "query.h5ad")], output=str(store), protein_key="protein_expression"))
+    query = TOTALVI.load_query_data(store, reference, device="cpu")
+    assert query.protein_names == reference.protein_names
+    lacking = [names.index("CD19"), names.index("CD8")]
+    new_panel = np.array(query.schema.modalities["protein"].batch_mask[1])
+    assert not new_panel[lacking].any() and new_panel.sum() == 11
+    batch = next(iter(query._batches(None, (0, 64), 64)))
+    stored = ad.read_zarr(store)
+    order = cells.obs_names.get_indexer(stored.obs_names[batch.rows.numpy()])
+    expected = counts.to_numpy()[order]
+    mask = batch.masks["protein"].numpy()
+    assert not mask[:, lacking].any() and mask.sum() == 64 * 11
+    np.testing.assert_array_equal(batch.obsm["protein"].numpy()[mask], expected[mask])
+    assert (batch.obsm["protein"].numpy()[:, lacking] == 0).all()
+    query.fit(TrainConfig(max_epochs=2, n_epochs_kl_warmup=1), LOADER)
+    imputed = query.get_protein_expression(protein_list=["CD19", "CD8"])
+    assert np.isfinite(imputed).all() and (imputed > 0).all()
+    table = query.differential_expression(idx1=np.arange(150), idx2=np.arange(150, 300), n_samples_overall=50)
+    assert table.loc[["CD19_protein", "CD8_protein"], "raw_mean1"].isna().all()
+    first = cells.obs_names.get_indexer(stored.obs_names[:150])  # idx1: the store's first 150 rows
+    assert table.loc["CD3_protein", "raw_mean1"] == pytest.approx(counts["CD3"].to_numpy()[first].mean())
+    none = cells.copy()
+    none.obsm["protein_expression"] = panel.rename(columns=lambda p: f"{p}_other")
+    none.write_h5ad(tmp_path / "none.h5ad")
+    build_store(
+        BuildConfig(
+            inputs=[str(tmp_path / "none.h5ad")], output=str(tmp_path / "none.zarr"), protein_key="protein_expression"
+        )
+    )
+    with pytest.raises(IncompatibleStoreError, match="none of the model's 13 protein features") as refused:
+        TOTALVI.load_query_data(tmp_path / "none.zarr", reference, device="cpu")
+    assert "\n" not in str(refused.value)

@@ -43,7 +43,7 @@ from atlasvi.distributions import NegativeBinomial, NegativeBinomialMixture, Zer
 from atlasvi.models.adversary import BatchAdversary
 from atlasvi.models.contract import SurgerySpec
 from atlasvi.models.loss import LossOutput
-from atlasvi.models.saving import IncompatibleStoreError, check_compatible
+from atlasvi.models.saving import IncompatibleStoreError, check_compatible, feature_map
 from atlasvi.nn import Encoder, RNAProteinDecoder
 
 PROTEIN = "protein"
@@ -189,15 +189,18 @@ class TOTALVIModule(nn.Module):
         return schema
 
     def code_maps(self, store: StoreSchema, where: str) -> dict[str, torch.Tensor]:
-        """Store code -> model code per used key; the store must have the model's genes and proteins, in order."""
+        """Store code -> model code per used key, and the store's proteins matched to the model's by name (one
+        the store lacks is read as not measured: masked out of the likelihood, 0 in the encoder's input, as a
+        panel without it; one the model lacks is not read). The store must have the model's genes, in order,
+        and at least one of its proteins."""
         proteins = store.modalities.get(PROTEIN)
-        if proteins is None or proteins.features != self.protein_names:
-            found = "none" if proteins is None else f"{len(proteins.features)}: {list(proteins.features[:3])}..."
+        if proteins is None:
             raise IncompatibleStoreError(
                 f"{where}: the model was trained on {self.n_proteins} proteins {list(self.protein_names[:3])}..., "
-                f"the store has {found}; build it with the model's protein panel (protein_key)"
+                "the store has none; build it with protein_key"
             )
-        return check_compatible(self.schema, store, self.used_keys, where)
+        maps = check_compatible(self.schema, store, self.used_keys, where)
+        return maps | feature_map(self.protein_names, proteins.features, PROTEIN, where)
 
     def surgery_spec(self) -> SurgerySpec:
         """What scArches surgery grows: every covariate-injected layer of the decoder (and of the encoders, with
