@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasvi.data.config import LoaderConfig
-from atlasvi.data.loader import Minibatch, StreamingLoader
+from atlasvi.data.loader import Minibatch, StreamingLoader, feature_map_key
 from atlasvi.data.store import AtlasStore
 
 READ_ROWS = 65536  # rows read from the store at a time while loading
@@ -126,6 +126,14 @@ class ResidentRows:
             else:
                 obsm[k] = v[local]
         categorical = {k: code_maps[k][v[local]] if k in code_maps else v[local] for k, v in self.categorical.items()}
+        masks = {k: v[local] for k, v in self.masks.items()}
+        for k, v in obsm.items():  # a dense modality's features in the model's order (`feature_map_key`)
+            columns = code_maps.get(feature_map_key(k))
+            if columns is not None and isinstance(v, torch.Tensor):
+                present = columns >= 0
+                take = torch.where(present, columns, 0)
+                obsm[k] = torch.where(present, v[:, take], 0.0)
+                masks[k] = masks[k][:, take] & present
         return _Window(
             x,
             x.indptr.cpu().numpy(),
@@ -133,7 +141,7 @@ class ResidentRows:
             {k: v[local] for k, v in self.continuous.items()},
             torch.from_numpy(rows.astype(np.int64)).to(self.device),
             obsm,
-            {k: v[local] for k, v in self.masks.items()},
+            masks,
         )
 
 
