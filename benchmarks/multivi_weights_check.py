@@ -1,0 +1,173 @@
+"""MultiVI weights check: scvi-tools 1.4.2's trained MULTIVAE weights in atlasvi's MULTIVIModule give its values.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_weights_check.py
+
+Run after benchmarks/multivi_fidelity.py has prepared its files (`.cache/multivi_fidelity/`): scvi-tools' MULTIVI (its
+defaults) trains 2 epochs on the 264 held-out sci-CAR A549 cells (paired, one batch), then, in eval mode, gives for
+every cell the modality posteriors and their mixture, the two size factors, and at z = the mixed mean the per-cell
+reconstruction terms of its loss (-log p(x_rna), the ATAC BCE); also its get_reconstruction_error per cell (one draw
+of z), the figure benchmarks/multivi_fidelity.py reports. atlasvi's module, built on the store of the same cells, takes
+those weights (names mapped: scvi-tools' `fc_layers.Layer i` is atlasvi's `layers.i`, the Linear inside scvi-tools'
+`px_scale_decoder` / PeakVI `output` Sequentials is atlasvi's Linear; scvi-tools' protein modules, unused gene-cell
+dispersion head and third modality weight are left out) and computes the same quantities. Output:
+results/multivi_weights_check.json, the largest absolute and the mean difference of each.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SCVI_PYTHON = HERE / ".cache" / "scvi-venv" / "bin" / "python"
+CACHE = HERE / ".cache" / "multivi_fidelity"
+EPOCHS = 2
+SKIPPED = ("z_encoder_protein", "z_decoder_pro", "py_r", "background_pro", "mod_weights")
+
+
+def scvi_side() -> None:
+    """Train scvi-tools' MULTIVI on the held-out cells; write its weights and values to the cache (scvi-tools venv)."""
+    import logging
+
+    import scvi
+    import torch
+    from torch.distributions import Normal, kl_divergence
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = 0
+    mdata = _mudata(str(CACHE / "heldout.h5ad"))
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    scvi.model.MULTIVI.setup_mudata(mdata, batch_key=BATCH_KEY, modalities=modalities)
+    model = scvi.model.MULTIVI(mdata)
+    model.train(max_epochs=EPOCHS, accelerator="cpu", devices=1, enable_progress_bar=False)
+    module = model.module.eval()
+    tensors = next(iter(model._make_data_loader(adata=mdata, batch_size=mdata.n_obs)))
+    with torch.no_grad():
+        inference = module.inference(**module._get_inference_input(tensors))
+        inputs = module._get_generative_input(tensors, inference) | {"z": inference["qz_m"]}
+        generative = module.generative(**inputs)
+        x = inference["x"]
+        x_rna, x_atac = x[:, : module.n_input_genes], x[:, module.n_input_genes :]
+        values = {
+            "qzm_expr": inference["qzm_expr"], "qzv_expr": inference["qzv_expr"],
+            "qzm_acc": inference["qzm_acc"], "qzv_acc": inference["qzv_acc"],
+            "qz_m": inference["qz_m"], "qz_v": inference["qz_v"],
+            "libsize_expr": inference["libsize_expr"][:, 0], "libsize_acc": inference["libsize_acc"][:, 0],
+            "px_scale": generative["px_scale"], "p": generative["p"],
+            "rna": module.get_reconstruction_loss_expression(
+                x_rna, generative["px_rate"], generative["px_r"], generative["px_dropout"]
+            ),
+            "atac": module.get_reconstruction_loss_accessibility(x_atac, generative["p"], inference["libsize_acc"]),
+            "kl_z": kl_divergence(Normal(inference["qz_m"], inference["qz_v"].sqrt()), Normal(0, 1)).sum(-1),
+        }  # fmt: skip
+    torch.manual_seed(0)
+    error = model.get_reconstruction_error(mdata, return_mean=False)
+    reported = {
+        "reported_rna": error["reconstruction_loss_expression"],
+        "reported_atac": error["reconstruction_loss_accessibility"],
+    }
+    arrays = {k: v.numpy() for k, v in values.items()} | {k: np.asarray(v) for k, v in reported.items()}
+    np.savez(CACHE / "scvi_values.npz", names=mdata.obs_names.to_numpy(), **arrays)
+    np.savez(CACHE / "scvi_weights.npz", **{k: v.numpy() for k, v in module.state_dict().items()})
+
+
+def atlasvi_name(name: str) -> str | None:
+    """atlasvi's name of a scvi-tools MULTIVAE weight, or None for one atlasvi does not build."""
+    if name.startswith(SKIPPED) or ".px_r_decoder." in name:
+        return None
+    name = re.sub(r"fc_layers\.Layer (\d+)", r"layers.\1", name)
+    name = name.replace("px_scale_decoder.0.", "px_scale_decoder.")
+    if name.startswith(("z_decoder_accessibility.output.0.", "l_encoder_accessibility.output.0.")):
+        name = name.replace("output.0.", "output.")
+    return name
+
+
+def atlasvi_side() -> dict:
+    """scvi-tools' weights in atlasvi's module on the same cells; the largest absolute difference of each value."""
+    import anndata as ad
+    import torch
+    from torch.distributions import Normal, kl_divergence
+
+    from atlasvi.analysis import minibatches
+    from atlasvi.data import open_store
+    from atlasvi.models.multivi import MULTIVIModule
+
+    torch.set_num_threads(1)
+    store = open_store(CACHE / "heldout.zarr")
+    module = MULTIVIModule(store.schema).eval()
+    weights = np.load(CACHE / "scvi_weights.npz")
+    state = {atlasvi_name(k): torch.from_numpy(weights[k]) for k in weights.files if atlasvi_name(k) is not None}
+    state["mod_weights"] = torch.from_numpy(weights["mod_weights"][:2])  # RNA, ATAC (scvi-tools' third: protein)
+    module.load_state_dict(state)  # strict: every atlasvi weight comes from scvi-tools
+    reference = np.load(CACHE / "scvi_values.npz", allow_pickle=True)
+    order = {name: i for i, name in enumerate(reference["names"])}
+    rows = [order[name] for name in ad.read_zarr(CACHE / "heldout.zarr").obs_names]
+    batch = next(minibatches(store, None, store.n_cells, None, module.used_modalities))
+    with torch.no_grad():
+        inputs = module.unpack(batch)
+        inference = module.inference(inputs)
+        qz = inference["qz"]
+        out = module.generative(qz.loc, inference["library"], inputs)
+        probs = module.accessibility_probabilities(out["p"], inference["depth"])
+        values = {
+            "qzm_expr": inference["qz_expression"].loc, "qzv_expr": inference["qz_expression"].scale ** 2,
+            "qzm_acc": inference["qz_accessibility"].loc, "qzv_acc": inference["qz_accessibility"].scale ** 2,
+            "qz_m": qz.loc, "qz_v": qz.scale**2,
+            "libsize_expr": inference["library"][:, 0], "libsize_acc": inference["depth"][:, 0],
+            "px_scale": out["px_scale"], "p": out["p"],
+            "rna": -out["px"].log_prob(inputs.x).sum(-1),
+            "atac": torch.nn.functional.binary_cross_entropy(
+                probs, (inputs.atac > 0).float(), reduction="none"
+            ).sum(-1),
+            "kl_z": kl_divergence(qz, Normal(0.0, 1.0)).sum(-1),
+        }  # fmt: skip
+        torch.manual_seed(0)
+        output = module.loss(inputs)  # one draw of z, as the fidelity benchmark's held-out figure
+    report = {}
+    for key, value in values.items():
+        theirs = reference[key][rows]
+        report[key] = {
+            "max_abs_diff": float(np.abs(value.numpy() - theirs).max()),
+            "mean_diff": float((value.numpy() - theirs).mean()),  # atlasvi - scvi-tools
+            "scvi_tools_mean_abs": float(np.abs(theirs).mean()),
+        }
+    rna_mask = inputs.rna_mask.float()
+    report["reported_heldout_rna_per_cell"] = {
+        "atlasvi": float(output.extra_metrics["reconstruction_rna"]),
+        "atlasvi_at_z_mean": float(values["rna"].mul(rna_mask).mean()),
+        "scvi_tools_get_reconstruction_error": float(reference["reported_rna"].mean()),
+        "scvi_tools_at_z_mean": float(reference["rna"].mean()),
+    }
+    return report
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--side", "scvi"]:
+        scvi_side()
+        return
+    if not (CACHE / "heldout.zarr").exists():
+        raise SystemExit("run benchmarks/multivi_fidelity.py first (it prepares .cache/multivi_fidelity/)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    if "--reuse" not in sys.argv:
+        subprocess.run([str(SCVI_PYTHON), __file__, "--side", "scvi"], env=env, check=True)
+    report = {
+        "command": "python benchmarks/multivi_weights_check.py",
+        "cells": 264,
+        "scvi_tools_epochs": EPOCHS,
+        "values": atlasvi_side(),
+    }
+    (HERE / "results" / "multivi_weights_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
