@@ -11,6 +11,13 @@ those weights (names mapped: scvi-tools' `fc_layers.Layer i` is atlasvi's `layer
 `px_scale_decoder` / PeakVI `output` Sequentials is atlasvi's Linear; scvi-tools' protein modules, unused gene-cell
 dispersion head and third modality weight are left out) and computes the same quantities. Output:
 results/multivi_weights_check.json, the largest absolute and the mean difference of each.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_weights_check.py --dynamics 3 0 1 2
+
+Training dynamics: scvi-tools' MULTIVI trains EPOCHS epochs on the fidelity benchmark's training cells (KL warm-up 10
+epochs, as its table) per seed; atlasvi's trains as long from scvi-tools' seed-0 initial weights (names mapped as
+above; its adversary keeps its own) and from its own initialisation per seed; each gives the held-out -log p(RNA)
+per cell as multivi_fidelity.py computes it. Output: results/multivi_training_dynamics.json.
 """
 
 import json
@@ -150,12 +157,38 @@ def atlasvi_side() -> dict:
     return report
 
 
+def dynamics(epochs: int, seeds: list[int]) -> dict:
+    """Training dynamics: scvi-tools' held-out -log p(RNA) after `epochs` epochs per seed (subprocesses), then
+    atlasvi's from scvi-tools' seed-0 initial weights and from its own initialisation per seed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    scvi_tools = {}
+    for seed in sorted(seeds):  # seed 0 first: it writes the initial weights atlasvi starts from
+        command = [str(SCVI_PYTHON), __file__, "--dynamics-scvi", str(epochs), str(seed)]
+        lines = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+        scvi_tools[f"seed{seed}"] = json.loads(next(line for line in lines if line.startswith("{")))["scvi_heldout_rna"]
+    return {
+        "command": f"python benchmarks/multivi_weights_check.py --dynamics {epochs} {' '.join(map(str, seeds))}",
+        "what": "held-out -log p(RNA) per cell (264 paired held-out cells, one draw of z, torch seed 0) after "
+        f"{epochs} epochs on the fidelity benchmark's training cells, KL warm-up 10 epochs",
+        "scvi_tools": scvi_tools,
+        "atlasvi": atlasvi_dynamics(epochs, seeds),
+    }
+
+
 def main() -> None:
     if sys.argv[1:] == ["--side", "scvi"]:
         scvi_side()
         return
-    if not (CACHE / "heldout.zarr").exists():
+    if sys.argv[1:2] == ["--dynamics-scvi"]:
+        scvi_dynamics(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    if not (CACHE / "train.zarr").exists():
         raise SystemExit("run benchmarks/multivi_fidelity.py first (it prepares .cache/multivi_fidelity/)")
+    if sys.argv[1:2] == ["--dynamics"]:
+        report = dynamics(int(sys.argv[2]), [int(s) for s in sys.argv[3:]] or [0])
+        (HERE / "results" / "multivi_training_dynamics.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     if "--reuse" not in sys.argv:
         subprocess.run([str(SCVI_PYTHON), __file__, "--side", "scvi"], env=env, check=True)
@@ -167,6 +200,62 @@ def main() -> None:
     }
     (HERE / "results" / "multivi_weights_check.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
+
+
+def scvi_dynamics(epochs: int, seed: int = 0) -> None:
+    """scvi-tools' MULTIVI on the fidelity benchmark's training cells: its initial weights, then its held-out
+    -log p(RNA) per cell after `epochs` epochs (KL warm-up 10 epochs, as the benchmark's table)."""
+    import logging
+
+    import scvi
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = seed
+    train, held = _mudata(str(CACHE / "train.h5ad")), _mudata(str(CACHE / "heldout.h5ad"))
+    held.obs["_indices"] = np.arange(held.n_obs)
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+    model = scvi.model.MULTIVI(train)
+    if seed == 0:
+        np.savez(CACHE / "scvi_init.npz", **{k: v.numpy() for k, v in model.module.state_dict().items()})
+    model.train(max_epochs=epochs, n_epochs_kl_warmup=10, accelerator="cpu", devices=1, enable_progress_bar=False)
+    torch.manual_seed(0)
+    error = model.get_reconstruction_error(held)
+    print(json.dumps({"seed": seed, "scvi_heldout_rna": float(error["reconstruction_loss_expression"])}), flush=True)
+
+
+def atlasvi_dynamics(epochs: int, seeds: list[int]) -> dict:
+    """atlasvi's MULTIVI from scvi-tools' initial weights and from its own, `epochs` epochs each."""
+    import torch
+
+    from atlasvi.api import MULTIVI
+    from atlasvi.data import LoaderConfig
+    from atlasvi.train import TrainConfig
+    from benchmarks.multivi_fidelity import atlasvi_heldout
+
+    torch.set_num_threads(1)
+    out = {}
+    for start in ["scvi_init"] + [f"own_init_seed{seed}" for seed in seeds]:
+        seed = 0 if start == "scvi_init" else int(start.rsplit("seed", 1)[1])
+        model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed)
+        if start == "scvi_init":
+            weights = np.load(CACHE / "scvi_init.npz")
+            state = {atlasvi_name(k): torch.from_numpy(weights[k]) for k in weights.files if atlasvi_name(k)}
+            state["mod_weights"] = torch.from_numpy(weights["mod_weights"][:2])
+            missing, unexpected = model.module.load_state_dict(state, strict=False)
+            assert not unexpected and all(k.startswith("adversary.") for k in missing), (missing, unexpected)
+        model.fit(
+            TrainConfig(seed=seed, max_epochs=epochs, n_epochs_kl_warmup=10), LoaderConfig(batch_size=128, seed=seed)
+        )
+        out[start] = atlasvi_heldout(model, CACHE / "heldout.zarr")["rna"]
+        print(start, out[start], file=sys.stderr, flush=True)
+    return out
 
 
 if __name__ == "__main__":
