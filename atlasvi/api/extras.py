@@ -16,7 +16,19 @@ from atlasvi.data import open_store
 from atlasvi.data.store import AtlasStore
 from atlasvi.data.writeback import ObsCategoricalWriter
 
-__all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras", "accessibility_table"]
+__all__ = ["BayesianDE", "ClassifierExtras", "ExpressionExtras", "accessibility_table", "feature_indices"]
+
+
+def feature_indices(kind: str, wanted: Sequence[str] | None, *names: Sequence[str]) -> np.ndarray | None:
+    """(len(wanted),) column indices of the `wanted` features (None: all, returns None), looked up in each of
+    `names` (e.g. gene names, then gene ids); KeyError naming up to 5 of `kind` the model lacks."""
+    if wanted is None:
+        return None
+    lookup = {name: i for column in names for i, name in enumerate(column)}  # a later column wins a clash
+    missing = [f for f in wanted if f not in lookup]
+    if missing:
+        raise KeyError(f"{kind} not in the model: {missing[:5]}")
+    return np.array([lookup[f] for f in wanted], dtype=np.int64)
 
 
 class BayesianDE(AtlasModel):
@@ -28,15 +40,7 @@ class BayesianDE(AtlasModel):
     de_defaults: ClassVar[dict[str, Any]] = {}  # DEConfig fields whose defaults differ for this method
 
     def _gene_indices(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
-        if gene_list is None:
-            return None
-        lookup = {g: i for i, g in enumerate(self.schema.gene_names)} | {
-            g: i for i, g in enumerate(self.schema.gene_ids)
-        }
-        missing = [g for g in gene_list if g not in lookup]
-        if missing:
-            raise KeyError(f"genes not in the model: {missing[:5]}")
-        return np.array([lookup[g] for g in gene_list])
+        return feature_indices("genes", gene_list, self.schema.gene_names, self.schema.gene_ids)
 
     def _batch_code(self, transform_batch: str | None) -> int | None:
         if transform_batch is None:

@@ -22,7 +22,7 @@ import torch
 
 from atlasvi.analysis import de
 from atlasvi.api.base import _stack
-from atlasvi.api.extras import BayesianDE, accessibility_table
+from atlasvi.api.extras import BayesianDE, accessibility_table, feature_indices
 from atlasvi.data import Minibatch
 from atlasvi.data.store import AtlasStore
 from atlasvi.models.multivi import MULTIVIConfig, MULTIVIModule
@@ -88,13 +88,7 @@ class MULTIVI(BayesianDE):
         return self.module.region_names
 
     def _region_indices(self, region_list: Sequence[str] | None) -> np.ndarray | None:
-        if region_list is None:
-            return None
-        lookup = {r: i for i, r in enumerate(self.region_names)}
-        missing = [r for r in region_list if r not in lookup]
-        if missing:
-            raise KeyError(f"regions not in the model: {missing[:5]}")
-        return np.array([lookup[r] for r in region_list])
+        return feature_indices("regions", region_list, self.region_names)
 
     def _decoded(
         self,

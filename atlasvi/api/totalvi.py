@@ -19,7 +19,7 @@ import torch
 from atlasvi.analysis import de
 from atlasvi.analysis.posterior import protein_expression
 from atlasvi.api.base import _stack
-from atlasvi.api.extras import BayesianDE, ExpressionExtras
+from atlasvi.api.extras import BayesianDE, ExpressionExtras, feature_indices
 from atlasvi.data.store import AtlasStore
 from atlasvi.models.totalvi import TOTALVIModule
 
@@ -43,13 +43,7 @@ class TOTALVI(ExpressionExtras):
         return self.module.protein_names
 
     def _protein_indices(self, protein_list: Sequence[str] | None) -> np.ndarray | None:
-        if protein_list is None:
-            return None
-        lookup = {p: i for i, p in enumerate(self.protein_names)}
-        missing = [p for p in protein_list if p not in lookup]
-        if missing:
-            raise KeyError(f"proteins not in the model: {missing[:5]}")
-        return np.array([lookup[p] for p in protein_list])
+        return feature_indices("proteins", protein_list, self.protein_names)
 
     def _protein_parts(
         self,
