@@ -1,10 +1,12 @@
 """scvi-tools interoperability: an atlasvi model exported in scvi-tools 1.4.2's save format, and a scvi-tools
-saved model imported as an atlasvi model on a store with its genes (`atlasvi export`, `atlasvi import`).
+saved model imported as an atlasvi model on a store with its genes (`atlasvi export`, `atlasvi import`), for SCVI,
+SCANVI, LinearSCVI, TOTALVI and PEAKVI (`atlasvi.models.scvi_tools.COUNTERPARTS`).
 
 The format and the renaming live in `atlasvi.models.scvi_tools`; here the user-facing class comes from the model
 registry and the store is checked against the imported model (genes, keys, categories), each problem named.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,13 @@ from pydantic import ValidationError
 
 from atlasvi.api.base import AtlasModel, _described, user_class
 from atlasvi.data import open_store
-from atlasvi.data.store import AtlasStore, StoreSchema
+from atlasvi.data.store import AtlasStore, ModalitySchema, StoreSchema
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import META_NAME, IncompatibleStoreError, load_state, load_weights, read_meta, saved_schema
 from atlasvi.models.scvi_tools import (
     MODEL_FILE,
     NO_BATCH_KEY,
+    PROTEIN,
     ScviToolsFileError,
     ScviToolsModel,
     from_scvi_tools,
@@ -29,9 +32,10 @@ from atlasvi.models.scvi_tools import (
 
 def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write a trained model (an instance, or a saved model's folder: no store needed) as a scvi-tools 1.4.2
-    model folder `output` (`output`/model.pt), so that `scvi.model.SCVI.load(output, adata)` (SCANVI likewise)
-    gives its latent on the same cells. An existing `output` is refused unless `overwrite` (then only its
-    model.pt is replaced). Returns the written model.pt."""
+    model folder `output` (`output`/model.pt), so that `scvi.model.<Class>.load(output, adata)` (SCVI, SCANVI,
+    LinearSCVI, TOTALVI, PEAKVI) gives its latent on the same cells; another method is refused in one line.
+    An existing `output` is refused unless `overwrite` (then only its model.pt is replaced).
+    Returns the written model.pt."""
     output = Path(output)
     if isinstance(model, AtlasModel):
         method, config, schema = model.method, model.config.model_dump(), model.schema
@@ -48,9 +52,11 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
 
 
 def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> AtlasModel:
-    """A scvi-tools saved SCVI / SCANVI (its folder or model.pt, read without running code from the file) as the
-    atlasvi model of the same method on `store`, which must hold the model's genes in its order, its batch (and
-    for SCANVI labels) key and no batch category it has not seen; the first problem is named."""
+    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI (its folder or model.pt, read without
+    running code from the file) as the atlasvi model of the same method on `store`, which must hold the model's
+    genes (peaks for PEAKVI) in its order, its batch (and for SCANVI labels) key, no batch category it has not
+    seen and for TOTALVI its proteins in its order; the first problem is named. A TOTALVI's adversarial batch
+    classifier (scvi-tools keeps it in the trainer, not the file) starts afresh, as for a query."""
     path = Path(source)
     imported = from_scvi_tools(read_scvi_tools(path), str(path))
     opened = store if isinstance(store, AtlasStore) else open_store(store)
@@ -65,7 +71,8 @@ def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device
             f"{path}: scvi-tools option {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         ) from None
     model = cls(opened, config, device, registry=schema)
-    load_state(model.module, imported.state, str(path), _described(config))
+    fresh = {k: v for k, v in model.module.state_dict().items() if k.startswith("adversary.")}
+    load_state(model.module, imported.state | fresh, str(path), _described(config))
     return model
 
 
@@ -81,6 +88,7 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
     """The atlasvi registry of an imported model on `store`: its genes, keys and categories (checked against the
     store's), the store's count dtype and, with the observed library (unused then), the store's library prior."""
     reg = dict(imported.registry)
+    proteins = reg.pop("protein_names", None)
     genes, stored = reg["gene_ids"], store.gene_ids
     if genes != stored:
         missing = [g for g in genes if g not in set(stored)]
@@ -131,4 +139,31 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
         reg["library_log_means"] = tuple(v[0] for v in values)
         reg["library_log_vars"] = tuple(v[1] for v in values)
     reg["categorical"] = categorical
+    if proteins is not None:
+        reg["modalities"] = {PROTEIN: _proteins(proteins, store, categorical[reg["batch_key"]], where, store_path)}
     return StoreSchema(n_cells=store.n_cells, count_dtype=store.count_dtype, **reg)
+
+
+def _proteins(
+    proteins: tuple[str, ...], store: StoreSchema, batches: tuple[str, ...], where: str, store_path: str
+) -> ModalitySchema:
+    """The protein modality of an imported totalVI: the store's, which must have the model's proteins in its order,
+    its per-batch panels and background priors taken for the model's batches (a full panel and the mean prior
+    for a batch the store lacks; the prior only starts a training, the imported weights replace it)."""
+    stored = store.modalities.get(PROTEIN)
+    if stored is None or stored.features != proteins:
+        has = f"{len(stored.features)}: {list(stored.features[:5])}" if stored is not None else "none"
+        raise IncompatibleStoreError(
+            f"{store_path}: {where} reads {len(proteins)} proteins {list(proteins[:5])}..., in that order; the store "
+            f"has {has}; build it from cells with those proteins (--protein-key)"
+        )
+    index = {b: i for i, b in enumerate(store.batch_categories)}
+    means, scales = stored.background_log_means, stored.background_log_scales
+    fill = (float(np.mean(means)), float(np.mean(scales)))
+    picked = [(stored.batch_mask[index[b]], means[index[b]], scales[index[b]]) if b in index else None for b in batches]
+    return replace(
+        stored,
+        batch_mask=tuple(p[0] if p else (True,) * len(proteins) for p in picked),
+        background_log_means=tuple(p[1] if p else fill[0] for p in picked),
+        background_log_scales=tuple(p[2] if p else fill[1] for p in picked),
+    )

@@ -26,7 +26,9 @@ def export_command(
     to: Annotated[str, typer.Option("--to", help="the format: scvi-tools (1.4.2's save format)")] = "scvi-tools",
     overwrite: Annotated[bool, typer.Option(help="replace OUTPUT's model.pt")] = False,
 ) -> None:
-    """Write a saved SCVI / SCANVI in scvi-tools' save format: scvi.model.SCVI.load(OUTPUT, adata) reads it.
+    """Write a saved model in scvi-tools' save format: scvi.model.<Class>.load(OUTPUT, adata) reads it.
+
+    Methods: scvi, scanvi, ldvae (LinearSCVI), totalvi, peakvi; the others have no scvi-tools counterpart.
 
     adata: the cells with the model's genes (var_names, in order) and its obs keys, e.g. the training store
     opened with anndata.read_zarr. The training store is not needed to export."""
@@ -43,8 +45,9 @@ def import_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace a model saved in OUTPUT")] = False,
 ) -> None:
-    """Read a scvi-tools saved SCVI / SCANVI (weights only: no code from the file runs) into an atlasvi model on
-    STORE, saved in OUTPUT; `atlasvi latent`, `de`, `scanvi` and `map-query --reference OUTPUT` then take it."""
+    """Read a scvi-tools saved SCVI, SCANVI, LinearSCVI, TOTALVI or PEAKVI (weights only: no code from the file runs)
+    into an atlasvi model on STORE, saved in OUTPUT; `atlasvi latent`, `de`, `scanvi` and `map-query --reference
+    OUTPUT` then take it."""
     _format(from_format, "--from")
     if (output / META_NAME).exists() and not overwrite:
         raise AtlasviError(f"{output}: holds a saved model already; pass --overwrite to replace it")

@@ -1,20 +1,21 @@
-"""scvi-tools 1.4.2's save format, both ways, for the methods with a scvi-tools counterpart (SCVI, SCANVI).
+"""scvi-tools 1.4.2's save format, both ways, for the methods with a scvi-tools counterpart: SCVI, SCANVI,
+LinearSCVI (atlasvi's ldvae), TOTALVI and PEAKVI (`COUNTERPARTS`, the one table of their names and arguments).
 
 A scvi-tools model folder holds `model.pt`: {"model_state_dict": weights in scvi-tools' parameter names,
 "var_names": (n_genes,) gene names, "attr_dict": {"registry_": the AnnData setup registry, "init_params_": the
 class's init arguments, ...}} (scvi-tools' `BaseModelClass.save`). Reading one runs no code from the file:
 `torch.load(weights_only=True)` with numpy arrays and dicts allowed and pandas objects (the training history,
 which is not needed) read as inert placeholders; a file that needs any other global is refused, naming it.
-Writing one gives what `SCVI.load(dir, adata)` / `SCANVI.load` read: the weights renamed, scvi-tools' parameters
-that atlasvi does not build (the library encoder with the observed library, the zero-inflation head of an NB
-model, the per-cell dispersion head) as zeros, since scvi-tools does not use them in those configurations.
+Writing one gives what `<Class>.load(dir, adata)` reads: the weights renamed, the registry its `setup_anndata`
+writes for the store's keys, and scvi-tools' parameters that atlasvi does not build (the library encoder with the
+observed library, the zero-inflation head of an NB model, the per-cell dispersion head) as zeros, since
+scvi-tools does not use them in those configurations.
 """
 
 import os
 import re
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,12 @@ import numpy as np
 import torch
 
 from atlasvi.data import StoreSchema
+from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import ModelFileError
 
 SCVI_TOOLS_VERSION = "1.4.2"
 MODEL_FILE = "model.pt"
 NO_BATCH_KEY, NO_LABELS_KEY = "_scvi_batch", "_scvi_labels"  # scvi-tools' columns when no key was given
-# atlasvi config field -> scvi-tools init argument (the class's own arguments; the others go to the module)
-CLASS_ARGS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood")
-MODULE_ARGS = ("log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm")
-SCANVI_ARGS = ("linear_classifier",)
 # scvi-tools' arguments that atlasvi takes with these values only (other values have no atlasvi counterpart)
 FIXED_ARGS = {
     "latent_distribution": "normal",
@@ -39,13 +37,129 @@ FIXED_ARGS = {
     "var_activation": None,
     "datamodule": None,
 }
-RENAMES = (  # scvi-tools -> atlasvi, applied in order after "fc_layers.Layer i." -> "layers.i."
-    ("decoder.px_scale_decoder.0.", "decoder.px_scale_decoder."),
-    ("decoder_z1_z2.decoder.", "decoder_z1_z2.encoder."),
-    ("decoder_z1_z2.mean_decoder.", "decoder_z1_z2.mean_encoder."),
-    ("decoder_z1_z2.var_decoder.", "decoder_z1_z2.var_encoder."),
-    ("classifier.classifier.", "classifier."),
-)
+# scvi-tools' registry fields in the order each setup_anndata writes them
+SCVI_FIELDS = ("X", "batch", "labels", "size_factor", "extra_categorical_covs", "extra_continuous_covs")
+SCVI_SETUP = ("batch_key", "labels_key", "layer", "size_factor_key", "categorical_covariate_keys",
+              "continuous_covariate_keys")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Counterpart:
+    """How an atlasvi method maps onto its scvi-tools 1.4.2 class (registry `saved_name` = scvi-tools' class name).
+
+    renames: (scvi-tools prefix, atlasvi prefix) of parameter names, the first match applied after scvi-tools'
+    "fc_layers.Layer i." -> atlasvi's "layers.i."; class_args: config fields that are the class's own init
+    arguments (same names); module_args: config fields passed to the module through the class's **kwargs
+    (`kwargs_key` in init_params_); atlasvi_only: config fields with no scvi-tools argument (training-only: left
+    at atlasvi's default on import); fields, setup_args: the setup registry's fields and setup_anndata's
+    arguments, in scvi-tools' order; fixed_class, fixed_module: the values atlasvi's model has of scvi-tools'
+    arguments it does not vary (written to init_params_; others are refused on import); labels: whether
+    setup_anndata takes a labels_key; covariates: whether it takes extra categorical / continuous covariates.
+    Every config field but `name` is in class_args, module_args or atlasvi_only (tests/api/test_interop.py).
+    """
+
+    renames: tuple[tuple[str, str], ...]
+    class_args: tuple[str, ...]
+    module_args: tuple[str, ...]
+    kwargs_key: str = "model_kwargs"
+    atlasvi_only: tuple[str, ...] = ()
+    fields: tuple[str, ...] = SCVI_FIELDS
+    setup_args: tuple[str, ...] = SCVI_SETUP
+    fixed_class: dict[str, Any] = field(default_factory=lambda: {"latent_distribution": "normal"})
+    fixed_module: dict[str, Any] = field(default_factory=dict)
+    labels: bool = True
+    covariates: bool = True
+
+
+_SCVI_MODULE = ("log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm")
+_SCVI_CLASS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "dispersion", "gene_likelihood",
+               "use_observed_lib_size")  # fmt: skip
+COUNTERPARTS: dict[str, Counterpart] = {
+    "SCVI": Counterpart(
+        (("decoder.px_scale_decoder.0.", "decoder.px_scale_decoder."),), _SCVI_CLASS, _SCVI_MODULE, "kwargs"
+    ),
+    "SCANVI": Counterpart(
+        (
+            ("decoder.px_scale_decoder.0.", "decoder.px_scale_decoder."),
+            ("decoder_z1_z2.decoder.", "decoder_z1_z2.encoder."),
+            ("decoder_z1_z2.mean_decoder.", "decoder_z1_z2.mean_encoder."),
+            ("decoder_z1_z2.var_decoder.", "decoder_z1_z2.var_encoder."),
+            ("classifier.classifier.", "classifier."),
+        ),
+        (*_SCVI_CLASS, "linear_classifier"),
+        _SCVI_MODULE,
+        fixed_class={"datamodule": None},
+        fixed_module={"latent_distribution": "normal"},
+        atlasvi_only=("unlabeled_category", "classification_ratio"),  # setup_anndata's; train's
+    ),
+    "LinearSCVI": Counterpart(  # LDVAE: encoders always with batch norm; use_batch_norm is the decoder's (a bool)
+        (),
+        _SCVI_CLASS,
+        ("log_variational", "use_batch_norm", "bias"),
+        atlasvi_only=("encode_covariates", "deeply_inject_covariates", "use_layer_norm"),
+        fields=("X", "batch", "labels"),
+        setup_args=("batch_key", "labels_key", "layer"),
+        covariates=False,
+    ),
+    "TOTALVI": Counterpart(
+        (
+            ("encoder.encoder.", "z_encoder.encoder."),
+            ("encoder.z_mean_encoder.", "z_encoder.mean_encoder."),
+            ("encoder.z_var_encoder.", "z_encoder.var_encoder."),
+            ("encoder.l_gene_encoder.", "l_encoder.encoder."),
+            ("encoder.l_gene_mean_encoder.", "l_encoder.mean_encoder."),
+            ("encoder.l_gene_var_encoder.", "l_encoder.var_encoder."),
+        ),
+        ("n_latent", "gene_dispersion", "protein_dispersion", "gene_likelihood", "empirical_protein_background_prior"),
+        (
+            "n_hidden",
+            "n_layers_encoder",
+            "n_layers_decoder",
+            "dropout_rate_encoder",
+            "dropout_rate_decoder",
+            "log_variational",
+            "encode_covariates",
+            "use_batch_norm",
+            "use_layer_norm",
+            "use_observed_lib_size",
+        ),
+        atlasvi_only=("adversarial_classifier",),  # scvi-tools: TOTALVI.train's argument
+        fixed_class={"latent_distribution": "normal", "override_missing_proteins": False},
+        fields=("X", "labels", "batch", "size_factor", "extra_categorical_covs", "extra_continuous_covs", "proteins"),
+        setup_args=(
+            "protein_expression_obsm_key",
+            "protein_names_uns_key",
+            "batch_key",
+            "panel_key",
+            "layer",
+            "size_factor_key",
+            "categorical_covariate_keys",
+            "continuous_covariate_keys",
+        ),
+        labels=False,
+    ),  # fmt: skip
+    "PEAKVI": Counterpart(
+        (("z_decoder.output.0.", "z_decoder.output."), ("d_encoder.output.0.", "d_encoder.output.")),
+        (
+            "n_hidden",
+            "n_latent",
+            "n_layers_encoder",
+            "n_layers_decoder",
+            "dropout_rate",
+            "model_depth",
+            "region_factors",
+            "use_batch_norm",
+            "use_layer_norm",
+            "deeply_inject_covariates",
+            "encode_covariates",
+        ),
+        (),
+        atlasvi_only=("kl_weighting",),  # the loss's KL weighting: training only
+        fields=("X", "batch", "labels", "extra_categorical_covs", "extra_continuous_covs"),
+        setup_args=("batch_key", "labels_key", "categorical_covariate_keys", "continuous_covariate_keys", "layer"),
+    ),  # fmt: skip
+}
+PROTEIN = "protein"  # atlasvi's modality name of totalVI's proteins
 
 
 class ScviToolsFileError(ModelFileError):
@@ -54,10 +168,10 @@ class ScviToolsFileError(ModelFileError):
 
 @dataclass(frozen=True)
 class ScviToolsModel:
-    """A scvi-tools model in atlasvi's terms. method: "SCVI" or "SCANVI" (model.json's method); config: the
-    atlasvi model config's fields; registry: the StoreSchema fields but n_cells, count_dtype and the library
-    prior where scvi-tools has none (observed library); state: weights in atlasvi's names; n_cells: cells it
-    was set up on."""
+    """A scvi-tools model in atlasvi's terms. method: scvi-tools' class name (model.json's method, a key of
+    COUNTERPARTS); config: the atlasvi model config's fields; registry: the StoreSchema fields but n_cells,
+    count_dtype, modalities and the library prior where scvi-tools has none (observed library), and for TOTALVI
+    "protein_names" (its proteins, in order); state: weights in atlasvi's names; n_cells: cells it was set up on."""
 
     method: str
     config: dict[str, Any]
@@ -143,18 +257,30 @@ def _refusal(path: Path, refused: list[str]) -> str:
     )
 
 
-def _to_atlasvi_name(key: str) -> str:
+def counterpart(method: str, where: str = "") -> Counterpart:
+    """The scvi-tools counterpart of `method` (model.json's method, scvi-tools' class name); ScviToolsFileError
+    naming the methods that have one."""
+    if method not in COUNTERPARTS:
+        raise ScviToolsFileError(
+            f"{where + ': ' if where else ''}a {method} model has no scvi-tools counterpart in atlasvi "
+            f"({', '.join(COUNTERPARTS)} have)"
+        )
+    return COUNTERPARTS[method]
+
+
+def to_atlasvi_name(method: str, key: str) -> str:
+    """atlasvi's name of the scvi-tools parameter `key` of a `method` module (`Counterpart.renames`)."""
     key = re.sub(r"fc_layers\.Layer (\d+)\.", r"layers.\1.", key)
-    for theirs, ours in RENAMES:
-        key = key.replace(theirs, ours)
+    for theirs, ours in COUNTERPARTS[method].renames:
+        if key.startswith(theirs):
+            return ours + key.removeprefix(theirs)
     return key
 
 
-def _to_scvi_name(key: str, linear_classifier: bool) -> str:
+def to_scvi_tools_name(method: str, key: str) -> str:
+    """scvi-tools' name of the atlasvi parameter `key` of a `method` module (the inverse of `to_atlasvi_name`)."""
     key = re.sub(r"(^|\.)layers\.(\d+)\.", r"\1fc_layers.Layer \2.", key)
-    if key.startswith("classifier.") and linear_classifier:
-        return "classifier.classifier.0." + key.removeprefix("classifier.")
-    for theirs, ours in reversed(RENAMES):
+    for theirs, ours in COUNTERPARTS[method].renames:
         if key.startswith(ours):
             return theirs + key.removeprefix(ours)
     return key
@@ -167,31 +293,44 @@ def _mapping(field: dict, where: str, name: str) -> tuple[str, ...]:
     return tuple(str(c) for c in mapping)
 
 
+def _config(method: str, args: dict[str, Any], where: str) -> dict[str, Any]:
+    """atlasvi config fields of scvi-tools init arguments (`args`: non_kwargs and kwargs merged); an argument
+    with no atlasvi counterpart is named."""
+    spec = COUNTERPARTS[method]
+    config: dict[str, Any] = {"name": get_entry(method).name}
+    fixed = FIXED_ARGS | spec.fixed_class | spec.fixed_module
+    for key, value in args.items():
+        if key in spec.class_args or key in spec.module_args:
+            config[key] = value
+        elif key == "override_missing_proteins" and method == "TOTALVI":
+            continue  # which all-zero proteins count as unmeasured when training; atlasvi's store mask says
+        elif key in fixed and value in (fixed[key], None):
+            continue
+        else:
+            raise ScviToolsFileError(f"{where}: scvi-tools option {key}={value!r} has no atlasvi counterpart")
+    if method == "LinearSCVI" and "use_batch_norm" in config:  # LDVAE's decoder batch norm (encoders: always)
+        config["use_batch_norm"] = "both" if config["use_batch_norm"] else "encoder"
+    return config
+
+
 def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     """A read scvi-tools model (`read_scvi_tools`) in atlasvi's terms; an option atlasvi lacks is named."""
     attrs = saved["attr_dict"]
     registry, init = attrs.get("registry_", {}), attrs.get("init_params_", {})
-    method = registry.get("model_name")
-    if method not in ("SCVI", "SCANVI"):
-        raise ScviToolsFileError(f"{where}: a scvi-tools {method} model; atlasvi imports SCVI and SCANVI")
+    method = str(registry.get("model_name"))
+    if method not in COUNTERPARTS:
+        raise ScviToolsFileError(f"{where}: a scvi-tools {method} model; atlasvi imports {', '.join(COUNTERPARTS)}")
     if registry.get("setup_method_name", "setup_anndata") != "setup_anndata":
         raise ScviToolsFileError(f"{where}: set up with {registry['setup_method_name']}; atlasvi reads setup_anndata")
     args = dict(init.get("non_kwargs", {}))
     for group in init.get("kwargs", {}).values():
         args.update(group)
-    config: dict[str, Any] = {"name": method.lower()}
-    known = CLASS_ARGS + MODULE_ARGS + ("use_observed_lib_size",) + (SCANVI_ARGS if method == "SCANVI" else ())
-    for key, value in args.items():
-        if key in known:
-            config[key] = value
-        elif key in FIXED_ARGS and value in (FIXED_ARGS[key], None):
-            continue
-        else:
-            raise ScviToolsFileError(f"{where}: scvi-tools option {key}={value!r} has no atlasvi counterpart")
+    config = _config(method, args, where)
     fields = registry.get("field_registries", {})
     setup = registry.get("setup_args", {})
-    if setup.get("size_factor_key") is not None:
-        raise ScviToolsFileError(f"{where}: scvi-tools size_factor_key has no atlasvi counterpart")
+    for key in ("size_factor_key", "panel_key"):
+        if setup.get(key) is not None:
+            raise ScviToolsFileError(f"{where}: scvi-tools {key} has no atlasvi counterpart")
     batch_key = fields["batch"]["state_registry"]["original_key"]
     categorical = {batch_key: _mapping(fields["batch"], where, "batch")}
     labels_key = fields["labels"]["state_registry"].get("original_key")
@@ -207,14 +346,8 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
         categorical[key] = tuple(str(c) for c in mapping)
     continuous = fields.get("extra_continuous_covs", {}).get("state_registry", {}).get("columns", [])
     genes = tuple(str(g) for g in saved["var_names"])
-    state = {_to_atlasvi_name(k): v for k, v in saved["model_state_dict"].items() if isinstance(v, torch.Tensor)}
-    observed = config.get("use_observed_lib_size", True)
-    drop = ["l_encoder."] if observed else []
-    if config.get("dispersion", "gene") != "gene-cell":
-        drop.append("decoder.px_r_decoder.")
-    if config.get("gene_likelihood", "zinb") != "zinb":
-        drop.append("decoder.px_dropout_decoder.")
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(drop))}
+    state = {to_atlasvi_name(method, k): v for k, v in saved["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(p for p, _ in _unused_parts(method, config)))}
     if config.get("linear_classifier"):  # scvi-tools' linear classifier is a Sequential of one Linear
         state = {
             k.replace("classifier.0.", "classifier.", 1) if k.startswith("classifier.0.") else k: v
@@ -224,67 +357,116 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
         "n_genes": len(genes), "gene_ids": genes, "gene_names": genes, "batch_key": batch_key,
         "labels_key": labels_key, "categorical": categorical, "continuous": tuple(str(c) for c in continuous),
     }  # fmt: skip
-    if not observed:
+    if "library_log_means" in state:  # a latent library: scvi-tools' prior, a buffer of the module
         reg["library_log_means"] = tuple(float(v) for v in state["library_log_means"].view(-1))
         reg["library_log_vars"] = tuple(float(v) for v in state["library_log_vars"].view(-1))
+    if "proteins" in fields:
+        reg["protein_names"] = tuple(str(p) for p in fields["proteins"]["state_registry"]["column_names"])
     n_cells = int(fields.get("X", {}).get("summary_stats", {}).get("n_cells", 0))
     return ScviToolsModel(method, config, reg, state, n_cells)
 
 
-def _unused(state: dict[str, torch.Tensor], prefix: str, n_out: int | None = None) -> dict[str, torch.Tensor]:
-    """scvi-tools' parameters that atlasvi does not build, as zeros (batch norms as freshly built: weight and running
-    variance 1): the library encoder (shaped as z_encoder's first layer, one output) or a decoder head."""
+def _unused_parts(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(prefix, template prefix) in atlasvi's names of each part scvi-tools builds and atlasvi does not in this
+    configuration: the library encoder with the observed library, the zero-inflation head without ZINB, the
+    per-cell dispersion head without gene-cell dispersion; each shaped as its template (a library encoder as the
+    z encoder's first layer with one output)."""
+    if method == "PEAKVI":
+        return []
+    parts = [("l_encoder.", "z_encoder.")] if config.get("use_observed_lib_size", True) else []
+    if method == "TOTALVI":
+        zinb = config.get("gene_likelihood", "nb") == "zinb"
+        return parts + ([] if zinb else [("decoder.px_dropout_decoder_gene.", "decoder.px_scale_decoder.")])
+    if method == "LinearSCVI":
+        zinb = config.get("gene_likelihood", "nb") == "zinb"
+        return parts + ([] if zinb else [("decoder.px_dropout_decoder.", "decoder.factor_regressor.")])
+    if config.get("dispersion", "gene") != "gene-cell":
+        parts.append(("decoder.px_r_decoder.", "decoder.px_scale_decoder."))
+    if config.get("gene_likelihood", "zinb") != "zinb":
+        parts.append(("decoder.px_dropout_decoder.", "decoder.px_scale_decoder."))
+    return parts
+
+
+def _unused(state: dict[str, torch.Tensor], prefix: str, template: str) -> dict[str, torch.Tensor]:
+    """Zeros under `prefix` shaped as the weights under `template` (batch norms as freshly built: weight and
+    running variance 1); a library encoder ("l_encoder.") takes the z encoder's first layer and one output."""
     out: dict[str, torch.Tensor] = {}
+    first = template + "encoder.layers.0." if prefix == "l_encoder." else template
+    for key, value in state.items():
+        if key.startswith(first):
+            batch_norm = key.endswith("running_var") or (
+                key.endswith(".weight") and key.removesuffix("weight") + "running_var" in state
+            )
+            out[prefix + key.removeprefix(template)] = torch.ones_like(value) if batch_norm else torch.zeros_like(value)
     if prefix == "l_encoder.":
-        for key, value in state.items():  # Linear, then BatchNorm1d if any (LayerNorm has no parameters)
-            if key.startswith("z_encoder.encoder.layers.0."):
-                ones = key.endswith(("layers.0.1.weight", "running_var"))
-                out["l_encoder." + key.removeprefix("z_encoder.")] = torch.ones_like(value) if ones else value * 0
-        n_hidden = state["z_encoder.mean_encoder.weight"].shape[1]
+        n_hidden = state[template + "mean_encoder.weight"].shape[1]
         for head in ("mean_encoder", "var_encoder"):
             out[f"l_encoder.{head}.weight"] = torch.zeros(1, n_hidden)
             out[f"l_encoder.{head}.bias"] = torch.zeros(1)
-    else:
-        n_hidden = state["decoder.px_scale_decoder.weight"].shape[1]
-        out[f"{prefix}weight"] = torch.zeros(n_out or 0, n_hidden)
-        out[f"{prefix}bias"] = torch.zeros(n_out or 0)
     return out
+
+
+def _refuse_options(method: str, config: dict[str, Any], schema: StoreSchema) -> None:
+    """ScviToolsFileError for a model whose configuration or store keys scvi-tools' class cannot express."""
+    spec = COUNTERPARTS[method]
+    extra = [k for k in schema.categorical if k not in (schema.batch_key, schema.labels_key)]
+    if not spec.covariates and (extra or schema.continuous):
+        raise ScviToolsFileError(
+            f"a {method} model with covariates {[*extra, *schema.continuous]} has no scvi-tools form "
+            f"(scvi-tools' {method}.setup_anndata takes batch_key and labels_key only)"
+        )
+    modalities = sorted(set(schema.modalities) - ({PROTEIN} if method == "TOTALVI" else set()))
+    if modalities:
+        raise ScviToolsFileError(f"a {method} model with modalities {modalities} has no scvi-tools form")
+    if method == "LinearSCVI":
+        if config["dispersion"] == "gene-label":
+            raise ScviToolsFileError(
+                "a LinearSCVI with gene-label dispersion has no scvi-tools form (LinearSCVI gives its module no labels)"
+            )
+        if config["encode_covariates"]:
+            raise ScviToolsFileError(
+                "a LinearSCVI with encode_covariates has no scvi-tools form (its encoders see x only)"
+            )
+        if config["use_batch_norm"] not in ("both", "encoder"):
+            raise ScviToolsFileError(
+                f"a LinearSCVI with use_batch_norm={config['use_batch_norm']!r} has no scvi-tools form "
+                "(scvi-tools' LDVAE encoders always use batch norm)"
+            )
+    if method == "TOTALVI" and "label" in config["gene_dispersion"] + config["protein_dispersion"]:
+        raise ScviToolsFileError(
+            "a TOTALVI with per-label dispersion has no scvi-tools form (its setup takes no labels)"
+        )
 
 
 def to_scvi_tools(
     method: str, config: dict[str, Any], schema: StoreSchema, state: dict[str, torch.Tensor], n_cells: int
 ) -> dict[str, Any]:
-    """The contents of a scvi-tools 1.4.2 model.pt for an atlasvi SCVI / SCANVI (config: its model config's
+    """The contents of a scvi-tools 1.4.2 model.pt for an atlasvi model of `method` (config: its model config's
     fields; schema: its registry; state: its weights). ScviToolsFileError for a method or option without a
     scvi-tools counterpart."""
-    if method not in ("SCVI", "SCANVI"):
-        raise ScviToolsFileError(f"a {method} model has no scvi-tools export in atlasvi (SCVI and SCANVI have)")
-    if schema.modalities:
-        raise ScviToolsFileError(f"a {method} model with modalities {sorted(schema.modalities)} has no scvi-tools form")
-    state = {k: v.detach().cpu() for k, v in state.items()}
-    n_genes = schema.n_genes
-    if config["use_observed_lib_size"]:
-        state |= _unused(state, "l_encoder.")
-    if config["dispersion"] != "gene-cell":
-        state |= _unused(state, "decoder.px_r_decoder.", n_genes)
-    if config["gene_likelihood"] != "zinb":
-        state |= _unused(state, "decoder.px_dropout_decoder.", n_genes)
+    spec = counterpart(method)
+    _refuse_options(method, config, schema)
+    state = {k: v.detach().cpu() for k, v in state.items() if not k.startswith("adversary.")}  # scvi-tools: trainer's
+    for prefix, template in _unused_parts(method, config):
+        state |= _unused(state, prefix, template)
     linear = bool(config.get("linear_classifier", False))
-    weights: dict[str, Any] = {_to_scvi_name(k, linear): v for k, v in state.items()}
+    weights: dict[str, Any] = {}
+    for key, value in state.items():
+        if linear and key.startswith("classifier."):
+            key = "classifier.0." + key.removeprefix("classifier.")
+        weights[to_scvi_tools_name(method, key)] = value
     weights["pyro_param_store"] = {"params": {}, "constraints": {}}
-    non_kwargs = {k: config[k] for k in CLASS_ARGS} | {"use_observed_lib_size": config["use_observed_lib_size"]}
-    module_kwargs = {k: config[k] for k in MODULE_ARGS}
-    if method == "SCVI":
-        non_kwargs["latent_distribution"] = "normal"
-        init = {"kwargs": {"kwargs": module_kwargs}, "non_kwargs": non_kwargs}
-    else:
-        non_kwargs |= {"linear_classifier": linear, "datamodule": None}
-        init = {"kwargs": {"model_kwargs": module_kwargs | {"latent_distribution": "normal"}}, "non_kwargs": non_kwargs}
+    non_kwargs = {k: config[k] for k in spec.class_args} | spec.fixed_class
+    module_kwargs = {k: config[k] for k in spec.module_args} | spec.fixed_module
+    if method == "LinearSCVI":
+        module_kwargs["use_batch_norm"] = config["use_batch_norm"] == "both"
     attrs = {
         "registry_": _registry(method, config, schema, n_cells),
-        "init_params_": init,
+        "init_params_": {"kwargs": {spec.kwargs_key: module_kwargs}, "non_kwargs": non_kwargs},
         "is_trained_": True,
-        "get_normalized_function_name_": "get_normalized_expression",
+        "get_normalized_function_name_": (
+            "get_normalized_accessibility" if method == "PEAKVI" else "get_normalized_expression"
+        ),
         "test_indices_": np.array([], dtype=np.int64),
     }
     if method == "SCANVI":
@@ -298,11 +480,12 @@ def _field(attr_key: str | None, attr_name: str, state: dict, stats: dict) -> di
 
 
 def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells: int) -> dict[str, Any]:
-    """scvi-tools' setup registry (`AnnDataManager.registry`) of `setup_anndata` with the store's keys."""
+    """scvi-tools' setup registry (`AnnDataManager.registry`) of `<method>.setup_anndata` with the store's keys."""
+    spec = COUNTERPARTS[method]
     categories = schema.categorical
     extra = [k for k in categories if k not in (schema.batch_key, schema.labels_key)]
-    labels_key = schema.labels_key
-    fields: dict[str, dict] = defaultdict(dict)
+    labels_key = schema.labels_key if spec.labels else None
+    fields: dict[str, dict] = {}
     genes = np.array(schema.gene_ids, dtype=object)
     x_state = {"n_obs": n_cells, "n_vars": schema.n_genes, "column_names": genes}
     fields["X"] = _field(None, "X", x_state, {"n_vars": schema.n_genes, "n_cells": n_cells})
@@ -338,18 +521,27 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
         )  # fmt: skip
     else:
         fields["extra_continuous_covs"] = _field(None, "", {}, {"n_extra_continuous_covs": 0})
-    setup = {
+    setup: dict[str, Any] = {
         "batch_key": schema.batch_key, "labels_key": labels_key, "layer": None, "size_factor_key": None,
         "categorical_covariate_keys": extra or None, "continuous_covariate_keys": list(schema.continuous) or None,
+        "panel_key": None, "protein_names_uns_key": None,
     }  # fmt: skip
-    if method == "SCANVI":
-        setup |= {"unlabeled_category": config["unlabeled_category"], "use_minified": False}
+    if method == "TOTALVI":
+        proteins = schema.modalities[PROTEIN]
+        protein_state: dict[str, Any] = {"column_names": np.array(proteins.features, dtype=object)}
+        if not all(all(panel) for panel in proteins.batch_mask):  # scvi-tools: keyed by batch code, as str
+            protein_state["protein_batch_mask"] = {
+                str(i): np.array(panel, dtype=bool) for i, panel in enumerate(proteins.batch_mask)
+            }
+        fields["proteins"] = _field(proteins.obsm_key, "obsm", protein_state, {"n_proteins": len(proteins.features)})
+        setup["protein_expression_obsm_key"] = proteins.obsm_key
+    scanvi = {"unlabeled_category": config["unlabeled_category"], "use_minified": False} if method == "SCANVI" else {}
     return {
         "_scvi_uuid": str(uuid.uuid4()),
-        "field_registries": fields,
+        "field_registries": {name: fields[name] for name in spec.fields},
         "model_name": method,
         "scvi_version": SCVI_TOOLS_VERSION,
-        "setup_args": setup,
+        "setup_args": {k: setup[k] for k in spec.setup_args if k in setup} | scanvi,
         "setup_method_name": "setup_anndata",
     }
 

@@ -1,10 +1,12 @@
 """scvi-tools' side of tests/api/test_interop.py, run in a subprocess by an interpreter that has scvi-tools 1.4.2:
 
-    python tests/api/scvi_tools_load.py FOLDER:SCVI [FOLDER:SCANVI ...]
+    python tests/api/scvi_tools_load.py FOLDER:SCVI [FOLDER:SCANVI FOLDER:LinearSCVI FOLDER:TOTALVI ...]
 
 Loads each exported FOLDER with `scvi.model.<CLASS>.load(FOLDER, anndata.read_zarr(store))` (the store's path is
 FOLDER/store) and writes its latent and its normalized expression with z at the posterior mean (scvi-tools draws
-z once; the draw is replaced by the mean) as FOLDER/scvi_tools_{latent,normalized}.npy.
+z once, and totalVI its log protein background; each draw is replaced by the mean) as
+FOLDER/scvi_tools_{latent,normalized}.npy: for PEAKVI the normalized accessibility, for TOTALVI also the normalized
+protein expression (scvi_tools_protein.npy).
 """
 
 import sys
@@ -27,7 +29,13 @@ def main(folder: Path, cls: str) -> None:
     model = getattr(scvi.model, cls).load(str(folder), adata, accelerator="cpu")
     np.save(folder / "scvi_tools_latent.npy", model.get_latent_representation())
     Normal.sample = Normal.rsample = _posterior_mean
-    normalized = model.get_normalized_expression(adata, return_numpy=True)
+    if cls == "PEAKVI":
+        normalized = model.get_normalized_accessibility(adata, use_z_mean=True, return_numpy=True)
+    elif cls == "TOTALVI":
+        normalized, protein = model.get_normalized_expression(adata, return_numpy=True)
+        np.save(folder / "scvi_tools_protein.npy", np.asarray(protein, dtype=np.float32))
+    else:
+        normalized = model.get_normalized_expression(adata, return_numpy=True)
     np.save(folder / "scvi_tools_normalized.npy", np.asarray(normalized, dtype=np.float32))
 
 

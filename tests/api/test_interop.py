@@ -21,17 +21,22 @@ import pytest
 import torch
 
 from atlasvi.analysis.protocols import expression_scale
-from atlasvi.api import SCANVI, SCVI, export_scvi_tools, import_scvi_tools
+from atlasvi.api import PEAKVI, SCANVI, SCVI, TOTALVI, LinearSCVI, export_scvi_tools, import_scvi_tools
 from atlasvi.data import BuildConfig, build_store
+from atlasvi.models.ldvae import LDVAEConfig
+from atlasvi.models.peakvi import PEAKVIConfig
+from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import IncompatibleStoreError
 from atlasvi.models.scvi import SCVIConfig
-from atlasvi.models.scvi_tools import ScviToolsFileError, read_scvi_tools
+from atlasvi.models.scvi_tools import COUNTERPARTS, ScviToolsFileError, read_scvi_tools
+from atlasvi.models.totalvi import TOTALVIConfig
 from atlasvi.train import TrainConfig
 from tests.conftest import KANG
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scvi_tools"
 UNLABELED = ["stim101", "stim107"]
 TOLERANCE = 1e-5
+CLASSES = {"scvi": SCVI, "scanvi": SCANVI, "ldvae": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI}
 
 
 def _build(path: Path, genes: list[str] | None, **fields) -> Path:
@@ -122,9 +127,12 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def atlasvi_models(tmp_path_factory) -> dict[str, Path]:
-    """atlasvi models with the options scvi-tools' setup and module take (trained 2 epochs, then saved):
-    SCVI with a categorical and a continuous covariate encoded, gene-batch NB, the latent library; SCANVI."""
+def atlasvi_models(tmp_path_factory, two_panel_store, granja_store) -> dict[str, Path]:
+    """atlasvi models with the options scvi-tools' setup and module take (trained, then saved): SCVI with a
+    categorical and a continuous covariate encoded, gene-batch NB, the latent library; SCANVI; LinearSCVI (ZINB,
+    gene-batch dispersion, a decoder bias, 1 epoch); totalVI on two CITE-seq panels (one lacks 15 of the 29
+    proteins: scvi-tools' protein_batch_mask; the latent library; 1 epoch); PeakVI on 600 scATAC cells x 5000 peaks
+    (1 epoch)."""
     folder = tmp_path_factory.mktemp("atlasvi_models")
     kang = ad.read_h5ad(KANG)
     genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:120]]
@@ -151,13 +159,23 @@ def atlasvi_models(tmp_path_factory) -> dict[str, Path]:
     plain.fit(TrainConfig(max_epochs=2))
     scanvi = SCANVI.from_scvi_model(plain)
     scanvi.fit(TrainConfig(max_epochs=2))
-    return {"scvi": scvi.save(folder / "scvi"), "scanvi": scanvi.save(folder / "scanvi")}
+    ldvae = LinearSCVI(
+        labelled, LDVAEConfig(n_latent=4, n_hidden=24, gene_likelihood="zinb", dispersion="gene-batch", bias=True)
+    )
+    ldvae.fit(TrainConfig(max_epochs=1))
+    totalvi = TOTALVI(two_panel_store, TOTALVIConfig(n_latent=5, n_hidden=32, use_observed_lib_size=False))
+    totalvi.fit(TrainConfig(max_epochs=1))
+    peakvi = PEAKVI(granja_store, PEAKVIConfig(n_latent=4))
+    peakvi.fit(TrainConfig(max_epochs=1))
+    models = {"scvi": scvi, "scanvi": scanvi, "ldvae": ldvae, "totalvi": totalvi, "peakvi": peakvi}
+    return {name: model.save(folder / name) for name, model in models.items()}
 
 
-@pytest.mark.parametrize("name", ["scvi", "scanvi"])
+@pytest.mark.parametrize("name", list(CLASSES))
 def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name):
-    """atlasvi -> scvi-tools file (from the saved folder, no store) -> atlasvi: every weight and the latent exact."""
-    cls = {"scvi": SCVI, "scanvi": SCANVI}[name]
+    """atlasvi -> scvi-tools file (from the saved folder, no store) -> atlasvi: every weight and the latent exact
+    (a totalVI's adversary aside: scvi-tools' file has none, the import starts it afresh)."""
+    cls = CLASSES[name]
     saved = atlasvi_models[name]
     original = cls.load(saved, cls.saved_store(saved), device="cpu")
     exported = export_scvi_tools(saved, tmp_path / "exported")
@@ -165,30 +183,57 @@ def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name)
     assert back.config == original.config
     assert back.schema.categorical == original.schema.categorical or name == "scanvi"
     state = back.module.state_dict()
+    assert set(state) == set(original.module.state_dict())
     for key, value in original.module.state_dict().items():
-        assert torch.equal(state[key], value), key
+        assert torch.equal(state[key], value) or key.startswith("adversary."), key
     np.testing.assert_array_equal(back.get_latent_representation(), original.get_latent_representation())
 
 
 def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
-    """scvi.model.SCVI.load / SCANVI.load of the exports on the training stores' cells (anndata.read_zarr): the same
-    latent and normalized expression (at the posterior mean) as atlasvi, max abs difference <= 1e-5."""
+    """scvi.model.<Class>.load of each export on the training store's cells (anndata.read_zarr): the same latent and
+    normalized expression (accessibility for PeakVI, and protein expression for totalVI; at the posterior mean)
+    as atlasvi, max abs difference <= 1e-5."""
     python = _scvi_tools_python()
     folders = {}
     for name, saved in atlasvi_models.items():
-        cls = {"scvi": SCVI, "scanvi": SCANVI}[name]
+        cls = CLASSES[name]
         model = cls.load(saved, cls.saved_store(saved), device="cpu")
         folders[name] = export_scvi_tools(saved, tmp_path / name).parent
-        np.save(folders[name] / "atlasvi_latent.npy", model.get_latent_representation())
-        np.save(folders[name] / "atlasvi_normalized.npy", _normalized_at_mean(model))
+        for what, values in _at_posterior_mean(model).items():
+            np.save(folders[name] / f"atlasvi_{what}.npy", values)
         (folders[name] / "store").write_text(str(model.store.path))
     script = Path(__file__).with_name("scvi_tools_load.py")
-    subprocess.run([python, str(script), *(f"{f}:{n.upper()}" for n, f in folders.items())], check=True, timeout=600)
+    classes = {name: get_entry(name).saved_name for name in folders}
+    subprocess.run([python, str(script), *(f"{f}:{classes[n]}" for n, f in folders.items())], check=True, timeout=600)
     for name, folder in folders.items():
-        for what in ("latent", "normalized"):
+        for what in ("latent", "normalized", "protein")[: 3 if name == "totalvi" else 2]:
             ours, theirs = (np.load(folder / f"{tool}_{what}.npy") for tool in ("atlasvi", "scvi_tools"))
-            assert ours.shape == theirs.shape
+            assert ours.shape == theirs.shape, (name, what)
             assert np.abs(ours - theirs).max() <= TOLERANCE, (name, what)
+
+
+def _at_posterior_mean(model) -> dict[str, np.ndarray]:
+    """latent (n, n_latent) and, with z (and totalVI's log protein background) at the posterior mean, normalized:
+    (n, n_genes) px_scale (PeakVI: the accessibility p) and for totalVI protein: (n, n_proteins) foreground rate x
+    (1 - P(background)), scvi-tools' get_normalized_expression defaults."""
+    from torch.distributions import Normal
+
+    module, parts = model.module.eval(), {"normalized": [], "protein": []}
+    rsample = Normal.rsample
+    Normal.rsample = lambda self, sample_shape=(): self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
+    try:
+        with torch.no_grad():
+            for batch in model._batches(None, None, 1024):
+                inputs = module.unpack(batch)
+                inference = module.inference(inputs)
+                out = module.generative(inference["qz"].loc, inference["library"], inputs)
+                parts["normalized"].append(out["px_scale"].numpy())
+                if "rate_fore" in out:
+                    parts["protein"].append((out["rate_fore"] * torch.sigmoid(-out["mixing"])).numpy())
+    finally:
+        Normal.rsample = rsample
+    values = {"latent": model.get_latent_representation()}
+    return values | {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
 def _scvi_tools_python() -> str:
@@ -238,3 +283,33 @@ def test_a_store_without_the_model_genes_is_named(tmp_path, store):
     reordered = _build(tmp_path / "reordered.zarr", genes[::-1])
     with pytest.raises(IncompatibleStoreError, match="the same genes in another order"):
         import_scvi_tools(FIXTURE / "scvi", reordered, "cpu")
+
+
+def test_every_config_field_of_a_counterpart_is_mapped():
+    """Each method with a scvi-tools counterpart: every atlasvi config field (but `name`) is a class argument, a
+    module argument or declared atlasvi-only, once."""
+    for method, spec in COUNTERPARTS.items():
+        fields = set(get_entry(method).config_class.model_fields) - {"name"}
+        mapped = [*spec.class_args, *spec.module_args, *spec.atlasvi_only]
+        assert len(mapped) == len(set(mapped)) and set(mapped) == fields, method
+
+
+def test_a_method_without_counterpart_or_an_option_scvi_tools_lacks_is_refused(atlasvi_models, tmp_path):
+    """A method with no scvi-tools counterpart (here a saved model.json claiming MULTIVI), and an LDVAE with
+    encoded covariates, are refused in one line naming what."""
+    saved = atlasvi_models["ldvae"]
+    meta = json.loads((saved / "model.json").read_text())
+    for change, message in (
+        ({"method": "MULTIVI"}, "a MULTIVI model has no scvi-tools counterpart in atlasvi (SCVI, SCANVI, LinearSCVI"),
+        ({}, "a LinearSCVI with encode_covariates has no scvi-tools form"),
+    ):
+        edited = tmp_path / f"edited{len(change)}"
+        edited.mkdir()
+        for item in saved.iterdir():
+            (edited / item.name).write_bytes(item.read_bytes())
+        changed = meta | change
+        if not change:
+            changed["config"] = meta["config"] | {"model": meta["config"]["model"] | {"encode_covariates": True}}
+        (edited / "model.json").write_text(json.dumps(changed))
+        with pytest.raises(ScviToolsFileError, match=message.replace("(", r"\(")):
+            export_scvi_tools(edited, tmp_path / f"out{len(change)}")
