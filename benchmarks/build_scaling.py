@@ -1,7 +1,7 @@
 """`atlasvi build` on 1 and 2 workers: wall time, peak RSS per process, scaling, the store's checksum.
 
     .venv/bin/python benchmarks/build_scaling.py --n-cells 1000000 --workers 1 2 --repeats 3
-    .venv/bin/python benchmarks/build_scaling.py --n-cells 1000000 --workers 1 --repeats 3 --baseline-src ../old
+    .venv/bin/python benchmarks/build_scaling.py --n-cells 1000000 --workers 1 --repeats 3 --baseline-src before=../old
     .venv/bin/python benchmarks/build_scaling.py --n-cells 10000000 --workers 1 2 --repeats 1 --merge
 
 Input: `synthetic.py`'s counts (2,000 genes, ~8% non-zeros, 4 batches; cached in `.cache/synth_<size>.h5ad`), built
@@ -10,8 +10,9 @@ kept, zstd, default chunk size). Every build runs in its own process, as `atlasv
 local dask cluster of N single-threaded worker processes, its start-up included; N = 1: no dask, one process);
 the repeats are paired (each repeat runs every configuration, in rotated order) because the machine is shared.
 Peak RSS is each process's maximum resident set (`getrusage`): the driver's, and each worker's. Scaling
-efficiency = t(1 worker) / (N x t(N workers)), from medians. With --baseline-src a checkout of atlasvi before the
-build moved to dask runs the same build in the same repeats ("baseline": one process).
+efficiency = t(1 worker) / (N x t(N workers)), from medians. With --baseline-src LABEL=CHECKOUT, other checkouts
+of atlasvi (e.g. before the build moved to dask, or before a change) run the same build in the same repeats
+(one process each), with their paired ratio to this checkout's 1-worker time.
 With --copies K the input is a folder of K studies, copies of the cached input with their own cell names (10M =
 10 x 1M: generating 10M cells takes about an hour on this machine).
 The projection to 100M cells extrapolates linearly in cells from the largest size measured (the passes are
@@ -121,12 +122,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run(kind: str, workers: int, h5ad: Path, output: Path, baseline_src: str | None) -> dict:
+def _run(kind: str, workers: int, h5ad: Path, output: Path, baselines: dict[str, str]) -> dict:
     from atlasvi.data.store import store_checksum
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=baseline_src if kind == "baseline" else str(REPO))
+    baseline = kind.removeprefix("baseline:") if kind.startswith("baseline:") else None
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) if baseline is None else baselines[baseline])
     command = [sys.executable, __file__, "--one", "--input", str(h5ad), "--output", str(output)]
-    command += ["--workers", str(workers)] + (["--baseline"] if kind == "baseline" else [])
+    command += ["--workers", str(workers)] + (["--baseline"] if baseline is not None else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} {workers} workers failed:\n{done.stderr[-3000:]}")
@@ -159,7 +161,7 @@ def _summary(runs: list[dict]) -> list[dict]:
             }
             if base and kind == "dask":
                 row["scaling_efficiency"] = statistics.median(base) / (workers * seconds)
-            if kind == "baseline" and base:
+            if kind.startswith("baseline") and base:
                 pairs = [
                     b["seconds"] / d["seconds"]
                     for b in mine
@@ -184,7 +186,7 @@ def _markdown(result: dict) -> str:
     for row in result["summary"]:
         efficiency = f"{row['scaling_efficiency']:.2f}" if "scaling_efficiency" in row else ""
         worker = f"{row['worker_peak_rss_mb']:.0f} MB" if row["worker_peak_rss_mb"] else "(the driver)"
-        name = "before dask (baseline)" if row["kind"] == "baseline" else "dask"
+        name = row["kind"].replace("baseline:", "baseline ") if row["kind"].startswith("baseline") else "dask"
         if "baseline_over_dask_1_worker" in row:
             name += f", {row['baseline_over_dask_1_worker']:.2f}x the 1-worker time (paired median)"
         checksums = ", ".join(c[:12] for c in row["checksums"])
@@ -210,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--copies", type=int, default=1, help="build a folder of this many copies of the input (own cell names)"
     )
-    p.add_argument("--baseline-src", default=None, help="an atlasvi checkout from before the dask build")
+    p.add_argument(
+        "--baseline-src", nargs="*", default=[], help="LABEL=CHECKOUT: other atlasvi checkouts to time alongside"
+    )
     p.add_argument("--merge", action="store_true", help="add to the committed runs instead of replacing them")
     p.add_argument("--out", default=str(RESULTS / "build_scaling.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -223,14 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     h5ad = _input(args.n_cells) if args.copies == 1 else _studies(args.n_cells, args.copies)
     n_cells = args.n_cells * args.copies
-    configs = [("dask", w) for w in args.workers] + ([("baseline", 1)] if args.baseline_src else [])
+    baselines = dict(item.split("=", 1) for item in args.baseline_src)
+    configs = [("dask", w) for w in args.workers] + [(f"baseline:{label}", 1) for label in baselines]
     out = Path(args.out)
     previous = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []
     runs = [r for r in previous if r["n_cells"] != n_cells]
     for repeat in range(args.repeats):
         for kind, workers in configs[repeat % len(configs) :] + configs[: repeat % len(configs)]:
             output = CACHE / f"build_scaling_{_size_name(n_cells)}.zarr"
-            run = _run(kind, workers, h5ad, output, args.baseline_src)
+            run = _run(kind, workers, h5ad, output, baselines)
             run |= {"n_cells": n_cells, "repeat": repeat, "inputs": args.copies}
             runs.append(run)
             print(json.dumps(run), file=sys.stderr, flush=True)

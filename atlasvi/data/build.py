@@ -702,6 +702,7 @@ class _Validated:
     max_peak: int
     moments: GeneMoments | None
     repeated: tuple[np.ndarray, np.ndarray]  # (rows, names) of the chunk's cells whose name hash is repeated
+    rna_codes: np.ndarray  # (cells with RNA,) batch codes, for pass 2 (which then reads no obs); empty without HVG
 
 
 def _validate_task(ctx: _Context, repeated: np.ndarray, i: int, start: int, stop: int) -> _Validated:
@@ -744,10 +745,12 @@ def _validate_task(ctx: _Context, repeated: np.ndarray, i: int, start: int, stop
             f"({len(cells)} such cells among cells {start}..{stop - 1}); "
             "filter them or pass zero_count_cells='drop' (--drop-empty-cells)"
         )
-    moments = None
+    moments, rna_codes = None, np.zeros(0, dtype=np.int64)
     if config.n_top_genes is not None:
         moments = GeneMoments(ctx.n_batch, ctx.n_genes_all)
-        moments.update(aligned[rna], ctx.batch_codes(plan.path, obs)[rna])
+        rna_codes = ctx.batch_codes(plan.path, obs)[rna]
+        moments.update(aligned[rna], rna_codes)
+        rna_codes = rna_codes.astype(_code_dtype(ctx.n_batch))
     rows = np.flatnonzero(np.isin(_hashes(obs.index), repeated)) if len(repeated) else np.zeros(0, dtype=np.int64)
     return _Validated(
         keep=~empty,
@@ -757,15 +760,17 @@ def _validate_task(ctx: _Context, repeated: np.ndarray, i: int, start: int, stop
         max_peak=max_peak,
         moments=moments,
         repeated=(rows, np.asarray(obs.index[rows], dtype=str)),
+        rna_codes=rna_codes,
     )
 
 
-def _hvg_task(ctx: _Context, clipped: ClippedSums, i: int, start: int, stop: int, rna: np.ndarray) -> tuple:
-    """Pass 2, per chunk: the exact clipped sums (Seurat v3) of the chunk's cells with RNA counts."""
-    plan = ctx.plans[i]
-    _, counts, obs = _chunk(ctx, i, start, stop)
-    aligned = _remap(counts, plan.gene_map, ctx.n_genes_all)
-    return clipped.partial(aligned[rna], ctx.batch_codes(plan.path, obs)[rna])
+def _hvg_task(
+    ctx: _Context, clipped: ClippedSums, i: int, start: int, stop: int, rna: np.ndarray, rna_codes: np.ndarray
+) -> tuple:
+    """Pass 2, per chunk: the exact clipped sums (Seurat v3) of the chunk's cells with RNA counts (their batch
+    codes from pass 1: no obs read)."""
+    aligned = _remap(_source(ctx, i).read_rows(start, stop), ctx.plans[i].gene_map, ctx.n_genes_all)
+    return clipped.partial(aligned[rna], rna_codes.astype(np.int64))
 
 
 @dataclass
@@ -1135,12 +1140,13 @@ def _build(
     moments = GeneMoments(ctx.n_batch, ctx.n_genes_all)
     keeps: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(chunks)
     rnas: list[np.ndarray] = [np.zeros(0, dtype=bool)] * len(chunks)
+    rna_codes: list[np.ndarray] = [np.zeros(0, dtype=np.int8)] * len(chunks)
     repeated_names: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=str))] * len(
         chunks
     )
     max_count = max_protein = max_peak = 0
     for t, found in executor.map(_validate_task, chunks, "validate", progress, sizes, shared=(ctx, repeated)):
-        keeps[t], rnas[t], repeated_names[t] = found.keep, found.rna, found.repeated
+        keeps[t], rnas[t], repeated_names[t], rna_codes[t] = found.keep, found.rna, found.repeated, found.rna_codes
         max_count = max(max_count, found.max_count)
         max_protein, max_peak = max(max_protein, found.max_protein), max(max_peak, found.max_peak)
         if found.moments is not None:
@@ -1159,12 +1165,13 @@ def _build(
     stored = np.arange(ctx.n_genes_all)
     if config.n_top_genes is not None and config.n_top_genes < ctx.n_genes_all:
         clipped = ClippedSums(moments)
-        hvg_chunks = [(*chunk, rna) for chunk, rna in zip(chunks, rnas, strict=True)]
+        hvg_chunks = [(*chunk, rna, codes) for chunk, rna, codes in zip(chunks, rnas, rna_codes, strict=True)]
         for _, partial in executor.map(_hvg_task, hvg_chunks, "hvg", progress, sizes, shared=(ctx, clipped)):
             clipped.merge(partial)
         hvg_table = select_hvg(moments, clipped, config.n_top_genes)
         if config.hvg_subset:
             stored = np.flatnonzero(hvg_table["highly_variable"].to_numpy())
+    del rna_codes
     ctx.n_genes = len(stored)
     ctx.stored_of_aligned = np.full(ctx.n_genes_all, -1, dtype=np.int64)
     ctx.stored_of_aligned[stored] = np.arange(ctx.n_genes)

@@ -13,12 +13,14 @@ _PART = 2.0**32
 _SLICE = 1 << 20  # values per bincount: 2**20 values < 2**32 sum exactly in float64 (< 2**52)
 
 
-def exact_bin_sums(values: np.ndarray, bins: np.ndarray, n_bins: int, scale_bits: int = 0) -> np.ndarray:
+def exact_bin_sums(
+    values: np.ndarray, bins: np.ndarray, n_bins: int, scale_bits: int = 0, check: bool = True
+) -> np.ndarray:
     """(n_bins,) exact sums of `values` by bin, as integers in units of 2**-scale_bits (int64 where they fit,
-    else Python ints in an object array). values: (n,) float64 >= 0, multiples of 2**-scale_bits (checked);
-    bins: (n,) int in [0, n_bins)."""
+    else Python ints in an object array). values: (n,) float64 >= 0, multiples of 2**-scale_bits (checked unless
+    check=False: for values known to be, e.g. validated counts and their squares); bins: (n,) int in [0, n_bins)."""
     scaled = np.ldexp(np.asarray(values, dtype=np.float64), scale_bits) if scale_bits else np.asarray(values, float)
-    if len(scaled) and (scaled.min() < 0 or not np.array_equal(np.floor(scaled), scaled)):
+    if check and len(scaled) and (scaled.min() < 0 or not np.array_equal(np.floor(scaled), scaled)):
         raise ValueError(f"exact_bin_sums: values must be non-negative multiples of 2**-{scale_bits}")
     total: np.ndarray | None = None
     shift, rest = 0, scaled

@@ -29,12 +29,13 @@ class GeneMoments:
         self.sums_sq: np.ndarray | None = None
 
     def update(self, counts: sp.csr_matrix, batch_codes: np.ndarray) -> None:
-        """counts: (cells, n_genes) CSR of integer counts; batch_codes: (cells,) int."""
+        """counts: (cells, n_genes) CSR of validated counts (integers >= 0, not checked again); batch_codes:
+        (cells,) int."""
         self.n_cells += np.bincount(batch_codes, minlength=self.n_batch)
         bins, data = _entry_bins(counts, batch_codes), counts.data.astype(np.float64)
         size = self.n_batch * self.n_genes
-        self.sums = add_exact(self.sums, exact_bin_sums(data, bins, size))
-        self.sums_sq = add_exact(self.sums_sq, exact_bin_sums(data * data, bins, size))
+        self.sums = add_exact(self.sums, exact_bin_sums(data, bins, size, check=False))
+        self.sums_sq = add_exact(self.sums_sq, exact_bin_sums(data * data, bins, size, check=False))
 
     def merge(self, other: "GeneMoments") -> None:
         """Add the moments of other cells."""
@@ -100,14 +101,15 @@ class ClippedSums:
         self.n_clipped = np.zeros(means.size, dtype=np.int64)
 
     def partial(self, counts: sp.csr_matrix, batch_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sums, sums of squares, clipped) of one chunk's counts: (n_batch * n_genes,) each."""
+        """(sums, sums of squares, clipped) of one chunk's validated counts (integers >= 0, not checked again):
+        (n_batch * n_genes,) each."""
         bins, data = _entry_bins(counts, batch_codes), counts.data.astype(np.float64)
         clipped = data > self.clip.ravel()[bins]
         size = self.clip.size
         kept, kept_bins = data[~clipped], bins[~clipped]
         return (
-            exact_bin_sums(kept, kept_bins, size),
-            exact_bin_sums(kept * kept, kept_bins, size),
+            exact_bin_sums(kept, kept_bins, size, check=False),
+            exact_bin_sums(kept * kept, kept_bins, size, check=False),
             np.bincount(bins[clipped], minlength=size).astype(np.int64),
         )
 
