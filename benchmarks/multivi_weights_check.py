@@ -18,6 +18,14 @@ Training dynamics: scvi-tools' MULTIVI trains EPOCHS epochs on the fidelity benc
 epochs, as its table) per seed; atlasvi's trains as long from scvi-tools' seed-0 initial weights (names mapped as
 above; its adversary keeps its own) and from its own initialisation per seed; each gives the held-out -log p(RNA)
 per cell as multivi_fidelity.py computes it. Output: results/multivi_training_dynamics.json.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_weights_check.py --init-library 40
+
+Initial RNA library: each tool's MULTIVI built (untrained) on the fidelity benchmark's training cells for seeds 0 to
+N-1, the mean over the cells with RNA of its RNA library encoder's output (the log-library training starts from);
+both tools' LibrarySizeEncoder classes built standalone under the same torch seeds (0-4), weight for weight; the
+standalone encoder's mean output over 400 seeds (the distribution either tool draws from). Output:
+results/multivi_init_library.json.
 """
 
 import json
@@ -179,6 +187,14 @@ def main() -> None:
     if sys.argv[1:] == ["--side", "scvi"]:
         scvi_side()
         return
+    if sys.argv[1:2] == ["--init-library-scvi"]:
+        scvi_init_library(int(sys.argv[2]))
+        return
+    if sys.argv[1:2] == ["--init-library"]:
+        report = init_library(int(sys.argv[2]))
+        (HERE / "results" / "multivi_init_library.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return
     if sys.argv[1:2] == ["--dynamics-scvi"]:
         scvi_dynamics(int(sys.argv[2]), int(sys.argv[3]))
         return
@@ -256,6 +272,112 @@ def atlasvi_dynamics(epochs: int, seeds: list[int]) -> dict:
         out[start] = atlasvi_heldout(model, CACHE / "heldout.zarr")["rna"]
         print(start, out[start], file=sys.stderr, flush=True)
     return out
+
+
+STANDALONE_SEEDS = 5
+LIBRARY_ENCODER = {"n_layers": 2, "n_hidden": 128, "use_batch_norm": False, "use_layer_norm": True}
+
+
+def scvi_init_library(n_seeds: int) -> None:
+    """scvi-tools' side of --init-library (its venv): per seed its MULTIVI's mean initial RNA log-library over the
+    training cells with RNA; its LibrarySizeEncoder's weights built standalone under torch seeds 0-4 (to the cache)."""
+    import logging
+
+    import scvi
+    import torch
+    from scvi.module._multivae import LibrarySizeEncoder
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    train = _mudata(str(CACHE / "train.h5ad"))
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+    tensors = None
+    means = []
+    for seed in range(n_seeds):
+        scvi.settings.seed = seed
+        model = scvi.model.MULTIVI(train)
+        module = model.module.eval()
+        if tensors is None:
+            tensors = next(iter(model._make_data_loader(adata=train, batch_size=train.n_obs)))
+        with torch.no_grad():
+            inference = module.inference(**module._get_inference_input(tensors))
+        has_rna = inference["x"][:, : module.n_input_genes].sum(1) > 0
+        means.append(float(inference["libsize_expr"][has_rna, 0].mean()))
+    weights = {}
+    for seed in range(STANDALONE_SEEDS):
+        torch.manual_seed(seed)
+        encoder = LibrarySizeEncoder(module.n_input_genes, deep_inject_covariates=False, **LIBRARY_ENCODER)
+        weights |= {f"{seed}|{k}": v.numpy() for k, v in encoder.state_dict().items()}
+    np.savez(CACHE / "scvi_library_encoders.npz", **weights)
+    print(json.dumps({"means": means}), flush=True)
+
+
+def init_library(n_seeds: int) -> dict:
+    """--init-library: both tools' mean initial RNA log-library per seed, the same-seed weight check and the
+    standalone encoder's distribution over 400 seeds."""
+    import torch
+    from scipy.stats import mannwhitneyu
+
+    from atlasvi.analysis import minibatches
+    from atlasvi.api import MULTIVI
+    from atlasvi.models.multivi.module import LibrarySizeEncoder
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    command = [str(SCVI_PYTHON), __file__, "--init-library-scvi", str(n_seeds)]
+    lines = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+    scvi_tools = json.loads(next(line for line in lines if line.startswith("{")))["means"]
+    torch.set_num_threads(1)
+    atlasvi, x = [], []
+    for seed in range(n_seeds):
+        model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed)
+        libraries = []
+        with torch.no_grad():
+            for batch in minibatches(model.store, None, 1024, None, model.module.used_modalities):
+                inputs = model.module.unpack(batch)
+                libraries.append(model.module.l_encoder_expression(inputs.x)[inputs.rna_mask, 0])
+                x += [inputs.x[inputs.rna_mask]] if seed == 0 else []
+        atlasvi.append(float(torch.cat(libraries).mean()))
+    reference, worst, population = np.load(CACHE / "scvi_library_encoders.npz"), 0.0, []
+    counts = torch.cat(x)
+    for seed in range(400):
+        torch.manual_seed(seed)
+        encoder = LibrarySizeEncoder(counts.shape[1], [], **LIBRARY_ENCODER)
+        if seed < STANDALONE_SEEDS:
+            for name, value in encoder.state_dict().items():
+                theirs = reference[f"{seed}|" + re.sub(r"layers\.(\d+)", r"fc_layers.Layer \1", name)]
+                worst = max(worst, float(np.abs(value.numpy() - theirs).max()))
+        with torch.no_grad():
+            population.append(float(encoder(counts).mean()))
+
+    def summary(values: list[float]) -> dict:
+        v = np.asarray(values)
+        return {
+            "mean": float(v.mean()),
+            "median": float(np.median(v)),
+            "sd": float(v.std(ddof=1)),
+            "fraction_above_0.1": float((v > 0.1).mean()),
+            "fraction_below_0.02": float((v < 0.02).mean()),
+        }
+
+    return {
+        "command": f"python benchmarks/multivi_weights_check.py --init-library {n_seeds}",
+        "what": "mean over the fidelity benchmark's training cells with RNA of the untrained RNA library encoder's "
+        "output (log-library; LeakyReLU, slope 0.01 below 0), per seed",
+        "same_seed_standalone_encoders_max_abs_weight_diff": worst,
+        "scvi_tools": {"per_seed": scvi_tools, "summary": summary(scvi_tools)},
+        "atlasvi": {"per_seed": atlasvi, "summary": summary(atlasvi)},
+        "standalone_encoder_400_seeds": summary(population),
+        "mann_whitney_p": {
+            "atlasvi_vs_scvi_tools": float(mannwhitneyu(atlasvi, scvi_tools).pvalue),
+            "atlasvi_vs_standalone": float(mannwhitneyu(atlasvi, population).pvalue),
+            "scvi_tools_vs_standalone": float(mannwhitneyu(scvi_tools, population).pvalue),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class MULTIVIInputs:
 
 class LibrarySizeEncoder(nn.Module):
     """scvi-tools' MultiVI LibrarySizeEncoder: FCLayers (LeakyReLU, no dropout) -> Linear(n_hidden, 1) -> LeakyReLU,
-    the cell's RNA log-library (n, 1) from its counts."""
+    the cell's RNA log-library (n, 1) from its counts. Under the same torch seed it draws scvi-tools' weights, layer
+    for layer (tested), so its initial output has scvi-tools' distribution over seeds."""
 
     def __init__(self, n_in: int, n_categories: list[int], n_layers: int, n_hidden: int, **norms: bool):
         super().__init__()
