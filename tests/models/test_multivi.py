@@ -116,9 +116,13 @@ def test_the_loss_masks_missing_modalities_and_adds_scvi_tools_jeffreys_penalty(
 
 
 def test_poisson_and_nb_heads_and_no_adversary(multiome_store):
+    inputs = None  # one minibatch for both heads (the inputs do not depend on the head)
     for likelihood in ("nb", "poisson"):
         config = MULTIVIConfig(n_hidden=16, gene_likelihood=likelihood, adversarial_classifier=False)
-        module, inputs = _batch(multiome_store, config)
+        if inputs is None:
+            module, inputs = _batch(multiome_store, config)
+        else:
+            module = MULTIVIModule(open_store(multiome_store).schema, config).eval()
         assert module.adversary is None and (module.px_r is None) == (likelihood == "poisson")
         out = module.loss(inputs)
         assert out.adversary_loss is None and torch.isfinite(out.loss)
@@ -128,8 +132,8 @@ def test_the_rna_library_encoder_initialises_as_scvi_tools():
     """The initial RNA log-library (the output MultiVI's training starts from) is scvi-tools 1.4.2's: under the same
     torch seed atlasvi's LibrarySizeEncoder draws the same weights as scvi-tools' (figures recorded with
     scvi.module._multivae.LibrarySizeEncoder(50, n_layers=2, n_hidden=32, use_batch_norm=False,
-    use_layer_norm=True) on this input), so its distribution over seeds is scvi-tools': mean output 0.1757 over
-    200 seeds, positive in 70.5% of them (the LeakyReLU output is ~0 on its leaky side in the others)."""
+    use_layer_norm=True) on this input), so its distribution over seeds is scvi-tools': mean output 0.1396 over
+    50 seeds, positive in 56% of them (the LeakyReLU output is ~0 on its leaky side in the others)."""
     from atlasvi.models.multivi.module import LibrarySizeEncoder
 
     cells, genes = torch.arange(64)[:, None], torch.arange(50)[None]
@@ -140,7 +144,7 @@ def test_the_rna_library_encoder_initialises_as_scvi_tools():
         [-0.002868, -0.005487, -0.006756, -0.006131],
     ]
     means = []
-    for seed in range(200):
+    for seed in range(50):
         torch.manual_seed(seed)
         encoder = LibrarySizeEncoder(50, [], 2, 32, use_batch_norm=False, use_layer_norm=True)
         with torch.no_grad():
@@ -148,5 +152,5 @@ def test_the_rna_library_encoder_initialises_as_scvi_tools():
         if seed < 3:
             assert library[:4].tolist() == pytest.approx(scvi_tools_first_cells[seed], abs=2e-6)
         means.append(float(library.mean()))
-    assert sum(means) / len(means) == pytest.approx(0.17572, abs=1e-4)
-    assert sum(m > 0 for m in means) / len(means) == pytest.approx(0.705)
+    assert sum(means) / len(means) == pytest.approx(0.13955, abs=1e-4)
+    assert sum(m > 0 for m in means) / len(means) == pytest.approx(0.56)
