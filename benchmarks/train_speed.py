@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_speed.py                     # synth10k and cellbench, batch 128 and 1024
     .venv/bin/python benchmarks/train_speed.py --dataset synth10k --batch-sizes 128 --repeats 1 --epochs 4
+    .venv/bin/python benchmarks/train_speed.py --dataset synth10k --baseline-src ../atlasvi-before   # before/after
 
 For each dataset, repeat and batch size (interleaved, the order rotated every repeat), each in its own
 process with the same torch thread count and `OMP_WAIT_POLICY=PASSIVE`:
@@ -11,6 +12,8 @@ process with the same torch thread count and `OMP_WAIT_POLICY=PASSIVE`:
 - scvi-tools: `scvi_reference.py` in the scvi-tools venv on the same cells (same h5ad, filters, 2000 HVGs
   and held-out cells as `fidelity.py`), architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene
   dispersion), batch size and epochs; `train_size=1.0`, so no validation inside its epochs either.
+With --baseline-src (a checkout of atlasvi from before a change) its atlasvi runs the same two atlasvi workers
+("baseline/store", "baseline/memory") in the same rotation: before and after in one run, on the same machine.
 cells/s are steady state: training cells per epoch over the epoch's wall time, the first epoch excluded,
 median over epochs, then median over repeats. Validation (atlasvi) is outside the timed epoch.
 
@@ -58,6 +61,7 @@ SYNTH_10K = CACHE / "synth_10k.h5ad"
 fidelity.DATASETS.setdefault("synth10k", (str(SYNTH_10K), "batch", "cell_type", {}))
 DEFAULT_EPOCHS = {"synth10k": 10, "cellbench": 60}
 TOOLS = ("atlasvi/store", "atlasvi/memory", "scvi-tools")
+BASELINE_TOOLS = ("baseline/store", "baseline/memory")
 
 
 class InMemoryLoader:
@@ -175,6 +179,9 @@ def scvi_run(dataset: str, batch_size: int, epochs: int, threads: int, env: dict
 
 
 def atlasvi_run(tool: str, args: argparse.Namespace, dataset: str, batch_size: int, env: dict) -> dict:
+    """One atlasvi worker in its own process; a baseline/ tool imports atlasvi from --baseline-src."""
+    if tool.startswith("baseline/"):
+        env = env | {"PYTHONPATH": str(Path(args.baseline_src).resolve())}
     cmd = [
         sys.executable, __file__, "--worker", tool.split("/")[1], "--dataset", dataset, "--batch-sizes",
         str(batch_size), "--epochs", str(args.epochs or DEFAULT_EPOCHS[dataset]), "--threads", str(args.threads),
@@ -211,11 +218,13 @@ def summarise(runs: list[dict]) -> list[dict]:
     """One row per (dataset, batch size, tool): median cells/s over repeats and the ratios."""
     rows = []
     keys = sorted({(r["dataset"], r["batch_size"]) for r in runs}, key=lambda k: (k[0] != "synth10k", k))
+    tools = [t for t in (*TOOLS, *BASELINE_TOOLS) if any(r["tool"] == t for r in runs)]
     for dataset, batch_size in keys:
         mine = {tool: [r for r in runs if (r["dataset"], r["batch_size"], r["tool"]) == (dataset, batch_size, tool)]
-                for tool in TOOLS}  # fmt: skip
-        cells = {tool: median([r["cells_per_s"] for r in mine[tool]]) for tool in TOOLS}
-        for tool in TOOLS:
+                for tool in tools}  # fmt: skip
+        cells = {tool: median([r["cells_per_s"] for r in mine[tool]]) for tool in tools}
+        for tool in tools:
+            before = "baseline/" + tool.split("/")[1] if tool.startswith("atlasvi/") else None
             rows.append(
                 {
                     "dataset": dataset,
@@ -225,7 +234,9 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "repeats": [round(r["cells_per_s"]) for r in mine[tool]],
                     "vs_scvi_tools": cells[tool] / cells["scvi-tools"],
                     "store_vs_memory": cells[tool] / cells["atlasvi/memory"] if tool == "atlasvi/store" else None,
+                    "vs_baseline": cells[tool] / cells[before] if before in cells else None,
                     "other_processes_cpu_cores": median([r["other_processes_cpu_cores"] or 0.0 for r in mine[tool]]),
+                    "load_1min": median([r.get("load_1min", float("nan")) for r in mine[tool]]),
                 }
             )
     return rows
@@ -245,19 +256,22 @@ def markdown(report: dict) -> str:
         "Same cells, genes, architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene dispersion), batch size "
         "and epochs on both sides. cells/s: steady-state training (first epoch excluded, median over epochs), "
         f"median of {report['repeats']} interleaved repeats, each in its own process. Goals: atlasvi/scvi-tools "
-        ">= 3x at batch 128 and >= 1.5x at 1024; store/in-memory >= 0.95.",
+        ">= 3x at batch 128 and >= 2x at 1024; store/in-memory >= 0.95."
+        + (f" baseline/: atlasvi from `{report['baseline']}` in the same run." if report.get("baseline") else ""),
         "",
         "| dataset | training cells x genes | epochs | batch | tool | cells/s (median) | repeats | x scvi-tools "
-        "| store / in-memory | other processes (cores) |",
-        "|---|---|---:|---:|---|---:|---|---:|---:|---:|",
+        "| store / in-memory | x baseline | other processes (cores) | load (1 min) |",
+        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         info = report["datasets"][row["dataset"]]
         store = "" if row["store_vs_memory"] is None else f"{row['store_vs_memory']:.2f}"
+        baseline = "" if row.get("vs_baseline") is None else f"{row['vs_baseline']:.2f}"
         lines.append(
             f"| {row['dataset']} | {info['cells']:,} x {info['genes']} | {info['epochs']} | {row['batch_size']} "
             f"| {row['tool']} | {row['cells_per_s']:,.0f} | {', '.join(f'{x:,}' for x in row['repeats'])} "
-            f"| {row['vs_scvi_tools']:.2f} | {store} | {row['other_processes_cpu_cores']:.2f} |"
+            f"| {row['vs_scvi_tools']:.2f} | {store} | {baseline} | {row['other_processes_cpu_cores']:.2f} "
+            f"| {row['load_1min']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -304,10 +318,11 @@ def run(args: argparse.Namespace) -> None:
         schema = open_store(train_store).schema
         epochs = args.epochs or DEFAULT_EPOCHS[dataset]
         datasets[dataset] = {"cells": open_store(train_store).n_cells, "genes": schema.n_genes, "epochs": epochs}
+        tools = TOOLS + (BASELINE_TOOLS if args.baseline_src else ())
         for repeat in range(args.repeats):
             for batch_size in args.batch_sizes:
-                shift = (repeat + args.batch_sizes.index(batch_size)) % len(TOOLS)
-                for tool in TOOLS[shift:] + TOOLS[:shift]:
+                shift = (repeat + args.batch_sizes.index(batch_size)) % len(tools)
+                for tool in tools[shift:] + tools[:shift]:
                     if tool == "scvi-tools":
                         result = scvi_run(dataset, batch_size, epochs, args.threads, env)
                         versions = result.pop("versions")
@@ -316,7 +331,9 @@ def run(args: argparse.Namespace) -> None:
                             raise SystemExit(f"{dataset}: scvi-tools saw other genes than the store holds")
                     else:
                         result = atlasvi_run(tool, args, dataset, batch_size, env)
-                    runs.append({"dataset": dataset, "batch_size": batch_size, "tool": tool, "repeat": repeat} | result)
+                    load = os.getloadavg()[0]  # the machine's 1-minute load average as the run ends
+                    key = {"dataset": dataset, "batch_size": batch_size, "tool": tool, "repeat": repeat}
+                    runs.append(key | {"load_1min": load} | result)
                     print(
                         f"{dataset} bs {batch_size} repeat {repeat} {tool}: {result['cells_per_s']:,.0f} cells/s "
                         f"(others {result['other_processes_cpu_cores']} cores)",
@@ -330,6 +347,7 @@ def run(args: argparse.Namespace) -> None:
         "threads": args.threads,
         "loader_threads": args.loader_threads,
         "repeats": args.repeats,
+        "baseline": args.baseline_src,
         "datasets": datasets,
         "rows": summarise(runs),
         "runs": runs,
@@ -353,6 +371,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both tools")
     parser.add_argument("--loader-threads", type=int, default=2, help="atlasvi StreamingLoader read threads")
     parser.add_argument("--out", default=str(HERE / "results" / "train_speed"), help="writes OUT.md and OUT.json")
+    parser.add_argument("--baseline-src", default=None, help="an atlasvi checkout to run as baseline/ (before/after)")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--worker", choices=["store", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()

