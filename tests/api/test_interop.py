@@ -216,11 +216,11 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store) -> dict[str,
     )  # fmt: skip
     torch.manual_seed(0)
     scvi = SCVI(covariates, config, device="cpu")
-    scvi.fit(TrainConfig(max_epochs=2))
+    scvi.fit(TrainConfig(max_epochs=1))
     plain = SCVI(labelled, SCVIConfig(n_latent=4, n_hidden=24), device="cpu")
-    plain.fit(TrainConfig(max_epochs=2))
+    plain.fit(TrainConfig(max_epochs=1))
     scanvi = SCANVI.from_scvi_model(plain)
-    scanvi.fit(TrainConfig(max_epochs=2))
+    scanvi.fit(TrainConfig(max_epochs=1))
     ldvae = LinearSCVI(
         labelled, LDVAEConfig(n_latent=4, n_hidden=24, gene_likelihood="zinb", dispersion="gene-batch", bias=True)
     )

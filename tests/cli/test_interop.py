@@ -54,7 +54,7 @@ def test_import_a_scvi_tools_scanvi_map_a_query_onto_it_and_export_it(workdir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _invoke("build", "query.h5ad", "-o", "query.zarr", "--batch-key", "sample", "--genes", "imported")
-    args = ("map-query", "--reference", "imported", "--query", "query.zarr", "--max-epochs", "2", "--output", "q")
+    args = ("map-query", "--reference", "imported", "--query", "query.zarr", "--max-epochs", "1", "--output", "q")
     assert "query sample: ['new_stim101', 'new_stim107']" in _invoke(*args)
     mapped = ad.read_zarr("query.zarr")
     assert mapped.obsm["X_scanvi"].shape == (806, 5) and np.isfinite(mapped.obsm["X_scanvi"]).all()
