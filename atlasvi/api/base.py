@@ -30,6 +30,7 @@ from atlasvi.models.saving import (
     load_state,
     read_meta,
     save_model,
+    saved_config,
     saved_schema,
 )
 from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
@@ -216,10 +217,8 @@ class AtlasModel:
         so that it is found, and recognised, from any working folder.
         """
         path = self.store.path if is_url(self.store.path) else str(Path(self.store.path).resolve())
-        identity = {"n_cells": self.store.n_cells, "nnz": self.store.nnz}
-        config = {"model": self.config.model_dump(), "store": path, "store_identity": identity}
-        if self.train_config is not None:
-            config["train"] = self.train_config.model_dump()
+        train = self.train_config.model_dump() if self.train_config is not None else None
+        config = saved_config(self.config.model_dump(), path, self.store.n_cells, self.store.nnz, train)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         return save_model(Path(directory), self.method, config, self.schema, state)
 

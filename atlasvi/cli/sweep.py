@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, folder: Path) -> None:
     """Close each trial's child run (its epochs were logged live by the trial): final figures, stopped-early and
-    status tags, the error of a failed trial, its loss curves. A child already closed (a resumed sweep) is kept."""
+    status tags, the error of a failed trial, its loss curves, the model of its last epoch as an MLflow Model (as
+    `atlasvi train` logs one). A child already closed (a resumed sweep) is kept."""
     closed = children.closed()
     for trial in trials:
         if trial["trial_id"] in closed:
@@ -47,6 +48,8 @@ def _finish_children(children: SweepChildRuns, trials: list[dict], metric: str, 
             fields = set(EpochRecord.__dataclass_fields__) - {"step_losses", "extra_metrics"}
             records = [EpochRecord(**{k: e[k] for k in fields}) for e in trial["history"]]
             child.log_artifact(loss_curves_png(records, folder / f"loss_curves_{trial['trial_id']}.png"))
+        if trial["model"] is not None:
+            child.log_model(Path(trial["model"]), max(trial["epochs"] - 1, 0))
         child.finish(failed=trial["status"] == "FAILED")
 
 

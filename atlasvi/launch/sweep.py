@@ -28,7 +28,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from atlasvi.data import open_store
+from atlasvi.data.store import is_url
 from atlasvi.launch.ray_train import DistributedConfig, train_distributed
+from atlasvi.models.registry import get_entry
+from atlasvi.models.saving import save_model, saved_config
 from atlasvi.train import EpochRecord, fit
 from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 from atlasvi.train.loop import CHECKPOINT_NAME
@@ -180,12 +183,17 @@ TrialLogger = Callable[[str, dict[str, Any]], Callable[[EpochRecord], None]]
 """(trial id, the trial's overrides) -> a per-epoch callback, e.g. logging into the trial's MLflow child run."""
 
 
+TRIAL_MODEL = "model"  # a one-worker trial's saved model (model.json, model.pt) in its checkpoint
+
+
 def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
     """One Tune trial: the job with this trial's values, trained by Ray Train, reporting every epoch to Tune.
 
     A one-worker trial runs the loop in the trial itself, checkpointing through Tune (a resumed sweep continues
-    an interrupted trial from its last epoch), and reports with tune.report: Ray 2.60 keeps the placement group
-    of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which would starve the next trials.
+    an interrupted trial from its last epoch; the checkpoint also holds the model saved as `atlasvi train` saves it,
+    `TRIAL_MODEL`, which the sweep logs as the trial's MLflow Model), and reports with tune.report: Ray 2.60 keeps
+    the placement group of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which would starve
+    the next trials.
     """
     job = with_overrides(TrainJobConfig.model_validate(config["job"]), config["overrides"])
     trial_id = tune.get_context().get_trial_id()
@@ -207,6 +215,8 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
     train, validation = make_loaders(
         store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
     )
+    path = store.path if is_url(store.path) else str(Path(store.path).resolve())
+    saved = saved_config(job.model.model_dump(), path, store.n_cells, store.nnz, job.train.model_dump())
     with tempfile.TemporaryDirectory(prefix="atlasvi-trial-") as scratch:
         checkpoint_dir = Path(scratch)
         restored = tune.get_checkpoint()
@@ -217,6 +227,9 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
         def report(record: EpochRecord) -> None:
             if log_epoch is not None:
                 log_epoch(record)  # before tune.report: ASHA may stop the trial there
+            # the model as `atlasvi train` saves it, in the checkpoint: the sweep logs it as the trial's MLflow Model
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            save_model(checkpoint_dir / TRIAL_MODEL, get_entry(job.model.name).saved_name, saved, spec.schema, state)
             metrics = {k: v for k, v in asdict(record).items() if k not in ("step_losses", "extra_metrics")}
             metrics |= {f"train_{k}": v for k, v in record.extra_metrics.items()}
             tune.report({**metrics, "epochs_done": record.epoch + 1}, checkpoint=Checkpoint.from_directory(scratch))
@@ -317,9 +330,20 @@ def _n_trials(sweep: SweepConfig) -> int:
     return sweep.num_samples * math.prod(len(s.grid) for s in sweep.search_space.values() if s.grid is not None)
 
 
+def _trial_model(result: Any) -> str | None:
+    """The saved model folder in a trial's last checkpoint, where it is a local folder (a one-worker trial's; a
+    multi-worker trial checkpoints through Ray Train without one); None otherwise."""
+    checkpoint = result.checkpoint
+    if checkpoint is None or is_url(checkpoint.path):
+        return None
+    folder = Path(checkpoint.path) / TRIAL_MODEL
+    return str(folder) if (folder / "model.json").exists() else None
+
+
 def summarise(results: tune.ResultGrid, sweep: SweepConfig) -> list[dict]:
     """One plain record per trial, ranked (`rank_trials`): overrides, status, error, epochs run, the objective
-    at the last epoch and its best, stopped early (by ASHA, before the configured epochs), per-epoch figures."""
+    at the last epoch and its best, stopped early (by ASHA, before the configured epochs), per-epoch figures, the
+    saved model of its last epoch (`_trial_model`)."""
     max_epochs = sweep.job.train.max_epochs
     trials = []
     for result in results:
@@ -339,6 +363,7 @@ def summarise(results: tune.ResultGrid, sweep: SweepConfig) -> list[dict]:
                 "best": min(values) if values else math.nan,
                 "stopped_early": result.error is None and max_epochs is not None and len(values) < max_epochs,
                 "history": epochs,
+                "model": _trial_model(result),
             }
         )
     return rank_trials(trials, sweep.metric)

@@ -53,6 +53,13 @@ def save_model(directory: Path, method: str, config: dict, schema: StoreSchema, 
     return directory
 
 
+def saved_config(model: dict, store: str, n_cells: int, nnz: int, train: dict | None) -> dict:
+    """model.json's `config`: the model config's fields, the training store (its absolute path or URL) with its cells
+    and non-zeros (so that it is found, and recognised, from any working folder), the training config if any."""
+    config = {"model": model, "store": store, "store_identity": {"n_cells": n_cells, "nnz": nnz}}
+    return config | ({"train": train} if train is not None else {})
+
+
 def read_meta(directory: Path) -> dict:
     """model.json of a saved model, checked for the fields loading needs (each missing one is named)."""
     path = directory / META_NAME

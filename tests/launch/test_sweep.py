@@ -16,6 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -54,7 +57,7 @@ def _sweep(workdir, embedded_store, space: dict, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdir, embedded_store):
+def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdir, embedded_store, monkeypatch):
     space = {"model.n_latent": {"grid": [10, 5]}, "model.n_layers": {"grid": [1, 2]}}
     _sweep(workdir, embedded_store, space, "four")
     result = runner.invoke(app, ["sweep", "--config", "four.yaml"])
@@ -84,6 +87,15 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
         assert child.data.tags["status"] == "FINISHED" and child.data.tags["stopped_early"] in ("True", "False")
         assert (child.data.tags["stopped_early"] == "True") == (len(steps) < 4)
         assert any(a.path.startswith("loss_curves_") for a in client.list_artifacts(child.info.run_id))
+        (logged,) = child.outputs.model_outputs  # the last epoch's model as an MLflow Model, as `atlasvi train` logs
+        assert client.get_logged_model(logged.model_id).source_run_id == child.info.run_id
+        assert logged.step == len(steps) - 1
+    best_child = next(c for c in children if c.data.tags["trial_id"] == rows[0]["trial_id"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")  # load_model reads it
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{best_child.outputs.model_outputs[0].model_id}")
+    latent = pyfunc.predict(pd.DataFrame({"store": [str(embedded_store)]}), params={"device": "cpu"})
+    n_cells = ad.read_zarr(embedded_store).n_obs
+    assert latent.shape == (n_cells, int(best_child.data.params["model.n_latent"])) and np.isfinite(latent).all().all()
     assert "ranked.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     best = workdir / "outputs/sweeps/four/best.yaml"
     trained = runner.invoke(app, ["train", "--config", str(best), "--max-epochs", "1"])
@@ -271,6 +283,7 @@ def test_the_best_config_trains_as_is_into_its_own_folder_and_latent_key(workdir
             "best": elbo,
             "stopped_early": False,
             "history": [_record(0, elbo + 50), _record(1, elbo)],
+            "model": None,
         }
         for n_latent, n_layers, elbo in [(4, 1, 910.0), (4, 2, 905.5), (6, 1, 899.25), (6, 2, 920.0)]
     ]
