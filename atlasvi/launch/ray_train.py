@@ -12,9 +12,12 @@ each): N workers take one worker's optimiser steps per epoch on one worker's bat
 so they reach the one-worker model in the same epochs.
 """
 
+import contextlib
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,6 +114,20 @@ def _worker(config: dict) -> None:
     shutil.rmtree(local, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _sigint_kept() -> Iterator[None]:
+    """This process's SIGINT handler is put back after the block. TorchTrainer.fit (Ray Train V2) installs one
+    that aborts the run and does not raise KeyboardInterrupt, and leaves it installed: after it, Ctrl-C would no
+    longer interrupt this process (a notebook, a later build). Only the main thread can set handlers (Ray skips
+    its handler elsewhere, e.g. in a Tune trial), and a handler not set from Python (None) cannot be put back."""
+    handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 def connect(address: str | None) -> None:
     """Join the Ray cluster at `address` ("auto": the one this node belongs to), or start a local one."""
     if not ray.is_initialized():
@@ -132,6 +149,7 @@ def train_distributed(
     pickled into the worker). `store` must be readable from every node (shared filesystem or URL).
     callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback). spec: the module's registry,
     code maps and start weights, shipped to the workers (None: `module_spec` of the job on `store`, read here).
+    Ctrl-C during the run aborts it (Ray's handler); this process's own SIGINT handler is back afterwards.
     """
     if not Path(run.storage_path).is_absolute() and "://" not in run.storage_path:
         raise ValueError(f"storage_path {run.storage_path!r} must be absolute (or a URI): every node writes there")
@@ -157,7 +175,8 @@ def train_distributed(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    with _sigint_kept():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {run.name} ended without a checkpoint: {result.error}")
     final = Path(tempfile.mkdtemp(prefix="atlasvi-final-"))
