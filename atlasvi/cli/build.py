@@ -71,6 +71,14 @@ def build_command(
         str | None,
         typer.Option(help="address of a dask.distributed scheduler to build on (its workers see the same paths)"),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="build on a Ray cluster instead: its address ('auto': this node's; 'local': start one here); "
+            "--workers actors (default: one per CPU)",
+        ),
+    ] = None,
 ) -> None:
     """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -106,7 +114,7 @@ def build_command(
     }
     sources.append(("flags", flags))
     build_config = make_config(BuildConfig, sources)
-    path = build_with_progress(build_config, workers, scheduler)
+    path = build_with_progress(build_config, workers, scheduler, ray)
     _print_summary(path)
 
 

@@ -165,16 +165,29 @@ class _RichProgress:
         self.progress.update(self.tasks[stage], completed=done)
 
 
-def build_with_progress(config: BuildConfig, workers: int | None = 1, scheduler: str | None = None) -> Path:
+def build_with_progress(
+    config: BuildConfig, workers: int | None = 1, scheduler: str | None = None, ray_address: str | None = None
+) -> Path:
     """build_store with rich bars per stage (a failed build raises AtlasInputError and writes nothing), on
-    `workers` local worker processes (None: every core; 1: this process) or on the dask cluster at `scheduler`,
-    whose dashboard link is printed."""
+    `workers` local worker processes (None: every core; 1: this process), on the dask cluster at `scheduler` or
+    on the Ray cluster at `ray_address` ("local": a new one here; `workers` actors, None: one per CPU), whose
+    dashboard link is printed."""
 
     def announce(link: str) -> None:
-        where = f"dask cluster at {scheduler}" if scheduler else f"{workers} local dask workers"
+        if ray_address is not None:
+            where = f"Ray cluster at {ray_address} ({executor.workers} actors)"
+        else:
+            where = f"dask cluster at {scheduler}" if scheduler else f"{workers} local dask workers"
         console.print(f"building on the {where}; dashboard: {link}")
 
-    if scheduler is not None:
+    if scheduler is not None and ray_address is not None:
+        raise ConfigError("give --scheduler (a dask cluster) or --ray (a Ray cluster), not both")
+    if ray_address is not None:
+        from atlasvi.launch.ray_build import RayBuildExecutor  # Ray only when asked for
+
+        address = None if ray_address == "local" else ray_address
+        executor: BuildExecutor = RayBuildExecutor(workers, address, on_start=announce)
+    elif scheduler is not None:
         executor = BuildExecutor.connect(scheduler, on_start=announce)
     else:
         workers = workers or default_workers()
