@@ -1,6 +1,6 @@
 """scvi-tools interoperability: an atlasvi model exported in scvi-tools 1.4.2's save format, and a scvi-tools
 saved model imported as an atlasvi model on a store with its genes (`atlasvi export`, `atlasvi import`), for SCVI,
-SCANVI, LinearSCVI, TOTALVI and PEAKVI (`atlasvi.models.scvi_tools.COUNTERPARTS`).
+SCANVI, LinearSCVI, TOTALVI, PEAKVI, CondSCVI and SysVI (`atlasvi.models.scvi_tools.COUNTERPARTS`).
 
 The format and the renaming live in `atlasvi.models.scvi_tools`; here the user-facing class comes from the model
 registry and the store is checked against the imported model (genes, keys, categories), each problem named.
@@ -18,6 +18,7 @@ from atlasvi.data.store import AtlasStore, ModalitySchema, StoreSchema
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import META_NAME, IncompatibleStoreError, load_state, load_weights, read_meta, saved_schema
 from atlasvi.models.scvi_tools import (
+    COUNTERPARTS,
     MODEL_FILE,
     NO_BATCH_KEY,
     PROTEIN,
@@ -33,7 +34,9 @@ from atlasvi.models.scvi_tools import (
 def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write a trained model (an instance, or a saved model's folder: no store needed) as a scvi-tools 1.4.2
     model folder `output` (`output`/model.pt), so that `scvi.model.<Class>.load(output, adata)` (SCVI, SCANVI,
-    LinearSCVI, TOTALVI, PEAKVI) gives its latent on the same cells; another method is refused in one line.
+    LinearSCVI, TOTALVI, PEAKVI, CondSCVI; `scvi.external.SysVI`, whose adata.X is then the log-normalised
+    counts, log1p(counts / total * target_sum)) gives its latent on the same cells; another method is refused in
+    one line.
     An existing `output` is refused unless `overwrite` (then only its model.pt is replaced).
     Returns the written model.pt."""
     output = Path(output)
@@ -52,11 +55,13 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
 
 
 def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> AtlasModel:
-    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI (its folder or model.pt, read without
-    running code from the file) as the atlasvi model of the same method on `store`, which must hold the model's
-    genes (peaks for PEAKVI) in its order, its batch (and for SCANVI labels) key, no batch category it has not
-    seen and for TOTALVI its proteins in its order; the first problem is named. A TOTALVI's adversarial batch
-    classifier (scvi-tools keeps it in the trainer, not the file) starts afresh, as for a query."""
+    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI / CondSCVI / SysVI (its folder or model.pt,
+    read without running code from the file) as the atlasvi model of the same method on `store`, which must hold
+    the model's genes (peaks for PEAKVI) in its order, its batch (and for SCANVI, CondSCVI labels) key, no batch
+    category it has not seen and for TOTALVI its proteins in its order; the first problem is named. A TOTALVI's
+    adversarial batch classifier (scvi-tools keeps it in the trainer, not the file) starts afresh, as for a query;
+    a CondSCVI's prototypes for DestVI are computed on the store when it is saved. A SysVI reads the store's
+    counts log-normalised with target_sum 1e4 (scvi-tools' SysVI reads whatever layer it was given)."""
     path = Path(source)
     imported = from_scvi_tools(read_scvi_tools(path), str(path))
     opened = store if isinstance(store, AtlasStore) else open_store(store)
@@ -71,7 +76,12 @@ def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device
             f"{path}: scvi-tools option {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         ) from None
     model = cls(opened, config, device, registry=schema)
-    fresh = {k: v for k, v in model.module.state_dict().items() if k.startswith("adversary.")}
+    buffers = COUNTERPARTS[imported.method].atlasvi_buffers
+    fresh = {
+        k: v
+        for k, v in model.module.state_dict().items()
+        if k.startswith("adversary.") or (k in buffers and k not in imported.state)
+    }
     load_state(model.module, imported.state | fresh, str(path), _described(config))
     return model
 
@@ -124,7 +134,7 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
         )
     labels_key = reg["labels_key"]
     if labels_key is not None and labels_key != store.labels_key:
-        if imported.method == "SCANVI" or imported.config.get("dispersion") == "gene-label":
+        if imported.method in ("SCANVI", "CondSCVI") or imported.config.get("dispersion") == "gene-label":
             raise IncompatibleStoreError(
                 f"{store_path}: {where} has labels key obs[{labels_key!r}], the store {store.labels_key!r}; "
                 f"build the store with --labels-key {labels_key}"
@@ -147,16 +157,23 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
 def _proteins(
     proteins: tuple[str, ...], store: StoreSchema, batches: tuple[str, ...], where: str, store_path: str
 ) -> ModalitySchema:
-    """The protein modality of an imported totalVI: the store's, which must have the model's proteins in its order,
-    its per-batch panels and background priors taken for the model's batches (a full panel and the mean prior
-    for a batch the store lacks; the prior only starts a training, the imported weights replace it)."""
+    """The protein modality of an imported totalVI: the store's, which must have the model's proteins in its order
+    (a model whose proteins are named "0".."n-1", as scvi-tools names the columns of an obsm array, e.g. of
+    `anndata.read_zarr(store)`, takes the store's n proteins in the store's order), its per-batch
+    panels and background priors taken for the model's batches (a full panel and the mean prior for a batch the
+    store lacks; the prior only starts a training, the imported weights replace it)."""
     stored = store.modalities.get(PROTEIN)
+    if stored is not None and proteins == tuple(str(i) for i in range(len(stored.features))):
+        proteins = stored.features  # scvi-tools' names of an obsm array's columns (read_zarr of a store): its order
     if stored is None or stored.features != proteins:
         has = f"{len(stored.features)}: {list(stored.features[:5])}" if stored is not None else "none"
+        numbered = proteins == tuple(str(i) for i in range(len(proteins)))
         raise IncompatibleStoreError(
             f"{store_path}: {where} reads {len(proteins)} proteins {list(proteins[:5])}..., in that order; the store "
             f"has {has}; build it from cells with those proteins (--protein-key)"
-        )
+            + (" (proteins named 0..n-1: scvi-tools was set up on an obsm array; a store with that many proteins in "
+               "that order is taken)" if numbered else "")
+        )  # fmt: skip
     index = {b: i for i, b in enumerate(store.batch_categories)}
     means, scales = stored.background_log_means, stored.background_log_scales
     fill = (float(np.mean(means)), float(np.mean(scales)))

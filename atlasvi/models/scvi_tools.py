@@ -1,5 +1,6 @@
 """scvi-tools 1.4.2's save format, both ways, for the methods with a scvi-tools counterpart: SCVI, SCANVI,
-LinearSCVI (atlasvi's ldvae), TOTALVI and PEAKVI (`COUNTERPARTS`, the one table of their names and arguments).
+LinearSCVI (atlasvi's ldvae), TOTALVI, PEAKVI, CondSCVI and SysVI (scvi.external.SysVI) (`COUNTERPARTS`, the one
+table of their names and arguments).
 
 A scvi-tools model folder holds `model.pt`: {"model_state_dict": weights in scvi-tools' parameter names,
 "var_names": (n_genes,) gene names, "attr_dict": {"registry_": the AnnData setup registry, "init_params_": the
@@ -54,8 +55,10 @@ class Counterpart:
     at atlasvi's default on import); fields, setup_args: the setup registry's fields and setup_anndata's
     arguments, in scvi-tools' order; fixed_class, fixed_module: the values atlasvi's model has of scvi-tools'
     arguments it does not vary (written to init_params_; others are refused on import); labels: whether
-    setup_anndata takes a labels_key; covariates: whether it takes extra categorical / continuous covariates.
-    Every config field but `name` is in class_args, module_args or atlasvi_only (tests/api/test_interop.py).
+    setup_anndata takes a labels_key; covariates: whether it takes extra categorical / continuous covariates (and
+    atlasvi exports them); atlasvi_buffers: atlasvi weights with no scvi-tools counterpart (left out on export,
+    built afresh on import). Every config field but `name` is in class_args, module_args or atlasvi_only
+    (tests/api/test_interop.py).
     """
 
     renames: tuple[tuple[str, str], ...]
@@ -69,6 +72,7 @@ class Counterpart:
     fixed_module: dict[str, Any] = field(default_factory=dict)
     labels: bool = True
     covariates: bool = True
+    atlasvi_buffers: tuple[str, ...] = ()
 
 
 _SCVI_MODULE = ("log_variational", "encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm")
@@ -158,6 +162,51 @@ COUNTERPARTS: dict[str, Counterpart] = {
         fields=("X", "batch", "labels", "extra_categorical_covs", "extra_continuous_covs"),
         setup_args=("batch_key", "labels_key", "categorical_covariate_keys", "continuous_covariate_keys", "layer"),
     ),  # fmt: skip
+    "CondSCVI": Counterpart(  # scvi-tools' weight_obs is atlasvi's ct_weight (None or the inverse label frequency)
+        (("_embeddings_dict.batch.", "batch_embedding."),),
+        ("n_hidden", "n_latent", "n_layers", "dropout_rate"),
+        ("log_variational", "encode_covariates"),
+        "module_kwargs",
+        atlasvi_only=("ct_weight", "vamp_prior_p"),  # weight_obs (the buffer ct_weight); DestVI's prototypes
+        fields=("X", "labels", "batch", "size_factor"),
+        setup_args=("batch_key", "labels_key", "fine_labels_key", "layer", "unlabeled_category", "size_factor_key"),
+        fixed_class={},
+        fixed_module={"prior": "normal"},
+        covariates=False,
+        atlasvi_buffers=("mean_vprior", "var_vprior", "mp_vprior"),  # CondSCVI.get_vamp_prior, kept by atlasvi
+    ),
+    "SysVI": Counterpart(  # scvi.external.SysVI: the system is its batch_key
+        (
+            ("encoder.decoder_y.", "encoder.fc."),
+            ("encoder.mean_encoder.", "encoder.mean."),
+            ("encoder.var_encoder.encoder.", "encoder.var."),
+            ("encoder.var_encoder.var_param", "encoder.var_param"),
+            ("decoder.decoder_y.", "decoder.fc."),
+            ("decoder.mean_encoder.", "decoder.mean."),
+            ("decoder.var_encoder.encoder.", "decoder.var."),
+            ("decoder.var_encoder.var_param", "decoder.var_param"),
+        ),
+        ("prior", "n_prior_components"),
+        ("n_latent", "n_hidden", "n_layers", "dropout_rate", "out_var_mode"),
+        atlasvi_only=(  # SysVI.train's loss weights; the cycle's input; the log-normalisation of the counts
+            "reconstruction_weight",
+            "z_distance_cycle_weight",
+            "cycle_input",
+            "target_sum",
+            "system_key",
+        ),
+        fixed_class={},
+        fixed_module={"embed_categorical_covariates": False, "trainable_priors": True},
+        fields=("X", "batch", "extra_categorical_covs", "extra_continuous_covs"),
+        setup_args=("batch_key", "layer", "categorical_covariate_keys", "continuous_covariate_keys", "weight_batches"),
+        labels=False,
+        covariates=False,
+        atlasvi_buffers=("pseudo_initialised",),
+    ),  # fmt: skip
+}
+NO_COUNTERPART = {  # atlasvi methods with a scvi-tools class that export / import does not cover yet: why
+    "MULTIVI": "scvi-tools' MULTIVI reads a MuData (setup_mudata); atlasvi's export / import of it is not built",
+    "DestVI": "scvi-tools' DestVI is built from a CondSCVI and the spots (from_rna_model); not built in atlasvi",
 }
 PROTEIN = "protein"  # atlasvi's modality name of totalVI's proteins
 
@@ -261,9 +310,10 @@ def counterpart(method: str, where: str = "") -> Counterpart:
     """The scvi-tools counterpart of `method` (model.json's method, scvi-tools' class name); ScviToolsFileError
     naming the methods that have one."""
     if method not in COUNTERPARTS:
+        why = f": {NO_COUNTERPART[method]}" if method in NO_COUNTERPART else ""
         raise ScviToolsFileError(
             f"{where + ': ' if where else ''}a {method} model has no scvi-tools counterpart in atlasvi "
-            f"({', '.join(COUNTERPARTS)} have)"
+            f"({', '.join(COUNTERPARTS)} have){why}"
         )
     return COUNTERPARTS[method]
 
@@ -304,6 +354,12 @@ def _config(method: str, args: dict[str, Any], where: str) -> dict[str, Any]:
             config[key] = value
         elif key == "override_missing_proteins" and method == "TOTALVI":
             continue  # which all-zero proteins count as unmeasured when training; atlasvi's store mask says
+        elif (method, key) in (
+            ("CondSCVI", "weight_obs"),
+            ("CondSCVI", "ct_weight"),
+            ("SysVI", "pseudoinputs_data_indices"),
+        ):
+            continue  # CondSCVI: its ct_weight buffer is read; SysVI: which cells started the pseudo-inputs
         elif key in fixed and value in (fixed[key], None):
             continue
         else:
@@ -328,12 +384,16 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     config = _config(method, args, where)
     fields = registry.get("field_registries", {})
     setup = registry.get("setup_args", {})
-    for key in ("size_factor_key", "panel_key"):
-        if setup.get(key) is not None:
-            raise ScviToolsFileError(f"{where}: scvi-tools {key} has no atlasvi counterpart")
+    for key in ("size_factor_key", "panel_key", "fine_labels_key", "weight_batches"):
+        if setup.get(key) not in (None, False):
+            raise ScviToolsFileError(f"{where}: scvi-tools {key}={setup[key]!r} has no atlasvi counterpart")
+    if not COUNTERPARTS[method].covariates and (
+        setup.get("categorical_covariate_keys") or setup.get("continuous_covariate_keys")
+    ):
+        raise ScviToolsFileError(f"{where}: a scvi-tools {method} with covariates; atlasvi imports it without")
     batch_key = fields["batch"]["state_registry"]["original_key"]
     categorical = {batch_key: _mapping(fields["batch"], where, "batch")}
-    labels_key = fields["labels"]["state_registry"].get("original_key")
+    labels_key = fields["labels"]["state_registry"].get("original_key") if "labels" in fields else NO_LABELS_KEY
     if labels_key == NO_LABELS_KEY:
         labels_key = None
     else:
@@ -348,6 +408,10 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     genes = tuple(str(g) for g in saved["var_names"])
     state = {to_atlasvi_name(method, k): v for k, v in saved["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     state = {k: v for k, v in state.items() if not k.startswith(tuple(p for p, _ in _unused_parts(method, config)))}
+    if method == "CondSCVI" and args.get("weight_obs"):
+        config["ct_weight"] = tuple(float(w) for w in state["ct_weight"])
+    if method == "SysVI":
+        state = _sysvi_in(state)
     if config.get("linear_classifier"):  # scvi-tools' linear classifier is a Sequential of one Linear
         state = {
             k.replace("classifier.0.", "classifier.", 1) if k.startswith("classifier.0.") else k: v
@@ -366,12 +430,38 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     return ScviToolsModel(method, config, reg, state, n_cells)
 
 
+def _sysvi_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """scvi-tools' SysVAE weights (renamed) as atlasvi's: its VampPrior's copy of the encoder dropped, the
+    pseudo-inputs prior.u (k, n_genes), the mixture logits (k, 1, 1) -> (k,), the pseudo-inputs' one-hot system
+    (k, n_system) -> codes (1, k), and the flag that they are initialised."""
+    state = {k: v for k, v in state.items() if not k.startswith("prior.encoder.")}
+    if "prior.w" in state:
+        state["pseudo_x"] = state.pop("prior.u")
+        state["prior_logits"] = state.pop("prior.w").reshape(-1)
+        state["pseudo_codes"] = state.pop("prior.u_cat.0").argmax(-1).view(1, -1)
+        state["pseudo_initialised"] = torch.tensor(True)
+    return state
+
+
+def _sysvi_out(state: dict[str, torch.Tensor], n_system: int) -> dict[str, torch.Tensor]:
+    """atlasvi's SysVI weights in scvi-tools' names and shapes (the inverse of `_sysvi_in`; the VampPrior holds
+    the encoder, so its weights are written under prior.encoder too)."""
+    state = dict(state)
+    if "prior_logits" in state:
+        state["prior.u"] = state.pop("pseudo_x")
+        state["prior.w"] = state.pop("prior_logits").reshape(-1, 1, 1)
+        codes = state.pop("pseudo_codes")[0]
+        state["prior.u_cat.0"] = torch.nn.functional.one_hot(codes, n_system).float()
+        state |= {"prior." + k: v for k, v in state.items() if k.startswith("encoder.")}
+    return state
+
+
 def _unused_parts(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
     """(prefix, template prefix) in atlasvi's names of each part scvi-tools builds and atlasvi does not in this
     configuration: the library encoder with the observed library, the zero-inflation head without ZINB, the
     per-cell dispersion head without gene-cell dispersion; each shaped as its template (a library encoder as the
     z encoder's first layer with one output)."""
-    if method == "PEAKVI":
+    if method in ("PEAKVI", "CondSCVI", "SysVI"):
         return []
     parts = [("l_encoder.", "z_encoder.")] if config.get("use_observed_lib_size", True) else []
     if method == "TOTALVI":
@@ -432,6 +522,12 @@ def _refuse_options(method: str, config: dict[str, Any], schema: StoreSchema) ->
                 f"a LinearSCVI with use_batch_norm={config['use_batch_norm']!r} has no scvi-tools form "
                 "(scvi-tools' LDVAE encoders always use batch norm)"
             )
+    if method == "SysVI" and config["system_key"] not in (None, schema.batch_key):
+        raise ScviToolsFileError(
+            f"a SysVI with system_key {config['system_key']!r} other than the batch key has no scvi-tools form "
+            "(scvi-tools' SysVI takes the system as batch_key and the batch as a covariate, which atlasvi does not "
+            "export)"
+        )
     if method == "TOTALVI" and "label" in config["gene_dispersion"] + config["protein_dispersion"]:
         raise ScviToolsFileError(
             "a TOTALVI with per-label dispersion has no scvi-tools form (its setup takes no labels)"
@@ -447,6 +543,7 @@ def to_scvi_tools(
     spec = counterpart(method)
     _refuse_options(method, config, schema)
     state = {k: v.detach().cpu() for k, v in state.items() if not k.startswith("adversary.")}  # scvi-tools: trainer's
+    state = {k: v for k, v in state.items() if k not in spec.atlasvi_buffers}
     for prefix, template in _unused_parts(method, config):
         state |= _unused(state, prefix, template)
     linear = bool(config.get("linear_classifier", False))
@@ -455,8 +552,15 @@ def to_scvi_tools(
         if linear and key.startswith("classifier."):
             key = "classifier.0." + key.removeprefix("classifier.")
         weights[to_scvi_tools_name(method, key)] = value
+    if method == "SysVI":
+        weights = _sysvi_out(weights, len(schema.categorical[schema.batch_key]))
     weights["pyro_param_store"] = {"params": {}, "constraints": {}}
     non_kwargs = {k: config[k] for k in spec.class_args} | spec.fixed_class
+    if method == "CondSCVI":
+        non_kwargs["weight_obs"] = config["ct_weight"] is not None
+    if method == "SysVI":  # the cells its pseudo-inputs started from: the first ones (the weights replace them)
+        k = config["n_prior_components"]
+        non_kwargs["pseudoinputs_data_indices"] = np.arange(k) if config["prior"] == "vamp" and k <= n_cells else None
     module_kwargs = {k: config[k] for k in spec.module_args} | spec.fixed_module
     if method == "LinearSCVI":
         module_kwargs["use_batch_norm"] = config["use_batch_norm"] == "both"
@@ -485,6 +589,8 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
     categories = schema.categorical
     extra = [k for k in categories if k not in (schema.batch_key, schema.labels_key)]
     labels_key = schema.labels_key if spec.labels else None
+    if method == "CondSCVI" and labels_key is None:
+        raise ScviToolsFileError("a CondSCVI without a labels key has no scvi-tools form")
     fields: dict[str, dict] = {}
     genes = np.array(schema.gene_ids, dtype=object)
     x_state = {"n_obs": n_cells, "n_vars": schema.n_genes, "column_names": genes}
@@ -524,7 +630,8 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
     setup: dict[str, Any] = {
         "batch_key": schema.batch_key, "labels_key": labels_key, "layer": None, "size_factor_key": None,
         "categorical_covariate_keys": extra or None, "continuous_covariate_keys": list(schema.continuous) or None,
-        "panel_key": None, "protein_names_uns_key": None,
+        "panel_key": None, "protein_names_uns_key": None, "fine_labels_key": None,
+        "unlabeled_category": "unlabeled", "weight_batches": False,
     }  # fmt: skip
     if method == "TOTALVI":
         proteins = schema.modalities[PROTEIN]

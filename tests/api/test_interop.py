@@ -21,29 +21,44 @@ import pytest
 import torch
 
 from atlasvi.analysis.protocols import expression_scale
-from atlasvi.api import PEAKVI, SCANVI, SCVI, TOTALVI, LinearSCVI, export_scvi_tools, import_scvi_tools
+from atlasvi.api import (
+    PEAKVI,
+    SCANVI,
+    SCVI,
+    TOTALVI,
+    LinearSCVI,
+    SysVI,
+    export_scvi_tools,
+    import_scvi_tools,
+)
+from atlasvi.api.condscvi import CondSCVI
 from atlasvi.data import BuildConfig, build_store
+from atlasvi.models.condscvi import CondSCVIConfig
 from atlasvi.models.ldvae import LDVAEConfig
 from atlasvi.models.peakvi import PEAKVIConfig
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import IncompatibleStoreError
 from atlasvi.models.scvi import SCVIConfig
 from atlasvi.models.scvi_tools import COUNTERPARTS, ScviToolsFileError, read_scvi_tools
+from atlasvi.models.sysvi import SysVIConfig
 from atlasvi.models.totalvi import TOTALVIConfig
 from atlasvi.train import TrainConfig
-from tests.conftest import CBMC, GRANJA, KANG
+from tests.conftest import BARON, CBMC, GRANJA, KANG
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scvi_tools"
 UNLABELED = ["stim101", "stim107"]
 TOLERANCE = 1e-5
-CLASSES = {"scvi": SCVI, "scanvi": SCANVI, "ldvae": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI}
+CLASSES = {
+    "scvi": SCVI, "scanvi": SCANVI, "ldvae": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI, "condscvi": CondSCVI,
+    "sysvi": SysVI,
+}  # fmt: skip
 
 
-def _build(path: Path, genes: list[str] | None, **fields) -> Path:
+def _build(path: Path, genes: list[str] | None, source: Path = KANG, **fields) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = BuildConfig(
-            inputs=[str(KANG)], output=str(path), batch_key="sample", labels_key="cell_type",
+            inputs=[str(source)], output=str(path), batch_key="sample", labels_key="cell_type",
             unlabeled_batches=UNLABELED, genes=genes, **fields,
         )  # fmt: skip
         return build_store(config)
@@ -97,8 +112,9 @@ def test_a_scvi_tools_model_imports_with_scvi_tools_latent(store, expected, name
 
 @pytest.fixture(scope="module")
 def more_stores(tmp_path_factory, store) -> dict[str, Path]:
-    """Stores of the cells of the LinearSCVI, TOTALVI and PEAKVI fixtures, with their genes / peaks (the model's
-    order): Kang as `store`; CBMC's first 300 cells with their 13 proteins, one batch; Granja's 600 cells."""
+    """Stores of the cells of the LinearSCVI, TOTALVI, PEAKVI, CondSCVI and SysVI fixtures, with their genes / peaks
+    (the model's order): Kang as `store` (LinearSCVI, CondSCVI); CBMC's first 300 cells with their 13 proteins, one
+    batch; Granja's 600 cells; Baron's 328 cells, batch (system) `species`."""
     folder = tmp_path_factory.mktemp("more")
     ad.read_h5ad(CBMC)[:300].copy().write_h5ad(folder / "cbmc300.h5ad")
     with warnings.catch_warnings():
@@ -114,19 +130,26 @@ def more_stores(tmp_path_factory, store) -> dict[str, Path]:
                 inputs=[str(GRANJA)], output=str(folder / "granja.zarr"), batch_key="Group", genes=_genes("peakvi")
             )
         )
-    return {"linearscvi": store, "totalvi": cbmc, "peakvi": granja}
+        baron = build_store(
+            BuildConfig(
+                inputs=[str(BARON)], output=str(folder / "baron.zarr"), batch_key="species", genes=_genes("sysvi")
+            )
+        )
+    return {"linearscvi": store, "totalvi": cbmc, "peakvi": granja, "condscvi": store, "sysvi": baron}
 
 
 def _genes(name: str) -> list[str]:
     return [str(g) for g in read_scvi_tools(FIXTURE / name)["var_names"]]
 
 
-@pytest.mark.parametrize("name", ["linearscvi", "totalvi", "peakvi"])
+@pytest.mark.parametrize("name", ["linearscvi", "totalvi", "peakvi", "condscvi", "sysvi"])
 def test_a_scvi_tools_model_of_another_method_imports_with_its_outputs(more_stores, name):
-    """LinearSCVI, TOTALVI (no batch key) and PEAKVI saved by scvi-tools, read weights-only: scvi-tools' latent of
-    every cell and its normalized expression (accessibility; protein expression) of 50 cells, within 1e-5."""
+    """LinearSCVI, TOTALVI (no batch key), PEAKVI, CondSCVI (weight_obs) and SysVI saved by scvi-tools, read
+    weights-only: scvi-tools' latent of every cell and its normalized expression (accessibility; protein expression;
+    SysVI's decoder mean from the store's log-normalised counts) of 50 cells, within 1e-5."""
     model = import_scvi_tools(FIXTURE / name, more_stores[name], device="cpu")
-    assert type(model) is {"linearscvi": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI}[name]
+    classes = {"linearscvi": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI, "condscvi": CondSCVI, "sysvi": SysVI}
+    assert type(model) is classes[name]
     expected = dict(np.load(FIXTURE / name / "expected.npz"))
     ours = _at_posterior_mean(model)
     theirs = _in_store_order(expected["latent"], expected["obs_names"], more_stores[name])
@@ -135,6 +158,25 @@ def test_a_scvi_tools_model_of_another_method_imports_with_its_outputs(more_stor
     first = [rows[n] for n in expected["obs_names"][:50]]
     for what in ("normalized", "protein")[: 2 if name == "totalvi" else 1]:
         assert np.abs(ours[what][first] - expected[what]).max() <= TOLERANCE, what
+
+
+def test_a_totalvi_set_up_on_an_obsm_array_imports_with_the_store_proteins(more_stores, tmp_path):
+    """scvi-tools names the proteins of an obsm array (e.g. `anndata.read_zarr(store)`) "0".."n-1": the import takes
+    the store's proteins when their count matches (the same latent as with names), and names the mismatch else."""
+    saved = read_scvi_tools(FIXTURE / "totalvi")
+    saved["attr_dict"].pop("history_")  # pandas frames, read as placeholders
+    proteins = saved["attr_dict"]["registry_"]["field_registries"]["proteins"]["state_registry"]
+    proteins["column_names"] = np.arange(len(proteins["column_names"]))
+    (tmp_path / "numbered").mkdir()
+    torch.save(saved, tmp_path / "numbered" / "model.pt")
+    numbered = import_scvi_tools(tmp_path / "numbered", more_stores["totalvi"], "cpu")
+    named = import_scvi_tools(FIXTURE / "totalvi", more_stores["totalvi"], "cpu")
+    assert numbered.schema.modalities["protein"] == named.schema.modalities["protein"]
+    np.testing.assert_array_equal(numbered.get_latent_representation(), named.get_latent_representation())
+    proteins["column_names"] = np.arange(len(proteins["column_names"]) - 1)
+    torch.save(saved, tmp_path / "numbered" / "model.pt")
+    with pytest.raises(IncompatibleStoreError, match=r"reads 12 proteins \['0', .*proteins named 0..n-1"):
+        import_scvi_tools(tmp_path / "numbered", more_stores["totalvi"], "cpu")
 
 
 def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_stores, tmp_path):
@@ -150,7 +192,7 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
         assert set(our_state) == set(their_state)
         unused = {  # what scvi-tools builds and does not use in the fixtures' configurations
             "scvi": ("l_encoder.", "decoder.px_r_decoder."), "scanvi": ("l_encoder.", "decoder.px_r_decoder."),
-            "linearscvi": ("decoder.px_dropout_decoder.",), "peakvi": (),
+            "linearscvi": ("decoder.px_dropout_decoder.",), "peakvi": (), "condscvi": (), "sysvi": (),
             "totalvi": ("encoder.l_gene_", "decoder.px_dropout_decoder_gene."),
         }[name]  # fmt: skip
         for key, value in their_state.items():
@@ -179,6 +221,9 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
                 content["state_registry"], default=_plain
             ), field
         init, their_init = ours["attr_dict"]["init_params_"], theirs["attr_dict"]["init_params_"]
+        if name == "sysvi":  # the cells that started the pseudo-inputs (random in scvi-tools; replaced by the weights)
+            init["non_kwargs"].pop("pseudoinputs_data_indices")
+            their_init["non_kwargs"].pop("pseudoinputs_data_indices")
         assert init["non_kwargs"] == their_init["non_kwargs"], name
         assert list(init["kwargs"]) == list(their_init["kwargs"]), name
 
@@ -189,16 +234,18 @@ def _plain(value):
 
 
 @pytest.fixture(scope="module")
-def atlasvi_models(tmp_path_factory, two_panel_store, granja_store) -> dict[str, Path]:
-    """atlasvi models with the options scvi-tools' setup and module take (trained, then saved): SCVI with a
+def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store) -> dict[str, Path]:
+    """atlasvi models with the options scvi-tools' setup and module take (trained, then saved; Kang's every third
+    cell, 120 genes): SCVI with a
     categorical and a continuous covariate encoded, gene-batch NB, the latent library; SCANVI; LinearSCVI (ZINB,
     gene-batch dispersion, a decoder bias, 1 epoch); totalVI on two CITE-seq panels (one lacks 15 of the 29
     proteins: scvi-tools' protein_batch_mask; the latent library; 1 epoch); PeakVI on 600 scATAC cells x 5000 peaks
-    (1 epoch)."""
+    (1 epoch); CondSCVI with encode_covariates and ct_weight (1 epoch); SysVI on Baron human + mouse, per-cell
+    output variance (1 epoch)."""
     folder = tmp_path_factory.mktemp("atlasvi_models")
     kang = ad.read_h5ad(KANG)
     genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:120]]
-    adata = kang[:, genes].copy()
+    adata = kang[::3, genes].copy()  # every third cell (519): every sample and cell type, a third of the steps
     adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel()) / 10
     adata.write_h5ad(folder / "kang.h5ad")
     with warnings.catch_warnings():
@@ -209,7 +256,7 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store) -> dict[str,
                 categorical_covariate_keys=["cell_type"], continuous_covariate_keys=["depth"],
             )
         )  # fmt: skip
-    labelled = _build(folder / "labelled.zarr", [str(g) for g in genes])
+    labelled = _build(folder / "labelled.zarr", [str(g) for g in genes], folder / "kang.h5ad")
     config = SCVIConfig(
         n_latent=4, n_hidden=24, n_layers=2, encode_covariates=True, dispersion="gene-batch", gene_likelihood="nb",
         use_observed_lib_size=False,
@@ -229,25 +276,37 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store) -> dict[str,
     totalvi.fit(TrainConfig(max_epochs=1))
     peakvi = PEAKVI(granja_store, PEAKVIConfig(n_latent=4))
     peakvi.fit(TrainConfig(max_epochs=1))
+    condscvi = CondSCVI(
+        labelled, CondSCVIConfig(n_latent=4, n_hidden=24, encode_covariates=True, ct_weight=(1.0, 2, 3, 1, 1, 1))
+    )
+    condscvi.fit(TrainConfig(max_epochs=1))
+    sysvi = SysVI(baron_store, SysVIConfig(n_latent=4, n_hidden=16, out_var_mode="sample_feature"), device="cpu")
+    sysvi.fit(TrainConfig(max_epochs=1))
     models = {"scvi": scvi, "scanvi": scanvi, "ldvae": ldvae, "totalvi": totalvi, "peakvi": peakvi}
+    models |= {"condscvi": condscvi, "sysvi": sysvi}
     return {name: model.save(folder / name) for name, model in models.items()}
 
 
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name):
     """atlasvi -> scvi-tools file (from the saved folder, no store) -> atlasvi: every weight and the latent exact
-    (a totalVI's adversary aside: scvi-tools' file has none, the import starts it afresh)."""
+    (a totalVI's adversary and a CondSCVI's prototypes aside: scvi-tools' file has neither, the import starts the
+    adversary afresh and the prototypes are computed when the model is saved)."""
     cls = CLASSES[name]
     saved = atlasvi_models[name]
     original = cls.load(saved, cls.saved_store(saved), device="cpu")
     exported = export_scvi_tools(saved, tmp_path / "exported")
     back = import_scvi_tools(exported.parent, original.store, device="cpu")
     assert back.config == original.config
-    assert back.schema.categorical == original.schema.categorical or name == "scanvi"
+    categorical = dict(original.schema.categorical)
+    if name == "sysvi":  # scvi-tools' SysVI is set up without labels: the store's labels key is not the model's
+        categorical.pop(original.schema.labels_key)
+    assert back.schema.categorical == categorical or name == "scanvi"
     state = back.module.state_dict()
     assert set(state) == set(original.module.state_dict())
+    fresh = COUNTERPARTS[get_entry(name).saved_name].atlasvi_buffers  # CondSCVI's prototypes: computed when saved
     for key, value in original.module.state_dict().items():
-        assert torch.equal(state[key], value) or key.startswith("adversary."), key
+        assert torch.equal(state[key], value) or key.startswith("adversary.") or key in fresh, key
     np.testing.assert_array_equal(back.get_latent_representation(), original.get_latent_representation())
 
 
@@ -276,8 +335,8 @@ def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
 
 def _at_posterior_mean(model) -> dict[str, np.ndarray]:
     """latent (n, n_latent) and, with z (and totalVI's log protein background) at the posterior mean, normalized:
-    (n, n_genes) px_scale (PeakVI: the accessibility p) and for totalVI protein: (n, n_proteins) foreground rate x
-    (1 - P(background)), scvi-tools' get_normalized_expression defaults."""
+    (n, n_genes) px_scale (PeakVI: the accessibility p; SysVI: the decoder's mean) and for totalVI protein:
+    (n, n_proteins) foreground rate x (1 - P(background)), scvi-tools' get_normalized_expression defaults."""
     from torch.distributions import Normal
 
     module, parts = model.module.eval(), {"normalized": [], "protein": []}
@@ -288,6 +347,9 @@ def _at_posterior_mean(model) -> dict[str, np.ndarray]:
             for batch in model._batches(None, None, 1024):
                 inputs = module.unpack(batch)
                 inference = module.inference(inputs)
+                if isinstance(model, SysVI):  # the decoder's mean (scvi-tools' SysVI has no normalized expression)
+                    parts["normalized"].append(module.generative(inference["qz"].loc, inputs)["px"].loc.numpy())
+                    continue
                 out = module.generative(inference["qz"].loc, inference["library"], inputs)
                 parts["normalized"].append(out["px_scale"].numpy())
                 if "rate_fore" in out:
