@@ -2,7 +2,8 @@
 
 Each worker opens the store itself and streams its own shard (the loader's rank / world size): no cell
 passes through the driver and Ray Data makes no copy. Rank 0 alone writes the checkpoint (the loop's
-`last.pt`) and hands it to `ray.train.report`, which persists it under `storage_path/name`; every rank
+`last.pt`, and where asked the model as `atlasvi train` saves it, `MODEL_DIR`) and hands it to `ray.train.report`,
+which persists it under `storage_path/name`; every rank
 reports each epoch (Ray's barrier). When a worker dies, Ray restarts the group (`max_failures` times)
 and every worker resumes from the last reported checkpoint: model, optimizer, loader position, each
 rank's RNG. Running the same `name` and `storage_path` again after the driver died resumes as well.
@@ -30,9 +31,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from atlasvi.data import open_store
+from atlasvi.models.registry import get_entry
+from atlasvi.models.saving import save_model
 from atlasvi.train import EpochRecord, fit
 from atlasvi.train.job import ModuleSpec, TrainJobConfig, build_module, make_loaders, module_spec, pretrained_train
 from atlasvi.train.loop import CHECKPOINT_NAME
+
+MODEL_DIR = "model"  # the saved model (model.json, model.pt) in a checkpoint, where the run asks for it
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,9 @@ def _worker(config: dict) -> None:
             started["restart_noted"] = True
         if rank == 0 and hooks.on_epoch_end is not None:
             hooks.on_epoch_end(record)
+        if rank == 0 and config.get("saved") is not None:  # the model as `atlasvi train` saves it, rank 0 writes
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            save_model(local / MODEL_DIR, get_entry(job.model.name).saved_name, config["saved"], spec.schema, state)
         metrics = {k: v for k, v in asdict(record).items() if k != "step_losses"} | _shard_audit(store.rows_read)
         metrics["epochs_done"] = record.epoch + 1
         checkpoint = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
@@ -142,6 +150,7 @@ def train_distributed(
     on_restart: Callable[[int], None] | None = None,
     callbacks: list | None = None,
     spec: ModuleSpec | None = None,
+    saved: dict | None = None,
 ) -> tuple[Path, dict]:
     """Train in `run.num_workers` Ray Train workers; returns (the final checkpoint file, rank 0's last metrics).
 
@@ -150,6 +159,8 @@ def train_distributed(
     callbacks: Ray Train callbacks (a sweep passes Tune's TuneReportCallback). spec: the module's registry,
     code maps and start weights, shipped to the workers (None: `module_spec` of the job on `store`, read here).
     Ctrl-C during the run aborts it (Ray's handler); this process's own SIGINT handler is back afterwards.
+    saved: model.json's config (`saved_config`): rank 0 then also writes the model as `atlasvi train` saves it
+    into each epoch's checkpoint (`MODEL_DIR`; a sweep logs a trial's last one as its MLflow Model).
     """
     if not Path(run.storage_path).is_absolute() and "://" not in run.storage_path:
         raise ValueError(f"storage_path {run.storage_path!r} must be absolute (or a URI): every node writes there")
@@ -161,6 +172,7 @@ def train_distributed(
             "hooks": _Hooks(on_epoch_end, on_restart),
             "module": spec or module_spec(job, open_store(store, backend=job.loader.backend)),
             "cpu_threads": run.cpu_threads,
+            "saved": saved,
         },
         scaling_config=ScalingConfig(
             num_workers=run.num_workers,

@@ -29,7 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from atlasvi.data import open_store
 from atlasvi.data.store import is_url
-from atlasvi.launch.ray_train import DistributedConfig, train_distributed
+from atlasvi.launch.ray_train import MODEL_DIR, DistributedConfig, train_distributed
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import save_model, saved_config
 from atlasvi.train import EpochRecord, fit
@@ -183,7 +183,7 @@ TrialLogger = Callable[[str, dict[str, Any]], Callable[[EpochRecord], None]]
 """(trial id, the trial's overrides) -> a per-epoch callback, e.g. logging into the trial's MLflow child run."""
 
 
-TRIAL_MODEL = "model"  # a one-worker trial's saved model (model.json, model.pt) in its checkpoint
+TRIAL_MODEL = MODEL_DIR  # a trial's saved model (model.json, model.pt) in its checkpoint
 
 
 def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
@@ -193,11 +193,14 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
     an interrupted trial from its last epoch; the checkpoint also holds the model saved as `atlasvi train` saves it,
     `TRIAL_MODEL`, which the sweep logs as the trial's MLflow Model), and reports with tune.report: Ray 2.60 keeps
     the placement group of a Train V2 run whose Tune trial is stopped (ray-project/ray#54305), which would starve
-    the next trials.
+    the next trials. A multi-worker trial's rank 0 writes the same saved model into its Ray Train checkpoints.
     """
     job = with_overrides(TrainJobConfig.model_validate(config["job"]), config["overrides"])
     trial_id = tune.get_context().get_trial_id()
     log_epoch = trial_logger(trial_id, config["overrides"]) if trial_logger else None
+    store = open_store(config["store"], backend=job.loader.backend)
+    path = store.path if is_url(store.path) else str(Path(store.path).resolve())
+    saved = saved_config(job.model.model_dump(), path, store.n_cells, store.nnz, job.train.model_dump())
     if config["workers"] > 1:
         run = DistributedConfig(
             num_workers=config["workers"],
@@ -206,17 +209,16 @@ def _trial(config: dict, trial_logger: TrialLogger | None = None) -> None:
             use_gpu=job.use_gpu,
             cpu_threads=1,
         )
-        train_distributed(job, config["store"], run, on_epoch_end=log_epoch, callbacks=[TuneReportCallback()])
+        train_distributed(
+            job, config["store"], run, on_epoch_end=log_epoch, callbacks=[TuneReportCallback()], saved=saved
+        )
         return
     torch.set_num_threads(1)
-    store = open_store(config["store"], backend=job.loader.backend)
     spec = module_spec(job, store)
     module = build_module(job.model, spec.schema, job.train.seed, spec.init_state)
     train, validation = make_loaders(
         store, job.loader, job.train.validation_fraction, code_maps=spec.code_maps, modalities=spec.modalities
     )
-    path = store.path if is_url(store.path) else str(Path(store.path).resolve())
-    saved = saved_config(job.model.model_dump(), path, store.n_cells, store.nnz, job.train.model_dump())
     with tempfile.TemporaryDirectory(prefix="atlasvi-trial-") as scratch:
         checkpoint_dir = Path(scratch)
         restored = tune.get_checkpoint()
@@ -331,12 +333,14 @@ def _n_trials(sweep: SweepConfig) -> int:
 
 
 def _trial_model(result: Any) -> str | None:
-    """The saved model folder in a trial's last checkpoint, where it is a local folder (a one-worker trial's; a
-    multi-worker trial checkpoints through Ray Train without one); None otherwise."""
+    """The saved model folder in a trial's last checkpoint, where it is a local folder: a one-worker trial's Tune
+    checkpoint, or a multi-worker trial's last Ray Train checkpoint (Tune's TuneReportCallback passes its path as
+    the metric "checkpoint_path"); None otherwise."""
     checkpoint = result.checkpoint
-    if checkpoint is None or is_url(checkpoint.path):
+    path = checkpoint.path if checkpoint is not None else (result.metrics or {}).get("checkpoint_path")
+    if path is None or is_url(path):
         return None
-    folder = Path(checkpoint.path) / TRIAL_MODEL
+    folder = Path(path) / TRIAL_MODEL
     return str(folder) if (folder / "model.json").exists() else None
 
 

@@ -110,6 +110,32 @@ def test_four_trial_sweep_ranks_logs_and_writes_a_best_config_that_trains(workdi
 
 
 @pytest.mark.slow
+def test_a_multi_worker_trial_logs_the_model_its_rank_0_saved(workdir, embedded_store, monkeypatch):
+    """A trial that runs a two-worker Ray Train job: rank 0 writes the model into each epoch's checkpoint, and the
+    trial's child run has one MLflow Model, at its last epoch, whose pyfunc gives a finite (cells, n_latent) latent."""
+    import ray
+
+    config = _sweep(workdir, embedded_store, {"model.n_latent": {"grid": [3]}}, "workers")
+    config["workers_per_trial"] = 2
+    config["job"]["train"]["max_epochs"] = 2
+    (workdir / "workers.yaml").write_text(yaml.safe_dump(config))
+    ray.init(num_cpus=3, logging_level="WARNING", log_to_driver=False)  # two workers and the trial on a small machine
+    result = runner.invoke(app, ["sweep", "--config", "workers.yaml"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "validation_elbo")]
+    assert sorted(steps) == [0, 1] and child.data.tags["status"] == "FINISHED"
+    (logged,) = child.outputs.model_outputs
+    assert client.get_logged_model(logged.model_id).source_run_id == child.info.run_id and logged.step == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    latent = pyfunc.predict(pd.DataFrame({"store": [str(embedded_store)]}), params={"device": "cpu"})
+    assert latent.shape == (ad.read_zarr(embedded_store).n_obs, 3) and np.isfinite(latent).all().all()
+
+
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(workdir, embedded_store):
     _sweep(workdir, embedded_store, {"model.dropout_rate": {"grid": [0.1, 1.5]}}, "failing")  # 1.5 is invalid
     result = runner.invoke(app, ["sweep", "--config", "failing.yaml"])
