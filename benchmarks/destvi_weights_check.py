@@ -11,6 +11,9 @@ loss terms per spot without augmentation (scvi-tools' MRDeconv.loss in eval mode
 augmentation draws, so both modules compute it with augmentation off). Output: results/destvi_weights_check.json.
 CondSCVI's reconstruction per cell is at one latent draw in each tool (different draws: equal means over cells),
 and at the posterior mean (the same z in both).
+A training step as well (`_scvi_training_step`): both modules in training mode with dropout off, on the first 64
+spots, scvi-tools' augmentation draws (simulated spots, blend ratios, prior draws) fed to atlasvi's loss, KL weight
+0.5: the loss, its augmentation term and the largest relative difference of every trained parameter's gradient.
 """
 
 import argparse
@@ -73,7 +76,82 @@ def scvi_side(reference: Path, spots: Path, out: Path, epochs: int) -> None:
     state = {f"cond.{k}": v for k, v in vae.state_dict().items()} | {
         f"deconv.{k}": v for k, v in deconv.state_dict().items()
     }
+    arrays |= _scvi_training_step(deconv, spot_tensors)
     np.savez(out, **{k: v.detach().numpy() for k, v in arrays.items()}, **{k: v.numpy() for k, v in state.items()})
+
+
+TRAIN_SPOTS, TRAIN_KL_WEIGHT = 64, 0.5  # the training-step check: a minibatch of the first spots, a KL weight
+
+
+def _no_dropout(module) -> None:
+    """Dropout off (p 0) everywhere, so a module in training mode computes deterministically."""
+    import torch
+
+    for child in module.modules():
+        if isinstance(child, torch.nn.Dropout):
+            child.p = 0.0
+
+
+def _scvi_training_step(deconv, spot_tensors: dict) -> dict:
+    """MRDeconv in training mode (augmentation on, dropout off) on the first TRAIN_SPOTS spots: its augmentation
+    draws, the loss at TRAIN_KL_WEIGHT and every gradient (arrays named "draw.*", "train_loss", "grad.NAME")."""
+    import torch
+
+    deconv.train()
+    deconv.augmentation = True
+    _no_dropout(deconv)
+    tensors = {k: v[:TRAIN_SPOTS] for k, v in spot_tensors.items()}
+    torch.manual_seed(0)
+    inference_inputs = deconv._get_inference_input(tensors)
+    inference = deconv.inference(**inference_inputs)
+    generative = deconv.generative(**deconv._get_generative_input(tensors, inference))
+    losses = deconv.loss(tensors, inference, generative, kl_weight=TRAIN_KL_WEIGHT)
+    deconv.zero_grad()
+    losses.loss.backward()
+    draws = ("x_augmented", "prior_sampled", "ratios_ct_augmentation", "ratio_augmentation")
+    return (
+        {f"draw.{k}": inference_inputs[k] for k in draws}
+        | {"train_loss": losses.loss, "train_augmentation": losses.extra_metrics["augmentation"]}
+        | {f"grad.{k}": v.grad for k, v in deconv.named_parameters() if v.grad is not None}
+    )
+
+
+def _atlasvi_training_step(deconv, saved, spot_inputs) -> dict:
+    """atlasvi's DestVIModule the same way (`_scvi_training_step`), on scvi-tools' augmentation draws: the loss,
+    the augmentation term and the largest relative gradient difference per parameter."""
+    import torch
+
+    from atlasvi.models.destvi import DestVIInputs
+
+    deconv.train()
+    _no_dropout(deconv)
+    inputs = DestVIInputs(*(t[:TRAIN_SPOTS] for t in (spot_inputs.x, spot_inputs.batch_index, spot_inputs.rows)))
+    draws = {
+        "x_augmented": torch.as_tensor(saved["draw.x_augmented"]),
+        "prior_sampled": torch.as_tensor(saved["draw.prior_sampled"]),
+        "ratios": torch.as_tensor(saved["draw.ratios_ct_augmentation"]),
+        "ratio": torch.as_tensor(saved["draw.ratio_augmentation"]),
+    }
+    deconv.augment = lambda _: dict(draws)
+    output = deconv.loss(inputs, kl_weight=TRAIN_KL_WEIGHT)
+    deconv.zero_grad()
+    output.loss.backward()
+    gradients = {}
+    for name, parameter in deconv.named_parameters():
+        theirs = [k for k in saved.files if k.startswith("grad.") and _rename(k[5:]) == name]
+        if parameter.grad is None or not theirs:
+            gradients[name] = "missing in " + ("atlasvi" if parameter.grad is None else "scvi-tools")
+            continue
+        reference = torch.as_tensor(saved[theirs[0]])
+        scale = float(reference.abs().max()) or 1.0
+        gradients[name] = float((parameter.grad - reference).abs().max()) / scale
+    return {
+        "loss_atlasvi": float(output.loss), "loss_scvi_tools": float(saved["train_loss"]),
+        "augmentation_atlasvi": float(output.extra_metrics["augmentation"]),
+        "augmentation_scvi_tools": float(saved["train_augmentation"]),
+        "max_relative_gradient_diff": max(v for v in gradients.values() if isinstance(v, float)),
+        "relative_gradient_diff": gradients,
+    }  # fmt: skip
 
 
 def _total(value):
@@ -185,6 +263,9 @@ def main() -> None:
         "loss_atlasvi": float(loss.loss), "loss_scvi_tools": float(saved["loss"]),
         "reconstruction_mean": float(loss.reconstruction_loss.mean()),
     }  # fmt: skip
+    train_deconv = DestVIModule(registry, DestVIConfig())
+    train_deconv.load_state_dict(state)
+    report["destvi_training_step"] = _atlasvi_training_step(train_deconv, saved, spot_inputs)
     (HERE / "results" / "destvi_weights_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
