@@ -19,15 +19,17 @@ Both tools read the same h5ad files (the atlasvi side through atlas stores built
 CondSCVI (n_latent 5, n_hidden 128, 2 layers, lr 1e-3, KL warm-up 400 epochs), DestVI from it (vamp prior of 15
 prototypes per type, amortization "both", the mixture prior with 3 states per type, augmentation, lr 3e-3, KL
 warm-up 200 epochs, batch size 128), the same epochs (--condscvi-epochs, --destvi-epochs; scvi-tools' defaults
-300 and 2000). One departure of the pipeline: atlasvi holds out 10 % of the cells (spots) for its held-out
-figures, scvi-tools trains on all (its train_size 1); the held-out spots' proportions come from the same
-amortization networks. The scvi-tools half runs in its venv as a subprocess of this script (`--side scvi`),
+300 and 2000). scvi-tools trains on every cell and spot (its train_size 1); atlasvi holds out one cell of the
+reference and one spot (the smallest validation_fraction it takes; --validation-fraction sets another, the
+pipeline's default is 10 %); the held-out spot's proportions come from the same amortization networks. The
+scvi-tools half runs in its venv as a subprocess of this script (`--side scvi`),
 after the atlasvi half, one torch thread each. Output: results/destvi_fidelity.json and .md (a run replaces the
 entries of its datasets and seeds).
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -149,8 +151,17 @@ def warmups(epochs: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(400 / 300 * epochs[0])), max(1, round(200 / 2000 * epochs[1]))
 
 
-def run_atlasvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int]) -> dict:
-    """Train CondSCVI then DestVI in atlasvi; the proportions (spots x types, in the spots' file order) to `out`."""
+def held_out_fraction(given: float | None, n_cells: int) -> float:
+    """The validation_fraction of an atlasvi run on n_cells: `given`, or (None) the smallest that holds out one
+    cell, the closest the pipeline comes to scvi-tools' train_size 1."""
+    return given if given is not None else math.ceil(1e6 / n_cells) / 1e6
+
+
+def run_atlasvi(
+    reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], validation: float | None = None
+) -> dict:
+    """Train CondSCVI then DestVI in atlasvi; the proportions (spots x types, in the spots' file order) to `out`.
+    validation: the validation_fraction of both stages (see `held_out_fraction`)."""
     import anndata as ad
     import torch
 
@@ -172,15 +183,22 @@ def run_atlasvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tupl
     started = time.perf_counter()
     sc_model = CondSCVI(ref_store, device="cpu", seed=seed)
     warmup = warmups(epochs)
-    sc_model.fit(TrainConfig(max_epochs=epochs[0], n_epochs_kl_warmup=warmup[0], seed=seed), LoaderConfig(seed=seed))
+    fraction = held_out_fraction(validation, sc_model.store.n_cells)
+    held_out = [round(fraction * sc_model.store.n_cells)]
+    train = TrainConfig(max_epochs=epochs[0], n_epochs_kl_warmup=warmup[0], seed=seed, validation_fraction=fraction)
+    sc_model.fit(train, LoaderConfig(seed=seed))
     middle = time.perf_counter()
     model = DestVI.from_rna_model(spot_store, sc_model, device="cpu", seed=seed)
-    model.fit(TrainConfig(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], seed=seed), LoaderConfig(seed=seed))
+    fraction = held_out_fraction(validation, model.store.n_cells)
+    held_out.append(round(fraction * model.store.n_cells))
+    train = TrainConfig(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], seed=seed, validation_fraction=fraction)
+    model.fit(train, LoaderConfig(seed=seed))
     ended = time.perf_counter()
     proportions = model.get_proportions()
     order = ad.read_h5ad(spots, backed="r").obs_names
     proportions.loc[order].to_csv(out)
-    return {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+    timings = {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+    return timings | {"held_out_cells_spots": held_out}
 
 
 def run_scvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int]) -> dict:
@@ -241,10 +259,19 @@ def scvi_python(given: str | None) -> str:
     return given or str(HERE / ".cache" / "scvi-venv" / "bin" / "python")
 
 
-def side(tool: str, reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], python: str) -> dict:
+def side(
+    tool: str,
+    reference: Path,
+    spots: Path,
+    out: Path,
+    seed: int,
+    epochs: tuple[int, int],
+    python: str,
+    validation: float | None = None,
+) -> dict:
     """Run one tool (scvi-tools in its venv, as a subprocess) and return its timings."""
     if tool == "atlasvi":
-        return run_atlasvi(reference, spots, out, seed, epochs)
+        return run_atlasvi(reference, spots, out, seed, epochs, validation)
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     command = [python, __file__, "--side", "scvi", "--reference", str(reference), "--spots", str(spots)]
     command += ["--out", str(out), "--seeds", str(seed), "--condscvi-epochs", str(epochs[0])]
@@ -297,6 +324,10 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=2000, help="the reference's top HVGs kept (CBMC, PDAC)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "destvi")
     parser.add_argument("--scvi-python", default=None)
+    parser.add_argument(
+        "--validation-fraction", type=float, default=None,
+        help="atlasvi's held-out share of cells / spots (default: one cell, as scvi-tools' train_size 1)",
+    )  # fmt: skip
     parser.add_argument("--side", choices=["scvi"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--spots", type=Path, help=argparse.SUPPRESS)
@@ -320,7 +351,8 @@ def main() -> None:
             tables = {}
             for tool in args.tools:
                 out = args.workdir / f"{dataset}_{seed}_{tool}.csv"
-                timing = side(tool, reference, spots, out, seed, epochs, scvi_python(args.scvi_python))
+                timing = side(tool, reference, spots, out, seed, epochs, scvi_python(args.scvi_python),
+                              args.validation_fraction)  # fmt: skip
                 tables[tool] = pd.read_csv(out, index_col=0)
                 row = {"dataset": dataset, "seed": seed, "tool": tool, "epochs": list(epochs),
                        "kl_warmup": list(warmups(epochs)), "n_genes": int(tables[tool].shape[0] and _n_genes(spots)),
@@ -348,7 +380,8 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    """The markdown tables of the results: simulation metrics (mean +- sd over seeds) and real-data agreement."""
+    """The markdown tables of the results: simulation metrics (mean +- sd over seeds), per-seed rows and real-data
+    agreement; results["notes"] (strings) are printed under them."""
     lines = ["# DestVI fidelity: atlasvi vs scvi-tools 1.4.2", "", "Command: see benchmarks/destvi_fidelity.py.", ""]
     sims = [r for r in results["runs"] if r["dataset"] == "simulation"]
     if sims:
@@ -362,6 +395,14 @@ def table(results: dict) -> str:
                      for k in ("spearman", "spearman_per_type", "rmse")]  # fmt: skip
             seeds = ", ".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
             lines.append(f"| {tool} | {seeds} | {rows[0]['epochs']} | " + " | ".join(cells) + " |")
+        tools = sorted({r["tool"] for r in sims})
+        lines += ["", "Per seed (Spearman all entries / RMSE):", "", "| seed | " + " | ".join(tools) + " |",
+                  "|---|" + "---|" * len(tools)]  # fmt: skip
+        for seed in sorted({r["seed"] for r in sims}):
+            by_tool = {r["tool"]: r for r in sims if r["seed"] == seed}
+            cells = [f"{by_tool[t]['spearman']:.3f} / {by_tool[t]['rmse']:.3f}" if t in by_tool else "-"
+                     for t in tools]  # fmt: skip
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     for key, value in sorted(results.get("agreement", {}).items()):
         per_type = value["pearson_per_type"]
@@ -370,6 +411,8 @@ def table(results: dict) -> str:
                   f"mean {np.mean(list(per_type.values())):.3f}, median {np.median(list(per_type.values())):.3f}", "",
                   "| cell type | r |", "|---|---|"]  # fmt: skip
         lines += [f"| {t} | {r:.3f} |" for t, r in per_type.items()] + [""]
+    if results.get("notes"):
+        lines += ["Notes:", "", *(f"- {note}" for note in results["notes"]), ""]
     lines.append(f"Machine: {results.get('machine', '')}")
     return "\n".join(lines) + "\n"
 
