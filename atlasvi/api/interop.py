@@ -1,6 +1,6 @@
 """scvi-tools interoperability: an atlasvi model exported in scvi-tools 1.4.2's save format, and a scvi-tools
 saved model imported as an atlasvi model on a store with its genes (`atlasvi export`, `atlasvi import`), for SCVI,
-SCANVI, LinearSCVI, TOTALVI, PEAKVI, CondSCVI and SysVI (`atlasvi.models.scvi_tools.COUNTERPARTS`).
+SCANVI, LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI and MULTIVI (`atlasvi.models.scvi_tools.COUNTERPARTS`).
 
 The format and the renaming live in `atlasvi.models.scvi_tools`; here the user-facing class comes from the model
 registry and the store is checked against the imported model (genes, keys, categories), each problem named.
@@ -35,8 +35,8 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
     """Write a trained model (an instance, or a saved model's folder: no store needed) as a scvi-tools 1.4.2
     model folder `output` (`output`/model.pt), so that `scvi.model.<Class>.load(output, adata)` (SCVI, SCANVI,
     LinearSCVI, TOTALVI, PEAKVI, CondSCVI; `scvi.external.SysVI`, whose adata.X is then the log-normalised
-    counts, log1p(counts / total * target_sum)) gives its latent on the same cells; another method is refused in
-    one line.
+    counts, log1p(counts / total * target_sum); MULTIVI, whose adata is a MuData of modalities "rna" and "atac")
+    gives its latent on the same cells; another method is refused in one line.
     An existing `output` is refused unless `overwrite` (then only its model.pt is replaced).
     Returns the written model.pt."""
     output = Path(output)
@@ -55,13 +55,14 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
 
 
 def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> AtlasModel:
-    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI / CondSCVI / SysVI (its folder or model.pt,
-    read without running code from the file) as the atlasvi model of the same method on `store`, which must hold
-    the model's genes (peaks for PEAKVI) in its order, its batch (and for SCANVI, CondSCVI labels) key, no batch
-    category it has not seen and for TOTALVI its proteins in its order; the first problem is named. A TOTALVI's
-    adversarial batch classifier (scvi-tools keeps it in the trainer, not the file) starts afresh, as for a query;
-    a CondSCVI's prototypes for DestVI are computed on the store when it is saved. A SysVI reads the store's
-    counts log-normalised with target_sum 1e4 (scvi-tools' SysVI reads whatever layer it was given)."""
+    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI / CondSCVI / SysVI / MULTIVI (its folder or
+    model.pt, read without running code from the file) as the atlasvi model of the same method on `store`, which
+    must hold the model's genes (peaks for PEAKVI; genes and peaks for MULTIVI) in its order, its batch (and for
+    SCANVI, CondSCVI labels) key, no batch category it has not seen and for TOTALVI its proteins in its order; the
+    first problem is named. A TOTALVI's or MULTIVI's adversarial batch classifier (scvi-tools keeps it in the
+    trainer, not the file) starts afresh, as for a query; a CondSCVI's prototypes for DestVI are computed on the
+    store when it is saved. A SysVI reads the store's counts log-normalised with target_sum 1e4 (scvi-tools' SysVI
+    reads whatever layer it was given)."""
     path = Path(source)
     imported = from_scvi_tools(read_scvi_tools(path), str(path))
     opened = store if isinstance(store, AtlasStore) else open_store(store)
@@ -99,6 +100,7 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
     store's), the store's count dtype and, with the observed library (unused then), the store's library prior."""
     reg = dict(imported.registry)
     proteins = reg.pop("protein_names", None)
+    regions = reg.pop("region_names", None)
     genes, stored = reg["gene_ids"], store.gene_ids
     if genes != stored:
         missing = [g for g in genes if g not in set(stored)]
@@ -151,6 +153,8 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
     reg["categorical"] = categorical
     if proteins is not None:
         reg["modalities"] = {PROTEIN: _proteins(proteins, store, categorical[reg["batch_key"]], where, store_path)}
+    if regions is not None:
+        reg["modalities"] = _regions(regions, store, categorical[reg["batch_key"]], where, store_path)
     return StoreSchema(n_cells=store.n_cells, count_dtype=store.count_dtype, **reg)
 
 
@@ -174,13 +178,38 @@ def _proteins(
             + (" (proteins named 0..n-1: scvi-tools was set up on an obsm array; a store with that many proteins in "
                "that order is taken)" if numbered else "")
         )  # fmt: skip
+    return _for_batches(stored, store, batches)
+
+
+def _regions(
+    regions: tuple[str, ...], store: StoreSchema, batches: tuple[str, ...], where: str, store_path: str
+) -> dict[str, ModalitySchema]:
+    """The modalities of an imported MULTIVI: the store's peaks ("atac", which must be the model's in its order) and
+    RNA mask ("rna"), their per-batch panels taken for the model's batches."""
+    stored = store.modalities.get("atac")
+    if stored is None or stored.features != regions or "rna" not in store.modalities:
+        has = f"{len(stored.features)}: {list(stored.features[:3])}" if stored is not None else "none"
+        raise IncompatibleStoreError(
+            f"{store_path}: {where} reads {len(regions)} peaks {list(regions[:3])}..., in that order, and the RNA "
+            f"of the same cells; the store has peaks {has}; build it with those peaks (--atac-key)"
+        )
+    return {name: _for_batches(store.modalities[name], store, batches) for name in ("atac", "rna")}
+
+
+def _for_batches(stored: ModalitySchema, store: StoreSchema, batches: tuple[str, ...]) -> ModalitySchema:
+    """A store modality's per-batch panels and priors for the model's batches (a full panel and the mean prior for
+    a batch the store lacks)."""
     index = {b: i for i, b in enumerate(store.batch_categories)}
     means, scales = stored.background_log_means, stored.background_log_scales
+    n_features = len(stored.batch_mask[0]) if stored.batch_mask else 0
+    if len(means) != len(store.batch_categories):  # no per-batch prior (peaks, a mask)
+        picked = [stored.batch_mask[index[b]] if b in index else (True,) * n_features for b in batches]
+        return replace(stored, batch_mask=tuple(picked))
     fill = (float(np.mean(means)), float(np.mean(scales)))
     picked = [(stored.batch_mask[index[b]], means[index[b]], scales[index[b]]) if b in index else None for b in batches]
     return replace(
         stored,
-        batch_mask=tuple(p[0] if p else (True,) * len(proteins) for p in picked),
+        batch_mask=tuple(p[0] if p else (True,) * n_features for p in picked),
         background_log_means=tuple(p[1] if p else fill[0] for p in picked),
         background_log_scales=tuple(p[2] if p else fill[1] for p in picked),
     )

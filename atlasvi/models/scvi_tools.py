@@ -1,6 +1,6 @@
 """scvi-tools 1.4.2's save format, both ways, for the methods with a scvi-tools counterpart: SCVI, SCANVI,
 LinearSCVI (atlasvi's ldvae), TOTALVI, PEAKVI, CondSCVI and SysVI (scvi.external.SysVI) (`COUNTERPARTS`, the one
-table of their names and arguments).
+table of their names and arguments), and MULTIVI (set up on a MuData: modalities "rna" and "atac").
 
 A scvi-tools model folder holds `model.pt`: {"model_state_dict": weights in scvi-tools' parameter names,
 "var_names": (n_genes,) gene names, "attr_dict": {"registry_": the AnnData setup registry, "init_params_": the
@@ -203,9 +203,57 @@ COUNTERPARTS: dict[str, Counterpart] = {
         covariates=False,
         atlasvi_buffers=("pseudo_initialised",),
     ),  # fmt: skip
+    "MULTIVI": Counterpart(  # set up with setup_mudata: RNA in modality "rna", peaks in "atac"; no protein
+        (
+            ("z_decoder_expression.px_scale_decoder.0.", "z_decoder_expression.px_scale_decoder."),
+            ("z_decoder_accessibility.output.0.", "z_decoder_accessibility.output."),
+            ("l_encoder_accessibility.output.0.", "l_encoder_accessibility.output."),
+        ),
+        (
+            "modality_weights",
+            "modality_penalty",
+            "n_hidden",
+            "n_latent",
+            "n_layers_encoder",
+            "n_layers_decoder",
+            "dropout_rate",
+            "region_factors",
+            "gene_likelihood",
+            "dispersion",
+            "use_batch_norm",
+            "use_layer_norm",
+            "deeply_inject_covariates",
+            "encode_covariates",
+        ),
+        (),
+        atlasvi_only=("adversarial_classifier",),  # scvi-tools: MULTIVI.train's adversarial_mixing
+        fixed_class={"latent_distribution": "normal", "fully_paired": False, "protein_dispersion": "protein"},
+        fields=(
+            "batch",
+            "labels",
+            "size_factor",
+            "extra_categorical_covs",
+            "extra_continuous_covs",
+            "ind_x",
+            "X",
+            "atac",
+        ),
+        setup_args=(
+            "rna_layer",
+            "atac_layer",
+            "protein_layer",
+            "batch_key",
+            "size_factor_key",
+            "categorical_covariate_keys",
+            "continuous_covariate_keys",
+            "idx_layer",
+            "modalities",
+        ),
+        labels=False,
+        covariates=False,
+    ),  # fmt: skip
 }
 NO_COUNTERPART = {  # atlasvi methods with a scvi-tools class that export / import does not cover yet: why
-    "MULTIVI": "scvi-tools' MULTIVI reads a MuData (setup_mudata); atlasvi's export / import of it is not built",
     "DestVI": "scvi-tools' DestVI is built from a CondSCVI and the spots (from_rna_model); not built in atlasvi",
 }
 PROTEIN = "protein"  # atlasvi's modality name of totalVI's proteins
@@ -255,6 +303,8 @@ def _data_globals() -> list[tuple[Any, str]]:
     allowed: list[tuple[Any, str]] = [
         (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
         (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),  # a numpy scalar from its dtype and bytes (MULTIVI's)
+        (multiarray.scalar, "numpy._core.multiarray.scalar"),
         (np.ndarray, "numpy.ndarray"),
         (np.dtype, "numpy.dtype"),
         (_plain_dict, "collections.defaultdict"),  # torch's reader fills dicts only: a defaultdict is read as one
@@ -358,6 +408,8 @@ def _config(method: str, args: dict[str, Any], where: str) -> dict[str, Any]:
             ("CondSCVI", "weight_obs"),
             ("CondSCVI", "ct_weight"),
             ("SysVI", "pseudoinputs_data_indices"),
+            ("MULTIVI", "n_genes"),
+            ("MULTIVI", "n_regions"),
         ):
             continue  # CondSCVI: its ct_weight buffer is read; SysVI: which cells started the pseudo-inputs
         elif key in fixed and value in (fixed[key], None):
@@ -376,8 +428,9 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     method = str(registry.get("model_name"))
     if method not in COUNTERPARTS:
         raise ScviToolsFileError(f"{where}: a scvi-tools {method} model; atlasvi imports {', '.join(COUNTERPARTS)}")
-    if registry.get("setup_method_name", "setup_anndata") != "setup_anndata":
-        raise ScviToolsFileError(f"{where}: set up with {registry['setup_method_name']}; atlasvi reads setup_anndata")
+    setup_method = "setup_mudata" if method == "MULTIVI" else "setup_anndata"
+    if registry.get("setup_method_name", "setup_anndata") != setup_method:
+        raise ScviToolsFileError(f"{where}: set up with {registry['setup_method_name']}; atlasvi reads {setup_method}")
     args = dict(init.get("non_kwargs", {}))
     for group in init.get("kwargs", {}).values():
         args.update(group)
@@ -390,7 +443,9 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     if not COUNTERPARTS[method].covariates and (
         setup.get("categorical_covariate_keys") or setup.get("continuous_covariate_keys")
     ):
-        raise ScviToolsFileError(f"{where}: a scvi-tools {method} with covariates; atlasvi imports it without")
+        raise ScviToolsFileError(
+            f"{where}: a scvi-tools {method} set up with covariates; atlasvi imports a {method} without covariates only"
+        )
     batch_key = fields["batch"]["state_registry"]["original_key"]
     categorical = {batch_key: _mapping(fields["batch"], where, "batch")}
     labels_key = fields["labels"]["state_registry"].get("original_key") if "labels" in fields else NO_LABELS_KEY
@@ -405,13 +460,19 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     for key, mapping in fields.get("extra_categorical_covs", {}).get("state_registry", {}).get("mappings", {}).items():
         categorical[key] = tuple(str(c) for c in mapping)
     continuous = fields.get("extra_continuous_covs", {}).get("state_registry", {}).get("columns", [])
-    genes = tuple(str(g) for g in saved["var_names"])
+    names = saved["var_names"]
+    genes = tuple(str(g) for g in (names["rna"] if isinstance(names, dict) else names))
     state = {to_atlasvi_name(method, k): v for k, v in saved["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     state = {k: v for k, v in state.items() if not k.startswith(tuple(p for p, _ in _unused_parts(method, config)))}
     if method == "CondSCVI" and args.get("weight_obs"):
         config["ct_weight"] = tuple(float(w) for w in state["ct_weight"])
     if method == "SysVI":
         state = _sysvi_in(state)
+    if method == "MULTIVI":
+        if config["modality_weights"] == "cell":
+            raise ScviToolsFileError(f"{where}: {_CELL_WEIGHTS}")
+        state = {k: v for k, v in state.items() if not k.startswith(_MULTIVI_PROTEIN)}
+        state["mod_weights"] = state["mod_weights"][..., :2]  # RNA, ATAC (scvi-tools' third: protein)
     if config.get("linear_classifier"):  # scvi-tools' linear classifier is a Sequential of one Linear
         state = {
             k.replace("classifier.0.", "classifier.", 1) if k.startswith("classifier.0.") else k: v
@@ -426,8 +487,49 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
         reg["library_log_vars"] = tuple(float(v) for v in state["library_log_vars"].view(-1))
     if "proteins" in fields:
         reg["protein_names"] = tuple(str(p) for p in fields["proteins"]["state_registry"]["column_names"])
+    if method == "MULTIVI":
+        reg["region_names"] = tuple(str(r) for r in names["atac"])
     n_cells = int(fields.get("X", {}).get("summary_stats", {}).get("n_cells", 0))
     return ScviToolsModel(method, config, reg, state, n_cells)
+
+
+_MULTIVI_PROTEIN = ("z_encoder_protein.", "z_decoder_pro.", "py_r", "background_pro_")  # scvi-tools' protein parts
+_CELL_WEIGHTS = (
+    "a MULTIVI with per-cell modality weights has no counterpart in the other tool (its weights follow the rows "
+    "of the data it was trained on, and atlasvi's store rows are permuted)"
+)
+
+
+def _multivi_out(state: dict[str, torch.Tensor], n_batch: int, n_genes: int) -> dict[str, torch.Tensor]:
+    """scvi-tools' protein parts of a MULTIVAE without proteins (it builds and never uses them), as zeros in atlasvi's
+    names: the protein encoder shaped as the RNA encoder with one input in place of the genes, the protein
+    decoder's hidden layers as the RNA decoder's, its output layers with no outputs; the third modality weight 1."""
+    out: dict[str, torch.Tensor] = {}
+    n_hidden, n_in = state["z_decoder_expression.px_decoder.layers.0.0.weight"].shape
+    n_latent = state["z_encoder_expression.mean_encoder.weight"].shape[0]
+    encoder_in = state["z_encoder_expression.encoder.layers.0.0.weight"].shape[1]
+    # its hidden layers always take the covariates (FCLayers' default), the RNA ones only when deeply injected
+    deep = {"z_encoder_expression.": encoder_in - n_genes, "z_decoder_expression.px_decoder.": n_in - n_latent}
+    for key, value in state.items():
+        later = re.search(r"\.layers\.[1-9]\d*\.0\.weight$", key) is not None
+        if key.startswith("z_encoder_expression."):
+            value = value[:, n_genes - 1 :] if key == "z_encoder_expression.encoder.layers.0.0.weight" else value
+            value = torch.zeros(n_hidden, n_hidden + deep["z_encoder_expression."]) if later else value
+            out["z_encoder_protein." + key.removeprefix("z_encoder_expression.")] = torch.zeros_like(value)
+        if key.startswith("z_decoder_expression.px_decoder."):
+            rest = key.removeprefix("z_decoder_expression.px_decoder.")
+            value = torch.zeros(n_hidden, n_hidden + deep["z_decoder_expression.px_decoder."]) if later else value
+            for part in ("py_fore_decoder", "sigmoid_decoder", "py_back_decoder"):
+                out[f"z_decoder_pro.{part}.{rest}"] = torch.zeros_like(value)
+    for part in ("py_fore_scale_decoder", "py_background_decoder", "py_back_mean_log_alpha", "py_back_mean_log_beta"):
+        out[f"z_decoder_pro.{part}.layers.0.0.weight"] = torch.zeros(0, n_hidden + n_in)
+        out[f"z_decoder_pro.{part}.layers.0.0.bias"] = torch.zeros(0)
+    out["background_pro_alpha"] = torch.zeros(0, n_batch)
+    out["background_pro_log_beta"] = torch.zeros(0, n_batch)
+    out["py_r"] = torch.zeros(0)
+    weights = state["mod_weights"]
+    out["mod_weights"] = torch.cat([weights, torch.ones_like(weights[..., :1])], dim=-1)
+    return out
 
 
 def _sysvi_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -463,6 +565,11 @@ def _unused_parts(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
     z encoder's first layer with one output)."""
     if method in ("PEAKVI", "CondSCVI", "SysVI"):
         return []
+    if method == "MULTIVI":
+        zinb = config.get("gene_likelihood", "zinb") == "zinb"
+        template = "z_decoder_expression.px_scale_decoder."
+        unused = [("z_decoder_expression.px_r_decoder.", template)]
+        return unused + ([] if zinb else [("z_decoder_expression.px_dropout_decoder.", template)])
     parts = [("l_encoder.", "z_encoder.")] if config.get("use_observed_lib_size", True) else []
     if method == "TOTALVI":
         zinb = config.get("gene_likelihood", "nb") == "zinb"
@@ -505,7 +612,8 @@ def _refuse_options(method: str, config: dict[str, Any], schema: StoreSchema) ->
             f"a {method} model with covariates {[*extra, *schema.continuous]} has no scvi-tools form "
             f"(scvi-tools' {method}.setup_anndata takes batch_key and labels_key only)"
         )
-    modalities = sorted(set(schema.modalities) - ({PROTEIN} if method == "TOTALVI" else set()))
+    own = {"TOTALVI": {PROTEIN}, "MULTIVI": {"atac", "rna"}}.get(method, set())
+    modalities = sorted(set(schema.modalities) - own)
     if modalities:
         raise ScviToolsFileError(f"a {method} model with modalities {modalities} has no scvi-tools form")
     if method == "LinearSCVI":
@@ -528,6 +636,12 @@ def _refuse_options(method: str, config: dict[str, Any], schema: StoreSchema) ->
             "(scvi-tools' SysVI takes the system as batch_key and the batch as a covariate, which atlasvi does not "
             "export)"
         )
+    if method == "MULTIVI" and config["modality_weights"] == "cell":
+        raise ScviToolsFileError(_CELL_WEIGHTS)
+    if method == "MULTIVI" and config["dispersion"] == "gene-label":
+        raise ScviToolsFileError(
+            "a MULTIVI with gene-label dispersion has no scvi-tools form (setup_mudata takes no labels)"
+        )
     if method == "TOTALVI" and "label" in config["gene_dispersion"] + config["protein_dispersion"]:
         raise ScviToolsFileError(
             "a TOTALVI with per-label dispersion has no scvi-tools form (its setup takes no labels)"
@@ -546,6 +660,8 @@ def to_scvi_tools(
     state = {k: v for k, v in state.items() if k not in spec.atlasvi_buffers}
     for prefix, template in _unused_parts(method, config):
         state |= _unused(state, prefix, template)
+    if method == "MULTIVI":
+        state |= _multivi_out(state, len(schema.batch_categories), schema.n_genes)
     linear = bool(config.get("linear_classifier", False))
     weights: dict[str, Any] = {}
     for key, value in state.items():
@@ -558,6 +674,8 @@ def to_scvi_tools(
     non_kwargs = {k: config[k] for k in spec.class_args} | spec.fixed_class
     if method == "CondSCVI":
         non_kwargs["weight_obs"] = config["ct_weight"] is not None
+    if method == "MULTIVI":
+        non_kwargs = {"n_genes": schema.n_genes, "n_regions": len(schema.modalities["atac"].features)} | non_kwargs
     if method == "SysVI":  # the cells its pseudo-inputs started from: the first ones (the weights replace them)
         k = config["n_prior_components"]
         non_kwargs["pseudoinputs_data_indices"] = np.arange(k) if config["prior"] == "vamp" and k <= n_cells else None
@@ -575,7 +693,10 @@ def to_scvi_tools(
     }
     if method == "SCANVI":
         attrs["unlabeled_category_"] = config["unlabeled_category"]
-    return {"model_state_dict": weights, "var_names": np.array(schema.gene_ids, dtype=object), "attr_dict": attrs}
+    var_names: Any = np.array(schema.gene_ids, dtype=object)
+    if method == "MULTIVI":
+        var_names = {"rna": var_names, "atac": np.array(schema.modalities["atac"].features, dtype=object)}
+    return {"model_state_dict": weights, "var_names": var_names, "attr_dict": attrs}
 
 
 def _field(attr_key: str | None, attr_name: str, state: dict, stats: dict) -> dict:
@@ -643,14 +764,31 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
         fields["proteins"] = _field(proteins.obsm_key, "obsm", protein_state, {"n_proteins": len(proteins.features)})
         setup["protein_expression_obsm_key"] = proteins.obsm_key
     scanvi = {"unlabeled_category": config["unlabeled_category"], "use_minified": False} if method == "SCANVI" else {}
+    if method == "MULTIVI":
+        _mudata_fields(fields, setup, schema, n_cells)
     return {
         "_scvi_uuid": str(uuid.uuid4()),
         "field_registries": {name: fields[name] for name in spec.fields},
         "model_name": method,
         "scvi_version": SCVI_TOOLS_VERSION,
         "setup_args": {k: setup[k] for k in spec.setup_args if k in setup} | scanvi,
-        "setup_method_name": "setup_anndata",
+        "setup_method_name": "setup_mudata" if method == "MULTIVI" else "setup_anndata",
     }
+
+
+def _mudata_fields(fields: dict[str, dict], setup: dict[str, Any], schema: StoreSchema, n_cells: int) -> None:
+    """MULTIVI.setup_mudata's fields and arguments (in place): X and batch in modality "rna", the peaks in "atac",
+    the cell indices, no size factor; modalities {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}."""
+    fields["X"]["data_registry"]["mod_key"] = "rna"
+    fields["batch"]["data_registry"]["mod_key"] = "rna"
+    fields["size_factor"]["summary_stats"] = {"n_size_factor": 0}
+    fields["ind_x"] = _field("_indices", "obs", {}, {})
+    peaks = np.array(schema.modalities["atac"].features, dtype=object)
+    fields["atac"] = _field(None, "X", {"n_obs": n_cells, "n_vars": len(peaks), "column_names": peaks},
+                            {"n_atac": len(peaks)})  # fmt: skip
+    fields["atac"]["data_registry"]["mod_key"] = "atac"
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    setup |= {"rna_layer": None, "atac_layer": None, "protein_layer": None, "idx_layer": None, "modalities": modalities}
 
 
 def write_scvi_tools(directory: Path, contents: dict[str, Any]) -> Path:

@@ -3,11 +3,13 @@
     python tests/api/scvi_tools_load.py FOLDER:SCVI [FOLDER:SCANVI FOLDER:LinearSCVI FOLDER:TOTALVI ...]
 
 Loads each exported FOLDER with `scvi.model.<CLASS>.load(FOLDER, anndata.read_zarr(store))` (the store's path is
-FOLDER/store; scvi.external.SysVI for SysVI, with X the store's counts log-normalised to 1e4 per cell) and writes
+FOLDER/store; scvi.external.SysVI for SysVI, with X the store's counts log-normalised to 1e4 per cell; for MULTIVI a
+MuData of modality "rna" (the store) and "atac" (its obsm["atac"], peaks named by uns["atac_names"])) and writes
 its latent and its normalized expression with z at the posterior mean (scvi-tools draws z once, and totalVI its log
 protein background; each draw is replaced by the mean) as FOLDER/scvi_tools_{latent,normalized}.npy: for PEAKVI the
 normalized accessibility, for TOTALVI also the normalized protein expression (scvi_tools_protein.npy), for SysVI
-the decoder's mean (it has no get_normalized_expression).
+the decoder's mean (it has no get_normalized_expression), for MULTIVI also the normalized accessibility
+(scvi_tools_accessibility.npy).
 """
 
 import sys
@@ -31,6 +33,12 @@ def main(folder: Path, cls: str) -> None:
         counts = np.asarray(adata.X.todense(), dtype=np.float32)
         total = np.maximum(counts.sum(axis=1, keepdims=True), 1e-12)
         adata.X = np.log1p(counts / total * np.float32(1e4))
+    if cls == "MULTIVI":
+        import mudata as md
+
+        atac = ad.AnnData(adata.obsm["atac"], obs=adata.obs[[]].copy())
+        atac.var_names = [str(p) for p in adata.uns["atac_names"]]
+        adata = md.MuData({"rna": adata, "atac": atac})
     model = (scvi.external.SysVI if cls == "SysVI" else getattr(scvi.model, cls)).load(
         str(folder), adata, accelerator="cpu"
     )
@@ -45,6 +53,10 @@ def main(folder: Path, cls: str) -> None:
             x, system = torch.as_tensor(adata.X), system.view(-1, 1)
             qz = module.encoder(x, batch_index=system, cat_list=[])["q_dist"]
             normalized = module.decoder(qz.loc, batch_index=system, cat_list=[])["q_dist"].loc.numpy()
+    elif cls == "MULTIVI":
+        normalized = model.get_normalized_expression(adata, return_numpy=True)
+        accessibility = model.get_normalized_accessibility(adata, return_numpy=True)
+        np.save(folder / "scvi_tools_accessibility.npy", np.asarray(accessibility, dtype=np.float32))
     elif cls == "TOTALVI":
         normalized, protein = model.get_normalized_expression(adata, return_numpy=True)
         np.save(folder / "scvi_tools_protein.npy", np.asarray(protein, dtype=np.float32))

@@ -22,6 +22,7 @@ import torch
 
 from atlasvi.analysis.protocols import expression_scale
 from atlasvi.api import (
+    MULTIVI,
     PEAKVI,
     SCANVI,
     SCVI,
@@ -35,6 +36,7 @@ from atlasvi.api.condscvi import CondSCVI
 from atlasvi.data import BuildConfig, build_store
 from atlasvi.models.condscvi import CondSCVIConfig
 from atlasvi.models.ldvae import LDVAEConfig
+from atlasvi.models.multivi import MULTIVIConfig
 from atlasvi.models.peakvi import PEAKVIConfig
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import IncompatibleStoreError
@@ -44,13 +46,14 @@ from atlasvi.models.sysvi import SysVIConfig
 from atlasvi.models.totalvi import TOTALVIConfig
 from atlasvi.train import TrainConfig
 from tests.conftest import BARON, CBMC, GRANJA, KANG
+from tests.fixtures.make_scvi_tools_models import scicar
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "scvi_tools"
 UNLABELED = ["stim101", "stim107"]
 TOLERANCE = 1e-5
 CLASSES = {
     "scvi": SCVI, "scanvi": SCANVI, "ldvae": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI, "condscvi": CondSCVI,
-    "sysvi": SysVI,
+    "sysvi": SysVI, "multivi": MULTIVI,
 }  # fmt: skip
 
 
@@ -114,9 +117,11 @@ def test_a_scvi_tools_model_imports_with_scvi_tools_latent(store, expected, name
 def more_stores(tmp_path_factory, store) -> dict[str, Path]:
     """Stores of the cells of the LinearSCVI, TOTALVI, PEAKVI, CondSCVI and SysVI fixtures, with their genes / peaks
     (the model's order): Kang as `store` (LinearSCVI, CondSCVI); CBMC's first 300 cells with their 13 proteins, one
-    batch; Granja's 600 cells; Baron's 328 cells, batch (system) `species`."""
+    batch; Granja's 600 cells; Baron's 328 cells, batch (system) `species`; sci-CAR's 300 cells with peaks (100 of
+    them without, 100 without RNA)."""
     folder = tmp_path_factory.mktemp("more")
     ad.read_h5ad(CBMC)[:300].copy().write_h5ad(folder / "cbmc300.h5ad")
+    scicar().write_h5ad(folder / "scicar300.h5ad")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cbmc = build_store(
@@ -135,20 +140,30 @@ def more_stores(tmp_path_factory, store) -> dict[str, Path]:
                 inputs=[str(BARON)], output=str(folder / "baron.zarr"), batch_key="species", genes=_genes("sysvi")
             )
         )
-    return {"linearscvi": store, "totalvi": cbmc, "peakvi": granja, "condscvi": store, "sysvi": baron}
+        multivi = build_store(
+            BuildConfig(
+                inputs=[str(folder / "scicar300.h5ad")], output=str(folder / "scicar.zarr"), atac_key="atac",
+                batch_key="treatment_time_h", genes=_genes("multivi"),
+            )
+        )  # fmt: skip
+    stores = {"linearscvi": store, "totalvi": cbmc, "peakvi": granja, "condscvi": store, "sysvi": baron}
+    return stores | {"multivi": multivi}
 
 
 def _genes(name: str) -> list[str]:
-    return [str(g) for g in read_scvi_tools(FIXTURE / name)["var_names"]]
+    names = read_scvi_tools(FIXTURE / name)["var_names"]
+    return [str(g) for g in (names["rna"] if isinstance(names, dict) else names)]
 
 
-@pytest.mark.parametrize("name", ["linearscvi", "totalvi", "peakvi", "condscvi", "sysvi"])
+@pytest.mark.parametrize("name", ["linearscvi", "totalvi", "peakvi", "condscvi", "sysvi", "multivi"])
 def test_a_scvi_tools_model_of_another_method_imports_with_its_outputs(more_stores, name):
-    """LinearSCVI, TOTALVI (no batch key), PEAKVI, CondSCVI (weight_obs) and SysVI saved by scvi-tools, read
-    weights-only: scvi-tools' latent of every cell and its normalized expression (accessibility; protein expression;
-    SysVI's decoder mean from the store's log-normalised counts) of 50 cells, within 1e-5."""
+    """LinearSCVI, TOTALVI (no batch key), PEAKVI, CondSCVI (weight_obs), SysVI and MULTIVI (a MuData: paired and
+    unpaired cells) saved by scvi-tools, read weights-only: scvi-tools' latent of every cell and its normalized
+    expression (accessibility; protein expression; SysVI's decoder mean from the store's log-normalised counts;
+    MULTIVI's expression and accessibility) of 50 cells, within 1e-5."""
     model = import_scvi_tools(FIXTURE / name, more_stores[name], device="cpu")
     classes = {"linearscvi": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI, "condscvi": CondSCVI, "sysvi": SysVI}
+    classes["multivi"] = MULTIVI
     assert type(model) is classes[name]
     expected = dict(np.load(FIXTURE / name / "expected.npz"))
     ours = _at_posterior_mean(model)
@@ -156,7 +171,7 @@ def test_a_scvi_tools_model_of_another_method_imports_with_its_outputs(more_stor
     assert np.abs(ours["latent"] - theirs).max() <= TOLERANCE
     rows = {n: i for i, n in enumerate(ad.read_zarr(more_stores[name]).obs_names)}
     first = [rows[n] for n in expected["obs_names"][:50]]
-    for what in ("normalized", "protein")[: 2 if name == "totalvi" else 1]:
+    for what in ("normalized", *{"totalvi": ("protein",), "multivi": ("accessibility",)}.get(name, ())):
         assert np.abs(ours[what][first] - expected[what]).max() <= TOLERANCE, what
 
 
@@ -193,6 +208,8 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
         unused = {  # what scvi-tools builds and does not use in the fixtures' configurations
             "scvi": ("l_encoder.", "decoder.px_r_decoder."), "scanvi": ("l_encoder.", "decoder.px_r_decoder."),
             "linearscvi": ("decoder.px_dropout_decoder.",), "peakvi": (), "condscvi": (), "sysvi": (),
+            "multivi": ("z_decoder_expression.px_r_decoder.", "z_encoder_protein.", "z_decoder_pro.", "py_r",
+                        "background_pro_"),
             "totalvi": ("encoder.l_gene_", "decoder.px_dropout_decoder_gene."),
         }[name]  # fmt: skip
         for key, value in their_state.items():
@@ -202,7 +219,11 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
                     assert torch.equal(our_state[key], value), key
         for key in (k for k in our_state if k.startswith(unused)):  # zeros; batch norms' weight and variance ones
             assert our_state[key].float().unique().tolist() in ([0.0], [1.0], []), key
-        np.testing.assert_array_equal(ours["var_names"], theirs["var_names"])
+        names, their_names = ours["var_names"], theirs["var_names"]
+        if isinstance(their_names, dict):  # MULTIVI: per modality
+            assert list(names) == list(their_names)
+            names, their_names = np.concatenate(list(names.values())), np.concatenate(list(their_names.values()))
+        np.testing.assert_array_equal(names, their_names)
         registry, their_registry = ours["attr_dict"]["registry_"], theirs["attr_dict"]["registry_"]
         their_setup = dict(their_registry["setup_args"])
         if their_setup["batch_key"] is None:  # set up without a batch: the import takes the store's one batch
@@ -234,14 +255,15 @@ def _plain(value):
 
 
 @pytest.fixture(scope="module")
-def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store) -> dict[str, Path]:
+def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store, multiome_store) -> dict[str, Path]:
     """atlasvi models with the options scvi-tools' setup and module take (trained, then saved; Kang's every third
     cell, 120 genes): SCVI with a
     categorical and a continuous covariate encoded, gene-batch NB, the latent library; SCANVI; LinearSCVI (ZINB,
     gene-batch dispersion, a decoder bias, 1 epoch); totalVI on two CITE-seq panels (one lacks 15 of the 29
     proteins: scvi-tools' protein_batch_mask; the latent library; 1 epoch); PeakVI on 600 scATAC cells x 5000 peaks
     (1 epoch); CondSCVI with encode_covariates and ct_weight (1 epoch); SysVI on Baron human + mouse, per-cell
-    output variance (1 epoch)."""
+    output variance (1 epoch); MULTIVI on paired, RNA-only and ATAC-only sci-CAR cells, NB, gene-batch dispersion,
+    universal modality weights, encoded covariates (1 epoch)."""
     folder = tmp_path_factory.mktemp("atlasvi_models")
     kang = ad.read_h5ad(KANG)
     genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:120]]
@@ -283,7 +305,20 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store)
     sysvi = SysVI(baron_store, SysVIConfig(n_latent=4, n_hidden=16, out_var_mode="sample_feature"), device="cpu")
     sysvi.fit(TrainConfig(max_epochs=1))
     models = {"scvi": scvi, "scanvi": scanvi, "ldvae": ldvae, "totalvi": totalvi, "peakvi": peakvi}
-    models |= {"condscvi": condscvi, "sysvi": sysvi}
+    multivi = MULTIVI(
+        multiome_store,
+        MULTIVIConfig(
+            n_hidden=16,
+            n_latent=4,
+            gene_likelihood="nb",
+            dispersion="gene-batch",
+            modality_weights="universal",
+            encode_covariates=True,
+        ),  # fmt: skip
+        device="cpu",
+    )
+    multivi.fit(TrainConfig(max_epochs=1))
+    models |= {"condscvi": condscvi, "sysvi": sysvi, "multivi": multivi}
     return {name: model.save(folder / name) for name, model in models.items()}
 
 
@@ -299,7 +334,7 @@ def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name)
     back = import_scvi_tools(exported.parent, original.store, device="cpu")
     assert back.config == original.config
     categorical = dict(original.schema.categorical)
-    if name == "sysvi":  # scvi-tools' SysVI is set up without labels: the store's labels key is not the model's
+    if name in ("sysvi", "multivi"):  # set up without labels in scvi-tools: the store's labels key is not the model's
         categorical.pop(original.schema.labels_key)
     assert back.schema.categorical == categorical or name == "scanvi"
     state = back.module.state_dict()
@@ -327,7 +362,7 @@ def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
     classes = {name: get_entry(name).saved_name for name in folders}
     subprocess.run([python, str(script), *(f"{f}:{classes[n]}" for n, f in folders.items())], check=True, timeout=600)
     for name, folder in folders.items():
-        for what in ("latent", "normalized", "protein")[: 3 if name == "totalvi" else 2]:
+        for what in ("latent", "normalized", *{"totalvi": ("protein",), "multivi": ("accessibility",)}.get(name, ())):
             ours, theirs = (np.load(folder / f"{tool}_{what}.npy") for tool in ("atlasvi", "scvi_tools"))
             assert ours.shape == theirs.shape, (name, what)
             assert np.abs(ours - theirs).max() <= TOLERANCE, (name, what)
@@ -335,11 +370,12 @@ def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
 
 def _at_posterior_mean(model) -> dict[str, np.ndarray]:
     """latent (n, n_latent) and, with z (and totalVI's log protein background) at the posterior mean, normalized:
-    (n, n_genes) px_scale (PeakVI: the accessibility p; SysVI: the decoder's mean) and for totalVI protein:
+    (n, n_genes) px_scale (PeakVI: the accessibility p; SysVI: the decoder's mean), for MULTIVI accessibility (n,
+    n_regions) p, and for totalVI protein:
     (n, n_proteins) foreground rate x (1 - P(background)), scvi-tools' get_normalized_expression defaults."""
     from torch.distributions import Normal
 
-    module, parts = model.module.eval(), {"normalized": [], "protein": []}
+    module, parts = model.module.eval(), {"normalized": [], "protein": [], "accessibility": []}
     rsample = Normal.rsample
     Normal.rsample = lambda self, sample_shape=(): self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
     try:
@@ -352,6 +388,8 @@ def _at_posterior_mean(model) -> dict[str, np.ndarray]:
                     continue
                 out = module.generative(inference["qz"].loc, inference["library"], inputs)
                 parts["normalized"].append(out["px_scale"].numpy())
+                if isinstance(model, MULTIVI):
+                    parts["accessibility"].append(out["p"].numpy())
                 if "rate_fore" in out:
                     parts["protein"].append((out["rate_fore"] * torch.sigmoid(-out["mixing"])).numpy())
     finally:
@@ -419,21 +457,27 @@ def test_every_config_field_of_a_counterpart_is_mapped():
 
 
 def test_a_method_without_counterpart_or_an_option_scvi_tools_lacks_is_refused(atlasvi_models, tmp_path):
-    """A method with no scvi-tools counterpart (here a saved model.json claiming MULTIVI), and an LDVAE with
-    encoded covariates, are refused in one line naming what."""
-    saved = atlasvi_models["ldvae"]
-    meta = json.loads((saved / "model.json").read_text())
-    for change, message in (
-        ({"method": "MULTIVI"}, "a MULTIVI model has no scvi-tools counterpart in atlasvi (SCVI, SCANVI, LinearSCVI"),
-        ({}, "a LinearSCVI with encode_covariates has no scvi-tools form"),
+    """A method with no scvi-tools counterpart (a saved model.json claiming DestVI), an LDVAE with encoded
+    covariates, a MULTIVI with per-cell modality weights and a SysVI whose system is not the batch key are refused
+    in one line naming what."""
+    for case, (name, change, message) in enumerate(
+        (
+            ("ldvae", {"method": "DestVI"}, "a DestVI model has no scvi-tools counterpart in atlasvi (SCVI, SCANVI, "),
+            ("ldvae", {"method": "DestVI"}, "DestVI is built from a CondSCVI and the spots (from_rna_model)"),
+            ("multivi", {"modality_weights": "cell"}, "a MULTIVI with per-cell modality weights has no counterpart"),
+            ("ldvae", {"encode_covariates": True}, "a LinearSCVI with encode_covariates has no scvi-tools form"),
+            ("sysvi", {"system_key": "cell_type"}, "a SysVI with system_key 'cell_type' other than the batch key"),
+        )
     ):
-        edited = tmp_path / f"edited{len(change)}"
+        saved = atlasvi_models[name]
+        meta = json.loads((saved / "model.json").read_text())
+        edited = tmp_path / f"edited{case}"
         edited.mkdir()
         for item in saved.iterdir():
             (edited / item.name).write_bytes(item.read_bytes())
-        changed = meta | change
-        if not change:
-            changed["config"] = meta["config"] | {"model": meta["config"]["model"] | {"encode_covariates": True}}
+        changed = meta | {k: v for k, v in change.items() if k == "method"}
+        if "method" not in change:
+            changed["config"] = meta["config"] | {"model": meta["config"]["model"] | change}
         (edited / "model.json").write_text(json.dumps(changed))
-        with pytest.raises(ScviToolsFileError, match=message.replace("(", r"\(")):
-            export_scvi_tools(edited, tmp_path / f"out{len(change)}")
+        with pytest.raises(ScviToolsFileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            export_scvi_tools(edited, tmp_path / f"out_{edited.name}")
