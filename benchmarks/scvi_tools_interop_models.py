@@ -1,4 +1,5 @@
-"""scvi-tools interoperability of LinearSCVI (ldvae), TOTALVI and PEAKVI through the CLI, as a newcomer runs it, on
+"""scvi-tools interoperability of LinearSCVI (ldvae), TOTALVI, PEAKVI, CondSCVI, SysVI and MULTIVI through the CLI,
+as a newcomer runs it, on
 the real datasets in ../shared/data (the SCVI / SCANVI atlas-scale run is benchmarks/scvi_tools_interop.py).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/scvi_tools_interop_models.py [--epochs 10] [--models ldvae ...]
@@ -10,7 +11,12 @@ protein), each against atlasvi's own; `atlasvi import` of the export: latent aga
 model of the class trained as many epochs on the same cells, saved, `atlasvi import`ed: latent and normalized
 outputs against scvi-tools'. Data: ldvae on Kang 2018 PBMC (1556 cells x 1267 genes, batch sample, labels
 cell_type); totalvi on 10x pbmc10k + pbmc5k CITE-seq (200 + 200 cells, 500 HVGs, 29 proteins of which pbmc10k
-measured 14: scvi-tools' protein_batch_mask); peakvi on Granja 2019 scATAC (600 cells x 5000 peaks, batch Group).
+measured 14: scvi-tools' protein_batch_mask); peakvi on Granja 2019 scATAC (600 cells x 5000 peaks, batch Group);
+condscvi on Kang (batch sample, labels cell_type); sysvi (scvi.external.SysVI) on Baron 2016 pancreas human + mouse
+(328 cells, 1000 HVGs, system = batch species; scvi-tools reads X log1p(counts normalised to 1e4 per cell), atlasvi's
+input, and its "normalized" is the decoder's mean: SysVI has no get_normalized_expression); multivi on sci-CAR A549
+(2641 paired cells, 2000 HVGs, the 5000 peaks open in most cells, batch treatment_time_h; scvi-tools reads a MuData
+of the store and its obsm["atac"]; "accessibility" its normalized accessibility).
 Output: results/scvi_tools_interop_models.{json,md}.
 """
 
@@ -57,6 +63,35 @@ MODELS = {  # atlasvi model -> (scvi-tools class, build arguments, scvi-tools se
         [str(DATA / "granja2019_bmmc_scatac_5kpeaks.h5ad"), "--batch-key", "Group"],
         {"batch_key": "Group"},
     ),
+    "condscvi": (
+        "CondSCVI",
+        [str(DATA / "kang2018_pbmc_ifnb_muscat.h5ad"), "--batch-key", "sample", "--labels-key", "cell_type"],
+        {"batch_key": "sample", "labels_key": "cell_type"},
+    ),
+    "sysvi": (
+        "SysVI",
+        [
+            str(DATA / "baron2016_pancreas_human_mouse_subset350_cider.h5ad"),
+            "--batch-key",
+            "species",
+            "--n-top-genes",
+            "1000",
+        ],
+        {"batch_key": "species"},
+    ),  # fmt: skip
+    "multivi": (
+        "MULTIVI",
+        [
+            str(WORK / "scicar_multiome.h5ad"),
+            "--atac-key",
+            "atac",
+            "--batch-key",
+            "treatment_time_h",
+            "--n-top-genes",
+            "2000",
+        ],
+        {"batch_key": "treatment_time_h"},
+    ),  # fmt: skip
 }
 
 SCVI_SIDE = """
@@ -65,14 +100,26 @@ from torch.distributions import Normal
 torch.set_num_threads(1)
 step, cls, folder, store = sys.argv[1:5]
 adata = ad.read_zarr(store)
-model_class = getattr(scvi.model, cls)
+if cls == "MULTIVI":  # a MuData: the store's RNA and its peaks
+    import mudata as md
+    atac = ad.AnnData(adata.obsm["atac"], obs=adata.obs[[]].copy())
+    atac.var_names = [str(p) for p in adata.uns["atac_names"]]
+    adata = md.MuData({"rna": adata, "atac": atac})
+if cls == "SysVI":  # its input: the counts log-normalised to 1e4 per cell (atlasvi's SysVI computes the same)
+    counts = np.asarray(adata.X.todense(), dtype=np.float32)
+    adata.X = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12) * np.float32(1e4))
+model_class = scvi.external.SysVI if cls == "SysVI" else getattr(scvi.model, cls)
 if step == "train":  # scvi-tools' own model on the store's cells, saved in its format
     scvi.settings.seed = 0
     setup = json.loads(sys.argv[6])
     if "protein_names" in setup:  # read_zarr gives a plain array: the antibodies' names as its DataFrame's columns
         names = setup.pop("protein_names")
         adata.obsm["protein_expression"] = pd.DataFrame(adata.obsm["protein_expression"], adata.obs_names, names)
-    model_class.setup_anndata(adata, **setup)
+    if cls == "MULTIVI":
+        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+        model_class.setup_mudata(adata, modalities=modalities, **setup)
+    else:
+        model_class.setup_anndata(adata, **setup)
     model = model_class(adata)
     model.train(max_epochs=int(sys.argv[5]), accelerator="cpu", enable_progress_bar=False)
     model.save(folder, overwrite=True)
@@ -84,6 +131,15 @@ if cls == "PEAKVI":
 elif cls == "TOTALVI":
     normalized, protein = model.get_normalized_expression(adata, return_numpy=True)
     np.save(folder + "/scvi_tools_protein.npy", np.asarray(protein, dtype=np.float32))
+elif cls == "MULTIVI":
+    normalized = model.get_normalized_expression(adata, return_numpy=True)
+    accessibility = model.get_normalized_accessibility(adata, return_numpy=True)
+    np.save(folder + "/scvi_tools_accessibility.npy", np.asarray(accessibility, dtype=np.float32))
+elif cls == "SysVI":  # the decoder's mean at the posterior mean
+    module, system = model.module.eval(), torch.as_tensor(adata.obs["_scvi_batch"].to_numpy()).long().view(-1, 1)
+    with torch.no_grad():
+        qz = module.encoder(torch.as_tensor(adata.X), batch_index=system, cat_list=[])["q_dist"]
+        normalized = module.decoder(qz.loc, batch_index=system, cat_list=[])["q_dist"].loc.numpy()
 else:
     normalized = model.get_normalized_expression(adata, return_numpy=True)
 np.save(folder + "/scvi_tools_normalized.npy", np.asarray(normalized, dtype=np.float32))
@@ -108,7 +164,8 @@ def atlasvi(*args: str) -> list[str]:
 
 def outputs_of(model_dir: Path, store: Path) -> dict[str, np.ndarray]:
     """atlasvi's latent (store order) and, with z (and totalVI's log protein background) at the posterior mean, the
-    normalized expression (px_scale; PEAKVI: accessibility) and totalVI's protein expression, scvi-tools' defaults."""
+    normalized expression (px_scale; PEAKVI: accessibility; SysVI: the decoder's mean) and totalVI's protein
+    expression, scvi-tools' defaults."""
     import torch
     from torch.distributions import Normal
 
@@ -116,7 +173,7 @@ def outputs_of(model_dir: Path, store: Path) -> dict[str, np.ndarray]:
 
     torch.set_num_threads(1)
     model = saved_model_class(model_dir).load(model_dir, store, device="cpu")
-    module, parts = model.module.eval(), {"normalized": [], "protein": []}
+    module, parts = model.module.eval(), {"normalized": [], "protein": [], "accessibility": []}
     rsample = Normal.rsample
     Normal.rsample = lambda self, shape=(): self.loc.expand(torch.Size(shape) + self.loc.shape)
     try:
@@ -124,8 +181,13 @@ def outputs_of(model_dir: Path, store: Path) -> dict[str, np.ndarray]:
             for batch in model._batches(None, None, 1024):
                 inputs = module.unpack(batch)
                 inference = module.inference(inputs)
+                if model.method == "SysVI":  # the decoder's mean
+                    parts["normalized"].append(module.generative(inference["qz"].loc, inputs)["px"].loc.numpy())
+                    continue
                 out = module.generative(inference["qz"].loc, inference["library"], inputs)
                 parts["normalized"].append(out["px_scale"].numpy())
+                if model.method == "MULTIVI":
+                    parts["accessibility"].append(out["p"].numpy())
                 if "rate_fore" in out:
                     parts["protein"].append((out["rate_fore"] * torch.sigmoid(-out["mixing"])).numpy())
     finally:
@@ -140,6 +202,25 @@ def compare(ours: dict[str, np.ndarray], folder: Path) -> dict[str, float]:
     }
 
 
+def _scicar_multiome(path: Path) -> None:
+    """sci-CAR A549 in atlasvi's multiome layout: X the genes, obsm["atac"] the 5000 peaks open in most cells (CSR,
+    names in uns["atac_names"]), batch treatment_time_h."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    if path.exists():
+        return
+    full = ad.read_h5ad(DATA / "scicar_a549_multivi_concat_scai.h5ad")
+    genes = (full.var["modality"] == "Gene Expression").to_numpy()
+    peaks = sp.csr_matrix(full.X[:, ~genes])
+    top = np.sort(np.argsort(-np.asarray((peaks > 0).sum(axis=0)).ravel(), kind="stable")[:5000])
+    adata = ad.AnnData(sp.csr_matrix(full.X[:, genes]), obs=full.obs[["treatment_time_h"]].astype(str))
+    adata.var_names = full.var_names[genes]
+    adata.obsm["atac"] = peaks[:, top]
+    adata.uns["atac_names"] = np.asarray(full.var_names[~genes][top], dtype=str)
+    adata.write_h5ad(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
@@ -148,6 +229,8 @@ def main() -> None:
     from atlasvi.data import open_store
 
     WORK.mkdir(parents=True, exist_ok=True)
+    if "multivi" in args.models:
+        _scicar_multiome(WORK / "scicar_multiome.h5ad")
     previous = HERE / "results" / "scvi_tools_interop_models.json"
     results: dict = {"epochs": args.epochs}
     if previous.exists():  # the models not run again keep their rows (when run with as many epochs)
@@ -197,12 +280,14 @@ def main() -> None:
 
 def _table(r: dict) -> str:
     lines = [
-        f"# scvi-tools interoperability of LinearSCVI, TOTALVI and PEAKVI ({r['epochs']} epochs, real data)",
+        f"# scvi-tools interoperability of LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI and MULTIVI ({r['epochs']} "
+        "epochs, real data)",
         "",
         "`PYTHONPATH=$PWD .venv/bin/python benchmarks/scvi_tools_interop_models.py`; " + r["machine"] + ".",
-        "Max abs differences; normalized = expression (PEAKVI: accessibility) at the posterior mean, every cell.",
+        "Max abs differences; normalized = expression (PEAKVI: accessibility; SysVI: the decoder's mean of the "
+        "log-normalised expression) at the posterior mean, every cell.",
         "",
-        "| model (cells x features) | direction | latent | normalized | protein |",
+        "| model (cells x features) | direction | latent | normalized | protein / accessibility |",
         "|---|---|---:|---:|---:|",
     ]
     for name in (k for k in MODELS if k in r):
@@ -214,7 +299,8 @@ def _table(r: dict) -> str:
             ("scvi-tools train -> atlasvi import", "scvi_tools_trained_then_import"),
         ):
             d = m[key]
-            protein = f"{d['protein']:.1e}" if "protein" in d else "-"
+            other = d.get("protein", d.get("accessibility"))
+            protein = f"{other:.1e}" if other is not None else "-"
             lines.append(f"| {label} | {direction} | {d['latent']:.1e} | {d['normalized']:.1e} | {protein} |")
     lines += ["", "Wall seconds per command (start-up included):", "", "| step | s |", "|---|---:|"]
     for name in (k for k in MODELS if k in r):
