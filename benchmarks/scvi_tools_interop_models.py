@@ -15,7 +15,8 @@ measured 14: scvi-tools' protein_batch_mask); peakvi on Granja 2019 scATAC (600 
 condscvi on Kang (batch sample, labels cell_type); sysvi (scvi.external.SysVI) on Baron 2016 pancreas human + mouse
 (328 cells, 1000 HVGs, system = batch species; scvi-tools reads X log1p(counts normalised to 1e4 per cell), atlasvi's
 input, and its "normalized" is the decoder's mean: SysVI has no get_normalized_expression); multivi on sci-CAR A549
-(2641 paired cells, 2000 HVGs, the 5000 peaks open in most cells, batch treatment_time_h; scvi-tools reads a MuData
+(2641 cells, its 1185 genes (--n-top-genes 2000 keeps all), the 5000 peaks open in most cells, batch
+treatment_time_h; scvi-tools reads a MuData
 of the store and its obsm["atac"]; "accessibility" its normalized accessibility).
 Output: results/scvi_tools_interop_models.{json,md}.
 """
@@ -285,7 +286,8 @@ def _table(r: dict) -> str:
         "",
         "`PYTHONPATH=$PWD .venv/bin/python benchmarks/scvi_tools_interop_models.py`; " + r["machine"] + ".",
         "Max abs differences; normalized = expression (PEAKVI: accessibility; SysVI: the decoder's mean of the "
-        "log-normalised expression) at the posterior mean, every cell.",
+        "log-normalised expression) at the posterior mean, every cell; the last column is TOTALVI's normalized "
+        "protein expression and MULTIVI's normalized accessibility.",
         "",
         "| model (cells x features) | direction | latent | normalized | protein / accessibility |",
         "|---|---|---:|---:|---:|",
