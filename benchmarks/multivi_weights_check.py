@@ -26,6 +26,13 @@ N-1, the mean over the cells with RNA of its RNA library encoder's output (the l
 both tools' LibrarySizeEncoder classes built standalone under the same torch seeds (0-4), weight for weight; the
 standalone encoder's mean output over 400 seeds (the distribution either tool draws from). Output:
 results/multivi_init_library.json.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_weights_check.py --swap 10 5 2 0
+
+Swapped starts: per seed, scvi-tools' MULTIVI trains EPOCHS epochs (KL warm-up WARMUP epochs, the fidelity table's
+options) from atlasvi's initial weights of that seed, and atlasvi's from scvi-tools' (names mapped as above; each
+tool's adversary keeps its own); each gives the held-out -log p(RNA) per cell as multivi_fidelity.py computes it.
+Output: results/multivi_swap.json.
 """
 
 import json
@@ -193,6 +200,14 @@ def main() -> None:
     if sys.argv[1:2] == ["--init-library"]:
         report = init_library(int(sys.argv[2]))
         (HERE / "results" / "multivi_init_library.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return
+    if sys.argv[1:2] == ["--swap-scvi"]:
+        scvi_swap(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
+    if sys.argv[1:2] == ["--swap"]:
+        report = swap(int(sys.argv[2]), int(sys.argv[3]), [int(s) for s in sys.argv[4:]])
+        (HERE / "results" / "multivi_swap.json").write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report, indent=1))
         return
     if sys.argv[1:2] == ["--dynamics-scvi"]:
@@ -378,6 +393,76 @@ def init_library(n_seeds: int) -> dict:
             "scvi_tools_vs_standalone": float(mannwhitneyu(scvi_tools, population).pvalue),
         },
     }
+
+
+def scvi_swap(epochs: int, warmup: int, seed: int) -> None:
+    """scvi-tools' side of --swap (its venv): its seed's initial weights to the cache, then its MULTIVI trained from
+    atlasvi's seed-`seed` initial weights (CACHE/atlasvi_init_SEED.npz, names mapped); held-out -log p(RNA)."""
+    import logging
+
+    import scvi
+    import torch
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = seed
+    train, held = _mudata(str(CACHE / "train.h5ad")), _mudata(str(CACHE / "heldout.h5ad"))
+    held.obs["_indices"] = np.arange(held.n_obs)
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+    model = scvi.model.MULTIVI(train)
+    state = model.module.state_dict()
+    np.savez(CACHE / f"scvi_init_{seed}.npz", **{k: v.numpy() for k, v in state.items()})
+    theirs = np.load(CACHE / f"atlasvi_init_{seed}.npz")
+    for name in state:
+        mine = atlasvi_name(name)
+        if mine is not None:
+            state[name] = torch.from_numpy(theirs[mine])
+    state["mod_weights"][:2] = torch.from_numpy(theirs["mod_weights"])
+    model.module.load_state_dict(state)
+    model.train(max_epochs=epochs, n_epochs_kl_warmup=warmup, accelerator="cpu", devices=1, enable_progress_bar=False)
+    torch.manual_seed(0)
+    error = model.get_reconstruction_error(held)
+    print(json.dumps({"seed": seed, "scvi_heldout_rna": float(error["reconstruction_loss_expression"])}), flush=True)
+
+
+def swap(epochs: int, warmup: int, seeds: list[int]) -> dict:
+    """--swap: per seed, scvi-tools trained from atlasvi's initial weights and atlasvi from scvi-tools'."""
+    import torch
+
+    from atlasvi.api import MULTIVI
+    from atlasvi.data import LoaderConfig
+    from atlasvi.train import TrainConfig
+    from benchmarks.multivi_fidelity import atlasvi_heldout
+
+    torch.set_num_threads(1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    out = {}
+    for seed in seeds:
+        model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed)
+        np.savez(CACHE / f"atlasvi_init_{seed}.npz", **{k: v.numpy() for k, v in model.module.state_dict().items()})
+        command = [str(SCVI_PYTHON), __file__, "--swap-scvi", str(epochs), str(warmup), str(seed)]
+        lines = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+        out[f"scvi_tools_from_atlasvi_seed{seed}"] = json.loads(next(x for x in lines if x.startswith("{")))[
+            "scvi_heldout_rna"
+        ]
+        print(out, file=sys.stderr, flush=True)
+        weights = np.load(CACHE / f"scvi_init_{seed}.npz")
+        state = {atlasvi_name(k): torch.from_numpy(weights[k]) for k in weights.files if atlasvi_name(k)}
+        state["mod_weights"] = torch.from_numpy(weights["mod_weights"][:2])
+        missing, unexpected = model.module.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("adversary.") for k in missing), (missing, unexpected)
+        model.fit(
+            TrainConfig(seed=seed, max_epochs=epochs, n_epochs_kl_warmup=warmup),
+            LoaderConfig(batch_size=128, seed=seed),
+        )
+        out[f"atlasvi_from_scvi_tools_seed{seed}"] = atlasvi_heldout(model, CACHE / "heldout.zarr")["rna"]
+        print(out, file=sys.stderr, flush=True)
+    return out
 
 
 if __name__ == "__main__":
