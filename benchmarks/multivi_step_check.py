@@ -163,16 +163,19 @@ def atlasvi_side() -> dict:
         p = dict(module.named_parameters())[mine]
         value = p.grad if kind == "grad" else p.detach()
         theirs = ref[key]
-        entry = {
-            "max_abs_diff": float(np.abs(value.numpy() - theirs).max()),
-            "scvi_tools_max_abs": float(np.abs(theirs).max()),
-        }
+        diff = np.abs(value.numpy() - theirs)
+        entry = {"max_abs_diff": float(diff.max()), "scvi_tools_max_abs": float(np.abs(theirs).max())}
+        if kind == "step":  # the gradient where the step differs most (Adam's first step: lr g / (|g| + eps))
+            entry["scvi_tools_abs_gradient_there"] = float(np.abs(ref[f"grad|{name}"]).ravel()[diff.argmax()])
         (grads if kind == "grad" else steps)[mine] = entry
     report["summary"] = {
         "largest_gradient_diff_relative_to_the_largest_gradient": max(
             g["max_abs_diff"] / g["scvi_tools_max_abs"] for g in grads.values() if g["scvi_tools_max_abs"] > 0
         ),
         "largest_weight_diff_after_the_step_relative_to_lr": max(s["max_abs_diff"] for s in steps.values()) / 1e-4,
+        "scvi_tools_abs_gradient_there": max(steps.values(), key=lambda s: s["max_abs_diff"])[
+            "scvi_tools_abs_gradient_there"
+        ],
         "weights_compared": len(steps),
     }
     report["optimizer"] = {"atlasvi": repr(optimizer.defaults)}
