@@ -93,6 +93,7 @@ def _one(args: argparse.Namespace) -> None:
     load = os.getloadavg()[0]
     start = time.perf_counter()
     workers_rss: list[float] = []
+    workers_cpu: list[float] = []
     if args.baseline:
         build_store(config)
     else:
@@ -104,6 +105,7 @@ def _one(args: argparse.Namespace) -> None:
             if executor.client is not None:
                 peaks = executor.run_on_workers(_peak_rss_mb)
                 workers_rss = sorted(peaks.values())
+                workers_cpu = sorted(executor.run_on_workers(_cpu_seconds).values())
     seconds = time.perf_counter() - start
     print(
         json.dumps(
@@ -111,6 +113,8 @@ def _one(args: argparse.Namespace) -> None:
                 "seconds": seconds,
                 "driver_peak_rss_mb": _peak_rss_mb(),
                 "worker_peak_rss_mb": workers_rss,
+                "driver_cpu_seconds": _cpu_seconds(),
+                "worker_cpu_seconds": workers_cpu,
                 "load_1min_before": load,
                 "load_1min_after": os.getloadavg()[0],
             }
@@ -120,6 +124,12 @@ def _one(args: argparse.Namespace) -> None:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _run(kind: str, workers: int, h5ad: Path, output: Path, baselines: dict[str, str]) -> dict:
@@ -159,8 +169,17 @@ def _summary(runs: list[dict]) -> list[dict]:
                 "load_1min": [round(r["load_1min_before"], 1) for r in mine],
                 "checksums": sorted({r["checksum"] for r in mine}),
             }
+            cpu = [_cpu_total(r) for r in mine if "driver_cpu_seconds" in r]
+            if cpu:
+                row["median_cpu_seconds"] = statistics.median(cpu)
+                row["cores_used"] = statistics.median(_cpu_total(r) / r["seconds"] for r in mine)
             if base and kind == "dask":
                 row["scaling_efficiency"] = statistics.median(base) / (workers * seconds)
+                base_cpu = [
+                    _cpu_total(r) for r in at if r["kind"] == "dask" and r["workers"] == 1 and "driver_cpu_seconds" in r
+                ]
+                if cpu and base_cpu:
+                    row["cpu_efficiency"] = statistics.median(base_cpu) / statistics.median(cpu)
             if kind.startswith("baseline") and base:
                 pairs = [
                     b["seconds"] / d["seconds"]
@@ -173,18 +192,26 @@ def _summary(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _cpu_total(run: dict) -> float:
+    """The build's CPU seconds: the driver's and every worker's (user + system)."""
+    return run["driver_cpu_seconds"] + sum(run["worker_cpu_seconds"])
+
+
 def _markdown(result: dict) -> str:
     lines = [
         "# atlasvi build: 1 and 2 workers",
         "",
         f"Machine: {result['machine']}. Command: `{result['command']}`.",
         "",
-        "| cells | build | workers | median s (runs) | scaling eff. | driver peak RSS | worker peak RSS | "
-        "load (1-min, per run) | store checksum |",
-        "|---:|---|---:|---|---:|---:|---:|---|---|",
+        "| cells | build | workers | median s (runs) | scaling eff. | CPU s | cores used | CPU eff. | "
+        "driver peak RSS | worker peak RSS | load (1-min, per run) | store checksum |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in result["summary"]:
         efficiency = f"{row['scaling_efficiency']:.2f}" if "scaling_efficiency" in row else ""
+        cpu = f"{row['median_cpu_seconds']:.1f}" if "median_cpu_seconds" in row else ""
+        cores = f"{row['cores_used']:.2f}" if "cores_used" in row else ""
+        cpu_efficiency = f"{row['cpu_efficiency']:.2f}" if "cpu_efficiency" in row else ""
         worker = f"{row['worker_peak_rss_mb']:.0f} MB" if row["worker_peak_rss_mb"] else "(the driver)"
         name = row["kind"].replace("baseline:", "baseline ") if row["kind"].startswith("baseline") else "dask"
         if "baseline_over_dask_1_worker" in row:
@@ -192,9 +219,17 @@ def _markdown(result: dict) -> str:
         checksums = ", ".join(c[:12] for c in row["checksums"])
         lines.append(
             f"| {row['n_cells']:,} | {name} | {row['workers']} | {row['median_seconds']:.1f} "
-            f"({', '.join(str(s) for s in row['seconds'])}) | {efficiency} | {row['driver_peak_rss_mb']:.0f} MB | "
+            f"({', '.join(str(s) for s in row['seconds'])}) | {efficiency} | {cpu} | {cores} | {cpu_efficiency} | "
+            f"{row['driver_peak_rss_mb']:.0f} MB | "
             f"{worker} | {', '.join(str(x) for x in row['load_1min'])} | {checksums} |"
         )
+    lines += [
+        "",
+        "Scaling eff. = t(1 worker) / (N x t(N workers)), wall time. CPU s = user + system seconds of the driver and "
+        "every worker; cores used = CPU s / wall s (what the build got of the shared machine); CPU eff. = CPU s "
+        "(1 worker) / CPU s (N workers): the share of the N-worker build's CPU that is the 1-worker build's work, so "
+        "1 - CPU eff. is what splitting the build costs, apart from waiting for a core.",
+    ]
     projection = result.get("projection_100m")
     if projection:
         lines += ["", "Projection to 100M cells (linear in cells from the largest size measured):", ""]
