@@ -16,7 +16,7 @@ of atlasvi (e.g. before the build moved to dask, or before a change) run the sam
 With --copies K the input is a folder of K studies, copies of the cached input with their own cell names (10M =
 10 x 1M: generating 10M cells takes about an hour on this machine).
 The projection to 100M cells extrapolates linearly in cells from the largest size measured (the passes are
-linear in cells; the driver's per-cell arrays, ~18 bytes a cell, are reported with it).
+linear in cells), its CPU time as well, and peak RSS from the slope between the two largest sizes.
 Results: `results/build_scaling.json` and `results/build_scaling.md`.
 """
 
@@ -192,6 +192,32 @@ def _summary(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def _projection(summary: list[dict], cells: int = 100_000_000) -> dict:
+    """Time and memory at `cells`, linear in cells: time (wall here, and CPU) from the largest size measured;
+    peak RSS from the two largest sizes (their slope), else proportional."""
+    dask = [s for s in summary if s["kind"] == "dask"]
+    largest = max(s["n_cells"] for s in dask)
+    projection: dict = {"from_cells": largest, "cells": cells, "seconds": {}, "cpu_seconds": {}, "memory_gb": {}}
+    for row in (s for s in dask if s["n_cells"] == largest):
+        workers = str(row["workers"])
+        projection["seconds"][workers] = row["median_seconds"] * cells / largest
+        if "median_cpu_seconds" in row:
+            projection["cpu_seconds"][workers] = row["median_cpu_seconds"] * cells / largest
+        smaller = [s for s in dask if s["workers"] == row["workers"] and s["n_cells"] < largest]
+        memory = {}
+        for key in ("driver_peak_rss_mb", "worker_peak_rss_mb"):
+            if not row[key]:
+                continue
+            if smaller:
+                other = max(smaller, key=lambda s: s["n_cells"])
+                slope = (row[key] - other[key]) / (largest - other["n_cells"])
+                memory[key.removesuffix("_peak_rss_mb")] = (row[key] + slope * (cells - largest)) / 1000
+            else:
+                memory[key.removesuffix("_peak_rss_mb")] = row[key] * cells / largest / 1000
+        projection["memory_gb"][workers] = memory
+    return projection
+
+
 def _cpu_total(run: dict) -> float:
     """The build's CPU seconds: the driver's and every worker's (user + system)."""
     return run["driver_cpu_seconds"] + sum(run["worker_cpu_seconds"])
@@ -231,11 +257,21 @@ def _markdown(result: dict) -> str:
         "1 - CPU eff. is what splitting the build costs, apart from waiting for a core.",
     ]
     projection = result.get("projection_100m")
-    if projection:
+    if projection and "memory_gb" in projection:
         lines += ["", "Projection to 100M cells (linear in cells from the largest size measured):", ""]
         for workers, seconds in projection["seconds"].items():
-            lines.append(f"- {workers} worker(s): {seconds / 60:.0f} min")
-        lines.append(f"- driver memory for its per-cell arrays: ~{projection['driver_gb']:.1f} GB")
+            line = f"- {workers} worker(s): {seconds / 60:.0f} min on this shared machine"
+            cpu = projection.get("cpu_seconds", {}).get(workers)
+            if cpu is not None:
+                line += (
+                    f"; {cpu / 60:.0f} CPU min in all, so about {cpu / 60 / int(workers):.0f} min on "
+                    f"{workers} core(s) of its own (the CPU split evenly, the driver's serial parts ignored)"
+                )
+            lines.append(line)
+            memory = projection["memory_gb"].get(workers, {})
+            if memory:
+                parts = [f"{name} ~{gb:.1f} GB" for name, gb in memory.items()]
+                lines.append(f"  peak RSS (linear in cells from the two largest sizes): {', '.join(parts)}")
     return "\n".join(lines) + "\n"
 
 
@@ -280,13 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": _summary(runs),
     }
-    largest = max(r["n_cells"] for r in runs)
-    at_largest = [s for s in result["summary"] if s["n_cells"] == largest and s["kind"] == "dask"]
-    result["projection_100m"] = {
-        "from_cells": largest,
-        "seconds": {str(s["workers"]): s["median_seconds"] * 100_000_000 / largest for s in at_largest},
-        "driver_gb": 100_000_000 * 18 / 1e9,
-    }
+    result["projection_100m"] = _projection(result["summary"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(_markdown(result))
