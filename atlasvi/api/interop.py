@@ -35,8 +35,9 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
     """Write a trained model (an instance, or a saved model's folder: no store needed) as a scvi-tools 1.4.2
     model folder `output` (`output`/model.pt), so that `scvi.model.<Class>.load(output, adata)` (SCVI, SCANVI,
     LinearSCVI, TOTALVI, PEAKVI, CondSCVI; `scvi.external.SysVI`, whose adata.X is then the log-normalised
-    counts, log1p(counts / total * target_sum); MULTIVI, whose adata is a MuData of modalities "rna" and "atac")
-    gives its latent on the same cells; another method is refused in one line.
+    counts, log1p(counts / total * target_sum); MULTIVI, whose adata is a MuData of modalities "rna" and "atac";
+    DestVI with amortization "both", on its spots) gives its latent (DestVI: its proportions and gamma) on the same
+    cells; another method is refused in one line.
     An existing `output` is refused unless `overwrite` (then only its model.pt is replaced).
     Returns the written model.pt."""
     output = Path(output)
@@ -55,14 +56,15 @@ def export_scvi_tools(model: AtlasModel | str | Path, output: str | Path, overwr
 
 
 def import_scvi_tools(source: str | Path, store: AtlasStore | str | Path, device: str = "auto") -> AtlasModel:
-    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI / CondSCVI / SysVI / MULTIVI (its folder or
-    model.pt, read without running code from the file) as the atlasvi model of the same method on `store`, which
-    must hold the model's genes (peaks for PEAKVI; genes and peaks for MULTIVI) in its order, its batch (and for
-    SCANVI, CondSCVI labels) key, no batch category it has not seen and for TOTALVI its proteins in its order; the
-    first problem is named. A TOTALVI's or MULTIVI's adversarial batch classifier (scvi-tools keeps it in the
-    trainer, not the file) starts afresh, as for a query; a CondSCVI's prototypes for DestVI are computed on the
-    store when it is saved. A SysVI reads the store's counts log-normalised with target_sum 1e4 (scvi-tools' SysVI
-    reads whatever layer it was given)."""
+    """A scvi-tools saved SCVI / SCANVI / LinearSCVI / TOTALVI / PEAKVI / CondSCVI / SysVI / MULTIVI / DestVI (its
+    folder or model.pt, read without running code from the file) as the atlasvi model of the same method on `store`,
+    which must hold the model's genes (peaks for PEAKVI; genes and peaks for MULTIVI) in its order, its batch (and
+    for SCANVI, CondSCVI labels) key, no batch category it has not seen and for TOTALVI its proteins in its order;
+    the first problem is named. A DestVI (amortization "both") goes on a store of spots with its genes; its cell
+    types are its own (labels key "_scvi_labels"). A TOTALVI's or MULTIVI's adversarial batch classifier
+    (scvi-tools keeps it in the trainer, not the file) starts afresh, as for a query; a CondSCVI's prototypes for
+    DestVI are computed on the store when it is saved. A SysVI reads the store's counts log-normalised with
+    target_sum 1e4 (scvi-tools' SysVI reads whatever layer it was given)."""
     path = Path(source)
     imported = from_scvi_tools(read_scvi_tools(path), str(path))
     opened = store if isinstance(store, AtlasStore) else open_store(store)
@@ -135,7 +137,7 @@ def _registry(imported: ScviToolsModel, store: StoreSchema, where: str, store_pa
             f"build the store with --batch-key {reg['batch_key']}"
         )
     labels_key = reg["labels_key"]
-    if labels_key is not None and labels_key != store.labels_key:
+    if labels_key is not None and labels_key != store.labels_key and imported.method != "DestVI":
         if imported.method in ("SCANVI", "CondSCVI") or imported.config.get("dispersion") == "gene-label":
             raise IncompatibleStoreError(
                 f"{store_path}: {where} has labels key obs[{labels_key!r}], the store {store.labels_key!r}; "

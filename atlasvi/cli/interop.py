@@ -30,7 +30,7 @@ def export_command(
 
     Methods: scvi, scanvi, ldvae (LinearSCVI), totalvi, peakvi, condscvi, sysvi (scvi.external.SysVI, whose adata.X
     is then log1p(counts / total * target_sum)), multivi (set up on a MuData: modality "rna", the store, and "atac",
-    its obsm["atac"] with the peaks named by uns["atac_names"]); destvi is refused in one line.
+    its obsm["atac"] with the peaks named by uns["atac_names"]); destvi (amortization "both") on its spots.
 
     adata: the cells with the model's genes (var_names, in order) and its obs keys, e.g. the training store
     opened with anndata.read_zarr. The training store is not needed to export."""
@@ -47,7 +47,7 @@ def import_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace a model saved in OUTPUT")] = False,
 ) -> None:
-    """Read a scvi-tools saved SCVI, SCANVI, LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI or MULTIVI (weights only:
+    """Read a scvi-tools saved SCVI, SCANVI, LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI, MULTIVI or DestVI (weights:
     no code from the file runs) into an atlasvi model on STORE, saved in OUTPUT; `atlasvi latent`, `de`, `scanvi`
     and `map-query --reference OUTPUT` then take it."""
     _format(from_format, "--from")

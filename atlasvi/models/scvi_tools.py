@@ -1,6 +1,6 @@
 """scvi-tools 1.4.2's save format, both ways, for the methods with a scvi-tools counterpart: SCVI, SCANVI,
-LinearSCVI (atlasvi's ldvae), TOTALVI, PEAKVI, CondSCVI and SysVI (scvi.external.SysVI) (`COUNTERPARTS`, the one
-table of their names and arguments), and MULTIVI (set up on a MuData: modalities "rna" and "atac").
+LinearSCVI (atlasvi's ldvae), TOTALVI, PEAKVI, CondSCVI, SysVI (scvi.external.SysVI) and DestVI (`COUNTERPARTS`, the
+one table of their names and arguments), and MULTIVI (set up on a MuData: modalities "rna" and "atac").
 
 A scvi-tools model folder holds `model.pt`: {"model_state_dict": weights in scvi-tools' parameter names,
 "var_names": (n_genes,) gene names, "attr_dict": {"registry_": the AnnData setup registry, "init_params_": the
@@ -16,6 +16,7 @@ scvi-tools does not use them in those configurations.
 import os
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,43 @@ COUNTERPARTS: dict[str, Counterpart] = {
         labels=False,
         covariates=False,
     ),  # fmt: skip
+    "DestVI": Counterpart(  # scvi-tools' dropout_decoder is atlasvi's dropout_rate (the CondSCVI's)
+        (("_embeddings_dict.batch.", "batch_embedding."),),
+        ("n_hidden", "n_latent", "n_layers"),
+        (
+            "amortization",
+            "prior_mode",
+            "augmentation",
+            "n_samples_augmentation",
+            "n_states_per_label",
+            "eps_v",
+            "add_celltypes",
+            "n_latent_amortization",
+            "dropout_amortization",
+        ),
+        "module_kwargs",
+        atlasvi_only=(  # dropout_decoder; the prototypes' count (mean_vprior's shape); DestVI.train's loss weights
+            "dropout_rate",
+            "vamp_prior_p",
+            "ct_sparsity_weight",
+            "weighting_augmentation",
+            "eta_reg",
+            "beta_reg",
+            "weighting_kl_latent",
+            "reconst_weight",
+        ),
+        fields=("X", "ind_x", "batch"),
+        setup_args=("batch_key", "layer", "smoothed_layer"),
+        fixed_class={},
+        labels=False,
+        covariates=False,
+    ),
 }
-NO_COUNTERPART = {  # atlasvi methods with a scvi-tools class that export / import does not cover yet: why
-    "DestVI": "scvi-tools' DestVI is built from a CondSCVI and the spots (from_rna_model); not built in atlasvi",
-}
+NO_COUNTERPART: dict[str, str] = {}  # atlasvi methods with a scvi-tools class that export / import does not cover: why
+# DestVI's init arguments that the weights hold (its CondSCVI's decoder, dispersion, bias and prototypes)
+_DESTVI_FROM_WEIGHTS = ("cell_type_mapping", "decoder_state_dict", "px_decoder_state_dict", "px_r", "per_ct_bias",
+                        "mean_vprior", "var_vprior", "mp_vprior")  # fmt: skip
+DESTVI_LABELS = NO_LABELS_KEY  # an imported DestVI's labels key (its registry has none; the types are its own)
 PROTEIN = "protein"  # atlasvi's modality name of totalVI's proteins
 
 
@@ -404,6 +438,10 @@ def _config(method: str, args: dict[str, Any], where: str) -> dict[str, Any]:
             config[key] = value
         elif key == "override_missing_proteins" and method == "TOTALVI":
             continue  # which all-zero proteins count as unmeasured when training; atlasvi's store mask says
+        elif method == "DestVI" and key in _DESTVI_FROM_WEIGHTS:
+            continue  # read from the weights
+        elif method == "DestVI" and key == "dropout_decoder":
+            config["dropout_rate"] = value
         elif (method, key) in (
             ("CondSCVI", "weight_obs"),
             ("CondSCVI", "ct_weight"),
@@ -437,7 +475,7 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
     config = _config(method, args, where)
     fields = registry.get("field_registries", {})
     setup = registry.get("setup_args", {})
-    for key in ("size_factor_key", "panel_key", "fine_labels_key", "weight_batches"):
+    for key in ("size_factor_key", "panel_key", "fine_labels_key", "weight_batches", "smoothed_layer"):
         if setup.get(key) not in (None, False):
             raise ScviToolsFileError(f"{where}: scvi-tools {key}={setup[key]!r} has no atlasvi counterpart")
     if not COUNTERPARTS[method].covariates and (
@@ -468,6 +506,10 @@ def from_scvi_tools(saved: dict[str, Any], where: str) -> ScviToolsModel:
         config["ct_weight"] = tuple(float(w) for w in state["ct_weight"])
     if method == "SysVI":
         state = _sysvi_in(state)
+    if method == "DestVI":
+        state = _destvi_in(state, config, where)
+        labels_key = DESTVI_LABELS
+        categorical[labels_key] = tuple(str(c) for c in args["cell_type_mapping"])
     if method == "MULTIVI":
         if config["modality_weights"] == "cell":
             raise ScviToolsFileError(f"{where}: {_CELL_WEIGHTS}")
@@ -532,6 +574,57 @@ def _multivi_out(state: dict[str, torch.Tensor], n_batch: int, n_genes: int) -> 
     return out
 
 
+def _destvi_in(state: dict[str, torch.Tensor], config: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """scvi-tools' MRDeconv weights (renamed) as atlasvi's DestVI's (in place for `config`: vamp_prior_p, the
+    prototypes per type): the free per-spot V and gamma dropped (atlasvi builds them only where used: amortization
+    other than "both", which is refused); ScviToolsFileError without the CondSCVI's prototypes."""
+    amortization = config.get("amortization", "both")
+    if amortization != "both":
+        raise ScviToolsFileError(f"{where}: {_DESTVI_AMORTIZATION.format(amortization)}")
+    if "mean_vprior" not in state:
+        raise ScviToolsFileError(
+            f"{where}: a DestVI without its CondSCVI's prototypes (from_rna_model with vamp_prior_p None) has no "
+            "atlasvi counterpart"
+        )
+    config["vamp_prior_p"] = int(state["mean_vprior"].shape[1])
+    return {k: v for k, v in state.items() if k not in ("V", "gamma")}
+
+
+_DESTVI_AMORTIZATION = (
+    "a DestVI with amortization {!r} has no counterpart in the other tool yet (atlasvi exports and imports "
+    "amortization 'both', scvi-tools' default)"
+)
+
+
+def _destvi_out(
+    state: dict[str, torch.Tensor], config: dict[str, Any], schema: StoreSchema, n_spots: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """atlasvi's DestVI weights in scvi-tools' names with the free per-spot V (n_labels + add_celltypes, n_spots)
+    and gamma (n_latent, n_labels, n_spots), unused with amortization "both", as zeros; and DestVI's init arguments
+    (non_kwargs; the module's kwargs): the cell types, the CondSCVI's decoder, px_decoder, px_r, per_ct_bias and
+    prototypes, taken from the weights (DestVI.load builds the module from them, then loads the weights)."""
+    if config["amortization"] != "both":
+        raise ScviToolsFileError(_DESTVI_AMORTIZATION.format(config["amortization"]))
+    types = schema.categorical[schema.labels_key]
+    state = dict(state)
+    state["V"] = torch.zeros(len(types) + config["add_celltypes"], n_spots)
+    state["gamma"] = torch.zeros(config["n_latent"], len(types), n_spots)
+
+    def part(prefix: str) -> OrderedDict:
+        return OrderedDict((k.removeprefix(prefix), v.clone()) for k, v in state.items() if k.startswith(prefix))
+
+    non_kwargs = {
+        "cell_type_mapping": np.array(types, dtype=object),
+        "decoder_state_dict": part("decoder."),
+        "px_decoder_state_dict": part("px_decoder."),
+        "px_r": state["px_r"].clone(),
+        "per_ct_bias": state["per_ct_bias"].clone(),
+    } | {k: config[k] for k in ("n_hidden", "n_latent", "n_layers")}
+    non_kwargs["dropout_decoder"] = config["dropout_rate"]
+    prototypes = {k: state[k].clone() for k in ("mean_vprior", "var_vprior", "mp_vprior")}
+    return state, non_kwargs, prototypes
+
+
 def _sysvi_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """scvi-tools' SysVAE weights (renamed) as atlasvi's: its VampPrior's copy of the encoder dropped, the
     pseudo-inputs prior.u (k, n_genes), the mixture logits (k, 1, 1) -> (k,), the pseudo-inputs' one-hot system
@@ -563,7 +656,7 @@ def _unused_parts(method: str, config: dict[str, Any]) -> list[tuple[str, str]]:
     configuration: the library encoder with the observed library, the zero-inflation head without ZINB, the
     per-cell dispersion head without gene-cell dispersion; each shaped as its template (a library encoder as the
     z encoder's first layer with one output)."""
-    if method in ("PEAKVI", "CondSCVI", "SysVI"):
+    if method in ("PEAKVI", "CondSCVI", "SysVI", "DestVI"):
         return []
     if method == "MULTIVI":
         zinb = config.get("gene_likelihood", "zinb") == "zinb"
@@ -670,8 +763,13 @@ def to_scvi_tools(
         weights[to_scvi_tools_name(method, key)] = value
     if method == "SysVI":
         weights = _sysvi_out(weights, len(schema.categorical[schema.batch_key]))
+    destvi_args: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+    if method == "DestVI":
+        weights, *destvi_args = _destvi_out(weights, config, schema, n_cells)  # type: ignore[assignment]
     weights["pyro_param_store"] = {"params": {}, "constraints": {}}
     non_kwargs = {k: config[k] for k in spec.class_args} | spec.fixed_class
+    if method == "DestVI":
+        non_kwargs = destvi_args[0]
     if method == "CondSCVI":
         non_kwargs["weight_obs"] = config["ct_weight"] is not None
     if method == "MULTIVI":
@@ -679,7 +777,7 @@ def to_scvi_tools(
     if method == "SysVI":  # the cells its pseudo-inputs started from: the first ones (the weights replace them)
         k = config["n_prior_components"]
         non_kwargs["pseudoinputs_data_indices"] = np.arange(k) if config["prior"] == "vamp" and k <= n_cells else None
-    module_kwargs = {k: config[k] for k in spec.module_args} | spec.fixed_module
+    module_kwargs = destvi_args[1] | {k: config[k] for k in spec.module_args} | spec.fixed_module
     if method == "LinearSCVI":
         module_kwargs["use_batch_norm"] = config["use_batch_norm"] == "both"
     attrs = {
@@ -733,6 +831,7 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
     label_state = {"categorical_mapping": np.array(labels, dtype=object)} | label_state
     fields["labels"] = _field("_scvi_labels", "obs", label_state, {"n_labels": len(labels)})
     fields["size_factor"] = _field(None, "", {}, {})
+    fields["ind_x"] = _field("_indices", "obs", {}, {})  # DestVI's spot indices
     if extra:
         mappings = {k: np.array(categories[k], dtype=object) for k in extra}
         state = {"mappings": mappings, "field_keys": extra, "n_cats_per_key": [len(categories[k]) for k in extra]}
@@ -752,7 +851,7 @@ def _registry(method: str, config: dict[str, Any], schema: StoreSchema, n_cells:
         "batch_key": schema.batch_key, "labels_key": labels_key, "layer": None, "size_factor_key": None,
         "categorical_covariate_keys": extra or None, "continuous_covariate_keys": list(schema.continuous) or None,
         "panel_key": None, "protein_names_uns_key": None, "fine_labels_key": None,
-        "unlabeled_category": "unlabeled", "weight_batches": False,
+        "unlabeled_category": "unlabeled", "weight_batches": False, "smoothed_layer": None,
     }  # fmt: skip
     if method == "TOTALVI":
         proteins = schema.modalities[PROTEIN]

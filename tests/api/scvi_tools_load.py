@@ -42,6 +42,10 @@ def main(folder: Path, cls: str) -> None:
     model = (scvi.external.SysVI if cls == "SysVI" else getattr(scvi.model, cls)).load(
         str(folder), adata, accelerator="cpu"
     )
+    if cls == "DestVI":  # no latent: its proportions and per-type states of every spot
+        np.save(folder / "scvi_tools_proportions.npy", model.get_proportions().to_numpy())
+        np.save(folder / "scvi_tools_gamma.npy", model.get_gamma(return_numpy=True))
+        return
     np.save(folder / "scvi_tools_latent.npy", model.get_latent_representation())
     Normal.sample = Normal.rsample = _posterior_mean
     if cls == "PEAKVI":

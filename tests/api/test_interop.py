@@ -33,6 +33,7 @@ from atlasvi.api import (
     import_scvi_tools,
 )
 from atlasvi.api.condscvi import CondSCVI
+from atlasvi.api.destvi import DestVI
 from atlasvi.data import BuildConfig, build_store
 from atlasvi.models.condscvi import CondSCVIConfig
 from atlasvi.models.ldvae import LDVAEConfig
@@ -41,7 +42,7 @@ from atlasvi.models.peakvi import PEAKVIConfig
 from atlasvi.models.registry import get_entry
 from atlasvi.models.saving import IncompatibleStoreError
 from atlasvi.models.scvi import SCVIConfig
-from atlasvi.models.scvi_tools import COUNTERPARTS, ScviToolsFileError, read_scvi_tools
+from atlasvi.models.scvi_tools import COUNTERPARTS, DESTVI_LABELS, ScviToolsFileError, read_scvi_tools
 from atlasvi.models.sysvi import SysVIConfig
 from atlasvi.models.totalvi import TOTALVIConfig
 from atlasvi.train import TrainConfig
@@ -53,7 +54,7 @@ UNLABELED = ["stim101", "stim107"]
 TOLERANCE = 1e-5
 CLASSES = {
     "scvi": SCVI, "scanvi": SCANVI, "ldvae": LinearSCVI, "totalvi": TOTALVI, "peakvi": PEAKVI, "condscvi": CondSCVI,
-    "sysvi": SysVI, "multivi": MULTIVI,
+    "sysvi": SysVI, "multivi": MULTIVI, "destvi": DestVI,
 }  # fmt: skip
 
 
@@ -146,8 +147,11 @@ def more_stores(tmp_path_factory, store) -> dict[str, Path]:
                 batch_key="treatment_time_h", genes=_genes("multivi"),
             )
         )  # fmt: skip
+        destvi = build_store(
+            BuildConfig(inputs=[str(FIXTURE / "destvi" / "spots.h5ad")], output=str(folder / "spots.zarr"))
+        )
     stores = {"linearscvi": store, "totalvi": cbmc, "peakvi": granja, "condscvi": store, "sysvi": baron}
-    return stores | {"multivi": multivi}
+    return stores | {"multivi": multivi, "destvi": destvi}
 
 
 def _genes(name: str) -> list[str]:
@@ -173,6 +177,19 @@ def test_a_scvi_tools_model_of_another_method_imports_with_its_outputs(more_stor
     first = [rows[n] for n in expected["obs_names"][:50]]
     for what in ("normalized", *{"totalvi": ("protein",), "multivi": ("accessibility",)}.get(name, ())):
         assert np.abs(ours[what][first] - expected[what]).max() <= TOLERANCE, what
+
+
+def test_a_scvi_tools_destvi_imports_with_its_proportions(more_stores):
+    """A DestVI saved by scvi-tools (from_rna_model of a CondSCVI; 60 spots, 30 genes), read weights-only onto a
+    store of its spots: scvi-tools' proportions and per-type states (gamma) of every spot, within 1e-5."""
+    model = import_scvi_tools(FIXTURE / "destvi", more_stores["destvi"], device="cpu")
+    assert type(model) is DestVI and model.cell_types == tuple(read_scvi_tools(FIXTURE / "destvi")["attr_dict"][
+        "init_params_"]["non_kwargs"]["cell_type_mapping"])  # fmt: skip
+    expected = dict(np.load(FIXTURE / "destvi" / "expected.npz"))
+    ours = _at_posterior_mean(model)
+    for what in ("proportions", "gamma"):
+        theirs = _in_store_order(expected[what], expected["obs_names"], more_stores["destvi"])
+        assert np.abs(ours[what] - theirs).max() <= TOLERANCE, what
 
 
 def test_a_totalvi_set_up_on_an_obsm_array_imports_with_the_store_proteins(more_stores, tmp_path):
@@ -208,6 +225,7 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
         unused = {  # what scvi-tools builds and does not use in the fixtures' configurations
             "scvi": ("l_encoder.", "decoder.px_r_decoder."), "scanvi": ("l_encoder.", "decoder.px_r_decoder."),
             "linearscvi": ("decoder.px_dropout_decoder.",), "peakvi": (), "condscvi": (), "sysvi": (),
+            "destvi": ("V", "gamma"),  # the free per-spot parameters (amortized: unused); not gamma_encoder
             "multivi": ("z_decoder_expression.px_r_decoder.", "z_encoder_protein.", "z_decoder_pro.", "py_r",
                         "background_pro_"),
             "totalvi": ("encoder.l_gene_", "decoder.px_dropout_decoder_gene."),
@@ -215,9 +233,9 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
         for key, value in their_state.items():
             if isinstance(value, torch.Tensor):
                 assert our_state[key].shape == value.shape, key
-                if not key.startswith(unused):
+                if not _unused(key, unused):
                     assert torch.equal(our_state[key], value), key
-        for key in (k for k in our_state if k.startswith(unused)):  # zeros; batch norms' weight and variance ones
+        for key in (k for k in our_state if _unused(k, unused)):  # zeros; batch norms' weight and variance ones
             assert our_state[key].float().unique().tolist() in ([0.0], [1.0], []), key
         names, their_names = ours["var_names"], theirs["var_names"]
         if isinstance(their_names, dict):  # MULTIVI: per modality
@@ -245,12 +263,31 @@ def test_export_of_the_imported_fixture_is_scvi_tools_own_file(store, more_store
         if name == "sysvi":  # the cells that started the pseudo-inputs (random in scvi-tools; replaced by the weights)
             init["non_kwargs"].pop("pseudoinputs_data_indices")
             their_init["non_kwargs"].pop("pseudoinputs_data_indices")
-        assert init["non_kwargs"] == their_init["non_kwargs"], name
+        if name == "destvi":  # px_r: the CondSCVI's in theirs, the trained one in ours (the weights replace it)
+            init["non_kwargs"].pop("px_r")
+            their_init["non_kwargs"].pop("px_r")
+        assert _json(init["non_kwargs"]) == _json(their_init["non_kwargs"]), name
         assert list(init["kwargs"]) == list(their_init["kwargs"]), name
+        if name == "destvi":  # scvi-tools wrote the prototypes only; ours has them (the same) and the defaults
+            ours_kwargs = init["kwargs"]["module_kwargs"]
+            assert _json(ours_kwargs) == _json(ours_kwargs | their_init["kwargs"]["module_kwargs"])
+
+
+def _json(value) -> str:
+    return json.dumps(value, default=_plain, sort_keys=True)
+
+
+def _unused(key: str, unused: tuple[str, ...]) -> bool:
+    """Whether `key` is one of scvi-tools' unused parameters: a prefix ending in "." or "_" (a module), else the
+    whole name (DestVI's V and gamma, not gamma_encoder)."""
+    return any(key.startswith(u) if u.endswith((".", "_")) else key == u for u in unused)
 
 
 def _plain(value):
-    """numpy arrays and scalars as JSON (registry comparison): lists of str / int / bool."""
+    """numpy arrays, tensors and scalars as JSON (registry comparison): lists of str / int / bool / float; a
+    state dict (DestVI's init arguments) as its items."""
+    if isinstance(value, dict):
+        return list(value.items())
     return value.tolist() if hasattr(value, "tolist") else list(value)
 
 
@@ -263,7 +300,8 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store,
     proteins: scvi-tools' protein_batch_mask; the latent library; 1 epoch); PeakVI on 600 scATAC cells x 5000 peaks
     (1 epoch); CondSCVI with encode_covariates and ct_weight (1 epoch); SysVI on Baron human + mouse, per-cell
     output variance (1 epoch); MULTIVI on paired, RNA-only and ATAC-only sci-CAR cells, NB, gene-batch dispersion,
-    universal modality weights, encoded covariates (1 epoch)."""
+    universal modality weights, encoded covariates (1 epoch); DestVI from the CondSCVI on its cells as spots (1
+    epoch)."""
     folder = tmp_path_factory.mktemp("atlasvi_models")
     kang = ad.read_h5ad(KANG)
     genes = kang.var_names[np.argsort(-np.asarray(kang.X.sum(axis=0)).ravel())[:120]]
@@ -318,7 +356,9 @@ def atlasvi_models(tmp_path_factory, two_panel_store, granja_store, baron_store,
         device="cpu",
     )
     multivi.fit(TrainConfig(max_epochs=1))
-    models |= {"condscvi": condscvi, "sysvi": sysvi, "multivi": multivi}
+    destvi = DestVI.from_rna_model(labelled, condscvi, device="cpu")  # Kang's cells as spots, batch `sample`
+    destvi.fit(TrainConfig(max_epochs=1))
+    models |= {"condscvi": condscvi, "sysvi": sysvi, "multivi": multivi, "destvi": destvi}
     return {name: model.save(folder / name) for name, model in models.items()}
 
 
@@ -336,13 +376,16 @@ def test_export_then_import_gives_the_same_model(atlasvi_models, tmp_path, name)
     categorical = dict(original.schema.categorical)
     if name in ("sysvi", "multivi"):  # set up without labels in scvi-tools: the store's labels key is not the model's
         categorical.pop(original.schema.labels_key)
+    if name == "destvi":  # scvi-tools' DestVI keeps its cell types, not the CondSCVI's labels key
+        categorical[DESTVI_LABELS] = categorical.pop(original.schema.labels_key)
     assert back.schema.categorical == categorical or name == "scanvi"
     state = back.module.state_dict()
     assert set(state) == set(original.module.state_dict())
     fresh = COUNTERPARTS[get_entry(name).saved_name].atlasvi_buffers  # CondSCVI's prototypes: computed when saved
     for key, value in original.module.state_dict().items():
         assert torch.equal(state[key], value) or key.startswith("adversary.") or key in fresh, key
-    np.testing.assert_array_equal(back.get_latent_representation(), original.get_latent_representation())
+    what = "proportions" if name == "destvi" else "latent"  # DestVI: no latent
+    np.testing.assert_array_equal(_at_posterior_mean(back)[what], _at_posterior_mean(original)[what])
 
 
 def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
@@ -362,7 +405,8 @@ def test_scvi_tools_loads_the_export(atlasvi_models, tmp_path):
     classes = {name: get_entry(name).saved_name for name in folders}
     subprocess.run([python, str(script), *(f"{f}:{classes[n]}" for n, f in folders.items())], check=True, timeout=600)
     for name, folder in folders.items():
-        for what in ("latent", "normalized", *{"totalvi": ("protein",), "multivi": ("accessibility",)}.get(name, ())):
+        outputs = {"totalvi": ("protein",), "multivi": ("accessibility",)}.get(name, ())
+        for what in ("proportions", "gamma") if name == "destvi" else ("latent", "normalized", *outputs):
             ours, theirs = (np.load(folder / f"{tool}_{what}.npy") for tool in ("atlasvi", "scvi_tools"))
             assert ours.shape == theirs.shape, (name, what)
             assert np.abs(ours - theirs).max() <= TOLERANCE, (name, what)
@@ -375,6 +419,8 @@ def _at_posterior_mean(model) -> dict[str, np.ndarray]:
     (n, n_proteins) foreground rate x (1 - P(background)), scvi-tools' get_normalized_expression defaults."""
     from torch.distributions import Normal
 
+    if isinstance(model, DestVI):  # no latent: proportions (n, n_labels) and gamma (n, n_latent, n_labels)
+        return {"proportions": model.get_proportions().to_numpy(), "gamma": model.get_gamma(return_numpy=True)}
     module, parts = model.module.eval(), {"normalized": [], "protein": [], "accessibility": []}
     rsample = Normal.rsample
     Normal.rsample = lambda self, sample_shape=(): self.loc.expand(torch.Size(sample_shape) + self.loc.shape)
@@ -457,13 +503,13 @@ def test_every_config_field_of_a_counterpart_is_mapped():
 
 
 def test_a_method_without_counterpart_or_an_option_scvi_tools_lacks_is_refused(atlasvi_models, tmp_path):
-    """A method with no scvi-tools counterpart (a saved model.json claiming DestVI), an LDVAE with encoded
-    covariates, a MULTIVI with per-cell modality weights and a SysVI whose system is not the batch key are refused
-    in one line naming what."""
+    """A method with no scvi-tools counterpart (a saved model.json claiming AutoZI), an LDVAE with encoded
+    covariates, a MULTIVI with per-cell modality weights, a SysVI whose system is not the batch key and a DestVI
+    with free per-spot proportions are refused in one line naming what."""
     for case, (name, change, message) in enumerate(
         (
-            ("ldvae", {"method": "DestVI"}, "a DestVI model has no scvi-tools counterpart in atlasvi (SCVI, SCANVI, "),
-            ("ldvae", {"method": "DestVI"}, "DestVI is built from a CondSCVI and the spots (from_rna_model)"),
+            ("ldvae", {"method": "AutoZI"}, "a AutoZI model has no scvi-tools counterpart in atlasvi (SCVI, SCANVI, "),
+            ("destvi", {"amortization": "latent"}, "a DestVI with amortization 'latent' has no counterpart"),
             ("multivi", {"modality_weights": "cell"}, "a MULTIVI with per-cell modality weights has no counterpart"),
             ("ldvae", {"encode_covariates": True}, "a LinearSCVI with encode_covariates has no scvi-tools form"),
             ("sysvi", {"system_key": "cell_type"}, "a SysVI with system_key 'cell_type' other than the batch key"),
