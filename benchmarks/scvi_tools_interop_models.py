@@ -1,5 +1,5 @@
-"""scvi-tools interoperability of LinearSCVI (ldvae), TOTALVI, PEAKVI, CondSCVI, SysVI and MULTIVI through the CLI,
-as a newcomer runs it, on
+"""scvi-tools interoperability of LinearSCVI (ldvae), TOTALVI, PEAKVI, CondSCVI, SysVI, MULTIVI and DestVI through
+the CLI, as a newcomer runs it, on
 the real datasets in ../shared/data (the SCVI / SCANVI atlas-scale run is benchmarks/scvi_tools_interop.py).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/scvi_tools_interop_models.py [--epochs 10] [--models ldvae ...]
@@ -17,7 +17,11 @@ condscvi on Kang (batch sample, labels cell_type); sysvi (scvi.external.SysVI) o
 input, and its "normalized" is the decoder's mean: SysVI has no get_normalized_expression); multivi on sci-CAR A549
 (2641 cells, its 1185 genes (--n-top-genes 2000 keeps all), the 5000 peaks open in most cells, batch
 treatment_time_h; scvi-tools reads a MuData
-of the store and its obsm["atac"]; "accessibility" its normalized accessibility).
+of the store and its obsm["atac"]; "accessibility" its normalized accessibility); destvi on the RCTD human lymph node
+Visium subset (1,000 spots) and its 330-cell reference (11 types, the 558 genes both share; destvi_fidelity.real):
+`atlasvi train --model condscvi` on the reference, then `--model destvi --init-from` it on the spots, each
+--epochs; scvi-tools' own CondSCVI (prior "normal") + DestVI.from_rna_model likewise; its "latent" column is the
+proportions (get_proportions) and "normalized" the per-type states (get_gamma), every spot.
 Output: results/scvi_tools_interop_models.{json,md}.
 """
 
@@ -93,6 +97,7 @@ MODELS = {  # atlasvi model -> (scvi-tools class, build arguments, scvi-tools se
         ],
         {"batch_key": "treatment_time_h"},
     ),  # fmt: skip
+    "destvi": ("DestVI", [], {}),  # built in main: the lymph node reference's CondSCVI, then the spots
 }
 
 SCVI_SIDE = """
@@ -110,6 +115,24 @@ if cls == "SysVI":  # its input: the counts log-normalised to 1e4 per cell (atla
     counts = np.asarray(adata.X.todense(), dtype=np.float32)
     adata.X = np.log1p(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1e-12) * np.float32(1e4))
 model_class = scvi.external.SysVI if cls == "SysVI" else getattr(scvi.model, cls)
+if cls == "DestVI":
+    if step == "train":  # scvi-tools' own CondSCVI on the reference, then DestVI from it on the spots
+        scvi.settings.seed = 0
+        reference = ad.read_h5ad(json.loads(sys.argv[6])["reference"])
+        scvi.model.CondSCVI.setup_anndata(reference, labels_key="cell_type")
+        sc_model = scvi.model.CondSCVI(reference, prior="normal")  # 1.4.2's from_rna_model reads "prior"
+        sc_model.train(max_epochs=int(sys.argv[5]), accelerator="cpu", enable_progress_bar=False)
+        vamp = type(sc_model).get_vamp_prior  # 1.4.2 returns numpy arrays; MRDeconv's buffers need tensors
+        sc_model.get_vamp_prior = lambda *a, **k: {
+            key: torch.as_tensor(v, dtype=torch.float32) for key, v in vamp(sc_model, *a, **k).items()}
+        scvi.model.DestVI.setup_anndata(adata)
+        model = scvi.model.DestVI.from_rna_model(adata, sc_model)
+        model.train(max_epochs=int(sys.argv[5]), accelerator="cpu", enable_progress_bar=False)
+        model.save(folder, overwrite=True)
+    model = model_class.load(folder, adata, accelerator="cpu")
+    np.save(folder + "/scvi_tools_proportions.npy", model.get_proportions().to_numpy())
+    np.save(folder + "/scvi_tools_gamma.npy", model.get_gamma(return_numpy=True))
+    sys.exit(0)
 if step == "train":  # scvi-tools' own model on the store's cells, saved in its format
     scvi.settings.seed = 0
     setup = json.loads(sys.argv[6])
@@ -174,6 +197,8 @@ def outputs_of(model_dir: Path, store: Path) -> dict[str, np.ndarray]:
 
     torch.set_num_threads(1)
     model = saved_model_class(model_dir).load(model_dir, store, device="cpu")
+    if model.method == "DestVI":  # no latent: its proportions and per-type states
+        return {"proportions": model.get_proportions().to_numpy(), "gamma": model.get_gamma(return_numpy=True)}
     module, parts = model.module.eval(), {"normalized": [], "protein": [], "accessibility": []}
     rsample = Normal.rsample
     Normal.rsample = lambda self, shape=(): self.loc.expand(torch.Size(shape) + self.loc.shape)
@@ -201,6 +226,15 @@ def compare(ours: dict[str, np.ndarray], folder: Path) -> dict[str, float]:
     return {
         what: float(np.abs(values - np.load(folder / f"scvi_tools_{what}.npy")).max()) for what, values in ours.items()
     }
+
+
+def _lymph_node() -> tuple[Path, Path]:
+    """(reference h5ad, spots h5ad) of the RCTD human lymph node pair on the 558 genes both share (as
+    benchmarks/destvi_fidelity.py builds them, every shared gene)."""
+    sys.path.insert(0, str(HERE))
+    from destvi_fidelity import real
+
+    return real("lymph_node", WORK / "destvi", 100_000)
 
 
 def _scicar_multiome(path: Path) -> None:
@@ -241,12 +275,24 @@ def main() -> None:
         cls, build, setup = MODELS[name]
         timings: dict[str, float] = {}
         store = WORK / f"{name}.zarr"
+        if name == "destvi":  # the CondSCVI on the reference first; the spots store then has its genes
+            reference, spots = _lymph_node()
+            setup = {"reference": str(reference)}
+            ref_store = str(WORK / "destvi_reference.zarr")
+            ref_build = ["build", str(reference), "--labels-key", "cell_type", "-o", ref_store, "--overwrite"]
+            run("build_destvi_reference", atlasvi(*ref_build), timings)
+            condscvi = ["train", "--model", "condscvi", "--store", ref_store, "--max-epochs", str(args.epochs),
+                        "--overwrite", "--output", "destvi_condscvi"]  # fmt: skip
+            run("train_destvi_condscvi", atlasvi(*condscvi), timings)
+            build = [str(spots), "--genes", str(WORK / "destvi_condscvi" / "model")]
         run(f"build_{name}", atlasvi("build", *build, "-o", str(store), "--overwrite"), timings)
         schema = open_store(store).schema
         setup = setup | {"batch_key": schema.batch_key}
         if "protein" in schema.modalities:
             setup["protein_names"] = list(schema.modalities["protein"].features)
         train = ["train", "--model", name, "--store", str(store), "--max-epochs", str(args.epochs), "--overwrite"]
+        if name == "destvi":
+            train += ["--init-from", str(WORK / "destvi_condscvi" / "model")]
         run(f"train_{name}", atlasvi(*train, "--output", name), timings)
         exported = WORK / f"{name}_exported"
         export = ["export", "--model", f"{name}/model", "--to", "scvi-tools", str(exported), "--overwrite"]
@@ -265,7 +311,7 @@ def main() -> None:
         run(f"import_scvi_tools_trained_{name}", atlasvi(*their_import, "--overwrite"), timings)
         results[name] = {
             "scvi_tools_class": cls,
-            "cells_features": list(ours["normalized"].shape),
+            "cells_features": [schema.n_cells, schema.n_genes] if name == "destvi" else list(ours["normalized"].shape),
             "export_then_scvi_tools_load": compare(ours, exported),
             "export_then_import_vs_atlasvi": {k: float(np.abs(back[k] - v).max()) for k, v in ours.items()},
             "scvi_tools_trained_then_import": compare(outputs_of(WORK / f"{name}_their_import", store), theirs),
@@ -281,13 +327,14 @@ def main() -> None:
 
 def _table(r: dict) -> str:
     lines = [
-        f"# scvi-tools interoperability of LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI and MULTIVI ({r['epochs']} "
-        "epochs, real data)",
+        "# scvi-tools interoperability of LinearSCVI, TOTALVI, PEAKVI, CondSCVI, SysVI, MULTIVI and DestVI "
+        f"({r['epochs']} epochs, real data)",
         "",
         "`PYTHONPATH=$PWD .venv/bin/python benchmarks/scvi_tools_interop_models.py`; " + r["machine"] + ".",
         "Max abs differences; normalized = expression (PEAKVI: accessibility; SysVI: the decoder's mean of the "
         "log-normalised expression) at the posterior mean, every cell; the last column is TOTALVI's normalized "
-        "protein expression and MULTIVI's normalized accessibility.",
+        "protein expression and MULTIVI's normalized accessibility. DestVI (spots x genes): latent = its proportions, "
+        "normalized = its per-type states gamma, every spot.",
         "",
         "| model (cells x features) | direction | latent | normalized | protein / accessibility |",
         "|---|---|---:|---:|---:|",
@@ -303,7 +350,8 @@ def _table(r: dict) -> str:
             d = m[key]
             other = d.get("protein", d.get("accessibility"))
             protein = f"{other:.1e}" if other is not None else "-"
-            lines.append(f"| {label} | {direction} | {d['latent']:.1e} | {d['normalized']:.1e} | {protein} |")
+            first, second = d.get("latent", d.get("proportions")), d.get("normalized", d.get("gamma"))
+            lines.append(f"| {label} | {direction} | {first:.1e} | {second:.1e} | {protein} |")
     lines += ["", "Wall seconds per command (start-up included):", "", "| step | s |", "|---|---:|"]
     for name in (k for k in MODELS if k in r):
         lines += [f"| {k} | {v} |" for k, v in r[name]["seconds"].items()]
