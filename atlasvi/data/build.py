@@ -632,12 +632,22 @@ def _source(ctx: _Context, i: int) -> InputFile:
     key = (ctx.token, i)
     if key not in files:
         while len(files) >= _KEEP_OPEN:
-            files.pop(next(iter(files))).close()
+            _forget(files.pop(next(iter(files))))
         files[key] = _open(ctx.config, ctx.paths[i])
         with _OPENED_LOCK:
             _OPENED.setdefault(ctx.token, []).append(files[key])
     files[key] = files.pop(key)  # most recently used last
     return files[key]
+
+
+def _forget(source: InputFile) -> None:
+    """Close an input a thread stops keeping open, and drop it from _OPENED (which would otherwise hold every
+    input this worker ever opened, and what each read whole, until the build ends)."""
+    source.close()
+    with _OPENED_LOCK:
+        for opened in _OPENED.values():
+            if any(s is source for s in opened):
+                opened[:] = [s for s in opened if s is not source]
 
 
 def _close_inputs(token: str) -> None:
@@ -1133,8 +1143,10 @@ def _build(
     ctx.n_genes_all = len(gene_ids)
     ctx.n_batch = len(ctx.categories[batch_key])
     all_hashes = np.concatenate(name_hashes)
-    values, counts = np.unique(all_hashes, return_counts=True)
-    repeated = values[counts > 1]
+    del name_hashes
+    ordered = np.sort(all_hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hashes two or more cells have
+    del ordered
 
     # Pass 1: validation, empty cells, gene moments.
     moments = GeneMoments(ctx.n_batch, ctx.n_genes_all)
@@ -1158,7 +1170,7 @@ def _build(
     if n_cells == 0:
         raise AtlasInputError("no cells left to store: every cell has zero counts")
     renamed, n_renamed, first_rename = _renames(all_hashes, keeps, repeated_names)
-    del all_hashes, name_hashes
+    del all_hashes
 
     # Pass 2: highly variable genes.
     hvg_table = None

@@ -457,7 +457,8 @@ def _open_h5ad(
         else:
             available = list(root["layers"].keys()) if "layers" in root else []
             raise AtlasInputError(f"{path}: no layer {layer!r}; layers are {available}")
-        x = ad.io.sparse_dataset(x_elem) if isinstance(x_elem, h5py.Group) else x_elem
+        # indptr read per slice, not cached whole: 8 bytes per cell of the input in every worker otherwise
+        x = ad.io.sparse_dataset(x_elem, should_cache_indptr=False) if isinstance(x_elem, h5py.Group) else x_elem
         if modality is None:
             sides = {name: _h5ad_side(path, root, name, key, len(obs)) for name, key in side_keys.items()}
         else:

@@ -155,3 +155,22 @@ def test_cli_builds_on_a_dask_cluster_and_names_its_dashboard(tmp_path, cluster)
     assert one.exit_code == 0, one.output
     assert "dashboard" not in one.output
     assert store_checksum(tmp_path / "two.zarr") == store_checksum(tmp_path / "one.zarr")
+
+
+def test_a_worker_holds_only_the_inputs_it_keeps_open(tmp_path):
+    """Each worker thread keeps 2 inputs open; the others it read are closed and let go (not held to the build's
+    end, which made a worker's memory grow with the number of inputs, i.e. with the atlas)."""
+    from atlasvi.data import build
+
+    config = BuildConfig(inputs=[str(PBMC10K)], output=str(tmp_path / "s.zarr"))
+    paths = [PBMC10K, PBMC5K, KANG, PBMC10K]
+    ctx = build._Context(config, "held", paths, tmp_path, tmp_path, "batch", ["batch"], ["batch"])
+    try:
+        sources = [build._source(ctx, i) for i in range(len(paths))]
+        assert [s._h5 is None for s in sources] == [True, True, False, False]
+        assert build._OPENED["held"] == sources[2:]
+        assert build._source(ctx, 3) is sources[3]
+        assert sources[3].read_rows(10, 15).shape == (5, len(sources[3].gene_ids))
+    finally:
+        build._close_inputs("held")
+    assert "held" not in build._OPENED and all(s._h5 is None for s in sources)
