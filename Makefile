@@ -24,11 +24,15 @@ demo: install
 	$(BIN)/atlasvi train --config configs/scvi.yaml
 	$(BIN)/python -c "import anndata; print(anndata.read_zarr('outputs/cellbench.zarr'))"
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file per process at a time so that a file's trained
+# fixtures are built once; TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: install
 	$(BIN)/ruff check atlasvi tests benchmarks
 	$(BIN)/ruff format --check atlasvi tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow

@@ -1,13 +1,22 @@
 """Shared fixtures: the real datasets in ../shared/data and small stores built from them."""
 
+import os
 import warnings
 from pathlib import Path
 
-import anndata as ad
-import pytest
-import torch
+# One thread in every BLAS / OpenMP pool, here and in the commands the tests start. Their idle threads spin-wait:
+# with another busy process on the cores (`make test` runs two), a DE test's CPU time went from 34 s to 133 s and its
+# wall time from 30 s to 220 s with numpy's default pool of one thread per core. numpy is already loaded when this
+# file is read, hence threadpoolctl below as well as the variables (read by pools started later: torch's OpenMP).
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-from atlasvi.data import BuildConfig, build_store
+import anndata as ad  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from atlasvi.data import BuildConfig, build_store  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CELLBENCH = SHARED_DATA / "cellbench_sc_mixology_3tech.h5ad"
@@ -26,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # One intra-op thread: torch's OpenMP threads spin-wait, and with the loader's read-ahead threads (or any
     # other process) on the same 2 cores a training step was measured 40x slower with 2 threads than with 1.
     torch.set_num_threads(1)
+    threadpool_limits(1)
     if not CELLBENCH.exists():
         raise pytest.UsageError(f"the real datasets are expected in {SHARED_DATA} (../shared/data beside the repo)")
 
