@@ -30,6 +30,12 @@ subprocess after atlasvi's runs, one torch thread. Output: results/multivi_fidel
 starts its output bias at the store's mean log library (~6.3 nats here) instead of both tools' draw (~0.1): the
 short-run held-out RNA figure stops depending on the draw (benchmarks/results/multivi_swap.json), at some cost to the
 per-cell expression r and the kNN accuracy (benchmarks/README.md).
+
+`--same-start` (paired design; results/multivi_fidelity_paired.md): per seed, scvi-tools trains from atlasvi's
+initial weights of that seed (its MULTIVAE's weights and its adversarial batch classifier's, names mapped as
+benchmarks/multivi_weights_check.py; its protein modules, unused by these cells, keep their draw), so the two runs of a
+seed differ only in what training draws (minibatch order, validation cells, dropout, latent samples) and in the
+tools' code; the report adds the paired differences atlasvi - scvi-tools of every metric.
 """
 
 import argparse
@@ -185,8 +191,11 @@ def library_start_at_mean(model) -> float:
     return start
 
 
-def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict, library_start: bool = False) -> dict:
-    """atlasvi's MULTIVI on the training store; the figures of one seed."""
+def atlasvi_side(
+    paths: dict[str, Path], seed: int, fields: dict, library_start: bool = False, same_start: bool = False
+) -> dict:
+    """atlasvi's MULTIVI on the training store; the figures of one seed. same_start: its initial weights are
+    written to CACHE/atlasvi_init_SEED.npz first (scvi-tools' run of the seed starts from them)."""
     import anndata as ad
     import torch
 
@@ -198,6 +207,11 @@ def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict, library_start:
     model = MULTIVI(paths["train_store"], device="cpu", seed=seed)
     if library_start:
         library_start_at_mean(model)
+    if same_start:
+        state = {k: v.cpu().numpy() for k, v in model.module.state_dict().items()}
+        partial = CACHE / f"atlasvi_init_{seed}.partial.npz"
+        np.savez(partial, **state)
+        os.replace(partial, CACHE / f"atlasvi_init_{seed}.npz")
     started = time.perf_counter()
     model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
     seconds = time.perf_counter() - started
@@ -262,8 +276,50 @@ def _mudata(path: str):
     return md.MuData({"rna": rna, "atac": atac})
 
 
-def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
-    """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed."""
+def start_from_atlasvi(model, seed: int) -> None:
+    """scvi-tools' MULTIVI `model` (untrained) takes atlasvi's initial weights of `seed` (CACHE/atlasvi_init_SEED.npz):
+    its module's (names mapped; the protein modules keep their draw, the third modality weight its 1) and, through
+    the training plan MULTIVI.train builds, its adversarial classifier's. Every atlasvi weight is used."""
+    import re
+
+    import torch
+    from scvi.train import AdversarialTrainingPlan
+
+    from benchmarks.multivi_weights_check import atlasvi_name
+
+    weights = np.load(CACHE / f"atlasvi_init_{seed}.npz")
+    used = set()
+    state = model.module.state_dict()
+    for name in state:
+        mine = atlasvi_name(name)
+        if mine is not None:
+            state[name] = torch.from_numpy(weights[mine])
+            used.add(mine)
+    state["mod_weights"][:2] = torch.from_numpy(weights["mod_weights"])
+    used.add("mod_weights")
+    model.module.load_state_dict(state)
+
+    def adversary(name: str) -> str:
+        return "adversary." + re.sub(r"fc_layers\.Layer (\d+)", r"layers.\1", name)
+
+    class Plan(AdversarialTrainingPlan):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+            classifier = self.adversarial_classifier.state_dict()
+            self.adversarial_classifier.load_state_dict(
+                {k: torch.from_numpy(weights[adversary(k)]) for k in classifier}
+            )
+            used.update(adversary(k) for k in classifier)
+            unused = sorted(set(weights.files) - used)
+            if unused:
+                raise SystemExit(f"atlasvi weights not moved into scvi-tools: {unused}")
+
+    model._training_plan_cls = Plan
+
+
+def scvi_side(paths: dict[str, str], seed: int, fields: dict, same_start: bool = False) -> dict:
+    """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed. same_start: from
+    atlasvi's initial weights of the seed (`start_from_atlasvi`)."""
     import logging
     import warnings
 
@@ -281,6 +337,8 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict) -> dict:
         modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
         scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
         model = scvi.model.MULTIVI(train)
+        if same_start:
+            start_from_atlasvi(model, seed)
         started = time.perf_counter()
         model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **fields)
         seconds = time.perf_counter() - started
@@ -355,7 +413,34 @@ def markdown(rows: list[dict], meta: dict) -> str:
             mean, sd, low, high = seed_summary(rows, tool, key)
             parts.append(f"{mean:.{digits}f} ± {sd:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]")
         lines.append(f"| {tool} | " + " | ".join(parts) + " |")
+    if meta.get("same_start"):
+        lines += ["", "Paired differences atlasvi - scvi-tools (same initial weights per seed):", ""]
+        lines += ["| seed | " + " | ".join(label for _, _, label in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        diffs = paired_differences(rows)
+        for seed, values in diffs["per_seed"].items():
+            lines.append(f"| {seed} | " + " | ".join(f"{values[k]:+.{d}f}" for k, d, _ in METRICS) + " |")
+        summary = diffs["summary"]
+        lines.append(
+            "| mean ± sd (n = "
+            + str(len(diffs["per_seed"]))
+            + ") | "
+            + " | ".join(f"{summary[k]['mean']:+.{d}f} ± {summary[k]['sd']:.{d}f}" for k, d, _ in METRICS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def paired_differences(rows: list[dict]) -> dict:
+    """atlasvi - scvi-tools per metric for every seed both tools ran; mean and sd over those seeds."""
+    by = {(r["tool"], r["seed"]): r for r in rows}
+    seeds = sorted(s for tool, s in by if tool == "atlasvi" and ("scvi-tools", s) in by)
+    per_seed = {s: {k: by["atlasvi", s][k] - by["scvi-tools", s][k] for k, _, _ in METRICS} for s in seeds}
+    summary = {}
+    for key, _, _ in METRICS:
+        values = np.array([per_seed[s][key] for s in seeds])
+        sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary[key] = {"mean": float(values.mean()) if len(values) else 0.0, "sd": sd}
+    return {"per_seed": per_seed, "summary": summary}
 
 
 def main() -> None:
@@ -374,13 +459,23 @@ def main() -> None:
         action="store_true",
         help="experiment: atlasvi's RNA library encoder bias starts at the store's mean log library",
     )
+    parser.add_argument(
+        "--same-start",
+        action="store_true",
+        help="paired design: scvi-tools trains from atlasvi's initial weights of each seed",
+    )
     args = parser.parse_args()
     fields = {key: value for key, value in vars(args).items() if key in TRAIN_FIELDS and value is not None}
     if args.side == "scvi":
         paths = json.loads(args.paths)
         for seed in args.seeds:
-            print(json.dumps(scvi_side(paths, seed, fields)), flush=True)
+            print(json.dumps(scvi_side(paths, seed, fields, args.same_start)), flush=True)
         return
+    if args.same_start and (args.scvi_only or args.atlasvi_only or args.merge or args.library_start_at_mean):
+        raise SystemExit(
+            "--same-start runs both tools from one start: not with --scvi-only, --atlasvi-only, --merge "
+            "or --library-start-at-mean"
+        )
     paths = prepare()
     rows = []
     if args.merge is not None:
@@ -394,26 +489,36 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared, under load), CPU only, 1 torch thread",
         "train_fields": fields,
         "atlasvi_library_start_at_mean": args.library_start_at_mean,
+        "same_start": args.same_start,
+        "load_average_at_start": list(os.getloadavg()),
         "cells": {name: len(part) for name, part in split(2641).items()},
     }
     results = HERE / "results"
     for seed in args.seeds:  # seed by seed, atlasvi then scvi-tools (a subprocess), the results written after each row
         sides = ([] if args.scvi_only else ["atlasvi"]) + ([] if args.atlasvi_only else ["scvi-tools"])
         for side in sides:
-            row = atlasvi_side(paths, seed, fields, args.library_start_at_mean) if side == "atlasvi" else None
+            row = (
+                atlasvi_side(paths, seed, fields, args.library_start_at_mean, args.same_start)
+                if side == "atlasvi"
+                else None
+            )
             lines = [json.dumps(row)] if row is not None else []
-            for line in lines or _scvi_rows(seed, fields, paths):
+            for line in lines or _scvi_rows(seed, fields, paths, args.same_start):
                 rows.append(json.loads(line))
                 print(line, flush=True)
-            (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+            payload = {"meta": meta, "rows": rows}
+            if args.same_start:
+                payload["paired_differences"] = paired_differences(rows)
+            (results / f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
             (results / f"{args.out}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
 
-def _scvi_rows(seed: int, fields: dict, paths: dict[str, Path]) -> list[str]:
+def _scvi_rows(seed: int, fields: dict, paths: dict[str, Path], same_start: bool = False) -> list[str]:
     """The scvi-tools side's JSON lines for one seed, run in its venv after atlasvi's runs."""
     prepared = json.dumps({k: str(v) for k, v in paths.items()})
     command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", prepared, "--seeds", str(seed)]
+    command += ["--same-start"] if same_start else []
     for key, value in fields.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")

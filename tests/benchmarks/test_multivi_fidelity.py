@@ -1,5 +1,5 @@
-"""benchmarks/multivi_fidelity.py: the split, the two imputation scores, and the committed table renders from its
-JSON; benchmarks/multivi_atlas.py's table renders from its JSON."""
+"""benchmarks/multivi_fidelity.py: the split, the two imputation scores, the paired differences, and the committed
+tables render from their JSON; benchmarks/multivi_atlas.py's and benchmarks/multivi_init_distribution.py's too."""
 
 import json
 from pathlib import Path
@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from benchmarks import multivi_atlas
-from benchmarks.multivi_fidelity import auroc, expression_correlation, markdown, split
+from benchmarks import multivi_atlas, multivi_init_distribution
+from benchmarks.multivi_fidelity import METRICS, auroc, expression_correlation, markdown, paired_differences, split
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -53,3 +53,36 @@ def test_committed_tables_render_from_their_json():
     memory = json.loads((RESULTS / "multivi_memory.json").read_text())
     assert multivi_atlas.markdown(memory["rows"], memory["command"]) == (RESULTS / "multivi_memory.md").read_text()
     assert {r["peaks"] for r in memory["rows"]} == {52761}
+
+
+def test_paired_differences_are_atlasvi_minus_scvi_tools_per_seed_both_ran():
+    rows = []
+    for seed, (ours, theirs) in enumerate([(1700.0, 1650.0), (1600.0, 1630.0), (1500.0, 1480.0)]):
+        for tool, rna in (("atlasvi", ours), ("scvi-tools", theirs)):
+            rows.append({"tool": tool, "seed": seed} | {k: 0.5 for k, _, _ in METRICS} | {METRICS[0][0]: rna})
+    rows.append({"tool": "atlasvi", "seed": 7} | {k: 9.0 for k, _, _ in METRICS})  # no scvi-tools run: left out
+    diffs = paired_differences(rows)
+    assert list(diffs["per_seed"]) == [0, 1, 2]
+    rna = diffs["summary"][METRICS[0][0]]
+    assert [diffs["per_seed"][s][METRICS[0][0]] for s in range(3)] == [50.0, -30.0, 20.0]
+    assert (rna["mean"], rna["sd"]) == (pytest.approx(40 / 3), pytest.approx(np.std([50, -30, 20], ddof=1)))
+    assert diffs["summary"][METRICS[1][0]] == {"mean": 0.0, "sd": 0.0}
+
+
+def test_init_distribution_compare_reads_shifted_draws_as_different():
+    rng = np.random.default_rng(0)
+    same = multivi_init_distribution.compare(rng.normal(size=200), rng.normal(size=200))
+    a, b = rng.normal(size=200), rng.normal(1.0, 1, size=200)
+    shifted = multivi_init_distribution.compare(a, b)
+    assert same["ks_p"] > 0.05 and shifted["ks_p"] < 1e-6 and shifted["mannwhitney_p"] < 1e-6
+    assert (shifted["atlasvi_mean"], shifted["scvi_tools_sd"]) == (
+        pytest.approx(a.mean()),
+        pytest.approx(b.std(ddof=1)),
+    )
+    assert multivi_init_distribution.compare(np.zeros(5), np.zeros(5))["ks_p"] == 1.0  # a fill: identical
+
+
+def test_committed_init_distribution_renders_from_its_json():
+    report = json.loads((RESULTS / "multivi_init_distribution.json").read_text())
+    assert multivi_init_distribution.markdown(report) == (RESULTS / "multivi_init_distribution.md").read_text()
+    assert report["entry_counts_differ"] == [] and report["n_seeds"] >= 100
