@@ -174,3 +174,22 @@ def test_a_worker_holds_only_the_inputs_it_keeps_open(tmp_path):
     finally:
         build._close_inputs("held")
     assert "held" not in build._OPENED and all(s._h5 is None for s in sources)
+
+
+def test_a_local_cluster_of_forked_workers_builds_the_same_store_with_dasks_bookkeeping_slowed(tmp_path):
+    """`atlasvi build --workers 2`: worker processes forked from this one (Linux), with the tick monitor, the
+    profiler and the system / memory monitors slowed (see `local_cluster_config`), build the same store."""
+    import functools
+
+    import dask
+
+    fields = {"inputs": [str(KANG)], "batch_key": "sample", "n_top_genes": 300, "chunk_size": 400}
+    one = _build(tmp_path / "one.zarr", **fields)
+    with BuildExecutor.local(2) as executor:
+        two = _build(tmp_path / "two.zarr", executor, **fields)
+        settings = [
+            executor.run_on_workers(functools.partial(dask.config.get, key))
+            for key in ("distributed.admin.tick.interval", "distributed.worker.profile.enabled")
+        ]
+    assert store_checksum(two) == store_checksum(one)
+    assert [sorted(values.values()) for values in settings] == [["1s", "1s"], [False, False]]
