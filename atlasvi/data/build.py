@@ -6,7 +6,8 @@ Passes over the inputs, each a list of tasks over chunks of `chunk_size` cells (
   1. validate counts (integer, >= 0, finite), find empty cells, per-batch gene moments;
   2. (with n_top_genes) Seurat v3 clipped sums -> highly variable genes;
   3. scatter: each chunk writes its kept cells, with their destination rows in the global seeded permutation,
-     to its own scratch file, grouped by shuffle bucket (a bucket covers a range of store rows);
+     to its own scratch file, grouped by shuffle bucket (a bucket covers a range of store rows), behind a
+     table of where each bucket's segment lies (the driver keeps only each bucket's totals);
   4. gather: each bucket reads its segments of every chunk's file, sorts them by destination and writes the
      shards of the store it covers whole; the parts of shards it shares with other buckets become fragments;
   5. each shared shard is joined from its fragments and written.
@@ -566,6 +567,7 @@ class _Context:
     bucket_size: int = 0
     n_buckets: int = 0
     n_cells: int = 0
+    n_chunks: int = 0  # of cells of the inputs (pass 3's scratch files)
 
     @property
     def cont_keys(self) -> list[str]:
@@ -798,7 +800,8 @@ def _hvg_task(
 @dataclass
 class _Scattered:
     """What pass 3 wrote of one chunk: per shuffle bucket (n_buckets, 4) int64 cells, non-zeros, name bytes and
-    peak non-zeros of its segment of the chunk's file; and the chunk's share of the store's statistics."""
+    peak non-zeros of its segment of the chunk's file (the driver sums them over chunks; where each segment lies
+    is in the file's own table, see `_write_segments`); and the chunk's share of the store's statistics."""
 
     segments: np.ndarray
     log_library: np.ndarray  # (n_batch,) exact sums of log library sizes (units of 2**-54)
@@ -909,6 +912,9 @@ def _segment_bytes(ctx: _Context, counts: np.ndarray) -> np.ndarray:
     return counts[..., 0] * row_bytes + counts[..., 1] * entry_bytes + counts[..., 2] + counts[..., 3] * peak_bytes
 
 
+_TABLE_ROW = np.dtype("<i8")  # the scratch files' tables of segments: little-endian int64
+
+
 def _scatter_file(ctx: _Context, t: int) -> Path:
     return ctx.scratch / "scatter" / f"{t}.bin"
 
@@ -921,7 +927,10 @@ def _write_segments(
     name_bytes: np.ndarray,
     peak_nnz: np.ndarray,
 ) -> np.ndarray:
-    """Write chunk t's cells grouped by shuffle bucket to its scratch file; (n_buckets, 4) segment sizes."""
+    """Write chunk t's cells grouped by shuffle bucket to its scratch file; (n_buckets, 4) segment sizes. The file
+    starts with a table of (n_buckets, 5) int64: each bucket's segment's byte offset and its 4 sizes, so that a
+    bucket finds its segments itself (a table of every chunk's segments in the driver, chunks x buckets, grows
+    with the square of the cells: ~300 MB at 100M)."""
     bucket = columns["dest"] // ctx.bucket_size
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(ctx.n_buckets + 1))
@@ -945,6 +954,7 @@ def _write_segments(
     segments = np.zeros((ctx.n_buckets, 4), dtype=np.int64)
     path = _scatter_file(ctx, t)
     with open(path, "wb") as handle:
+        handle.seek(ctx.n_buckets * _TABLE_ROW.itemsize * 5)
         for k in np.flatnonzero(np.diff(bounds)):
             a, b = bounds[k], bounds[k + 1]
             for name, _, _ in ctx.row_columns():
@@ -959,15 +969,24 @@ def _write_segments(
                 cum_names[b] - cum_names[a],
                 cum_peaks[b] - cum_peaks[a],
             ]
+        sizes = _segment_bytes(ctx, segments)
+        offsets = ctx.n_buckets * _TABLE_ROW.itemsize * 5 + np.cumsum(sizes) - sizes
+        handle.seek(0)
+        handle.write(np.column_stack([offsets, segments]).astype(_TABLE_ROW).data)
     return segments
 
 
-def _read_segment(ctx: _Context, path: Path, offset: int, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """One bucket's segment of a chunk's scratch file: {column: values}, names as "name" (utf-8 bytes)."""
-    n_rows, n_entries, n_name, n_peaks = (int(c) for c in counts)
-    with open(path, "rb") as handle:
+def _read_segment(ctx: _Context, t: int, k: int) -> dict[str, np.ndarray] | None:
+    """Bucket k's segment of chunk t's scratch file: {column: values}, names as "name" (utf-8 bytes); None when
+    the chunk has no cell in bucket k."""
+    with open(_scatter_file(ctx, t), "rb") as handle:
+        handle.seek(k * _TABLE_ROW.itemsize * 5)
+        offset, *counts = np.frombuffer(handle.read(_TABLE_ROW.itemsize * 5), dtype=_TABLE_ROW).tolist()
+        if counts[0] == 0:
+            return None
         handle.seek(offset)
-        raw = handle.read(int(_segment_bytes(ctx, counts)))
+        raw = handle.read(int(_segment_bytes(ctx, np.array(counts))))
+    n_rows, n_entries, n_name, n_peaks = counts
     out, position = {}, 0
     for name, dtype, width in ctx.row_columns():
         size = n_rows * width
@@ -984,14 +1003,12 @@ def _read_segment(ctx: _Context, path: Path, offset: int, counts: np.ndarray) ->
 PRIOR_CELLS = 100  # scvi-tools' n_cells of its protein prior: the first 100 in store order are random cells
 
 
-def _bucket_task(
-    ctx: _Context, k: int, segments: list[tuple[int, int, np.ndarray]], entry_start: int, peak_start: int
-) -> tuple[list[tuple[str, int]], list | None]:
+def _bucket_task(ctx: _Context, k: int, entry_start: int, peak_start: int) -> tuple[list[tuple[str, int]], list | None]:
     """Pass 4, per shuffle bucket (store rows [k * bucket_size, ...)): gather its segments from every chunk's
     file, sort them by destination row and write them into the store. Whole shards of the store's arrays are
     written here; the parts of shards that other buckets share are left as fragments for pass 5.
     Returns (the (array, shard) fragments written, per batch the first cells with proteins or None)."""
-    parts = [_read_segment(ctx, _scatter_file(ctx, t), offset, counts) for t, offset, counts in segments]
+    parts = [part for t in range(ctx.n_chunks) if (part := _read_segment(ctx, t, k)) is not None]
     part = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     dest = part["dest"].ravel()
     order = np.argsort(dest, kind="stable")
@@ -1219,15 +1236,16 @@ def _build(
         for t, (chunk, keep, rna) in enumerate(zip(chunks, keeps, rnas, strict=True))
     ]
     del destination
-    segments = np.zeros((len(chunks), ctx.n_buckets, 4), dtype=np.int64)
+    ctx.n_chunks = len(chunks)
+    per_bucket = np.zeros((ctx.n_buckets, 4), dtype=np.int64)  # cells, non-zeros, name bytes, peak non-zeros
     log_lib_sum = log_lib_sq = None
     lib_n = np.zeros(ctx.n_batch, dtype=np.int64)
     zero_library = 0
     batch_panels = np.zeros((ctx.n_batch, ctx.n_proteins), dtype=bool)
     peaks_measured = np.zeros(ctx.n_batch, dtype=bool)
     rna_measured, n_rna_measured = np.zeros(ctx.n_batch, dtype=bool), 0
-    for t, result in executor.map(_scatter_task, scatter_tasks, "shuffle", progress, sizes, shared=(ctx,)):
-        segments[t] = result.segments
+    for _, result in executor.map(_scatter_task, scatter_tasks, "shuffle", progress, sizes, shared=(ctx,)):
+        per_bucket += result.segments
         log_lib_sum = add_exact(log_lib_sum, result.log_library)
         log_lib_sq = add_exact(log_lib_sq, result.log_library_sq)
         lib_n += result.n_library
@@ -1249,25 +1267,14 @@ def _build(
             f"{zero_library} cells have zero counts over the stored genes (kept; log-library 0 as in scvi-tools)",
             stacklevel=3,
         )
-    per_bucket = segments.sum(axis=0)  # (n_buckets, 4)
     nnz_total, nnz_peaks = int(per_bucket[:, 1].sum()), int(per_bucket[:, 3].sum())
-    offsets = np.cumsum(_segment_bytes(ctx, segments), axis=1) - _segment_bytes(ctx, segments)
 
     # Pass 4: each bucket sorted into the store (whole shards), pass 5: the shards buckets share.
     root = zarr.open_group(staging, mode="w", zarr_format=3)
     chunk_rows = _create_arrays(ctx, root, nnz_total, nnz_peaks)
     entry_starts = np.concatenate([[0], np.cumsum(per_bucket[:, 1])])
     peak_starts = np.concatenate([[0], np.cumsum(per_bucket[:, 3])])
-    bucket_tasks = [
-        (
-            k,
-            [(t, int(offsets[t, k]), segments[t, k]) for t in np.flatnonzero(segments[:, k, 0])],
-            int(entry_starts[k]),
-            int(peak_starts[k]),
-        )
-        for k in range(ctx.n_buckets)
-    ]
-    del segments, offsets
+    bucket_tasks = [(k, int(entry_starts[k]), int(peak_starts[k])) for k in range(ctx.n_buckets)]
     fragments: set[tuple[str, int]] = set()
     priors: list = [None] * ctx.n_buckets
     rows = per_bucket[:, 0].tolist()
