@@ -51,6 +51,17 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
+def build_quietly(output: Path, executor=None, progress=None, **fields) -> Path:
+    """build_store(BuildConfig(output=output, **fields)) on `executor` (None: this process), its warnings not
+    shown; with progress(stage, done, total) if given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BuildConfig(output=str(output), **fields)
+        if progress is None:
+            return build_store(config, executor=executor)
+        return build_store(config, progress, executor=executor)
+
+
 @pytest.fixture(scope="session")
 def cellbench() -> ad.AnnData:
     """CellBench sc_mixology: 1408 cells x 11533 genes, batch `batch` (5), labels `cell_line` (5)."""

@@ -66,6 +66,22 @@ def local_cluster_config() -> dict[str, Any]:
     return config
 
 
+class PassProgress:
+    """The progress of one pass of tasks: progress(stage, 0, total) at the start, then advanced by each task's
+    weight (e.g. its cells; 1 each without weights) as it completes. What every executor's `map` reports."""
+
+    def __init__(self, stage: str, progress: Progress, n_tasks: int, weights: Sequence[int] | None = None):
+        self.stage, self.progress = stage, progress
+        self.weights = list(weights) if weights is not None else [1] * n_tasks
+        self.total, self.done = sum(self.weights), 0
+        progress(stage, 0, self.total)
+
+    def completed(self, i: int) -> None:
+        """Task i has completed."""
+        self.done += self.weights[i]
+        self.progress(self.stage, self.done, self.total)
+
+
 class BuildExecutor:
     """Runs a build's tasks. `BuildExecutor()` (one worker, this process), `BuildExecutor.local(n)` (a local
     dask cluster of n worker processes, or threads with processes=False) or `BuildExecutor.connect(address)`
@@ -156,18 +172,19 @@ class BuildExecutor:
         """Run fn(*shared, *task) for every task; yield (task index, result) as each completes. progress(stage,
         done, total) advances by each task's weight (e.g. its cells). A task's error is raised here, the other
         tasks cancelled and waited for (none writes after this returns)."""
-        if not tasks:
-            return
-        weights = list(weights) if weights is not None else [1] * len(tasks)
-        total, done = sum(weights), 0
-        progress(stage, 0, total)
+        if tasks:
+            yield from self._run(fn, tasks, stage, PassProgress(stage, progress, len(tasks), weights), shared)
+
+    def _run(
+        self, fn: Callable[..., Any], tasks: Sequence[tuple], stage: str, advance: PassProgress, shared: tuple
+    ) -> Iterator[tuple[int, Any]]:
+        """`map` of a pass of one or more tasks, its progress started."""
         if self.distributed and len(tasks) > 1:
             self._start()
         if self._client is None:
             for i, task in enumerate(tasks):
                 result = fn(*shared, *task)
-                done += weights[i]
-                progress(stage, done, total)
+                advance.completed(i)
                 yield i, result
             return
         from distributed import as_completed
@@ -182,8 +199,7 @@ class BuildExecutor:
             for future, result in as_completed(futures, loop=self._client.loop, with_results=True):
                 i = index[future.key]
                 futures[i] = None  # release the result on the worker
-                done += weights[i]
-                progress(stage, done, total)
+                advance.completed(i)
                 yield i, result
         except BaseException:
             self._stop([f for f in futures if f is not None])

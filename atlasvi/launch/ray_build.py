@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from atlasvi.data.executor import BuildExecutor, Progress
+from atlasvi.data.executor import BuildExecutor, PassProgress
 
 
 class _BuildActor:
@@ -60,23 +60,12 @@ class RayBuildExecutor(BuildExecutor):
         """`value` put in Ray's object store once (each actor reads it from there)."""
         return ray.put(value)
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        tasks: Sequence[tuple],
-        stage: str,
-        progress: Progress,
-        weights: Sequence[int] | None = None,
-        shared: tuple = (),
+    def _run(
+        self, fn: Callable[..., Any], tasks: Sequence[tuple], stage: str, advance: PassProgress, shared: tuple
     ) -> Iterator[tuple[int, Any]]:
         """As `BuildExecutor.map`: (task index, result) as each task completes; a task's error is raised here as
         the task raised it (one line: an AtlasInputError names file, cell and gene), after the tasks still running
         have ended."""
-        if not tasks:
-            return
-        weights = list(weights) if weights is not None else [1] * len(tasks)
-        total, done = sum(weights), 0
-        progress(stage, 0, total)
         self._start()
         shared = tuple(self.share(value) for value in shared)
         waiting = list(reversed(range(len(tasks))))
@@ -95,8 +84,7 @@ class RayBuildExecutor(BuildExecutor):
                 except ray.exceptions.RayTaskError as err:
                     cause = err.cause if isinstance(err.cause, BaseException) else err
                     raise cause from err
-                done += weights[i]
-                progress(stage, done, total)
+                advance.completed(i)
                 yield i, result
         except BaseException:
             if running:  # nothing of this pass writes after this

@@ -4,7 +4,6 @@ errors found on a worker; an interrupted distributed build; many inputs from a f
 import hashlib
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -15,10 +14,10 @@ from distributed import LocalCluster
 from typer.testing import CliRunner
 
 from atlasvi.cli.main import app
-from atlasvi.data import AtlasInputError, BuildConfig, build_store
+from atlasvi.data import AtlasInputError, BuildConfig
 from atlasvi.data.executor import BuildExecutor
 from atlasvi.data.store import store_checksum
-from tests.conftest import KANG, SHARED_DATA
+from tests.conftest import KANG, SHARED_DATA, build_quietly
 from tests.data.test_modalities import _multiome
 
 PBMC10K = SHARED_DATA / "pbmc10k_protein_v3_subset200.h5ad"
@@ -32,22 +31,13 @@ def cluster():
         yield local
 
 
-def _build(output: Path, executor: BuildExecutor | None = None, progress=None, **fields) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = BuildConfig(output=str(output), **fields)
-        if progress is None:
-            return build_store(config, executor=executor)
-        return build_store(config, progress, executor=executor)
-
-
 def _three_ways(tmp_path: Path, cluster: LocalCluster, chunk_sizes: tuple[int, int, int], **fields) -> list[str]:
     """Checksums of the store built in this process, on 4 threads and on the 2-process cluster."""
-    one = _build(tmp_path / "one.zarr", chunk_size=chunk_sizes[0], **fields)
+    one = build_quietly(tmp_path / "one.zarr", chunk_size=chunk_sizes[0], **fields)
     with BuildExecutor.local(4, processes=False) as threads:
-        four = _build(tmp_path / "four.zarr", threads, chunk_size=chunk_sizes[1], **fields)
+        four = build_quietly(tmp_path / "four.zarr", threads, chunk_size=chunk_sizes[1], **fields)
     with BuildExecutor.connect(cluster.scheduler_address) as remote:
-        two = _build(tmp_path / "two.zarr", remote, chunk_size=chunk_sizes[2], **fields)
+        two = build_quietly(tmp_path / "two.zarr", remote, chunk_size=chunk_sizes[2], **fields)
     return [store_checksum(path) for path in (one, four, two)]
 
 
@@ -86,7 +76,7 @@ def test_a_bad_count_found_on_a_worker_names_file_cell_and_gene(tmp_path, cluste
     kang.write_h5ad(tmp_path / "bad.h5ad")
     with BuildExecutor.connect(cluster.scheduler_address) as remote:
         with pytest.raises(AtlasInputError) as caught:
-            _build(tmp_path / "atlas.zarr", remote, inputs=[str(tmp_path / "bad.h5ad")], chunk_size=100)
+            build_quietly(tmp_path / "atlas.zarr", remote, inputs=[str(tmp_path / "bad.h5ad")], chunk_size=100)
     message = str(caught.value)
     assert "\n" not in message and str(tmp_path / "bad.h5ad") in message and "non-integer" in message
     assert repr(kang.obs_names[row]) in message and repr(gene) in message
@@ -106,9 +96,9 @@ def test_an_interrupted_distributed_build_leaves_nothing(tmp_path, cluster):
 
     with BuildExecutor.connect(cluster.scheduler_address) as remote:
         with pytest.raises(Interrupted):
-            _build(tmp_path / "atlas.zarr", remote, interrupt, inputs=[str(KANG)], chunk_size=100)
+            build_quietly(tmp_path / "atlas.zarr", remote, interrupt, inputs=[str(KANG)], chunk_size=100)
         assert list(tmp_path.iterdir()) == []
-        store = _build(tmp_path / "atlas.zarr", remote, inputs=[str(KANG)], chunk_size=100)
+        store = build_quietly(tmp_path / "atlas.zarr", remote, inputs=[str(KANG)], chunk_size=100)
     assert ad.read_zarr(store).n_obs == 1556 and sorted(p.name for p in tmp_path.iterdir()) == ["atlas.zarr"]
 
 
@@ -119,9 +109,9 @@ def test_inputs_from_a_folder_or_a_glob_with_each_files_checksum(tmp_path):
     for i, sample in enumerate(sorted(kang.obs["sample"].unique())):
         kang[kang.obs["sample"] == sample].copy().write_h5ad(studies / f"study{i}.h5ad")
     (studies / "notes.txt").write_text("not an input")
-    from_folder = _build(tmp_path / "folder.zarr", inputs=[str(studies)])
-    from_glob = _build(tmp_path / "glob.zarr", inputs=[str(studies / "study*.h5ad")])
-    listed = _build(tmp_path / "listed.zarr", inputs=[str(p) for p in sorted(studies.glob("*.h5ad"))])
+    from_folder = build_quietly(tmp_path / "folder.zarr", inputs=[str(studies)])
+    from_glob = build_quietly(tmp_path / "glob.zarr", inputs=[str(studies / "study*.h5ad")])
+    listed = build_quietly(tmp_path / "listed.zarr", inputs=[str(p) for p in sorted(studies.glob("*.h5ad"))])
     for store in (from_folder, from_glob):
         meta = json.loads((store / "zarr.json").read_text())["attributes"]["atlasvi"]
         inputs = meta["provenance"]["inputs"]
@@ -132,9 +122,9 @@ def test_inputs_from_a_folder_or_a_glob_with_each_files_checksum(tmp_path):
         for part in ("X/data", "X/indices", "obs/_index"):
             assert _files(store / part) == _files(listed / part)
     with pytest.raises(AtlasInputError, match="matches no input"):
-        _build(tmp_path / "none.zarr", inputs=[str(studies / "*.h5mu")])
+        build_quietly(tmp_path / "none.zarr", inputs=[str(studies / "*.h5mu")])
     with pytest.raises(AtlasInputError, match="given twice"):
-        _build(tmp_path / "twice.zarr", inputs=[str(studies), str(studies / "study0.h5ad")])
+        build_quietly(tmp_path / "twice.zarr", inputs=[str(studies), str(studies / "study0.h5ad")])
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -184,9 +174,9 @@ def test_a_local_cluster_of_forked_workers_builds_the_same_store_with_dasks_book
     import dask
 
     fields = {"inputs": [str(KANG)], "batch_key": "sample", "n_top_genes": 300, "chunk_size": 400}
-    one = _build(tmp_path / "one.zarr", **fields)
+    one = build_quietly(tmp_path / "one.zarr", **fields)
     with BuildExecutor.local(2) as executor:
-        two = _build(tmp_path / "two.zarr", executor, **fields)
+        two = build_quietly(tmp_path / "two.zarr", executor, **fields)
         settings = [
             executor.run_on_workers(functools.partial(dask.config.get, key))
             for key in ("distributed.admin.tick.interval", "distributed.worker.profile.enabled")

@@ -3,9 +3,6 @@ one line; an interrupted build leaves nothing.
 
 Slow (starts Ray on this machine, ~1 min on 2 cores): `make test-slow` runs it."""
 
-import warnings
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pytest
@@ -13,10 +10,10 @@ import scipy.sparse as sp
 from typer.testing import CliRunner
 
 from atlasvi.cli.main import app
-from atlasvi.data import AtlasInputError, BuildConfig, build_store
+from atlasvi.data import AtlasInputError
 from atlasvi.data.store import store_checksum
 from atlasvi.launch import RayBuildExecutor
-from tests.conftest import KANG
+from tests.conftest import KANG, build_quietly
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +27,11 @@ def ray_local():
     ray.shutdown()
 
 
-def _build(output: Path, executor=None, progress=None, **fields) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = BuildConfig(output=str(output), **fields)
-        if progress is None:
-            return build_store(config, executor=executor)
-        return build_store(config, progress, executor=executor)
-
-
 def test_on_ray_the_store_is_the_same_errors_name_the_cell_and_an_interrupt_leaves_nothing(tmp_path, ray_local):
     fields = {"inputs": [str(KANG)], "batch_key": "sample", "labels_key": "cell_type", "n_top_genes": 500}
-    one = _build(tmp_path / "one.zarr", chunk_size=300, **fields)
+    one = build_quietly(tmp_path / "one.zarr", chunk_size=300, **fields)
     with RayBuildExecutor(2) as executor:
-        two = _build(tmp_path / "two.zarr", executor, chunk_size=97, **fields)
+        two = build_quietly(tmp_path / "two.zarr", executor, chunk_size=97, **fields)
         assert executor.workers == 2
     assert store_checksum(two) == store_checksum(one)
 
@@ -57,7 +45,7 @@ def test_on_ray_the_store_is_the_same_errors_name_the_cell_and_an_interrupt_leav
     bad.parent.mkdir()
     kang.write_h5ad(bad)
     with RayBuildExecutor(2) as executor, pytest.raises(AtlasInputError) as caught:
-        _build(bad.parent / "atlas.zarr", executor, inputs=[str(bad)], chunk_size=100)
+        build_quietly(bad.parent / "atlas.zarr", executor, inputs=[str(bad)], chunk_size=100)
     message = str(caught.value)
     assert "\n" not in message and str(bad) in message and "non-integer" in message
     assert repr(kang.obs_names[row]) in message and repr(gene) in message
@@ -73,7 +61,7 @@ def test_on_ray_the_store_is_the_same_errors_name_the_cell_and_an_interrupt_leav
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     with RayBuildExecutor(2) as executor, pytest.raises(Interrupted):
-        _build(stopped / "atlas.zarr", executor, interrupt, inputs=[str(KANG)], chunk_size=100)
+        build_quietly(stopped / "atlas.zarr", executor, interrupt, inputs=[str(KANG)], chunk_size=100)
     assert list(stopped.iterdir()) == []
 
 
