@@ -191,29 +191,48 @@ def library_start_at_mean(model) -> float:
     return start
 
 
+def build_atlasvi(paths: dict[str, Path], seed: int):
+    """atlasvi's untrained MULTIVI of `seed` on the training store."""
+    from atlasvi.api import MULTIVI
+
+    return MULTIVI(paths["train_store"], device="cpu", seed=seed)
+
+
+def save_atlasvi_init(model, seed: int) -> None:
+    """The model's weights to CACHE/atlasvi_init_SEED.npz (atomic), where --same-start's scvi-tools run reads them."""
+    state = {k: v.cpu().numpy() for k, v in model.module.state_dict().items()}
+    partial = CACHE / f"atlasvi_init_{seed}.partial.npz"
+    np.savez(partial, **state)
+    os.replace(partial, CACHE / f"atlasvi_init_{seed}.npz")
+
+
 def atlasvi_side(
-    paths: dict[str, Path], seed: int, fields: dict, library_start: bool = False, same_start: bool = False
+    paths: dict[str, Path],
+    seed: int,
+    fields: dict,
+    library_start: bool = False,
+    same_start: bool = False,
+    train_seed_offset: int = 0,
 ) -> dict:
     """atlasvi's MULTIVI on the training store; the figures of one seed. same_start: its initial weights are
-    written to CACHE/atlasvi_init_SEED.npz first (scvi-tools' run of the seed starts from them)."""
+    written to CACHE/atlasvi_init_SEED.npz first (scvi-tools' run of the seed starts from them);
+    train_seed_offset: the weights of `seed`, the training draws (minibatch order, dropout, latent samples) of
+    seed + offset."""
     import anndata as ad
     import torch
 
-    from atlasvi.api import MULTIVI
     from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
 
     torch.set_num_threads(1)
-    model = MULTIVI(paths["train_store"], device="cpu", seed=seed)
+    model = build_atlasvi(paths, seed)
     if library_start:
         library_start_at_mean(model)
     if same_start:
-        state = {k: v.cpu().numpy() for k, v in model.module.state_dict().items()}
-        partial = CACHE / f"atlasvi_init_{seed}.partial.npz"
-        np.savez(partial, **state)
-        os.replace(partial, CACHE / f"atlasvi_init_{seed}.npz")
+        save_atlasvi_init(model, seed)
     started = time.perf_counter()
-    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
+    draws = seed + train_seed_offset
+    model.fit(TrainConfig(seed=draws, **fields), LoaderConfig(batch_size=128, seed=draws))
     seconds = time.perf_counter() - started
     train_obs = ad.read_zarr(paths["train_store"]).obs
     held_obs = ad.read_zarr(paths["heldout_store"]).obs
@@ -317,9 +336,12 @@ def start_from_atlasvi(model, seed: int) -> None:
     model._training_plan_cls = Plan
 
 
-def scvi_side(paths: dict[str, str], seed: int, fields: dict, same_start: bool = False) -> dict:
+def scvi_side(
+    paths: dict[str, str], seed: int, fields: dict, same_start: bool = False, train_seed_offset: int = 0
+) -> dict:
     """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed. same_start: from
-    atlasvi's initial weights of the seed (`start_from_atlasvi`)."""
+    atlasvi's initial weights of the seed (`start_from_atlasvi`); train_seed_offset (with same_start): its global
+    seed, which draws its validation cells and training draws, is seed + offset."""
     import logging
     import warnings
 
@@ -329,7 +351,7 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict, same_start: bool =
     scvi.settings.verbosity = logging.WARNING
     scvi.settings.num_threads = 1
     scvi.settings.dl_num_workers = 0
-    scvi.settings.seed = seed
+    scvi.settings.seed = seed + train_seed_offset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
@@ -393,6 +415,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
             if meta.get("atlasvi_library_start_at_mean")
             else ""
         )
+        + (
+            ". Same start: scvi-tools trains from atlasvi's initial weights of the seed (its module's and its "
+            "adversarial classifier's)"
+            if meta.get("same_start")
+            else ""
+        )
+        + (
+            f"; the training draws (minibatch order, dropout, latent samples; scvi-tools' validation cells) of seed "
+            f"+ {meta['train_seed_offset']}"
+            if meta.get("train_seed_offset")
+            else ""
+        )
         + ". Held-out reconstruction: nats per held-out cell (lower is better). "
         "AUROC: imputed accessibility of the RNA-only cells vs their hidden open peaks. r: imputed expression of the "
         "ATAC-only cells vs their hidden RNA (log1p of 1e4-normalised). kNN: "
@@ -450,7 +484,12 @@ def main() -> None:
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
     parser.add_argument("--scvi-only", action="store_true", help="run the scvi-tools side alone (merge with --merge)")
     parser.add_argument("--atlasvi-only", action="store_true", help="run atlasvi's side alone (merge with --merge)")
-    parser.add_argument("--merge", default=None, help="results/MERGE.json whose rows of the side not run to reuse")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="results/MERGE.json files whose rows of the side not run to reuse",
+    )
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
     parser.add_argument("--out", default="multivi_fidelity", help="results/OUT.json and results/OUT.md")
@@ -464,32 +503,45 @@ def main() -> None:
         action="store_true",
         help="paired design: scvi-tools trains from atlasvi's initial weights of each seed",
     )
+    parser.add_argument(
+        "--train-seed-offset",
+        type=int,
+        default=0,
+        help="with --same-start: the initial weights of each seed, the training draws of seed + offset",
+    )
     args = parser.parse_args()
     fields = {key: value for key, value in vars(args).items() if key in TRAIN_FIELDS and value is not None}
     if args.side == "scvi":
         paths = json.loads(args.paths)
         for seed in args.seeds:
-            print(json.dumps(scvi_side(paths, seed, fields, args.same_start)), flush=True)
+            print(json.dumps(scvi_side(paths, seed, fields, args.same_start, args.train_seed_offset)), flush=True)
         return
-    if args.same_start and (args.scvi_only or args.atlasvi_only or args.merge or args.library_start_at_mean):
-        raise SystemExit(
-            "--same-start runs both tools from one start: not with --scvi-only, --atlasvi-only, --merge "
-            "or --library-start-at-mean"
-        )
+    if args.train_seed_offset and not args.same_start:
+        raise SystemExit("--train-seed-offset needs --same-start (scvi-tools' initial weights follow its seed)")
+    if args.same_start and (args.atlasvi_only or args.library_start_at_mean):
+        raise SystemExit("--same-start: not with --atlasvi-only or --library-start-at-mean")
+    if args.same_start and args.scvi_only and not args.merge:
+        raise SystemExit("--same-start --scvi-only reuses atlasvi's rows of the seeds: name them with --merge")
     paths = prepare()
-    rows = []
-    if args.merge is not None:
-        earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
-        if earlier["meta"]["train_fields"] != fields:
-            raise SystemExit(f"results/{args.merge}.json was run with {earlier['meta']['train_fields']}, not {fields}")
-        reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
-        rows = [r for r in earlier["rows"] if r["tool"] == reused]
+    earlier = []
+    for name in args.merge or []:
+        report = json.loads((HERE / "results" / f"{name}.json").read_text())
+        if report["meta"]["train_fields"] != fields:
+            raise SystemExit(f"results/{name}.json was run with {report['meta']['train_fields']}, not {fields}")
+        earlier.append(report["rows"])
+    reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
+    rows = merged_rows(earlier, args.seeds, reused, args.same_start)
+    if args.same_start and args.scvi_only:
+        missing = [s for s in args.seeds if not any(r["tool"] == "atlasvi" and r["seed"] == s for r in rows)]
+        if missing:
+            raise SystemExit(f"--merge {' '.join(args.merge)} has no atlasvi row of seeds {missing}")
     meta = {
         "command": " ".join(["python", "benchmarks/multivi_fidelity.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared, under load), CPU only, 1 torch thread",
         "train_fields": fields,
         "atlasvi_library_start_at_mean": args.library_start_at_mean,
         "same_start": args.same_start,
+        "train_seed_offset": args.train_seed_offset,
         "load_average_at_start": list(os.getloadavg()),
         "cells": {name: len(part) for name, part in split(2641).items()},
     }
@@ -498,12 +550,14 @@ def main() -> None:
         sides = ([] if args.scvi_only else ["atlasvi"]) + ([] if args.atlasvi_only else ["scvi-tools"])
         for side in sides:
             row = (
-                atlasvi_side(paths, seed, fields, args.library_start_at_mean, args.same_start)
+                atlasvi_side(paths, seed, fields, args.library_start_at_mean, args.same_start, args.train_seed_offset)
                 if side == "atlasvi"
                 else None
             )
             lines = [json.dumps(row)] if row is not None else []
-            for line in lines or _scvi_rows(seed, fields, paths, args.same_start):
+            if not lines and args.same_start and args.scvi_only:
+                save_atlasvi_init(build_atlasvi(paths, seed), seed)  # its run is the merged row: deterministic
+            for line in lines or _scvi_rows(seed, fields, paths, args.same_start, args.train_seed_offset):
                 rows.append(json.loads(line))
                 print(line, flush=True)
             payload = {"meta": meta, "rows": rows}
@@ -514,11 +568,26 @@ def main() -> None:
     print(markdown(rows, meta))
 
 
-def _scvi_rows(seed: int, fields: dict, paths: dict[str, Path], same_start: bool = False) -> list[str]:
+def merged_rows(files: list[list[dict]], seeds: list[int], reused: str, same_start: bool) -> list[dict]:
+    """The rows --merge reuses, from each file's rows in turn (the first naming a (tool, seed) wins): the `reused`
+    tool's; with same_start, every row of the seeds not run now (their pairs) and atlasvi's of the seeds run."""
+    rows: list[dict] = []
+    for earlier in files:
+        have = {(r["tool"], r["seed"]) for r in rows}
+        for r in earlier:
+            keep = (r["seed"] not in seeds or r["tool"] == "atlasvi") if same_start else r["tool"] == reused
+            if keep and (r["tool"], r["seed"]) not in have:
+                rows.append(r)
+    return rows
+
+
+def _scvi_rows(
+    seed: int, fields: dict, paths: dict[str, Path], same_start: bool = False, train_seed_offset: int = 0
+) -> list[str]:
     """The scvi-tools side's JSON lines for one seed, run in its venv after atlasvi's runs."""
     prepared = json.dumps({k: str(v) for k, v in paths.items()})
     command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", prepared, "--seeds", str(seed)]
-    command += ["--same-start"] if same_start else []
+    command += ["--same-start", "--train-seed-offset", str(train_seed_offset)] if same_start else []
     for key, value in fields.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")

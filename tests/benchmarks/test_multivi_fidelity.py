@@ -11,7 +11,15 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import multivi_atlas, multivi_init_distribution
-from benchmarks.multivi_fidelity import METRICS, auroc, expression_correlation, markdown, paired_differences, split
+from benchmarks.multivi_fidelity import (
+    METRICS,
+    auroc,
+    expression_correlation,
+    markdown,
+    merged_rows,
+    paired_differences,
+    split,
+)
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -67,6 +75,18 @@ def test_paired_differences_are_atlasvi_minus_scvi_tools_per_seed_both_ran():
     assert [diffs["per_seed"][s][METRICS[0][0]] for s in range(3)] == [50.0, -30.0, 20.0]
     assert (rna["mean"], rna["sd"]) == (pytest.approx(40 / 3), pytest.approx(np.std([50, -30, 20], ddof=1)))
     assert diffs["summary"][METRICS[1][0]] == {"mean": 0.0, "sd": 0.0}
+
+
+def test_merged_rows_keep_the_reused_tool_or_with_same_start_the_other_pairs_and_atlasvis_rows():
+    paired = [{"tool": t, "seed": 0, "v": 1} for t in ("atlasvi", "scvi-tools")]
+    table = [{"tool": t, "seed": s, "v": 2} for s in range(3) for t in ("atlasvi", "scvi-tools")]
+    rows = merged_rows([paired, table], [1, 2], "atlasvi", same_start=True)
+    assert [(r["tool"], r["seed"], r["v"]) for r in rows] == [
+        ("atlasvi", 0, 1), ("scvi-tools", 0, 1), ("atlasvi", 1, 2), ("atlasvi", 2, 2)
+    ]  # fmt: skip
+    assert [(r["tool"], r["seed"]) for r in merged_rows([table], [0], "scvi-tools", same_start=False)] == [
+        ("scvi-tools", 0), ("scvi-tools", 1), ("scvi-tools", 2)
+    ]  # fmt: skip
 
 
 def test_init_distribution_compare_reads_shifted_draws_as_different():
