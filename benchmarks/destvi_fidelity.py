@@ -25,6 +25,13 @@ pipeline's default is 10 %); the held-out spot's proportions come from the same 
 scvi-tools half runs in its venv as a subprocess of this script (`--side scvi`),
 after the atlasvi half, one torch thread each. Output: results/destvi_fidelity.json and .md (a run replaces the
 entries of its datasets and seeds).
+
+The tool "scvi-tools-atlasvi-init" is scvi-tools started from atlasvi's initial weights of the same seed (the
+paired design without the initial draw): the untrained CondSCVI's weights, and the DestVI's own (its amortization
+networks, batch embedding, eta, beta; the rest it takes from the trained CondSCVI, as in each tool). Loading them
+draws nothing, so its training draws (minibatch order, dropout, augmentation, k-means) are those of "scvi-tools"
+of the seed: the two differ in the initial weights alone, and atlasvi and "scvi-tools-atlasvi-init" in the
+training loop alone. The .md lists the paired differences of the tools over the seeds they share.
 """
 
 import argparse
@@ -157,6 +164,48 @@ def held_out_fraction(given: float | None, n_cells: int) -> float:
     return given if given is not None else math.ceil(1e6 / n_cells) / 1e6
 
 
+def _rename(name: str) -> str:
+    """A scvi-tools FCLayers / embedding weight name -> atlasvi's."""
+    name = name.replace("fc_layers.Layer ", "layers.")
+    if "embeddings_dict" in name or name.startswith("embedding"):
+        return "batch_embedding.weight"
+    return name
+
+
+def atlasvi_init(ref_store: str, spot_store: str, seed: int) -> dict:
+    """atlasvi's initial weights of `seed` (drawn from the seed alone, in a scope of their own: the weights the run
+    of `run_atlasvi` starts from): {"condscvi": the CondSCVI's state, "destvi": the DestVI's own parameters, not
+    those it takes from the trained CondSCVI}."""
+    from atlasvi.api.condscvi import CondSCVI
+    from atlasvi.api.destvi import DestVI
+
+    sc_model = CondSCVI(ref_store, device="cpu", seed=seed)
+    condscvi = {k: v.clone() for k, v in sc_model.module.state_dict().items() if not k.endswith("_vprior")}
+    sc_model.module.mp_vprior.fill_(1.0)  # placeholder prototypes (buffers, not drawn): no k-means untrained
+    model = DestVI.from_rna_model(spot_store, sc_model, device="cpu", seed=seed)
+    taken = model.module.init_prefixes
+    destvi = {k: v.clone() for k, v in model.module.state_dict().items() if not k.startswith(taken)}
+    return {"condscvi": condscvi, "destvi": destvi}
+
+
+def _load_init(module, state: dict) -> float:
+    """Copy atlasvi-named weights `state` into a scvi-tools module (names mapped; the module's weights `state` has no
+    counterpart of keep theirs); returns the largest absolute difference from the module's own initial values (0:
+    the same draw)."""
+    import torch
+
+    own = module.state_dict()
+    mapped = {k: state[_rename(k)] for k in own if _rename(k) in state}
+    diff = max((float((own[k] - v).abs().max()) for k, v in mapped.items() if v.numel()), default=0.0)
+    missing = [k for k in state if k not in {_rename(m) for m in mapped}]
+    if missing:
+        raise RuntimeError(f"atlasvi weights with no scvi-tools counterpart: {missing}")
+    with torch.no_grad():
+        for k, v in mapped.items():
+            own[k].copy_(v)
+    return diff
+
+
 def run_atlasvi(
     reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], validation: float | None = None
 ) -> dict:
@@ -180,6 +229,7 @@ def run_atlasvi(
             )
         )
         spot_store = build_store(BuildConfig(inputs=[str(spots)], output=str(stores / "spots.zarr"), overwrite=True))
+    torch.save(atlasvi_init(ref_store, spot_store, seed), out.with_suffix(".init.pt"))
     started = time.perf_counter()
     sc_model = CondSCVI(ref_store, device="cpu", seed=seed)
     warmup = warmups(epochs)
@@ -189,6 +239,10 @@ def run_atlasvi(
     sc_model.fit(train, LoaderConfig(seed=seed))
     middle = time.perf_counter()
     model = DestVI.from_rna_model(spot_store, sc_model, device="cpu", seed=seed)
+    exported = torch.load(out.with_suffix(".init.pt"))["destvi"]
+    init_diff = max(float((model.module.state_dict()[k] - v).abs().max()) for k, v in exported.items() if v.numel())
+    if init_diff != 0:
+        raise RuntimeError(f"atlasvi_init differs from the run's initial DestVI weights by {init_diff}")
     fraction = held_out_fraction(validation, model.store.n_cells)
     held_out.append(round(fraction * model.store.n_cells))
     train = TrainConfig(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], seed=seed, validation_fraction=fraction)
@@ -201,8 +255,31 @@ def run_atlasvi(
     return timings | {"held_out_cells_spots": held_out}
 
 
-def run_scvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int]) -> dict:
-    """The same in scvi-tools (run in its venv: `--side scvi`)."""
+def export_atlasvi_init(reference: Path, spots: Path, path: Path, seed: int) -> Path:
+    """atlasvi's initial weights of `seed` (`atlasvi_init`) into `path` (for scvi-tools-atlasvi-init) without
+    training: stores built from the files as `run_atlasvi` builds them."""
+    import torch
+
+    from atlasvi.data import BuildConfig, build_store
+
+    stores = path.parent / f"{path.name}_stores"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_store = build_store(
+            BuildConfig(
+                inputs=[str(reference)], output=str(stores / "ref.zarr"), labels_key="cell_type", overwrite=True
+            )
+        )
+        spot_store = build_store(BuildConfig(inputs=[str(spots)], output=str(stores / "spots.zarr"), overwrite=True))
+    torch.save(atlasvi_init(ref_store, spot_store, seed), path)
+    return path
+
+
+def run_scvi(
+    reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], init: Path | None = None
+) -> dict:
+    """The same in scvi-tools (run in its venv: `--side scvi`); with `init`, started from atlasvi's initial
+    weights saved there (`atlasvi_init`)."""
     import anndata as ad
     import scvi
     import torch
@@ -213,6 +290,10 @@ def run_scvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[i
     started = time.perf_counter()
     scvi.model.CondSCVI.setup_anndata(sc_adata, labels_key="cell_type")
     sc_model = scvi.model.CondSCVI(sc_adata, prior="normal")  # 1.4.2's from_rna_model reads module_kwargs["prior"]
+    weights = torch.load(init) if init is not None else None
+    init_diff = {}
+    if weights is not None:
+        init_diff["condscvi"] = _load_init(sc_model.module, weights["condscvi"])
     warmup = warmups(epochs)
     plan = {"n_epochs_kl_warmup": warmup[0]}
     sc_model.train(max_epochs=epochs[0], accelerator="cpu", enable_progress_bar=False, plan_kwargs=plan)
@@ -225,10 +306,14 @@ def run_scvi(reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[i
         key: torch.as_tensor(value, dtype=torch.float32) for key, value in vamp(sc_model, *a, **k).items()
     }
     model = scvi.model.DestVI.from_rna_model(st_adata, sc_model)
+    if weights is not None:
+        # V and gamma, the free per-spot parameters (unused with amortization "both"; atlasvi builds none), keep theirs
+        init_diff["destvi"] = _load_init(model.module, weights["destvi"])
     model.train(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], accelerator="cpu", enable_progress_bar=False)
     ended = time.perf_counter()
     model.get_proportions().to_csv(out)
-    return {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+    timings = {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
+    return timings | ({"init_max_abs_diff_from_own": init_diff} if init_diff else {})
 
 
 def _n_genes(spots: Path) -> int:
@@ -276,6 +361,9 @@ def side(
     command = [python, __file__, "--side", "scvi", "--reference", str(reference), "--spots", str(spots)]
     command += ["--out", str(out), "--seeds", str(seed), "--condscvi-epochs", str(epochs[0])]
     command += ["--destvi-epochs", str(epochs[1])]
+    if tool == "scvi-tools-atlasvi-init":
+        init = export_atlasvi_init(reference, spots, out.with_suffix(".init.pt"), seed)
+        command += ["--init", str(init)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"scvi-tools side failed:\n{done.stderr[-3000:]}")
@@ -317,7 +405,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--datasets", nargs="+", default=["simulation", "lymph_node", "pdac"])
-    parser.add_argument("--tools", nargs="+", default=["atlasvi", "scvi-tools"])
+    parser.add_argument("--tools", nargs="+", default=["atlasvi", "scvi-tools"],
+                        choices=["atlasvi", "scvi-tools", "scvi-tools-atlasvi-init"])  # fmt: skip
     parser.add_argument("--condscvi-epochs", type=int, default=300)
     parser.add_argument("--destvi-epochs", type=int, default=2000)
     parser.add_argument("--n-spots", type=int, default=1000)
@@ -332,10 +421,11 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--spots", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--init", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs = (args.condscvi_epochs, args.destvi_epochs)
     if args.side == "scvi":
-        print(json.dumps(run_scvi(args.reference, args.spots, args.out, args.seeds[0], epochs)))
+        print(json.dumps(run_scvi(args.reference, args.spots, args.out, args.seeds[0], epochs, args.init)))
         return
     import pandas as pd
 
@@ -379,6 +469,27 @@ def main() -> None:
             (RESULTS / "destvi_fidelity.md").write_text(table(results))
 
 
+def paired_gaps(sims: list[dict], key: str = "spearman") -> list[dict]:
+    """Per pair of tools (atlasvi first, then scvi-tools before its variants), over the seeds both ran: the mean,
+    sd (ddof 1) and standard error of the per-seed differences of `key`, t = mean / se, and how many seeds A is above
+    B."""
+    order = ["atlasvi", "scvi-tools", "scvi-tools-atlasvi-init"]
+    tools = sorted({r["tool"] for r in sims}, key=lambda t: (order.index(t) if t in order else len(order), t))
+    by = {(r["tool"], r["seed"]): r[key] for r in sims}
+    gaps = []
+    for i, a in enumerate(tools):
+        for b in tools[i + 1 :]:
+            seeds = sorted({s for t, s in by if t == a} & {s for t, s in by if t == b})
+            if len(seeds) < 2:
+                continue
+            d = np.array([by[(a, s)] - by[(b, s)] for s in seeds])
+            sd = float(d.std(ddof=1))
+            se = sd / np.sqrt(len(d))
+            gaps.append({"a": a, "b": b, "n": len(d), "mean": float(d.mean()), "sd": sd, "se": se,
+                         "t": float(d.mean() / se) if se > 0 else 0.0, "above": int((d > 0).sum())})  # fmt: skip
+    return gaps
+
+
 def table(results: dict) -> str:
     """The markdown tables of the results: simulation metrics (mean +- sd over seeds), per-seed rows and real-data
     agreement; results["notes"] (strings) are printed under them."""
@@ -403,6 +514,19 @@ def table(results: dict) -> str:
             cells = [f"{by_tool[t]['spearman']:.3f} / {by_tool[t]['rmse']:.3f}" if t in by_tool else "-"
                      for t in tools]  # fmt: skip
             lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        gaps = paired_gaps(sims)
+        if gaps:
+            lines += [
+                "",
+                "Paired differences over the seeds both tools ran (Spearman all entries; mean ± sd of the "
+                "per-seed differences, standard error sd / sqrt(n), t = mean / se):",
+                "",
+                "| tool A - tool B | seeds | mean | sd | se | t | A above B |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for g in gaps:
+                lines.append(f"| {g['a']} - {g['b']} | {g['n']} | {g['mean']:+.4f} | {g['sd']:.4f} | {g['se']:.4f} "
+                             f"| {g['t']:+.2f} | {g['above']} of {g['n']} |")  # fmt: skip
         lines.append("")
     for key, value in sorted(results.get("agreement", {}).items()):
         per_type = value["pearson_per_type"]
