@@ -193,33 +193,38 @@ def scvi_weights_side(name: str, h5ad: Path, epochs: int, out: Path) -> None:
     )  # fmt: skip
 
 
-def atlasvi_state(saved: "np.lib.npyio.NpzFile") -> dict:
-    """atlasvi's SysVIModule state dict from scvi-tools' SysVAE weights saved as "weight:<name>" arrays (the
+RENAMES = {  # scvi-tools' SysVAE parameter names -> atlasvi's SysVIModule's
+    "decoder_y.fc_layers.Layer ": "fc.layers.",
+    "mean_encoder": "mean",
+    "var_encoder.encoder": "var",
+    "var_encoder.var_param": "var_param",
+}
+
+
+def atlasvi_name(key: str) -> str:
+    """atlasvi's name of a scvi-tools SysVAE parameter or buffer (not the VampPrior's pseudo-inputs)."""
+    if key == "prior.u":
+        return "pseudo_x"
+    if key == "prior.w":
+        return "prior_logits"
+    for old, new in RENAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def atlasvi_state(saved: "np.lib.npyio.NpzFile | dict[str, np.ndarray]", prefix: str = "weight:") -> dict:
+    """atlasvi's SysVIModule state dict from scvi-tools' SysVAE weights saved as "<prefix><name>" arrays (the
     VampPrior's one-hot category weights become the pseudo-inputs' codes)."""
     import torch
 
-    renames = {
-        "decoder_y.fc_layers.Layer ": "fc.layers.",
-        "mean_encoder": "mean",
-        "var_encoder.encoder": "var",
-        "var_encoder.var_param": "var_param",
-    }
+    keys = saved.files if hasattr(saved, "files") else list(saved)
     state = {}
-    for key in saved.files:
-        if not key.startswith("weight:"):
+    for key in keys:
+        if not key.startswith(prefix) or key.startswith(f"{prefix}prior.u_cat."):
             continue
-        value, key = torch.tensor(saved[key]), key.removeprefix("weight:")
-        if key == "prior.u":
-            state["pseudo_x"] = value
-        elif key == "prior.w":
-            state["prior_logits"] = value.flatten()
-        elif key.startswith("prior.u_cat."):
-            continue
-        else:
-            for old, new in renames.items():
-                key = key.replace(old, new)
-            state[key] = value
-    state["pseudo_codes"] = torch.tensor(saved["weight:prior.u_cat.0"]).argmax(-1).view(1, -1)
+        value, name = torch.tensor(saved[key]), atlasvi_name(key.removeprefix(prefix))
+        state[name] = value.flatten() if name == "prior_logits" else value
+    state["pseudo_codes"] = torch.tensor(saved[f"{prefix}prior.u_cat.0"]).argmax(-1).view(1, -1)
     state["pseudo_initialised"] = torch.tensor(True)
     return state
 

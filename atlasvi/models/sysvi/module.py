@@ -291,16 +291,18 @@ class SysVIModule(nn.Module):
         qz, z = inference["qz"], inference["z"]
         px = self.generative(z, inputs)["px"]
         reconstruction = F.gaussian_nll_loss(px.loc, inputs.x, px.scale, full=True, reduction="none").sum(-1)
-        if config.prior == "vamp":
-            kl_z = (qz.log_prob(z) - self.prior_log_prob(z)).sum(-1)
-        else:
-            kl_z = kl_divergence(qz, Normal(torch.zeros_like(z), torch.ones_like(z))).sum(-1)
+        # the cycle pass before the prior, as scvi-tools: the VampPrior's components are the pseudo-inputs encoded
+        # in eval mode, with batch-norm running statistics that the cycle's encoding (training mode) has updated
         if config.z_distance_cycle_weight > 0:
             system = self.other_system(inputs.system)
             decoded = self.generative(z, inputs, system)["px"] if config.cycle_input == "cross_system" else px
             cycle = self.cycle_distance(qz, self._encode(decoded.loc, system, inputs))
         else:
             cycle = torch.zeros_like(reconstruction)
+        if config.prior == "vamp":
+            kl_z = (qz.log_prob(z) - self.prior_log_prob(z)).sum(-1)
+        else:
+            kl_z = kl_divergence(qz, Normal(torch.zeros_like(z), torch.ones_like(z))).sum(-1)
         weighted = config.reconstruction_weight * reconstruction + kl_weight * kl_z
         loss = torch.mean(weighted + config.z_distance_cycle_weight * cycle)
         return LossOutput(loss, reconstruction, {"kl_z": kl_z}, {"cycle_loss": cycle.mean().detach()})
