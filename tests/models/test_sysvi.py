@@ -76,6 +76,25 @@ def test_the_cycle_reencodes_the_decoding_its_config_names(cycle_input):
     assert not torch.allclose(expected["own_system"], expected["cross_system"])
 
 
+def test_the_vamp_prior_reads_running_statistics_the_cycle_pass_has_updated():
+    """As scvi-tools' SysVAE: the cycle's encoding (training mode) updates the encoder's batch-norm running
+    statistics before the VampPrior encodes its pseudo-inputs (eval mode, with those running statistics)."""
+    torch.manual_seed(0)
+    module = SysVIModule(_schema_with_systems(2), SysVIConfig(n_latent=2, n_hidden=8, dropout_rate=0)).train()
+    inputs = SysVIInputs(x=torch.rand(40, 6), system=torch.tensor([0, 1] * 20), categorical=(), continuous=None)
+    norm = module.encoder.fc.layers[0][1]
+    seen, prior_log_prob = [], module.prior_log_prob
+
+    def recording(z: torch.Tensor) -> torch.Tensor:
+        seen.append((int(norm.num_batches_tracked), norm.running_mean.clone()))
+        return prior_log_prob(z)
+
+    module.prior_log_prob = recording
+    module.loss(inputs)
+    assert len(seen) == 1 and seen[0][0] == 2  # the cells' encoding and the cycle's, then the prior
+    assert torch.equal(seen[0][1], norm.running_mean)
+
+
 def _schema_with_systems(n: int):
     from atlasvi.data import StoreSchema
 

@@ -22,16 +22,21 @@ As scvi-tools, numerically: the decoder's Normal has scale sqrt(softplus(theta))
 what scvi-tools passes to `GaussianNLLLoss` as the variance, so the per-feature variance of the likelihood is
 sigma^2 = sqrt(softplus(theta)) + 1e-12 (clamped at 1e-6); likewise a VampPrior component's standard deviation
 is the square root of the encoder's scale at its pseudo-input. The pseudo-inputs are encoded with the encoder
-in eval mode (no dropout, running batch-norm statistics), as scvi-tools.
+in eval mode (no dropout, running batch-norm statistics), as scvi-tools, and after the cycle pass, as scvi-tools:
+its encoding (training mode) has already moved the running statistics the prior reads. From scvi-tools' weights,
+one training step gives its loss and gradients (benchmarks/results/sysvi_paired.md).
 
 Departures from scvi-tools 1.4.2, and why:
 - The cycle re-encodes the decoding as the other system by default (cycle_input "cross_system": the published
   method and the authors' code, whose cycle input is the cross-system decoding `y_m`). scvi-tools 1.4.2 decodes
   as the other system but re-encodes the own-system decoding `px` with the other system's label (its
   `px_cycle` is computed and unused), which looks like a slip of its refactor; cycle_input "own_system" is that
-  variant, for a like-for-like comparison. On Baron human + mouse (3 seeds, 400 epochs,
-  benchmarks/results/sysvi_fidelity.md) it mixes the species no better than the published cycle (iLISI 0.611
-  vs 0.645, batch entropy 0.913 vs 0.932), so the default stays the published method.
+  variant, for a like-for-like comparison. On Baron human + mouse (4 seeds, 400 epochs, both tools from
+  scvi-tools' initial weights on the same cells, benchmarks/results/sysvi_paired.md) it mixes the species as
+  scvi-tools' SysVI does (iLISI 0.629 vs 0.585, paired difference +0.044 +- 0.106) and the published cycle more
+  (0.681, +0.096 +- 0.029; batch entropy 0.939 vs 0.904), so the default stays the published method. With
+  "own_system" the unused cross-system decoding is not computed; in scvi-tools that decoding (training mode) also
+  moves the decoder's batch-norm running statistics, which only eval-mode decodings read (not the latent).
 - The reconstruction is the full Gaussian -log-likelihood in nats (with 0.5 log 2 pi per feature, which
   `GaussianNLLLoss` leaves out): the same gradients, and a -ELBO comparable across models. A density's
   -log-likelihood can be negative.
