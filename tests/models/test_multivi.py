@@ -154,3 +154,36 @@ def test_the_rna_library_encoder_initialises_as_scvi_tools():
         means.append(float(library.mean()))
     assert sum(means) / len(means) == pytest.approx(0.13955, abs=1e-4)
     assert sum(m > 0 for m in means) / len(means) == pytest.approx(0.56)
+
+
+def test_every_weight_has_scvi_tools_size_and_init_scheme(multiome_store):
+    """The two tools draw their initial weights from one distribution (benchmarks/results/multivi_init_distribution.md,
+    100 seeds each): every tensor has scvi-tools 1.4.2's size (entries per module recorded from
+    scvi.module.MULTIVAE(n_input_regions=2000, n_input_genes=1185, n_batch=3) and the classifier its
+    AdversarialTrainingPlan builds, floating tensors, names mapped, the protein modules left out) and torch's default
+    init, as scvi-tools' (Linear: kaiming-uniform weights and uniform biases within 1 / sqrt(fan_in); layer norm
+    without parameters; batch norm 1 / 0), px_r standard normal, region factors 0, modality weights 1."""
+    scvi_tools = {
+        "px_r": 1185, "region_factors": 2000, "z_encoder_expression": 54704, "l_encoder_expression": 54209,
+        "z_decoder_expression": 109070, "z_encoder_accessibility": 90564, "z_decoder_accessibility": 92420,
+        "l_encoder_accessibility": 90069, "adversary": 1635, "mod_weights": 2,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    module = MULTIVIModule(open_store(multiome_store).schema).requires_grad_(False)
+    counts: dict[str, int] = {}
+    for name, value in module.state_dict().items():
+        if value.is_floating_point():
+            counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + value.numel()
+    assert counts == scvi_tools
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 24
+    for layer in linears:
+        bound = 1 / math.sqrt(layer.in_features)
+        assert float(layer.weight.abs().max()) <= bound and float(layer.bias.abs().max()) <= bound
+        if layer.weight.numel() >= 2000:  # uniform on (-bound, bound): s.d. bound / sqrt(3)
+            assert float(layer.weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert all(m.weight is None for m in module.modules() if isinstance(m, torch.nn.LayerNorm))
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 and all(bool((m.weight == 1).all() and (m.bias == 0).all()) for m in norms)
+    assert float(module.px_r.std()) == pytest.approx(1.0, abs=0.06) and abs(float(module.px_r.mean())) < 0.1
+    assert float(module.region_factors.abs().max()) == 0.0 and module.mod_weights.tolist() == [1.0, 1.0]
