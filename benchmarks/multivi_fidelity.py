@@ -528,7 +528,7 @@ def main() -> None:
         report = json.loads((HERE / "results" / f"{name}.json").read_text())
         if report["meta"]["train_fields"] != fields:
             raise SystemExit(f"results/{name}.json was run with {report['meta']['train_fields']}, not {fields}")
-        earlier.append(report["rows"])
+        earlier.append((report["rows"], bool(report["meta"].get("same_start"))))
     reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
     rows = merged_rows(earlier, args.seeds, reused, args.same_start)
     if args.same_start and args.scvi_only:
@@ -568,14 +568,22 @@ def main() -> None:
     print(markdown(rows, meta))
 
 
-def merged_rows(files: list[list[dict]], seeds: list[int], reused: str, same_start: bool) -> list[dict]:
-    """The rows --merge reuses, from each file's rows in turn (the first naming a (tool, seed) wins): the `reused`
-    tool's; with same_start, every row of the seeds not run now (their pairs) and atlasvi's of the seeds run."""
+def merged_rows(files: list[tuple[list[dict], bool]], seeds: list[int], reused: str, same_start: bool) -> list[dict]:
+    """The rows --merge reuses, from each file's (rows, whether it was a --same-start run) in turn (the first naming
+    a (tool, seed) wins): the `reused` tool's; with same_start, the pairs (both tools' rows) of the seeds not run now
+    from --same-start files, and atlasvi's rows of the seeds run from any."""
     rows: list[dict] = []
-    for earlier in files:
+    for earlier, paired_file in files:
         have = {(r["tool"], r["seed"]) for r in rows}
+        paired = {r["seed"] for r in earlier if r["tool"] == "atlasvi"} & {
+            r["seed"] for r in earlier if r["tool"] == "scvi-tools"
+        }
+        paired = paired if paired_file else set()
         for r in earlier:
-            keep = (r["seed"] not in seeds or r["tool"] == "atlasvi") if same_start else r["tool"] == reused
+            if same_start:
+                keep = r["tool"] == "atlasvi" if r["seed"] in seeds else r["seed"] in paired
+            else:
+                keep = r["tool"] == reused
             if keep and (r["tool"], r["seed"]) not in have:
                 rows.append(r)
     return rows

@@ -78,14 +78,15 @@ def test_paired_differences_are_atlasvi_minus_scvi_tools_per_seed_both_ran():
 
 
 def test_merged_rows_keep_the_reused_tool_or_with_same_start_the_other_pairs_and_atlasvis_rows():
-    paired = [{"tool": t, "seed": 0, "v": 1} for t in ("atlasvi", "scvi-tools")]
+    paired = [{"tool": t, "seed": 0, "v": 1} for t in ("atlasvi", "scvi-tools")] + [{"tool": "atlasvi", "seed": 3}]
     table = [{"tool": t, "seed": s, "v": 2} for s in range(3) for t in ("atlasvi", "scvi-tools")]
-    rows = merged_rows([paired, table], [1, 2], "atlasvi", same_start=True)
+    table += [{"tool": t, "seed": 5, "v": 2} for t in ("atlasvi", "scvi-tools")]  # an unpaired-design pair: not kept
+    rows = merged_rows([(paired, True), (table, False)], [1, 2], "atlasvi", same_start=True)  # seed 3: no pair
     assert [(r["tool"], r["seed"], r["v"]) for r in rows] == [
         ("atlasvi", 0, 1), ("scvi-tools", 0, 1), ("atlasvi", 1, 2), ("atlasvi", 2, 2)
     ]  # fmt: skip
-    assert [(r["tool"], r["seed"]) for r in merged_rows([table], [0], "scvi-tools", same_start=False)] == [
-        ("scvi-tools", 0), ("scvi-tools", 1), ("scvi-tools", 2)
+    assert [(r["tool"], r["seed"]) for r in merged_rows([(table, False)], [0], "scvi-tools", same_start=False)] == [
+        ("scvi-tools", 0), ("scvi-tools", 1), ("scvi-tools", 2), ("scvi-tools", 5)
     ]  # fmt: skip
 
 
@@ -100,6 +101,15 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
         pytest.approx(b.std(ddof=1)),
     )
     assert multivi_init_distribution.compare(np.zeros(5), np.zeros(5))["ks_p"] == 1.0  # a fill: identical
+
+
+@pytest.mark.parametrize("name", ["multivi_fidelity_paired", "multivi_fidelity_paired_redraw"])
+def test_committed_paired_table_renders_from_its_json(name):
+    report = json.loads((RESULTS / f"{name}.json").read_text())
+    assert report["meta"]["same_start"]
+    assert markdown(report["rows"], report["meta"]) == (RESULTS / f"{name}.md").read_text()
+    diffs = paired_differences(report["rows"])
+    assert json.loads(json.dumps(diffs)) == report["paired_differences"]
 
 
 def test_committed_init_distribution_renders_from_its_json():
