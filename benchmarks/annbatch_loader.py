@@ -34,6 +34,11 @@ import time
 from pathlib import Path
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+# annbatch's default store codec, and atlasvi's default (`atlasvi build`: Blosc zstd level 3, bitshuffle)
+COMPRESSORS = {
+    "lz4": "blosc lz4 clevel 3 shuffle (annbatch default)",
+    "zstd": "blosc zstd clevel 3 bitshuffle (atlasvi's build default)",
+}
 DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 
 
@@ -78,7 +83,7 @@ def _store_settings(args) -> dict:
         "shard_size": args.shard_size,
         "dataset_size": args.dataset_size,
         "shuffle_chunk_size": args.shuffle_chunk_size,
-        "zarr_compressor": "blosc lz4 clevel 3 shuffle (annbatch default)",
+        "zarr_compressor": COMPRESSORS[args.compressor],
         "write_codec_pipeline": ZARRS_PIPELINE,
         "seed": args.seed,
     }
@@ -98,11 +103,14 @@ def write_store(h5ad: Path, store: Path, args) -> dict:
     """Runs in a child process: writes the collection, returns timing and peak RSS."""
     import numpy as np
     from annbatch import DatasetCollection
+    from zarr.codecs import BloscCodec
 
+    codec = {"lz4": ("lz4", "shuffle"), "zstd": ("zstd", "bitshuffle")}[args.compressor]
     _set_pipeline(True)
     t0 = time.perf_counter()
     DatasetCollection(store).add_adatas(
         [str(h5ad)],
+        zarr_compressor=(BloscCodec(cname=codec[0], clevel=3, shuffle=codec[1]),),
         shuffle=True,
         n_obs_per_chunk=args.n_obs_per_chunk,
         shard_size=_parse_size_or_int(args.shard_size),
@@ -116,8 +124,8 @@ def write_store(h5ad: Path, store: Path, args) -> dict:
 def ensure_store(h5ad: Path, workdir: Path, args) -> tuple[Path, dict]:
     settings = _store_settings(args)
     key = _cache_key(h5ad, settings)
-    store = workdir / f"{h5ad.stem}.annbatch.zarr"
-    meta_path = workdir / f"{h5ad.stem}.annbatch.json"
+    store = workdir / f"{h5ad.stem}.{args.compressor}.annbatch.zarr"
+    meta_path = workdir / f"{h5ad.stem}.{args.compressor}.annbatch.json"
     if store.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
@@ -125,7 +133,7 @@ def ensure_store(h5ad: Path, workdir: Path, args) -> tuple[Path, dict]:
             meta["cached"] = True
             return store, meta
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f"{h5ad.stem}.annbatch.partial.zarr"
+    tmp = workdir / f"{h5ad.stem}.{args.compressor}.annbatch.partial.zarr"
     for p in (store, tmp):
         if p.exists():
             shutil.rmtree(p)
@@ -149,6 +157,7 @@ def _store_argv(args) -> list[str]:
         "--dataset-size", str(args.dataset_size),
         "--shuffle-chunk-size", str(args.shuffle_chunk_size),
         "--seed", str(args.seed),
+        "--compressor", args.compressor,
     ]  # fmt: skip
 
 
@@ -256,6 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-size", default="20GB")
     p.add_argument("--shuffle-chunk-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compressor", choices=sorted(COMPRESSORS), default="lz4", help="the store's Blosc codec")
     p.add_argument("--_child", choices=["write", "measure"], help=argparse.SUPPRESS)
     p.add_argument("--_store", type=Path, help=argparse.SUPPRESS)
     return p
@@ -301,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "store_cached": meta["cached"],
         "store_mb": meta.get("store_mb"),
         "store_settings": meta["store_settings"],
+        "compressor": args.compressor,
         "loader_settings": {
             "api": "annbatch.Loader(...).use_collection(collection, load_adata=X + selected obs columns)",
             "shuffle": True,

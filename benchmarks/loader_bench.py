@@ -7,9 +7,14 @@ For each size: a synthetic input (benchmarks/synthetic.py: NB counts from profil
 data, 2000 genes, ~8% non-zeros) is built into an atlas store by `build_store` (validation, HVG,
 library prior and permutation included); then, on a warm page cache, a plain sequential block read
 of the store (the ceiling), atlasvi's StreamingLoader per backend and batch size, and annbatch
-(its own venv, benchmarks/setup_annbatch_venv.sh) with and without zarrs. Every measurement runs in
-a child process, so its peak RSS is its own; cells/s are medians of `--repeats` runs. Results go to
-benchmarks/results/loader.{json,md} with a description of the machine.
+(its own venv, benchmarks/setup_annbatch_venv.sh; with zarrs, `--annbatch-zarrs on off` adds without) on
+its store written with lz4 (its default) and with zstd (atlasvi's), so both compare on the same codec.
+Every measurement runs in a child process, so its peak RSS is its own. `--repeats` rounds each measure
+every reader once, interleaved, so a shared machine's load falls on all alike: cells/s are medians over
+rounds, atlasvi / annbatch ratios medians of ratios paired within a round; the load average is recorded.
+Results go to benchmarks/results/loader.{json,md} with the machine, the command and the commit.
+
+    python benchmarks/loader_bench.py --sizes 200000 --reuse-stores --min-cells 200000  # quicker rounds
 """
 
 import argparse
@@ -146,47 +151,93 @@ def synthetic_input(n_cells: int) -> Path:
     return path
 
 
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _merge(parts: list[dict]) -> dict:
+    """One measurement's interleaved repeats: median cells/s, every repeat, peak RSS of the largest."""
+    rates = [p["cells_per_s"] for p in parts]
+    merged = {"cells_per_s": statistics.median(rates), "all": rates}
+    if "peak_rss_mb" in parts[0]:
+        merged["peak_rss_mb"] = max(p["peak_rss_mb"] for p in parts)
+    return merged
+
+
 def run(args: argparse.Namespace) -> dict:
-    results: dict = {"machine": machine(), "sizes": {}}
+    """Per size: build the stores, then `--repeats` rounds, each measuring every reader once (interleaved, so the
+    shared machine's load falls on all of them alike); medians over the rounds, ratios paired within a round."""
+    results: dict = {"machine": machine(), "command": " ".join(sys.argv), "commit": _commit(), "sizes": {}}
     for n_cells in args.sizes:
         source = synthetic_input(n_cells)
-        row: dict = {"build": {}, "sequential": {}, "loader": {}}
+        row: dict = {"build": {}, "sequential": {}, "loader": {}, "annbatch": {}, "load": []}
+        stores = {}
         for compressor in args.compressors:
-            store = str(CACHE / f"atlas_{n_cells // 1000}k_{compressor}.zarr")
+            store = stores[compressor] = str(CACHE / f"atlas_{n_cells // 1000}k_{compressor}.zarr")
+            if args.reuse_stores and Path(store, "zarr.json").exists():
+                continue
             built = row["build"][compressor] = _child("build", source=str(source), store=store, compressor=compressor)
             print(f"{n_cells:>8} cells  {compressor} build {built['seconds']:.1f} s, {built['peak_rss_mb']:.0f} MB")
-            if compressor == args.compressors[0]:
-                row["epoch_rss"] = _child("epoch_rss", store=store, backend=args.backends[0])
-            if n_cells < args.min_throughput_cells:
-                continue
-            for b in args.backends:
-                key = f"{compressor}/{b}"
-                row["sequential"][key] = _child("sequential", store=store, backend=b, repeats=args.repeats)
-                for bs in args.batch_sizes:
-                    rate = row["loader"][f"{key}/{bs}"] = _child(
-                        "loader", store=store, backend=b, batch_size=bs, repeats=args.repeats,
-                        min_cells=min(n_cells, 400_000),
-                    )  # fmt: skip
-                    print(f"{'':>8}        loader {key}/{bs:<8} {rate['cells_per_s']:>10,.0f} cells/s")
-            if compressor == args.compressors[0]:
-                best = max(args.backends, key=lambda b: row["loader"][f"{compressor}/{b}/1024"]["cells_per_s"])
-                rate = row["loader"][f"{compressor}/{best}/1024"]["cells_per_s"]
-                row["consumer_wait"] = _child(
-                    "consumer_wait", store=store, backend=best, batch_size=1024, compute_s=1024 / (0.8 * rate)
-                )
-                row["consumer_wait"]["reader"] = f"{compressor}/{best}"
-        if n_cells >= args.min_throughput_cells and args.annbatch and ANNBATCH_PYTHON.exists():
-            row["annbatch"] = annbatch(source, args)
+        first = stores[args.compressors[0]]
+        row["epoch_rss"] = _child("epoch_rss", store=first, backend=args.backends[0])
+        if n_cells < args.min_throughput_cells:
+            results["sizes"][str(n_cells)] = row
+            continue
+        sequential, loader, ann = {}, {}, {}
+        for rep in range(args.repeats):
+            row["load"].append(_load())
+            for compressor, store in stores.items():
+                for b in args.backends:
+                    key = f"{compressor}/{b}"
+                    sequential.setdefault(key, []).append(_child("sequential", store=store, backend=b, repeats=1))
+                    for bs in args.batch_sizes:
+                        rate = _child(
+                            "loader", store=store, backend=b, batch_size=bs, repeats=1,
+                            min_cells=min(n_cells, args.min_cells),
+                        )  # fmt: skip
+                        loader.setdefault(f"{key}/{bs}", []).append(rate)
+                        print(f"round {rep} loader {key}/{bs:<6} {rate['cells_per_s']:>10,.0f} cells/s", flush=True)
+            if args.annbatch and ANNBATCH_PYTHON.exists():
+                for compressor in args.annbatch_compressors:
+                    out = annbatch(source, args, compressor)
+                    if "error" in out:
+                        row["annbatch_error"] = out["error"]
+                        continue
+                    row.setdefault("annbatch_store", {})[compressor] = {
+                        k: out[k] for k in ("write_s", "write_peak_rss_mb")
+                    }
+                    for entry in out["rows"]:
+                        key = f"{compressor}/{'zarrs' if entry['zarrs'] else 'zarr'}/{entry['batch_size']}"
+                        ann.setdefault(key, []).append({"cells_per_s": entry["cells_per_s_median"]})
+                        print(f"round {rep} annbatch {key:<16} {entry['cells_per_s_median']:>10,.0f} cells/s")
+            row["load"].append(_load())
+        row["sequential"] = {k: _merge(v) for k, v in sequential.items()}
+        row["loader"] = {k: _merge(v) for k, v in loader.items()}
+        row["annbatch"] = {k: _merge(v) for k, v in ann.items()}
+        compressor = args.compressors[0]
+        best = max(args.backends, key=lambda b: row["loader"][f"{compressor}/{b}/1024"]["cells_per_s"])
+        rate = row["loader"][f"{compressor}/{best}/1024"]["cells_per_s"]
+        row["consumer_wait"] = _child(
+            "consumer_wait", store=first, backend=best, batch_size=1024, compute_s=1024 / (0.8 * rate)
+        )
+        row["consumer_wait"]["reader"] = f"{compressor}/{best}"
         results["sizes"][str(n_cells)] = row
     return results
 
 
-def annbatch(source: Path, args: argparse.Namespace) -> dict:
+def _commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    return result.stdout.strip() or "?"
+
+
+def annbatch(source: Path, args: argparse.Namespace, compressor: str) -> dict:
+    """One repeat of annbatch's loader (its venv) on its store of `source` written with `compressor`."""
     repo = HERE.parent
     command = [
         str(ANNBATCH_PYTHON), str(HERE / "annbatch_loader.py"), "--h5ad", str(source.relative_to(repo)),
         "--workdir", str((CACHE / "annbatch").relative_to(repo)), "--batch-sizes", *map(str, args.batch_sizes),
-        "--zarrs", "on", "off", "--repeats", str(args.repeats), "--epochs-cells", "1000000",
+        "--zarrs", *args.annbatch_zarrs, "--repeats", "1", "--epochs-cells", str(args.min_cells),
+        "--compressor", compressor,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=repo)
     if result.returncode != 0:
@@ -199,21 +250,33 @@ def markdown(results: dict) -> str:
     lines = [
         "# Loader and build benchmark",
         "",
+        f"`{results['command']}` at commit {results['commit']}.",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, Python {m['python']}; {m['note']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "",
-        "| cells | codec | build s | build peak RSS MB | loader epoch peak RSS MB |",
-        "|---:|---|---:|---:|---:|",
     ]
+    builds = [(n, codec, b) for n, row in results["sizes"].items() for codec, b in row["build"].items()]
+    if builds:
+        lines += ["", "| cells | codec | build s | build peak RSS MB |", "|---:|---|---:|---:|"]
+        lines += [f"| {int(n):,} | {c} | {b['seconds']:.1f} | {b['peak_rss_mb']:.0f} |" for n, c, b in builds]
     for n, row in results["sizes"].items():
-        for codec, b in row["build"].items():
-            epoch = row["epoch_rss"]["peak_rss_mb"] if codec == next(iter(row["build"])) else float("nan")
-            lines.append(f"| {int(n):,} | {codec} | {b['seconds']:.1f} | {b['peak_rss_mb']:.0f} | {epoch:.0f} |")
-    for n, row in results["sizes"].items():
+        lines.append(
+            f"\n{int(n):,} cells: one epoch of the loader peaks at {row['epoch_rss']['peak_rss_mb']:.0f} MB RSS."
+        )
         if not row["loader"]:
             continue
-        lines += ["", f"## {int(n):,} cells x 2000 genes: cells/s (median of repeats)", ""]
-        lines += ["| reader (store codec / backend) | batch | cells/s | / sequential read |", "|---|---:|---:|---:|"]
+        load = row["load"]
+        lines += [
+            "",
+            f"## {int(n):,} cells x 2000 genes: cells/s, median of {len(next(iter(row['loader'].values()))['all'])} "
+            "interleaved rounds",
+            "",
+            f"Load average (1 min) at the rounds' starts and ends: {min(load):.1f}-{max(load):.1f} on "
+            f"{m['cores']} cores.",
+            "",
+            "| reader (store codec / backend) | batch | cells/s | / sequential read |",
+            "|---|---:|---:|---:|",
+        ]
         for key, seq in row["sequential"].items():
             lines.append(f"| sequential block read ({key}) | - | {seq['cells_per_s']:,.0f} | 1.00 |")
         for key, value in row["loader"].items():
@@ -222,16 +285,18 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| atlasvi StreamingLoader ({codec}/{backend}) | {batch} | {value['cells_per_s']:,.0f} | {ratio:.2f} |"
             )
-        annbatch_rows = row.get("annbatch", {})
-        for entry in annbatch_rows.get("rows", []):
-            zarrs = "with zarrs" if entry["zarrs"] else "without zarrs"
-            rate = entry["cells_per_s_median"]
-            lines.append(f"| annbatch 0.3.1, lz4 store ({zarrs}) | {entry['batch_size']} | {rate:,.0f} | |")
-        if "write_s" in annbatch_rows:
-            write_s, write_mb = annbatch_rows["write_s"], annbatch_rows["write_peak_rss_mb"]
-            lines.append(f"\nannbatch store write: {write_s:.1f} s, peak RSS {write_mb:.0f} MB.")
-        elif "error" in annbatch_rows:
-            lines.append(f"\nannbatch failed: {annbatch_rows['error'][-300:]}")
+        for key, value in row["annbatch"].items():
+            codec, pipeline, batch = key.split("/")
+            zarrs = "with zarrs" if pipeline == "zarrs" else "without zarrs"
+            lines.append(f"| annbatch 0.3.1, {codec} store ({zarrs}) | {batch} | {value['cells_per_s']:,.0f} | |")
+        lines += _versus_annbatch(row)
+        for codec, store in row.get("annbatch_store", {}).items():
+            lines.append(
+                f"\nannbatch {codec} store write: {store['write_s']:.1f} s, "
+                f"peak RSS {store['write_peak_rss_mb']:.0f} MB."
+            )
+        if "annbatch_error" in row:
+            lines.append(f"\nannbatch failed: {row['annbatch_error'][-300:]}")
         wait = row["consumer_wait"]
         lines.append(
             f"\nRead-ahead ({wait['reader']}): a consumer computing off-CPU at 80% of the loader's rate waited "
@@ -240,15 +305,36 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _versus_annbatch(row: dict) -> list[str]:
+    """atlasvi / annbatch-with-zarrs per batch size, each atlasvi store codec against annbatch's on the same codec
+    and against annbatch's default (lz4): medians of the rounds' paired ratios."""
+    pairs = []
+    for key in row["loader"]:
+        codec, backend, batch = key.split("/")
+        for other in dict.fromkeys([codec, "lz4"]):
+            theirs = row["annbatch"].get(f"{other}/zarrs/{batch}")
+            if theirs:
+                ratios = [a / b for a, b in zip(row["loader"][key]["all"], theirs["all"], strict=False)]
+                pairs.append((f"atlasvi {codec}/{backend} vs annbatch+zarrs {other}", batch, statistics.median(ratios)))
+    if not pairs:
+        return []
+    lines = ["", "| atlasvi / annbatch (paired by round) | batch | ratio |", "|---|---:|---:|"]
+    return lines + [f"| {name} | {batch} | {ratio:.2f} |" for name, batch, ratio in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000, 1_000_000])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
-    parser.add_argument("--backends", nargs="+", default=["tensorstore", "zarrs", "zarr"])
+    parser.add_argument("--backends", nargs="+", default=["tensorstore", "zarrs", "zarr"], help="auto: the default's")
     parser.add_argument("--compressors", nargs="+", default=["zstd", "lz4"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-throughput-cells", type=int, default=200_000, help="throughput rows from this size on")
+    parser.add_argument("--min-cells", type=int, default=400_000, help="cells read per loader measurement (at least)")
+    parser.add_argument("--reuse-stores", action="store_true", help="keep atlas stores an earlier run built")
+    parser.add_argument("--annbatch-compressors", nargs="+", default=["lz4", "zstd"], choices=["lz4", "zstd"])
+    parser.add_argument("--annbatch-zarrs", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--no-annbatch", dest="annbatch", action="store_false")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader")
     args = parser.parse_args()

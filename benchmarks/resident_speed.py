@@ -37,7 +37,7 @@ def worker(spec: dict) -> dict:
     from atlasvi.train.job import TrainJobConfig, build_module, make_loaders, module_spec
 
     device = torch.device(spec["device"])
-    store = open_store(spec["store"])
+    store = open_store(spec["store"], backend=spec.get("backend", "auto"))
     train = TrainConfig(max_epochs=spec["epochs"], seed=spec["seed"], amp=spec.get("amp", True))
     loader = LoaderConfig(batch_size=spec["batch_size"], seed=spec["seed"], resident=spec["resident"])
     job = TrainJobConfig(store=spec["store"], train=train, loader=loader)
@@ -98,7 +98,8 @@ def markdown(report: dict) -> str:
         "",
         f"{report['cells']:,} synthetic cells x {report['genes']} genes (`atlasvi.bench.perf.cached_store`, zstd), "
         f"{report['epochs']} epochs, {report['pairs']} pairs per batch size, {report['threads']} torch thread, "
-        f"device {report['device']}; machine: {report['machine']}. cells/s: median over epochs 2.. of a run, "
+        f"device {report['device']}, streaming reader {report.get('backend', 'zarr')} (`--backend`); "
+        f"machine: {report['machine']}. cells/s: median over epochs 2.. of a run, "
         "then over pairs; ratio: median of the per-pair ratios resident / streaming. Per-step losses of the two "
         "runs of every pair identical: " + ("yes" if report["identical_losses"] else "NO") + ".",
         "",
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", help="the store reader streaming uses (LoaderConfig.backend)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "resident_speed")
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs = []
         for pair in range(args.pairs):
             spec = {"store": str(store), "batch_size": batch_size, "epochs": args.epochs, "device": args.device,
-                    "threads": args.threads, "seed": 0}  # fmt: skip
+                    "threads": args.threads, "seed": 0, "backend": args.backend}  # fmt: skip
             order = (False, True) if pair % 2 == 0 else (True, False)
             done = {mode: run_worker(spec | {"resident": mode}) for mode in order}
             if done[True]["step_losses"] != done[False]["step_losses"] or not done[True]["resident"]:
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "command": "PYTHONPATH=$PWD .venv/bin/python benchmarks/resident_speed.py " + " ".join(argv or sys.argv[1:]),
         "cells": args.cells, "genes": args.genes, "epochs": args.epochs, "pairs": args.pairs,
-        "threads": args.threads, "device": args.device, "identical_losses": identical,
+        "threads": args.threads, "device": args.device, "identical_losses": identical, "backend": args.backend,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared and under load (paired runs)",
         "rows": rows, "runs": runs,
     }  # fmt: skip

@@ -6,7 +6,7 @@
 
 For each dataset, repeat and batch size (interleaved, the order rotated every repeat), each in its own
 process with the same torch thread count and `OMP_WAIT_POLICY=PASSIVE`:
-- atlasvi/store: `fit` on a `StreamingLoader` of the training store (zarr backend, read-ahead threads);
+- atlasvi/store: `fit` on a `StreamingLoader` of the training store (the default reader, read-ahead threads);
 - atlasvi/memory: the same module and `fit` on `InMemoryLoader`, the training store's CSR held in RAM and
   cut into the very same minibatches (same sampler, windows and window shuffles): only the store differs;
 - scvi-tools: `scvi_reference.py` in the scvi-tools venv on the same cells (same h5ad, filters, 2000 HVGs

@@ -144,7 +144,7 @@ def train_command(
         section = {k: v for k, v in read_meta(saved)["config"]["model"].items() if k != "name" and k in fields}
         defaults = {"model": section} | ({} if job.store is not None else {"store": AtlasModel.saved_store(saved)})
         job = make_config(TrainJobConfig, [(f"{saved}/{META_NAME}", defaults), *sources])
-    opened = open_store(job.store or _embedded_store())
+    opened = open_store(job.store or _embedded_store(), backend=job.loader.backend)
     split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
     spec = module_spec(job, opened)  # so does an init_from the model cannot start from
     out, uri, ray = Path(job.output), tracking_uri(), job.num_workers > 1 or address is not None

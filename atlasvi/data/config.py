@@ -95,8 +95,9 @@ class LoaderConfig(_Frozen):
       "pad" repeats cells from the start of the epoch so no cell is dropped.
     shuffle: False reads the rows in store order with no shuffling (inference, write-back).
     prefetch: buffers read ahead by background threads.
-    backend: "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional
-      `zarrs` package) or "tensorstore"; all yield identical batches.
+    backend: "auto" (tensorstore for a local store or an http(s) URL, zarr-python for s3:// and other fsspec URLs),
+      "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional `zarrs` package) or
+      "tensorstore"; all yield identical batches (tensorstore reads fastest: benchmarks/results/loader.md).
     resident: whether training (`atlasvi.train.make_loaders`) holds the store's rows in memory on the training
       device, read once, and cuts the minibatches there (`atlasvi.data.resident`: the very same minibatches as
       streaming); "auto" does when they fit resident_budget_mb, else streams.
@@ -112,6 +113,6 @@ class LoaderConfig(_Frozen):
     shuffle: bool = True
     prefetch: int = Field(default=2, ge=1)
     num_threads: int = Field(default=2, ge=1)
-    backend: Literal["zarr", "zarrs", "tensorstore"] = "zarr"
+    backend: Literal["auto", "zarr", "zarrs", "tensorstore"] = "auto"
     resident: Literal["auto"] | bool = "auto"
     resident_budget_mb: float | None = Field(default=None, gt=0)

@@ -174,26 +174,43 @@ def minibatch_from_rows(
         crow = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         elements = np.repeat(starts - crow[:-1], lengths) + np.arange(crow[-1])
         indices, values = block.indices[elements], block.data[elements]
-    code_maps = code_maps or {}
-    categorical = {
-        k: np.asarray(code_maps[k])[v[take]] if k in code_maps else v[take] for k, v in block.categorical.items()
-    }
-    obsm = {k: v[take] for k, v in block.obsm.items()}
-    masks = {k: v[take] for k, v in block.masks.items()}
-    for k in obsm:
-        if feature_map_key(k) in code_maps:
-            obsm[k], masks[k] = _aligned(obsm[k], masks[k], np.asarray(code_maps[feature_map_key(k)]))
+    categorical = _model_codes({k: v[take] for k, v in block.categorical.items()}, code_maps or {})
+    obsm, masks = _model_features(
+        {k: v[take] for k, v in block.obsm.items()}, {k: v[take] for k, v in block.masks.items()}, code_maps or {}
+    )
     return Minibatch(
         torch.from_numpy(crow),
         torch.from_numpy(indices.astype(np.int32, copy=False)),
         torch.from_numpy(values.astype(np.float32, copy=False)),
         n_genes,
-        {k: torch.from_numpy(v.astype(np.int64, copy=False)) for k, v in categorical.items()},
+        {k: torch.from_numpy(v) for k, v in categorical.items()},
         {k: torch.from_numpy(v[take].astype(np.float32, copy=False)) for k, v in block.continuous.items()},
         torch.from_numpy(rows[take].astype(np.int64, copy=False)),
         {k: _tensor(v) for k, v in obsm.items()},
         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in masks.items()},
     )
+
+
+def _model_codes(
+    categorical: Mapping[str, np.ndarray], code_maps: Mapping[str, np.ndarray | torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """key -> (n,) int64 codes in a model's coding: through `code_maps[key]` where it has one, else the store's."""
+    return {
+        k: np.asarray(code_maps[k])[v] if k in code_maps else v.astype(np.int64, copy=False)
+        for k, v in categorical.items()
+    }
+
+
+def _model_features(
+    obsm: dict[str, np.ndarray | sp.csr_matrix],
+    masks: dict[str, np.ndarray],
+    code_maps: Mapping[str, np.ndarray | torch.Tensor],
+) -> tuple[dict, dict]:
+    """(obsm, masks) with each dense modality that has a feature map (`feature_map_key`) in a model's feature order."""
+    for k in obsm:
+        if feature_map_key(k) in code_maps:
+            obsm[k], masks[k] = _aligned(obsm[k], masks[k], np.asarray(code_maps[feature_map_key(k)]))
+    return obsm, masks
 
 
 def _tensor(values: np.ndarray | sp.csr_matrix) -> torch.Tensor:
@@ -372,48 +389,79 @@ class StreamingLoader:
         return [w for w in windows if w]
 
     def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> list[Minibatch]:
-        """Read, shuffle and cut one window into minibatches (in a read-ahead thread)."""
+        """Read, shuffle and cut one window into minibatches (in a read-ahead thread).
+
+        The window is assembled once in the minibatches' dtypes (the shuffle is one gather, then the counts are
+        cast to float32) and each minibatch is views of it: no per-batch copies or casts.
+        """
         blocks = self.store.read_ranges(ranges, self.modalities)
         offsets = np.cumsum([0] + [b.indptr[-1] for b in blocks[:-1]])
         indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=True)])
-        indices = np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False)
         window = sp.csr_matrix(
-            (np.concatenate([b.data for b in blocks]), indices, indptr.astype(np.int32)),
+            (
+                np.concatenate([b.data for b in blocks]),
+                np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False),
+                indptr.astype(np.int32),
+            ),
             shape=(len(indptr) - 1, self.store.schema.n_genes),
             copy=False,
         )
-        order = np.arange(window.shape[0])
+        rows = np.concatenate([np.arange(a, z) for a, z in ranges])
+        order: slice | np.ndarray = slice(None)
         if self.config.shuffle:
-            order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(order)
-        window = window[order]
-        rows = np.concatenate([np.arange(a, z) for a, z in ranges])[order]
-        window = RowBlock(
-            0,
-            len(rows),
-            window.indptr.astype(np.int32),
-            window.indices.astype(np.int32, copy=False),
-            window.data.astype(np.float32),
-            {k: np.concatenate([b.categorical[k] for b in blocks])[order] for k in blocks[0].categorical},
-            {
-                k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32)
-                for k in blocks[0].continuous
-            },
-            rows,
+            order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(len(rows))
+            window, rows = window[order], rows[order]
+        obsm, masks = _model_features(
             {k: _stack([b.obsm[k] for b in blocks])[order] for k in self.modalities if k in blocks[0].obsm},
             {k: np.concatenate([b.masks[k] for b in blocks])[order] for k in self.modalities},
+            self.code_maps,
         )
-        return self._batches(window)
+        categorical = {k: np.concatenate([b.categorical[k] for b in blocks])[order] for k in blocks[0].categorical}
+        return self._batches(
+            RowBlock(
+                0,
+                len(rows),
+                window.indptr.astype(np.int32, copy=False),
+                window.indices.astype(np.int32, copy=False),
+                window.data.astype(np.float32, copy=False),
+                _model_codes(categorical, self.code_maps),
+                {
+                    k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32)
+                    for k in blocks[0].continuous
+                },
+                rows,
+                obsm,
+                masks,
+            )
+        )
 
     def _batches(self, window: RowBlock) -> list[Minibatch]:
-        size = self.config.batch_size
-        n_rows = len(window.indptr) - 1
-        # only the rank's last window can end on a short batch
-        return [
-            minibatch_from_rows(
-                window, slice(i * size, min((i + 1) * size, n_rows)), self.store.schema.n_genes, self.code_maps
+        """Consecutive slices of a shuffled window (int32 pointers and gene indices, float32 counts, model codes,
+        int64 rows, dense modalities as float32) as minibatches; only the rank's last window can end short."""
+        size, n_genes, n_rows = self.config.batch_size, self.store.schema.n_genes, len(window.indptr) - 1
+        edges = [*range(0, n_rows, size), n_rows]
+        nnz = window.indptr[edges].tolist()
+        rows = window.rows.astype(np.int64, copy=False)
+        dense = {k: v.astype(np.float32) for k, v in window.obsm.items() if not sp.issparse(v)}
+        masks = {k: np.ascontiguousarray(v) for k, v in window.masks.items()}
+        tensor = torch.from_numpy  # numpy slices wrapped: cheaper than slicing tensors
+        batches = []
+        for i, (a, z) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            lo, hi = nnz[i], nnz[i + 1]
+            batches.append(
+                Minibatch(
+                    tensor(window.indptr[a : z + 1] - np.int32(lo)),
+                    tensor(window.indices[lo:hi]),
+                    tensor(window.data[lo:hi]),
+                    n_genes,
+                    {k: tensor(v[a:z]) for k, v in window.categorical.items()},
+                    {k: tensor(v[a:z]) for k, v in window.continuous.items()},
+                    tensor(rows[a:z]),
+                    {k: tensor(dense[k][a:z]) if k in dense else _tensor(v[a:z]) for k, v in window.obsm.items()},
+                    {k: tensor(v[a:z]) for k, v in masks.items()},
+                )
             )
-            for i in range(-(-n_rows // size))
-        ]
+        return batches
 
     def _schedule(self, epoch: int, first_window: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
         """(epoch, window index, row ranges) from a position on, running on into the following epochs."""

@@ -317,9 +317,9 @@ class AtlasStore:
     rows_read: (n_cells,) bool, the rows this reader has fetched (a rank's shard can be audited with it).
     """
 
-    def __init__(self, path: str | Path, backend: str = "zarr"):
+    def __init__(self, path: str | Path, backend: str = "auto"):
         self.path = str(path)
-        self.backend = backend
+        self.backend = backend = resolve_backend(backend, self.path)
         root = _open_root(self.path)
         meta = _atlas_attrs(root, self.path)
         self.schema = StoreSchema.from_attrs(meta, self.path)
@@ -667,19 +667,17 @@ class AtlasStore:
             self._corrupt(
                 data_name, at(element), f"holds {data[element]} at element {at(element)}, stored counts are > 0"
             )
-        if indices.min() < 0 or indices.max() >= group.n_columns:
+        if indices.view(np.dtype(f"u{indices.itemsize}")).max() >= group.n_columns:  # a negative one reads as huge
             element = int(np.flatnonzero((indices < 0) | (indices >= group.n_columns))[0])
             self._corrupt(
                 indices_name, at(element), f"holds {group.column} index {indices[element]} at element {at(element)}"
             )
-        not_increasing = np.diff(indices) <= 0
+        not_increasing = indices[1:] <= indices[:-1]
         inner_starts = indptr[1:-1]
-        inner_starts = np.unique(inner_starts[(inner_starts > 0) & (inner_starts < len(indices))])
         # a decrease is allowed only where a new cell starts
-        if np.count_nonzero(not_increasing) > np.count_nonzero(not_increasing[inner_starts - 1]):
-            allowed = np.zeros(len(indices), dtype=bool)
-            allowed[inner_starts] = True
-            element = int(np.flatnonzero(not_increasing & ~allowed[1:])[0]) + 1
+        not_increasing[inner_starts[(inner_starts > 0) & (inner_starts < len(indices))] - 1] = False
+        if not_increasing.any():
+            element = int(np.flatnonzero(not_increasing)[0]) + 1
             self._corrupt(indices_name, at(element), f"is not sorted within a cell at element {at(element)}")
 
 
@@ -696,6 +694,14 @@ class _CSRGroup:
     modality: str | None = None
 
 
+def resolve_backend(backend: str, path: str | Path) -> str:
+    """The reader "auto" means for `path`: tensorstore (the fastest here, benchmarks/results/loader.md) for a local
+    store or an http(s):// URL, zarr-python (fsspec) for other URLs (s3://, gs://, ...); other names unchanged."""
+    if backend != "auto":
+        return backend
+    return "zarr" if is_url(path) and not str(path).startswith(("http://", "https://")) else "tensorstore"
+
+
 def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
     if backend == "zarr":
         return ZarrReader(path, names)
@@ -705,7 +711,7 @@ def _make_reader(backend: str, path: str, names: list[str]) -> ArrayReader:
         return ZarrReader(path, names, codec_pipeline="zarrs.ZarrsCodecPipeline")
     if backend == "tensorstore":
         return TensorStoreReader(path, names)
-    raise ValueError(f"unknown backend {backend!r}: zarr, zarrs or tensorstore")
+    raise ValueError(f"unknown backend {backend!r}: auto, zarr, zarrs or tensorstore")
 
 
 def _open_root(path: str) -> zarr.Group:
@@ -807,8 +813,9 @@ def read_spatial(path: str | Path) -> np.ndarray | None:
         return np.asarray(zarr.open_group(store, mode="r", zarr_format=3)[f"obsm/{meta['obsm_key']}"][:])
 
 
-def open_store(path: str | Path, backend: str = "zarr") -> AtlasStore:
-    """Open an atlas store (local path or URL) for reading with the zarr or tensorstore backend."""
+def open_store(path: str | Path, backend: str = "auto") -> AtlasStore:
+    """Open an atlas store (local path or URL) for reading with a backend: "auto" (see `resolve_backend`), "zarr",
+    "zarrs" or "tensorstore"; all read the same values."""
     return AtlasStore(path, backend)
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import itertools
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import torch
 
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store
 from atlasvi.data.loader import minibatch_from_rows
+from atlasvi.data.store import resolve_backend
 
 SMALL = {"batch_size": 64, "block_size": 100, "buffer_blocks": 3}
 
@@ -78,12 +80,35 @@ def test_ranks_read_disjoint_equal_shards(kang_store, world_size, last_batch):
         assert set(seen.tolist()) == set(range(1556))
 
 
-@pytest.mark.parametrize("backend", ["tensorstore", "zarrs"])
+@pytest.mark.parametrize("backend", ["tensorstore", "zarrs", "auto"])
 def test_every_backend_yields_the_batches_of_zarr_python(kang_store, backend):
     by_zarr = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL, backend="zarr")))
     by_other = _epoch(StreamingLoader(kang_store, LoaderConfig(**SMALL, backend=backend)))
     assert len(by_zarr) == len(by_other)
     assert all(_same(a, b) for a, b in zip(by_zarr, by_other, strict=True))
+
+
+def test_the_default_backend_is_tensorstore_where_it_can_read(kang_store):
+    assert LoaderConfig().backend == "auto"
+    assert StreamingLoader(kang_store).store.backend == "tensorstore"
+    assert [resolve_backend("auto", p) for p in ("a.zarr", "http://h/a.zarr", "https://h/a", "s3://b/a.zarr")] == [
+        "tensorstore", "tensorstore", "tensorstore", "zarr",
+    ]  # fmt: skip
+    assert resolve_backend("zarrs", "s3://b/a.zarr") == "zarrs"
+
+
+def test_minibatches_are_views_of_one_window_in_their_dtypes(kang_store):
+    loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    first, second = list(itertools.islice(iter(loader), 2))
+    loader.close()
+    assert (first.crow_indices.dtype, first.col_indices.dtype, first.values.dtype) == (torch.int32,) * 2 + (
+        torch.float32,
+    )
+    assert first.rows.dtype == torch.int64 and all(v.dtype == torch.int64 for v in first.categorical.values())
+    assert int(first.crow_indices[0]) == 0 and int(first.crow_indices[-1]) == len(first.values)
+    # consecutive minibatches of a window are consecutive slices of its arrays: no per-batch copy of the counts
+    assert second.values.data_ptr() == first.values.data_ptr() + 4 * len(first.values)
+    assert second.col_indices.data_ptr() == first.col_indices.data_ptr() + 4 * len(first.col_indices)
 
 
 @pytest.mark.parametrize("stop_after", [1, 7, 9, 24 + 5])

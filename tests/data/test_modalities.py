@@ -199,15 +199,22 @@ def test_schema_1_store_opens_as_rna_only(tmp_path: Path, two_panels: Path):
         store.read_rows(0, 5, ("protein",))
 
 
-def test_a_missing_protein_chunk_is_never_read_as_zeros(tmp_path: Path, two_panels: Path):
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("zarr", r"obsm/protein_expression holds its fill value at row 0 \(chunk 0"),  # read as the fill value
+        ("tensorstore", r"cannot read obsm/protein_expression\[0:10\] \(chunk 0 .* is missing"),  # refused by the read
+    ],
+)
+def test_a_missing_protein_chunk_is_never_read_as_zeros(tmp_path: Path, two_panels: Path, backend: str, message: str):
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(two_panels, damaged)
     for shard in (damaged / "obsm" / "protein_expression" / "c").rglob("*"):
         if shard.is_file():
             shard.unlink()
-    store = open_store(damaged)
+    store = open_store(damaged, backend=backend)
     store.read_rows(0, 10)  # RNA alone reads
-    with pytest.raises(StoreCorruptError, match=r"obsm/protein_expression holds its fill value at row 0 \(chunk 0"):
+    with pytest.raises(StoreCorruptError, match=message):
         store.read_rows(0, 10, ("protein",))
 
 
@@ -371,10 +378,14 @@ def test_a_missing_peak_chunk_is_refused(tmp_path: Path):
     for shard in (path / "obsm" / "atac" / "data" / "c").rglob("*"):
         if shard.is_file():
             shard.unlink()
-    store = open_store(path)
-    store.read_rows(0, 10)
-    with pytest.raises(StoreCorruptError, match=r"obsm/atac/data holds 0 at element 0, stored counts are > 0"):
-        store.read_rows(0, 10, ("atac",))
+    for backend, message in [
+        ("zarr", r"obsm/atac/data holds 0 at element 0, stored counts are > 0"),  # read as the fill value
+        ("tensorstore", r"cannot read obsm/atac/data\[0:\d+\] \(chunk 0 .* is missing"),  # refused by the read
+    ]:
+        store = open_store(path, backend=backend)
+        store.read_rows(0, 10)
+        with pytest.raises(StoreCorruptError, match=message):
+            store.read_rows(0, 10, ("atac",))
 
 
 def test_union_of_rna_and_atac_cells_with_an_rna_mask(tmp_path: Path):
