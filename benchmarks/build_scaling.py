@@ -12,7 +12,8 @@ the repeats are paired (each repeat runs every configuration, in rotated order) 
 Peak RSS is each process's maximum resident set (`getrusage`): the driver's, and each worker's. Scaling
 efficiency = t(1 worker) / (N x t(N workers)), from medians. With --baseline-src LABEL=CHECKOUT, other checkouts
 of atlasvi (e.g. before the build moved to dask, or before a change) run the same build in the same repeats
-(one process each), with their paired ratio to this checkout's 1-worker time.
+(one process each; with --baseline-workers N > 1, on N dask workers, for checkouts that have them), with their
+paired ratio to this checkout's time on as many workers.
 With --copies K the input is a folder of K studies, copies of the cached input with their own cell names (10M =
 10 x 1M: generating 10M cells takes about an hour on this machine).
 The projection to 100M cells extrapolates linearly in cells from the largest size measured (the passes are
@@ -94,7 +95,7 @@ def _one(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     workers_rss: list[float] = []
     workers_cpu: list[float] = []
-    if args.baseline:
+    if args.baseline and workers == 1:  # checkouts from before dask have no executor
         build_store(config)
     else:
         from atlasvi.data.executor import BuildExecutor
@@ -173,21 +174,22 @@ def _summary(runs: list[dict]) -> list[dict]:
             if cpu:
                 row["median_cpu_seconds"] = statistics.median(cpu)
                 row["cores_used"] = statistics.median(_cpu_total(r) / r["seconds"] for r in mine)
-            if base and kind == "dask":
+            if base:  # against this checkout's 1-worker build (a baseline's 1-worker work is the same build)
                 row["scaling_efficiency"] = statistics.median(base) / (workers * seconds)
                 base_cpu = [
                     _cpu_total(r) for r in at if r["kind"] == "dask" and r["workers"] == 1 and "driver_cpu_seconds" in r
                 ]
                 if cpu and base_cpu:
                     row["cpu_efficiency"] = statistics.median(base_cpu) / statistics.median(cpu)
-            if kind.startswith("baseline") and base:
+            if kind.startswith("baseline"):
                 pairs = [
                     b["seconds"] / d["seconds"]
                     for b in mine
                     for d in at
-                    if d["kind"] == "dask" and d["workers"] == 1 and d["repeat"] == b["repeat"]
+                    if d["kind"] == "dask" and d["workers"] == workers and d["repeat"] == b["repeat"]
                 ]
-                row["baseline_over_dask_1_worker"] = statistics.median(pairs)
+                if pairs:
+                    row["baseline_over_dask"] = statistics.median(pairs)
             rows.append(row)
     return rows
 
@@ -240,8 +242,8 @@ def _markdown(result: dict) -> str:
         cpu_efficiency = f"{row['cpu_efficiency']:.2f}" if "cpu_efficiency" in row else ""
         worker = f"{row['worker_peak_rss_mb']:.0f} MB" if row["worker_peak_rss_mb"] else "(the driver)"
         name = row["kind"].replace("baseline:", "baseline ") if row["kind"].startswith("baseline") else "dask"
-        if "baseline_over_dask_1_worker" in row:
-            name += f", {row['baseline_over_dask_1_worker']:.2f}x the 1-worker time (paired median)"
+        if "baseline_over_dask" in row:
+            name += f", {row['baseline_over_dask']:.2f}x this checkout's time on as many workers (paired median)"
         checksums = ", ".join(c[:12] for c in row["checksums"])
         lines.append(
             f"| {row['n_cells']:,} | {name} | {row['workers']} | {row['median_seconds']:.1f} "
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline-src", nargs="*", default=[], help="LABEL=CHECKOUT: other atlasvi checkouts to time alongside"
     )
+    p.add_argument(
+        "--baseline-workers", type=int, nargs="+", default=[1], help="workers of the baselines (> 1: with dask)"
+    )
     p.add_argument("--merge", action="store_true", help="add to the committed runs instead of replacing them")
     p.add_argument("--out", default=str(RESULTS / "build_scaling.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -299,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     h5ad = _input(args.n_cells) if args.copies == 1 else _studies(args.n_cells, args.copies)
     n_cells = args.n_cells * args.copies
     baselines = dict(item.split("=", 1) for item in args.baseline_src)
-    configs = [("dask", w) for w in args.workers] + [(f"baseline:{label}", 1) for label in baselines]
+    configs = [("dask", w) for w in args.workers]
+    configs += [(f"baseline:{label}", w) for label in baselines for w in args.baseline_workers]
     out = Path(args.out)
     previous = json.loads(out.read_text())["runs"] if args.merge and out.exists() else []
     runs = [r for r in previous if r["n_cells"] != n_cells]

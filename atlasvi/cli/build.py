@@ -79,6 +79,9 @@ def build_command(
             "--workers actors (default: one per CPU)",
         ),
     ] = None,
+    dashboard: Annotated[
+        bool, typer.Option(help="local workers serve dask's dashboard (its link printed; ~1 CPU s to start)")
+    ] = False,
 ) -> None:
     """Build one atlas store (AnnData Zarr v3) from inputs. With no inputs: the embedded CellBench dataset."""
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -114,7 +117,7 @@ def build_command(
     }
     sources.append(("flags", flags))
     build_config = make_config(BuildConfig, sources)
-    path = build_with_progress(build_config, workers, scheduler, ray)
+    path = build_with_progress(build_config, workers, scheduler, ray, dashboard)
     _print_summary(path)
 
 

@@ -166,19 +166,23 @@ class _RichProgress:
 
 
 def build_with_progress(
-    config: BuildConfig, workers: int | None = 1, scheduler: str | None = None, ray_address: str | None = None
+    config: BuildConfig,
+    workers: int | None = 1,
+    scheduler: str | None = None,
+    ray_address: str | None = None,
+    dashboard: bool = False,
 ) -> Path:
     """build_store with rich bars per stage (a failed build raises AtlasInputError and writes nothing), on
-    `workers` local worker processes (None: every core; 1: this process), on the dask cluster at `scheduler` or
-    on the Ray cluster at `ray_address` ("local": a new one here; `workers` actors, None: one per CPU), whose
-    dashboard link is printed."""
+    `workers` local worker processes (None: every core; 1: this process; with `dashboard` they serve dask's
+    dashboard), on the dask cluster at `scheduler` or on the Ray cluster at `ray_address` ("local": a new one
+    here; `workers` actors, None: one per CPU), whose dashboard link is printed."""
 
-    def announce(link: str) -> None:
+    def announce(link: str | None) -> None:
         if ray_address is not None:
             where = f"Ray cluster at {ray_address} ({executor.workers} actors)"
         else:
             where = f"dask cluster at {scheduler}" if scheduler else f"{workers} local dask workers"
-        console.print(f"building on the {where}; dashboard: {link}")
+        console.print(f"building on the {where}" + (f"; dashboard: {link}" if link else ""))
 
     if scheduler is not None and ray_address is not None:
         raise ConfigError("give --scheduler (a dask cluster) or --ray (a Ray cluster), not both")
@@ -191,7 +195,9 @@ def build_with_progress(
         executor = BuildExecutor.connect(scheduler, on_start=announce)
     else:
         workers = workers or default_workers()
-        executor = BuildExecutor.local(workers, on_start=announce) if workers > 1 else BuildExecutor()
+        executor = BuildExecutor()
+        if workers > 1:
+            executor = BuildExecutor.local(workers, on_start=announce, dashboard=dashboard)
     with executor, progress_bars(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn()) as bars:
         return build_store(config, _RichProgress(bars), executor)
 

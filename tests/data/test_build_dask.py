@@ -168,7 +168,8 @@ def test_a_worker_holds_only_the_inputs_it_keeps_open(tmp_path):
 
 def test_a_local_cluster_of_forked_workers_builds_the_same_store_with_dasks_bookkeeping_slowed(tmp_path):
     """`atlasvi build --workers 2`: worker processes forked from this one (Linux), with the tick monitor, the
-    profiler and the system / memory monitors slowed (see `local_cluster_config`), build the same store."""
+    profiler and the system / memory monitors slowed (see `local_cluster_config`) and no dashboard unless asked
+    for, build the same store."""
     import functools
 
     import dask
@@ -181,5 +182,6 @@ def test_a_local_cluster_of_forked_workers_builds_the_same_store_with_dasks_book
             executor.run_on_workers(functools.partial(dask.config.get, key))
             for key in ("distributed.admin.tick.interval", "distributed.worker.profile.enabled")
         ]
+        assert executor.dashboard_link is None
     assert store_checksum(two) == store_checksum(one)
     assert [sorted(values.values()) for values in settings] == [["1s", "1s"], [False, False]]
