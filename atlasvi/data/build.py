@@ -627,18 +627,6 @@ _OPENED_LOCK = threading.Lock()
 _KEEP_OPEN = 2  # inputs a thread keeps open (a worker's chunks mostly come from one input at a time)
 
 
-def _reset_after_fork() -> None:
-    """In a process forked from a build's driver (a local dask worker, see `local_cluster_config`): the inputs
-    the driver had opened are not this process's to keep or close, and no other thread holds the lock."""
-    global _LOCAL, _OPENED_LOCK
-    _LOCAL, _OPENED_LOCK = threading.local(), threading.Lock()
-    _OPENED.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
 def _source(ctx: _Context, i: int) -> InputFile:
     """Input i, opened once per worker thread and build (a 10x input is read whole, once per worker)."""
     files: dict = getattr(_LOCAL, "files", None) or {}

@@ -14,7 +14,6 @@ atlasvi installed.
 import contextlib
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -38,10 +37,9 @@ def local_cluster_config() -> dict[str, Any]:
     """The dask settings of the local cluster a build starts (`BuildExecutor.local`); a cluster given by its
     scheduler address keeps its own.
 
-    - Worker processes are forked from this one on Linux (dask spawns them): a spawned worker starts an
-      interpreter and imports distributed and atlasvi's readers (anndata, zarr, h5py) anew, ~4 CPU s each on the
-      2-core VM, a build of 1M cells with 2 workers ~8 of its ~55 CPU s. zarr and h5py reset their locks and IO
-      threads in a forked child; the build's own per-process state (`atlasvi.data.build`) is reset too.
+    - Worker processes are spawned (dask's default): each starts an interpreter and imports distributed and
+      atlasvi's readers anew, ~3.7 CPU s a worker on the 2-core VM. Forking them from this process saved that,
+      but a forked worker was once seen to hang on a lock the driver's threads held at the fork (in the tests).
     - Fewer wake-ups of dask's bookkeeping, which costs CPU for every second the build runs, not for its work:
       the tick monitor (20 ms -> 1 s: it only warns about a blocked event loop), the statistical profiler of
       each worker (every 10 ms: the dashboard's profile page stays empty), the system monitor (0.5 -> 2 s) and the
@@ -61,8 +59,6 @@ def local_cluster_config() -> dict[str, Any]:
         "distributed.admin.system-monitor.interval": "2s",
         "distributed.worker.memory.monitor-interval": "1s",
     }
-    if sys.platform.startswith("linux"):  # elsewhere (macOS) forking a process with threads is unsafe
-        config["distributed.worker.multiprocessing-method"] = "fork"
     return config
 
 

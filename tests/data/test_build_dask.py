@@ -166,10 +166,9 @@ def test_a_worker_holds_only_the_inputs_it_keeps_open(tmp_path):
     assert "held" not in build._OPENED and all(s._h5 is None for s in sources)
 
 
-def test_a_local_cluster_of_forked_workers_builds_the_same_store_with_dasks_bookkeeping_slowed(tmp_path):
-    """`atlasvi build --workers 2`: worker processes forked from this one (Linux), with the tick monitor, the
-    profiler and the system / memory monitors slowed (see `local_cluster_config`) and no dashboard unless asked
-    for, build the same store."""
+def test_a_local_cluster_builds_the_same_store_with_dasks_bookkeeping_slowed(tmp_path):
+    """`atlasvi build --workers 2`: worker processes with the tick monitor, the profiler and the system / memory
+    monitors slowed (see `local_cluster_config`) and no dashboard unless asked for build the same store."""
     import functools
 
     import dask
