@@ -216,19 +216,11 @@ def run_atlasvi(
 
     from atlasvi.api.condscvi import CondSCVI
     from atlasvi.api.destvi import DestVI
-    from atlasvi.data import BuildConfig, LoaderConfig, build_store
+    from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
 
     torch.set_num_threads(1)
-    stores = out.parent / f"{out.stem}_stores"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref_store = build_store(
-            BuildConfig(
-                inputs=[str(reference)], output=str(stores / "ref.zarr"), labels_key="cell_type", overwrite=True
-            )
-        )
-        spot_store = build_store(BuildConfig(inputs=[str(spots)], output=str(stores / "spots.zarr"), overwrite=True))
+    ref_store, spot_store = build_stores(reference, spots, out.parent / f"{out.stem}_stores")
     torch.save(atlasvi_init(ref_store, spot_store, seed), out.with_suffix(".init.pt"))
     started = time.perf_counter()
     sc_model = CondSCVI(ref_store, device="cpu", seed=seed)
@@ -260,9 +252,15 @@ def export_atlasvi_init(reference: Path, spots: Path, path: Path, seed: int) -> 
     training: stores built from the files as `run_atlasvi` builds them."""
     import torch
 
+    ref_store, spot_store = build_stores(reference, spots, path.parent / f"{path.name}_stores")
+    torch.save(atlasvi_init(ref_store, spot_store, seed), path)
+    return path
+
+
+def build_stores(reference: Path, spots: Path, stores: Path) -> tuple[Path, Path]:
+    """The reference (labels "cell_type") and spot files built into `stores`/ref.zarr and spots.zarr: (ref, spots)."""
     from atlasvi.data import BuildConfig, build_store
 
-    stores = path.parent / f"{path.name}_stores"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_store = build_store(
@@ -271,8 +269,7 @@ def export_atlasvi_init(reference: Path, spots: Path, path: Path, seed: int) -> 
             )
         )
         spot_store = build_store(BuildConfig(inputs=[str(spots)], output=str(stores / "spots.zarr"), overwrite=True))
-    torch.save(atlasvi_init(ref_store, spot_store, seed), path)
-    return path
+    return ref_store, spot_store
 
 
 def run_scvi(
