@@ -52,14 +52,13 @@ def local_cluster_config() -> dict[str, Any]:
 
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    config: dict[str, Any] = {
+    return {
         "distributed.nanny.pre-spawn-environ": environ,
         "distributed.admin.tick.interval": "1s",
         "distributed.worker.profile.enabled": False,
         "distributed.admin.system-monitor.interval": "2s",
         "distributed.worker.memory.monitor-interval": "1s",
     }
-    return config
 
 
 class PassProgress:
@@ -179,10 +178,10 @@ class BuildExecutor:
         done, total) advances by each task's weight (e.g. its cells). A task's error is raised here, the other
         tasks cancelled and waited for (none writes after this returns)."""
         if tasks:
-            yield from self._run(fn, tasks, stage, PassProgress(stage, progress, len(tasks), weights), shared)
+            yield from self._run(fn, tasks, PassProgress(stage, progress, len(tasks), weights), shared)
 
     def _run(
-        self, fn: Callable[..., Any], tasks: Sequence[tuple], stage: str, advance: PassProgress, shared: tuple
+        self, fn: Callable[..., Any], tasks: Sequence[tuple], advance: PassProgress, shared: tuple
     ) -> Iterator[tuple[int, Any]]:
         """`map` of a pass of one or more tasks, its progress started."""
         if self.distributed and len(tasks) > 1:
@@ -196,7 +195,7 @@ class BuildExecutor:
         from distributed import as_completed
 
         shared = tuple(self.share(value) for value in shared)
-        keys = [f"{self._prefix}-{stage}-{i}" for i in range(len(tasks))]
+        keys = [f"{self._prefix}-{advance.stage}-{i}" for i in range(len(tasks))]
         futures = [
             self._client.submit(fn, *shared, *task, key=key, pure=False) for key, task in zip(keys, tasks, strict=True)
         ]

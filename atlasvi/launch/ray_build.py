@@ -61,7 +61,7 @@ class RayBuildExecutor(BuildExecutor):
         return ray.put(value)
 
     def _run(
-        self, fn: Callable[..., Any], tasks: Sequence[tuple], stage: str, advance: PassProgress, shared: tuple
+        self, fn: Callable[..., Any], tasks: Sequence[tuple], advance: PassProgress, shared: tuple
     ) -> Iterator[tuple[int, Any]]:
         """As `BuildExecutor.map`: (task index, result) as each task completes; a task's error is raised here as
         the task raised it (one line: an AtlasInputError names file, cell and gene), after the tasks still running
