@@ -39,6 +39,53 @@ def seed_summary(rows: list[dict], tool: str, key: str) -> tuple[float, float, f
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, values.min(), values.max()
 
 
+def paired_differences(rows: list[dict], key: str) -> dict:
+    """atlasvi - scvi-tools of `key` per seed run by both tools (rows: one per tool and seed): the differences, their
+    mean, sd, standard error and t = mean / se (0 when the differences do not vary), n."""
+    by_seed = {(r["tool"], r["seed"]): r[key] for r in rows}
+    seeds = sorted(s for t, s in by_seed if t == "atlasvi" and ("scvi-tools", s) in by_seed)
+    diff = np.array([by_seed["atlasvi", s] - by_seed["scvi-tools", s] for s in seeds])
+    sd = float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    se = sd / np.sqrt(len(diff)) if len(diff) else 0.0
+    return {
+        "seeds": seeds,
+        "differences": diff.tolist(),
+        "mean": float(diff.mean()) if len(diff) else 0.0,
+        "sd": sd,
+        "se": float(se),
+        "t": float(diff.mean() / se) if se > 0 else 0.0,
+        "n": len(diff),
+    }
+
+
+def save_init(state: dict, method: str, path: Path) -> Path:
+    """An atlasvi module's state (its initial weights) under scvi-tools' names of `method` (scvi-tools' class name,
+    `atlasvi.models.scvi_tools`), for `load_init` in the scvi-tools venv. Run in the atlasvi venv."""
+    import torch
+
+    from atlasvi.models.scvi_tools import to_scvi_tools_name
+
+    torch.save({to_scvi_tools_name(method, k): v.detach().clone() for k, v in state.items()}, path)
+    return path
+
+
+def load_init(module, path: Path, unused: tuple[str, ...] = ()) -> None:
+    """Copy the weights `save_init` wrote into a scvi-tools module (in place). SystemExit when a saved name is not
+    the module's or has another shape, or when a module entry the file lacks does not start with one of `unused`
+    (parts scvi-tools builds and never uses in the configuration, e.g. LDVAE's zero-inflation layer for NB)."""
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    own = module.state_dict()
+    foreign = [k for k, v in saved.items() if k not in own or own[k].shape != v.shape]
+    missing = [k for k in own if k not in saved and not k.startswith(unused)]
+    if foreign or missing:
+        raise SystemExit(f"{path}: names not in the scvi-tools module {foreign}; module entries not in it {missing}")
+    with torch.no_grad():
+        for k, v in saved.items():
+            own[k].copy_(v)
+
+
 def parse_filters(items: list[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:

@@ -67,6 +67,10 @@ def scvi_side(args: argparse.Namespace) -> None:
         adata.obs = adata.obs[[batch_key]].copy() if batch_key else adata.obs[[]].copy()
     scvi.model.LinearSCVI.setup_anndata(train, batch_key=batch_key)
     model = scvi.model.LinearSCVI(train)  # scvi-tools' defaults
+    if args.init:  # atlasvi's initial weights of the seed (the zero-inflation layer, unused for NB, kept as drawn)
+        from benchmarks.fidelity_data import load_init
+
+        load_init(model.module, Path(args.init), unused=("decoder.px_dropout_decoder.",))
     started = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs, accelerator="cpu", devices=1, train_size=1.0, batch_size=args.batch_size,
@@ -213,8 +217,11 @@ def cross_evaluate(train_store: Path, heldout_store: Path, state_file: Path) -> 
 
 
 # --------------------------------------------------------------------------------------------- atlasvi side
-def atlasvi_side(train_store: Path, heldout_store: Path, seed: int, out: Path, args: argparse.Namespace) -> dict:
-    """Train atlasvi's LDVAE module (registry defaults) as fidelity.py trains scVI; the same outputs as scvi_side."""
+def atlasvi_side(
+    train_store: Path, heldout_store: Path, seed: int, out: Path, args: argparse.Namespace, init: Path | None = None
+) -> dict:
+    """Train atlasvi's LDVAE module (registry defaults) as fidelity.py trains scVI; the same outputs as scvi_side.
+    init: where to save the module's initial weights under scvi-tools' names (`fidelity_data.save_init`)."""
     import anndata as ad
     import pandas as pd
     import torch
@@ -223,11 +230,14 @@ def atlasvi_side(train_store: Path, heldout_store: Path, seed: int, out: Path, a
     from atlasvi.models.ldvae import LDVAEModule
     from atlasvi.train import TrainConfig, fit
     from benchmarks.fidelity import latent
+    from benchmarks.fidelity_data import save_init
 
     torch.manual_seed(seed)
     train = StreamingLoader(train_store, LoaderConfig(batch_size=args.batch_size, seed=seed))
     heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=args.batch_size))
     module = LDVAEModule(train.store.schema)
+    if init is not None:
+        save_init(module.state_dict(), "LinearSCVI", init)
     config = TrainConfig(max_epochs=args.max_epochs, n_epochs_kl_warmup=args.n_epochs_kl_warmup, seed=seed)
     started = time.perf_counter()
     history = fit(module, train, heldout, config)
@@ -305,11 +315,15 @@ def heldout_file() -> Path:
     return path
 
 
-def summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict], same_init: bool = False) -> dict:
     """Per tool: the held-out -ELBO's mean, median, sd, range, the ISG figures; the tools against each other: the
     two-sided Mann-Whitney U p-value of the -ELBOs over seeds, and (runs that have them) scvi-tools' weights under
-    atlasvi's evaluation against scvi-tools' own, and atlasvi's fall over the last TAIL epochs."""
+    atlasvi's evaluation against scvi-tools' own, and atlasvi's fall over the last TAIL epochs; with `same_init`
+    (both tools started from the same weights per seed) the paired differences of the -ELBO (one draw and the
+    mean of DRAWS draws) and the AUROC."""
     from scipy.stats import mannwhitneyu
+
+    from benchmarks.fidelity_data import paired_differences
 
     out = {}
     for tool in ("atlasvi", "scvi-tools"):
@@ -340,6 +354,9 @@ def summary(rows: list[dict]) -> dict:
         gaps = [abs(r["neg_elbo_draws_atlasvi_eval"] - r["neg_elbo_draws"]) for r in crossed]
         out["cross_evaluation_max_abs_diff"] = float(max(gaps))
         out["cross_evaluation_seeds"] = len(crossed)
+    if same_init:
+        keys = ("neg_elbo", "neg_elbo_draws", "auroc_stim_vs_ctrl")
+        out["paired"] = {key: paired_differences(rows, key) for key in keys}
     falls = [r["neg_elbo_tail_fall"] for r in rows if "neg_elbo_tail_fall" in r]
     if falls:
         out["atlasvi_tail_fall_median"] = float(np.median(falls))
@@ -449,6 +466,16 @@ def markdown(result: dict) -> str:
                     else "."
                 )
             )
+        if "paired" in s:
+            d, e, a = (s["paired"][k] for k in ("neg_elbo", "neg_elbo_draws", "auroc_stim_vs_ctrl"))
+            lines += [
+                "",
+                f"Paired (scvi-tools started from atlasvi's initial weights of each seed; {d['n']} seeds), atlasvi - "
+                f"scvi-tools: held-out -ELBO {d['mean']:+.2f} ± {d['se']:.2f} nats per cell (mean ± standard error "
+                f"of the paired differences; sd {d['sd']:.2f}, t = {d['t']:.2f}); mean of {DRAWS} draws "
+                f"{e['mean']:+.2f} ± {e['se']:.2f} (sd {e['sd']:.2f}, t = {e['t']:.2f}); ISG-factor AUROC "
+                f"{a['mean']:+.3f} ± {a['se']:.3f} (t = {a['t']:.2f}).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -485,21 +512,23 @@ def stores(config: str, workdir: Path) -> tuple[Path, Path]:
 
 
 def one_run(config: str, tool: str, seed: int, train_store: Path, heldout_store: Path, args) -> dict:
-    """The figures of one tool's run (cached in the work folder; --rerun trains again)."""
-    out = WORK / config
+    """The figures of one tool's run (cached in the work folder; --rerun trains again). With --same-init the
+    atlasvi run (first) saves its initial weights and the scvi-tools run starts from them."""
+    out = WORK / (f"{config}_same_init" if args.same_init else config)
     out.mkdir(parents=True, exist_ok=True)
     cached = out / f"{tool}_seed{seed}_e{args.max_epochs}.json"
+    init = out / f"init_seed{seed}.pt" if args.same_init else None
     if cached.exists() and not args.rerun:
         return json.loads(cached.read_text())
     if tool == "atlasvi":
-        figures = atlasvi_side(train_store, heldout_store, seed, out, args)
+        figures = atlasvi_side(train_store, heldout_store, seed, out, args, init)
     else:
         command = [
             str(SCVI_PYTHON), __file__, "--side", "scvi", "--seed", str(seed), "--train", str(train_store),
             "--heldout", str(heldout_store), "--out", str(out), "--max-epochs", str(args.max_epochs),
             "--n-epochs-kl-warmup", str(args.n_epochs_kl_warmup), "--batch-size", str(args.batch_size),
             "--batch-key", config,
-        ]  # fmt: skip
+        ] + (["--init", str(init)] if init is not None else [])  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
         done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
         figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -519,7 +548,7 @@ def run(args: argparse.Namespace) -> None:
     obs = ad.read_h5ad(KANG, backed="r").obs
     condition = dict(zip(obs.index.astype(str), obs["condition"].astype(str), strict=True))
     results = HERE / "results"
-    previous = json.loads((results / "ldvae_fidelity.json").read_text()) if args.merge else {}
+    previous = json.loads((results / f"{args.out}.json").read_text()) if args.merge else {}
     for key in ("max_epochs", "n_epochs_kl_warmup", "batch_size"):
         if previous and previous[key] != getattr(args, key):
             raise SystemExit(f"--merge: the committed results ran {key} {previous[key]}, not {getattr(args, key)}")
@@ -530,37 +559,46 @@ def run(args: argparse.Namespace) -> None:
     }
     configs = {c: {"runs": rows, "summary": summary(rows)} for c, rows in kept.items() if c not in args.configs}
     same_function = previous.get("weights_check") if "sample" not in args.configs else None
-    for config in args.configs:
-        train_store, heldout_store = stores(config, HERE / ".cache" / "fidelity" / "kang")
-        rows = [r for r in kept.get(config, []) if r["seed"] not in args.seeds]
-        for seed in args.seeds:
-            for tool in ("atlasvi", "scvi-tools"):
-                figures = one_run(config, tool, seed, train_store, heldout_store, args)
-                row = {"command": command, "tool": tool, "seed": seed} | figures
-                row |= evaluate(tool.split("-")[0], seed, WORK / config, condition)
-                print(json.dumps({"config": config} | row), flush=True)
-                rows.append(row)
-        rows.sort(key=lambda r: (r["seed"], r["tool"]))
-        configs[config] = {"runs": rows, "summary": summary(rows)}
-        if config == "sample":
-            same_function = weights_check(train_store)
-            print(json.dumps({"weights_check": same_function}), flush=True)
-    n_train, n_held = (ad.read_zarr(s).n_obs for s in (train_store, heldout_store))
     result = {
         "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
-        "n_train": n_train,
-        "n_heldout": n_held,
-        "n_genes": rows[0]["n_genes"],
         "max_epochs": args.max_epochs,
         "n_epochs_kl_warmup": args.n_epochs_kl_warmup,
         "batch_size": args.batch_size,
+        "same_init": args.same_init,
         "weights_check": same_function,
-        "configs": {c: configs[c] for c in CONFIGS if c in configs},
     }
-    (results / "ldvae_fidelity.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / "ldvae_fidelity.md").write_text(markdown(result))
-    print(markdown(result))
+    for config in args.configs:
+        train_store, heldout_store = stores(config, HERE / ".cache" / "fidelity" / "kang")
+        result["n_train"], result["n_heldout"] = (ad.read_zarr(s).n_obs for s in (train_store, heldout_store))
+        rows = [r for r in kept.get(config, []) if r["seed"] not in args.seeds]
+        for seed in args.seeds:
+            load = "load average at start " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+            for tool in ("atlasvi", "scvi-tools"):
+                figures = one_run(config, tool, seed, train_store, heldout_store, args)
+                row = {"command": command, "load": load, "tool": tool, "seed": seed} | figures
+                out = WORK / (f"{config}_same_init" if args.same_init else config)
+                row |= evaluate(tool.split("-")[0], seed, out, condition)
+                print(json.dumps({"config": config} | row), flush=True)
+                rows.append(row)
+            rows.sort(key=lambda r: (r["seed"], r["tool"]))
+            configs[config] = {"runs": rows, "summary": summary(rows, args.same_init)}
+            write(result, configs, args.out)  # after every seed: a stopped run keeps what it measured
+        if config == "sample":
+            result["weights_check"] = weights_check(train_store)
+            print(json.dumps({"weights_check": result["weights_check"]}), flush=True)
+    print(write(result, configs, args.out))
+
+
+def write(result: dict, configs: dict, name: str) -> str:
+    """results/NAME.json and .md with the configs measured so far; returns the markdown."""
+    result["n_genes"] = next(iter(configs.values()))["runs"][0]["n_genes"]
+    result["configs"] = {c: configs[c] for c in CONFIGS if c in configs}
+    results = HERE / "results"
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (results / f"{name}.md").write_text(text)
+    return text
 
 
 def main() -> None:
@@ -570,12 +608,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="(scvi side) the seed")
     parser.add_argument("--train", help="(scvi side) the training store")
     parser.add_argument("--heldout", help="(scvi side) the held-out store")
-    parser.add_argument("--out", help="(scvi side) where to write")
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="batch covariates")
     parser.add_argument("--batch-key", default="sample", help="(scvi side) the batch key, or none")
+    parser.add_argument(
+        "--same-init", action="store_true",
+        help="scvi-tools starts each seed from atlasvi's initial weights of that seed (paired differences reported)",
+    )  # fmt: skip
+    parser.add_argument("--init", help="(scvi side) initial weights to start from (fidelity_data.save_init's file)")
+    parser.add_argument("--out", default="ldvae_fidelity", help="results/OUT.json and .md; (scvi side) where to write")
     parser.add_argument("--rerun", action="store_true", help="train again where a run's figures are cached")
     parser.add_argument(
         "--merge", action="store_true",

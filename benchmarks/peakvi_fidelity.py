@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.fidelity_data import KNN_FOLDS, KNN_NEIGHBOURS, knn_accuracy, seed_summary
+from benchmarks.fidelity_data import KNN_FOLDS, KNN_NEIGHBOURS, knn_accuracy, paired_differences, seed_summary
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -148,17 +148,21 @@ def train_fields(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- atlasvi
-def atlasvi_side(paths: dict, seed: int, fields: dict) -> dict:
-    """atlasvi's PEAKVI on the seed's training store; the figures of one seed."""
+def atlasvi_side(paths: dict, seed: int, fields: dict, init: Path | None = None) -> dict:
+    """atlasvi's PEAKVI on the seed's training store; the figures of one seed. init: where to save the module's
+    initial weights under scvi-tools' names (`fidelity_data.save_init`)."""
     import torch
 
     from atlasvi.api import PEAKVI
     from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
+    from benchmarks.fidelity_data import save_init
 
     torch.set_num_threads(1)
     train = paths[f"train_store_{seed}"]
     model = PEAKVI(train, device="cpu", seed=seed)
+    if init is not None:
+        save_init(model.module.state_dict(), "PEAKVI", init)
     started = time.perf_counter()
     model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=128, seed=seed))
     seconds = time.perf_counter() - started
@@ -177,9 +181,9 @@ def atlasvi_side(paths: dict, seed: int, fields: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- scvi-tools
-def scvi_side(paths: dict, seed: int, fields: dict) -> dict:
+def scvi_side(paths: dict, seed: int, fields: dict, init: Path | None = None) -> dict:
     """scvi-tools' PEAKVI on the training h5ad with the seed's validation cells (run in the scvi-tools venv); the
-    figures of one seed."""
+    figures of one seed. init: initial weights to start from (`fidelity_data.save_init`'s file)."""
     import logging
 
     import anndata as ad
@@ -193,6 +197,10 @@ def scvi_side(paths: dict, seed: int, fields: dict) -> dict:
     train, held = ad.read_h5ad(paths["train"]), ad.read_h5ad(paths["heldout"])
     scvi.model.PEAKVI.setup_anndata(train, batch_key=BATCH_KEY)
     model = scvi.model.PEAKVI(train)
+    if init is not None:
+        from benchmarks.fidelity_data import load_init
+
+        load_init(model.module, init)
     options = {k: v for k, v in fields.items() if k in ("max_epochs", "early_stopping", "n_epochs_kl_warmup")}
     started = time.perf_counter()
     if paths["validation"] is not None:
@@ -257,6 +265,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {tool} | {bce[0]:.2f} ± {bce[1]:.2f} [{bce[2]:.2f}, {bce[3]:.2f}] | "
             f"{knn[0]:.3f} ± {knn[1]:.3f} [{knn[2]:.3f}, {knn[3]:.3f}] |"
         )
+    if meta.get("same_init"):
+        bce, knn = (paired_differences(rows, key) for key in ("heldout_bce_mean_z", "knn_accuracy"))
+        loads = "; ".join(f"seed {s} {load}" for s, load in meta["loads"].items())
+        lines += [
+            "",
+            f"Paired: per seed, scvi-tools' module starts from atlasvi's initial weights of that seed ({bce['n']} "
+            "seeds); minibatch order, dropout and the latent draws are each tool's own. atlasvi - scvi-tools, mean ± "
+            "standard error of the paired differences (sd; t = mean / se):",
+            "",
+            f"- held-out BCE (mean z): {bce['mean']:+.2f} ± {bce['se']:.2f} nats per cell (sd {bce['sd']:.2f}; "
+            f"t = {bce['t']:.2f}); per seed " + ", ".join(f"{d:+.2f}" for d in bce["differences"]) + ";",
+            f"- kNN accuracy: {knn['mean']:+.3f} ± {knn['se']:.3f} (sd {knn['sd']:.3f}; t = {knn['t']:.2f}); per "
+            "seed " + ", ".join(f"{d:+.3f}" for d in knn["differences"]) + ".",
+            "",
+            f"Load average (1, 5, 15 min) at each seed's start: {loads}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -267,45 +291,54 @@ def main() -> None:
     parser.add_argument("--n-epochs-kl-warmup", type=int, default=None)
     parser.add_argument("--no-early-stopping", action="store_true")
     parser.add_argument("--scvi-split", choices=sorted(SPLITS), default="atlasvi", help="scvi-tools' validation cells")
+    parser.add_argument(
+        "--same-init", action="store_true",
+        help="scvi-tools starts each seed from atlasvi's initial weights of that seed (paired differences reported)",
+    )  # fmt: skip
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
+    parser.add_argument("--init", default=None, help="internal: the scvi-tools half's initial weights (one seed)")
     parser.add_argument("--out", default="peakvi_fidelity", help="results/OUT.json and results/OUT.md")
     args = parser.parse_args()
     fields = train_fields(args)
     if args.side == "scvi":
         paths = json.loads(args.paths)
         for seed in args.seeds:
-            print(json.dumps(scvi_side(paths, seed, fields)), flush=True)
+            print(json.dumps(scvi_side(paths, seed, fields, Path(args.init) if args.init else None)), flush=True)
         return
     paths = prepare(args.seeds)
-    rows = []
-    for seed in args.seeds:
-        rows.append(atlasvi_side(paths, seed, fields))
-        print(json.dumps(rows[-1]), flush=True)
-    given = paths | {"validation": paths["validation"] if args.scvi_split == "atlasvi" else None}
-    command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", json.dumps(given, default=str)]
-    command += ["--seeds", *map(str, args.seeds)]
-    for flag, value in (("--max-epochs", args.max_epochs), ("--n-epochs-kl-warmup", args.n_epochs_kl_warmup)):
-        command += [flag, str(value)] if value is not None else []
-    command += ["--no-early-stopping"] if args.no_early_stopping else []
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    scvi = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    if scvi.returncode != 0:
-        raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
-    for line in scvi.stdout.splitlines():
-        if line.startswith('{"tool"'):
-            rows.append(json.loads(line))
-            print(line, flush=True)
     meta = {
         "command": " ".join(["python", "benchmarks/peakvi_fidelity.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread per side",
         "train_fields": fields,
         "scvi_split": args.scvi_split,
+        "same_init": args.same_init,
         "held_out_cells": int(round(HELD_OUT_FRACTION * 600)),
+        "loads": {},
     }
-    results = HERE / "results"
-    (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (results / f"{args.out}.md").write_text(markdown(rows, meta))
+    given = paths | {"validation": paths["validation"] if args.scvi_split == "atlasvi" else None}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    rows = []
+    for seed in args.seeds:  # one seed of each tool after the other; the results written after every seed
+        meta["loads"][str(seed)] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        init = CACHE / f"init_seed{seed}.pt" if args.same_init else None
+        rows.append(atlasvi_side(paths, seed, fields, init))
+        print(json.dumps(rows[-1]), flush=True)
+        command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", json.dumps(given, default=str)]
+        command += ["--seeds", str(seed)] + (["--init", str(init)] if init is not None else [])
+        for flag, value in (("--max-epochs", args.max_epochs), ("--n-epochs-kl-warmup", args.n_epochs_kl_warmup)):
+            command += [flag, str(value)] if value is not None else []
+        command += ["--no-early-stopping"] if args.no_early_stopping else []
+        scvi = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        if scvi.returncode != 0:
+            raise SystemExit(f"the scvi-tools side failed (exit {scvi.returncode})")
+        for line in scvi.stdout.splitlines():
+            if line.startswith('{"tool"'):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+        results = HERE / "results"
+        (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        (results / f"{args.out}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
 

@@ -13,6 +13,8 @@ class LossOutput:
     extra_metrics: name -> scalar of the minibatch to log (e.g. scANVI's classification loss), detached.
     adversary_loss: scalar loss of the module's `adversary` (`atlasvi.models.adversary`), which its own optimizer
     minimises; backpropagated with `loss`, it reaches the adversary's parameters alone.
+    objective_scale: the optimizer minimises loss x objective_scale (1 but for a method whose scvi-tools loss is a
+    multiple of the per-cell mean that Adam's eps sees: PeakVI's, n^2 for n cells); the logged loss is `loss`.
     """
 
     loss: torch.Tensor
@@ -20,6 +22,7 @@ class LossOutput:
     kl_local: dict[str, torch.Tensor]
     extra_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     adversary_loss: torch.Tensor | None = None
+    objective_scale: float = 1.0
 
     @property
     def negative_elbo(self) -> torch.Tensor:

@@ -412,7 +412,8 @@ def _fit(
             adversarial = adversary_optimizer is not None and output.adversary_loss is not None
             for opt in filter(None, optimizers):
                 opt.zero_grad(set_to_none=True)
-            (output.loss + output.adversary_loss if adversarial else output.loss).backward()
+            objective = output.loss * output.objective_scale  # x 1.0 is exact: other methods' steps unchanged
+            (objective + output.adversary_loss if adversarial else objective).backward()
             if config.gradient_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.gradient_clip_norm)
             optimizer.step()

@@ -12,18 +12,18 @@ regions (torch's BCE, logs clamped at -100) and KL(q(z | x) || N(0, I)), reporte
 The KL's weight in the loss is scvi-tools' (kl_weighting "scvi-tools", the default): its PEAKVAE.loss is
 `(rl.sum() + kld * kl_weight).sum()`, which adds the minibatch's summed reconstruction to every cell's term,
 so the reconstruction enters n times (n: the minibatch's cells) and the loss is n * sum(rl) + kl_weight * sum(kl)
-= n^2 * mean(rl + kl_weight / n * kl). atlasvi minimises mean(rl + kl_weight / n * kl): the same objective up
-to a constant factor, to which Adam / AdamW are invariant (up to their eps; decoupled weight decay does not see
-it). This is what keeps PeakVI's latent informative on sparse peaks: with the ELBO's weighting
-(kl_weighting "elbo") the latent of Granja 2019 (5000 peaks, ~77 open per cell) collapses to KL ~0.005 nats
-and carries no cell type (benchmarks/results/peakvi_fidelity.md). In N data-parallel workers n is each rank's
-minibatch (scvi-tools' per-device loss does the same).
+= n^2 * mean(rl + kl_weight / n * kl). This is what keeps PeakVI's latent informative on sparse peaks: with the
+ELBO's weighting (kl_weighting "elbo") the latent of Granja 2019 (5000 peaks, ~77 open per cell) collapses to KL
+~0.005 nats and carries no cell type (benchmarks/results/peakvi_fidelity.md). The logged loss is the per-cell
+mean(rl + kl_weight / n * kl) (atlasvi's loss contract); the optimizer minimises scvi-tools' n^2 multiple of it
+(`LossOutput.objective_scale`): AdamW's eps (1e-8) is set against the gradients' scale, and on the mean it would
+weigh n^2 = 16384 x more and damp the step of every weight whose gradient is below ~1e-7 (one step from the same
+weights, before atlasvi scaled it: 8e-5 of the accessibility decoder's output weights moved up to 45% less than in
+scvi-tools; now all within 2.3e-6 of scvi-tools' update, benchmarks/results/ldvae_peakvi_step.md); an epoch's
+short last minibatch also gets scvi-tools' (n / 128)^2 of a full one's weight. In N data-parallel workers n is each
+rank's minibatch (scvi-tools' per-device loss does the same).
 
 Departures from scvi-tools, and why:
-- the loss is the minibatch MEAN as above (atlasvi's loss contract: per-cell figures are logged from it). Its
-  one effect beyond a constant factor: scvi-tools' n^2 scaling gives an epoch's short last minibatch (n < 128)
-  (n / 128)^2 of a full one's step, atlasvi the same per-cell weight; trained with scvi-tools' exact loss, atlasvi's
-  Granja figures did not move (held-out BCE 333.02 vs 332.92, seed 0, benchmarks/peakvi_fidelity.py);
 - the likelihood is computed in float32 with autocast off (torch refuses BCE under CUDA autocast);
 - only the Normal latent (scvi-tools' latent_distribution="ln" is not offered).
 """
@@ -179,8 +179,12 @@ class PEAKVIModule(nn.Module):
             opened = (inputs.x > 0).float()
             reconstruction = F.binary_cross_entropy(generative["probs"].float(), opened, reduction="none").sum(-1)
         kl_z = kl_divergence(inference["qz"], generative["pz"]).sum(dim=-1)
-        weight = kl_weight / len(kl_z) if self.config.kl_weighting == "scvi-tools" else kl_weight
-        return LossOutput(torch.mean(reconstruction + weight * kl_z), reconstruction, {"kl_z": kl_z})
+        scvi_tools, n = self.config.kl_weighting == "scvi-tools", len(kl_z)
+        weight = kl_weight / n if scvi_tools else kl_weight
+        return LossOutput(
+            torch.mean(reconstruction + weight * kl_z), reconstruction, {"kl_z": kl_z},
+            objective_scale=float(n**2) if scvi_tools else 1.0,
+        )  # fmt: skip
 
     def forward(self, inputs: VAEInputs, kl_weight: float = 1.0) -> LossOutput:
         """The loss (DDP hooks its gradient reduction on forward)."""
