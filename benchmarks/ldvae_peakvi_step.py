@@ -427,6 +427,13 @@ def markdown(report: dict) -> str:
             else:
                 shown = [json.dumps(a[key]), json.dumps(s[key])]
             lines.append(f"| {key} | {shown[0]} | {shown[1]} | {same} |")
+        if a["n_tensors"] != s["n_tensors"] and case.startswith("ldvae"):
+            lines += [
+                "",
+                f"n_tensors: scvi-tools' LDVAE builds a zero-inflation layer ({s['n_tensors'] - a['n_tensors']} "
+                "tensors) that its NB likelihood never uses (no gradient, so Adam never steps them); atlasvi builds "
+                "it only for ZINB (atlasvi/models/ldvae/module.py).",
+            ]
         lines += [
             "",
             "| one step | atlasvi | scvi-tools |",
