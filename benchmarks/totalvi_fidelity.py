@@ -20,7 +20,9 @@ Per seed and tool:
 - held-out -ELBO: nats per held-out cell at KL weight 1, each tool's own get_elbo (RNA + protein reconstruction,
   KL of z, the protein background terms), one draw;
 - label kNN accuracy of the latent (posterior means of all 8,617 cells) on `scdcc_label` (15 clusters): 15-nearest-
-  neighbour classifier, stratified 5-fold cross-validation (sklearn, shuffled with random_state 0);
+  neighbour classifier, stratified 5-fold cross-validation (sklearn, shuffled with random_state 0) over the cells
+  in one order for both tools (the cite, rna_only, heldout files'), so both get the same folds (before 2026-12-07
+  atlasvi's latent was in its store's order: other folds);
 - protein imputation from RNA alone: the rna_only cells' denoised protein expression decoded as batch cite (each
   tool's own call, mean of 10 draws), Pearson r per protein of log1p(imputed) vs log1p(the hidden counts); the mean
   over the 13 proteins.
@@ -111,10 +113,12 @@ def train_fields(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- atlasvi
-def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict, adversary: bool | None = None) -> dict:
+def atlasvi_side(
+    paths: dict[str, Path], seed: int, fields: dict, adversary: bool | None = None, init: dict | None = None
+) -> dict:
     """atlasvi's TOTALVI on the training store; the figures of one seed. adversary: its config's
-    adversarial_classifier (None: its default, on where proteins are missing)."""
-    import anndata as ad
+    adversarial_classifier (None: its default, on where proteins are missing); init: a state dict (every weight,
+    the adversary's included) to start from instead of its seeded draw."""
     import torch
 
     from atlasvi.api import TOTALVI
@@ -125,50 +129,66 @@ def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict, adversary: boo
     torch.set_num_threads(1)
     config = TOTALVIConfig(adversarial_classifier=adversary)
     model = TOTALVI(paths["train_store"], config=config, device="cpu", seed=seed)
+    if init is not None:
+        model.module.load_state_dict(init)  # strict
     started = time.perf_counter()
     model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=256, seed=seed))
     seconds = time.perf_counter() - started
+    return (
+        {"tool": "atlasvi", "seed": seed}
+        | atlasvi_scores(model, paths)
+        | {
+            "epochs": len(model.history),
+            "train_seconds": seconds,
+            "adversarial_classifier": getattr(model.module, "adversary", None) is not None,
+        }
+    )
+
+
+def cell_order(paths: dict[str, Path]) -> list[str]:
+    """Every cell's name in the order both tools' latents are scored in (the cite, rna_only, heldout files'
+    order): the kNN's cross-validation folds are positions, so both tools get the same folds."""
+    import anndata as ad
+
+    return [name for part in ("cite", "rna_only", "heldout") for name in ad.read_h5ad(paths[part]).obs_names]
+
+
+def atlasvi_scores(model, paths: dict[str, Path]) -> dict:
+    """A trained atlasvi TOTALVI's held-out -ELBO, kNN accuracy (latent in `cell_order`) and imputation r."""
+    import anndata as ad
+    import pandas as pd
+
     train_obs = ad.read_zarr(paths["train_store"]).obs
     held_obs = ad.read_zarr(paths["heldout_store"]).obs
     latent = np.concatenate(
         [model.get_latent_representation(), model.get_latent_representation(store=paths["heldout_store"])]
     )
+    names = np.concatenate([train_obs.index, held_obs.index])
     labels = np.concatenate([train_obs[LABELS_KEY].astype(str), held_obs[LABELS_KEY].astype(str)])
+    order = pd.Index(names).get_indexer(cell_order(paths))
     imputed = model.get_protein_expression(transform_batch="cite", n_samples=IMPUTATION_DRAWS)
     rna_only = (train_obs[BATCH_KEY] == "rna_only").to_numpy()
     truth = ad.read_h5ad(paths["rna_only"])
-    order = truth.obs_names.get_indexer(train_obs.index[rna_only])
+    rows = truth.obs_names.get_indexer(train_obs.index[rna_only])
     assert list(model.protein_names) == list(truth.uns["protein_names"])
-    pearson = imputation_pearson(imputed[rna_only], truth.uns["hidden_proteins"][order])
+    pearson = imputation_pearson(imputed[rna_only], truth.uns["hidden_proteins"][rows])
     return {
-        "tool": "atlasvi",
-        "seed": seed,
         "heldout_elbo": model.get_elbo(store=paths["heldout_store"]),
-        "knn_accuracy": knn_accuracy(latent, labels),
+        "knn_accuracy": knn_accuracy(latent[order], labels[order]),
         "imputation_pearson_mean": float(np.mean(pearson)),
         "imputation_pearson": dict(zip(model.protein_names, pearson, strict=True)),
-        "epochs": len(model.history),
-        "train_seconds": seconds,
-        "adversarial_classifier": getattr(model.module, "adversary", None) is not None,
     }
 
 
 # --------------------------------------------------------------------------------------------- scvi-tools
-def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | None = None) -> dict:
-    """scvi-tools' TOTALVI on the same cells (run in the scvi-tools venv); the figures of one seed. adversary: its
-    train's adversarial_classifier (None: its default, on where proteins are missing)."""
-    import logging
-    import warnings
-
+def scvi_adatas(paths: dict[str, str]) -> tuple:
+    """(train AnnData registered for scvi-tools' TOTALVI, held-out AnnData, protein names, the rna_only cells'
+    hidden protein counts): the same cells as atlasvi's stores, the rna_only cells with all-zero proteins (scvi-tools'
+    missing panel). Needs the scvi-tools venv."""
     import anndata as ad
     import pandas as pd
     import scvi
-    import torch
 
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
-    scvi.settings.seed = seed
     cite, rna_only, held = (ad.read_h5ad(paths[name]) for name in ("cite", "rna_only", "heldout"))
     names = list(rna_only.uns["protein_names"])
     hidden = rna_only.uns["hidden_proteins"]
@@ -179,13 +199,12 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | 
         adata.X = adata.X.astype(np.float32)
         adata.obsm[PROTEIN_KEY] = adata.obsm[PROTEIN_KEY][names].astype(np.float32)
     scvi.model.TOTALVI.setup_anndata(train, protein_expression_obsm_key=PROTEIN_KEY, batch_key=BATCH_KEY)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = scvi.model.TOTALVI(train)
-    started = time.perf_counter()
-    options = fields | ({} if adversary is None else {"adversarial_classifier": adversary})
-    model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
-    seconds = time.perf_counter() - started
+    return train, held, names, hidden
+
+
+def scvi_scores(model, train, held, names: list[str], hidden: np.ndarray) -> dict:
+    """A trained scvi-tools TOTALVI's held-out -ELBO, kNN accuracy (latent in `cell_order`: train = cite then
+    rna_only, then held) and imputation r."""
     latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
     labels = np.concatenate([train.obs[LABELS_KEY].astype(str), held.obs[LABELS_KEY].astype(str)])
     indices = np.flatnonzero((train.obs[BATCH_KEY] == "rna_only").to_numpy())
@@ -195,17 +214,52 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | 
     )  # fmt: skip
     pearson = imputation_pearson(np.asarray(protein), hidden)
     return {
-        "tool": "scvi-tools",
-        "seed": seed,
         "heldout_elbo": -float(model.get_elbo(held)),  # get_elbo is the ELBO itself ("higher is better")
         "knn_accuracy": knn_accuracy(latent, labels),
         "imputation_pearson_mean": float(np.mean(pearson)),
         "imputation_pearson": dict(zip(names, pearson, strict=True)),
-        "epochs": int(model.history["elbo_train"].shape[0]),
-        "train_seconds": seconds,
-        "adversarial_classifier": bool(model._use_adversarial_classifier if adversary is None else adversary),
-        "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
     }
+
+
+def scvi_setup(seed: int) -> None:
+    """scvi-tools' settings of every run here: quiet, one thread, no loader workers, the seed."""
+    import logging
+
+    import scvi
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = seed
+
+
+def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | None = None) -> dict:
+    """scvi-tools' TOTALVI on the same cells (run in the scvi-tools venv); the figures of one seed. adversary: its
+    train's adversarial_classifier (None: its default, on where proteins are missing)."""
+    import warnings
+
+    import scvi
+    import torch
+
+    scvi_setup(seed)
+    train, held, names, hidden = scvi_adatas(paths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = scvi.model.TOTALVI(train)
+    started = time.perf_counter()
+    options = fields | ({} if adversary is None else {"adversarial_classifier": adversary})
+    model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
+    seconds = time.perf_counter() - started
+    return (
+        {"tool": "scvi-tools", "seed": seed}
+        | scvi_scores(model, train, held, names, hidden)
+        | {
+            "epochs": int(model.history["elbo_train"].shape[0]),
+            "train_seconds": seconds,
+            "adversarial_classifier": bool(model._use_adversarial_classifier if adversary is None else adversary),
+            "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------- report

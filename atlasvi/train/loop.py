@@ -39,8 +39,8 @@ class TrainConfig(BaseModel):
 
     max_epochs None: scvi-tools' rule, min(round(20000 / n_train_cells * 400), 400).
     n_epochs_kl_warmup / n_steps_kl_warmup: linear warm-up of the KL weight by epochs, or else by steps;
-    kl_warmup_steps_per_cell: with neither set, n_steps_kl_warmup = floor(it x training cells) (scvi-tools'
-    totalVI: 0.75 x cells).
+    kl_warmup_steps_per_cell: with neither set, n_steps_kl_warmup = floor(it x cells), the cells of the store's
+    split, training and held-out, as scvi-tools counts every cell of the AnnData (scvi-tools' totalVI: 0.75 x cells).
     optimizer, lr, weight_decay, eps: torch's Adam (L2 penalty in the gradient) or AdamW (decoupled decay).
     early_stopping_monitor: the held-out figure early stopping watches, the -ELBO ("elbo", scvi-tools'
     default) or the reconstruction term alone ("reconstruction").
@@ -90,12 +90,13 @@ class TrainConfig(BaseModel):
         """max_epochs, else `default_max_epochs(n_train_cells)`."""
         return self.max_epochs or default_max_epochs(n_train_cells)
 
-    def resolved(self, n_train_cells: int) -> "TrainConfig":
-        """The config with kl_warmup_steps_per_cell turned into n_steps_kl_warmup for `n_train_cells` (the cells
-        the model trains on; scvi-tools counts every cell of the AnnData), where no warm-up length is set."""
+    def resolved(self, n_cells: int) -> "TrainConfig":
+        """The config with kl_warmup_steps_per_cell turned into n_steps_kl_warmup for `n_cells` (the training and
+        held-out cells together: scvi-tools counts every cell of the AnnData, validation included), where no
+        warm-up length is set."""
         if self.kl_warmup_steps_per_cell is None or self.n_epochs_kl_warmup or self.n_steps_kl_warmup:
             return self
-        steps = math.floor(self.kl_warmup_steps_per_cell * n_train_cells)
+        steps = math.floor(self.kl_warmup_steps_per_cell * n_cells)
         return self.model_copy(update={"n_steps_kl_warmup": steps})
 
 
@@ -357,7 +358,7 @@ def fit(
     Warns (KLWarmupWarning) when the KL warm-up outlasts the run.
     """
     device = next(module.parameters()).device
-    config = config.resolved(train.sampler.n_cells)
+    config = config.resolved(train.sampler.n_cells + validation.sampler.n_cells)  # scvi-tools: every cell
     steps_per_batch = 2 if _adversary_parameters(module) else 1  # see _fit
     shortfall = kl_warmup_shortfall(config, config.epochs_for(train.sampler.n_cells), len(train) * steps_per_batch)
     if shortfall is not None and _world()[0] == 0:

@@ -6,7 +6,7 @@ import torch
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store, split_rows
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import TrainConfig, TrainingDiverged, default_max_epochs, fit, kl_weight, pretrained_max_epochs
-from atlasvi.train.loop import kl_warmup_shortfall
+from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall
 
 
 @pytest.fixture
@@ -141,12 +141,23 @@ def test_held_out_figures_count_each_cell_once_under_padding(store):
     assert kl == pytest.approx(expected, rel=1e-5)
 
 
-def test_kl_warmup_steps_per_cell_resolve_against_the_training_cells():
+def test_kl_warmup_steps_per_cell_resolve_against_the_cells():
     # scvi-tools' totalVI: floor(0.75 x cells) steps, unless a warm-up length is given
     config = TrainConfig(n_epochs_kl_warmup=None, kl_warmup_steps_per_cell=0.75)
     assert config.resolved(1001).n_steps_kl_warmup == 750
     assert TrainConfig(kl_warmup_steps_per_cell=0.75).resolved(1001).n_steps_kl_warmup is None  # 400 epochs given
     assert config.model_copy(update={"n_steps_kl_warmup": 9}).resolved(1001).n_steps_kl_warmup == 9
+
+
+def test_fit_counts_the_held_out_cells_in_the_kl_warmup_as_scvi_tools(store):
+    # scvi-tools' TOTALVI.train: int(0.75 x adata.n_obs), validation cells included: 1,408 cells -> 1,056 steps (the
+    # 1,267 training cells alone would give 950); the epoch's last minibatch (step 9 of 10) has KL weight 9 / 1056
+    module, train, validation = _setup(store)
+    config = TrainConfig(max_epochs=1, n_epochs_kl_warmup=None, kl_warmup_steps_per_cell=0.75)
+    with train, validation, pytest.warns(KLWarmupWarning, match="1056 steps"):
+        (record,) = fit(module, train, validation, config)
+    assert (train.sampler.n_cells, validation.sampler.n_cells, len(train)) == (1267, 141, 10)
+    assert record.kl_weight == pytest.approx(9 / 1056)
 
 
 def test_reduce_lr_on_plateau_multiplies_the_learning_rate_and_is_checkpointed(store, tmp_path):
