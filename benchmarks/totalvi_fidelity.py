@@ -283,6 +283,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Adversarial classifier: scvi-tools {meta['scvi_adversarial_classifier']}; atlasvi "
         f"{meta['atlasvi_adversarial_classifier']}.",
         "",
+        "kNN cross-validation folds: "
+        + (
+            f"the same for both tools (latents scored in one cell order: {meta['knn_cell_order']})."
+            if "knn_cell_order" in meta
+            else "atlasvi's latent was scored in its store's cell order, scvi-tools' in the files' order, so the "
+            "two tools' folds differ (the script now scores both in one order; results/totalvi_paired.md)."
+        ),
+        "",
         "| tool | seed | epochs | adversarial classifier | held-out -ELBO | kNN accuracy | imputation r (mean) "
         "| train s |",
         "|---|---|---|---|---|---|---|---|",
@@ -343,9 +351,10 @@ def main() -> None:
 
         atlasvi.distributions._log_mu = lambda mu: torch.log(mu + 1e-8)  # scvi-tools' log_nb_positive
     command = " ".join(["python", "benchmarks/totalvi_fidelity.py", *sys.argv[1:]])
-    rows = []
+    rows, one_order = [], True  # one_order: every row's kNN scored in one cell order for both tools
     if args.merge is not None:  # an earlier run's rows (same options) that this run does not redo
         earlier = json.loads((HERE / "results" / f"{args.merge}.json").read_text())
+        one_order = "knn_cell_order" in earlier["meta"]
         if earlier["meta"]["train_fields"] != fields:
             raise SystemExit(f"results/{args.merge}.json was run with {earlier['meta']['train_fields']}, not {fields}")
         redone = {tool for tool, skip in (("atlasvi", args.scvi_only), ("scvi-tools", args.atlasvi_only)) if not skip}
@@ -373,6 +382,7 @@ def main() -> None:
         "scvi_adversarial_classifier": "off" if args.scvi_no_adversary else "default (on: proteins missing)",
         "atlasvi_adversarial_classifier": "default (on: proteins missing)" if atlasvi_adversary == {True} else "off",
         **({"atlasvi_nb_eps": 1e-8} if args.atlasvi_nb_eps else {}),
+        **({"knn_cell_order": "the cite, rna_only and heldout files' order"} if one_order else {}),
         "cells": cells,
     }
     results = HERE / "results"
