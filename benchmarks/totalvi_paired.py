@@ -250,7 +250,11 @@ def mixture_check() -> dict:
 def _settings(optimizer) -> dict:
     """An optimizer's class and hyper-parameters (lr, betas, eps, weight decay)."""
     d = optimizer.defaults
-    return {"class": type(optimizer).__name__} | {k: d[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    return (
+        {"class": type(optimizer).__name__}
+        | {k: d[k] for k in ("lr", "eps", "weight_decay")}
+        | {"betas": list(d["betas"])}
+    )
 
 
 # --------------------------------------------------------------------------------------------- the step (atlasvi)
@@ -562,7 +566,11 @@ def markdown(report: dict) -> str:
             f"gap of the protein dispersion's gradient (py_r) between the tools, "
             f"{st['gradients']['py_r']['max_abs_diff'] / st['gradients']['py_r']['scvi_tools_max_abs']:.1e}.",
             "",
-            f"Optimizers: atlasvi {st['optimizers']['atlasvi']}; scvi-tools {st['optimizers']['scvi_tools']}.",
+            "Optimizers (the model's; the classifier's): atlasvi "
+            + "; ".join(map(_optimizer_text, st["optimizers"]["atlasvi"]))
+            + "; scvi-tools "
+            + "; ".join(map(_optimizer_text, st["optimizers"]["scvi_tools"]))
+            + ".",
             "",
         ]
     if "paired" in report:
@@ -600,6 +608,13 @@ def markdown(report: dict) -> str:
             )
         lines += ["", "held-out -ELBO: lower is better (a positive difference: atlasvi worse).", ""]
     return "\n".join(lines)
+
+
+def _optimizer_text(settings: dict) -> str:
+    return (
+        f"{settings['class']} lr {settings['lr']:g}, betas {tuple(settings['betas'])}, eps {settings['eps']:g}, "
+        f"weight decay {settings['weight_decay']:g}"
+    )
 
 
 def _scvi(paths: dict, *args: str) -> str:
