@@ -1,35 +1,43 @@
-"""sysVI side by side with scvi-tools 1.4.2's SysVI: system mixing and label conservation of the latent.
+"""sysVI side by side with scvi-tools 1.4.2's SysVI, and both against scVI on the same data: system mixing and
+label conservation of the latent.
 
-    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets baron --seeds 0 1 2 --epochs 400 --own-cycle \
-        --weights-epochs 20 --scvi-python /path/to/scvi-venv/bin/python
-    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets cellbench --seeds 0 1 2 --epochs 400 \
+    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets baron cellbench --seeds 0 1 2 --epochs 400 \
         --scvi-python /path/to/scvi-venv/bin/python
+    .venv/bin/python benchmarks/sysvi_fidelity.py --datasets baron --seeds 0 1 2 --epochs 400 --own-cycle \
+        --weights-epochs 20 --cycle-weights 2 10 --scvi-python /path/to/scvi-venv/bin/python
 
 400 epochs is scvi-tools' default for both datasets (min(round(20000 / n_cells * 400), 400)). Each run
 replaces its datasets' entries in results/sysvi_fidelity.json and keeps the others.
+Per dataset and seed, on the same store, cells and split: atlasvi's sysVI, atlasvi's scVI, scvi-tools' SysVI and
+scvi-tools' SCVI, one process at a time (atlasvi's runs, then scvi-tools' in its venv as a subprocess, each on one
+torch thread); every latent is scored by the same code. Each run's latent is kept in the workdir
+(latents/<dataset>_e<epochs>_<run>.npz, with its seconds and the load average at its end) and not trained again:
+an interrupted run resumes, and a changed metric re-scores without training (delete the workdir to retrain).
+`--own-cycle` also trains atlasvi's sysVI with scvi-tools' cycle (cycle_input "own_system"); `--cycle-weights`
+trains atlasvi's sysVI at each z_distance_cycle_weight (2, scvi-tools' default, has no suffix; scvi-tools' SysVI
+runs at its default only, to keep the runs few on the shared machine).
 Weights check (`--weights-epochs N`): scvi-tools' SysVI trained N epochs, its weights loaded into atlasvi's
 module; on every cell, in eval mode, with the same draws, the latent, reconstruction, KL and both cycle
-variants are compared. `--own-cycle` also trains atlasvi's sysVI with scvi-tools' cycle (cycle_input
-"own_system").
+variants are compared.
 
 Datasets (system = the store's batch key): Baron 2016 pancreas human + mouse (CIDER subset, 328 cells,
 system `species`, labels `cell_type`) and CellBench sc_mixology CEL-seq2 vs Drop-seq (demuxlet singlets,
 system `technology`, labels `cell_line`). Each is built into an atlas store with 2000 Seurat v3 HVGs
 (system-aware); both tools read that store's counts: atlasvi's module log-normalises each cell
-(normalize_total 1e4 over the store's genes, log1p), scvi-tools gets the same values made by scanpy
-(`normalize_total(target_sum=1e4)`, `log1p`) as its X. Both: scvi-tools' SysVI defaults (n_latent 15,
-n_hidden 256, 2 layers, VampPrior with 5 pseudo-inputs, cycle weight 2, no KL warm-up, Adam lr 1e-3,
-weight decay 1e-6, eps 0.01, batch size 128, 10% of the cells held out), the same number of epochs.
-atlasvi's scVI (its defaults: n_latent 10, n_hidden 128, 1 layer, ZINB; KL warm-up over a third of the
-epochs) on the same store is the baseline that sysVI's mixing should be above.
+(normalize_total 1e4 over the store's genes, log1p), scvi-tools' SysVI gets the same values made by scanpy
+(`normalize_total(target_sum=1e4)`, `log1p`) as its X, and both scVIs the counts. sysVI in both tools:
+scvi-tools' SysVI defaults (n_latent 15, n_hidden 256, 2 layers, VampPrior with 5 pseudo-inputs, cycle weight
+2, no KL warm-up, Adam lr 1e-3, weight decay 1e-6, eps 0.01, batch size 128, 10% of the cells held out). scVI in
+both tools: its defaults (n_latent 10, n_hidden 128, 1 layer, ZINB, KL warm-up over 400 epochs, Adam lr 1e-3,
+weight decay 1e-6, eps 0.01), batch size 128, 10% held out. The same number of epochs for every model.
 
 Metrics of each latent (computed in the scvi-tools environment, which has scib-metrics): iLISI (scib-metrics
 `ilisi_knn`, 90 neighbours with the cell itself, as scib's Benchmarker; scaled to [0, 1]), batch-neighbour
 entropy (entropy of the systems among each cell's 50 nearest other cells over log n_systems, mean over cells;
 1 = perfectly mixed), label kNN accuracy (15 neighbours, 5-fold stratified cross-validation) and NMI of
-k-means clusters (k = the number of labels, 10 starts) with the labels. The scvi-tools half runs in its venv as
-a subprocess of this script (`--side scvi`) in parallel with the atlasvi half, each on one torch thread.
-Output: results/sysvi_fidelity.json and .md.
+k-means clusters (k = the number of labels, 10 starts) with the labels. The same metrics of the unintegrated
+data (the first 15 principal components of the log-normalised counts, scanpy's PCA) show how strong the system
+effect is. Output: results/sysvi_fidelity.json and .md.
 """
 
 import argparse
@@ -52,6 +60,8 @@ DATASETS = {
 }
 N_TOP_GENES = 2000
 TARGET_SUM = 1e4
+DEFAULT_CYCLE_WEIGHT = 2.0  # scvi-tools 1.4.2's z_distance_cycle_weight
+UNINTEGRATED = "unintegrated"  # the scores' key of the PCA of the log-normalised counts
 
 
 def prepare(name: str, workdir: Path) -> tuple[Path, Path]:
@@ -82,9 +92,23 @@ def prepare(name: str, workdir: Path) -> tuple[Path, Path]:
     return store, h5ad
 
 
-def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int, own_cycle: bool) -> dict[str, np.ndarray]:
-    """{"atlasvi_sysvi_s{seed}": latent, "atlasvi_scvi_s{seed}": latent} (store row order) and timings; with
-    own_cycle also "atlasvi_sysvi-own_s{seed}", sysVI with scvi-tools 1.4.2's cycle (cycle_input="own_system")."""
+def run_key(tool: str, model: str, seed: int, cycle_weight: float = DEFAULT_CYCLE_WEIGHT) -> str:
+    """The name of one trained latent: "<tool>_<model>[-cw<weight>]_s<seed>" (sysVI at the default cycle weight
+    has no suffix)."""
+    suffix = f"-cw{cycle_weight:g}" if model.startswith("sysvi") and cycle_weight != DEFAULT_CYCLE_WEIGHT else ""
+    return f"{tool}_{model}{suffix}_s{seed}"
+
+
+def cached(workdir: Path, name: str, epochs: int, key: str) -> Path:
+    """Where one run's latent and seconds are kept (a finished run is not trained again)."""
+    return workdir / "latents" / f"{name}_e{epochs}_{key}.npz"
+
+
+def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int, runs: list[tuple[str, float]],
+                 workdir: Path) -> None:  # fmt: skip
+    """atlasvi's runs, one after another: per seed, each (model, cycle weight) of `runs`, model "sysvi" (the
+    paper's cycle, the default), "sysvi-own" (scvi-tools 1.4.2's cycle, cycle_input="own_system") or "scvi"
+    (SCVI with its defaults, KL warm-up over 400 epochs as scvi-tools); latents in store row order."""
     import torch
 
     from atlasvi.api import SCVI, SysVI
@@ -94,33 +118,33 @@ def atlasvi_side(name: str, store: Path, seeds: list[int], epochs: int, own_cycl
     from atlasvi.train import TrainConfig
 
     torch.set_num_threads(1)
-    latents, seconds = {}, {}
     for seed in seeds:
         loader = LoaderConfig(batch_size=128, seed=seed)
-        started = time.perf_counter()
-        model = SysVI(store, SysVIConfig(), device="cpu", seed=seed)
-        model.fit(TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=0, seed=seed), loader)
-        latents[f"atlasvi_sysvi_s{seed}"] = model.get_latent_representation()
-        seconds[f"atlasvi_sysvi_s{seed}"] = time.perf_counter() - started
-        if own_cycle:
+        for model_name, weight in runs:
+            out = cached(workdir, name, epochs, run_key("atlasvi", model_name, seed, weight))
+            if out.exists():
+                continue
             started = time.perf_counter()
-            model = SysVI(store, SysVIConfig(cycle_input="own_system"), device="cpu", seed=seed)
-            model.fit(TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=0, seed=seed), loader)
-            latents[f"atlasvi_sysvi-own_s{seed}"] = model.get_latent_representation()
-            seconds[f"atlasvi_sysvi-own_s{seed}"] = time.perf_counter() - started
-        started = time.perf_counter()
-        baseline = SCVI(store, SCVIConfig(), device="cpu", seed=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            baseline.fit(TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=max(1, epochs // 3), seed=seed), loader)
-        latents[f"atlasvi_scvi_s{seed}"] = baseline.get_latent_representation()
-        seconds[f"atlasvi_scvi_s{seed}"] = time.perf_counter() - started
-        print(json.dumps({"dataset": name, "seed": seed, "seconds": seconds}), flush=True)
-    return latents | {"seconds": np.array(json.dumps(seconds))}
+            if model_name == "scvi":
+                model = SCVI(store, SCVIConfig(), device="cpu", seed=seed)
+                train = TrainConfig(max_epochs=epochs, seed=seed)
+            else:
+                cycle = "own_system" if model_name == "sysvi-own" else "cross_system"
+                config = SysVIConfig(cycle_input=cycle, z_distance_cycle_weight=weight)
+                model = SysVI(store, config, device="cpu", seed=seed)
+                train = TrainConfig(max_epochs=epochs, n_epochs_kl_warmup=0, seed=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.fit(train, loader)
+            latent, seconds = model.get_latent_representation(), time.perf_counter() - started
+            np.savez(out, latent=latent, seconds=seconds, load=np.array(os.getloadavg()))
+            print(json.dumps({"dataset": name, "run": out.stem, "seconds": round(seconds, 1)}), flush=True)
 
 
-def scvi_side(name: str, h5ad: Path, seeds: list[int], epochs: int, out: Path) -> None:
-    """scvi-tools' SysVI on the store's counts, log-normalised by scanpy; latents to `out` (npz)."""
+def scvi_side(name: str, h5ad: Path, seeds: list[int], epochs: int, runs: list[tuple[str, float]],
+              workdir: Path) -> None:  # fmt: skip
+    """scvi-tools' runs, one after another: per seed, each (model, cycle weight) of `runs`, "sysvi" (SysVI on the
+    store's counts log-normalised by scanpy) or "scvi" (SCVI on the counts, its defaults)."""
     import anndata as ad
     import scanpy as sc
     import scvi
@@ -129,23 +153,33 @@ def scvi_side(name: str, h5ad: Path, seeds: list[int], epochs: int, out: Path) -
     torch.set_num_threads(1)
     scvi.settings.dl_num_workers = 0
     _, system_key, _, _ = DATASETS[name]
-    adata = ad.read_h5ad(h5ad)
-    adata.X = adata.X.astype(np.float32)
-    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
-    sc.pp.log1p(adata)
-    latents, seconds = {}, {}
+    counts = ad.read_h5ad(h5ad)
+    counts.X = counts.X.astype(np.float32)
+    lognorm = counts.copy()
+    sc.pp.normalize_total(lognorm, target_sum=TARGET_SUM)
+    sc.pp.log1p(lognorm)
     for seed in seeds:
-        scvi.settings.seed = seed
-        started = time.perf_counter()
-        scvi.external.SysVI.setup_anndata(adata, batch_key=system_key)
-        model = scvi.external.SysVI(adata)
-        model.train(
-            max_epochs=epochs, batch_size=128, train_size=0.9, accelerator="cpu", enable_progress_bar=False,
-        )  # fmt: skip
-        latents[f"scvi-tools_sysvi_s{seed}"] = model.get_latent_representation(adata)
-        seconds[f"scvi-tools_sysvi_s{seed}"] = time.perf_counter() - started
-        print(json.dumps({"dataset": name, "seed": seed, "seconds": seconds}), flush=True)
-    np.savez(out, seconds=np.array(json.dumps(seconds)), version=np.array(scvi.__version__), **latents)
+        for model_name, weight in runs:
+            out = cached(workdir, name, epochs, run_key("scvi-tools", model_name, seed, weight))
+            if out.exists():
+                continue
+            scvi.settings.seed = seed
+            started = time.perf_counter()
+            if model_name == "scvi":
+                adata = counts.copy()
+                scvi.model.SCVI.setup_anndata(adata, batch_key=system_key)
+                model, plan = scvi.model.SCVI(adata), {}
+            else:
+                adata = lognorm.copy()
+                scvi.external.SysVI.setup_anndata(adata, batch_key=system_key)
+                model, plan = scvi.external.SysVI(adata), {"z_distance_cycle_weight": weight}
+            model.train(
+                max_epochs=epochs, batch_size=128, train_size=0.9, accelerator="cpu", enable_progress_bar=False,
+                plan_kwargs=plan,
+            )  # fmt: skip
+            latent, seconds = model.get_latent_representation(adata), time.perf_counter() - started
+            np.savez(out, latent=latent, seconds=seconds, load=np.array(os.getloadavg()), version=scvi.__version__)
+            print(json.dumps({"dataset": name, "run": out.stem, "seconds": round(seconds, 1)}), flush=True)
 
 
 def scvi_weights_side(name: str, h5ad: Path, epochs: int, out: Path) -> None:
@@ -314,7 +348,7 @@ def score(latent: np.ndarray, systems: np.ndarray, labels: np.ndarray, seed: int
 
 
 def score_side(name: str, h5ad: Path, latents: list[Path], out: Path) -> None:
-    """Scores of every latent in the npz files (run with the scvi-tools environment's Python)."""
+    """Scores of every latent (npz files named by `cached`; run with the scvi-tools environment's Python)."""
     import anndata as ad
 
     _, system_key, labels_key, _ = DATASETS[name]
@@ -323,10 +357,21 @@ def score_side(name: str, h5ad: Path, latents: list[Path], out: Path) -> None:
     scores = {}
     for path in latents:
         with np.load(path) as data:
-            for key in data.files:
-                if key.endswith(tuple(f"_s{i}" for i in range(100))):
-                    scores[key] = score(np.asarray(data[key], dtype=np.float32), systems, labels)
+            scores[path.stem.split("_", 2)[2]] = score(np.asarray(data["latent"], dtype=np.float32), systems, labels)
+    scores[UNINTEGRATED] = score(unintegrated(h5ad), systems, labels)
     out.write_text(json.dumps(scores, indent=1))
+
+
+def unintegrated(h5ad: Path, n_comps: int = 15) -> np.ndarray:
+    """The first n_comps principal components of the store's counts log-normalised by scanpy (no integration)."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.read_h5ad(h5ad)
+    adata.X = adata.X.astype(np.float32)
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    return sc.pp.pca(adata.X, n_comps=n_comps, random_state=0)
 
 
 ROWS = (
@@ -334,17 +379,29 @@ ROWS = (
     ("atlasvi", "sysvi-own", "atlasvi sysVI, scvi-tools' cycle"),
     ("scvi-tools", "sysvi", "scvi-tools SysVI"),
     ("atlasvi", "scvi", "atlasvi scVI"),
+    ("scvi-tools", "scvi", "scvi-tools scVI"),
 )
 METRICS = ("ilisi", "batch_entropy", "knn_accuracy", "nmi")
+
+
+def rows(scores: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
+    """(tool, model key, label) of every row with scores: ROWS, then sysVI at other cycle weights."""
+    models = {k.rsplit("_s", 1)[0] for k in scores}
+    extra = sorted((m for m in models if "-cw" in m), key=lambda m: (m.split("_")[0], float(m.split("-cw")[1])))
+    out = [row for row in ROWS if f"{row[0]}_{row[1]}" in models]
+    for m in extra:
+        tool, model = m.split("_", 1)
+        base, weight = model.split("-cw")
+        label = next(label for t, b, label in ROWS if (t, b) == (tool, base))
+        out.append((tool, model, f"{label}, cycle weight {weight}"))
+    return out
 
 
 def summary(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
     """{row: {metric: {"mean", "sd", "values"}}} over seeds, rows as in ROWS (those with scores)."""
     out = {}
-    for tool, model, label in ROWS:
+    for tool, model, label in rows(scores):
         keys = sorted(k for k in scores if k.startswith(f"{tool}_{model}_s"))
-        if not keys:
-            continue
         out[label] = {
             m: {
                 "mean": float(np.mean([scores[k][m] for k in keys])),
@@ -358,7 +415,7 @@ def summary(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str
 
 def markdown(report: dict) -> str:
     lines = [
-        "# sysVI fidelity: atlasvi vs scvi-tools 1.4.2 SysVI (and atlasvi scVI's mixing)",
+        "# sysVI fidelity: atlasvi vs scvi-tools 1.4.2 SysVI, and both tools' scVI on the same data",
         "",
         f"Machine: {report['machine']}. Metrics: iLISI (scaled, 90 neighbours), batch-neighbour entropy (50 "
         "neighbours, / log n_systems), label kNN accuracy (15 neighbours, 5-fold CV), NMI of k-means (k = labels). "
@@ -393,24 +450,45 @@ def markdown(report: dict) -> str:
                   f"{result['n_cells']} cells x {result['n_genes']} genes", "",
                   f"Command: `{result['command']}`. Seeds {result['seeds']}, {result['epochs']} epochs each; "
                   f"scvi-tools {report['scvi_tools_version']}.", ""]  # fmt: skip
+        if "systems" in result:
+            counts = np.array(list(result["systems"].values()), dtype=float)
+            even = float(-(counts / counts.sum() * np.log(counts / counts.sum())).sum() / np.log(len(counts)))
+            seconds = [r["seconds"] for r in result["runs"].values()]
+            lines += [
+                f"Systems: {', '.join(f'{k} {v}' for k, v in result['systems'].items())}; a neighbourhood with these "
+                f"proportions has batch entropy {even:.3f}. Runs one at a time; load average at start "
+                f"{' '.join(f'{x:.2f}' for x in result['load_at_start'])}; seconds per run {min(seconds):.0f}-"
+                f"{max(seconds):.0f} (the JSON has each run's seconds and load).",
+                "",
+            ]  # fmt: skip
         lines += ["| model | iLISI | batch entropy | kNN accuracy | NMI |", "|---|---|---|---|---|"]
         for label, metrics in result["summary"].items():
             cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" for m in METRICS]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if "unintegrated" in result:
+            cells = [f"{result['unintegrated'][m]:.3f}" for m in METRICS]
+            lines.append("| no integration (PCA 15 of log-normalised counts) | " + " | ".join(cells) + " |")
         lines += [""] + [f"- {line}" for line in result["checks"]] + [""]
+        if "note" in result:
+            lines += [f"Note: {result['note']}", ""]
     return "\n".join(lines)
 
 
 def checks(summ: dict) -> list[str]:
-    """The issue's comparisons, as measured (means over seeds)."""
-    ours, theirs, scvi_ = summ["atlasvi sysVI"], summ["scvi-tools SysVI"], summ["atlasvi scVI"]
+    """The issue's comparisons, as measured (means over seeds): atlasvi sysVI against scvi-tools' SysVI, and each
+    tool's sysVI against each tool's scVI on mixing."""
+    ours, theirs = summ["atlasvi sysVI"], summ["scvi-tools SysVI"]
     out = []
     for m in METRICS:
         verdict = ">=" if ours[m]["mean"] >= theirs[m]["mean"] else "<"
         out.append(f"{m}: atlasvi sysVI {ours[m]['mean']:.3f} {verdict} scvi-tools SysVI {theirs[m]['mean']:.3f}")
-    for m in ("ilisi", "batch_entropy"):
-        verdict = ">" if ours[m]["mean"] > scvi_[m]["mean"] else "<="
-        out.append(f"{m}: atlasvi sysVI {ours[m]['mean']:.3f} {verdict} atlasvi scVI {scvi_[m]['mean']:.3f}")
+    for sysvi in ("atlasvi sysVI", "scvi-tools SysVI"):
+        for baseline in ("atlasvi scVI", "scvi-tools scVI"):
+            if baseline not in summ:
+                continue
+            for m in ("ilisi", "batch_entropy"):
+                a, b = summ[sysvi][m]["mean"], summ[baseline][m]["mean"]
+                out.append(f"{m}: {sysvi} {a:.3f} {'>' if a > b else '<='} {baseline} {b:.3f}")
     return out
 
 
@@ -423,28 +501,34 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--own-cycle", action="store_true", help="also atlasvi sysVI with scvi-tools' cycle")
+    parser.add_argument(
+        "--cycle-weights", nargs="+", type=float, default=[DEFAULT_CYCLE_WEIGHT],
+        help="atlasvi sysVI's z_distance_cycle_weight, one run per weight (scvi-tools' SysVI at its default)",
+    )  # fmt: skip
     parser.add_argument("--weights-epochs", type=int, default=0, help="weights check after N epochs (0: none)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "sysvi_fidelity")
     parser.add_argument("--scvi-python", default=str(HERE / ".cache" / "scvi-venv" / "bin" / "python"))
     parser.add_argument("--h5ad", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--latents", nargs="*", type=Path, default=[])
+    parser.add_argument("--runs", nargs="*", default=[], help="(--side scvi) model:weight pairs")
     args = parser.parse_args()
     if args.side == "scvi":
-        return scvi_side(args.datasets[0], args.h5ad, args.seeds, args.epochs, args.out)
+        runs = [(r.split(":")[0], float(r.split(":")[1])) for r in args.runs]
+        return scvi_side(args.datasets[0], args.h5ad, args.seeds, args.epochs, runs, args.workdir)
     if args.side == "scvi-weights":
         return scvi_weights_side(args.datasets[0], args.h5ad, args.epochs, args.out)
     if args.side == "weights":
         args.workdir.mkdir(parents=True, exist_ok=True)
         store, h5ad = prepare(args.datasets[0], args.workdir)
-        check = weights_check(args.datasets[0], store, h5ad, args.scvi_python, args.workdir, args.epochs)
+        check = weights_check(args.datasets[0], store, h5ad, args.scvi_python, args.workdir, args.weights_epochs)
         return print(json.dumps(check, indent=1))
     if args.side == "score":
         return score_side(args.datasets[0], args.h5ad, args.latents, args.out)
     if args.side == "render":
         return render()
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "latents").mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     me = [args.scvi_python, str(Path(__file__).resolve())]
     results = HERE / "results"
@@ -454,33 +538,45 @@ def main() -> None:
     command = (
         f"python benchmarks/sysvi_fidelity.py --datasets {' '.join(args.datasets)} --seeds "
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}{' --own-cycle' * args.own_cycle}"
+        f" --cycle-weights {' '.join(f'{w:g}' for w in args.cycle_weights)}"
         f"{f' --weights-epochs {args.weights_epochs}' * bool(args.weights_epochs)} --scvi-python SCVI_PYTHON"
     )
     if args.weights_epochs:
         store, h5ad = prepare(args.datasets[0], args.workdir)
         check = weights_check(args.datasets[0], store, h5ad, args.scvi_python, args.workdir, args.weights_epochs)
         report["weights_check"] = {"dataset": args.datasets[0], "command": command} | check
+    ours = [("sysvi", w) for w in args.cycle_weights]
+    ours += [*([("sysvi-own", w) for w in args.cycle_weights] if args.own_cycle else []), ("scvi", 0.0)]
+    theirs = [("sysvi", DEFAULT_CYCLE_WEIGHT), ("scvi", 0.0)]
+    load_start = os.getloadavg()
+    for seed in args.seeds:  # seed by seed, so that a stopped run leaves whole seeds of every model and dataset
+        for name in args.datasets:
+            store, h5ad = prepare(name, args.workdir)
+            atlasvi_side(name, store, [seed], args.epochs, ours, args.workdir)  # then scvi-tools: one at a time
+            subprocess.run(
+                [*me, "--side", "scvi", "--datasets", name, "--h5ad", str(h5ad), "--seeds", str(seed), "--epochs",
+                 str(args.epochs), "--workdir", str(args.workdir), "--runs", *(f"{m}:{w}" for m, w in theirs)],
+                env=env, check=True,
+            )  # fmt: skip
     for name in args.datasets:
         store, h5ad = prepare(name, args.workdir)
-        scvi_out = args.workdir / f"{name}_scvi.npz"
         common = ["--datasets", name, "--h5ad", str(h5ad), "--seeds", *map(str, args.seeds)]
-        child = subprocess.Popen(
-            [*me, "--side", "scvi", *common, "--epochs", str(args.epochs), "--out", str(scvi_out)], env=env
-        )
-        ours = atlasvi_side(name, store, args.seeds, args.epochs, args.own_cycle)
-        atlas_out = args.workdir / f"{name}_atlasvi.npz"
-        np.savez(atlas_out, **ours)
-        if child.wait() != 0:
-            raise SystemExit(f"the scvi-tools side failed on {name}")
+        keys = [run_key(t, m, s, w) for s in args.seeds for t, runs in (("atlasvi", ours), ("scvi-tools", theirs))
+                for m, w in runs]  # fmt: skip
+        latents = [cached(args.workdir, name, args.epochs, k) for k in keys]
         scores_out = args.workdir / f"{name}_scores.json"
         subprocess.run(
-            [*me, "--side", "score", *common, "--latents", str(atlas_out), str(scvi_out), "--out", str(scores_out)],
+            [*me, "--side", "score", *common, "--latents", *map(str, latents), "--out", str(scores_out)],
             env=env, check=True,
         )  # fmt: skip
         scores = json.loads(scores_out.read_text())
-        with np.load(scvi_out) as theirs:
-            report["scvi_tools_version"] = str(theirs["version"])
-            seconds = json.loads(str(theirs["seconds"])) | json.loads(str(ours["seconds"]))
+        baseline = scores.pop(UNINTEGRATED)
+        runs = {}
+        for key, path in zip(keys, latents, strict=True):
+            with np.load(path) as data:
+                runs[key] = {"seconds": float(data["seconds"]), "load_at_end": [float(x) for x in data["load"]]}
+                if "version" in data.files:
+                    report["scvi_tools_version"] = str(data["version"])
         import anndata as ad
 
         adata = ad.read_h5ad(h5ad, backed="r")
@@ -493,20 +589,27 @@ def main() -> None:
             "labels_key": DATASETS[name][2],
             "n_cells": int(adata.n_obs),
             "n_genes": int(adata.n_vars),
+            "systems": {str(k): int(v) for k, v in adata.obs[DATASETS[name][1]].value_counts().items()},
+            "load_at_start": list(load_start),
+            "runs": runs,
             "scores": scores,
-            "seconds": seconds,
+            "unintegrated": baseline,
             "summary": summ,
             "checks": checks(summ),
         }
-    (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "sysvi_fidelity.md").write_text(markdown(report))
+        (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
+        (results / "sysvi_fidelity.md").write_text(markdown(report))
     print(markdown(report))
 
 
 def render() -> None:
-    """results/sysvi_fidelity.md again from results/sysvi_fidelity.json (`--side render`)."""
+    """results/sysvi_fidelity.md again from results/sysvi_fidelity.json, each dataset's checks recomputed from its
+    summary (`--side render`)."""
     results = HERE / "results"
     report = json.loads((results / "sysvi_fidelity.json").read_text())
+    for result in report["datasets"].values():
+        result["checks"] = checks(result["summary"])
+    (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
     (results / "sysvi_fidelity.md").write_text(markdown(report))
 
 
