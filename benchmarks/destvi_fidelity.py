@@ -468,8 +468,10 @@ def main() -> None:
 
 def paired_gaps(sims: list[dict], key: str = "spearman") -> list[dict]:
     """Per pair of tools (atlasvi first, then scvi-tools before its variants), over the seeds both ran: the mean,
-    sd (ddof 1) and standard error of the per-seed differences of `key`, t = mean / se, and how many seeds A is above
-    B."""
+    sd (ddof 1) and standard error of the per-seed differences of `key`, t = mean / se, the 95% confidence interval
+    of the mean (Student's t, n - 1 degrees of freedom) and how many seeds A is above B."""
+    from scipy.stats import t as student_t
+
     order = ["atlasvi", "scvi-tools", "scvi-tools-atlasvi-init"]
     tools = sorted({r["tool"] for r in sims}, key=lambda t: (order.index(t) if t in order else len(order), t))
     by = {(r["tool"], r["seed"]): r[key] for r in sims}
@@ -482,8 +484,10 @@ def paired_gaps(sims: list[dict], key: str = "spearman") -> list[dict]:
             d = np.array([by[(a, s)] - by[(b, s)] for s in seeds])
             sd = float(d.std(ddof=1))
             se = sd / np.sqrt(len(d))
+            half = float(student_t.ppf(0.975, len(d) - 1)) * se
             gaps.append({"a": a, "b": b, "n": len(d), "mean": float(d.mean()), "sd": sd, "se": se,
-                         "t": float(d.mean() / se) if se > 0 else 0.0, "above": int((d > 0).sum())})  # fmt: skip
+                         "t": float(d.mean() / se) if se > 0 else 0.0, "above": int((d > 0).sum()),
+                         "ci95": [float(d.mean() - half), float(d.mean() + half)]})  # fmt: skip
     return gaps
 
 
@@ -516,14 +520,16 @@ def table(results: dict) -> str:
             lines += [
                 "",
                 "Paired differences over the seeds both tools ran (Spearman all entries; mean ± sd of the "
-                "per-seed differences, standard error sd / sqrt(n), t = mean / se):",
+                "per-seed differences, standard error sd / sqrt(n), t = mean / se, the mean's 95% confidence "
+                "interval from Student's t with n - 1 degrees of freedom):",
                 "",
-                "| tool A - tool B | seeds | mean | sd | se | t | A above B |",
-                "|---|---|---|---|---|---|---|",
+                "| tool A - tool B | seeds | mean | sd | se | t | 95% CI | A above B |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for g in gaps:
+                ci = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
                 lines.append(f"| {g['a']} - {g['b']} | {g['n']} | {g['mean']:+.4f} | {g['sd']:.4f} | {g['se']:.4f} "
-                             f"| {g['t']:+.2f} | {g['above']} of {g['n']} |")  # fmt: skip
+                             f"| {g['t']:+.2f} | {ci} | {g['above']} of {g['n']} |")  # fmt: skip
         lines.append("")
     for key, value in sorted(results.get("agreement", {}).items()):
         per_type = value["pearson_per_type"]

@@ -32,6 +32,8 @@ def test_paired_gaps_are_the_per_seed_differences():
     assert (gap["a"], gap["b"], gap["n"], gap["above"]) == ("atlasvi", "scvi-tools", 3, 1)
     assert gap["mean"] == pytest.approx(d.mean()) and gap["sd"] == pytest.approx(d.std(ddof=1))
     assert gap["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+    half = 4.302652729749462 * d.std(ddof=1) / np.sqrt(3)  # Student's t 0.975 quantile, 2 degrees of freedom
+    assert gap["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
 
 
 def test_weights_load_into_scvi_tools_names_and_unknown_ones_are_refused():
