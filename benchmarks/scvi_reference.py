@@ -114,7 +114,8 @@ def parse_args(argv=None):
 
 
 class EpochTimer:
-    """Lightning callback: wall time of each training epoch (to separate start-up from steady state)."""
+    """Lightning callback: wall time and this process's CPU time (every thread) of each training epoch (to
+    separate start-up from steady state)."""
 
     def __new__(cls):
         import lightning.pytorch as pl
@@ -122,13 +123,15 @@ class EpochTimer:
         class _Timer(pl.Callback):
             def __init__(self):
                 self.times: list[float] = []
-                self._t0 = 0.0
+                self.cpu_times: list[float] = []
+                self._t0 = self._cpu0 = 0.0
 
             def on_train_epoch_start(self, trainer, pl_module):
-                self._t0 = time.perf_counter()
+                self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
             def on_train_epoch_end(self, trainer, pl_module):
                 self.times.append(time.perf_counter() - self._t0)
+                self.cpu_times.append(time.process_time() - self._cpu0)
 
         return _Timer()
 
@@ -289,6 +292,8 @@ def run(args) -> dict:
             "cells_per_s": n_train * epochs_run / train_wall,
             "epoch_s_median": float(np.median(steady)),
             "cells_per_s_steady": float(n_train / np.median(steady)),
+            "epoch_cpu_s": [round(t, 4) for t in timer.cpu_times],
+            "cpu_s_per_cell_steady": float(np.median(timer.cpu_times[1:] or timer.cpu_times) / n_train),
             "first_epoch_s": float(timer.times[0]) if timer.times else None,
             "loadavg_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
             "other_processes_cpu_cores": None if others is None else round(others, 3),

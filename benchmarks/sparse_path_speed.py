@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import InMemoryLoader, stores
+from train_speed import open_loader, stores
 
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.models.scvi import SCVIModule
@@ -35,7 +35,7 @@ from atlasvi.models.scvi import SCVIModule
 def step_times(batch_size: int, steps: int) -> dict:
     """Median seconds per training step of the two paths, alternated over the same `steps` minibatches."""
     train_store, _ = stores("synth10k")
-    batches = list(InMemoryLoader(train_store, LoaderConfig(batch_size=batch_size)))
+    batches = list(open_loader(train_store, LoaderConfig(batch_size=batch_size, resident=True)))
     batches = (batches * (steps // len(batches) + 1))[:steps]
     torch.manual_seed(0)
     fast = SCVIModule(open_store(train_store).schema)

@@ -6,10 +6,10 @@
 On a shared machine wall-clock throughput mostly measures the other processes; the training thread's own CPU time
 (`time.thread_time`) is far less sensitive to them (cache and memory-bandwidth sharing remain). Each measurement is
 a fresh process (this checkout's atlasvi, or `--baseline-src`'s on its PYTHONPATH), the two alternated `--pairs`
-times: scVI (defaults) on synth10k's training store held in RAM (`InMemoryLoader`, as `train_speed.py`), the step
-as `fit` takes it (`module.unpack`, loss, zero_grad, backward, the optimizer `fit` builds), 1 torch thread, 10
-warm-up steps, then CPU ms per step over each of 3 passes through the epoch's minibatches (median). Prints
-and writes (`--out`) the median over pairs per side and their ratio.
+times: scVI (defaults) on synth10k's training store held in RAM (`ResidentLoader`, as `atlasvi train` holds it),
+the step as `fit` takes it (`module.unpack`, loss, zero_grad, backward, the optimizer `fit` builds), 1 torch thread,
+10 warm-up steps, then CPU ms per step over each of 3 passes through the epoch's minibatches (median). Prints and
+writes (`--out`) the median over pairs per side and their ratio.
 """
 
 import argparse
@@ -29,7 +29,7 @@ def worker(batch_size: int) -> float:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from train_speed import InMemoryLoader, stores
+    from train_speed import open_loader, stores
 
     from atlasvi.data import LoaderConfig, open_store
     from atlasvi.models.scvi import SCVIModule
@@ -38,7 +38,7 @@ def worker(batch_size: int) -> float:
 
     torch.set_num_threads(1)
     train_store, _ = stores("synth10k")
-    loader = InMemoryLoader(train_store, LoaderConfig(batch_size=batch_size))
+    loader = open_loader(train_store, LoaderConfig(batch_size=batch_size, resident=True))
     torch.manual_seed(0)
     module = SCVIModule(open_store(train_store).schema)
     optimizer = _optimizer(module, TrainConfig())

@@ -1,4 +1,4 @@
-"""scVI training throughput: atlasvi (from the store, and from RAM) vs scvi-tools, side by side in one run.
+"""scVI training throughput: atlasvi (from the store as `atlasvi train` loads it, and streamed) vs scvi-tools.
 
     .venv/bin/python benchmarks/train_speed.py                     # synth10k and cellbench, batch 128 and 1024
     .venv/bin/python benchmarks/train_speed.py --dataset synth10k --batch-sizes 128 --repeats 1 --epochs 4
@@ -6,16 +6,18 @@
 
 For each dataset, repeat and batch size (interleaved, the order rotated every repeat), each in its own
 process with the same torch thread count and `OMP_WAIT_POLICY=PASSIVE`:
-- atlasvi/store: `fit` on a `StreamingLoader` of the training store (the default reader, read-ahead threads);
-- atlasvi/memory: the same module and `fit` on `InMemoryLoader`, the training store's CSR held in RAM and
-  cut into the very same minibatches (same sampler, windows and window shuffles): only the store differs;
+- atlasvi/store: `fit` on the training store placed as `atlasvi train` places it (`choose_resident`, "auto":
+  rows that fit in RAM are read once and cut there by `ResidentLoader`, else streamed); the loader is recorded;
+- atlasvi/streaming: the same with `resident=False`: `StreamingLoader` (the default reader, read-ahead
+  threads), the very same minibatches;
 - scvi-tools: `scvi_reference.py` in the scvi-tools venv on the same cells (same h5ad, filters, 2000 HVGs
   and held-out cells as `fidelity.py`), architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene
   dispersion), batch size and epochs; `train_size=1.0`, so no validation inside its epochs either.
 With --baseline-src (a checkout of atlasvi from before a change) its atlasvi runs the same two atlasvi workers
-("baseline/store", "baseline/memory") in the same rotation: before and after in one run, on the same machine.
-cells/s are steady state: training cells per epoch over the epoch's wall time, the first epoch excluded,
-median over epochs, then median over repeats. Validation (atlasvi) is outside the timed epoch.
+("baseline/store", "baseline/streaming") in the same rotation: before and after in one run, on the same machine.
+Steady state: training cells per epoch over the epoch's wall time and over the process's CPU time in it (every
+thread), the first epoch excluded, median over epochs, then median over repeats; ratios are paired within a
+repeat. Validation (atlasvi) is outside the timed epoch. On a shared machine the CPU time is the steadier figure.
 
 Datasets: `synth10k` (10,000 synthetic NB cells x 2000 genes from `synthetic.py`, 9,000 training cells;
 the steadier figure) and `cellbench` (CellBench sc_mixology SNG cells, 2000 HVGs, 827 training cells).
@@ -38,8 +40,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
-import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +48,7 @@ import fidelity_data
 from scvi_reference import _busy_cpu_s, _own_cpu_s
 
 from atlasvi.data import LoaderConfig, Minibatch, StreamingLoader, open_store
+from atlasvi.data.resident import ResidentLoader, ResidentRows, choose_resident
 from atlasvi.models.scvi import SCVIModule
 from atlasvi.train import TrainConfig, fit
 
@@ -60,54 +61,36 @@ SYNTH_10K = CACHE / "synth_10k.h5ad"
 # obs filters) and the held-out cell names from .cache/heldout_<h5ad stem>.txt
 fidelity.DATASETS.setdefault("synth10k", (str(SYNTH_10K), "batch", "cell_type", {}))
 DEFAULT_EPOCHS = {"synth10k": 10, "cellbench": 60}
-TOOLS = ("atlasvi/store", "atlasvi/memory", "scvi-tools")
-BASELINE_TOOLS = ("baseline/store", "baseline/memory")
+TOOLS = ("atlasvi/store", "atlasvi/streaming", "scvi-tools")
+BASELINE_TOOLS = ("baseline/store", "baseline/streaming")
 
 
-class InMemoryLoader:
-    """The minibatches of a `StreamingLoader` (one rank), cut from the store's CSR matrix held in RAM.
+def open_loader(path: Path, config: LoaderConfig) -> StreamingLoader:
+    """A loader of every row of the store at `path`, placed as `atlasvi train` places a job's rows
+    (`choose_resident`): held in RAM and cut there (`ResidentLoader`) when they fit the budget, else streamed."""
+    store = open_store(path)
+    if choose_resident(store, config).resident:
+        return ResidentLoader(store, ResidentRows(store, 0, store.n_cells), config)
+    return StreamingLoader(store, config)
 
-    Same sampler, windows and window shuffles, hence identical minibatches; no store reads, no threads:
-    each window is gathered from RAM in the training thread when the previous one is used up.
-    """
 
-    def __init__(self, store: Path, config: LoaderConfig):
-        streaming = StreamingLoader(store, config)
-        self.sampler, self.window_rows, self.config = streaming.sampler, streaming.window_rows, config
-        opened = streaming.store
-        self.n_genes = opened.schema.n_genes
-        block = opened.read_ranges([(0, opened.n_cells)])[0]
-        self.matrix = sp.csr_matrix(
-            (block.data.astype(np.float32), block.indices.astype(np.int32), block.indptr.astype(np.int32)),
-            shape=(opened.n_cells, self.n_genes),
-        )
-        self.categorical = {k: v.astype(np.int64) for k, v in block.categorical.items()}
-        self.continuous = {k: v.astype(np.float32) for k, v in block.continuous.items()}
-        self.epoch = 0
+class EpochCPU:
+    """`loader` with this process's CPU seconds (every thread: training and read-ahead) over each pass through
+    it, i.e. over each training epoch of `fit`."""
+
+    def __init__(self, loader: StreamingLoader):
+        self.loader, self.cpu_s = loader, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
 
     def __len__(self) -> int:
-        return self.sampler.batches_per_rank
+        return len(self.loader)
 
     def __iter__(self) -> Iterator[Minibatch]:
-        rows = np.concatenate([np.arange(a, z) for a, z in self.sampler.rank_ranges(self.epoch)])
-        size = self.config.batch_size
-        for index, start in enumerate(range(0, len(rows), self.window_rows)):
-            window = rows[start : start + self.window_rows]
-            window = window[np.random.default_rng([self.config.seed, self.epoch, 0, index]).permutation(len(window))]
-            counts = self.matrix[window]
-            for a in range(0, len(window), size):
-                z = min(a + size, len(window))
-                lo, hi = counts.indptr[a], counts.indptr[z]
-                yield Minibatch(
-                    torch.from_numpy(counts.indptr[a : z + 1] - lo),
-                    torch.from_numpy(counts.indices[lo:hi]),
-                    torch.from_numpy(counts.data[lo:hi]),
-                    self.n_genes,
-                    {k: torch.from_numpy(v[window[a:z]]) for k, v in self.categorical.items()},
-                    {k: torch.from_numpy(v[window[a:z]]) for k, v in self.continuous.items()},
-                    torch.from_numpy(window[a:z]),
-                )
-        self.epoch += 1
+        started = time.process_time()
+        yield from self.loader
+        self.cpu_s.append(time.process_time() - started)
 
 
 def stores(dataset: str) -> tuple[Path, Path]:
@@ -129,21 +112,23 @@ def atlasvi_worker(args: argparse.Namespace) -> dict:
     """One atlasvi training run (in this process), as a JSON-able dict."""
     torch.set_num_threads(args.threads)
     train_store, heldout_store = stores(args.dataset)
-    config = LoaderConfig(batch_size=args.batch_size, num_threads=args.loader_threads)
-    if args.worker == "store":
-        train, heldout = StreamingLoader(train_store, config), StreamingLoader(heldout_store, config)
-    else:
-        train, heldout = InMemoryLoader(train_store, config), InMemoryLoader(heldout_store, config)
+    resident = False if args.worker == "streaming" else "auto"  # "auto": what `atlasvi train` does
+    config = LoaderConfig(batch_size=args.batch_size, num_threads=args.loader_threads, resident=resident)
+    train, heldout = EpochCPU(open_loader(train_store, config)), open_loader(heldout_store, config)
     module = SCVIModule(open_store(train_store).schema)
     busy0, own0, started = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     history = fit(module, train, heldout, TrainConfig(max_epochs=args.epochs, n_epochs_kl_warmup=args.epochs))
     wall = time.perf_counter() - started
     others = None if busy0 is None else max(0.0, _busy_cpu_s() - busy0 - (_own_cpu_s() - own0)) / wall
     steady = history[1:] or history
+    cells = round(history[-1].cells_per_second * history[-1].seconds)
     return {
+        "loader": type(train.loader).__name__,
         "epoch_s": [r.seconds for r in history],
-        "cells_per_epoch": round(history[-1].cells_per_second * history[-1].seconds),
+        "epoch_cpu_s": train.cpu_s,
+        "cells_per_epoch": cells,
         "cells_per_s": statistics.median(r.cells_per_second for r in steady),
+        "cpu_s_per_cell": statistics.median(train.cpu_s[1:] or train.cpu_s) / cells,
         "threads": torch.get_num_threads(),
         "other_processes_cpu_cores": None if others is None else round(others, 3),
     }
@@ -171,6 +156,7 @@ def scvi_run(dataset: str, batch_size: int, epochs: int, threads: int, env: dict
         "epoch_s": None,
         "cells_per_epoch": result["n_train"],
         "cells_per_s": steady,
+        "cpu_s_per_cell": timing["cpu_s_per_cell_steady"],
         "threads": result["schedule"]["threads"],
         "other_processes_cpu_cores": timing["other_processes_cpu_cores"],
         "versions": result["versions"],
@@ -214,29 +200,50 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def _paired(runs: list[dict], tool: str, other: str, key: str, invert: bool = False) -> list[float]:
+    """Per repeat, `tool`'s `key` over `other`'s (the inverse with `invert`): ratios paired within a repeat."""
+    by_repeat = {r["repeat"]: r[key] for r in runs if r["tool"] == other}
+    pairs = [(r[key], by_repeat[r["repeat"]]) for r in runs if r["tool"] == tool and r["repeat"] in by_repeat]
+    return [b / a if invert else a / b for a, b in pairs]
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (dataset, batch size, tool): median cells/s over repeats and the ratios."""
+    """One row per (dataset, batch size, tool): medians over repeats of cells/s and of CPU seconds per cell, and
+    the ratios paired within each repeat (their median): x scvi-tools by wall time and by CPU time per cell,
+    streaming / resident and x baseline by wall time."""
     rows = []
     keys = sorted({(r["dataset"], r["batch_size"]) for r in runs}, key=lambda k: (k[0] != "synth10k", k))
     tools = [t for t in (*TOOLS, *BASELINE_TOOLS) if any(r["tool"] == t for r in runs)]
     for dataset, batch_size in keys:
-        mine = {tool: [r for r in runs if (r["dataset"], r["batch_size"], r["tool"]) == (dataset, batch_size, tool)]
-                for tool in tools}  # fmt: skip
-        cells = {tool: median([r["cells_per_s"] for r in mine[tool]]) for tool in tools}
+        here = [r for r in runs if (r["dataset"], r["batch_size"]) == (dataset, batch_size)]
         for tool in tools:
-            before = "baseline/" + tool.split("/")[1] if tool.startswith("atlasvi/") else None
+            mine = [r for r in here if r["tool"] == tool]
+            side = tool.split("/")[-1]
+            before = "baseline/" + side if tool.startswith("atlasvi/") else None
+            wall = _paired(here, tool, "scvi-tools", "cells_per_s")
+            cpu = _paired(here, tool, "scvi-tools", "cpu_s_per_cell", invert=True)
+            streaming = (
+                _paired(here, tool, tool.replace("streaming", "store"), "cells_per_s") if side == "streaming" else []
+            )
+            baseline = _paired(here, tool, before, "cells_per_s") if before in tools else []
             rows.append(
                 {
                     "dataset": dataset,
                     "batch_size": batch_size,
                     "tool": tool,
-                    "cells_per_s": cells[tool],
-                    "repeats": [round(r["cells_per_s"]) for r in mine[tool]],
-                    "vs_scvi_tools": cells[tool] / cells["scvi-tools"],
-                    "store_vs_memory": cells[tool] / cells["atlasvi/memory"] if tool == "atlasvi/store" else None,
-                    "vs_baseline": cells[tool] / cells[before] if before in cells else None,
-                    "other_processes_cpu_cores": median([r["other_processes_cpu_cores"] or 0.0 for r in mine[tool]]),
-                    "load_1min": median([r.get("load_1min", float("nan")) for r in mine[tool]]),
+                    "loader": ", ".join(sorted({r.get("loader", "scvi-tools AnnDataLoader") for r in mine})),
+                    "cells_per_s": median([r["cells_per_s"] for r in mine]),
+                    "repeats": [round(r["cells_per_s"]) for r in mine],
+                    "cells_per_cpu_s": 1 / median([r["cpu_s_per_cell"] for r in mine]),
+                    "cpu_repeats": [round(1 / r["cpu_s_per_cell"]) for r in mine],
+                    "vs_scvi_tools": median(wall),
+                    "vs_scvi_tools_repeats": [round(x, 2) for x in wall],
+                    "vs_scvi_tools_cpu": median(cpu),
+                    "vs_scvi_tools_cpu_repeats": [round(x, 2) for x in cpu],
+                    "streaming_vs_resident": median(streaming) if streaming else None,
+                    "vs_baseline": median(baseline) if baseline else None,
+                    "other_processes_cpu_cores": median([r["other_processes_cpu_cores"] or 0.0 for r in mine]),
+                    "load_1min": median([r.get("load_1min", float("nan")) for r in mine]),
                 }
             )
     return rows
@@ -254,24 +261,30 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         "Same cells, genes, architecture (n_latent 10, n_hidden 128, 1 layer, ZINB, gene dispersion), batch size "
-        "and epochs on both sides. cells/s: steady-state training (first epoch excluded, median over epochs), "
-        f"median of {report['repeats']} interleaved repeats, each in its own process. Goals: atlasvi/scvi-tools "
-        ">= 3x at batch 128 and >= 2x at 1024; store/in-memory >= 0.95."
+        "and epochs on both sides. Steady state (first epoch excluded, median over epochs), median of "
+        f"{report['repeats']} interleaved repeats, each in its own process: cells/s by wall time, and cells per CPU "
+        "second of the training process (every thread, read-ahead included). Ratios are paired within a repeat "
+        "(median of the repeats' ratios; each repeat's in brackets). atlasvi/store: the store as `atlasvi train` "
+        "loads it (resident when the rows fit in RAM: the loader column); atlasvi/streaming: the store streamed. "
+        "Goals: atlasvi/scvi-tools >= 3x at batch 128 and >= 2x at 1024; streaming / resident >= 0.95."
         + (f" baseline/: atlasvi from `{report['baseline']}` in the same run." if report.get("baseline") else ""),
         "",
-        "| dataset | training cells x genes | epochs | batch | tool | cells/s (median) | repeats | x scvi-tools "
-        "| store / in-memory | x baseline | other processes (cores) | load (1 min) |",
-        "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "| dataset | training cells x genes | epochs | batch | tool | loader | cells/s (median) | repeats "
+        "| cells per CPU s | x scvi-tools, wall | x scvi-tools, CPU | streaming / resident | x baseline "
+        "| other processes (cores) | load (1 min) |",
+        "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         info = report["datasets"][row["dataset"]]
-        store = "" if row["store_vs_memory"] is None else f"{row['store_vs_memory']:.2f}"
+        streaming = "" if row["streaming_vs_resident"] is None else f"{row['streaming_vs_resident']:.2f}"
         baseline = "" if row.get("vs_baseline") is None else f"{row['vs_baseline']:.2f}"
+        wall = f"{row['vs_scvi_tools']:.2f} ({', '.join(f'{x:.2f}' for x in row['vs_scvi_tools_repeats'])})"
+        cpu = f"{row['vs_scvi_tools_cpu']:.2f} ({', '.join(f'{x:.2f}' for x in row['vs_scvi_tools_cpu_repeats'])})"
         lines.append(
             f"| {row['dataset']} | {info['cells']:,} x {info['genes']} | {info['epochs']} | {row['batch_size']} "
-            f"| {row['tool']} | {row['cells_per_s']:,.0f} | {', '.join(f'{x:,}' for x in row['repeats'])} "
-            f"| {row['vs_scvi_tools']:.2f} | {store} | {baseline} | {row['other_processes_cpu_cores']:.2f} "
-            f"| {row['load_1min']:.1f} |"
+            f"| {row['tool']} | {row['loader']} | {row['cells_per_s']:,.0f} "
+            f"| {', '.join(f'{x:,}' for x in row['repeats'])} | {row['cells_per_cpu_s']:,.0f} | {wall} | {cpu} "
+            f"| {streaming} | {baseline} | {row['other_processes_cpu_cores']:.2f} | {row['load_1min']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -304,8 +317,10 @@ def log_mlflow(report: dict, md_path: Path, json_path: Path) -> None:
                 )  # fmt: skip
                 mlflow.log_metric("cells_per_s", row["cells_per_s"])
                 mlflow.log_metric("x_scvi_tools", row["vs_scvi_tools"])
-                if row["store_vs_memory"] is not None:
-                    mlflow.log_metric("store_vs_memory", row["store_vs_memory"])
+                mlflow.log_metric("cells_per_cpu_s", row["cells_per_cpu_s"])
+                mlflow.log_metric("x_scvi_tools_cpu", row["vs_scvi_tools_cpu"])
+                if row["streaming_vs_resident"] is not None:
+                    mlflow.log_metric("streaming_vs_resident", row["streaming_vs_resident"])
                 for step, value in enumerate(row["repeats"]):
                     mlflow.log_metric("cells_per_s_repeat", value, step=step)
 
@@ -373,7 +388,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "train_speed"), help="writes OUT.md and OUT.json")
     parser.add_argument("--baseline-src", default=None, help="an atlasvi checkout to run as baseline/ (before/after)")
     parser.add_argument("--no-mlflow", action="store_true")
-    parser.add_argument("--worker", choices=["store", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["store", "streaming"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.dataset, args.batch_size = args.dataset[0], args.batch_sizes[0]

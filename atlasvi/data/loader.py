@@ -63,8 +63,11 @@ class SparseCounts:
         return self.rows * self.n_genes + self.col_indices
 
     def with_values(self, values: torch.Tensor) -> "SparseCounts":
-        """The same pattern with other (nnz,) values (a map of the counts that keeps 0 at 0)."""
-        return SparseCounts(self.crow_indices, self.col_indices, values, self.n_genes)
+        """The same pattern with other (nnz,) values (a map of the counts that keeps 0 at 0); the pattern's row of
+        each non-zero (`rows`) is shared, not computed again."""
+        out = SparseCounts(self.crow_indices, self.col_indices, values, self.n_genes)
+        out.__dict__["rows"] = self.rows  # a cached_property's slot (the dataclass is frozen)
+        return out
 
     def row_sums(self) -> torch.Tensor:
         """(n,) sum of each row's values (a cell's total counts)."""

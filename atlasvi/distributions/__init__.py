@@ -133,6 +133,48 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return (grad.sum(dims, keepdim=True) if dims else grad).reshape(shape)
 
 
+def _rising_tables(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per gene and count k = 0.._SMALL_COUNT, from theta (n_genes,) float64: log(theta (theta + 1) ... (theta + k - 1))
+    - log k! and the sum of 1 / (theta + i) over i < k, each (n_genes, _SMALL_COUNT + 1) float64. The same products
+    and sums, in the same order, as `_nonzero_gamma_terms` and `_nonzero_digamma_difference` take per non-zero."""
+    factors = theta.unsqueeze(1) + torch.arange(_SMALL_COUNT, dtype=theta.dtype, device=theta.device)
+    log_factorial = torch.tensor(_LOG_FACTORIAL[1:], dtype=theta.dtype, device=theta.device)
+    log_rising, digamma = theta.new_zeros(len(theta), _SMALL_COUNT + 1), theta.new_zeros(len(theta), _SMALL_COUNT + 1)
+    log_rising[:, 1:] = torch.log(torch.cumprod(factors, 1)) - log_factorial
+    digamma[:, 1:] = torch.cumsum(factors.reciprocal(), 1)
+    return log_rising, digamma
+
+
+def _gene_gamma_terms(
+    x: torch.Tensor, theta: torch.Tensor, columns: torch.Tensor, theta_k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_nonzero_gamma_terms` where theta is per gene ((n_genes,), float64): the integer counts <= _SMALL_COUNT read
+    a per-gene table (`_rising_tables`) instead of computing per non-zero; the others take the lgammas.
+    x: (nnz,) counts; columns: (nnz,) their genes; theta_k: (nnz,) their theta. Returns (the terms (nnz,) float64,
+    the table slot of each non-zero, the entries of the lgamma fallback) for `_gene_digamma_difference`."""
+    log_rising, _ = _rising_tables(theta)
+    small = x.clamp(0, _SMALL_COUNT)
+    slot = columns * (_SMALL_COUNT + 1) + small.long()
+    out = log_rising.view(-1)[slot]
+    rest = ((x != small.floor()) | (x < 1)).nonzero().squeeze(1)  # x > _SMALL_COUNT, not an integer, or 0
+    if len(rest):
+        x_rest, theta_rest = x[rest].double(), theta_k[rest].double()
+        out[rest] = torch.lgamma(x_rest + theta_rest) - torch.lgamma(theta_rest) - torch.lgamma(x_rest + 1)
+    return out, slot, rest
+
+
+def _gene_digamma_difference(
+    x: torch.Tensor, theta: torch.Tensor, theta_k: torch.Tensor, slot: torch.Tensor, rest: torch.Tensor
+) -> torch.Tensor:
+    """`_nonzero_digamma_difference` where theta is per gene (the table of `_rising_tables`, digamma at `rest`)."""
+    _, digamma = _rising_tables(theta)
+    total = digamma.view(-1)[slot]
+    if len(rest):
+        x_rest, theta_rest = x[rest].double(), theta_k[rest].double()
+        total[rest] = torch.digamma(x_rest + theta_rest) - torch.digamma(theta_rest)
+    return total
+
+
 class _NBRows(torch.autograd.Function):
     """Per-row sums of log NB / log ZINB over genes, from CSR counts: (n,) in mu's dtype.
 
@@ -140,7 +182,7 @@ class _NBRows(torch.autograd.Function):
     -theta log1p(mu / theta) (NB), computed as log(s + (1 - s) e^b) with s = sigmoid(zi) (exactly
     softplus(b - zi) - softplus(-zi) where that would underflow); at the non-zeros the row sum takes
     P - Z with P = log(1 - pi) + log NB(x) (the log-gamma ratio and its digamma gradient in float64, by
-    `_nonzero_gamma_terms`).
+    `_nonzero_gamma_terms`, or per gene by `_gene_gamma_terms` where theta is per gene).
     Gradients by hand: dZ/dzi = s / D - s, dZ/db = (1 - s) e^b / D with D = s + (1 - s) e^b;
     db/dmu = -1 / (1 + r), db/dtheta = r / (1 + r) - log1p(r), r = mu / theta; at the non-zeros
     dP/dzi = -s, dP/dmu = db/dmu + x theta / (mu (theta + mu)), dP/dtheta = db/dtheta - x / (theta + mu)
@@ -148,13 +190,14 @@ class _NBRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mu, theta, zi_logits, flat_index, rows, x):
+    def forward(ctx, mu, theta, zi_logits, flat_index, rows, columns, x):
         shape = torch.broadcast_shapes(mu.shape, theta.shape, *(() if zi_logits is None else (zi_logits.shape,)))
+        per_gene = theta.numel() == shape[-1]  # theta (n_genes,): the non-zeros' gamma terms from per-gene tables
         r = mu / theta
         log1p_r = torch.log1p(r)
         b = log1p_r * theta
         b.neg_()
-        s = d = None
+        s = d = s_k = None
         if zi_logits is None:
             zero = b
         else:
@@ -167,20 +210,28 @@ class _NBRows(torch.autograd.Function):
                 zero = F.softplus(b - zi_logits) - F.softplus(-zi_logits)
                 d = torch.sigmoid(zi_logits - b)  # s / D without dividing by an underflowed D
         total = zero.sum(-1) if zero.shape == shape else zero.expand(shape).sum(-1)
-        mu_k, theta_k, b_k, zero_k = (torch.take(t.expand(shape), flat_index) for t in (mu, theta, b, zero))
+        mu_k, b_k, zero_k = (torch.take(t.expand(shape), flat_index) for t in (mu, b, zero))
+        if per_gene:
+            theta_k = theta.reshape(-1)[columns]
+            ratio, slot, rest = _gene_gamma_terms(x, theta.reshape(-1).double(), columns, theta_k)
+        else:
+            theta_k, slot = torch.take(theta.expand(shape), flat_index), None
+            ratio, rest = _nonzero_gamma_terms(x.double(), theta_k.double())
         value = b_k + x * (_log_mu(mu_k) - torch.log(theta_k + mu_k))
-        ratio, rest = _nonzero_gamma_terms(x.double(), theta_k.double())
         value = (value.double() + ratio - zero_k.double()).to(value.dtype)
         if zi_logits is not None:
+            s_k = torch.take(s.expand(shape), flat_index)
             value = value - F.softplus(torch.take(zi_logits.expand(shape), flat_index))
         total = total.index_add(0, rows, value)
-        ctx.save_for_backward(mu, theta, zi_logits, flat_index, x, r, log1p_r, s, d, rest)
+        ctx.save_for_backward(mu, theta, zi_logits, flat_index, rows, columns, x, r, log1p_r, s, d)
+        ctx.nonzero = (mu_k, theta_k, s_k, slot, rest)
         ctx.shape = shape
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        mu, theta, zi_logits, flat_index, x, r, log1p_r, s, s_over_d, rest = ctx.saved_tensors
+        mu, theta, zi_logits, flat_index, rows, columns, x, r, log1p_r, s, s_over_d = ctx.saved_tensors
+        mu_k, theta_k, s_k, slot, rest = ctx.nonzero
         shape = ctx.shape
         inverse = r.add(1).reciprocal_()  # theta / (theta + mu)
         ratio = r * inverse  # mu / (theta + mu)
@@ -192,22 +243,25 @@ class _NBRows(torch.autograd.Function):
             grad_mu = (grad_b * inverse).neg_()
             grad_theta = grad_b.mul_(ratio - log1p_r)
         grad_mu, grad_theta = grad_mu.expand(shape).contiguous(), grad_theta.expand(shape).contiguous()
-        mu_k, theta_k = (torch.take(t.expand(shape), flat_index) for t in (mu, theta))
         r_k = mu_k / theta_k  # the non-zeros' r, 1 / (1 + r), r / (1 + r), log1p(r): computed, not gathered
         inverse_k = r_k.add(1).reciprocal_()
         ratio_k, log1p_k = r_k * inverse_k, torch.log1p(r_k)
         tiny = torch.finfo(mu.dtype).tiny
         over_mu = torch.where(mu_k >= tiny, x / mu_k.clamp_min(tiny), 0)  # log mu is clamped at tiny
         grad_mu.view(-1).index_put_((flat_index,), over_mu * inverse_k - inverse_k)
-        digamma = _nonzero_digamma_difference(x.double(), theta_k.double(), rest).to(mu.dtype)
+        if slot is None:
+            digamma = _nonzero_digamma_difference(x.double(), theta_k.double(), rest)
+        else:
+            digamma = _gene_digamma_difference(x, theta.reshape(-1).double(), theta_k, slot, rest)
+        digamma = digamma.to(mu.dtype)
         grad_theta.view(-1).index_put_((flat_index,), ratio_k - log1p_k - x * inverse_k / theta_k + digamma)
         if grad_zi is not None:
-            grad_zi.view(-1).index_put_((flat_index,), -torch.take(s.expand(shape), flat_index))
+            grad_zi.view(-1).index_put_((flat_index,), -s_k)
         scale = grad.unsqueeze(-1)
         grads = [g if g is None else g.mul_(scale) for g in (grad_mu, grad_theta, grad_zi)]
         shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
         grads = [g if g is None else _sum_to(g, n) for g, n in zip(grads, shapes, strict=True)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def nb_log_prob_rows(
@@ -217,7 +271,7 @@ def nb_log_prob_rows(
     CSR `counts` (n, n_genes); mu, theta, zi_logits broadcast to (n, n_genes). The same values as
     `log_nb_positive(x, ...).sum(-1)` / `log_zinb_positive(x, ...).sum(-1)` (to float rounding), without x dense."""
     x = counts.values.to(mu.dtype)
-    return _NBRows.apply(mu, theta, zi_logits, counts.flat_index, counts.rows, x)
+    return _NBRows.apply(mu, theta, zi_logits, counts.flat_index, counts.rows, counts.col_indices, x)
 
 
 def log_mixture_nb(

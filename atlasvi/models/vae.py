@@ -138,6 +138,7 @@ class VAE(nn.Module):
             "use_batch_norm": _norm(config.use_batch_norm, "encoder"),
             "use_layer_norm": _norm(config.use_layer_norm, "encoder"),
             "inject_covariates": config.deeply_inject_covariates,
+            "sparse_input": True,  # `inference` gives the encoders the CSR counts
         }
         self.z_encoder = Encoder(n_encoder_in, config.n_latent, encoder_categories, **encoder_options)
         if config.use_observed_lib_size:

@@ -37,22 +37,24 @@ class _SparseLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(crow, col, values)
+    def forward(
+        ctx, crow: torch.Tensor, col: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """rows: (nnz,) the row of each non-zero (`SparseCounts.rows`)."""
+        ctx.save_for_backward(crow, col, rows, values)
         ctx.n_in = weight.shape[1]
         return F.embedding_bag(col, weight.t().contiguous(), crow[:-1], mode="sum", per_sample_weights=values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        crow, col, values = ctx.saved_tensors
+        crow, col, rows, values = ctx.saved_tensors
         order = _column_order(col, ctx.n_in)
-        rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff())
         offsets = torch.zeros(ctx.n_in, dtype=crow.dtype, device=col.device)
         offsets[1:] = torch.bincount(col, minlength=ctx.n_in)[:-1].cumsum(0)
         weight_t = F.embedding_bag(
             rows[order], grad.contiguous(), offsets, mode="sum", per_sample_weights=values[order]
         )  # (n_in, n_out); a column no cell has is an empty bag: 0
-        return None, None, None, weight_t.t()
+        return None, None, None, None, weight_t.t()
 
 
 def _column_order(col: torch.Tensor, n_columns: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _column_order(col: torch.Tensor, n_columns: int) -> torch.Tensor:
 
 def sparse_linear(x: SparseCounts, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for CSR input: (n, n_in) x (n_out, n_in) -> (n, n_out), + bias; gradients reach weight and bias."""
-    out = _SparseLinear.apply(x.crow_indices, x.col_indices, x.values.to(weight.dtype), weight)
+    out = _SparseLinear.apply(x.crow_indices, x.col_indices, x.rows, x.values.to(weight.dtype), weight)
     return out if bias is None else out + bias
 
 
@@ -78,7 +80,8 @@ class FCLayers(nn.Module):
 
     n_categories: categories per covariate (a covariate with 1 category is ignored, as in scvi-tools);
     activation: the nonlinearity's class (scvi-tools' activation_fn; PeakVI's layers use LeakyReLU), None for
-    none (scvi-tools' use_activation=False); bias: whether the Linear layers have one (scvi-tools' bias).
+    none (scvi-tools' use_activation=False); bias: whether the Linear layers have one (scvi-tools' bias);
+    sparse_input: the first layer mostly reads `SparseCounts` (its weight is then stored column-major).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class FCLayers(nn.Module):
         inject_covariates: bool = True,
         activation: type[nn.Module] | None = nn.ReLU,
         bias: bool = True,
+        sparse_input: bool = False,
     ):
         super().__init__()
         self.n_categories = [n if n > 1 else 0 for n in n_categories]
@@ -112,6 +116,10 @@ class FCLayers(nn.Module):
             if dropout_rate > 0:
                 block.append(nn.Dropout(dropout_rate))
             self.layers.append(nn.Sequential(*block))
+        if sparse_input:  # the same values stored column-major: W^T is contiguous for the sparse product's forward,
+            # and its gradient (built as (X^T grad)^T) has the parameter's layout, so neither pass copies a transpose
+            first = self.layers[0][0]
+            first.weight = nn.Parameter(first.weight.detach().t().contiguous().t())
 
     def forward(self, x: torch.Tensor | SparseCounts, *codes: torch.Tensor) -> torch.Tensor:
         """x: (n, n_in), dense or `SparseCounts` (the first layer's product is then sparse x dense);
@@ -152,8 +160,8 @@ class Encoder(nn.Module):
     """Gaussian q(z | x): (n, n_in) -> Normal over (n, n_out) and a reparametrised sample.
 
     The variance is var_activation(output) + var_eps (scvi-tools' default activation exp and eps 1e-4;
-    var_activation "softplus" as DestVI's amortization encoder); activation: the hidden layers' nonlinearity
-    (see `FCLayers`).
+    var_activation "softplus" as DestVI's amortization encoder); activation: the hidden layers' nonlinearity,
+    sparse_input: the input is mostly `SparseCounts` (see `FCLayers`).
     """
 
     def __init__(
@@ -170,13 +178,14 @@ class Encoder(nn.Module):
         var_eps: float = 1e-4,
         activation: type[nn.Module] = nn.ReLU,
         var_activation: Literal["exp", "softplus"] = "exp",
+        sparse_input: bool = False,
     ):
         super().__init__()
         self.var_eps = var_eps
         self.var_activation = torch.exp if var_activation == "exp" else F.softplus
         self.encoder = FCLayers(
             n_in, n_hidden, n_categories, n_layers, n_hidden, dropout_rate, use_batch_norm, use_layer_norm,
-            inject_covariates, activation,
+            inject_covariates, activation, sparse_input=sparse_input,
         )  # fmt: skip
         self.mean_encoder = nn.Linear(n_hidden, n_out)
         self.var_encoder = nn.Linear(n_hidden, n_out)

@@ -133,3 +133,19 @@ def test_resident_rows_must_cover_the_loader_rows(kang_store):
     store = open_store(kang_store)
     with pytest.raises(ValueError, match=r"rows 0:1556 are not all resident \(rows 0:1000 are\)"):
         ResidentLoader(store, ResidentRows(store, 0, 1000), LoaderConfig())
+
+
+@pytest.mark.parametrize(("fixture", "modality"), [("kang_store", None), ("multiome_store", "atac")])
+def test_device_gather_takes_the_rows_the_cpu_gather_takes(request, fixture, modality):
+    """The index-arithmetic gather (the path on a GPU) equals the CPU path's scipy gather: rows in any order,
+    repeats and empty rows included, dtypes kept (int32 gene indices, int64 peak indices)."""
+    store = open_store(request.getfixturevalue(fixture))
+    held = ResidentRows(store, 0, store.n_cells, (modality,) if modality else ())
+    csr = held.obsm[modality] if modality else held.x
+    rows = torch.from_numpy(np.random.default_rng(0).integers(0, store.n_cells, 300))
+    rows = torch.cat([rows, rows[:5], torch.nonzero(csr.indptr[1:] == csr.indptr[:-1]).flatten()[:3]])
+    scipy_path, torch_path = csr.take(rows), csr.gather(rows)
+    for name in ("indptr", "indices", "data"):
+        a, b = getattr(scipy_path, name), getattr(torch_path, name)
+        assert a.dtype == b.dtype == getattr(csr, name).dtype and torch.equal(a, b)
+    assert len(scipy_path.indices) > 0
