@@ -461,11 +461,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
             + " | ".join(f"{summary[k]['mean']:+.{d}f} ± {summary[k]['sd']:.{d}f}" for k, d, _ in METRICS)
             + " |"
         )
+        if len(diffs["per_seed"]) > 1:
+            lines.append(
+                "| s.e. (t = mean / s.e.) | "
+                + " | ".join(
+                    f"{summary[k]['se']:.{d}f} (t {summary[k]['t']:+.2f})" if summary[k]["t"] is not None else "-"
+                    for k, d, _ in METRICS
+                )
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def paired_differences(rows: list[dict]) -> dict:
-    """atlasvi - scvi-tools per metric for every seed both tools ran; mean and sd over those seeds."""
+    """atlasvi - scvi-tools per metric for every seed both tools ran; mean, sd, standard error (sd / sqrt(n)) and t
+    (mean / se; None for fewer than 2 seeds or se 0) over those seeds."""
     by = {(r["tool"], r["seed"]): r for r in rows}
     seeds = sorted(s for tool, s in by if tool == "atlasvi" and ("scvi-tools", s) in by)
     per_seed = {s: {k: by["atlasvi", s][k] - by["scvi-tools", s][k] for k, _, _ in METRICS} for s in seeds}
@@ -473,7 +483,9 @@ def paired_differences(rows: list[dict]) -> dict:
     for key, _, _ in METRICS:
         values = np.array([per_seed[s][key] for s in seeds])
         sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        summary[key] = {"mean": float(values.mean()) if len(values) else 0.0, "sd": sd}
+        mean = float(values.mean()) if len(values) else 0.0
+        se = sd / np.sqrt(len(values)) if len(values) > 1 else None
+        summary[key] = {"mean": mean, "sd": sd, "se": se, "t": mean / se if se else None}
     return {"per_seed": per_seed, "summary": summary}
 
 
@@ -531,6 +543,8 @@ def main() -> None:
         earlier.append((report["rows"], bool(report["meta"].get("same_start"))))
     reused = "scvi-tools" if args.atlasvi_only else "atlasvi"
     rows = merged_rows(earlier, args.seeds, reused, args.same_start)
+    if args.same_start and not args.scvi_only:  # both tools run these seeds now: no earlier row of them
+        rows = [r for r in rows if r["seed"] not in args.seeds]
     if args.same_start and args.scvi_only:
         missing = [s for s in args.seeds if not any(r["tool"] == "atlasvi" and r["seed"] == s for r in rows)]
         if missing:

@@ -22,13 +22,32 @@ classifier weights. The module in eval mode as above; the classifier in training
 norm, running statistics updated) with its dropout set to 0 in both tools, so the step is deterministic. Compared:
 the total loss and the classifier's loss, the gradient of every weight (the classifier's included), the weights and
 the classifier's batch-norm running statistics after the step. Output: results/multivi_step_check_adversary.json.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_step_check.py --steps --epochs 15 --n-epochs-kl-warmup 5
+
+Many steps (results/multivi_step_check_steps.json and .md): both tools TRAIN through their own loops (atlasvi's
+MULTIVI.fit, scvi-tools' MULTIVI.train with its AdversarialTrainingPlan: adversary, KL warm-up by epoch, AdamW and
+the classifier's Adam) from atlasvi's initial weights of seed 0 (module and classifier), on the same minibatches in
+the same order (atlasvi's loader draws them; scvi-tools' training loader replays them, its validation cells are
+atlasvi's), with dropout off in both (p 0, training mode otherwise: the classifier's batch norm on batch statistics)
+and the same noise: in training step k every reparametrised Normal draw is loc + scale x eps_k, eps_k =
+default_rng([7, k]) standard normal (cells of the step x n_latent); outside training (validation, no gradient) the
+draw is the mean. Recorded per step: the loss (with the fooling term), the KL weight, and 2,048 fixed entries of
+every weight and buffer (all of a smaller tensor); every weight in full after the steps of SNAPSHOTS and the last.
+The float-drift reference (`--drift-reference`, on by default) is atlasvi trained twice, the second time from its
+initial weights perturbed by one float32 ulp (x (1 + 2^-23) or x (1 - 2^-23), a seeded sign per entry): how far a
+rounding-sized difference grows over the same steps. The tools train alike if their difference stays at the
+reference's size; a difference in the training shows as a step where the tools part while the reference does not.
 """
 
+import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +395,443 @@ def adversary_summary(grads: dict, steps: dict) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------- many steps
+SNAPSHOTS = (1, 2, 5, 10, 20, 50, 100, 150, 200, 250, 300, 400, 500)  # steps after which every weight is kept
+SAMPLED = 2048  # entries of each tensor recorded before every step
+NOISE_SEED = 7
+
+
+class _StepRecord:
+    """One tool's run, step by step: the noise eps_k of training step k, the sampled entries of every tensor before
+    each step and after the last, each step's loss and KL weight, every weight after the steps of SNAPSHOTS."""
+
+    current: "_StepRecord | None" = None  # the run whose noise Normal.rsample reads
+
+    def __init__(self, tool: str, n_latent: int):
+        self.tool, self.n_latent, self.step = tool, n_latent, 0
+        self.samples: list[dict[str, np.ndarray]] = []
+        self.losses: list[float] = []
+        self.kl_weights: list[float] = []
+        self.rows: list[np.ndarray] = []
+        self.eps = None
+        _StepRecord.current = self
+
+    def start(self, state: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        """Before training step self.step (on the cells `rows`): record the weights, draw the step's noise."""
+        import torch
+
+        self._record(state)
+        self.rows.append(np.asarray(rows))
+        rng = np.random.default_rng([NOISE_SEED, self.step])
+        self.eps = torch.from_numpy(rng.standard_normal((len(rows), self.n_latent)).astype(np.float32))
+        self.step += 1
+
+    def finish(self, state: dict[str, np.ndarray]) -> None:
+        """After the last step: record the weights, and keep them all."""
+        self._record(state, keep=True)
+
+    def _record(self, state: dict[str, np.ndarray], keep: bool = False) -> None:
+        self.samples.append({k: v.ravel()[_positions(k, v.size)].copy() for k, v in state.items()})
+        if keep or self.step in SNAPSHOTS:
+            np.savez(CACHE / f"steps_{self.tool}_{self.step}.npz", **state)
+
+    def save(self, **extra) -> None:
+        """CACHE/steps_TOOL.npz: the samples (tensor -> (steps + 1, entries)), losses, KL weights, extra arrays."""
+        names = self.samples[0].keys()
+        samples = {f"sample|{k}": np.stack([s[k] for s in self.samples]) for k in names}
+        arrays = {"loss": np.array(self.losses), "kl_weight": np.array(self.kl_weights)}
+        np.savez(CACHE / f"steps_{self.tool}.npz", **samples, **arrays, **extra)
+
+
+_POSITIONS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _positions(name: str, size: int) -> np.ndarray:
+    """The SAMPLED entries recorded of a tensor (all of a smaller one), fixed by its (atlasvi) name."""
+    import zlib
+
+    if (name, size) not in _POSITIONS:
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        _POSITIONS[name, size] = (
+            np.sort(rng.choice(size, SAMPLED, replace=False)) if size > SAMPLED else np.arange(size)
+        )
+    return _POSITIONS[name, size]
+
+
+def _step_noise() -> None:
+    """Normal.rsample under autograd (a training step): loc + scale x the current step's eps (an error for any
+    other non-empty shape); without autograd (validation): the mean."""
+    import torch
+    from torch.distributions import Normal
+
+    def rsample(self, sample_shape=()):  # Normal.rsample's signature
+        if not torch.is_grad_enabled():
+            return self.loc.expand(torch.Size(sample_shape) + self.loc.shape).clone()
+        if self.loc.numel() == 0:  # scvi-tools' protein background of no proteins
+            return self.loc + self.scale
+        eps = _StepRecord.current.eps
+        if tuple(sample_shape) or eps is None or self.loc.shape != eps.shape:
+            raise RuntimeError(f"a draw of shape {tuple(sample_shape)} + {tuple(self.loc.shape)} outside a step")
+        return self.loc + self.scale * eps
+
+    Normal.rsample = rsample
+
+
+def _dropout_rates(module, rename) -> dict[str, float]:
+    """The rate of every nn.Dropout of `module`, by the layer (block) it ends, under `rename` (to atlasvi's names;
+    None: a module atlasvi does not build)."""
+    import torch
+
+    rates = {rename(k): m.p for k, m in module.named_modules() if isinstance(m, torch.nn.Dropout)}
+    return {k.rpartition(".")[0]: p for k, p in rates.items() if k is not None}
+
+
+def _atlasvi_state(module) -> dict[str, np.ndarray]:
+    """Every weight and buffer of atlasvi's module but the fixed modality weights (numpy views)."""
+    return {k: v.detach().numpy() for k, v in module.state_dict().items() if k != "mod_weights"}
+
+
+def _scvi_state(module, classifier) -> dict[str, np.ndarray]:
+    """scvi-tools' module and classifier weights and buffers under atlasvi's names (those atlasvi builds)."""
+    from benchmarks.multivi_weights_check import atlasvi_name
+
+    state = {atlasvi_name(k): v for k, v in module.state_dict().items() if k != "mod_weights"}
+    state |= {_classifier_name(k): v for k, v in classifier.state_dict().items()}
+    return {k: v.detach().numpy() for k, v in state.items() if k is not None}
+
+
+def atlasvi_steps(epochs: int, warmup: int, tool: str, reorder: bool = False) -> None:
+    """atlasvi's MULTIVI.fit of seed 0 for `epochs` (KL warm-up `warmup` epochs), dropout off, the step noise;
+    its record saved as `tool`. Its initial weights to CACHE/atlasvi_init_0.npz (scvi-tools starts from them) and its
+    minibatches' and validation cells' names to CACHE/steps_batches.npz. reorder (the float-drift reference): each
+    minibatch's cells, and their noise rows, in another order (default_rng([13, k]).permutation in step k): the same
+    run in exact arithmetic, its sums rounded otherwise. Its record holds the epoch records' validation figures."""
+    import anndata as ad
+    import torch
+
+    from atlasvi.api import MULTIVI
+    from atlasvi.data import LoaderConfig
+    from atlasvi.train import TrainConfig
+    from benchmarks.multivi_fidelity import save_atlasvi_init
+
+    torch.set_num_threads(1)
+    model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=SEED)
+    module = model.module
+    save_atlasvi_init(model, SEED)
+    dropout = _dropout_rates(module, str)
+    _no_dropout(module)
+    _step_noise()
+    record, validation_rows = _StepRecord(tool, module.n_latent), set()
+    unpack, forward = module.unpack, module.forward
+
+    def unpack_step(batch):
+        inputs = unpack(batch)
+        if not torch.is_grad_enabled():  # evaluation runs without autograd
+            validation_rows.update(batch.rows.tolist())
+            return inputs
+        record.start(_atlasvi_state(module), batch.rows.numpy())
+        if reorder:
+            order = torch.from_numpy(np.random.default_rng([13, record.step - 1]).permutation(len(batch)))
+            record.eps = record.eps[order]
+            inputs = _reordered(inputs, order)
+        return inputs
+
+    def forward_step(inputs, kl_weight: float = 1.0):
+        output = forward(inputs, kl_weight)
+        if torch.is_grad_enabled():
+            record.losses.append(float(output.loss.detach()))
+            record.kl_weights.append(float(kl_weight))
+        return output
+
+    module.unpack, module.forward = unpack_step, forward_step
+    history = model.fit(
+        TrainConfig(seed=SEED, max_epochs=epochs, n_epochs_kl_warmup=warmup), LoaderConfig(batch_size=128, seed=SEED)
+    )
+    record.finish(_atlasvi_state(module))
+    names = ad.read_zarr(CACHE / "train.zarr").obs_names
+    batches = np.empty(len(record.rows), dtype=object)
+    batches[:] = [np.asarray(names[r], dtype=str) for r in record.rows]
+    epoch_steps = np.array([len(r.step_losses) for r in history])
+    record.save(
+        batches=batches,
+        epoch_steps=epoch_steps,
+        dropout=json.dumps(dropout),
+        validation_elbo=np.array([r.validation_elbo for r in history]),
+        validation_reconstruction=np.array([r.validation_reconstruction for r in history]),
+    )
+    if not reorder:
+        validation = np.asarray(names[sorted(validation_rows)], dtype=str)
+        np.savez(CACHE / "steps_batches.npz", batches=batches, epoch_steps=epoch_steps, validation=validation)
+
+
+def _reordered(inputs, order):
+    """MULTIVIInputs with every per-cell tensor taken in `order`."""
+    import dataclasses
+
+    def take(value):
+        if value is None:
+            return None
+        return tuple(v[order] for v in value) if isinstance(value, tuple) else value[order]
+
+    return dataclasses.replace(inputs, **{f.name: take(getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
+
+
+def scvi_steps(epochs: int, warmup: int) -> None:
+    """scvi-tools' MULTIVI.train from atlasvi's initial weights of seed 0, on atlasvi's minibatches (replayed by
+    its training loader, in order) and validation cells, dropout off, the step noise; its record saved as
+    "scvi_tools" with the validation figures of its history."""
+    import logging
+
+    import scvi
+    import torch
+    from scvi import REGISTRY_KEYS
+
+    sys.path.insert(0, str(HERE.parent))
+    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata, start_from_atlasvi
+    from benchmarks.multivi_weights_check import atlasvi_name
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    scvi.settings.seed = SEED
+    train = _mudata(str(CACHE / "train.h5ad"))
+    scvi.model.MULTIVI.setup_mudata(
+        train, batch_key=BATCH_KEY, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    )
+    model = scvi.model.MULTIVI(train)
+    start_from_atlasvi(model, SEED)  # module weights now; the classifier's when the plan is built
+    recorded = np.load(CACHE / "steps_batches.npz", allow_pickle=True)
+    steps = [train.obs_names.get_indexer(names) for names in recorded["batches"]]
+    bounds = np.cumsum([0, *recorded["epoch_steps"]])
+    per_epoch = [steps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    record, dropout = _StepRecord("scvi_tools", model.module.n_latent), {}
+
+    class Replay(torch.utils.data.Sampler):
+        """atlasvi's minibatches, epoch by epoch, in order."""
+
+        def __init__(self):
+            self.epoch = 0
+
+        def __len__(self):
+            return len(per_epoch[min(self.epoch, len(per_epoch) - 1)])
+
+        def __iter__(self):
+            batches, self.epoch = per_epoch[self.epoch], self.epoch + 1
+            return iter([b.tolist() for b in batches])
+
+    class ReplaySplitter(model._data_splitter_cls):
+        def train_dataloader(self):
+            dataset = self.adata_manager.create_torch_dataset(indices=np.arange(self.adata_manager.adata.n_obs))
+            return torch.utils.data.DataLoader(dataset, sampler=Replay(), batch_size=None, num_workers=0)
+
+    plans = []
+
+    class StepPlan(model._training_plan_cls):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+            plans.append(self)
+            dropout.update(_dropout_rates(self.module, lambda k: (atlasvi_name(k + ".x") or "")[:-2] or None))
+            dropout.update(_dropout_rates(self.adversarial_classifier, _classifier_name))
+            _no_dropout(self.module)
+            _no_dropout(self.adversarial_classifier)
+
+        def training_step(self, batch, batch_idx):
+            cells = batch[REGISTRY_KEYS.INDICES_KEY].view(-1).long().numpy()
+            if not np.array_equal(cells, steps[record.step]):
+                raise RuntimeError(f"step {record.step}: scvi-tools' loader gave other cells than atlasvi's")
+            record.start(_scvi_state(self.module, self.adversarial_classifier), cells)
+            kl_weight = float(self.kl_weight)
+            loss = super().training_step(batch, batch_idx)  # the loss with the fooling term (added in place)
+            record.losses.append(float(loss.detach()))
+            record.kl_weights.append(kl_weight)
+            return loss
+
+    model._data_splitter_cls, model._training_plan_cls = ReplaySplitter, StepPlan
+    _step_noise()
+    train_cells = np.sort(np.concatenate(per_epoch[0]))
+    validation = train.obs_names.get_indexer(recorded["validation"])
+    model.train(
+        max_epochs=epochs, n_epochs_kl_warmup=warmup, accelerator="cpu", devices=1, enable_progress_bar=False,
+        datasplitter_kwargs={"external_indexing": [train_cells, np.sort(validation), np.array([], dtype=int)]},
+    )  # fmt: skip
+    record.finish(_scvi_state(model.module, plans[0].adversarial_classifier))
+    history = model.history
+    record.save(
+        dropout=json.dumps(dropout),
+        validation_elbo=np.asarray(history["elbo_validation"], dtype=float).ravel(),
+        validation_reconstruction=np.asarray(history["reconstruction_loss_validation"], dtype=float).ravel(),
+    )
+
+
+def _step_differences(mine, theirs) -> dict:
+    """Per step (before step k, k = 0..steps; after the last): the largest over tensors of max |a - b| / max |a| on
+    the sampled entries (and that tensor), the median over tensors; per step the loss's |a - b| / |a|."""
+    names = sorted(k for k in mine.files if k.startswith("sample|"))
+    missing = sorted(set(names) ^ {k for k in theirs.files if k.startswith("sample|")})
+    if missing:
+        raise SystemExit(f"tensors recorded by one run only: {missing}")
+    relative = []
+    for name in names:
+        a, b = mine[name].astype(np.float64), theirs[name].astype(np.float64)
+        relative.append(np.abs(a - b).max(axis=1) / np.maximum(np.abs(a).max(axis=1), 1e-12))
+    relative = np.stack(relative)  # (tensors, steps + 1)
+    worst = relative.argmax(axis=0)
+    loss_a, loss_b = mine["loss"], theirs["loss"]
+    return {
+        "weights_largest": relative.max(axis=0).tolist(),
+        "weights_largest_tensor": [names[i].partition("|")[2] for i in worst],
+        "weights_median": np.median(relative, axis=0).tolist(),
+        "loss_relative": (np.abs(loss_a - loss_b) / np.abs(loss_a)).tolist(),
+        "kl_weight_largest_diff": float(np.abs(mine["kl_weight"] - theirs["kl_weight"]).max()),
+    }
+
+
+def _snapshot_differences(tools: tuple[str, str], steps: list[int]) -> dict:
+    """At each kept step, every tensor in full: max |a - b| / max |a| (the largest tensor and the median)."""
+    out = {}
+    for step in steps:
+        a, b = (np.load(CACHE / f"steps_{tool}_{step}.npz") for tool in tools)
+        relative = {k: float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a.files}
+        worst = max(relative, key=relative.get)
+        out[step] = {"largest": relative[worst], "tensor": worst, "median": float(np.median(list(relative.values())))}
+    return out
+
+
+def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict:
+    """The many-step check (see the module docstring): atlasvi, scvi-tools (a subprocess in its venv), then the
+    float-drift reference; their step-by-step differences. reuse: a run whose record of as many epochs is in CACHE
+    is not run again."""
+    started = time.perf_counter()
+    tools = ["atlasvi", "scvi_tools"] + (["atlasvi_reordered"] if reference else [])
+    records = {}
+    for tool in tools:
+        path = CACHE / f"steps_{tool}.npz"
+        if not (reuse and path.exists() and len(np.load(path).get("validation_elbo", [])) == epochs):
+            if tool == "scvi_tools":
+                env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+                command = [str(SCVI_PYTHON), __file__, "--side", "scvi-steps", "--epochs", str(epochs)]
+                subprocess.run([*command, "--n-epochs-kl-warmup", str(warmup)], env=env, check=True)
+            else:
+                atlasvi_steps(epochs, warmup, tool, reorder=tool == "atlasvi_reordered")
+        records[tool] = np.load(path, allow_pickle=True)
+    pairs = {"atlasvi - scvi-tools": ("atlasvi", "scvi_tools")}
+    if reference:
+        same = all(
+            np.array_equal(np.sort(a), np.sort(b))
+            for a, b in zip(records["atlasvi"]["batches"], records["atlasvi_reordered"]["batches"], strict=True)
+        )
+        if not same:
+            raise SystemExit("the reference run trained on other minibatches")
+        pairs["atlasvi - atlasvi reordered (float-drift reference)"] = ("atlasvi", "atlasvi_reordered")
+    validation = {
+        tool: {k: r[k].tolist() for k in ("validation_elbo", "validation_reconstruction")}
+        for tool, r in records.items()
+    }
+    n_steps = len(records["atlasvi"]["loss"])
+    kept = [s for s in SNAPSHOTS if s < n_steps] + [n_steps]
+    return {
+        "meta": {
+            "command": " ".join(["python", "benchmarks/multivi_step_check.py", *sys.argv[1:]]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
+            "load_average_at_end": list(os.getloadavg()),
+            "seconds": time.perf_counter() - started,
+            "epochs": epochs,
+            "n_epochs_kl_warmup": warmup,
+            "steps": n_steps,
+            "epoch_steps": records["atlasvi"]["epoch_steps"].tolist(),
+        },
+        "dropout_rates_in_normal_training": {
+            tool: json.loads(str(records[tool]["dropout"])) for tool in ("atlasvi", "scvi_tools")
+        },
+        "losses": {tool: r["loss"].tolist() for tool, r in records.items()},
+        "kl_weights": {tool: r["kl_weight"].tolist() for tool, r in records.items()},
+        "validation": validation,
+        "differences": {label: _step_differences(records[a], records[b]) for label, (a, b) in pairs.items()},
+        "snapshots": {label: _snapshot_differences((a, b), kept) for label, (a, b) in pairs.items()},
+    }
+
+
+def steps_markdown(report: dict) -> str:
+    """The many-step check's tables."""
+    meta, losses, pairs = report["meta"], report["losses"], list(report["differences"])
+    shown = sorted({0, *(s for s in SNAPSHOTS if s < meta["steps"]), meta["steps"] - 1})
+    lines = [
+        "# MultiVI: many training steps of atlasvi and scvi-tools 1.4.2 from the same weights, minibatches and noise",
+        "",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']}; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])}; {meta['seconds']:.0f} s in all.",
+        "",
+        f"{meta['steps']} steps ({meta['epochs']} epochs of {meta['epoch_steps'][0]} minibatches of the sci-CAR "
+        f"training store, KL warm-up {meta['n_epochs_kl_warmup']} epochs, the adversarial classifier on), seed 0's "
+        "initial weights of atlasvi in both tools, dropout off, the same noise per step (see "
+        "benchmarks/multivi_step_check.py). Weights: max |a - b| / max |a| per tensor on 2,048 fixed entries of each "
+        "(all of a smaller one), the largest over every tensor (weights and buffers, the classifier's included), "
+        "before the step (step = steps done). Loss: the step's loss with the fooling term, |a - b| / |a|."
+        + (
+            " Reference: atlasvi against itself with each minibatch's cells in another order (exactly the same run, "
+            "rounded otherwise)."
+            if len(pairs) > 1
+            else ""
+        ),
+        "",
+        "| step | KL weight | loss atlasvi | loss scvi-tools | "
+        + " | ".join(f"{p}: loss | {p}: weights (largest) | {p}: weights (median)" for p in pairs)
+        + " |",
+        "|---|---|---|---|" + "---|---|---|" * len(pairs),
+    ]
+    for step in shown:
+        row = [str(step), f"{report['kl_weights']['atlasvi'][step]:.3f}"]
+        row += [f"{losses['atlasvi'][step]:.3f}", f"{losses['scvi_tools'][step]:.3f}"]
+        for p in pairs:
+            d = report["differences"][p]
+            row += [f"{d['loss_relative'][step]:.1e}", f"{d['weights_largest'][step]:.1e}"]
+            row += [f"{d['weights_median'][step]:.1e}"]
+        lines.append("| " + " | ".join(row) + " |")
+    signed = np.array(losses["atlasvi"]) - np.array(losses["scvi_tools"])
+    gaps = {
+        key: np.abs(
+            np.array(report["validation"]["atlasvi"][key]) - np.array(report["validation"]["scvi_tools"][key])
+        ).max()
+        for key in ("validation_elbo", "validation_reconstruction")
+    }
+    lines += [
+        "",
+        f"Over the {meta['steps']} steps: the KL weights agree to "
+        f"{report['differences'][pairs[0]]['kl_weight_largest_diff']:.1e}; the step loss atlasvi - scvi-tools is "
+        f"{signed.mean():+.4f} ± {signed.std(ddof=1):.4f} nats (largest |difference| {np.abs(signed).max():.4f}, "
+        f"atlasvi's higher in {100 * (signed > 0).mean():.0f}% of the steps); the validation -ELBO and reconstruction "
+        f"per cell differ by at most {gaps['validation_elbo']:.4f} and {gaps['validation_reconstruction']:.4f} nats "
+        "over the epochs.",
+    ]
+    lines += ["", "Every weight in full (max |a - b| / max |a|, the largest tensor; median over tensors):", ""]
+    lines += ["| steps done | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for step in report["snapshots"][pairs[0]]:
+        cells = []
+        for p in pairs:
+            s = report["snapshots"][p][step]
+            cells.append(f"{s['largest']:.1e} ({s['tensor']}); {s['median']:.1e}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    rates = report["dropout_rates_in_normal_training"]
+    same = rates["atlasvi"] == rates["scvi_tools"]
+    lines += [
+        "",
+        f"Dropout (off in this check) in the tools' normal training: {len(rates['atlasvi'])} nn.Dropout layers in "
+        f"atlasvi, {len(rates['scvi_tools'])} in scvi-tools (under atlasvi's names; scvi-tools' protein modules and "
+        f"layers of rate 0 included): {'the same layers with the same rates' if same else 'DIFFERENT'} "
+        f"({', '.join(f'{k} {v:g}' for k, v in sorted(rates['atlasvi'].items()))}).",
+    ]
+    lines += ["", "Validation per epoch (KL weight 1, the mean as z; -ELBO / reconstruction per cell):", ""]
+    tools = list(report["validation"])
+    lines += ["| epoch | " + " | ".join(tools) + " |", "|---|" + "---|" * len(tools)]
+    for epoch in range(meta["epochs"]):
+        cells = [
+            f"{v['validation_elbo'][epoch]:.3f} / {v['validation_reconstruction'][epoch]:.3f}"
+            for v in report["validation"].values()
+        ]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     if sys.argv[1:] == ["--side", "scvi"]:
         scvi_side()
@@ -387,6 +843,23 @@ def main() -> None:
         report = atlasvi_adversary_side()
         (HERE / "results" / "multivi_step_check_adversary.json").write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(report["summary"] | {k: report[k] for k in ("loss_with_fooling_term", "classifier_loss")}))
+        return
+    if "--steps" in sys.argv[1:] or "scvi-steps" in sys.argv[1:]:
+        parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--steps", action="store_true", help="the many-step check")
+        parser.add_argument("--side", choices=["scvi-steps"], default=None, help="internal: scvi-tools' run")
+        parser.add_argument("--epochs", type=int, default=15)
+        parser.add_argument("--n-epochs-kl-warmup", type=int, default=5)
+        parser.add_argument("--no-reference", action="store_true", help="skip the float-drift reference run")
+        parser.add_argument("--reuse", action="store_true", help="reuse the runs recorded in the cache (same epochs)")
+        args = parser.parse_args()
+        if args.side == "scvi-steps":
+            scvi_steps(args.epochs, args.n_epochs_kl_warmup)
+            return
+        report = steps_report(args.epochs, args.n_epochs_kl_warmup, not args.no_reference, args.reuse)
+        (HERE / "results" / "multivi_step_check_steps.json").write_text(json.dumps(report, indent=1) + "\n")
+        (HERE / "results" / "multivi_step_check_steps.md").write_text(steps_markdown(report))
+        print(steps_markdown(report))
         return
     report = atlasvi_side()
     (HERE / "results" / "multivi_step_check.json").write_text(json.dumps(report, indent=1) + "\n")
