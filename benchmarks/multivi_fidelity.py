@@ -198,6 +198,19 @@ def build_atlasvi(paths: dict[str, Path], seed: int):
     return MULTIVI(paths["train_store"], device="cpu", seed=seed)
 
 
+def save_atlasvi_validation_cells(paths: dict[str, Path]) -> None:
+    """The names of the cells atlasvi's training holds out for validation (the training store's last
+    validation_fraction of rows, the same for every seed) to CACHE/atlasvi_validation_cells.npy (--same-split)."""
+    import anndata as ad
+
+    from atlasvi.data.sampler import split_rows
+    from atlasvi.train import TrainConfig
+
+    names = ad.read_zarr(paths["train_store"]).obs_names
+    _, (start, stop) = split_rows(len(names), TrainConfig().validation_fraction)
+    np.save(CACHE / "atlasvi_validation_cells.npy", np.asarray(names[start:stop], dtype=str))
+
+
 def save_atlasvi_init(model, seed: int) -> None:
     """The model's weights to CACHE/atlasvi_init_SEED.npz (atomic), where --same-start's scvi-tools run reads them."""
     state = {k: v.cpu().numpy() for k, v in model.module.state_dict().items()}
@@ -337,11 +350,17 @@ def start_from_atlasvi(model, seed: int) -> None:
 
 
 def scvi_side(
-    paths: dict[str, str], seed: int, fields: dict, same_start: bool = False, train_seed_offset: int = 0
+    paths: dict[str, str],
+    seed: int,
+    fields: dict,
+    same_start: bool = False,
+    train_seed_offset: int = 0,
+    same_split: bool = False,
 ) -> dict:
     """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed. same_start: from
     atlasvi's initial weights of the seed (`start_from_atlasvi`); train_seed_offset (with same_start): its global
-    seed, which draws its validation cells and training draws, is seed + offset."""
+    seed, which draws its validation cells and training draws, is seed + offset; same_split: its validation cells
+    (held out from training) are atlasvi's (CACHE/atlasvi_validation_cells.npy), so it trains on atlasvi's cells."""
     import logging
     import warnings
 
@@ -361,8 +380,13 @@ def scvi_side(
         model = scvi.model.MULTIVI(train)
         if same_start:
             start_from_atlasvi(model, seed)
+        split = {}
+        if same_split:
+            validation = train.obs_names.get_indexer(np.load(CACHE / "atlasvi_validation_cells.npy"))
+            cells = np.setdiff1d(np.arange(train.n_obs), validation)
+            split = {"datasplitter_kwargs": {"external_indexing": [cells, np.sort(validation), np.array([], int)]}}
         started = time.perf_counter()
-        model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **fields)
+        model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **fields, **split)
         seconds = time.perf_counter() - started
         torch.manual_seed(0)
         error = model.get_reconstruction_error(held)
@@ -425,6 +449,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"; the training draws (minibatch order, dropout, latent samples; scvi-tools' validation cells) of seed "
             f"+ {meta['train_seed_offset']}"
             if meta.get("train_seed_offset")
+            else ""
+        )
+        + (
+            "; scvi-tools holds out atlasvi's validation cells (--same-split), so both tools train on the same cells"
+            if meta.get("same_split")
             else ""
         )
         + ". Held-out reconstruction: nats per held-out cell (lower is better). "
@@ -516,6 +545,11 @@ def main() -> None:
         help="paired design: scvi-tools trains from atlasvi's initial weights of each seed",
     )
     parser.add_argument(
+        "--same-split",
+        action="store_true",
+        help="with --same-start: scvi-tools holds out atlasvi's validation cells, so both train on the same cells",
+    )
+    parser.add_argument(
         "--train-seed-offset",
         type=int,
         default=0,
@@ -526,15 +560,20 @@ def main() -> None:
     if args.side == "scvi":
         paths = json.loads(args.paths)
         for seed in args.seeds:
-            print(json.dumps(scvi_side(paths, seed, fields, args.same_start, args.train_seed_offset)), flush=True)
+            row = scvi_side(paths, seed, fields, args.same_start, args.train_seed_offset, args.same_split)
+            print(json.dumps(row), flush=True)
         return
     if args.train_seed_offset and not args.same_start:
         raise SystemExit("--train-seed-offset needs --same-start (scvi-tools' initial weights follow its seed)")
+    if args.same_split and not args.same_start:
+        raise SystemExit("--same-split needs --same-start")
     if args.same_start and (args.atlasvi_only or args.library_start_at_mean):
         raise SystemExit("--same-start: not with --atlasvi-only or --library-start-at-mean")
     if args.same_start and args.scvi_only and not args.merge:
         raise SystemExit("--same-start --scvi-only reuses atlasvi's rows of the seeds: name them with --merge")
     paths = prepare()
+    if args.same_split:
+        save_atlasvi_validation_cells(paths)
     earlier = []
     for name in args.merge or []:
         report = json.loads((HERE / "results" / f"{name}.json").read_text())
@@ -555,6 +594,7 @@ def main() -> None:
         "train_fields": fields,
         "atlasvi_library_start_at_mean": args.library_start_at_mean,
         "same_start": args.same_start,
+        "same_split": args.same_split,
         "train_seed_offset": args.train_seed_offset,
         "load_average_at_start": list(os.getloadavg()),
         "cells": {name: len(part) for name, part in split(2641).items()},
@@ -571,7 +611,8 @@ def main() -> None:
             lines = [json.dumps(row)] if row is not None else []
             if not lines and args.same_start and args.scvi_only:
                 save_atlasvi_init(build_atlasvi(paths, seed), seed)  # its run is the merged row: deterministic
-            for line in lines or _scvi_rows(seed, fields, paths, args.same_start, args.train_seed_offset):
+            scvi = (seed, fields, paths, args.same_start, args.train_seed_offset, args.same_split)
+            for line in lines or _scvi_rows(*scvi):
                 rows.append(json.loads(line))
                 print(line, flush=True)
             payload = {"meta": meta, "rows": rows}
@@ -604,12 +645,18 @@ def merged_rows(files: list[tuple[list[dict], bool]], seeds: list[int], reused: 
 
 
 def _scvi_rows(
-    seed: int, fields: dict, paths: dict[str, Path], same_start: bool = False, train_seed_offset: int = 0
+    seed: int,
+    fields: dict,
+    paths: dict[str, Path],
+    same_start: bool = False,
+    train_seed_offset: int = 0,
+    same_split: bool = False,
 ) -> list[str]:
     """The scvi-tools side's JSON lines for one seed, run in its venv after atlasvi's runs."""
     prepared = json.dumps({k: str(v) for k, v in paths.items()})
     command = [str(SCVI_PYTHON), __file__, "--side", "scvi", "--paths", prepared, "--seeds", str(seed)]
     command += ["--same-start", "--train-seed-offset", str(train_seed_offset)] if same_start else []
+    command += ["--same-split"] if same_split else []
     for key, value in fields.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")

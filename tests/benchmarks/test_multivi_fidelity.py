@@ -106,7 +106,9 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
     assert multivi_init_distribution.compare(np.zeros(5), np.zeros(5))["ks_p"] == 1.0  # a fill: identical
 
 
-@pytest.mark.parametrize("name", ["multivi_fidelity_paired", "multivi_fidelity_paired_redraw"])
+@pytest.mark.parametrize(
+    "name", ["multivi_fidelity_paired", "multivi_fidelity_paired_redraw", "multivi_fidelity_paired6"]
+)
 def test_committed_paired_table_renders_from_its_json(name):
     report = json.loads((RESULTS / f"{name}.json").read_text())
     assert report["meta"]["same_start"]
