@@ -107,7 +107,13 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
 
 
 @pytest.mark.parametrize(
-    "name", ["multivi_fidelity_paired", "multivi_fidelity_paired_redraw", "multivi_fidelity_paired6"]
+    "name",
+    [
+        "multivi_fidelity_paired",
+        "multivi_fidelity_paired_redraw",
+        "multivi_fidelity_paired6",
+        "multivi_fidelity_paired_split",
+    ],
 )
 def test_committed_paired_table_renders_from_its_json(name):
     report = json.loads((RESULTS / f"{name}.json").read_text())
