@@ -75,12 +75,11 @@ def _fixed_noise(n: int, n_latent: int) -> None:
     Normal.rsample = rsample
 
 
-def scvi_side() -> None:
-    """scvi-tools' loss terms, gradients and one optimizer step on the cells of CACHE/step_batch.npz."""
+def _scvi_multivi():
+    """scvi-tools' MULTIVI on CACHE/train.h5ad (seed SEED, one thread, no loader workers): (the MuData, the model)."""
     import logging
 
     import scvi
-    from scvi.train import AdversarialTrainingPlan
 
     sys.path.insert(0, str(HERE.parent))
     from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
@@ -92,7 +91,14 @@ def scvi_side() -> None:
     train = _mudata(str(CACHE / "train.h5ad"))
     modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
     scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
-    model = scvi.model.MULTIVI(train)
+    return train, scvi.model.MULTIVI(train)
+
+
+def scvi_side() -> None:
+    """scvi-tools' loss terms, gradients and one optimizer step on the cells of CACHE/step_batch.npz."""
+    from scvi.train import AdversarialTrainingPlan
+
+    train, model = _scvi_multivi()
     module = model.module
     np.savez(CACHE / "step_scvi_init.npz", **{k: v.detach().numpy() for k, v in module.state_dict().items()})
     names = np.load(CACHE / "step_batch.npz", allow_pickle=True)["names"]
@@ -242,24 +248,10 @@ def _no_dropout(module) -> None:
 
 def scvi_adversary_side() -> None:
     """scvi-tools' AdversarialTrainingPlan.training_step, replayed on the cells of CACHE/step_batch.npz."""
-    import logging
-
-    import scvi
     from scvi import REGISTRY_KEYS
     from scvi.train import AdversarialTrainingPlan
 
-    sys.path.insert(0, str(HERE.parent))
-    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata
-
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
-    scvi.settings.seed = SEED
-    train = _mudata(str(CACHE / "train.h5ad"))
-    scvi.model.MULTIVI.setup_mudata(
-        train, batch_key=BATCH_KEY, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
-    )
-    model = scvi.model.MULTIVI(train)
+    train, model = _scvi_multivi()
     module = model.module
     plan_kwargs = {"lr": 1e-4, "weight_decay": 1e-3, "eps": 1e-8, "n_epochs_kl_warmup": 50, "n_steps_kl_warmup": None}
     plan = AdversarialTrainingPlan(
@@ -580,25 +572,13 @@ def scvi_steps(epochs: int, warmup: int) -> None:
     """scvi-tools' MULTIVI.train from atlasvi's initial weights of seed 0, on atlasvi's minibatches (replayed by
     its training loader, in order) and validation cells, dropout off, the step noise; its record saved as
     "scvi_tools" with the validation figures of its history."""
-    import logging
-
-    import scvi
     import torch
     from scvi import REGISTRY_KEYS
 
-    sys.path.insert(0, str(HERE.parent))
-    from benchmarks.multivi_fidelity import BATCH_KEY, _mudata, start_from_atlasvi
+    train, model = _scvi_multivi()
+    from benchmarks.multivi_fidelity import start_from_atlasvi
     from benchmarks.multivi_weights_check import atlasvi_name
 
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
-    scvi.settings.seed = SEED
-    train = _mudata(str(CACHE / "train.h5ad"))
-    scvi.model.MULTIVI.setup_mudata(
-        train, batch_key=BATCH_KEY, modalities={"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
-    )
-    model = scvi.model.MULTIVI(train)
     start_from_atlasvi(model, SEED)  # module weights now; the classifier's when the plan is built
     recorded = np.load(CACHE / "steps_batches.npz", allow_pickle=True)
     steps = [train.obs_names.get_indexer(names) for names in recorded["batches"]]
