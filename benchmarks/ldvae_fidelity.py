@@ -67,10 +67,13 @@ def scvi_side(args: argparse.Namespace) -> None:
         adata.obs = adata.obs[[batch_key]].copy() if batch_key else adata.obs[[]].copy()
     scvi.model.LinearSCVI.setup_anndata(train, batch_key=batch_key)
     model = scvi.model.LinearSCVI(train)  # scvi-tools' defaults
-    if args.init:  # atlasvi's initial weights of the seed (the zero-inflation layer, unused for NB, kept as drawn)
-        from benchmarks.fidelity_data import load_init
+    from benchmarks.fidelity_data import load_init
 
-        load_init(model.module, Path(args.init), unused=("decoder.px_dropout_decoder.",))
+    unused = ("decoder.px_dropout_decoder.",)  # the zero-inflation layer, unused for NB, kept as drawn
+    if args.init:  # atlasvi's initial weights of the seed
+        load_init(model.module, Path(args.init), unused=unused)
+    if args.stream is not None:  # the training stream (minibatch order, dropout, latent draws) from its own seed
+        scvi.settings.seed = args.stream
     started = time.perf_counter()
     model.train(
         max_epochs=args.max_epochs, accelerator="cpu", devices=1, train_size=1.0, batch_size=args.batch_size,
@@ -93,6 +96,13 @@ def scvi_side(args: argparse.Namespace) -> None:
     loadings.to_csv(out / f"scvi_loadings_seed{args.seed}.csv")
     torch.save(model.module.state_dict(), out / f"scvi_state_seed{args.seed}.pt")
     figures = {"neg_elbo": neg_elbo, "neg_elbo_draws": float(np.mean(draws)), "reconstruction_loss": recon}
+    if args.score:  # atlasvi's trained weights (save_init's file) in this module, scored as scvi-tools' own above
+        load_init(model.module, Path(args.score), unused=unused)
+        scored = []
+        for draw in range(DRAWS):
+            torch.manual_seed(draw)
+            scored.append(-float(model.get_elbo(held, batch_size=args.batch_size)))
+        figures["atlasvi_weights_scvi_eval"] = float(np.mean(scored))
     print(json.dumps(figures | {"train_seconds": seconds}))
 
 
@@ -218,10 +228,19 @@ def cross_evaluate(train_store: Path, heldout_store: Path, state_file: Path) -> 
 
 # --------------------------------------------------------------------------------------------- atlasvi side
 def atlasvi_side(
-    train_store: Path, heldout_store: Path, seed: int, out: Path, args: argparse.Namespace, init: Path | None = None
+    train_store: Path,
+    heldout_store: Path,
+    seed: int,
+    out: Path,
+    args: argparse.Namespace,
+    init: Path | None = None,
+    stream: int | None = None,
+    trained: Path | None = None,
 ) -> dict:
     """Train atlasvi's LDVAE module (registry defaults) as fidelity.py trains scVI; the same outputs as scvi_side.
-    init: where to save the module's initial weights under scvi-tools' names (`fidelity_data.save_init`)."""
+    init: where to save the module's initial weights under scvi-tools' names (`fidelity_data.save_init`); stream:
+    the seed of the loader and of fit's draws (dropout, latents; default `seed`, which draws the initial weights);
+    trained: where to save the trained weights likewise (scvi-tools scores them: `scvi_side --score`)."""
     import anndata as ad
     import pandas as pd
     import torch
@@ -233,13 +252,14 @@ def atlasvi_side(
     from benchmarks.fidelity import latent
     from benchmarks.fidelity_data import save_init
 
+    stream = seed if stream is None else stream
     torch.manual_seed(seed)
-    train = StreamingLoader(train_store, LoaderConfig(batch_size=args.batch_size, seed=seed))
+    train = StreamingLoader(train_store, LoaderConfig(batch_size=args.batch_size, seed=stream))
     heldout = StreamingLoader(heldout_store, LoaderConfig(batch_size=args.batch_size))
     module = LDVAEModule(train.store.schema)
     if init is not None:
         save_init(module.state_dict(), "LinearSCVI", init)
-    config = TrainConfig(max_epochs=args.max_epochs, n_epochs_kl_warmup=args.n_epochs_kl_warmup, seed=seed)
+    config = TrainConfig(max_epochs=args.max_epochs, n_epochs_kl_warmup=args.n_epochs_kl_warmup, seed=stream)
     started = time.perf_counter()
     if args.nb_formula == "scvi-tools":  # trained with scvi-tools' NB formula; evaluated (draws) with atlasvi's
         from benchmarks.ldvae_peakvi_step import patched, scvi_nb_log_likelihood
@@ -249,6 +269,8 @@ def atlasvi_side(
     else:
         history = fit(module, train, heldout, config)
     seconds = time.perf_counter() - started
+    if trained is not None:
+        save_init(module.state_dict(), "LinearSCVI", trained)
     module.eval()
     genes = ad.read_zarr(train_store).var["gene_names"].astype(str).tolist()
     loadings = pd.DataFrame(
@@ -645,6 +667,8 @@ def main() -> None:
         help="atlasvi trains with its own NB log-likelihood or scvi-tools' (eps 1e-8 in the logs, float32 lgamma)",
     )  # fmt: skip
     parser.add_argument("--init", help="(scvi side) initial weights to start from (fidelity_data.save_init's file)")
+    parser.add_argument("--stream", type=int, help="(scvi side) seed torch after the initial weights, for training")
+    parser.add_argument("--score", help="(scvi side) atlasvi's trained weights to score too (save_init's file)")
     parser.add_argument("--out", default="ldvae_fidelity", help="results/OUT.json and .md; (scvi side) where to write")
     parser.add_argument("--rerun", action="store_true", help="train again where a run's figures are cached")
     parser.add_argument(

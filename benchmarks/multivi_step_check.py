@@ -395,12 +395,13 @@ NOISE_SEED = 7
 
 class _StepRecord:
     """One tool's run, step by step: the noise eps_k of training step k, the sampled entries of every tensor before
-    each step and after the last, each step's loss and KL weight, every weight after the steps of SNAPSHOTS."""
+    each step and after the last, each step's loss and KL weight, every weight after the steps of SNAPSHOTS; its files
+    in `folder` (default CACHE)."""
 
     current: "_StepRecord | None" = None  # the run whose noise Normal.rsample reads
 
-    def __init__(self, tool: str, n_latent: int):
-        self.tool, self.n_latent, self.step = tool, n_latent, 0
+    def __init__(self, tool: str, n_latent: int, folder: Path = CACHE):
+        self.tool, self.n_latent, self.step, self.folder = tool, n_latent, 0, folder
         self.samples: list[dict[str, np.ndarray]] = []
         self.losses: list[float] = []
         self.kl_weights: list[float] = []
@@ -425,14 +426,43 @@ class _StepRecord:
     def _record(self, state: dict[str, np.ndarray], keep: bool = False) -> None:
         self.samples.append({k: v.ravel()[_positions(k, v.size)].copy() for k, v in state.items()})
         if keep or self.step in SNAPSHOTS:
-            np.savez(CACHE / f"steps_{self.tool}_{self.step}.npz", **state)
+            np.savez(self.folder / f"steps_{self.tool}_{self.step}.npz", **state)
 
     def save(self, **extra) -> None:
-        """CACHE/steps_TOOL.npz: the samples (tensor -> (steps + 1, entries)), losses, KL weights, extra arrays."""
+        """FOLDER/steps_TOOL.npz: the samples (tensor -> (steps + 1, entries)), losses, KL weights, extra arrays."""
         names = self.samples[0].keys()
         samples = {f"sample|{k}": np.stack([s[k] for s in self.samples]) for k in names}
         arrays = {"loss": np.array(self.losses), "kl_weight": np.array(self.kl_weights)}
-        np.savez(CACHE / f"steps_{self.tool}.npz", **samples, **arrays, **extra)
+        np.savez(self.folder / f"steps_{self.tool}.npz", **samples, **arrays, **extra)
+
+    def recorded(self, forward):
+        """A module's `forward(inputs, kl_weight)` that also records each training step's (under autograd) loss and
+        KL weight."""
+        import torch
+
+        def forward_step(inputs, kl_weight: float = 1.0):
+            output = forward(inputs, kl_weight)
+            if torch.is_grad_enabled():
+                self.losses.append(float(output.loss.detach()))
+                self.kl_weights.append(float(kl_weight))
+            return output
+
+        return forward_step
+
+    def save_fit(self, history: list, obs_names, dropout: dict) -> tuple[np.ndarray, np.ndarray]:
+        """`save` of an atlasvi fit: each step's cell names (its rows of `obs_names`), the steps of each epoch, the
+        dropout rates and the epoch records' validation figures; returns (the names per step, the epoch steps)."""
+        batches = np.empty(len(self.rows), dtype=object)
+        batches[:] = [np.asarray(obs_names[r], dtype=str) for r in self.rows]
+        epoch_steps = np.array([len(r.step_losses) for r in history])
+        self.save(
+            batches=batches,
+            epoch_steps=epoch_steps,
+            dropout=json.dumps(dropout),
+            validation_elbo=np.array([r.validation_elbo for r in history]),
+            validation_reconstruction=np.array([r.validation_reconstruction for r in history]),
+        )
+        return batches, epoch_steps
 
 
 _POSITIONS: dict[tuple[str, int], np.ndarray] = {}
@@ -528,29 +558,13 @@ def atlasvi_steps(epochs: int, warmup: int, tool: str, reorder: bool = False) ->
             inputs = _reordered(inputs, order)
         return inputs
 
-    def forward_step(inputs, kl_weight: float = 1.0):
-        output = forward(inputs, kl_weight)
-        if torch.is_grad_enabled():
-            record.losses.append(float(output.loss.detach()))
-            record.kl_weights.append(float(kl_weight))
-        return output
-
-    module.unpack, module.forward = unpack_step, forward_step
+    module.unpack, module.forward = unpack_step, record.recorded(forward)
     history = model.fit(
         TrainConfig(seed=SEED, max_epochs=epochs, n_epochs_kl_warmup=warmup), LoaderConfig(batch_size=128, seed=SEED)
     )
     record.finish(_atlasvi_state(module))
     names = ad.read_zarr(CACHE / "train.zarr").obs_names
-    batches = np.empty(len(record.rows), dtype=object)
-    batches[:] = [np.asarray(names[r], dtype=str) for r in record.rows]
-    epoch_steps = np.array([len(r.step_losses) for r in history])
-    record.save(
-        batches=batches,
-        epoch_steps=epoch_steps,
-        dropout=json.dumps(dropout),
-        validation_elbo=np.array([r.validation_elbo for r in history]),
-        validation_reconstruction=np.array([r.validation_reconstruction for r in history]),
-    )
+    batches, epoch_steps = record.save_fit(history, names, dropout)
     if not reorder:
         validation = np.asarray(names[sorted(validation_rows)], dtype=str)
         np.savez(CACHE / "steps_batches.npz", batches=batches, epoch_steps=epoch_steps, validation=validation)
@@ -568,26 +582,13 @@ def _reordered(inputs, order):
     return dataclasses.replace(inputs, **{f.name: take(getattr(inputs, f.name)) for f in dataclasses.fields(inputs)})
 
 
-def scvi_steps(epochs: int, warmup: int) -> None:
-    """scvi-tools' MULTIVI.train from atlasvi's initial weights of seed 0, on atlasvi's minibatches (replayed by
-    its training loader, in order) and validation cells, dropout off, the step noise; its record saved as
-    "scvi_tools" with the validation figures of its history."""
+def replay_splitter(model, per_epoch: list[list[np.ndarray]]) -> type:
+    """A subclass of `model`'s (scvi-tools) data splitter whose training loader gives, in epoch e, the minibatches
+    per_epoch[e] (each an array of the AnnData's cell indices) in order."""
     import torch
-    from scvi import REGISTRY_KEYS
-
-    train, model = _scvi_multivi()
-    from benchmarks.multivi_fidelity import start_from_atlasvi
-    from benchmarks.multivi_weights_check import atlasvi_name
-
-    start_from_atlasvi(model, SEED)  # module weights now; the classifier's when the plan is built
-    recorded = np.load(CACHE / "steps_batches.npz", allow_pickle=True)
-    steps = [train.obs_names.get_indexer(names) for names in recorded["batches"]]
-    bounds = np.cumsum([0, *recorded["epoch_steps"]])
-    per_epoch = [steps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    record, dropout = _StepRecord("scvi_tools", model.module.n_latent), {}
 
     class Replay(torch.utils.data.Sampler):
-        """atlasvi's minibatches, epoch by epoch, in order."""
+        """The recorded minibatches, epoch by epoch, in order."""
 
         def __init__(self):
             self.epoch = 0
@@ -604,6 +605,25 @@ def scvi_steps(epochs: int, warmup: int) -> None:
             dataset = self.adata_manager.create_torch_dataset(indices=np.arange(self.adata_manager.adata.n_obs))
             return torch.utils.data.DataLoader(dataset, sampler=Replay(), batch_size=None, num_workers=0)
 
+    return ReplaySplitter
+
+
+def scvi_steps(epochs: int, warmup: int) -> None:
+    """scvi-tools' MULTIVI.train from atlasvi's initial weights of seed 0, on atlasvi's minibatches (replayed by
+    its training loader, in order) and validation cells, dropout off, the step noise; its record saved as
+    "scvi_tools" with the validation figures of its history."""
+    from scvi import REGISTRY_KEYS
+
+    train, model = _scvi_multivi()
+    from benchmarks.multivi_fidelity import start_from_atlasvi
+    from benchmarks.multivi_weights_check import atlasvi_name
+
+    start_from_atlasvi(model, SEED)  # module weights now; the classifier's when the plan is built
+    recorded = np.load(CACHE / "steps_batches.npz", allow_pickle=True)
+    steps = [train.obs_names.get_indexer(names) for names in recorded["batches"]]
+    bounds = np.cumsum([0, *recorded["epoch_steps"]])
+    per_epoch = [steps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    record, dropout = _StepRecord("scvi_tools", model.module.n_latent), {}
     plans = []
 
     class StepPlan(model._training_plan_cls):
@@ -626,7 +646,7 @@ def scvi_steps(epochs: int, warmup: int) -> None:
             record.kl_weights.append(kl_weight)
             return loss
 
-    model._data_splitter_cls, model._training_plan_cls = ReplaySplitter, StepPlan
+    model._data_splitter_cls, model._training_plan_cls = replay_splitter(model, per_epoch), StepPlan
     _step_noise()
     train_cells = np.sort(np.concatenate(per_epoch[0]))
     validation = train.obs_names.get_indexer(recorded["validation"])
@@ -666,11 +686,12 @@ def _step_differences(mine, theirs) -> dict:
     }
 
 
-def _snapshot_differences(tools: tuple[str, str], steps: list[int]) -> dict:
-    """At each kept step, every tensor in full: max |a - b| / max |a| (the largest tensor and the median)."""
+def _snapshot_differences(tools: tuple[str, str], steps: list[int], folder: Path = CACHE) -> dict:
+    """At each kept step, every tensor in full (the records in `folder`): max |a - b| / max |a| (the largest tensor
+    and the median)."""
     out = {}
     for step in steps:
-        a, b = (np.load(CACHE / f"steps_{tool}_{step}.npz") for tool in tools)
+        a, b = (np.load(folder / f"steps_{tool}_{step}.npz") for tool in tools)
         relative = {k: float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a.files}
         worst = max(relative, key=relative.get)
         out[step] = {"largest": relative[worst], "tensor": worst, "median": float(np.median(list(relative.values())))}
@@ -731,6 +752,53 @@ def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict
     }
 
 
+def step_table(report: dict, shown: list[int]) -> list[str]:
+    """The many-step table (markdown lines) at the steps `shown`: KL weight, both tools' losses, and per pair of
+    runs (report["differences"]) the loss's relative difference and the weights' (largest, median over tensors)."""
+    losses, pairs = report["losses"], list(report["differences"])
+    lines = [
+        "| step | KL weight | loss atlasvi | loss scvi-tools | "
+        + " | ".join(f"{p}: loss | {p}: weights (largest) | {p}: weights (median)" for p in pairs)
+        + " |",
+        "|---|---|---|---|" + "---|---|---|" * len(pairs),
+    ]
+    for step in shown:
+        row = [str(step), f"{report['kl_weights']['atlasvi'][step]:.3f}"]
+        row += [f"{losses['atlasvi'][step]:.3f}", f"{losses['scvi_tools'][step]:.3f}"]
+        for p in pairs:
+            d = report["differences"][p]
+            row += [f"{d['loss_relative'][step]:.1e}", f"{d['weights_largest'][step]:.1e}"]
+            row += [f"{d['weights_median'][step]:.1e}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def snapshot_table(report: dict) -> list[str]:
+    """The kept steps' every-tensor differences per pair of runs (markdown lines)."""
+    pairs = list(report["snapshots"])
+    lines = ["| steps done | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for step in report["snapshots"][pairs[0]]:
+        cells = []
+        for p in pairs:
+            s = report["snapshots"][p][step]
+            cells.append(f"{s['largest']:.1e} ({s['tensor']}); {s['median']:.1e}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def validation_table(report: dict) -> list[str]:
+    """Every run's validation -ELBO / reconstruction per epoch (markdown lines)."""
+    tools = list(report["validation"])
+    lines = ["| epoch | " + " | ".join(tools) + " |", "|---|" + "---|" * len(tools)]
+    for epoch in range(report["meta"]["epochs"]):
+        cells = [
+            f"{v['validation_elbo'][epoch]:.3f} / {v['validation_reconstruction'][epoch]:.3f}"
+            for v in report["validation"].values()
+        ]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def steps_markdown(report: dict) -> str:
     """The many-step check's tables."""
     meta, losses, pairs = report["meta"], report["losses"], list(report["differences"])
@@ -754,19 +822,8 @@ def steps_markdown(report: dict) -> str:
             else ""
         ),
         "",
-        "| step | KL weight | loss atlasvi | loss scvi-tools | "
-        + " | ".join(f"{p}: loss | {p}: weights (largest) | {p}: weights (median)" for p in pairs)
-        + " |",
-        "|---|---|---|---|" + "---|---|---|" * len(pairs),
+        *step_table(report, shown),
     ]
-    for step in shown:
-        row = [str(step), f"{report['kl_weights']['atlasvi'][step]:.3f}"]
-        row += [f"{losses['atlasvi'][step]:.3f}", f"{losses['scvi_tools'][step]:.3f}"]
-        for p in pairs:
-            d = report["differences"][p]
-            row += [f"{d['loss_relative'][step]:.1e}", f"{d['weights_largest'][step]:.1e}"]
-            row += [f"{d['weights_median'][step]:.1e}"]
-        lines.append("| " + " | ".join(row) + " |")
     signed = np.array(losses["atlasvi"]) - np.array(losses["scvi_tools"])
     gaps = {
         key: np.abs(
@@ -784,13 +841,7 @@ def steps_markdown(report: dict) -> str:
         "over the epochs.",
     ]
     lines += ["", "Every weight in full (max |a - b| / max |a|, the largest tensor; median over tensors):", ""]
-    lines += ["| steps done | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
-    for step in report["snapshots"][pairs[0]]:
-        cells = []
-        for p in pairs:
-            s = report["snapshots"][p][step]
-            cells.append(f"{s['largest']:.1e} ({s['tensor']}); {s['median']:.1e}")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += snapshot_table(report)
     rates = report["dropout_rates_in_normal_training"]
     same = rates["atlasvi"] == rates["scvi_tools"]
     lines += [
@@ -801,14 +852,7 @@ def steps_markdown(report: dict) -> str:
         f"({', '.join(f'{k} {v:g}' for k, v in sorted(rates['atlasvi'].items()))}).",
     ]
     lines += ["", "Validation per epoch (KL weight 1, the mean as z; -ELBO / reconstruction per cell):", ""]
-    tools = list(report["validation"])
-    lines += ["| epoch | " + " | ".join(tools) + " |", "|---|" + "---|" * len(tools)]
-    for epoch in range(meta["epochs"]):
-        cells = [
-            f"{v['validation_elbo'][epoch]:.3f} / {v['validation_reconstruction'][epoch]:.3f}"
-            for v in report["validation"].values()
-        ]
-        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+    lines += validation_table(report)
     return "\n".join(lines) + "\n"
 
 
