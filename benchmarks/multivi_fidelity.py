@@ -499,12 +499,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 )
                 + " |"
             )
+            lines.append(
+                "| 95% CI (t, n - 1 df) | "
+                + " | ".join(f"[{summary[k]['ci95'][0]:+.{d}f}, {summary[k]['ci95'][1]:+.{d}f}]" for k, d, _ in METRICS)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def paired_differences(rows: list[dict]) -> dict:
-    """atlasvi - scvi-tools per metric for every seed both tools ran; mean, sd, standard error (sd / sqrt(n)) and t
-    (mean / se; None for fewer than 2 seeds or se 0) over those seeds."""
+    """atlasvi - scvi-tools per metric for every seed both tools ran; mean, sd, standard error (sd / sqrt(n)), t
+    (mean / se; None for fewer than 2 seeds or se 0) and the 95% confidence interval of the mean (Student t with
+    n - 1 degrees of freedom; None for fewer than 2 seeds) over those seeds."""
+    from scipy.stats import t as student_t
+
     by = {(r["tool"], r["seed"]): r for r in rows}
     seeds = sorted(s for tool, s in by if tool == "atlasvi" and ("scvi-tools", s) in by)
     per_seed = {s: {k: by["atlasvi", s][k] - by["scvi-tools", s][k] for k, _, _ in METRICS} for s in seeds}
@@ -514,7 +522,9 @@ def paired_differences(rows: list[dict]) -> dict:
         sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         mean = float(values.mean()) if len(values) else 0.0
         se = sd / np.sqrt(len(values)) if len(values) > 1 else None
-        summary[key] = {"mean": mean, "sd": sd, "se": se, "t": mean / se if se else None}
+        half = float(student_t.ppf(0.975, len(values) - 1)) * se if se is not None else None
+        ci95 = [mean - half, mean + half] if half is not None else None
+        summary[key] = {"mean": mean, "sd": sd, "se": se, "t": mean / se if se else None, "ci95": ci95}
     return {"per_seed": per_seed, "summary": summary}
 
 

@@ -113,8 +113,13 @@ def _stream_slice(
 def split_rows(n_cells: int, validation_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
     """(train rows, validation rows) as [start, stop) ranges: the last round(n * fraction) rows validate.
 
-    The store's rows are a seeded random permutation of its cells, so these are a random held-out set
-    of cells, the same on every run and every rank, read as sequentially as the training rows.
+    The store's rows are a seeded random permutation of its cells (the build's seed), so these are a random
+    held-out set of cells, read as sequentially as the training rows. The set depends on the store and the
+    fraction only, not on the training seed: every rank, every resumed run and every trial of a sweep holds
+    out the same cells (validation losses compare across runs; no split state to save), and a rank's
+    training rows stay one contiguous range that the block sampler shuffles in blocks. Unlike scvi-tools,
+    whose validation cells change with scvi.settings.seed, seeds therefore do not redraw the split; another
+    split is another build seed (`atlasvi build --seed`).
     """
     if not 0 <= validation_fraction < 1:
         raise ConfigError(f"validation_fraction must be in [0, 1), not {validation_fraction}")

@@ -75,9 +75,10 @@ def test_paired_differences_are_atlasvi_minus_scvi_tools_per_seed_both_ran():
     assert [diffs["per_seed"][s][METRICS[0][0]] for s in range(3)] == [50.0, -30.0, 20.0]
     assert (rna["mean"], rna["sd"]) == (pytest.approx(40 / 3), pytest.approx(np.std([50, -30, 20], ddof=1)))
     assert rna["se"] == pytest.approx(rna["sd"] / np.sqrt(3)) and rna["t"] == pytest.approx(rna["mean"] / rna["se"])
-    assert diffs["summary"][METRICS[1][0]] == {"mean": 0.0, "sd": 0.0, "se": 0.0, "t": None}
+    assert rna["ci95"] == pytest.approx(list(stats.t.interval(0.95, 2, loc=rna["mean"], scale=rna["se"])))
+    assert diffs["summary"][METRICS[1][0]] == {"mean": 0.0, "sd": 0.0, "se": 0.0, "t": None, "ci95": [0.0, 0.0]}
     one = paired_differences([r for r in rows if r["seed"] == 0])["summary"][METRICS[0][0]]
-    assert (one["mean"], one["se"], one["t"]) == (50.0, None, None)
+    assert (one["mean"], one["se"], one["t"], one["ci95"]) == (50.0, None, None, None)
 
 
 def test_merged_rows_keep_the_reused_tool_or_with_same_start_the_other_pairs_and_atlasvis_rows():
