@@ -90,7 +90,7 @@ def atlasvi_side(paths: dict[str, Path], seed: int, fields: dict) -> Path:
 
     torch.set_num_threads(1)
     model = TOTALVI(paths["store"], device="cpu", seed=seed)
-    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=256, seed=seed))
+    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(seed=seed))  # the batch size: TOTALVI's default, 256
     table = model.differential_expression(LABELS_KEY, seed=seed)
     var = ad.read_zarr(paths["store"]).var_names
     out = CACHE / f"atlasvi_seed{seed}.npz"

@@ -132,7 +132,7 @@ def atlasvi_side(
     if init is not None:
         model.module.load_state_dict(init)  # strict
     started = time.perf_counter()
-    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(batch_size=256, seed=seed))
+    model.fit(TrainConfig(seed=seed, **fields), LoaderConfig(seed=seed))  # the batch size: TOTALVI's default
     seconds = time.perf_counter() - started
     return (
         {"tool": "atlasvi", "seed": seed}
@@ -141,6 +141,8 @@ def atlasvi_side(
             "epochs": len(model.history),
             "train_seconds": seconds,
             "adversarial_classifier": getattr(model.module, "adversary", None) is not None,
+            "batch_size": model.loader_config.batch_size,
+            "steps_per_epoch": len(model.history[0].step_losses),
         }
     )
 
@@ -259,7 +261,14 @@ def scvi_side(paths: dict[str, str], seed: int, fields: dict, adversary: bool | 
             "adversarial_classifier": bool(model._use_adversarial_classifier if adversary is None else adversary),
             "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
         }
+        | scvi_loader_figures(model)
     )
+
+
+def scvi_loader_figures(model) -> dict:
+    """A trained scvi-tools model's training batch size (its data splitter's) and minibatches per epoch."""
+    batches = model.trainer.datamodule.data_loader_kwargs["batch_size"]
+    return {"batch_size": int(batches), "steps_per_epoch": len(model.trainer.datamodule.train_dataloader())}
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -10,9 +10,12 @@ default: the rna_only batch misses every protein).
 
 `--step`, one training step: scvi-tools' TOTALVI (seed 0, untrained) and its AdversarialTrainingPlan under
 TOTALVI.train's plan arguments give the initial weights of the module and of the classifier; atlasvi's module loads
-them all (names mapped). The minibatch is atlasvi's first training minibatch (batch 256, seed 0: ~10% rna_only
-cells, so the protein mask and the per-batch background prior of the missing panel are in it); scvi-tools takes the
-same cells. Both in training mode (batch statistics in every batch norm) with every dropout at 0, and every Normal
+them all (names mapped). The minibatch is atlasvi's first training minibatch (`TOTALVI.fit()`'s default loader:
+batch 256, seed 0: ~10% rna_only cells, so the protein mask and the per-batch background prior of the missing panel
+are in it); scvi-tools takes the same cells. The step check also sets the training recipes side by side: atlasvi's as
+`TOTALVI.fit()` resolves it with no arguments (the registry's train and loader defaults) and scvi-tools' read from
+the signatures of TOTALVI.train, AdversarialTrainingPlan and Trainer (batch size, optimizer, warm-up, plateau, early
+stopping). Both in training mode (batch statistics in every batch norm) with every dropout at 0, and every Normal
 draw (the latent z and the log protein background) is loc + scale x one fixed noise tensor, so the step is
 deterministic. At KL weight 0.3 (kappa 0.7) scvi-tools replays AdversarialTrainingPlan.training_step (the loss plus
 the fooling term, Adam step of the module; the classifier's loss on z.detach(), Adam step of the classifier) and
@@ -23,9 +26,10 @@ the optimizers' settings. Output: results/totalvi_step_check.json.
 `--seeds`, paired runs: per seed, scvi-tools' TOTALVI is built with scvi.settings.seed = seed and trained (its
 classifier's initial weights recorded as its training plan builds it); atlasvi's module then loads those initial
 weights, the classifier's included, and trains. Both train on the same 6,979 cells and validate on the same 776
-(atlasvi's split, the training store's last 10% of rows; scvi-tools gets them through `external_indexing`); batch
-256, each tool's TOTALVI.train defaults with --max-epochs and --n-steps-kl-warmup over them; minibatch order,
-dropout and the draws are each tool's own. Scores as benchmarks/totalvi_fidelity.py (`atlasvi_scores`,
+(atlasvi's split, the training store's last 10% of rows; scvi-tools gets them through `external_indexing`); each
+tool's TOTALVI training defaults, batch size included (256 in both; each run records the batch size and minibatches
+per epoch it used; seeds 0-6 were run with 256 passed to both), with --max-epochs and --n-steps-kl-warmup over them;
+minibatch order, dropout and the draws are each tool's own. Scores as benchmarks/totalvi_fidelity.py (`atlasvi_scores`,
 `scvi_scores`: the same kNN folds for both). Per metric: each seed's values and the paired differences atlasvi -
 scvi-tools: mean, s.d., s.e. and t = mean / s.e. Seeds run one after another, each tool alone (the machine is
 shared); the results are written after each seed. Output: results/totalvi_paired.json and .md.
@@ -54,6 +58,7 @@ from benchmarks.totalvi_fidelity import (  # noqa: E402
     atlasvi_side,
     prepare,
     scvi_adatas,
+    scvi_loader_figures,
     scvi_scores,
     scvi_setup,
 )
@@ -61,7 +66,6 @@ from benchmarks.totalvi_weights_check import atlasvi_name  # noqa: E402
 
 KL_WEIGHT = 0.3
 STEP_SEED = 0
-BATCH_SIZE = 256
 METRICS = ("heldout_elbo", "knn_accuracy", "imputation_pearson_mean")
 
 
@@ -203,6 +207,7 @@ def scvi_step_side(paths: dict[str, str]) -> None:
     np.savez(CACHE / "step_scvi_mixture.npz", **mixture)
     np.savez(
         CACHE / "step_scvi.npz",
+        recipe=np.array(json.dumps(scvi_recipe(train.n_obs))),
         loss=loss.detach().numpy(),
         adversary_loss=adversary_loss.detach().numpy(),
         optimizers=np.array(json.dumps([_settings(opt1), _settings(opt2)])),
@@ -210,6 +215,41 @@ def scvi_step_side(paths: dict[str, str]) -> None:
         **grads,
         **after,
     )
+
+
+RECIPE = (
+    "batch_size", "lr", "weight_decay", "eps", "n_epochs_kl_warmup", "n_steps_kl_warmup", "reduce_lr_on_plateau",
+    "lr_factor", "lr_patience", "lr_threshold", "lr_min", "early_stopping", "early_stopping_patience",
+    "early_stopping_min_delta",
+)  # fmt: skip
+
+
+def scvi_recipe(n_obs: int) -> dict:
+    """scvi-tools' TOTALVI.train recipe with its defaults, read from its signatures: TOTALVI.train's (the batch
+    size, lr, warm-up, plateau and early stopping switches) over its Trainer's and (Adversarial)TrainingPlan's; the
+    warm-up in steps as TOTALVI.train resolves None on an AnnData of `n_obs` cells, int(0.75 x n_obs)."""
+    import inspect
+
+    import scvi
+    from scvi.train import AdversarialTrainingPlan, Trainer, TrainingPlan
+
+    def defaults(function) -> dict:
+        return {k: p.default for k, p in inspect.signature(function).parameters.items()}
+
+    plan = defaults(TrainingPlan) | defaults(AdversarialTrainingPlan)  # the latter passes its kwargs on
+    values = plan | defaults(Trainer) | defaults(scvi.model.TOTALVI.train)
+    if values["n_epochs_kl_warmup"] is None and values["n_steps_kl_warmup"] is None:
+        values["n_steps_kl_warmup"] = int(0.75 * n_obs)
+    return {k: values[k] for k in RECIPE}
+
+
+def atlasvi_recipe(model) -> dict:
+    """atlasvi's TOTALVI training recipe as `fit()` resolves it with no arguments (registry defaults), on its store."""
+    from atlasvi.train.job import loader_config_for, train_config_for
+
+    train = train_config_for(model.config, None).resolved(model.store.n_cells)
+    loader = loader_config_for(model.config, None, STEP_SEED)
+    return {k: getattr(loader if k == "batch_size" else train, k) for k in RECIPE}
 
 
 def _mixture_gradients(log_prob, inputs: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
@@ -265,16 +305,15 @@ def step_check(paths: dict) -> dict:
     import torch
 
     from atlasvi.api import TOTALVI
-    from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
-    from atlasvi.train.job import make_loaders, train_config_for
+    from atlasvi.train.job import loader_config_for, make_loaders, train_config_for
 
     torch.set_num_threads(1)
     model = TOTALVI(paths["train_store"], device="cpu", seed=STEP_SEED)
     module = model.module
     config = train_config_for(model.config, TrainConfig(seed=STEP_SEED))
     train_loader, validation_loader = make_loaders(
-        model.store, LoaderConfig(batch_size=BATCH_SIZE, seed=STEP_SEED), config.validation_fraction,
+        model.store, loader_config_for(model.config, None, STEP_SEED), config.validation_fraction,
         code_maps={k: v.numpy() for k, v in model.code_maps.items()}, modalities=module.used_modalities,
     )  # fmt: skip
     with train_loader, validation_loader:
@@ -295,7 +334,10 @@ def step_check(paths: dict) -> dict:
     floor_grads = {k: p.grad for k, p in floor_module.named_parameters() if p.grad is not None}
     floor_after = dict(floor_module.state_dict())
     ref = np.load(CACHE / "step_scvi.npz")
+    recipe = {"atlasvi": atlasvi_recipe(model), "scvi_tools": json.loads(str(ref["recipe"])), "cells": len(obs)}
+    recipe["differing"] = [k for k in RECIPE if recipe["atlasvi"][k] != recipe["scvi_tools"][k]]
     report: dict = {
+        "recipe": recipe,
         "cells": len(names),
         "rna_only_cells": int((obs[BATCH_KEY].to_numpy()[batch.rows.numpy()] == "rna_only").sum()),
         "kl_weight": KL_WEIGHT,
@@ -447,8 +489,8 @@ def scvi_train_side(paths: dict[str, str], seed: int, fields: dict) -> None:
     module_init = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     classifiers = _record_classifier()
     started = time.perf_counter()
-    model.train(
-        accelerator="cpu", devices=1, enable_progress_bar=False, batch_size=BATCH_SIZE,
+    model.train(  # the batch size: TOTALVI.train's default
+        accelerator="cpu", devices=1, enable_progress_bar=False,
         external_indexing=[np.flatnonzero(~is_validation), np.flatnonzero(is_validation)], **fields,
     )  # fmt: skip
     seconds = time.perf_counter() - started
@@ -459,7 +501,7 @@ def scvi_train_side(paths: dict[str, str], seed: int, fields: dict) -> None:
         CACHE / f"paired_init_s{seed}.npz", **init, **{f"classifier|{k}": v.numpy() for k, v in classifiers[0].items()}
     )
     row = {"tool": "scvi-tools", "seed": seed} | scvi_scores(model, train, held, names, hidden)
-    row |= {
+    row |= scvi_loader_figures(model) | {
         "epochs": int(model.history["elbo_train"].shape[0]),
         "train_seconds": seconds,
         "n_train": int((~is_validation).sum()),
@@ -482,7 +524,10 @@ def validation_names(paths: dict) -> np.ndarray:
 
 
 def paired_summary(rows: list[dict]) -> dict:
-    """Per metric: the seeds' values in each tool and the paired differences atlasvi - scvi-tools (mean, sd, se, t)."""
+    """Per metric: the seeds' values in each tool and the paired differences atlasvi - scvi-tools (mean, sd, se, t,
+    the 95% confidence interval of the mean difference from Student's t with n - 1 degrees of freedom)."""
+    from scipy.stats import t as student_t
+
     seeds = sorted(
         {r["seed"] for r in rows if r["tool"] == "atlasvi"} & {r["seed"] for r in rows if r["tool"] != "atlasvi"}
     )
@@ -494,6 +539,7 @@ def paired_summary(rows: list[dict]) -> dict:
         diff = np.subtract(ours, theirs)
         sd = float(diff.std(ddof=1)) if len(diff) > 1 else float("nan")
         se = sd / math.sqrt(len(diff))
+        half = float(student_t.ppf(0.975, len(diff) - 1)) * se if len(diff) > 1 else float("nan")
         out[m] = {
             "atlasvi": ours, "scvi_tools": theirs, "differences": diff.tolist(),
             "atlasvi_mean": float(np.mean(ours)), "scvi_tools_mean": float(np.mean(theirs)),
@@ -501,6 +547,7 @@ def paired_summary(rows: list[dict]) -> dict:
             "scvi_tools_sd": float(np.std(theirs, ddof=1)) if len(theirs) > 1 else float("nan"),
             "mean_difference": float(diff.mean()), "sd_difference": sd, "se_difference": se,
             "t": float(diff.mean() / se) if se > 0 else float("nan"),
+            "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
         }  # fmt: skip
     return out
 
@@ -566,6 +613,16 @@ def markdown(report: dict) -> str:
             f"gap of the protein dispersion's gradient (py_r) between the tools, "
             f"{st['gradients']['py_r']['max_abs_diff'] / st['gradients']['py_r']['scvi_tools_max_abs']:.1e}.",
             "",
+            "Training recipe with no arguments (atlasvi: `TOTALVI.fit()`'s registry defaults; scvi-tools: the "
+            "defaults of TOTALVI.train, AdversarialTrainingPlan and Trainer), the warm-up resolved on the "
+            f"training store's {st['recipe']['cells']:,} cells:",
+            "",
+            "| | atlasvi | scvi-tools |",
+            "|---|---|---|",
+            *[f"| {k} | {st['recipe']['atlasvi'][k]} | {st['recipe']['scvi_tools'][k]} |" for k in RECIPE],
+            "",
+            "Differing: " + (", ".join(st["recipe"]["differing"]) or "none") + ".",
+            "",
             "Optimizers (the model's; the classifier's): atlasvi "
             + "; ".join(map(_optimizer_text, st["optimizers"]["atlasvi"]))
             + "; scvi-tools "
@@ -594,17 +651,28 @@ def markdown(report: dict) -> str:
             for m, digits in zip(METRICS, (1, 3, 3), strict=True):
                 cells += [f"{summary[m]['atlasvi'][i]:.{digits}f}", f"{summary[m]['scvi_tools'][i]:.{digits}f}"]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        by = {(r["tool"], r["seed"]): r for r in p["rows"]}
+        loaders = [
+            f"seed {s}: " + ", ".join(f"{tool} {by[tool, s]['batch_size']} / {by[tool, s]['steps_per_epoch']}"
+                                      for tool in ("atlasvi", "scvi-tools"))
+            for s in seeds if "batch_size" in by["atlasvi", s]
+        ]  # fmt: skip
         lines += [
             "",
-            "| metric | atlasvi mean ± sd | scvi-tools mean ± sd | paired difference (atlasvi - scvi-tools) ± se | t |",
-            "|---|---|---|---|---|",
+            "Batch size / minibatches per epoch, each tool's default (recorded since `TOTALVI.fit()` defaults to 256; "
+            "the seeds not listed ran with 256 passed to both): " + ("; ".join(loaders) or "none") + ".",
+            "",
+            "| metric | atlasvi mean ± sd | scvi-tools mean ± sd | paired difference (atlasvi - scvi-tools) ± se | t "
+            "| 95% CI |",
+            "|---|---|---|---|---|---|",
         ]
         for m, digits in zip(METRICS, (1, 4, 4), strict=True):
             r = summary[m]
             lines.append(
                 f"| {m} | {r['atlasvi_mean']:.{digits}f} ± {r['atlasvi_sd']:.{digits}f} | "
                 f"{r['scvi_tools_mean']:.{digits}f} ± {r['scvi_tools_sd']:.{digits}f} | "
-                f"{r['mean_difference']:+.{digits}f} ± {r['se_difference']:.{digits}f} | {r['t']:.2f} |"
+                f"{r['mean_difference']:+.{digits}f} ± {r['se_difference']:.{digits}f} | {r['t']:.2f} | "
+                f"[{r['ci95'][0]:+.{digits}f}, {r['ci95'][1]:+.{digits}f}] |"
             )
         lines += ["", "held-out -ELBO: lower is better (a positive difference: atlasvi worse).", ""]
     return "\n".join(lines)

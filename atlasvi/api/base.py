@@ -35,7 +35,7 @@ from atlasvi.models.saving import (
 )
 from atlasvi.models.surgery import SurgeryConfig, extend_registry, freeze_for_query, transplant
 from atlasvi.train import EpochRecord, TrainConfig, fit
-from atlasvi.train.job import make_loaders, resolve_device, train_config_for
+from atlasvi.train.job import loader_config_for, make_loaders, resolve_device, train_config_for
 
 
 class AtlasModel:
@@ -67,6 +67,7 @@ class AtlasModel:
         self.code_maps = self._code_maps(self.store)
         self.query_masks: dict[str, torch.Tensor] | None = None
         self.train_config: TrainConfig | None = None
+        self.loader_config: LoaderConfig | None = None
         self.history: list[EpochRecord] = []
 
     def fit(
@@ -79,14 +80,17 @@ class AtlasModel:
         """Train on the store's training rows, evaluating on its held-out rows; returns the epoch records.
 
         With checkpoint_dir, a run that stopped resumes where it was (see `atlasvi.train.fit`). The fields `train`
-        does not set are the method's defaults (its registry entry's `train_defaults`, else TrainConfig's). A query
-        model (`load_query_data`) trains with weight decay 0, whatever `train` says: decay would move frozen weights.
+        does not set are the method's defaults (its registry entry's `train_defaults`, else TrainConfig's), and so
+        are those `loader` does not set (`loader_defaults`: TOTALVI's batch 256; no loader: shuffled with train's
+        seed); `train_config` and `loader_config` are what it used. A query model (`load_query_data`) trains with
+        weight decay 0, whatever `train` says: decay would move frozen weights.
         """
         self.train_config = train_config_for(self.config, train)
         if self.query_masks is not None:
             self.train_config = self.train_config.model_copy(update={"weight_decay": 0.0})
+        self.loader_config = loader_config_for(self.config, loader, self.train_config.seed)
         train_loader, validation_loader = make_loaders(
-            self.store, loader or LoaderConfig(seed=self.train_config.seed), self.train_config.validation_fraction,
+            self.store, self.loader_config, self.train_config.validation_fraction,
             code_maps={k: v.numpy() for k, v in self.code_maps.items()}, modalities=self.module.used_modalities,
             device=self.device,
         )  # fmt: skip

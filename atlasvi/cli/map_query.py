@@ -16,6 +16,7 @@ from atlasvi.errors import AtlasviError
 from atlasvi.models.surgery import SurgeryConfig
 from atlasvi.tracking import MlflowRun
 from atlasvi.train import EpochRecord, TrainConfig
+from atlasvi.train.job import loader_config_for, train_config_for
 
 
 def _query_model(reference: Path, query: Path, device: str, surgery: SurgeryConfig, seed: int) -> AtlasModel:
@@ -70,8 +71,9 @@ def map_query_command(
     out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
     query_batches = list(model.store.schema.batch_categories)
     console.print(f"{method} reference {reference}; query {model.schema.batch_key}: {query_batches}")
-    train = TrainConfig(max_epochs=max_epochs, seed=seed, weight_decay=0.0)  # decay would move frozen weights
-    loader = LoaderConfig(seed=seed)
+    # the model's training defaults (its registry entry's) under these; decay would move frozen weights
+    train = train_config_for(model.config, TrainConfig(max_epochs=max_epochs, seed=seed, weight_decay=0.0))
+    loader = loader_config_for(model.config, None, seed)
     params = {
         "reference": str(reference),
         "reference_method": method,

@@ -49,6 +49,9 @@ CONDSCVI_TRAIN = {
     "max_epochs": 300
 }  # scvi-tools' CondSCVI.train: 300 epochs, lr 1e-3, TrainingPlan's 400-epoch warm-up
 DESTVI_TRAIN = {"max_epochs": 2000, "lr": 3e-3, "n_epochs_kl_warmup": 200}  # scvi-tools' DestVI.train
+# scvi-tools 1.4.2's train(batch_size=...) is 128 (LoaderConfig's default) for SCVI, SCANVI, LinearSCVI, PEAKVI,
+# MULTIVI, SysVI, CondSCVI and DestVI; TOTALVI.train's is 256
+TOTALVI_LOADER = {"batch_size": 256}
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ class ModelEntry:
     class name); user_class: "module:Class" of the user-facing class (the api layer imports it); latent_key:
     the obsm key its latent is written to by default; init_from: names of the entries whose saved weights it
     can start from (`--init-from`); train_defaults: TrainConfig fields whose defaults differ for this method (as
-    scvi-tools' `train` of the method sets them), under whatever the job or the caller sets; needs_init_from: it
-    cannot train without one of those saved models (DestVI reuses a CondSCVI's decoder).
+    scvi-tools' `train` of the method sets them), under whatever the job or the caller sets; loader_defaults: the
+    same for LoaderConfig fields (TOTALVI.train's batch size 256); needs_init_from: it cannot train without one of
+    those saved models (DestVI reuses a CondSCVI's decoder).
     """
 
     name: str
@@ -71,6 +75,7 @@ class ModelEntry:
     latent_key: str
     init_from: tuple[str, ...] = ()
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    loader_defaults: dict[str, Any] = field(default_factory=dict)
     needs_init_from: bool = False
 
 
@@ -91,6 +96,7 @@ ENTRIES: tuple[ModelEntry, ...] = (
         "X_totalvi",
         (),
         TOTALVI_TRAIN,
+        TOTALVI_LOADER,
     ),
     ModelEntry(
         "multivi",

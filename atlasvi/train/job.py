@@ -59,8 +59,8 @@ class TrainJobConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _model_defaults(cls, data: Any) -> Any:
-        """output and latent_key default to the model's: outputs/NAME and its registry latent key; the train
-        fields the job does not set default to the model's (`ModelEntry.train_defaults`)."""
+        """output and latent_key default to the model's: outputs/NAME and its registry latent key; the train and
+        loader fields the job does not set default to the model's (`ModelEntry.train_defaults`, `loader_defaults`)."""
         if not isinstance(data, dict) or data.get("model") is None:
             return data
         model = data["model"]
@@ -70,7 +70,9 @@ class TrainJobConfig(BaseModel):
         entry = REGISTRY[name]
         data = {"output": f"outputs/{name}", "latent_key": entry.latent_key} | data
         if entry.train_defaults:
-            data["train"] = train_fields(entry.train_defaults, data.get("train"))
+            data["train"] = section_fields(entry.train_defaults, data.get("train"))
+        if entry.loader_defaults:
+            data["loader"] = section_fields(entry.loader_defaults, data.get("loader"))
         return data
 
     @model_validator(mode="after")
@@ -88,16 +90,24 @@ class TrainJobConfig(BaseModel):
         return self.torch_threads or max(1, n_cores - self.loader.num_threads)
 
 
-def train_fields(defaults: dict[str, Any], train: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
-    """The TrainConfig fields of `train` (a TrainConfig, a mapping of its fields, or None) with those it does not
-    set taken from `defaults` (a model's `ModelEntry.train_defaults`); a TrainConfig sets its `model_fields_set`."""
-    given = train.model_dump(exclude_unset=True) if isinstance(train, TrainConfig) else dict(train or {})
+def section_fields(defaults: dict[str, Any], section: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    """The fields of `section` (a TrainConfig or LoaderConfig, a mapping of its fields, or None) with those it does
+    not set taken from `defaults` (a model's `ModelEntry.train_defaults` or `loader_defaults`); a config sets its
+    `model_fields_set`."""
+    given = section.model_dump(exclude_unset=True) if isinstance(section, BaseModel) else dict(section or {})
     return defaults | given
 
 
 def train_config_for(model: BaseModel, train: TrainConfig | None) -> TrainConfig:
     """The TrainConfig a `model` (a registry entry's config) trains with: `train` over its entry's train defaults."""
-    return TrainConfig.model_validate(train_fields(entry_of(model).train_defaults, train))
+    return TrainConfig.model_validate(section_fields(entry_of(model).train_defaults, train))
+
+
+def loader_config_for(model: BaseModel, loader: LoaderConfig | None, seed: int) -> LoaderConfig:
+    """The LoaderConfig a `model` (a registry entry's config) trains with: `loader` over its entry's loader
+    defaults (TOTALVI: batch 256, as TOTALVI.train); no loader: those defaults, shuffled with `seed`."""
+    given = loader if loader is not None else {"seed": seed}
+    return LoaderConfig.model_validate(section_fields(entry_of(model).loader_defaults, given))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
     reduce_lr_on_plateau: multiply the learning rate by lr_factor when the held-out -ELBO has not fallen by more than
     lr_threshold (absolute) for lr_patience epochs, down to lr_min (scvi-tools' TrainingPlan: torch's
     ReduceLROnPlateau, threshold_mode "abs", on elbo_validation; its defaults).
-    A model's registry entry may give other defaults (`ModelEntry.train_defaults`, applied by the job and the API).
+    A model's registry entry may give other defaults (`ModelEntry.train_defaults`, applied by the job and the API;
+    `loader_defaults` for the LoaderConfig).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

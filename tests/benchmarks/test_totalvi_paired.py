@@ -26,6 +26,7 @@ def test_paired_summary_is_scipys_paired_t_over_the_seeds_both_tools_ran():
         assert summary[metric]["t"] == pytest.approx(expected.statistic)
         assert summary[metric]["mean_difference"] == pytest.approx(np.mean(ours[:, j] - theirs[:5, j]))
         assert summary[metric]["se_difference"] == pytest.approx(np.std(ours[:, j] - theirs[:5, j], ddof=1) / 5**0.5)
+        assert summary[metric]["ci95"] == pytest.approx(list(expected.confidence_interval(0.95)))
 
 
 def test_weight_names_map_scvi_tools_module_and_classifier():
@@ -52,6 +53,9 @@ def test_committed_paired_table_renders_from_its_json():
     assert markdown(report) == (RESULTS / "totalvi_paired.md").read_text()
     step = report["step"]["summary"]
     assert step["tensors_compared_after_the_step"] == step["atlasvi_tensors"]  # every atlasvi weight and buffer
+    recipe = report["step"]["recipe"]  # TOTALVI.fit()'s defaults are TOTALVI.train's, batch size 256 included
+    assert recipe["atlasvi"] == recipe["scvi_tools"] and recipe["differing"] == []
+    assert recipe["atlasvi"]["batch_size"] == 256
     if "paired" in report:
         summary = report["paired"]["summary"]
         assert len(summary["seeds"]) >= 5

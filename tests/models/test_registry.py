@@ -5,10 +5,13 @@ import importlib
 import pytest
 
 from atlasvi.cli.common import make_config
+from atlasvi.data import LoaderConfig
 from atlasvi.errors import ConfigError
-from atlasvi.launch.sweep import SweepConfig
+from atlasvi.launch.sweep import SweepConfig, with_overrides
 from atlasvi.models.registry import ENTRIES, REGISTRY, get_entry
-from atlasvi.train.job import TrainJobConfig
+from atlasvi.models.scvi import SCVIConfig
+from atlasvi.models.totalvi import TOTALVIConfig
+from atlasvi.train.job import TrainJobConfig, loader_config_for
 
 
 def test_every_entry_names_a_config_whose_name_is_its_own_and_a_user_class_that_imports():
@@ -55,3 +58,21 @@ def test_a_sweep_may_search_the_fields_of_the_job_model_only():
     with pytest.raises(ValueError, match="'model.classification_ratio' is not a TrainJobConfig field"):
         SweepConfig(name="s", grace_period=1, job={"train": {"max_epochs": 10}},
                     search_space={"model.classification_ratio": {"grid": [1, 50]}})  # fmt: skip
+
+
+def test_a_model_s_loader_defaults_apply_under_what_the_job_or_the_caller_sets():
+    # scvi-tools 1.4.2's train(batch_size=...): 256 for TOTALVI; 128 (LoaderConfig's default) for SCVI, SCANVI,
+    # LinearSCVI, PEAKVI, MULTIVI, SysVI, CondSCVI and DestVI
+    assert {e.name: e.loader_defaults for e in ENTRIES if e.loader_defaults} == {"totalvi": {"batch_size": 256}}
+    job = make_config(TrainJobConfig, [("flags", {"model": {"name": "totalvi"}, "loader": {"seed": 3}})])
+    assert job.loader == LoaderConfig(batch_size=256, seed=3)
+    assert TrainJobConfig.model_validate(job.model_dump(mode="json")) == job  # a run.json / config.yaml round trip
+    given = [("train.yaml", {"model": {"name": "totalvi"}}), ("flags", {"loader": {"batch_size": 128}})]
+    assert make_config(TrainJobConfig, given).loader.batch_size == 128  # `--batch-size 128` wins
+    assert TrainJobConfig(model=TOTALVIConfig(), loader=LoaderConfig(shuffle=False)).loader.batch_size == 256
+    assert TrainJobConfig(model=TOTALVIConfig(), loader=LoaderConfig(batch_size=64)).loader.batch_size == 64
+    assert TrainJobConfig.model_validate({"model": {"name": "scvi"}}).loader.batch_size == 128
+    assert with_overrides(job, {"loader.seed": 5}).loader == LoaderConfig(batch_size=256, seed=5)  # a sweep trial
+    assert loader_config_for(TOTALVIConfig(), None, 7) == LoaderConfig(batch_size=256, seed=7)
+    assert loader_config_for(TOTALVIConfig(), LoaderConfig(batch_size=32), 7) == LoaderConfig(batch_size=32)
+    assert loader_config_for(SCVIConfig(), None, 7) == LoaderConfig(seed=7)

@@ -28,6 +28,18 @@ def test_the_defaults_are_scvi_tools():
     assert train_config_for(config, TrainConfig(lr=1e-3)).lr == 1e-3  # the caller's field wins
 
 
+def test_fit_trains_on_totalvi_trains_batch_of_256_unless_the_caller_sets_one(two_panel_store):
+    # scvi-tools' TOTALVI.train(batch_size=256) (its other models' train: 128, the loader's default): the two-panel
+    # store's 360 training cells are 2 minibatches at 256, 3 at 128
+    model = TOTALVI(two_panel_store, config=SMALL, device="cpu")
+    model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1, seed=4))
+    assert model.loader_config == LoaderConfig(batch_size=256, seed=4) and len(model.history[0].step_losses) == 2
+    model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LoaderConfig(seed=1))  # no batch size: the model's
+    assert model.loader_config == LoaderConfig(batch_size=256, seed=1) and len(model.history[0].step_losses) == 2
+    model.fit(TrainConfig(max_epochs=1, n_epochs_kl_warmup=1), LoaderConfig(batch_size=128))  # the caller's wins
+    assert model.loader_config.batch_size == 128 and len(model.history[0].step_losses) == 3
+
+
 def test_the_background_prior_starts_at_the_stores_per_batch_values(two_panel_store, cbmc_store):
     schema = open_store(two_panel_store).schema
     proteins = schema.modalities["protein"]
