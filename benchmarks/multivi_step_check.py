@@ -396,12 +396,12 @@ NOISE_SEED = 7
 class _StepRecord:
     """One tool's run, step by step: the noise eps_k of training step k, the sampled entries of every tensor before
     each step and after the last, each step's loss and KL weight, every weight after the steps of SNAPSHOTS; its files
-    in `folder` (default CACHE)."""
+    in `folder` (default CACHE); `sampled` entries of each tensor (default SAMPLED)."""
 
     current: "_StepRecord | None" = None  # the run whose noise Normal.rsample reads
 
-    def __init__(self, tool: str, n_latent: int, folder: Path = CACHE):
-        self.tool, self.n_latent, self.step, self.folder = tool, n_latent, 0, folder
+    def __init__(self, tool: str, n_latent: int, folder: Path = CACHE, sampled: int = SAMPLED):
+        self.tool, self.n_latent, self.step, self.folder, self.sampled = tool, n_latent, 0, folder, sampled
         self.samples: list[dict[str, np.ndarray]] = []
         self.losses: list[float] = []
         self.kl_weights: list[float] = []
@@ -424,7 +424,7 @@ class _StepRecord:
         self._record(state, keep=True)
 
     def _record(self, state: dict[str, np.ndarray], keep: bool = False) -> None:
-        self.samples.append({k: v.ravel()[_positions(k, v.size)].copy() for k, v in state.items()})
+        self.samples.append({k: v.ravel()[_positions(k, v.size, self.sampled)].copy() for k, v in state.items()})
         if keep or self.step in SNAPSHOTS:
             np.savez(self.folder / f"steps_{self.tool}_{self.step}.npz", **state)
 
@@ -465,19 +465,19 @@ class _StepRecord:
         return batches, epoch_steps
 
 
-_POSITIONS: dict[tuple[str, int], np.ndarray] = {}
+_POSITIONS: dict[tuple[str, int, int], np.ndarray] = {}
 
 
-def _positions(name: str, size: int) -> np.ndarray:
-    """The SAMPLED entries recorded of a tensor (all of a smaller one), fixed by its (atlasvi) name."""
+def _positions(name: str, size: int, sampled: int = SAMPLED) -> np.ndarray:
+    """The `sampled` entries recorded of a tensor (all of a smaller one), fixed by its (atlasvi) name."""
     import zlib
 
-    if (name, size) not in _POSITIONS:
+    if (name, size, sampled) not in _POSITIONS:
         rng = np.random.default_rng(zlib.crc32(name.encode()))
-        _POSITIONS[name, size] = (
-            np.sort(rng.choice(size, SAMPLED, replace=False)) if size > SAMPLED else np.arange(size)
+        _POSITIONS[name, size, sampled] = (
+            np.sort(rng.choice(size, sampled, replace=False)) if size > sampled else np.arange(size)
         )
-    return _POSITIONS[name, size]
+    return _POSITIONS[name, size, sampled]
 
 
 def _step_noise() -> None:

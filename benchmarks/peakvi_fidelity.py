@@ -210,6 +210,26 @@ def scvi_side(paths: dict, seed: int, fields: dict, init: Path | None = None) ->
     model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **options)
     seconds = time.perf_counter() - started
     held = model._validate_anndata(held)  # registered like the training data (same batches)
+    module = model.module
+    return {
+        "tool": "scvi-tools",
+        "seed": seed,
+        "heldout_bce_mean_z": scvi_heldout_bce(model, held),
+        "heldout_bce_one_draw": float(model.get_reconstruction_error(held)["reconstruction_loss"]),
+        "knn_accuracy": scvi_knn_accuracy(model, train, held),
+        "epochs": int(model.history["reconstruction_loss_train"].shape[0]),
+        "train_seconds": seconds,
+        "n_hidden": int(module.n_hidden),
+        "n_latent": int(module.n_latent),
+        "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
+    }
+
+
+def scvi_heldout_bce(model, held) -> float:
+    """scvi-tools' held-out BCE at the posterior mean of z, as `heldout_bce` (held: registered with the model)."""
+    import scvi
+    import torch
+
     module = model.module.eval()
     total = 0.0
     with torch.no_grad():
@@ -219,20 +239,14 @@ def scvi_side(paths: dict, seed: int, fields: dict, init: Path | None = None) ->
             factors = torch.sigmoid(module.region_factors)
             x = tensors[scvi.REGISTRY_KEYS.X_KEY]
             total += module.get_reconstruction_loss(generative["px"], inference["d"], factors, x).sum().item()
+    return total / held.n_obs
+
+
+def scvi_knn_accuracy(model, train, held) -> float:
+    """`knn_accuracy` of scvi-tools' latent of the training then the held-out cells (the h5ad files' order)."""
     latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
     labels = np.concatenate([train.obs[LABELS_KEY].astype(str), held.obs[LABELS_KEY].astype(str)])
-    return {
-        "tool": "scvi-tools",
-        "seed": seed,
-        "heldout_bce_mean_z": total / held.n_obs,
-        "heldout_bce_one_draw": float(model.get_reconstruction_error(held)["reconstruction_loss"]),
-        "knn_accuracy": knn_accuracy(latent, labels),
-        "epochs": int(model.history["reconstruction_loss_train"].shape[0]),
-        "train_seconds": seconds,
-        "n_hidden": int(module.n_hidden),
-        "n_latent": int(module.n_latent),
-        "versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__},
-    }
+    return knn_accuracy(latent, labels)
 
 
 # --------------------------------------------------------------------------------------------- report
