@@ -115,6 +115,7 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
         "multivi_fidelity_paired6",
         "multivi_fidelity_paired_split",
         "multivi_fidelity_same_split",
+        "multivi_fidelity_same_split_redraw",
     ],
 )
 def test_committed_paired_table_renders_from_its_json(name):
