@@ -52,8 +52,12 @@ class _SparseLinear(torch.autograd.Function):
         offsets = torch.zeros(ctx.n_in, dtype=crow.dtype, device=col.device)
         offsets[1:] = torch.bincount(col, minlength=ctx.n_in)[:-1].cumsum(0)
         weight_t = F.embedding_bag(
-            rows[order], grad.contiguous(), offsets, mode="sum", per_sample_weights=values[order]
-        )  # (n_in, n_out); a column no cell has is an empty bag: 0
+            rows.index_select(0, order),
+            grad.contiguous(),
+            offsets,
+            mode="sum",
+            per_sample_weights=values.index_select(0, order),
+        )  # (n_in, n_out); a column no cell has is an empty bag: 0 (index_select: ~2x advanced indexing, measured)
         return None, None, None, None, weight_t.t()
 
 
