@@ -201,7 +201,8 @@ class _NBRows(torch.autograd.Function):
         per_gene = theta.numel() == shape[-1]  # theta (n_genes,): the non-zeros' gamma terms from per-gene tables
         r = mu / theta
         log1p_r = torch.log1p(r)
-        b = log1p_r * theta.neg()
+        b = log1p_r * theta
+        b.neg_()
         s = d = s_k = None
         if zi_logits is None:
             zero = b
@@ -240,16 +241,16 @@ class _NBRows(torch.autograd.Function):
         mu_k, theta_k, s_k, slot, rest, digamma_table = ctx.nonzero
         shape = ctx.shape
         inverse = r.add(1).reciprocal_()  # theta / (theta + mu)
-        # mu's and theta's gradients are built negated (fused passes: -db/dtheta = log1p(r) - r / (1 + r) in one)
-        # and scaled by -grad; theta's per-gene sum over cells is then one matrix-vector product
-        negative_theta = torch.addcmul(log1p_r, r, inverse, value=-1)
+        ratio = r * inverse  # mu / (theta + mu)
+        # grad_mu is built negated (-dZ/dmu, -dP/dmu) and scaled by -grad: the same values, one pass fewer
         if zi_logits is None:
-            negative_mu, grad_zi = inverse, None
-        else:  # dZ/db = 1 - s / D
-            negative_mu = torch.addcmul(inverse, s_over_d, inverse, value=-1)
-            negative_theta.addcmul_(s_over_d, negative_theta, value=-1)
+            negative_mu, grad_theta, grad_zi = inverse, ratio - log1p_r, None
+        else:
+            grad_b = 1 - s_over_d  # (1 - s) e^b / D
             grad_zi = (s_over_d - s).expand(shape).contiguous()
-        negative_mu, negative_theta = negative_mu.expand(shape).contiguous(), negative_theta.expand(shape).contiguous()
+            negative_mu = grad_b * inverse
+            grad_theta = grad_b.mul_(ratio - log1p_r)
+        negative_mu, grad_theta = negative_mu.expand(shape).contiguous(), grad_theta.expand(shape).contiguous()
         r_k = mu_k / theta_k  # the non-zeros' r, 1 / (1 + r), r / (1 + r), log1p(r): computed, not gathered
         inverse_k = r_k.add(1).reciprocal_()
         ratio_k, log1p_k = r_k * inverse_k, torch.log1p(r_k)
@@ -261,17 +262,14 @@ class _NBRows(torch.autograd.Function):
         else:
             digamma = _gene_digamma_difference(x, digamma_table, theta_k, slot, rest)
         digamma = digamma.to(mu.dtype)
-        negative_theta.view(-1).scatter_(0, flat_index, log1p_k - ratio_k + x * inverse_k / theta_k - digamma)
+        grad_theta.view(-1).scatter_(0, flat_index, ratio_k - log1p_k - x * inverse_k / theta_k + digamma)
         if grad_zi is not None:
             grad_zi.view(-1).scatter_(0, flat_index, -s_k)
-        negative_grad = grad.neg()
-        if len(shape) == 2 and theta.numel() == shape[-1]:  # theta per gene: sum over cells as (n_genes, n) @ (n,)
-            grad_theta = torch.mv(negative_theta.t(), negative_grad).view(theta.shape)
-        else:
-            grad_theta = _sum_to(negative_theta.mul_(negative_grad.unsqueeze(-1)), theta.shape)
-        grad_mu = _sum_to(negative_mu.mul_(negative_grad.unsqueeze(-1)), mu.shape)
-        grad_zi = None if grad_zi is None else _sum_to(grad_zi.mul_(grad.unsqueeze(-1)), zi_logits.shape)
-        return grad_mu, grad_theta, grad_zi, None, None, None, None
+        scale = grad.unsqueeze(-1)
+        grads = [negative_mu.mul_(-scale), grad_theta.mul_(scale), None if grad_zi is None else grad_zi.mul_(scale)]
+        shapes = (mu.shape, theta.shape, None if zi_logits is None else zi_logits.shape)
+        grads = [g if g is None else _sum_to(g, n) for g, n in zip(grads, shapes, strict=True)]
+        return (*grads, None, None, None, None)
 
 
 def nb_log_prob_rows(
