@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
-# annbatch's default store codec, and atlasvi's default (`atlasvi build`: Blosc zstd level 3, bitshuffle)
+# annbatch's default store codec (lz4, also atlasvi's default), and zstd as atlasvi's `--compressor zstd` writes counts
 COMPRESSORS = {
     "lz4": "blosc lz4 clevel 3 shuffle (annbatch default)",
-    "zstd": "blosc zstd clevel 3 bitshuffle (atlasvi's build default)",
+    "zstd": "blosc zstd clevel 3 bitshuffle (atlasvi's zstd counts)",
 }
 DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
 

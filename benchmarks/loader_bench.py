@@ -8,7 +8,7 @@ data, 2000 genes, ~8% non-zeros) is built into an atlas store by `build_store` (
 library prior and permutation included); then, on a warm page cache, a plain sequential block read
 of the store (the ceiling), atlasvi's StreamingLoader per backend and batch size, and annbatch
 (its own venv, benchmarks/setup_annbatch_venv.sh; with zarrs, `--annbatch-zarrs on off` adds without) on
-its store written with lz4 (its default) and with zstd (atlasvi's), so both compare on the same codec.
+its store written with lz4 (its default, and atlasvi's) and with zstd, so both compare on the same codec.
 Every measurement runs in a child process, so its peak RSS is its own. `--repeats` rounds each measure
 every reader once, interleaved, so a shared machine's load falls on all alike: cells/s are medians over
 rounds, atlasvi / annbatch ratios medians of ratios paired within a round; the load average is recorded.
@@ -155,6 +155,11 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+def _size_mb(path: str | Path) -> float:
+    """Bytes on disk of a store (every file under it), in MB."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
 def _merge(parts: list[dict]) -> dict:
     """One measurement's interleaved repeats: median cells/s, every repeat, peak RSS of the largest."""
     rates = [p["cells_per_s"] for p in parts]
@@ -178,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             built = row["build"][compressor] = _child("build", source=str(source), store=store, compressor=compressor)
             print(f"{n_cells:>8} cells  {compressor} build {built['seconds']:.1f} s, {built['peak_rss_mb']:.0f} MB")
+        row["store_mb"] = {compressor: _size_mb(store) for compressor, store in stores.items()}
         first = stores[args.compressors[0]]
         row["epoch_rss"] = _child("epoch_rss", store=first, backend=args.backends[0])
         if n_cells < args.min_throughput_cells:
@@ -263,6 +269,9 @@ def markdown(results: dict) -> str:
         lines.append(
             f"\n{int(n):,} cells: one epoch of the loader peaks at {row['epoch_rss']['peak_rss_mb']:.0f} MB RSS."
         )
+        if "store_mb" in row:
+            sizes = ", ".join(f"{codec} {mb:,.0f} MB" for codec, mb in row["store_mb"].items())
+            lines.append(f"\nStore size on disk: {sizes}.")
         if not row["loader"]:
             continue
         load = row["load"]
@@ -328,7 +337,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000, 1_000_000])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
     parser.add_argument("--backends", nargs="+", default=["tensorstore", "zarrs", "zarr"], help="auto: the default's")
-    parser.add_argument("--compressors", nargs="+", default=["zstd", "lz4"])
+    parser.add_argument("--compressors", nargs="+", default=["lz4", "zstd"], help="the first: the default's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-throughput-cells", type=int, default=200_000, help="throughput rows from this size on")
     parser.add_argument("--min-cells", type=int, default=400_000, help="cells read per loader measurement (at least)")

@@ -61,7 +61,7 @@ def build_command(
     drop_empty_cells: Annotated[bool, typer.Option(help="drop zero-count cells with a warning")] = False,
     seed: Annotated[int | None, typer.Option(help="seed of the global cell permutation")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="cells read at a time (bounds memory)")] = None,
-    compressor: Annotated[str | None, typer.Option(help="Blosc codec: zstd (smaller) or lz4 (faster)")] = None,
+    compressor: Annotated[str | None, typer.Option(help="Blosc codec: lz4 (faster) or zstd (smaller)")] = None,
     overwrite: Annotated[bool | None, typer.Option("--overwrite/--no-overwrite", help="replace output")] = None,
     workers: Annotated[
         int | None,

@@ -4,7 +4,8 @@ The sampler decides which rows a rank reads (see `sampler.py`); the loader fetch
 rows are cut into windows of `buffer_blocks * block_size` rows (rounded to whole batches). Background
 threads read windows ahead (`prefetch` of them), each one's rows in contiguous ranges, and shuffle
 the window with `default_rng([seed, epoch, rank, window])`; minibatches are consecutive slices of the
-shuffled window (zero-copy views). Memory is bounded by (prefetch + 1) windows, never by the cells.
+shuffled window (zero-copy views). Memory is bounded by a few windows (prefetch + 1 in flight, their
+counts in at most prefetch + 3 reused buffers), never by the cells.
 
 Everything random is a function of (seed, epoch, rank, window), so the position (epoch, step) is the
 whole state: `load_state_dict` of a saved position yields exactly the batches that would have come next.
@@ -22,13 +23,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from atlasvi.data.config import LoaderConfig
 from atlasvi.data.sampler import BlockSampler
-from atlasvi.data.store import AtlasStore, RowBlock, open_store
+from atlasvi.data.store import AtlasStore, Buffers, RowBlock, open_store
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,38 @@ def _stop_read_ahead_at_exit() -> None:
         pool.stop(timeout=30.0)
 
 
+@numba.njit(nogil=True, cache=True)
+def _place_rows(indptr, indices, data, starts, out_indices, out_values):
+    """Copy row r of the CSR block (indptr, indices, data) to out_*[starts[r]:], the counts cast to out_values'."""
+    for r in range(len(indptr) - 1):
+        a, n, d = indptr[r], indptr[r + 1] - indptr[r], starts[r]
+        for k in range(n):
+            out_indices[d + k] = indices[a + k]
+            out_values[d + k] = data[a + k]
+
+
+def _shuffled_counts(
+    blocks: list[RowBlock], order: slice | np.ndarray, buffers: Buffers
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr int32, indices int32, values float32) of the blocks' rows, one after the other, then reordered by
+    `order` (row i is row order[i]; a slice keeps them in place). Each entry is copied once, from the block read
+    to its place in a buffer of `buffers` (no concatenation, gather or cast of its own), with the GIL released."""
+    lengths = np.concatenate([np.diff(b.indptr) for b in blocks])[order]
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    starts = np.empty(len(lengths), dtype=np.int64)
+    starts[order] = indptr[:-1]  # where each row read goes
+    nnz = int(indptr[-1])
+    buffer = buffers.take(8 * nnz)
+    indices, values = buffer[: 4 * nnz].view(np.int32), buffer[4 * nnz :].view(np.float32)
+    first = 0
+    for block in blocks:
+        n = len(block.indptr) - 1
+        _place_rows(block.indptr, block.indices, block.data, starts[first : first + n], indices, values)
+        first += n
+    return indptr.astype(np.int32), indices, values
+
+
 def _stack(parts: list) -> np.ndarray | sp.csr_matrix:
     """Rows of several blocks, dense or CSR, one after the other."""
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
@@ -339,6 +373,8 @@ class StreamingLoader:
         self.epoch, self.step = 0, 0
         self._pool: _ReadAheadPool | None = None
         self._ahead: dict[tuple[int, int], Future] = {}  # (epoch, window) -> window being read
+        # windows alive at once: the one being cut, the one whose last minibatch is in use, those read ahead
+        self._buffers = Buffers(keep=config.prefetch + 3)
 
     def __len__(self) -> int:
         return self.sampler.batches_per_rank
@@ -394,26 +430,17 @@ class StreamingLoader:
     def _read_window(self, epoch: int, index: int, ranges: list[tuple[int, int]]) -> list[Minibatch]:
         """Read, shuffle and cut one window into minibatches (in a read-ahead thread).
 
-        The window is assembled once in the minibatches' dtypes (the shuffle is one gather, then the counts are
-        cast to float32) and each minibatch is views of it: no per-batch copies or casts.
+        The window's counts are assembled once, in the minibatches' dtypes, by one pass that copies each row read
+        to its shuffled place in a reused buffer (`_shuffled_counts`); each minibatch is views of them: no
+        per-batch copies or casts.
         """
         blocks = self.store.read_ranges(ranges, self.modalities)
-        offsets = np.cumsum([0] + [b.indptr[-1] for b in blocks[:-1]])
-        indptr = np.concatenate([[0]] + [b.indptr[1:] + o for b, o in zip(blocks, offsets, strict=True)])
-        window = sp.csr_matrix(
-            (
-                np.concatenate([b.data for b in blocks]),
-                np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False),
-                indptr.astype(np.int32),
-            ),
-            shape=(len(indptr) - 1, self.store.schema.n_genes),
-            copy=False,
-        )
         rows = np.concatenate([np.arange(a, z) for a, z in ranges])
         order: slice | np.ndarray = slice(None)
         if self.config.shuffle:
             order = np.random.default_rng([self.config.seed, epoch, self.sampler.rank, index]).permutation(len(rows))
-            window, rows = window[order], rows[order]
+            rows = rows[order]
+        indptr, indices, values = _shuffled_counts(blocks, order, self._buffers)
         obsm, masks = _model_features(
             {k: _stack([b.obsm[k] for b in blocks])[order] for k in self.modalities if k in blocks[0].obsm},
             {k: np.concatenate([b.masks[k] for b in blocks])[order] for k in self.modalities},
@@ -424,9 +451,9 @@ class StreamingLoader:
             RowBlock(
                 0,
                 len(rows),
-                window.indptr.astype(np.int32, copy=False),
-                window.indices.astype(np.int32, copy=False),
-                window.data.astype(np.float32, copy=False),
+                indptr,
+                indices,
+                values,
                 _model_codes(categorical, self.code_maps),
                 {
                     k: np.concatenate([b.continuous[k] for b in blocks])[order].astype(np.float32)

@@ -24,15 +24,17 @@ Layout (any scverse tool opens it with `anndata.read_zarr`):
 
 Schema 1 stores (RNA only, before modalities) still open, with no modalities.
 
-Every chunk is compressed (Blosc zstd + bitshuffle) and checksummed (crc32c), and every array's fill
-value is one that real data never holds (0 for counts, -1 for indices, indptr and codes, NaN for
-continuous covariates, the dtype's largest value for a dense modality's counts, 255 for its mask). A
-corrupt chunk fails its checksum; a missing or truncated one reads as the fill value, which block
-validation rejects: a damaged store is never read silently as zeros.
+Every chunk is compressed (Blosc lz4 or zstd; byte shuffle for the CSR column indices, bitshuffle for
+everything else) and checksummed (crc32c), and every array's fill value is one that real data never holds
+(0 for counts, -1 for indices, indptr and codes, NaN for continuous covariates, the dtype's largest value for
+a dense modality's counts, 255 for its mask). A corrupt chunk fails its checksum; a missing or truncated one
+reads as the fill value, which block validation rejects: a damaged store is never read silently as zeros.
 """
 
 import hashlib
 import json
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +64,10 @@ DENSE_SHARD_CHUNKS = 16  # chunks of rows per shard file of a dense modality
 FILL_VALUES = {"X/data": 0, "X/indices": -1, "X/indptr": -1}
 
 
-def compressors(level: int, cname: str = "zstd") -> list:
-    """Blosc (zstd by default, or lz4) + bitshuffle, then a crc32c checksum of every chunk."""
-    return [BloscCodec(cname=cname, clevel=level, shuffle="bitshuffle"), Crc32cCodec()]
+def compressors(level: int, cname: str = "zstd", shuffle: str = "bitshuffle") -> list:
+    """Blosc (zstd by default, or lz4) + bitshuffle (or "shuffle": byte shuffle), then a crc32c checksum of every
+    chunk."""
+    return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle), Crc32cCodec()]
 
 
 def is_url(path: str | Path) -> bool:
@@ -234,8 +237,52 @@ class ZarrReader:
         return results
 
 
+def _refs(items: list, i: int) -> int:
+    """References to items[i] (CPython's count), taken the same way wherever `Buffers` asks."""
+    return sys.getrefcount(items[i])
+
+
+class Buffers:
+    """Reused byte buffers: one is handed out again only once nothing but the pool refers to it.
+
+    Whatever is made from a buffer (numpy views, tensors from them, minibatches) holds a reference to it, so a
+    buffer is busy while any of them lives and idle once the pool's reference is the only one. Memory already
+    mapped spares the page faults (and kernel time) of fresh arrays every window: a third of a window's CPU on a
+    1M-cell store (benchmarks/README.md, "Loader and build"). Requests from `smallest` to `largest` bytes are
+    served from at most `keep` buffers, an idle one only where it is at most twice the request; others get a
+    fresh array.
+    """
+
+    def __init__(self, keep: int, smallest: int = 1, largest: int = 1 << 28):
+        self._buffers: list[np.ndarray] = []
+        self._keep, self._smallest, self._largest = keep, smallest, largest
+        self._lock = threading.Lock()
+        probe = [np.empty(1, dtype=np.uint8)]
+        self._idle = _refs(probe, 0)  # the references of an array that only a list holds
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """(nbytes,) uint8, uninitialised, which nothing else refers to."""
+        if not self._smallest <= nbytes <= self._largest:
+            return np.empty(nbytes, dtype=np.uint8)
+        with self._lock:
+            buffers = self._buffers
+            idle = [i for i in range(len(buffers)) if _refs(buffers, i) == self._idle]
+            fits = [i for i in idle if nbytes <= len(buffers[i]) <= 2 * nbytes]
+            if fits:
+                return buffers[fits[0]][:nbytes]
+            fresh = np.empty(nbytes + nbytes // 8, dtype=np.uint8)  # room for a somewhat larger request later
+            if len(buffers) < self._keep:
+                buffers.append(fresh)
+            elif idle:
+                buffers[idle[0]] = fresh  # an idle buffer of the wrong size makes way
+            else:
+                return np.empty(nbytes, dtype=np.uint8)  # all busy: a plain array, freed with its last user
+            return fresh[:nbytes]
+
+
 class TensorStoreReader:
-    """tensorstore backend; reads of missing chunks raise (fill_missing_data_reads=False)."""
+    """tensorstore backend; reads of missing chunks raise (fill_missing_data_reads=False). Ranges are decoded into
+    reused buffers (`Buffers`)."""
 
     def __init__(self, path: str, names: list[str]):
         import tensorstore as ts
@@ -245,6 +292,8 @@ class TensorStoreReader:
                 return {"driver": "http", "base_url": path.rstrip("/"), "path": f"/{name}/"}
             return {"driver": "file", "path": str(Path(path) / name) + "/"}
 
+        self._ts = ts
+        self._buffers = Buffers(keep=16)  # a window's reads, two windows read at once, and room
         self._arrays = {
             name: ts.open(
                 {"driver": "zarr3", "kvstore": kvstore(name), "fill_missing_data_reads": False},
@@ -255,9 +304,23 @@ class TensorStoreReader:
         }
 
     def read_many(self, requests: list[Request]) -> list[np.ndarray | Exception]:
-        """All requests in flight at once (tensorstore decodes them concurrently)."""
-        futures = [self._arrays[name][start:stop].read() for name, start, stop in requests]
-        return _results(futures)
+        """All requests in flight at once (tensorstore decodes them concurrently), each into a buffer of the pool."""
+        outputs, futures = [], []
+        for name, start, stop in requests:
+            array = self._arrays[name][start:stop]
+            dtype = array.dtype.numpy_dtype
+            shape = tuple(array.shape)  # (rows,) or (rows, width)
+            out = self._buffers.take(int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
+            outputs.append(out)
+            futures.append(self._ts.array(out, copy=False, write=True).write(array) if out.size else array.read())
+        results: list[np.ndarray | Exception] = []
+        for out, future in zip(outputs, futures, strict=True):
+            try:
+                read = future.result()
+                results.append(out if out.size else read)
+            except Exception as err:  # noqa: BLE001 - reported per request by the caller
+                results.append(err)
+        return results
 
     def read_points(self, requests: list[PointRequest]) -> list[np.ndarray | Exception]:
         futures = [self._arrays[name].oindex[points].read() for name, points in requests]

@@ -154,6 +154,8 @@ def test_store_layout_is_anndata_zarr_v3_sharded_compressed_checksummed(tmp_path
     assert inner == ["bytes", "blosc", "crc32c"]
     blosc = sharding["configuration"]["codecs"][1]["configuration"]
     assert blosc["cname"] == compressor and blosc["shuffle"] == "bitshuffle"
+    indices = json.loads((store / "X" / "indices" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    assert indices[1]["configuration"]["cname"] == compressor and indices[1]["configuration"]["shuffle"] == "shuffle"
     built = ad.read_zarr(store)
     np.testing.assert_array_equal(built.X.toarray(), _dense_by_name(kang, built.obs_names, built.var_names))
     assert sp.issparse(built.X) and built.X.format == "csr" and np.issubdtype(built.X.dtype, np.integer)

@@ -15,7 +15,7 @@ import torch
 
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store
 from atlasvi.data.loader import minibatch_from_rows
-from atlasvi.data.store import resolve_backend
+from atlasvi.data.store import Buffers, resolve_backend
 
 SMALL = {"batch_size": 64, "block_size": 100, "buffer_blocks": 3}
 
@@ -109,6 +109,43 @@ def test_minibatches_are_views_of_one_window_in_their_dtypes(kang_store):
     # consecutive minibatches of a window are consecutive slices of its arrays: no per-batch copy of the counts
     assert second.values.data_ptr() == first.values.data_ptr() + 4 * len(first.values)
     assert second.col_indices.data_ptr() == first.col_indices.data_ptr() + 4 * len(first.col_indices)
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def test_a_buffer_is_handed_out_again_only_once_nothing_refers_to_it():
+    buffers = Buffers(keep=2)
+    first = buffers.take(1000)
+    address = _address(first)
+    view = first[8:40].view(np.int32)  # a view of it keeps it busy
+    del first
+    second = buffers.take(1000)
+    assert not np.shares_memory(second, view)
+    tensor = torch.from_numpy(second[:100])  # so does a tensor sharing its memory
+    del second
+    third = buffers.take(1000)  # both kept buffers busy: a plain array
+    assert not np.shares_memory(third, view) and not np.shares_memory(third, tensor.numpy())
+    assert len(buffers._buffers) == 2
+    del view, third
+    assert _address(buffers.take(900)) == address  # idle again: reused
+    assert _address(buffers.take(3000)) != address  # more than it holds: another
+
+
+def test_minibatches_that_live_on_keep_their_counts_while_windows_are_reused(kang_store):
+    adata = ad.read_zarr(kang_store)
+    dense = adata.X.toarray()
+    loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    held = []
+    for _ in range(3):
+        for i, batch in enumerate(loader):
+            np.testing.assert_array_equal(batch.counts().numpy(), dense[batch.rows.numpy()])
+            if i % 5 == 0:
+                held.append(batch)  # lives on; the other minibatches are dropped as training drops them
+    for batch in held:
+        np.testing.assert_array_equal(batch.counts().numpy(), dense[batch.rows.numpy()])
+    assert len(loader._buffers._buffers) <= loader.config.prefetch + 3
 
 
 @pytest.mark.parametrize("stop_after", [1, 7, 9, 24 + 5])
