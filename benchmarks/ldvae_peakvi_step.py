@@ -1,9 +1,13 @@
-"""LDVAE and PeakVI: atlasvi's training recipe and one training step next to scvi-tools 1.4.2's, from the same weights.
+"""LDVAE, PeakVI and scVI: atlasvi's training recipe and one training step next to scvi-tools 1.4.2's, from the same
+weights.
 
-    python benchmarks/ldvae_peakvi_step.py
+    python benchmarks/ldvae_peakvi_step.py                                          # LDVAE and PeakVI
+    python benchmarks/ldvae_peakvi_step.py --cases scvi-baron --name scvi_baron_step  # scVI, species as the batch
 
 Per model (PeakVI on Granja 2019, the files of benchmarks/peakvi_fidelity.py; LDVAE on Kang with batch `sample`
-and with no batch covariate, the stores of benchmarks/ldvae_fidelity.py):
+and with no batch covariate, the stores of benchmarks/ldvae_fidelity.py; scVI with its defaults (ZINB, observed
+library size, the batch injected into the decoder) on Baron human + mouse with `species` as the batch, the store of
+benchmarks/sysvi_fidelity.py):
 
 1. Recipe: scvi-tools' own `train()` of the class with its defaults (PEAKVI.train; LinearSCVI: the unsupervised
    train of every scvi-tools model) runs with its TrainRunner replaced by one that records what it is given and
@@ -14,13 +18,14 @@ and with no batch covariate, the stores of benchmarks/ldvae_fidelity.py):
    and `LoaderConfig`'s batch size.
 2. One step: atlasvi's initial weights of seed 0 (the module the fidelity script trains) in both tools' modules,
    the first 128 cells of the training file, training mode with dropout off, the same standard-normal draws for
-   every reparametrised sample (z; LDVAE's library too), KL weight 0.5: the loss terms, every gradient, and every
-   weight and buffer after one step of each tool's own optimizer (the recipe's) on its own loss, as each trains.
+   every reparametrised sample (z; LDVAE's library too; scVI's library is observed), KL weight 0.5: the loss
+   terms, every gradient, and every weight and buffer after one step of each tool's own optimizer (the recipe's)
+   on its own loss, as each trains.
    PeakVI's scvi-tools loss is n^2 x atlasvi's per-cell loss (n = 128 cells), the multiple atlasvi's optimizer
    minimises (`LossOutput.objective_scale`, atlasvi/models/peakvi/module.py): the loss is shown per cell, the
    gradients are those of what each optimizer minimises.
 The scvi-tools side is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv); it
-imports nothing of atlasvi. Writes results/ldvae_peakvi_step.{json,md}.
+imports nothing of atlasvi. Writes results/<--name>.{json,md} (default ldvae_peakvi_step).
 """
 
 import argparse
@@ -40,10 +45,16 @@ WORK = HERE / ".cache" / "ldvae_peakvi_step"
 STEP_CELLS = 128
 KL_WEIGHT = 0.5
 SEED = 0
-CASES = ("peakvi", "ldvae-sample", "ldvae-none")
-SCVI_CLASS = {"peakvi": "PEAKVI", "ldvae": "LinearSCVI"}
+CASES = ("peakvi", "ldvae-sample", "ldvae-none", "scvi-baron")
+DEFAULT_CASES = CASES[:3]
+SCVI_CLASS = {"peakvi": "PEAKVI", "ldvae": "LinearSCVI", "scvi": "SCVI"}
+TITLES = {"peakvi": "PeakVI", "ldvae": "LDVAE", "scvi": "scVI"}
 MONITORS = {"reconstruction_loss_validation": "reconstruction", "elbo_validation": "elbo"}
-UNUSED = {"ldvae": ("decoder.px_dropout_decoder.",), "peakvi": ()}  # scvi-tools parts unused in the configuration
+UNUSED = {  # scvi-tools parts unused in the configuration
+    "ldvae": ("decoder.px_dropout_decoder.",),
+    "peakvi": (),
+    "scvi": ("l_encoder.", "decoder.px_r_decoder."),  # observed library size, gene dispersion
+}
 OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
@@ -186,6 +197,13 @@ def case_files(case: str) -> tuple[Path, Path, str]:
 
         paths = prepare([SEED])
         return Path(paths[f"train_store_{SEED}"]), Path(paths["train"]), BATCH_KEY
+    if case == "scvi-baron":
+        from benchmarks.sysvi_fidelity import DATASETS, prepare
+
+        workdir = HERE / ".cache" / "sysvi_fidelity"
+        workdir.mkdir(parents=True, exist_ok=True)
+        store, h5ad = prepare("baron", workdir)
+        return store, h5ad, DATASETS["baron"][1]
     from benchmarks.ldvae_fidelity import stores
 
     config = case.split("-")[1]
@@ -194,13 +212,18 @@ def case_files(case: str) -> tuple[Path, Path, str]:
 
 
 def atlasvi_module(case: str, store: Path):
-    """atlasvi's module of seed SEED as the fidelity script builds it (PEAKVI(store, seed) / seeded LDVAEModule)."""
+    """atlasvi's module of seed SEED as the fidelity script builds it (PEAKVI / SCVI(store, seed), seeded
+    LDVAEModule)."""
     import torch
 
     if case == "peakvi":
         from atlasvi.api import PEAKVI
 
         return PEAKVI(store, device="cpu", seed=SEED).module
+    if case == "scvi-baron":
+        from atlasvi.api import SCVI
+
+        return SCVI(store, device="cpu", seed=SEED).module
     from atlasvi.data import open_store
     from atlasvi.models.ldvae import LDVAEModule
 
@@ -280,10 +303,10 @@ def compare(case: str) -> dict:
         raise SystemExit(f"{case}: scvi-tools' batch categories are not in the store's order (one-hot columns differ)")
     their_recipe.pop("batch_categories", None)
     codes = torch.tensor([schema.batch_categories.index(n) if batch_key != "none" else 0 for n in names])
-    # the module's training input: LDVAE (the scVI family) reads the counts as CSR, PeakVI dense
+    # the module's training input: LDVAE and scVI (the scVI family) read the counts as CSR, PeakVI dense
     csr = sp.csr_matrix(x)
     counts = torch.tensor(x)
-    if model == "ldvae":
+    if model in ("ldvae", "scvi"):
         counts = SparseCounts(
             *(torch.tensor(a).long() for a in (csr.indptr, csr.indices)), torch.tensor(csr.data), csr.shape[1]
         )
@@ -401,7 +424,8 @@ def patched(owner, name: str, value):
 
 def markdown(report: dict) -> str:
     lines = [
-        "# LDVAE and PeakVI: training recipe and one step, atlasvi vs scvi-tools 1.4.2 from the same weights",
+        f"# {' and '.join(sorted({TITLES[c.split('-')[0]] for c in report['cases']}))}: training recipe and one step, "
+        "atlasvi vs scvi-tools 1.4.2 from the same weights",
         "",
         f"Command: `{report['command']}`. Machine: {report['machine']}; {report['load']}. Design: the script's "
         "docstring (recipe from scvi-tools' own train() defaults; one step from atlasvi's seed-0 weights, the first "
@@ -433,6 +457,14 @@ def markdown(report: dict) -> str:
                 f"n_tensors: scvi-tools' LDVAE builds a zero-inflation layer ({s['n_tensors'] - a['n_tensors']} "
                 "tensors) that its NB likelihood never uses (no gradient, so Adam never steps them); atlasvi builds "
                 "it only for ZINB (atlasvi/models/ldvae/module.py).",
+            ]
+        if a["n_tensors"] != s["n_tensors"] and case.startswith("scvi"):
+            lines += [
+                "",
+                f"n_tensors: scvi-tools' VAE builds a library encoder and a per-cell dispersion head "
+                f"({s['n_tensors'] - a['n_tensors']} tensors) that it never runs with an observed library size and "
+                "gene dispersion (no gradient, so Adam never steps them); atlasvi builds them only where they are "
+                "used (atlasvi/models/vae.py).",
             ]
         lines += [
             "",
@@ -477,7 +509,8 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
+    parser.add_argument("--name", default="ldvae_peakvi_step", help="results/<NAME>.json and .md")
     parser.add_argument("--side", choices=["scvi"], default=None, help="internal: the scvi-tools side")
     for flag in ("--model", "--adata", "--batch-key", "--data", "--init", "--out"):
         parser.add_argument(flag, help="internal (scvi side)")
@@ -495,8 +528,8 @@ def main() -> None:
         "cases": {case: compare(case) for case in args.cases},
     }
     results = HERE / "results"
-    (results / "ldvae_peakvi_step.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "ldvae_peakvi_step.md").write_text(markdown(report))
+    (results / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (results / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
