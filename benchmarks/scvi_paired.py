@@ -21,7 +21,11 @@ tool's own. Runs per seed, one after another on one torch thread:
 Reported: each metric per run, the paired differences atlasvi - scvi-tools (mean, sd, se, t = mean / se), the
 same for the within-tool controls (scvi-tools - scvi-tools stream, atlasvi - atlasvi order, atlasvi - atlasvi
 draws), and each run's held-out -ELBO (its own tool's figure on the 33 held-out cells at the last epoch).
-Latents are cached in the workdir (a finished run is not trained again). Output: results/scvi_paired.{json,md}.
+`--own-init` adds scvi-tools' own initial weights of seed s (built after scvi.settings.seed = s, as
+benchmarks/sysvi_fidelity.py builds its scVI) trained on atlasvi's split: against sysvi_fidelity's runs of the same
+weights on scvi-tools' own random split, it separates the split from the initial weights.
+Latents are cached in the workdir (a finished run is not trained again). Output: results/<--name>.{json,md}
+(default scvi_paired).
 """
 
 import argparse
@@ -49,6 +53,7 @@ OFFSET = 1000  # the other stream's seed: s + OFFSET
 UNUSED = ("l_encoder.", "decoder.px_r_decoder.")  # scvi-tools builds them, an observed library / gene dispersion
 ATLASVI_RUNS = {"atlasvi": (0, 0), "atlasvi-order": (OFFSET, 0), "atlasvi-draws": (0, OFFSET)}  # loader, train offset
 SCVI_RUNS = {"scvi-tools": 0, "scvi-tools-stream": OFFSET}
+OWN_INIT = "scvi-tools-own-init"  # --own-init: scvi-tools' own initial weights of seed s, atlasvi's split
 PAIRS = (  # (label, minuend, subtrahend)
     ("atlasvi - scvi-tools", "atlasvi", "scvi-tools"),
     ("scvi-tools - scvi-tools stream (control)", "scvi-tools", "scvi-tools-stream"),
@@ -96,8 +101,9 @@ def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> N
             print(json.dumps({"run": out.stem, "seconds": round(seconds, 1)}), flush=True)
 
 
-def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path) -> None:
-    """scvi-tools' runs (SCVI_RUNS) per seed from atlasvi's initial weights, on atlasvi's split."""
+def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path, own_init: bool = False) -> None:
+    """scvi-tools' runs (SCVI_RUNS) per seed from atlasvi's initial weights, on atlasvi's split; with `own_init`
+    also OWN_INIT (scvi.settings.seed = s before the model is built, as benchmarks/sysvi_fidelity.py, no copy)."""
     import logging
 
     import anndata as ad
@@ -114,14 +120,16 @@ def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path) -> None:
     n_train = counts.n_obs - round(counts.n_obs * VALIDATION_FRACTION)  # atlasvi.data.sampler.split_rows
     indexing = [np.arange(n_train), np.arange(n_train, counts.n_obs)]
     for seed in seeds:
-        for run, offset in SCVI_RUNS.items():
+        for run, offset in {**SCVI_RUNS, **({OWN_INIT: 0} if own_init else {})}.items():
             out = latent_path(workdir, run, seed, epochs)
             if out.exists():
                 continue
             adata = counts.copy()
             scvi.model.SCVI.setup_anndata(adata, batch_key=DATASETS[DATASET][1])
+            scvi.settings.seed = seed
             model = scvi.model.SCVI(adata)
-            load_init(model.module, workdir / f"init_s{seed}.pt", UNUSED)
+            if run != OWN_INIT:
+                load_init(model.module, workdir / f"init_s{seed}.pt", UNUSED)
             scvi.settings.seed = seed + offset  # the stream: minibatch order, dropout, draws
             started = time.perf_counter()
             model.train(
@@ -218,9 +226,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "scvi_paired")
     parser.add_argument("--scvi-python", default=str(HERE / ".cache" / "scvi-venv" / "bin" / "python"))
     parser.add_argument("--h5ad", type=Path)
+    parser.add_argument("--own-init", action="store_true", help=f"also {OWN_INIT} (see scvi_side)")
+    parser.add_argument("--name", default="scvi_paired", help="results/<NAME>.json and .md")
     args = parser.parse_args()
     if args.side == "scvi":
-        return scvi_side(args.h5ad, args.seeds, args.epochs, args.workdir)
+        return scvi_side(args.h5ad, args.seeds, args.epochs, args.workdir, args.own_init)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_dir = HERE / ".cache" / "sysvi_fidelity"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -231,10 +241,10 @@ def main() -> None:
         atlasvi_side(store, [seed], args.epochs, args.workdir)
         subprocess.run(
             [*me, "--side", "scvi", "--h5ad", str(h5ad), "--seeds", str(seed), "--epochs", str(args.epochs),
-             "--workdir", str(args.workdir)],
+             "--workdir", str(args.workdir), *(["--own-init"] if args.own_init else [])],
             env=env, check=True,
         )  # fmt: skip
-    runs = [*ATLASVI_RUNS, *SCVI_RUNS]
+    runs = [*ATLASVI_RUNS, *SCVI_RUNS, *([OWN_INIT] if args.own_init else [])]
     latents = [latent_path(args.workdir, r, s, args.epochs) for r in runs for s in args.seeds]
     scores_out = args.workdir / f"scores_e{args.epochs}.json"
     subprocess.run(
@@ -260,7 +270,8 @@ def main() -> None:
 
     adata = ad.read_h5ad(h5ad, backed="r")
     report = {
-        "command": f"python benchmarks/scvi_paired.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}",
+        "command": f"python benchmarks/scvi_paired.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}"
+        + (f" --own-init --name {args.name}" if args.own_init else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared VM), CPU only, 1 torch thread",
         "load_at_run_ends": [min(loads), max(loads)],
         "seeds": args.seeds,
@@ -276,8 +287,8 @@ def main() -> None:
     }
     report["spread"] = spread(report)
     results = HERE / "results"
-    (results / "scvi_paired.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "scvi_paired.md").write_text(markdown(report))
+    (results / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (results / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
