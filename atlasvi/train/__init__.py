@@ -9,6 +9,7 @@ from atlasvi.train.loop import (
     fit,
     kl_weight,
     pretrained_max_epochs,
+    training_seed,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "fit",
     "kl_weight",
     "pretrained_max_epochs",
+    "training_seed",
 ]

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,7 +77,7 @@ class TrainConfig(BaseModel):
     lr_min: float = Field(default=0.0, ge=0)
     checkpoint_every_n_epochs: int = Field(default=1, gt=0)
     amp: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _kl_weights_ordered(self) -> "TrainConfig":
@@ -148,6 +149,14 @@ def kl_warmup_shortfall(config: TrainConfig, n_epochs: int, steps_per_epoch: int
         f"the KL warm-up ({warmup} {unit}) outlasts the run ({length} {unit}): it ends at KL weight {last:.3g}, "
         f"not {config.max_kl_weight:g}; shorten the warm-up (train.n_{unit}_kl_warmup) or train longer"
     )
+
+
+def training_seed(seed: int, rank: int) -> int:
+    """The torch seed of one rank's training draws (dropout, latent samples): the one 64-bit word of numpy's
+    SeedSequence([seed, rank]).generate_state(1, uint64). The initial weights are drawn from torch seed `seed`
+    itself; this keeps training off their sequence (scvi-tools seeds once, so its training draws follow the
+    initial weights' instead of repeating them) and gives every rank its own stream."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
 
 
 class Trainable(Protocol):
@@ -354,7 +363,7 @@ def fit(
     one is resumed from; on_epoch_end(record) runs after the epoch's checkpoint, on every rank. Raises
     TrainingDiverged naming the epoch, the step and the last good checkpoint.
 
-    Every draw of the run (dropout, the latent samples) comes from config.seed (+ rank), or from the
+    Every draw of the run (dropout, the latent samples) comes from `training_seed(config.seed, rank)`, or from the
     checkpoint's RNG states, in a scope of its own: the caller's global RNG state is neither read nor changed.
     Warns (KLWarmupWarning) when the KL warm-up outlasts the run.
     """
@@ -385,7 +394,7 @@ def _fit(
     if checkpoint is not None and checkpoint.exists():
         progress = _restore(checkpoint, module, optimizers, scheduler, train, validation)
     else:
-        torch.manual_seed(config.seed + rank)
+        torch.manual_seed(training_seed(config.seed, rank))
         progress = _Progress()
     # DDP broadcasts rank 0's parameters at construction, so every rank starts from the same model
     model = torch.nn.parallel.DistributedDataParallel(module) if world_size > 1 else module

@@ -164,8 +164,10 @@ def test_interferon_genes_top_stim_vs_ctrl_on_kang(kang_model):
         "group1", "group2",
     ]  # fmt: skip
     assert result["proba_de"].is_monotonic_decreasing and len(result) == 1267
-    up = result.sort_values("lfc_mean", ascending=False).index[:25].tolist()
-    assert "ISG15" in up and sum(g in up for g in ISGS) >= 4
+    # all five interferon-stimulated genes among the 30 of 1267 most up; ranks over training seeds 0-4: ISG15 23-28,
+    # the others 2-24
+    up = result.sort_values("lfc_mean", ascending=False).index[:30].tolist()
+    assert all(g in up for g in ISGS)
     assert result.loc[ISGS, "is_de_fdr_0.05"].all() and (result.loc[ISGS, "lfc_mean"] > 2).all()
     assert result["is_de_fdr_0.05"].mean() < 0.5  # not every gene
     assert (result["comparison"] == "CD14+ Monocytes_stim vs CD14+ Monocytes_ctrl").all()

@@ -1,11 +1,20 @@
-"""The training loop on a real store: KL schedule, exact resume, NaN stop, early stopping."""
+"""The training loop on a real store: KL schedule, seeding, exact resume, NaN stop, early stopping."""
 
+import numpy as np
 import pytest
 import torch
 
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store, split_rows
 from atlasvi.models.scvi import SCVIModule
-from atlasvi.train import TrainConfig, TrainingDiverged, default_max_epochs, fit, kl_weight, pretrained_max_epochs
+from atlasvi.train import (
+    TrainConfig,
+    TrainingDiverged,
+    default_max_epochs,
+    fit,
+    kl_weight,
+    pretrained_max_epochs,
+    training_seed,
+)
 from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall
 
 
@@ -77,6 +86,33 @@ def test_resume_continues_exactly(store, tmp_path):
     for before, after in zip(uninterrupted, resumed, strict=True):
         assert before.step_losses == after.step_losses  # identical, not merely close
         assert before.validation_elbo == after.validation_elbo
+
+
+def test_training_draws_do_not_repeat_the_initial_weights_and_a_seed_reproduces_the_run(store):
+    """The initial weights come from torch seed `seed`; training's draws (dropout, latent samples) from
+    training_seed(seed, rank), SeedSequence([seed, rank]): another sequence, one per rank (scvi-tools seeds once,
+    so its training never replays its initial weights' draws)."""
+    seeds = {training_seed(s, r) for s in range(4) for r in range(4)}
+    assert len(seeds | set(range(4))) == 20  # no two (seed, rank) share a stream, none is an init seed
+    assert training_seed(3, 1) == int(np.random.SeedSequence([3, 1]).generate_state(1, np.uint64)[0])
+
+    def first_draws(train_seed: int) -> tuple[torch.Tensor, list[float]]:
+        module, train, validation = _setup(store, seed=7)
+        original, states = module.loss, []
+
+        def recording(inputs, kl_weight=1.0):
+            states.append(torch.get_rng_state())
+            return original(inputs, kl_weight)
+
+        module.loss = recording
+        history = fit(module, train, validation, TrainConfig(max_epochs=1, seed=train_seed))
+        return states[0], history[0].step_losses
+
+    state, losses = first_draws(7)
+    assert torch.equal(state, torch.Generator().manual_seed(training_seed(7, 0)).get_state())
+    assert not torch.equal(state, torch.Generator().manual_seed(7).get_state())  # the init's sequence
+    assert first_draws(7)[1] == losses  # on CPU a seed reproduces the run exactly
+    assert first_draws(8)[1] != losses  # same initial weights and minibatches, other draws
 
 
 def test_a_nan_loss_stops_naming_epoch_step_and_checkpoint(store, tmp_path):
