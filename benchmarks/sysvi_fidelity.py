@@ -7,12 +7,14 @@ label conservation of the latent.
         --weights-epochs 20 --cycle-weights 2 10 --scvi-python /path/to/scvi-venv/bin/python
 
 400 epochs is scvi-tools' default for both datasets (min(round(20000 / n_cells * 400), 400)). Each run
-replaces its datasets' entries in results/sysvi_fidelity.json and keeps the others.
-Per dataset and seed, on the same store, cells and split: atlasvi's sysVI, atlasvi's scVI, scvi-tools' SysVI and
-scvi-tools' SCVI, one process at a time (atlasvi's runs, then scvi-tools' in its venv as a subprocess, each on one
-torch thread); every latent is scored by the same code. Each run's latent is kept in the workdir
+replaces its datasets' entries in results/<name>.json (`--name`, default sysvi_fidelity) and keeps the others.
+Per dataset and seed, on the same store, cells and split: atlasvi's sysVI, scvi-tools' SysVI, atlasvi's scVI and
+scvi-tools' SCVI, in that order, one process at a time (scvi-tools' in its venv as a subprocess, each on one torch
+thread); every latent is scored by the same code. Each run's latent is kept in the workdir
 (latents/<dataset>_e<epochs>_<run>.npz, with its seconds and the load average at its end) and not trained again:
 an interrupted run resumes, and a changed metric re-scores without training (delete the workdir to retrain).
+`--side atlasvi --runs model:weight ...` trains only those atlasvi runs into the workdir (e.g. a committed seed
+again, to check that it reproduces).
 `--own-cycle` also trains atlasvi's sysVI with scvi-tools' cycle (cycle_input "own_system"); `--cycle-weights`
 trains atlasvi's sysVI at each z_distance_cycle_weight (2, scvi-tools' default, has no suffix; scvi-tools' SysVI
 runs at its default only, to keep the runs few on the shared machine).
@@ -37,7 +39,7 @@ entropy (entropy of the systems among each cell's 50 nearest other cells over lo
 1 = perfectly mixed), label kNN accuracy (15 neighbours, 5-fold stratified cross-validation) and NMI of
 k-means clusters (k = the number of labels, 10 starts) with the labels. The same metrics of the unintegrated
 data (the first 15 principal components of the log-normalised counts, scanpy's PCA) show how strong the system
-effect is. Output: results/sysvi_fidelity.json and .md.
+effect is. Output: results/<name>.json and .md.
 """
 
 import argparse
@@ -461,6 +463,8 @@ def markdown(report: dict) -> str:
                 f"{max(seconds):.0f} (the JSON has each run's seconds and load).",
                 "",
             ]  # fmt: skip
+        if "code" in result:
+            lines += [f"Code: atlasvi at {result['code']}.", ""]
         lines += ["| model | iLISI | batch entropy | kNN accuracy | NMI |", "|---|---|---|---|---|"]
         for label, metrics in result["summary"].items():
             cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" for m in METRICS]
@@ -495,8 +499,9 @@ def checks(summ: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--side", choices=["main", "scvi", "scvi-weights", "weights", "score", "render"], default="main"
+        "--side", choices=["main", "atlasvi", "scvi", "scvi-weights", "weights", "score", "render"], default="main"
     )
+    parser.add_argument("--name", default="sysvi_fidelity", help="results/<name>.json and .md")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=400)
@@ -511,10 +516,14 @@ def main() -> None:
     parser.add_argument("--h5ad", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--latents", nargs="*", type=Path, default=[])
-    parser.add_argument("--runs", nargs="*", default=[], help="(--side scvi) model:weight pairs")
+    parser.add_argument("--runs", nargs="*", default=[], help="(--side atlasvi / scvi) model:weight pairs")
     args = parser.parse_args()
+    runs = [(r.split(":")[0], float(r.split(":")[1])) for r in args.runs]
+    if args.side == "atlasvi":
+        (args.workdir / "latents").mkdir(parents=True, exist_ok=True)
+        store, _ = prepare(args.datasets[0], args.workdir)
+        return atlasvi_side(args.datasets[0], store, args.seeds, args.epochs, runs, args.workdir)
     if args.side == "scvi":
-        runs = [(r.split(":")[0], float(r.split(":")[1])) for r in args.runs]
         return scvi_side(args.datasets[0], args.h5ad, args.seeds, args.epochs, runs, args.workdir)
     if args.side == "scvi-weights":
         return scvi_weights_side(args.datasets[0], args.h5ad, args.epochs, args.out)
@@ -526,13 +535,13 @@ def main() -> None:
     if args.side == "score":
         return score_side(args.datasets[0], args.h5ad, args.latents, args.out)
     if args.side == "render":
-        return render()
+        return render(args.name)
 
     (args.workdir / "latents").mkdir(parents=True, exist_ok=True)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     me = [args.scvi_python, str(Path(__file__).resolve())]
     results = HERE / "results"
-    existing = results / "sysvi_fidelity.json"
+    existing = results / f"{args.name}.json"
     report = json.loads(existing.read_text()) if existing.exists() else {"datasets": {}}  # other datasets kept
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only, 1 torch thread per tool"
     command = (
@@ -540,6 +549,7 @@ def main() -> None:
         f"{' '.join(map(str, args.seeds))} --epochs {args.epochs}{' --own-cycle' * args.own_cycle}"
         f" --cycle-weights {' '.join(f'{w:g}' for w in args.cycle_weights)}"
         f"{f' --weights-epochs {args.weights_epochs}' * bool(args.weights_epochs)} --scvi-python SCVI_PYTHON"
+        f"{f' --name {args.name}' * (args.name != 'sysvi_fidelity')}"
     )
     if args.weights_epochs:
         store, h5ad = prepare(args.datasets[0], args.workdir)
@@ -552,12 +562,15 @@ def main() -> None:
     for seed in args.seeds:  # seed by seed, so that a stopped run leaves whole seeds of every model and dataset
         for name in args.datasets:
             store, h5ad = prepare(name, args.workdir)
-            atlasvi_side(name, store, [seed], args.epochs, ours, args.workdir)  # then scvi-tools: one at a time
-            subprocess.run(
-                [*me, "--side", "scvi", "--datasets", name, "--h5ad", str(h5ad), "--seeds", str(seed), "--epochs",
-                 str(args.epochs), "--workdir", str(args.workdir), "--runs", *(f"{m}:{w}" for m, w in theirs)],
-                env=env, check=True,
-            )  # fmt: skip
+            for is_scvi in (False, True):  # both sysVIs first, then both scVIs; one process at a time
+                mine = [r for r in ours if (r[0] == "scvi") == is_scvi]
+                atlasvi_side(name, store, [seed], args.epochs, mine, args.workdir)
+                subprocess.run(
+                    [*me, "--side", "scvi", "--datasets", name, "--h5ad", str(h5ad), "--seeds", str(seed),
+                     "--epochs", str(args.epochs), "--workdir", str(args.workdir), "--runs",
+                     *(f"{m}:{w}" for m, w in theirs if (m == "scvi") == is_scvi)],
+                    env=env, check=True,
+                )  # fmt: skip
     for name in args.datasets:
         store, h5ad = prepare(name, args.workdir)
         common = ["--datasets", name, "--h5ad", str(h5ad), "--seeds", *map(str, args.seeds)]
@@ -591,26 +604,38 @@ def main() -> None:
             "n_genes": int(adata.n_vars),
             "systems": {str(k): int(v) for k, v in adata.obs[DATASETS[name][1]].value_counts().items()},
             "load_at_start": list(load_start),
+            "code": code_version(),
             "runs": runs,
             "scores": scores,
             "unintegrated": baseline,
             "summary": summ,
             "checks": checks(summ),
         }
-        (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
-        (results / "sysvi_fidelity.md").write_text(markdown(report))
+        (results / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (results / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
-def render() -> None:
-    """results/sysvi_fidelity.md again from results/sysvi_fidelity.json, each dataset's checks recomputed from its
-    summary (`--side render`)."""
+def code_version() -> str:
+    """The checkout's commit ("<short hash>", "+ changes" when the work tree differs from it), or "unknown"."""
+    try:
+        git = ["git", "-C", str(HERE)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + (" + changes" if dirty.stdout.strip() else "")
+
+
+def render(name: str = "sysvi_fidelity") -> None:
+    """results/<name>.md again from results/<name>.json, each dataset's checks recomputed from its summary
+    (`--side render`)."""
     results = HERE / "results"
-    report = json.loads((results / "sysvi_fidelity.json").read_text())
+    report = json.loads((results / f"{name}.json").read_text())
     for result in report["datasets"].values():
         result["checks"] = checks(result["summary"])
-    (results / "sysvi_fidelity.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "sysvi_fidelity.md").write_text(markdown(report))
+    (results / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (results / f"{name}.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
