@@ -1,0 +1,238 @@
+"""sysVI over more seeds: the per-seed scores of several `sysvi_fidelity.py` results files merged into one table
+(mean ± s.e. per model and metric, every seed's value), with the issue's comparisons read against the noise.
+
+    .venv/bin/python benchmarks/sysvi_seeds.py --dataset baron --inputs benchmarks/results/sysvi_fidelity.json \
+        benchmarks/results/sysvi_baron_s345.json --reproduced W/repro_scores.json --name sysvi_baron_6seeds
+
+Rows: the four models every `sysvi_fidelity.py` run trains (atlasvi sysVI at scvi-tools' default cycle weight,
+scvi-tools' SysVI, both tools' scVI); runs at other cycle weights are left out. A seed found in two inputs must have
+the same scores in both. Seeds are not paired across tools (each tool draws its own initial weights, and
+scvi-tools its own split), so a difference of two rows is the difference of their means, its s.e.
+sqrt(se_a^2 + se_b^2), and its 95% interval Welch's (Student t on the Welch-Satterthwaite degrees of freedom);
+beside it the two-sided Mann-Whitney U test's p (exact), which assumes no shape of the seeds' spread. Verdict:
+"above" / "below" when the interval excludes 0, else "equal within noise". `--reproduced` takes the
+scores (`sysvi_fidelity.py --side score`) of committed seeds trained again at this checkout and reports how far they
+are from the committed scores. Output: results/<name>.json and .md.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = (  # (run key prefix, label)
+    ("atlasvi_sysvi", "atlasvi sysVI"),
+    ("scvi-tools_sysvi", "scvi-tools SysVI"),
+    ("atlasvi_scvi", "atlasvi scVI"),
+    ("scvi-tools_scvi", "scvi-tools scVI"),
+)
+METRICS = (("ilisi", "iLISI"), ("batch_entropy", "batch entropy"), ("knn_accuracy", "kNN accuracy"), ("nmi", "NMI"))
+MIXING = ("ilisi", "batch_entropy")
+
+
+def merge(results: list[dict], dataset: str) -> dict[str, dict[str, dict[str, float]]]:
+    """{model prefix: {seed: scores}} of the four models over the inputs (`sysvi_fidelity.py` reports); a seed in
+    two inputs must have equal scores."""
+    out: dict[str, dict[str, dict[str, float]]] = {prefix: {} for prefix, _ in MODELS}
+    for report in results:
+        for key, scores in report["datasets"][dataset]["scores"].items():
+            prefix, _, seed = key.rpartition("_s")
+            if prefix not in out:
+                continue
+            if seed in out[prefix] and out[prefix][seed] != scores:
+                raise SystemExit(f"{key}: two inputs give different scores")
+            out[prefix][seed] = scores
+    return {prefix: dict(sorted(seeds.items(), key=lambda kv: int(kv[0]))) for prefix, seeds in out.items()}
+
+
+def mean_se(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation (n - 1) and standard error of the mean."""
+    n, mean = len(values), sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "se": sd / math.sqrt(n), "n": n}
+
+
+def difference(a: list[float], b: list[float]) -> dict[str, float | str]:
+    """mean(a) - mean(b) of two unpaired samples: its s.e., Welch's t, degrees of freedom, 95% interval, verdict,
+    and the Mann-Whitney U test's two-sided p."""
+    from scipy.stats import mannwhitneyu
+    from scipy.stats import t as student
+
+    sa, sb = mean_se(a), mean_se(b)
+    ties = len(set(a + b)) < len(a + b)
+    u = float(mannwhitneyu(a, b, alternative="two-sided", method="auto" if ties else "exact").pvalue)
+    diff, se = sa["mean"] - sb["mean"], math.sqrt(sa["se"] ** 2 + sb["se"] ** 2)
+    if se == 0:
+        return {"diff": diff, "se": 0.0, "t": math.inf if diff else 0.0, "df": math.inf, "low": diff, "high": diff,
+                "verdict": "above" if diff > 0 else "below" if diff < 0 else "equal", "mann_whitney_p": u}  # fmt: skip
+    df = se**4 / (sa["se"] ** 4 / (sa["n"] - 1) + sb["se"] ** 4 / (sb["n"] - 1))
+    half = float(student.ppf(0.975, df)) * se
+    low, high = diff - half, diff + half
+    verdict = "above" if low > 0 else "below" if high < 0 else "equal within noise"
+    return {"diff": diff, "se": se, "t": diff / se, "df": df, "low": low, "high": high, "verdict": verdict,
+            "mann_whitney_p": u}  # fmt: skip
+
+
+def summarise(merged: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """Per model: its seeds, per metric the values and mean ± s.e.; the comparisons: atlasvi sysVI - scvi-tools
+    SysVI on every metric, and each tool's sysVI - each tool's scVI on mixing."""
+    models = {}
+    for prefix, label in MODELS:
+        seeds = list(merged[prefix])
+        models[label] = {"seeds": [int(s) for s in seeds]} | {
+            m: {"values": [merged[prefix][s][m] for s in seeds]} | mean_se([merged[prefix][s][m] for s in seeds])
+            for m, _ in METRICS
+        }
+    pairs = [("atlasvi sysVI", "scvi-tools SysVI", m) for m, _ in METRICS]
+    pairs += [(s, b, m) for s in ("atlasvi sysVI", "scvi-tools SysVI") for b in ("atlasvi scVI", "scvi-tools scVI")
+              for m in MIXING]  # fmt: skip
+    comparisons = [
+        {"a": a, "b": b, "metric": m} | difference(models[a][m]["values"], models[b][m]["values"]) for a, b, m in pairs
+    ]
+    return {"models": models, "comparisons": comparisons}
+
+
+def reproduction(reproduced: dict[str, dict[str, float]], merged: dict) -> dict[str, dict[str, float]]:
+    """Per retrained run: its scores now, the committed ones and the largest absolute difference."""
+    out = {}
+    for key, now in reproduced.items():
+        prefix, _, seed = key.rpartition("_s")
+        if prefix in merged and seed in merged[prefix]:
+            committed = merged[prefix][seed]
+            out[key] = {"now": now, "committed": committed,
+                        "max_abs_diff": max(abs(now[m] - committed[m]) for m, _ in METRICS)}  # fmt: skip
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown page."""
+    names = dict(METRICS)
+    models = report["summary"]["models"]
+    seeds = sorted({s for m in models.values() for s in m["seeds"]})
+    lines = [
+        f"# sysVI on {report['dataset']}: {len(seeds)} seeds, atlasvi vs scvi-tools 1.4.2, and both against scVI",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}, merged from "
+        + "; ".join(f"`{i['file']}` (seeds {i['seeds']}, code {i['code']}, `{i['command']}`)" for i in report["inputs"])
+        + f". Merged by `{report['command']}`.",
+        "",
+        "Each model trains on the same store and cells; each tool draws its own initial weights and stream (and "
+        "scvi-tools its own 10% split) per seed, so the seeds are not paired across tools. Metrics as "
+        "`sysvi_fidelity.py`: iLISI (scaled), batch-neighbour entropy (1 = mixed), label kNN accuracy, NMI.",
+        "",
+        f"Machine: {report['machine']}; one run at a time. "
+        + "; ".join(
+            f"seeds {i['seeds']}: {min(r['seconds'] for r in i['runs'].values()):.0f}-"
+            f"{max(r['seconds'] for r in i['runs'].values()):.0f} s per run, 1-minute load at the runs' ends "
+            f"{min(r['load_at_end'][0] for r in i['runs'].values()):.1f}-"
+            f"{max(r['load_at_end'][0] for r in i['runs'].values()):.1f}"
+            for i in report["inputs"]
+            if i["runs"]
+        )
+        + ".",
+        "",
+        "## Mean ± s.e. over seeds",
+        "",
+        "| model | n | " + " | ".join(names.values()) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for label, m in models.items():
+        lines.append(f"| {label} | {len(m['seeds'])} | "
+                     + " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['se']:.3f}" for k in names) + " |")  # fmt: skip
+    if report.get("unintegrated"):
+        lines.append("| no integration (PCA 15) | - | "
+                     + " | ".join(f"{report['unintegrated'][k]:.3f}" for k in names) + " |")  # fmt: skip
+    lines += ["", "## Per seed", "", "| model | metric | " + " | ".join(f"s{s}" for s in seeds) + " |",
+              "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    for label, m in models.items():
+        for k, name in names.items():
+            by_seed = dict(zip(m["seeds"], m[k]["values"], strict=True))
+            cells = [f"{by_seed[s]:.3f}" if s in by_seed else "-" for s in seeds]
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Comparisons (difference of means ± s.e., Welch 95% interval)", ""]
+    lines += ["| a - b | metric | a | b | a - b | 95% interval | verdict | Mann-Whitney p |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for c in report["summary"]["comparisons"]:
+        a, b = models[c["a"]][c["metric"]]["mean"], models[c["b"]][c["metric"]]["mean"]
+        lines.append(
+            f"| {c['a']} - {c['b']} | {names[c['metric']]} | {a:.3f} | {b:.3f} | {c['diff']:+.3f} ± {c['se']:.3f} | "
+            f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['verdict']} | {c['mann_whitney_p']:.3f} |"
+        )
+    lines += ["", *(f"- {line}" for line in report["findings"]), ""]
+    if report.get("reproduction"):
+        lines += ["## Committed seeds trained again at this checkout", "",
+                  f"Code: {report['reproduction_code']}.", "", "| run | max abs difference from committed scores |",
+                  "|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {v['max_abs_diff']:.1e} |" for k, v in report["reproduction"].items()] + [""]
+    return "\n".join(lines)
+
+
+def findings(summary: dict) -> list[str]:
+    """The issue's checks in words, from the comparisons."""
+    names, out = dict(METRICS), []
+    for c in summary["comparisons"]:
+        if c["a"] == "atlasvi sysVI" and c["b"] == "scvi-tools SysVI":
+            ge = ">=" if c["diff"] >= 0 else "<"
+            out.append(f"{names[c['metric']]}: atlasvi sysVI {ge} scvi-tools SysVI in the mean ({c['diff']:+.3f}); "
+                       f"{c['verdict']}")  # fmt: skip
+    for sysvi in ("atlasvi sysVI", "scvi-tools SysVI"):
+        against = [c for c in summary["comparisons"] if c["a"] == sysvi and c["b"].endswith("scVI")]
+        verdicts = [f"{names[c['metric']]} vs {c['b']} {c['diff']:+.3f} ({c['verdict']})" for c in against]
+        counts = {v: sum(c["verdict"] == v for c in against) for v in ("above", "below")}
+        out.append(
+            f"{sysvi} against the two scVIs on the two mixing metrics: above in {counts['above']} of "
+            f"{len(against)}, below in {counts['below']}, the rest equal within noise ({'; '.join(verdicts)})"
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="baron")
+    parser.add_argument("--inputs", nargs="+", type=Path, required=True, help="sysvi_fidelity.py results (.json)")
+    parser.add_argument("--reproduced", type=Path, help="scores of committed seeds trained again (--side score)")
+    parser.add_argument("--reproduced-code", default="", help="the commit the reproduced runs were trained at")
+    parser.add_argument("--name", required=True, help="results/<name>.json and .md")
+    args = parser.parse_args()
+    results = []
+    for path in args.inputs:
+        if not path.exists():
+            raise SystemExit(f"{path}: no such file")
+        report = json.loads(path.read_text())
+        if args.dataset not in report.get("datasets", {}):
+            raise SystemExit(f"{path}: no {args.dataset!r} results")
+        results.append(report)
+    merged = merge(results, args.dataset)
+    if any(len(seeds) < 2 for seeds in merged.values()):
+        raise SystemExit("every model needs at least 2 seeds")
+    summary = summarise(merged)
+    report = {
+        "dataset": args.dataset,
+        "machine": results[-1].get("machine", "not recorded"),
+        "command": "python benchmarks/sysvi_seeds.py " + " ".join(
+            ["--dataset", args.dataset, "--inputs", *(f"benchmarks/results/{p.name}" for p in args.inputs),
+             *(["--reproduced", "REPRO_SCORES"] if args.reproduced else []), "--name", args.name]),
+        "inputs": [
+            {"file": f"results/{p.name}", "command": d["command"], "seeds": d["seeds"],
+             "code": d.get("code", "not recorded"), "runs": d.get("runs", {})}
+            for p, d in zip(args.inputs, (r["datasets"][args.dataset] for r in results), strict=True)
+        ],
+        "unintegrated": results[0]["datasets"][args.dataset].get("unintegrated"),
+        "scores": merged,
+        "summary": summary,
+        "findings": findings(summary),
+    }  # fmt: skip
+    if args.reproduced:
+        reproduced = json.loads(args.reproduced.read_text())
+        reproduced.pop("unintegrated", None)
+        report["reproduction"] = reproduction(reproduced, merged)
+        report["reproduction_code"] = args.reproduced_code or "not recorded"
+    out = HERE / "results" / args.name
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
