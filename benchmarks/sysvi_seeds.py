@@ -11,8 +11,8 @@ scvi-tools its own split), so a difference of two rows is the difference of thei
 sqrt(se_a^2 + se_b^2), and its 95% interval Welch's (Student t on the Welch-Satterthwaite degrees of freedom);
 beside it the two-sided Mann-Whitney U test's p (exact), which assumes no shape of the seeds' spread. Verdict:
 "above" / "below" when the interval excludes 0, else "equal within noise". `--reproduced` takes the
-scores (`sysvi_fidelity.py --side score`) of committed seeds trained again at this checkout and reports how far they
-are from the committed scores. Output: results/<name>.json and .md.
+scores (`sysvi_fidelity.py --side score`) of committed seeds trained again (`--reproduced-code`: with which code)
+and reports how far they are from the committed scores. Output: results/<name>.json and .md.
 """
 
 import argparse
@@ -31,14 +31,16 @@ METRICS = (("ilisi", "iLISI"), ("batch_entropy", "batch entropy"), ("knn_accurac
 MIXING = ("ilisi", "batch_entropy")
 
 
-def merge(results: list[dict], dataset: str) -> dict[str, dict[str, dict[str, float]]]:
-    """{model prefix: {seed: scores}} of the four models over the inputs (`sysvi_fidelity.py` reports); a seed in
-    two inputs must have equal scores."""
+def merge(
+    results: list[dict], dataset: str, models: list[set[str] | None] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{model prefix: {seed: scores}} of the four models over the inputs (`sysvi_fidelity.py` reports), from each
+    input only the model prefixes in `models` (None: all); a seed in two inputs must have equal scores."""
     out: dict[str, dict[str, dict[str, float]]] = {prefix: {} for prefix, _ in MODELS}
-    for report in results:
+    for report, only in zip(results, models or [None] * len(results), strict=True):
         for key, scores in report["datasets"][dataset]["scores"].items():
             prefix, _, seed = key.rpartition("_s")
-            if prefix not in out:
+            if prefix not in out or (only is not None and prefix not in only):
                 continue
             if seed in out[prefix] and out[prefix][seed] != scores:
                 raise SystemExit(f"{key}: two inputs give different scores")
@@ -114,7 +116,11 @@ def markdown(report: dict) -> str:
         f"# sysVI on {report['dataset']}: {len(seeds)} seeds, atlasvi vs scvi-tools 1.4.2, and both against scVI",
         "",
         f"Seeds {', '.join(map(str, seeds))}, merged from "
-        + "; ".join(f"`{i['file']}` (seeds {i['seeds']}, code {i['code']}, `{i['command']}`)" for i in report["inputs"])
+        + "; ".join(
+            f"`{i['file']}` (seeds {i['seeds']}, models {', '.join(i['models']) if i['models'] != 'all' else 'all'}, "
+            f"code {i['code']}, `{i['command']}`)"
+            for i in report["inputs"]
+        )
         + f". Merged by `{report['command']}`.",
         "",
         "Each model trains on the same store and cells; each tool draws its own initial weights and stream (and "
@@ -161,7 +167,7 @@ def markdown(report: dict) -> str:
         )
     lines += ["", *(f"- {line}" for line in report["findings"]), ""]
     if report.get("reproduction"):
-        lines += ["## Committed seeds trained again at this checkout", "",
+        lines += ["## Committed seeds trained again", "",
                   f"Code: {report['reproduction_code']}.", "", "| run | max abs difference from committed scores |",
                   "|---|---|"]  # fmt: skip
         lines += [f"| {k} | {v['max_abs_diff']:.1e} |" for k, v in report["reproduction"].items()] + [""]
@@ -190,33 +196,49 @@ def findings(summary: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="baron")
-    parser.add_argument("--inputs", nargs="+", type=Path, required=True, help="sysvi_fidelity.py results (.json)")
+    parser.add_argument(
+        "--inputs", nargs="+", required=True,
+        help="sysvi_fidelity.py results (.json), each optionally ':prefix,prefix' (e.g. :scvi-tools_sysvi) to take "
+        "only those models from it",
+    )  # fmt: skip
     parser.add_argument("--reproduced", type=Path, help="scores of committed seeds trained again (--side score)")
     parser.add_argument("--reproduced-code", default="", help="the commit the reproduced runs were trained at")
     parser.add_argument("--name", required=True, help="results/<name>.json and .md")
     args = parser.parse_args()
-    results = []
-    for path in args.inputs:
+    results, paths, models = [], [], []
+    for spec in args.inputs:
+        file, _, only = spec.partition(":")
+        path = Path(file)
+        if only and not set(only.split(",")) <= {prefix for prefix, _ in MODELS}:
+            raise SystemExit(f"{spec}: models must be among {', '.join(prefix for prefix, _ in MODELS)}")
+        paths.append(path)
+        models.append(set(only.split(",")) if only else None)
         if not path.exists():
             raise SystemExit(f"{path}: no such file")
         report = json.loads(path.read_text())
         if args.dataset not in report.get("datasets", {}):
             raise SystemExit(f"{path}: no {args.dataset!r} results")
         results.append(report)
-    merged = merge(results, args.dataset)
+    merged = merge(results, args.dataset, models)
     if any(len(seeds) < 2 for seeds in merged.values()):
         raise SystemExit("every model needs at least 2 seeds")
     summary = summarise(merged)
+    specs = [
+        f"benchmarks/results/{p.name}" + (f":{','.join(sorted(m))}" if m else "")
+        for p, m in zip(paths, models, strict=True)
+    ]
     report = {
         "dataset": args.dataset,
         "machine": results[-1].get("machine", "not recorded"),
         "command": "python benchmarks/sysvi_seeds.py " + " ".join(
-            ["--dataset", args.dataset, "--inputs", *(f"benchmarks/results/{p.name}" for p in args.inputs),
+            ["--dataset", args.dataset, "--inputs",
+             *specs,
              *(["--reproduced", "REPRO_SCORES"] if args.reproduced else []), "--name", args.name]),
         "inputs": [
             {"file": f"results/{p.name}", "command": d["command"], "seeds": d["seeds"],
-             "code": d.get("code", "not recorded"), "runs": d.get("runs", {})}
-            for p, d in zip(args.inputs, (r["datasets"][args.dataset] for r in results), strict=True)
+             "code": d.get("code", "not recorded"), "models": sorted(m) if m else "all",
+             "runs": {k: v for k, v in d.get("runs", {}).items() if m is None or k.rpartition("_s")[0] in m}}
+            for p, m, d in zip(paths, models, (r["datasets"][args.dataset] for r in results), strict=True)
         ],
         "unintegrated": results[0]["datasets"][args.dataset].get("unintegrated"),
         "scores": merged,

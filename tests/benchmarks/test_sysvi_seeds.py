@@ -24,6 +24,10 @@ def test_merge_takes_every_seed_once_and_leaves_other_cycle_weights_out():
     assert set(merged) == {prefix for prefix, _ in MODELS}
     with pytest.raises(SystemExit, match="different scores"):
         merge([report([0, 1]), report([1, 2], offset=0.5)], "baron")
+    # atlasvi's rows from one input, scvi-tools' from another: their seeds may overlap with other scores
+    only = [{"atlasvi_sysvi", "atlasvi_scvi"}, {"scvi-tools_sysvi", "scvi-tools_scvi"}]
+    mixed = merge([report([0, 1], offset=0.5), report([0, 1])], "baron", only)
+    assert mixed["atlasvi_sysvi"]["1"]["nmi"] == 0.6 and mixed["scvi-tools_sysvi"]["1"]["nmi"] == 0.1
 
 
 def test_mean_and_standard_error():
