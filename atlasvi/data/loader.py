@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from atlasvi.data.config import LoaderConfig
+from atlasvi.data.memory import keep_freed_memory
 from atlasvi.data.sampler import BlockSampler
 from atlasvi.data.store import AtlasStore, Buffers, RowBlock, open_store
 
@@ -509,8 +510,10 @@ class StreamingLoader:
         """The remaining minibatches of the current epoch; afterwards the position moves to the next epoch.
 
         Read-ahead keeps `prefetch` windows in flight beyond the one being cut, across the end of the
-        epoch, so the next epoch starts on windows already read.
+        epoch, so the next epoch starts on windows already read. The process keeps freed memory mapped from then
+        on (`memory.keep_freed_memory`): the steps a loader feeds do not fault their temporaries in afresh.
         """
+        keep_freed_memory()
         if self._pool is None:
             self._pool = _ReadAheadPool(self.config.num_threads)
         epoch = self.epoch

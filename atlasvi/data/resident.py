@@ -22,6 +22,7 @@ import torch
 
 from atlasvi.data.config import LoaderConfig
 from atlasvi.data.loader import Minibatch, StreamingLoader, feature_map_key
+from atlasvi.data.memory import keep_freed_memory
 from atlasvi.data.store import AtlasStore
 
 READ_ROWS = 65536  # rows read from the store at a time while loading
@@ -241,7 +242,9 @@ class ResidentLoader(StreamingLoader):
         return rows
 
     def __iter__(self):
-        """The remaining minibatches of the current epoch (on the resident rows' device); then the next epoch."""
+        """The remaining minibatches of the current epoch (on the resident rows' device); then the next epoch.
+        The process keeps freed memory mapped, as with the streaming loader (`memory.keep_freed_memory`)."""
+        keep_freed_memory()
         epoch = self.epoch
         first_window, skip = divmod(self.step, self.window_rows // self.config.batch_size)
         windows = self._windows(epoch)
