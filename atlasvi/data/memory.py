@@ -21,7 +21,8 @@ TRIM_THRESHOLD = 2**30
 _kept: bool | None = None
 
 
-def _glibc() -> bool:
+def glibc() -> bool:
+    """Whether this process runs on GNU libc (whose malloc `keep_freed_memory` configures)."""
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (AttributeError, ValueError, OSError):  # no confstr, or no such name on this platform
@@ -41,7 +42,7 @@ def keep_freed_memory() -> bool:
     Nothing is changed on another C library, or where the environment configures glibc's malloc itself."""
     global _kept
     if _kept is None:
-        mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if _glibc() else None
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if glibc() else None
         _kept = (
             mallopt is not None
             and not _user_set()

@@ -3,6 +3,7 @@
 import functools
 import http.server
 import itertools
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import torch
 
 from atlasvi.data import LoaderConfig, StreamingLoader, open_store
 from atlasvi.data.loader import minibatch_from_rows
+from atlasvi.data.memory import glibc
 from atlasvi.data.store import Buffers, resolve_backend
 
 SMALL = {"batch_size": 64, "block_size": 100, "buffer_blocks": 3}
@@ -258,6 +260,48 @@ def test_a_process_exits_cleanly_with_read_ahead_in_flight(kang_store):
     done = subprocess.run([sys.executable, "-c", script, str(kang_store)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1556"
+
+
+_STEPS_AROUND_AN_EPOCH = """
+import resource, sys
+import numpy as np
+from atlasvi.data import LoaderConfig, StreamingLoader, open_store
+from atlasvi.data.resident import ResidentLoader, ResidentRows
+
+def faults_a_step():  # training steps' temporaries: 8 tensors of 1 MiB alive together, then freed; median of 5
+    faults = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step = [np.ones(2**18, dtype=np.float32) for _ in range(8)]
+        del step
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(faults[1:])[2]
+
+store, config = open_store(sys.argv[2]), LoaderConfig(batch_size=64, block_size=100, buffer_blocks=3)
+before = faults_a_step()
+if sys.argv[1] == "streaming":
+    loader = StreamingLoader(store, config)
+else:
+    loader = ResidentLoader(store, ResidentRows(store, 0, store.n_cells), config)
+sum(len(b) for b in loader)
+print(before, faults_a_step())
+"""
+
+
+@pytest.mark.skipif(not glibc(), reason="glibc's malloc thresholds only")
+@pytest.mark.parametrize("kind", ["streaming", "resident"])
+def test_steps_fed_by_a_loader_keep_their_freed_memory_mapped(kang_store, kind):
+    """With glibc's defaults (the environment's malloc settings removed) a step's 8 MiB of temporaries are mapped
+    afresh every step, a fault per 4 KiB page (kernel time that was 12% of a streaming scVI step at batch 128);
+    after a loader's epoch they stay mapped."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", _STEPS_AROUND_AN_EPOCH, kind, str(kang_store)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert before > 1000 and after < 100
 
 
 def test_a_row_range_reads_only_those_rows(kang_store):
