@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -75,11 +76,11 @@ def open_loader(path: Path, config: LoaderConfig) -> StreamingLoader:
 
 
 class EpochCPU:
-    """`loader` with this process's CPU seconds (every thread: training and read-ahead) over each pass through
-    it, i.e. over each training epoch of `fit`."""
+    """`loader` with this process's CPU seconds (every thread: training and read-ahead), the kernel's share of them
+    and its minor page faults over each pass through it, i.e. over each training epoch of `fit`."""
 
     def __init__(self, loader: StreamingLoader):
-        self.loader, self.cpu_s = loader, []
+        self.loader, self.cpu_s, self.kernel_s, self.faults = loader, [], [], []
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
@@ -88,9 +89,12 @@ class EpochCPU:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Minibatch]:
-        started = time.process_time()
+        started, usage = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         yield from self.loader
         self.cpu_s.append(time.process_time() - started)
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        self.kernel_s.append(now.ru_stime - usage.ru_stime)
+        self.faults.append(now.ru_minflt - usage.ru_minflt)
 
 
 def stores(dataset: str) -> tuple[Path, Path]:
@@ -129,6 +133,8 @@ def atlasvi_worker(args: argparse.Namespace) -> dict:
         "cells_per_epoch": cells,
         "cells_per_s": statistics.median(r.cells_per_second for r in steady),
         "cpu_s_per_cell": statistics.median(train.cpu_s[1:] or train.cpu_s) / cells,
+        "kernel_s_per_cell": statistics.median(train.kernel_s[1:] or train.kernel_s) / cells,
+        "page_faults_per_step": statistics.median(train.faults[1:] or train.faults) / len(train),
         "threads": torch.get_num_threads(),
         "other_processes_cpu_cores": None if others is None else round(others, 3),
     }
@@ -222,10 +228,11 @@ def summarise(runs: list[dict]) -> list[dict]:
             before = "baseline/" + side if tool.startswith("atlasvi/") else None
             wall = _paired(here, tool, "scvi-tools", "cells_per_s")
             cpu = _paired(here, tool, "scvi-tools", "cpu_s_per_cell", invert=True)
-            streaming = (
-                _paired(here, tool, tool.replace("streaming", "store"), "cells_per_s") if side == "streaming" else []
-            )
+            resident = tool.replace("streaming", "store")
+            streaming = _paired(here, tool, resident, "cells_per_s") if side == "streaming" else []
+            streaming_cpu = _paired(here, tool, resident, "cpu_s_per_cell", invert=True) if side == "streaming" else []
             baseline = _paired(here, tool, before, "cells_per_s") if before in tools else []
+            counted = [r for r in mine if "page_faults_per_step" in r]  # atlasvi's runs: kernel time and faults
             rows.append(
                 {
                     "dataset": dataset,
@@ -241,12 +248,27 @@ def summarise(runs: list[dict]) -> list[dict]:
                     "vs_scvi_tools_cpu": median(cpu),
                     "vs_scvi_tools_cpu_repeats": [round(x, 2) for x in cpu],
                     "streaming_vs_resident": median(streaming) if streaming else None,
+                    "streaming_vs_resident_repeats": [round(x, 2) for x in streaming],
+                    "streaming_vs_resident_cpu": median(streaming_cpu) if streaming_cpu else None,
+                    "streaming_vs_resident_cpu_repeats": [round(x, 2) for x in streaming_cpu],
                     "vs_baseline": median(baseline) if baseline else None,
+                    "kernel_us_per_cell": median([1e6 * r["kernel_s_per_cell"] for r in counted]),
+                    "page_faults_per_step": median([r["page_faults_per_step"] for r in counted]),
                     "other_processes_cpu_cores": median([r["other_processes_cpu_cores"] or 0.0 for r in mine]),
                     "load_1min": median([r.get("load_1min", float("nan")) for r in mine]),
                 }
             )
     return rows
+
+
+def _number(value: float, spec: str) -> str:
+    """`value` formatted, blank where not measured (NaN: scvi-tools' rows)."""
+    return "" if value != value else format(value, spec)
+
+
+def _with_repeats(value: float, repeats: list[float]) -> str:
+    """A paired ratio's median with each repeat's in brackets."""
+    return f"{value:.2f} ({', '.join(f'{x:.2f}' for x in repeats)})"
 
 
 def markdown(report: dict) -> str:
@@ -264,19 +286,24 @@ def markdown(report: dict) -> str:
         "and epochs on both sides. Steady state (first epoch excluded, median over epochs), median of "
         f"{report['repeats']} interleaved repeats, each in its own process: cells/s by wall time, and cells per CPU "
         "second of the training process (every thread, read-ahead included). Ratios are paired within a repeat "
-        "(median of the repeats' ratios; each repeat's in brackets). atlasvi/store: the store as `atlasvi train` "
+        "(median of the repeats' ratios; each repeat's in brackets), streaming / resident by wall and by CPU seconds "
+        "per cell. atlasvi/store: the store as `atlasvi train` "
         "loads it (resident when the rows fit in RAM: the loader column); atlasvi/streaming: the store streamed. "
         "Goals: atlasvi/scvi-tools >= 3x at batch 128 and >= 2x at 1024; streaming / resident >= 0.95."
         + (f" baseline/: atlasvi from `{report['baseline']}` in the same run." if report.get("baseline") else ""),
         "",
         "| dataset | training cells x genes | epochs | batch | tool | loader | cells/s (median) | repeats "
-        "| cells per CPU s | x scvi-tools, wall | x scvi-tools, CPU | streaming / resident | x baseline "
+        "| cells per CPU s | x scvi-tools, wall | x scvi-tools, CPU | streaming / resident, wall "
+        "| streaming / resident, CPU | x baseline | kernel CPU us per cell | page faults per step "
         "| other processes (cores) | load (1 min) |",
-        "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         info = report["datasets"][row["dataset"]]
-        streaming = "" if row["streaming_vs_resident"] is None else f"{row['streaming_vs_resident']:.2f}"
+        streaming = streaming_cpu = ""
+        if row["streaming_vs_resident"] is not None:
+            streaming = _with_repeats(row["streaming_vs_resident"], row["streaming_vs_resident_repeats"])
+            streaming_cpu = _with_repeats(row["streaming_vs_resident_cpu"], row["streaming_vs_resident_cpu_repeats"])
         baseline = "" if row.get("vs_baseline") is None else f"{row['vs_baseline']:.2f}"
         wall = f"{row['vs_scvi_tools']:.2f} ({', '.join(f'{x:.2f}' for x in row['vs_scvi_tools_repeats'])})"
         cpu = f"{row['vs_scvi_tools_cpu']:.2f} ({', '.join(f'{x:.2f}' for x in row['vs_scvi_tools_cpu_repeats'])})"
@@ -284,7 +311,9 @@ def markdown(report: dict) -> str:
             f"| {row['dataset']} | {info['cells']:,} x {info['genes']} | {info['epochs']} | {row['batch_size']} "
             f"| {row['tool']} | {row['loader']} | {row['cells_per_s']:,.0f} "
             f"| {', '.join(f'{x:,}' for x in row['repeats'])} | {row['cells_per_cpu_s']:,.0f} | {wall} | {cpu} "
-            f"| {streaming} | {baseline} | {row['other_processes_cpu_cores']:.2f} | {row['load_1min']:.1f} |"
+            f"| {streaming} | {streaming_cpu} | {baseline} | {_number(row['kernel_us_per_cell'], '.1f')} "
+            f"| {_number(row['page_faults_per_step'], ',.0f')} | {row['other_processes_cpu_cores']:.2f} "
+            f"| {row['load_1min']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
