@@ -38,10 +38,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(kind: str, **kwargs) -> dict:
-    """Run one measurement in a fresh process; returns its JSON result."""
+def _child(kind: str, src: str | None = None, **kwargs) -> dict:
+    """Run one measurement in a fresh process (importing atlasvi from the checkout `src` if given); returns its
+    JSON result."""
     command = [sys.executable, str(Path(__file__)), "--child", kind, json.dumps(kwargs)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = os.environ | {"PYTHONPATH": str(Path(src).resolve())} if src else None
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{kind} {kwargs} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> dict:
     """Per size: build the stores, then `--repeats` rounds, each measuring every reader once (interleaved, so the
     shared machine's load falls on all of them alike); medians over the rounds, ratios paired within a round."""
     results: dict = {"machine": machine(), "command": " ".join(sys.argv), "commit": _commit(), "sizes": {}}
+    results["baseline"] = args.baseline_src
     for n_cells in args.sizes:
         source = synthetic_input(n_cells)
         row: dict = {"build": {}, "sequential": {}, "loader": {}, "annbatch": {}, "load": []}
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         if n_cells < args.min_throughput_cells:
             results["sizes"][str(n_cells)] = row
             continue
-        sequential, loader, ann = {}, {}, {}
+        sequential, loader, ann, baseline = {}, {}, {}, {}
         for rep in range(args.repeats):
             row["load"].append(_load())
             for compressor, store in stores.items():
@@ -203,6 +206,13 @@ def run(args: argparse.Namespace) -> dict:
                         )  # fmt: skip
                         loader.setdefault(f"{key}/{bs}", []).append(rate)
                         print(f"round {rep} loader {key}/{bs:<6} {rate['cells_per_s']:>10,.0f} cells/s", flush=True)
+                        if args.baseline_src:
+                            rate = _child(
+                                "loader", src=args.baseline_src, store=store, backend=b, batch_size=bs, repeats=1,
+                                min_cells=min(n_cells, args.min_cells),
+                            )  # fmt: skip
+                            baseline.setdefault(f"{key}/{bs}", []).append(rate)
+                            print(f"round {rep} baseline {key}/{bs:<6} {rate['cells_per_s']:>10,.0f} cells/s")
             if args.annbatch and ANNBATCH_PYTHON.exists():
                 for compressor in args.annbatch_compressors:
                     out = annbatch(source, args, compressor)
@@ -220,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         row["sequential"] = {k: _merge(v) for k, v in sequential.items()}
         row["loader"] = {k: _merge(v) for k, v in loader.items()}
         row["annbatch"] = {k: _merge(v) for k, v in ann.items()}
+        row["baseline"] = {k: _merge(v) for k, v in baseline.items()}
         compressor = args.compressors[0]
         best = max(args.backends, key=lambda b: row["loader"][f"{compressor}/{b}/1024"]["cells_per_s"])
         rate = row["loader"][f"{compressor}/{best}/1024"]["cells_per_s"]
@@ -294,11 +305,18 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| atlasvi StreamingLoader ({codec}/{backend}) | {batch} | {value['cells_per_s']:,.0f} | {ratio:.2f} |"
             )
+        for key, value in row.get("baseline", {}).items():
+            codec, backend, batch = key.split("/")
+            ratio = value["cells_per_s"] / row["sequential"][f"{codec}/{backend}"]["cells_per_s"]
+            lines.append(
+                f"| baseline StreamingLoader ({codec}/{backend}; atlasvi from `{results['baseline']}`) | {batch} "
+                f"| {value['cells_per_s']:,.0f} | {ratio:.2f} |"
+            )
         for key, value in row["annbatch"].items():
             codec, pipeline, batch = key.split("/")
             zarrs = "with zarrs" if pipeline == "zarrs" else "without zarrs"
             lines.append(f"| annbatch 0.3.1, {codec} store ({zarrs}) | {batch} | {value['cells_per_s']:,.0f} | |")
-        lines += _versus_annbatch(row)
+        lines += _versus_annbatch(row) + _versus_baseline(row)
         for codec, store in row.get("annbatch_store", {}).items():
             lines.append(
                 f"\nannbatch {codec} store write: {store['write_s']:.1f} s, "
@@ -331,6 +349,18 @@ def _versus_annbatch(row: dict) -> list[str]:
     return lines + [f"| {name} | {batch} | {ratio:.2f} |" for name, batch, ratio in pairs]
 
 
+def _versus_baseline(row: dict) -> list[str]:
+    """This checkout's loader / the baseline checkout's per reader and batch size: medians of paired ratios."""
+    pairs = [
+        (key, statistics.median(a / b for a, b in zip(row["loader"][key]["all"], theirs["all"], strict=False)))
+        for key, theirs in row.get("baseline", {}).items()
+    ]
+    if not pairs:
+        return []
+    lines = ["", "| atlasvi / baseline (paired by round) | ratio |", "|---|---:|"]
+    return lines + [f"| {key} | {ratio:.2f} |" for key, ratio in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -346,6 +376,7 @@ def main() -> None:
     parser.add_argument("--annbatch-zarrs", nargs="+", default=["on"], choices=["on", "off"])
     parser.add_argument("--no-annbatch", dest="annbatch", action="store_false")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader")
+    parser.add_argument("--baseline-src", default=None, help="an atlasvi checkout whose loader runs in each round too")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](**json.loads(args.child[1]))))
