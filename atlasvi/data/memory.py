@@ -6,9 +6,9 @@ threshold). A training step allocates and frees tens of 1-8 MB tensors, so unles
 every step maps them afresh and takes a page fault per 4 KiB: measured on scVI, 10K x 2,000 store, batch 128, ~650
 faults and ~16 us of kernel CPU per cell streaming (12% of the step), where the resident loader's per-epoch gather
 had raised them by chance; at batch 1024 ~9,700 faults and ~24 us per cell resident (benchmarks/README.md,
-"scVI training throughput"). `keep_freed_memory` sets both thresholds once per process, as glibc's dynamic
-adjustment would after freeing a 32 MiB block: allocations up to 32 MiB come from the heap, and up to 1 GiB of
-freed heap stays mapped, so the process keeps its peak instead of faulting it in again every step.
+"scVI training throughput"). `keep_freed_memory` sets both once per process: the mmap threshold where glibc's
+dynamic adjustment tops out (32 MiB), so allocations up to 32 MiB come from the heap, and a trim threshold of 1 GiB,
+so up to 1 GiB of freed heap stays mapped: the process keeps its peak instead of faulting it in again every step.
 """
 
 import ctypes
