@@ -207,10 +207,17 @@ def _load_init(module, state: dict) -> float:
 
 
 def run_atlasvi(
-    reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], validation: float | None = None
+    reference: Path,
+    spots: Path,
+    out: Path,
+    seed: int,
+    epochs: tuple[int, int],
+    validation: float | None = None,
+    models: Path | None = None,
 ) -> dict:
     """Train CondSCVI then DestVI in atlasvi; the proportions (spots x types, in the spots' file order) to `out`.
-    validation: the validation_fraction of both stages (see `held_out_fraction`)."""
+    validation: the validation_fraction of both stages (see `held_out_fraction`); models: a folder to save the
+    trained models in (condscvi/, destvi/)."""
     import anndata as ad
     import torch
 
@@ -240,6 +247,9 @@ def run_atlasvi(
     train = TrainConfig(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], seed=seed, validation_fraction=fraction)
     model.fit(train, LoaderConfig(seed=seed))
     ended = time.perf_counter()
+    if models is not None:
+        sc_model.save(models / "condscvi")
+        model.save(models / "destvi")
     proportions = model.get_proportions()
     order = ad.read_h5ad(spots, backed="r").obs_names
     proportions.loc[order].to_csv(out)
@@ -273,10 +283,16 @@ def build_stores(reference: Path, spots: Path, stores: Path) -> tuple[Path, Path
 
 
 def run_scvi(
-    reference: Path, spots: Path, out: Path, seed: int, epochs: tuple[int, int], init: Path | None = None
+    reference: Path,
+    spots: Path,
+    out: Path,
+    seed: int,
+    epochs: tuple[int, int],
+    init: Path | None = None,
+    models: Path | None = None,
 ) -> dict:
     """The same in scvi-tools (run in its venv: `--side scvi`); with `init`, started from atlasvi's initial
-    weights saved there (`atlasvi_init`)."""
+    weights saved there (`atlasvi_init`); models: a folder to save the trained models in (condscvi/, destvi/)."""
     import anndata as ad
     import scvi
     import torch
@@ -308,6 +324,9 @@ def run_scvi(
         init_diff["destvi"] = _load_init(model.module, weights["destvi"])
     model.train(max_epochs=epochs[1], n_epochs_kl_warmup=warmup[1], accelerator="cpu", enable_progress_bar=False)
     ended = time.perf_counter()
+    if models is not None:
+        sc_model.save(str(models / "condscvi"), overwrite=True)
+        model.save(str(models / "destvi"), overwrite=True)
     model.get_proportions().to_csv(out)
     timings = {"condscvi_seconds": middle - started, "destvi_seconds": ended - middle}
     return timings | ({"init_max_abs_diff_from_own": init_diff} if init_diff else {})
@@ -350,14 +369,16 @@ def side(
     epochs: tuple[int, int],
     python: str,
     validation: float | None = None,
+    models: Path | None = None,
 ) -> dict:
-    """Run one tool (scvi-tools in its venv, as a subprocess) and return its timings."""
+    """Run one tool (scvi-tools in its venv, as a subprocess) and return its timings; models: a folder to save the
+    trained models in (condscvi/, destvi/)."""
     if tool == "atlasvi":
-        return run_atlasvi(reference, spots, out, seed, epochs, validation)
+        return run_atlasvi(reference, spots, out, seed, epochs, validation, models)
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     command = [python, __file__, "--side", "scvi", "--reference", str(reference), "--spots", str(spots)]
     command += ["--out", str(out), "--seeds", str(seed), "--condscvi-epochs", str(epochs[0])]
-    command += ["--destvi-epochs", str(epochs[1])]
+    command += ["--destvi-epochs", str(epochs[1])] + (["--models", str(models)] if models is not None else [])
     if tool == "scvi-tools-atlasvi-init":
         init = export_atlasvi_init(reference, spots, out.with_suffix(".init.pt"), seed)
         command += ["--init", str(init)]
@@ -419,10 +440,11 @@ def main() -> None:
     parser.add_argument("--spots", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--init", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--models", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     epochs = (args.condscvi_epochs, args.destvi_epochs)
     if args.side == "scvi":
-        print(json.dumps(run_scvi(args.reference, args.spots, args.out, args.seeds[0], epochs, args.init)))
+        print(json.dumps(run_scvi(args.reference, args.spots, args.out, args.seeds[0], epochs, args.init, args.models)))
         return
     import pandas as pd
 

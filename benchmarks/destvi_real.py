@@ -5,19 +5,20 @@
 Each tool trains CondSCVI then DestVI on the pairs of benchmarks/destvi_fidelity.py (`real`: the RCTD human lymph
 node, 1,000 Visium spots, and the Moncada 2020 PDAC-A ST section; the reference's --n-genes HVGs) with the same
 settings as there (`side`; KL warm-ups scaled with the epochs, `warmups`), for each --epochs pair (CondSCVI,DestVI);
---redraw-seed also trains scvi-tools at another seed. The proportions of each run are kept in the workdir as
-{dataset}_{seed}_{tool}_e{condscvi}-{destvi}.csv with its timings, CPU seconds and load (.json), and reused when
-present.
+each --seeds. The proportions of each run are kept in the workdir as {dataset}_{seed}_{tool}_e{condscvi}-{destvi}.csv
+with its timings, CPU seconds and load (.json) and the trained models (.models/condscvi, .models/destvi), and reused
+when present.
 
-Per run: (1) agreement, the per-type Pearson r of the two tools' proportions across the same spots (and of
-scvi-tools' two seeds with --redraw-seed); (2) anatomy, the per-type Pearson r of each tool's proportions with
-marker scores of the spots (the mean log-normalised expression of the type's markers over the spots' whole gene
-panel, `marker_scores`): known markers (`CANONICAL`, those the spots file has), the reference's signature of the
-type (`signatures`: its 10 most enriched genes among those both files have) and that signature drawn from the genes
-the models did not train on (held out); (3) Moran's I of each proportion on the spots' 6-nearest-neighbour graph
-(regions vs scatter). Output: results/destvi_real.json and .md (a run replaces the entries of its datasets); the
-figure of the first seed at the longest training replaces results/destvi_{dataset}.png, with a row of the
-signature scores (2nd to 98th percentile) under the tools' proportions.
+Per run: (1) agreement, the per-type Pearson r of the two tools' proportions across the same spots (and, with two
+or more --seeds, of each tool's first seed with its second: how far a tool agrees with itself); (2) anatomy, the
+per-type Pearson r of each tool's proportions with marker scores of the spots (the mean log-normalised expression of
+the type's markers over the spots' whole gene panel, `marker_scores`): known markers (`CANONICAL`, those the spots
+file has), the reference's signature of the type (`signatures`: its 10 most enriched genes among those both files
+have) and that signature drawn from the genes the models did not train on (held out); (3) Moran's I of each
+proportion on the spots' 6-nearest-neighbour graph (regions vs scatter). Output: results/destvi_real.json and .md (a
+run replaces the entries of its datasets, seeds and epochs); the figure of the first seed at the longest training
+replaces results/destvi_{dataset}.png, with a row of the signature scores (2nd to 98th percentile) under the tools'
+proportions.
 """
 
 import argparse
@@ -38,7 +39,6 @@ from benchmarks import destvi_fidelity as fidelity
 HERE = Path(__file__).resolve().parent
 
 RESULTS = HERE / "results"
-REDRAWN = "scvi-tools, other seed"
 CANONICAL = {
     # dataset: {cell type: known markers; those the spots file lacks are dropped (the lymph-node Visium file keeps
     # RCTD's 2,000 genes: of the B-cell markers only SPIB and FCRL4; its immunoglobulin genes, in no reference, mark
@@ -77,7 +77,7 @@ def run(dataset: str, seed: int, tool: str, epochs: tuple[int, int], n_genes: in
         return out
     load_before = os.getloadavg()
     cpu = time.process_time() + _children_cpu()
-    timing = fidelity.side(tool, reference, spots, out, seed, epochs, python)
+    timing = fidelity.side(tool, reference, spots, out, seed, epochs, python, models=out.with_suffix(".models"))
     cpu = time.process_time() + _children_cpu() - cpu
     record.write_text(json.dumps(timing | {"cpu_seconds": cpu, "load_before": load_before,
                                            "load_after": os.getloadavg()}))  # fmt: skip
@@ -160,11 +160,11 @@ def anatomy(dataset: str, workdir: Path, n_genes: int) -> dict:
                                                                               index=spots.obs_names)}  # fmt: skip
 
 
-def compare(tables: dict[str, pd.DataFrame], marks: dict, redrawn: pd.DataFrame | None = None) -> dict:
+def compare(tables: dict[str, pd.DataFrame], marks: dict, other_seed: dict[str, pd.DataFrame] | None = None) -> dict:
     """Agreement of the tools' proportions (per type Pearson r across spots) and each tool's anatomy: per marker
     set and type, the Pearson r of the type's proportion with its marker score; Moran's I of each proportion.
-    redrawn: scvi-tools' proportions from another seed; "self_agreement" is then the per-type r of scvi-tools'
-    two seeds (how far scvi-tools agrees with itself), and that run's anatomy is given as REDRAWN's."""
+    other_seed: each tool's proportions at another seed; "self_agreement" is then, per tool, the per-type r of its
+    two seeds (how far the tool agrees with itself)."""
     tools = list(tables)
     first = tables[tools[0]]
     tables = {t: v.loc[first.index, first.columns] for t, v in tables.items()}
@@ -173,10 +173,11 @@ def compare(tables: dict[str, pd.DataFrame], marks: dict, redrawn: pd.DataFrame 
     if len(tools) == 2:
         a, b = tables.values()
         out["agreement"] = {t: _pearson(a[t], b[t]) for t in first.columns}
-    if redrawn is not None:
-        redrawn = redrawn.loc[first.index, first.columns]
-        out["self_agreement"] = {t: _pearson(tables["scvi-tools"][t], redrawn[t]) for t in first.columns}
-        tables = tables | {REDRAWN: redrawn}
+    if other_seed:
+        out["self_agreement"] = {
+            tool: {t: _pearson(tables[tool][t], other.loc[first.index, t]) for t in first.columns}
+            for tool, other in other_seed.items()
+        }
     out["anatomy"] = {
         tool: {name: {t: _pearson(table[t], scores.loc[first.index, t]) for t in scores.columns if t in table}
                for name, scores in marks["scores"].items()}
@@ -190,14 +191,19 @@ def compare(tables: dict[str, pd.DataFrame], marks: dict, redrawn: pd.DataFrame 
     return out
 
 
-def _kept(path: Path, datasets: list[str]) -> dict:
-    """The results at `path` without the entries of `datasets` (a run replaces those), or empty ones."""
+def _kept(path: Path, runs: set[tuple[str, int, tuple[int, int]]]) -> dict:
+    """The results at `path` without the entries of `runs` ((dataset, seed, epochs): a run replaces those), or
+    empty ones."""
     results = json.loads(path.read_text()) if path.exists() else {}
+
+    def replaced(entry: dict) -> bool:
+        return (entry["dataset"], entry["seed"], tuple(entry["epochs"])) in runs
+
     return {
         "commands": results.get("commands", []),
-        "runs": [r for r in results.get("runs", []) if r["dataset"] not in datasets],
-        "comparisons": {k: c for k, c in results.get("comparisons", {}).items() if c["dataset"] not in datasets},
-        "markers": {k: m for k, m in results.get("markers", {}).items() if k not in datasets},
+        "runs": [r for r in results.get("runs", []) if not replaced(r)],
+        "comparisons": {k: c for k, c in results.get("comparisons", {}).items() if not replaced(c)},
+        "markers": results.get("markers", {}),
     }
 
 
@@ -215,45 +221,45 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=500, help="the reference's top HVGs the models train on")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "destvi")
     parser.add_argument("--scvi-python", default=None)
-    parser.add_argument(
-        "--redraw-seed", type=int, default=None, help="also scvi-tools at this seed (self-agreement; not for itself)"
-    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     python = fidelity.scvi_python(args.scvi_python)
-    results = _kept(RESULTS / "destvi_real.json", args.datasets)
+    results = _kept(RESULTS / "destvi_real.json", {(d, s, e) for d in args.datasets for s in args.seeds
+                                                    for e in args.epochs})  # fmt: skip
     command = "python benchmarks/destvi_real.py " + " ".join(sys.argv[1:])
     results["commands"] = [c for c in results["commands"] if c != command] + [command]
     longest = max(args.epochs, key=lambda e: (e[1], e[0]))
     for dataset in args.datasets:
+        marks = anatomy(dataset, args.workdir, args.n_genes)
+        results["markers"][dataset] = marks["markers"]
         for epochs in args.epochs:
+            tables = {}
             for seed in args.seeds:
-                tables = {}
                 for tool in args.tools:
                     out = run(dataset, seed, tool, epochs, args.n_genes, args.workdir, python)
-                    tables[tool] = pd.read_csv(out, index_col=0)
+                    tables[seed, tool] = pd.read_csv(out, index_col=0)
                     results["runs"].append({"dataset": dataset, "seed": seed, "tool": tool, "epochs": list(epochs),
                                             "kl_warmup": list(fidelity.warmups(epochs))}
                                            | json.loads(out.with_suffix(".json").read_text()))  # fmt: skip
                     print(out, flush=True)
-                redrawn = None
-                if args.redraw_seed not in (None, seed) and "scvi-tools" in tables:
-                    out = run(dataset, args.redraw_seed, "scvi-tools", epochs, args.n_genes, args.workdir, python)
-                    redrawn = pd.read_csv(out, index_col=0)
-                    results["runs"].append({"dataset": dataset, "seed": args.redraw_seed, "tool": "scvi-tools",
-                                            "epochs": list(epochs), "kl_warmup": list(fidelity.warmups(epochs))}
-                                           | json.loads(out.with_suffix(".json").read_text()))  # fmt: skip
-                marks = anatomy(dataset, args.workdir, args.n_genes)
-                results["markers"][dataset] = marks["markers"]
+            for i, seed in enumerate(args.seeds):
+                own = {tool: tables[seed, tool] for tool in args.tools}
+                other = (
+                    {tool: tables[args.seeds[1], tool] for tool in args.tools}
+                    if i == 0 and len(args.seeds) > 1
+                    else None
+                )
                 key = f"{dataset}_{seed}_e{epochs[0]}-{epochs[1]}"
                 results["comparisons"][key] = {"dataset": dataset, "seed": seed, "epochs": list(epochs)} | compare(
-                    tables, marks, redrawn
+                    own, marks, other
                 )
-                if epochs == longest and seed == args.seeds[0]:
-                    first = next(iter(tables.values()))
+                if other:
+                    results["comparisons"][key]["self_agreement_seed"] = args.seeds[1]
+                if epochs == longest and i == 0:
+                    first = next(iter(own.values()))
                     score = marks["scores"]["signature"].reindex(index=first.index, columns=first.columns)
                     low, high = score.quantile(0.02), score.quantile(0.98)  # each panel's 2nd to 98th percentile
-                    shown = tables | {"signature score (2-98%)": ((score - low) / (high - low)).clip(0, 1).fillna(0.0)}
+                    shown = own | {"signature score (2-98%)": ((score - low) / (high - low)).clip(0, 1).fillna(0.0)}
                     spots = fidelity.real(dataset, args.workdir, args.n_genes)[1]
                     fidelity.figure(f"{dataset}, epochs {epochs}", spots, shown, RESULTS / f"destvi_{dataset}.png")
     results["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs, shared; load average at the end {os.getloadavg()}"
@@ -286,24 +292,26 @@ def render(results: dict) -> str:
             lines.append(f"Agreement (Pearson r of the tools' proportions per type): mean {np.mean(values):.3f}, "
                          f"median {np.median(values):.3f}, min {np.min(values):.3f}.")  # fmt: skip
             lines.append("")
-        if "self_agreement" in c:
-            values = [v for v in c["self_agreement"].values() if v is not None]
-            lines.append(f"scvi-tools against itself (another seed), per type r: mean {np.mean(values):.3f}, "
-                         f"median {np.median(values):.3f}, min {np.min(values):.3f}.")  # fmt: skip
+        selves = c.get("self_agreement", {})
+        for tool, agreement in selves.items():
+            values = [v for v in agreement.values() if v is not None]
+            lines.append(f"{tool} against itself (seed {c['seed']} vs {c['self_agreement_seed']}), per type r: "
+                         f"mean {np.mean(values):.3f}, median {np.median(values):.3f}, "
+                         f"min {np.min(values):.3f}.")  # fmt: skip
             lines.append("")
         sets = list(c["anatomy"][tools[0]])
         header = ["cell type"] + (["tools' r"] if "agreement" in c else [])
-        header += ["scvi-tools seeds' r"] if "self_agreement" in c else []
+        header += [f"{tool} seeds' r" for tool in selves]
         header += [f"{tool}: {name}" for name in sets for tool in tools]
         header += [f"Moran's I {tool}" for tool in c["morans_i"]]
         lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for t in c["morans_i"][tools[0]]:
             row = [t] + ([_cell(c["agreement"][t])] if "agreement" in c else [])
-            row += [_cell(c["self_agreement"][t])] if "self_agreement" in c else []
+            row += [_cell(agreement[t]) for agreement in selves.values()]
             row += [_cell(c["anatomy"][tool][name].get(t)) for name in sets for tool in tools]
             row += [_cell(c["morans_i"][tool].get(t)) for tool in c["morans_i"]]
             lines.append("| " + " | ".join(row) + " |")
-        means = ["mean", *([""] if "agreement" in c else []), *([""] if "self_agreement" in c else [])]
+        means = ["mean", *([""] if "agreement" in c else []), *([""] * len(selves))]
         for name in sets:
             for tool in tools:
                 values = [v for v in c["anatomy"][tool][name].values() if v is not None]
