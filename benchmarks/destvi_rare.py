@@ -217,11 +217,8 @@ def metrics(data: dict[str, np.ndarray], observed: np.ndarray, markers: dict[str
 
 
 def main() -> None:
-    from benchmarks import destvi_fidelity as fidelity
-    from benchmarks.destvi_real import CANONICAL
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="pdac", choices=sorted(fidelity.REAL))
+    parser.add_argument("--dataset", default="pdac", choices=["lymph_node", "pdac"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", default="300,100", help="CONDSCVI,DESTVI of the destvi_real runs")
     parser.add_argument("--n-genes", type=int, default=500)
@@ -236,6 +233,9 @@ def main() -> None:
     if args.side == "scvi":
         export_scvi(args.reference, args.spots, args.models, args.out)
         return
+    from benchmarks import destvi_fidelity as fidelity
+    from benchmarks.destvi_real import CANONICAL
+
     reference, spots = fidelity.real(args.dataset, args.workdir, args.n_genes)
     python = fidelity.scvi_python(args.scvi_python)
     epochs = args.epochs.replace(",", "-")

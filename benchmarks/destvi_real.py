@@ -275,7 +275,7 @@ def _cell(value: float | None) -> str:
 def render(results: dict) -> str:
     """The markdown of `results` (see main): runs, then per comparison the agreement and anatomy tables."""
     lines = ["# DestVI on real data at long training: atlasvi vs scvi-tools 1.4.2", "",
-             "Commands (each replaces the entries of its datasets):", "",
+             "Commands (each replaces the entries of its datasets, seeds and epochs):", "",
              *(f"    {command}" for command in results["commands"]), "", f"Machine: {results.get('machine', '')}", "",
              "| dataset | seed | tool | epochs (CondSCVI, DestVI) | KL warm-up | CondSCVI s | DestVI s | CPU s "
              "| load before / after |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
