@@ -11,10 +11,11 @@ them (its own batch embedding and the gene-wise correction beta); (3) the spatia
 type, unnormalised, and beta.
 
 Per cell type (rarest first; the reference's cells per type) and tool, averaged over --seeds: the reference NLL per
-cell; the Pearson r of log decoded against log observed mean expression fractions (counts over each cell's total) of
-the type; the type's known markers (destvi_real.CANONICAL) as a share of its decoded profile, of its prototype
-mixture's profile in the spatial model, and of its observed profile; the proportions' mean, 90th percentile and the
-share of spots above 0.05; the dummy type's mean share and beta on the known markers. Output:
+cell (atlasvi's held-out reference cell left out of both tools') and the median over the type's cells of the
+per-cell NLL difference; the Pearson r of log decoded against log observed mean expression fractions (counts over
+each cell's total) of the type; the type's known markers (destvi_real.CANONICAL) as a share of its decoded profile,
+of its prototype mixture's profile in the spatial model, and of its observed profile; the proportions' mean, 90th
+percentile and the share of spots above 0.05; the dummy type's mean share and beta on the known markers. Output:
 results/destvi_rare_{dataset}.json and .md.
 """
 
@@ -84,6 +85,8 @@ def export_scvi(reference: Path, spots: Path, models: Path, out: Path) -> Path:
             "nll": np.concatenate(nll),
             "scale": np.concatenate(scale),
             "labels": np.concatenate(labels),
+            "cells": np.asarray(sc_adata.obs_names, dtype=str),
+            "held_out": np.asarray([], dtype=str),
             "mean_vprior": prior[0],
             "var_vprior": prior[1],
             "mp_vprior": prior[2],
@@ -103,15 +106,17 @@ def export_atlasvi(models: Path, out: Path) -> Path:
 
     from atlasvi.api.condscvi import CondSCVI
     from atlasvi.api.destvi import DestVI
+    from atlasvi.data.store import read_obs_names
     from atlasvi.models.condscvi.module import decode_scale
 
     torch.set_num_threads(1)
     sc_model = CondSCVI.load(models / "condscvi", CondSCVI.saved_store(models / "condscvi"), device="cpu")
     model = DestVI.load(models / "destvi", DestVI.saved_store(models / "destvi"), device="cpu")
     module, spatial = sc_model.module.eval(), model.module.eval()
-    nll, scale, labels = [], [], []
+    nll, scale, labels, rows = [], [], [], []
     with torch.no_grad():
         for batch in sc_model._batches(None, None, 1024):
+            rows.append(batch.rows.numpy())
             inputs = module.unpack(batch)
             inference = module.inference(inputs)
             generative = module.generative(inference["qz"].loc, inference["library"], inputs)
@@ -136,6 +141,8 @@ def export_atlasvi(models: Path, out: Path) -> Path:
             "nll": np.concatenate(nll),
             "scale": np.concatenate(scale),
             "labels": np.concatenate(labels),
+            "cells": read_obs_names(sc_model.store.path)[np.concatenate(rows)],
+            "held_out": read_obs_names(sc_model.store.path, *sc_model.validation_rows),
             "mean_vprior": prior[0],
             "var_vprior": prior[1],
             "mp_vprior": prior[2],
@@ -169,25 +176,30 @@ def exported(stem: Path, tool: str, reference: Path, spots: Path, python: str) -
         return dict(data)
 
 
-def observed_profiles(reference: Path, types: list[str], genes: list[str]) -> np.ndarray:
-    """(n_types, n_genes) each type's mean over its cells of counts / the cell's total (the reference file)."""
+def observed_profiles(reference: Path, types: list[str], genes: list[str], cells: np.ndarray) -> np.ndarray:
+    """(n_types, n_genes) each type's mean over its `cells` of counts / the cell's total (the reference file)."""
     import anndata as ad
     import scipy.sparse as sp
 
     adata = ad.read_h5ad(reference)
-    adata = adata[:, genes]
+    adata = adata[cells, genes]
     x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
     x = x / np.maximum(x.sum(1, keepdims=True), 1)
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     return np.stack([x[labels == t].mean(0) for t in types])
 
 
-def metrics(data: dict[str, np.ndarray], observed: np.ndarray, markers: dict[str, list[str]]) -> dict[str, dict]:
-    """Per cell type (by name): the module docstring's figures for one run."""
+def metrics(
+    data: dict[str, np.ndarray], observed: np.ndarray, markers: dict[str, list[str]], cells: np.ndarray
+) -> dict[str, dict]:
+    """Per cell type (by name): the module docstring's figures for one run, the reference's over `cells` (names)."""
     types, genes = list(data["types"]), list(data["genes"])
     n_labels = len(types)
-    decoded = _per_type(data["scale"], data["labels"], n_labels)
-    nll = _per_type(data["nll"], data["labels"], n_labels)
+    order = {c: i for i, c in enumerate(data["cells"])}
+    keep = np.asarray([order[c] for c in cells])
+    labels = data["labels"][keep]
+    decoded = _per_type(data["scale"][keep], labels, n_labels)
+    nll = _per_type(data["nll"][keep], labels, n_labels)
     proportions = data["proportions"]
     normalised = proportions[:, :n_labels] / proportions[:, :n_labels].sum(1, keepdims=True)
     out = {}
@@ -195,7 +207,7 @@ def metrics(data: dict[str, np.ndarray], observed: np.ndarray, markers: dict[str
         index = [genes.index(g) for g in markers.get(t, []) if g in genes]
         floor = 1e-6
         row = {
-            "n_cells": int((data["labels"] == c).sum()),
+            "n_cells": int((labels == c).sum()),
             "reference_nll": float(nll[c]),
             "profile_r": float(np.corrcoef(np.log(decoded[c] + floor), np.log(observed[c] + floor))[0, 1]),
             "n_prototypes": int((data["mp_vprior"][c] > 0).sum()),
@@ -250,9 +262,17 @@ def main() -> None:
         types, genes = list(data["atlasvi"]["types"]), list(data["atlasvi"]["genes"])
         if types != list(data["scvi-tools"]["types"]) or genes != list(data["scvi-tools"]["genes"]):
             raise RuntimeError("the tools' cell types or genes differ")
-        observed = observed_profiles(reference, types, genes)
+        held_out = set(data["atlasvi"]["held_out"])  # atlasvi's held-out cell: left out of both tools' figures
+        cells = np.asarray([c for c in data["scvi-tools"]["cells"] if c not in held_out])
+        observed = observed_profiles(reference, types, genes, cells)
         for tool in tools:
-            runs[tool].append(metrics(data[tool], observed, CANONICAL[args.dataset]))
+            runs[tool].append(metrics(data[tool], observed, CANONICAL[args.dataset], cells))
+        nll = {tool: dict(zip(data[tool]["cells"], data[tool]["nll"], strict=True)) for tool in tools}
+        labels = dict(zip(data["scvi-tools"]["cells"], data["scvi-tools"]["labels"], strict=True))
+        for c, t in enumerate(types):
+            gaps = [nll["atlasvi"][x] - nll["scvi-tools"][x] for x in cells if labels[x] == c]
+            runs["atlasvi"][-1][t]["nll_gap_median"] = float(np.median(gaps))
+            runs["atlasvi"][-1][t]["nll_gap_cells_above"] = float(np.mean(np.asarray(gaps) > 0))
         beta_r.append(float(np.corrcoef(data["atlasvi"]["beta"], data["scvi-tools"]["beta"])[0, 1]))
     summary = {
         tool: {
@@ -308,15 +328,18 @@ def render(result: dict) -> str:
         + ", ".join(f"{v:.3f}" for v in result["beta_r_between_tools"])
         + ".",
         "",
-        "| cell type | cells | prototypes | " + " | ".join(c[1] for c in columns) + " | markers, observed |",
-        "|---" * (len(columns) + 4) + "|",
+        "| cell type | cells | prototypes | "
+        + " | ".join(c[1] for c in columns)
+        + " | ref. NLL atlasvi - scvi-tools, median per cell (share of cells above 0) | markers, observed |",
+        "|---" * (len(columns) + 5) + "|",
     ]
     for t in order:
         a, b = summary[tools[0]][t], summary[tools[1]][t]
         cells = [f"{a[key]:{fmt}} / {b[key]:{fmt}}" if key in a and key in b else "-" for key, _, fmt in columns]
         observed = f"{a['marker_share_observed']:.4f}" if "marker_share_observed" in a else "-"
+        gap = f"{a['nll_gap_median']:+.2f} ({a['nll_gap_cells_above']:.2f})"
         lines.append(
-            f"| {t} | {a['n_cells']:.0f} | {a['n_prototypes']:.0f} | " + " | ".join(cells) + f" | {observed} |"
+            f"| {t} | {a['n_cells']:.0f} | {a['n_prototypes']:.0f} | " + " | ".join(cells) + f" | {gap} | {observed} |"
         )
     return "\n".join(lines) + "\n"
 
