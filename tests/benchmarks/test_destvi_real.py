@@ -65,31 +65,37 @@ def test_compare_gives_the_tools_agreement_and_each_tools_marker_correlation():
     assert out["anatomy"]["atlasvi"]["signature"]["x"] == pytest.approx(1.0)
     assert out["anatomy"]["scvi-tools"]["signature"]["y"] == pytest.approx(np.corrcoef(a["y"], score["y"])[0, 1])
     assert set(out["morans_i"]) == {"atlasvi", "scvi-tools", "signature score"} and "self_agreement" not in out
-    redrawn = b.copy()
-    redrawn["x"] = rng.uniform(size=40)
-    with_redrawn = compare({"atlasvi": a, "scvi-tools": b}, marks, redrawn)
-    own = with_redrawn["self_agreement"]
-    assert own["y"] == pytest.approx(1.0) and own["x"] == pytest.approx(np.corrcoef(b["x"], redrawn["x"])[0, 1])
-    anatomy = with_redrawn["anatomy"]["scvi-tools, other seed"]["signature"]["x"]
-    assert anatomy == pytest.approx(np.corrcoef(redrawn.loc[index, "x"], score["x"])[0, 1])
+    other = {"atlasvi": a.copy(), "scvi-tools": b.copy()}  # each tool at another seed
+    other["atlasvi"]["y"] = rng.uniform(size=40)
+    other["scvi-tools"]["x"] = rng.uniform(size=40)
+    own = compare({"atlasvi": a, "scvi-tools": b}, marks, other)["self_agreement"]
+    assert own["atlasvi"]["x"] == pytest.approx(1.0) and own["scvi-tools"]["y"] == pytest.approx(1.0)
+    assert own["atlasvi"]["y"] == pytest.approx(np.corrcoef(a["y"], other["atlasvi"]["y"])[0, 1])
+    assert own["scvi-tools"]["x"] == pytest.approx(np.corrcoef(b["x"], other["scvi-tools"]["x"])[0, 1])
 
 
-def test_a_run_replaces_the_kept_entries_of_its_datasets_only(tmp_path):
+def test_a_run_replaces_the_kept_entries_of_its_datasets_seeds_and_epochs_only(tmp_path):
     path = tmp_path / "results.json"
-    assert _kept(path, ["pdac"]) == {"commands": [], "runs": [], "comparisons": {}, "markers": {}}
+    assert _kept(path, {("pdac", 0, (30, 30))}) == {"commands": [], "runs": [], "comparisons": {}, "markers": {}}
+    pdac_0, pdac_1 = (
+        {"dataset": "pdac", "seed": 0, "epochs": [30, 30]},
+        {"dataset": "pdac", "seed": 1, "epochs": [30, 30]},
+    )
+    pdac_long = {"dataset": "pdac", "seed": 0, "epochs": [300, 100]}
+    lymph = {"dataset": "lymph_node", "seed": 0, "epochs": [30, 30]}
     old = {
         "commands": ["a", "b"],
-        "runs": [{"dataset": "pdac", "seed": 0}, {"dataset": "lymph_node", "seed": 0}],
-        "comparisons": {"pdac_0": {"dataset": "pdac"}, "lymph_node_0": {"dataset": "lymph_node"}},
+        "runs": [pdac_0, pdac_1, pdac_long, lymph],
+        "comparisons": {"p0": pdac_0, "p1": pdac_1, "pl": pdac_long, "l0": lymph},
         "markers": {"pdac": {}, "lymph_node": {"known": {}}},
         "machine": "m",
     }
     path.write_text(json.dumps(old))
-    assert _kept(path, ["pdac"]) == {
+    assert _kept(path, {("pdac", 0, (30, 30))}) == {
         "commands": ["a", "b"],
-        "runs": [{"dataset": "lymph_node", "seed": 0}],
-        "comparisons": {"lymph_node_0": {"dataset": "lymph_node"}},
-        "markers": {"lymph_node": {"known": {}}},
+        "runs": [pdac_1, pdac_long, lymph],
+        "comparisons": {"p1": pdac_1, "pl": pdac_long, "l0": lymph},
+        "markers": {"pdac": {}, "lymph_node": {"known": {}}},
     }
 
 
