@@ -623,7 +623,7 @@ def main() -> None:
                 save_atlasvi_init(build_atlasvi(paths, seed), seed)  # its run is the merged row: deterministic
             scvi = (seed, fields, paths, args.same_start, args.train_seed_offset, args.same_split)
             for line in lines or _scvi_rows(*scvi):
-                rows.append(json.loads(line))
+                rows.append(json.loads(line) | {"load_average_at_end": list(os.getloadavg())})
                 print(line, flush=True)
             payload = {"meta": meta, "rows": rows}
             if args.same_start:
