@@ -116,6 +116,9 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
         "multivi_fidelity_paired_split",
         "multivi_fidelity_same_split",
         "multivi_fidelity_same_split_redraw",
+        "multivi_fidelity_same_split_s67",
+        "multivi_fidelity_same_split_s89",
+        "multivi_fidelity_same_split_s1011",
     ],
 )
 def test_committed_paired_table_renders_from_its_json(name):
