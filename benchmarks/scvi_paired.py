@@ -23,7 +23,8 @@ same for the within-tool controls (scvi-tools - scvi-tools stream, atlasvi - atl
 draws), and each run's held-out -ELBO (its own tool's figure on the 33 held-out cells at the last epoch).
 `--own-init` adds scvi-tools' own initial weights of seed s (built after scvi.settings.seed = s, as
 benchmarks/sysvi_fidelity.py builds its scVI) trained on atlasvi's split: against sysvi_fidelity's runs of the same
-weights on scvi-tools' own random split, it separates the split from the initial weights.
+weights on scvi-tools' own random split, it separates the split from the initial weights. The scvi side's --runs
+also takes scvi-tools-own-init-stream (those weights on the stream of seed s + 1000; benchmarks/scvi_init_draws.py).
 Latents are cached in the workdir (a finished run is not trained again). Output: results/<--name>.{json,md}
 (default scvi_paired).
 """
@@ -54,6 +55,8 @@ UNUSED = ("l_encoder.", "decoder.px_r_decoder.")  # scvi-tools builds them, an o
 ATLASVI_RUNS = {"atlasvi": (0, 0), "atlasvi-order": (OFFSET, 0), "atlasvi-draws": (0, OFFSET)}  # loader, train offset
 SCVI_RUNS = {"scvi-tools": 0, "scvi-tools-stream": OFFSET}
 OWN_INIT = "scvi-tools-own-init"  # --own-init: scvi-tools' own initial weights of seed s, atlasvi's split
+OWN_INIT_STREAM = "scvi-tools-own-init-stream"  # the same weights on the stream of seed s + OFFSET
+OWN_INIT_RUNS = {OWN_INIT: 0, OWN_INIT_STREAM: OFFSET}  # scvi-tools' own weights of seed s: stream offset
 PAIRS = (  # (label, minuend, subtrahend)
     ("atlasvi - scvi-tools", "atlasvi", "scvi-tools"),
     ("scvi-tools - scvi-tools stream (control)", "scvi-tools", "scvi-tools-stream"),
@@ -67,6 +70,17 @@ def latent_path(workdir: Path, run: str, seed: int, epochs: int) -> Path:
     return workdir / f"{DATASET}_e{epochs}_{run}_s{seed}.npz"
 
 
+def save_atlasvi_init(store: Path, seed: int, workdir: Path) -> Path:
+    """`SCVI(store, seed=seed)`'s initial weights under scvi-tools' names (workdir/init_s<seed>.pt, kept)."""
+    from atlasvi.api import SCVI
+    from benchmarks.fidelity_data import save_init
+
+    init = workdir / f"init_s{seed}.pt"
+    if not init.exists():
+        save_init(SCVI(store, device="cpu", seed=seed).module.state_dict(), "SCVI", init)
+    return init
+
+
 def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> None:
     """atlasvi's runs (ATLASVI_RUNS) per seed, each from `SCVI(store, seed=s)`'s weights, whose copy under
     scvi-tools' names is written first (init_s<seed>.pt)."""
@@ -75,13 +89,10 @@ def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> N
     from atlasvi.api import SCVI
     from atlasvi.data import LoaderConfig
     from atlasvi.train import TrainConfig
-    from benchmarks.fidelity_data import save_init
 
     torch.set_num_threads(1)
     for seed in seeds:
-        init = workdir / f"init_s{seed}.pt"
-        if not init.exists():
-            save_init(SCVI(store, device="cpu", seed=seed).module.state_dict(), "SCVI", init)
+        save_atlasvi_init(store, seed, workdir)
         for run, (loader_offset, train_offset) in ATLASVI_RUNS.items():
             out = latent_path(workdir, run, seed, epochs)
             if out.exists():
@@ -101,9 +112,10 @@ def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> N
             print(json.dumps({"run": out.stem, "seconds": round(seconds, 1)}), flush=True)
 
 
-def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path, own_init: bool = False) -> None:
-    """scvi-tools' runs (SCVI_RUNS) per seed from atlasvi's initial weights, on atlasvi's split; with `own_init`
-    also OWN_INIT (scvi.settings.seed = s before the model is built, as benchmarks/sysvi_fidelity.py, no copy)."""
+def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path, runs: list[str]) -> None:
+    """scvi-tools' `runs` per seed on atlasvi's split: those of SCVI_RUNS from atlasvi's initial weights, those of
+    OWN_INIT_RUNS from scvi-tools' own (scvi.settings.seed = s before the model is built, as
+    benchmarks/sysvi_fidelity.py, no copy); each run's stream is scvi.settings.seed = s + its offset."""
     import logging
 
     import anndata as ad
@@ -120,7 +132,8 @@ def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path, own_init
     n_train = counts.n_obs - round(counts.n_obs * VALIDATION_FRACTION)  # atlasvi.data.sampler.split_rows
     indexing = [np.arange(n_train), np.arange(n_train, counts.n_obs)]
     for seed in seeds:
-        for run, offset in {**SCVI_RUNS, **({OWN_INIT: 0} if own_init else {})}.items():
+        for run in runs:
+            offset = {**SCVI_RUNS, **OWN_INIT_RUNS}[run]
             out = latent_path(workdir, run, seed, epochs)
             if out.exists():
                 continue
@@ -128,7 +141,7 @@ def scvi_side(h5ad: Path, seeds: list[int], epochs: int, workdir: Path, own_init
             scvi.model.SCVI.setup_anndata(adata, batch_key=DATASETS[DATASET][1])
             scvi.settings.seed = seed
             model = scvi.model.SCVI(adata)
-            if run != OWN_INIT:
+            if run not in OWN_INIT_RUNS:
                 load_init(model.module, workdir / f"init_s{seed}.pt", UNUSED)
             scvi.settings.seed = seed + offset  # the stream: minibatch order, dropout, draws
             started = time.perf_counter()
@@ -227,10 +240,11 @@ def main() -> None:
     parser.add_argument("--scvi-python", default=str(HERE / ".cache" / "scvi-venv" / "bin" / "python"))
     parser.add_argument("--h5ad", type=Path)
     parser.add_argument("--own-init", action="store_true", help=f"also {OWN_INIT} (see scvi_side)")
+    parser.add_argument("--runs", nargs="+", choices=[*SCVI_RUNS, *OWN_INIT_RUNS], help="(--side scvi) the runs")
     parser.add_argument("--name", default="scvi_paired", help="results/<NAME>.json and .md")
     args = parser.parse_args()
     if args.side == "scvi":
-        return scvi_side(args.h5ad, args.seeds, args.epochs, args.workdir, args.own_init)
+        return scvi_side(args.h5ad, args.seeds, args.epochs, args.workdir, args.runs)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data_dir = HERE / ".cache" / "sysvi_fidelity"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +255,7 @@ def main() -> None:
         atlasvi_side(store, [seed], args.epochs, args.workdir)
         subprocess.run(
             [*me, "--side", "scvi", "--h5ad", str(h5ad), "--seeds", str(seed), "--epochs", str(args.epochs),
-             "--workdir", str(args.workdir), *(["--own-init"] if args.own_init else [])],
+             "--workdir", str(args.workdir), "--runs", *SCVI_RUNS, *([OWN_INIT] if args.own_init else [])],
             env=env, check=True,
         )  # fmt: skip
     runs = [*ATLASVI_RUNS, *SCVI_RUNS, *([OWN_INIT] if args.own_init else [])]
