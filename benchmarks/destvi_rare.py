@@ -46,6 +46,21 @@ def _per_type(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarr
     return np.stack([values[labels == c].mean(0) for c in range(n_labels)])
 
 
+def _save(out: Path, spatial, proportions, decode_reference, decode_spatial, **fields: np.ndarray) -> Path:
+    """Write one tool's arrays (the module docstring's) to out: its own fields, then the spatial model's prior
+    (means, variances, mixture weights), the prototype mixtures' decoded profiles (reference decoder; spatial decoder
+    with beta), the unnormalised proportions (spots x types) and beta. Call under torch.no_grad()."""
+    prior = [getattr(spatial, k).numpy() for k in ("mean_vprior", "var_vprior", "mp_vprior")]
+    np.savez(
+        out, **fields, mean_vprior=prior[0], var_vprior=prior[1], mp_vprior=prior[2],
+        profile_reference=_mixture_profiles(decode_reference, prior[0], prior[2]),
+        profile_spatial=_mixture_profiles(decode_spatial, prior[0], prior[2]),
+        proportions=proportions.to_numpy(), spots=np.asarray(proportions.index, dtype=str),
+        beta=spatial.beta.numpy(),
+    )  # fmt: skip
+    return out
+
+
 def export_scvi(reference: Path, spots: Path, models: Path, out: Path) -> Path:
     """The arrays of the module docstring from a scvi-tools run's saved models (run in scvi-tools' venv)."""
     import anndata as ad
@@ -77,27 +92,13 @@ def export_scvi(reference: Path, spots: Path, models: Path, out: Path) -> Path:
 
             return decode
 
-        prior = [getattr(spatial, k).numpy() for k in ("mean_vprior", "var_vprior", "mp_vprior")]
-        proportions = model.get_proportions(keep_additional=True, normalize=False)
-        arrays = {
-            "types": np.asarray(model.cell_type_mapping, dtype=str),
-            "genes": np.asarray(sc_adata.var_names, dtype=str),
-            "nll": np.concatenate(nll),
-            "scale": np.concatenate(scale),
-            "labels": np.concatenate(labels),
-            "cells": np.asarray(sc_adata.obs_names, dtype=str),
-            "held_out": np.asarray([], dtype=str),
-            "mean_vprior": prior[0],
-            "var_vprior": prior[1],
-            "mp_vprior": prior[2],
-            "profile_reference": _mixture_profiles(decoder(module, None), prior[0], prior[2]),
-            "profile_spatial": _mixture_profiles(decoder(spatial, spatial.beta), prior[0], prior[2]),
-            "proportions": proportions.to_numpy(),
-            "spots": np.asarray(proportions.index, dtype=str),
-            "beta": spatial.beta.numpy(),
-        }
-    np.savez(out, **arrays)
-    return out
+        return _save(
+            out, spatial, model.get_proportions(keep_additional=True, normalize=False), decoder(module, None),
+            decoder(spatial, spatial.beta),
+            types=np.asarray(model.cell_type_mapping, dtype=str), genes=np.asarray(sc_adata.var_names, dtype=str),
+            nll=np.concatenate(nll), scale=np.concatenate(scale), labels=np.concatenate(labels),
+            cells=np.asarray(sc_adata.obs_names, dtype=str), held_out=np.asarray([], dtype=str),
+        )  # fmt: skip
 
 
 def export_atlasvi(models: Path, out: Path) -> Path:
@@ -133,27 +134,14 @@ def export_atlasvi(models: Path, out: Path) -> Path:
 
             return decode
 
-        prior = [getattr(spatial, k).numpy() for k in ("mean_vprior", "var_vprior", "mp_vprior")]
-        proportions = model.get_proportions(keep_additional=True, normalize=False)
-        arrays = {
-            "types": np.asarray(model.cell_types, dtype=str),
-            "genes": np.asarray(sc_model.schema.gene_names, dtype=str),
-            "nll": np.concatenate(nll),
-            "scale": np.concatenate(scale),
-            "labels": np.concatenate(labels),
-            "cells": read_obs_names(sc_model.store.path)[np.concatenate(rows)],
-            "held_out": read_obs_names(sc_model.store.path, *sc_model.validation_rows),
-            "mean_vprior": prior[0],
-            "var_vprior": prior[1],
-            "mp_vprior": prior[2],
-            "profile_reference": _mixture_profiles(decoder(module, None), prior[0], prior[2]),
-            "profile_spatial": _mixture_profiles(decoder(spatial, spatial.beta), prior[0], prior[2]),
-            "proportions": proportions.to_numpy(),
-            "spots": np.asarray(proportions.index, dtype=str),
-            "beta": spatial.beta.numpy(),
-        }
-    np.savez(out, **arrays)
-    return out
+        return _save(
+            out, spatial, model.get_proportions(keep_additional=True, normalize=False), decoder(module, None),
+            decoder(spatial, spatial.beta),
+            types=np.asarray(model.cell_types, dtype=str), genes=np.asarray(sc_model.schema.gene_names, dtype=str),
+            nll=np.concatenate(nll), scale=np.concatenate(scale), labels=np.concatenate(labels),
+            cells=read_obs_names(sc_model.store.path)[np.concatenate(rows)],
+            held_out=read_obs_names(sc_model.store.path, *sc_model.validation_rows),
+        )  # fmt: skip
 
 
 def exported(stem: Path, tool: str, reference: Path, spots: Path, python: str) -> dict[str, np.ndarray]:
