@@ -2,7 +2,7 @@
 
 The sampler decides which rows a rank reads (see `sampler.py`); the loader fetches them. A rank's
 rows are cut into windows of `buffer_blocks * block_size` rows (rounded to whole batches). Background
-threads read windows ahead (`prefetch` of them), each one's rows in contiguous ranges, and shuffle
+threads read windows ahead (`prefetch` + 1 beyond the one being cut), each one's rows in contiguous ranges, and shuffle
 the window with `default_rng([seed, epoch, rank, window])`; minibatches are consecutive slices of the
 shuffled window (zero-copy views). Memory is bounded by a few windows (prefetch + 1 in flight, their
 counts in at most prefetch + 3 reused buffers), never by the cells.
@@ -509,7 +509,7 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Minibatch]:
         """The remaining minibatches of the current epoch; afterwards the position moves to the next epoch.
 
-        Read-ahead keeps `prefetch` windows in flight beyond the one being cut, across the end of the
+        Read-ahead keeps `prefetch` + 1 windows submitted beyond the one being cut, across the end of the
         epoch, so the next epoch starts on windows already read. The process keeps freed memory mapped from then
         on (`memory.keep_freed_memory`): the steps a loader feeds do not fault their temporaries in afresh.
         """

@@ -191,10 +191,12 @@ def test_read_ahead_is_bounded_by_prefetch(kang_store, monkeypatch):
     monkeypatch.setattr(StreamingLoader, "_read_window", recording)
     iterator = iter(loader)
     next(iterator)
-    assert max(started) <= config.prefetch  # windows 0..prefetch in flight, nothing more
+    # cutting window 0: windows 1..prefetch + 1 submitted beyond it, nothing more (a read thread may already
+    # have started the last one submitted, so the bound is the submission's)
+    assert max(started) <= config.prefetch + 1
     for _ in range(3 * (loader.window_rows // 16)):
         next(iterator)
-    assert max(started) <= 3 + config.prefetch
+    assert max(started) <= 3 + config.prefetch + 1  # cutting window 3
 
 
 @pytest.fixture
