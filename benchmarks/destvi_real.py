@@ -10,7 +10,8 @@ with its timings, CPU seconds and load (.json) and the trained models (.models/c
 when present.
 
 Per run: (1) agreement, the per-type Pearson r of the two tools' proportions across the same spots (and, with two
-or more --seeds, of each tool's first seed with its second: how far a tool agrees with itself); (2) anatomy, the
+--seeds, of each tool's first seed with its second, with three or more of each seed with the next and the last with
+the first: how far a tool agrees with itself); (2) anatomy, the
 per-type Pearson r of each tool's proportions with marker scores of the spots (the mean log-normalised expression of
 the type's markers over the spots' whole gene panel, `marker_scores`): known markers (`CANONICAL`, those the spots
 file has), the reference's signature of the type (`signatures`: its 10 most enriched genes among those both files
@@ -207,6 +208,14 @@ def _kept(path: Path, runs: set[tuple[str, int, tuple[int, int]]]) -> dict:
     }
 
 
+def _partner(seeds: list[int], i: int) -> int | None:
+    """The seed that seeds[i]'s proportions are compared with for a tool's self-agreement: with two seeds the first
+    with the second only; with three or more each with the next, the last with the first (every pair of three)."""
+    if len(seeds) < 2 or (len(seeds) == 2 and i == 1):
+        return None
+    return seeds[(i + 1) % len(seeds)]
+
+
 def _epochs(text: str) -> tuple[int, int]:
     condscvi, destvi = (int(v) for v in text.split(","))
     return condscvi, destvi
@@ -244,17 +253,14 @@ def main() -> None:
                     print(out, flush=True)
             for i, seed in enumerate(args.seeds):
                 own = {tool: tables[seed, tool] for tool in args.tools}
-                other = (
-                    {tool: tables[args.seeds[1], tool] for tool in args.tools}
-                    if i == 0 and len(args.seeds) > 1
-                    else None
-                )
+                partner = _partner(args.seeds, i)
+                other = {tool: tables[partner, tool] for tool in args.tools} if partner is not None else None
                 key = f"{dataset}_{seed}_e{epochs[0]}-{epochs[1]}"
                 results["comparisons"][key] = {"dataset": dataset, "seed": seed, "epochs": list(epochs)} | compare(
                     own, marks, other
                 )
                 if other:
-                    results["comparisons"][key]["self_agreement_seed"] = args.seeds[1]
+                    results["comparisons"][key]["self_agreement_seed"] = partner
                 if epochs == longest and i == 0:
                     first = next(iter(own.values()))
                     score = marks["scores"]["signature"].reindex(index=first.index, columns=first.columns)
@@ -272,6 +278,32 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _mean(values: dict) -> float | None:
+    kept = [v for v in values.values() if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _summary(comparisons: dict) -> list[str]:
+    """One row per comparison: the tools' mean per-type r, each tool's mean per-type r with itself at another seed
+    and each tool's mean known-marker r."""
+    tools = sorted(set.intersection(*(set(c["anatomy"]) for c in comparisons.values()))) if comparisons else []
+    header = ["dataset", "epochs", "seed", "tools' r mean (median)"]
+    header += [f"{tool} vs itself (seed)" for tool in tools] + [f"{tool} known-marker r" for tool in tools]
+    lines = ["", "## Per seed: agreement between the tools, with itself, and known markers (means over types)", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]  # fmt: skip
+    for c in sorted(comparisons.values(), key=lambda c: (c["dataset"], c["epochs"], c["seed"])):
+        agreement = c.get("agreement", {})
+        values = [v for v in agreement.values() if v is not None]
+        row = [c["dataset"], str(c["epochs"]), str(c["seed"])]
+        row.append(f"{np.mean(values):.3f} ({np.median(values):.3f})" if values else "-")
+        for tool in tools:
+            own = c.get("self_agreement", {}).get(tool)
+            row.append(f"{_cell(_mean(own))} ({c['self_agreement_seed']})" if own else "-")
+        row += [_cell(_mean(c["anatomy"][tool].get("known", {}))) for tool in tools]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def render(results: dict) -> str:
     """The markdown of `results` (see main): runs, then per comparison the agreement and anatomy tables."""
     lines = ["# DestVI on real data at long training: atlasvi vs scvi-tools 1.4.2", "",
@@ -284,6 +316,7 @@ def render(results: dict) -> str:
         seconds = f"{r['condscvi_seconds']:.0f} | {r['destvi_seconds']:.0f} | {r['cpu_seconds']:.0f}"
         run = f"{r['dataset']} | {r['seed']} | {r['tool']} | {r['epochs']} | {r['kl_warmup']}"
         lines.append(f"| {run} | {seconds} | {load} |")
+    lines += _summary(results["comparisons"])
     for key, c in results["comparisons"].items():
         tools = list(c["anatomy"])
         lines += ["", f"## {key}: {c['n_spots']} spots", ""]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from benchmarks.destvi_real import _kept, compare, marker_scores, morans_i, render, signatures
+from benchmarks.destvi_real import _kept, _partner, _summary, compare, marker_scores, morans_i, render, signatures
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -97,6 +97,30 @@ def test_a_run_replaces_the_kept_entries_of_its_datasets_seeds_and_epochs_only(t
         "comparisons": {"p1": pdac_1, "pl": pdac_long, "l0": lymph},
         "markers": {"pdac": {}, "lymph_node": {"known": {}}},
     }
+
+
+def test_self_agreement_pairs_the_two_seeds_once_and_three_or_more_in_a_cycle():
+    assert [_partner([0], i) for i in range(1)] == [None]
+    assert [_partner([0, 1], i) for i in range(2)] == [1, None]
+    assert [_partner([0, 1, 2], i) for i in range(3)] == [1, 2, 0]
+    assert [_partner([5, 3, 9, 1], i) for i in range(4)] == [3, 9, 1, 5]
+
+
+def test_summary_gives_per_seed_means_of_the_tools_agreement_self_agreement_and_known_markers():
+    anatomy = {"a": {"known": {"x": 0.2, "y": None, "z": 0.4}}, "b": {"known": {"x": 0.1, "y": 0.3, "z": 0.5}}}
+    comparisons = {
+        "d_1": {"dataset": "d", "seed": 1, "epochs": [3, 1], "agreement": {"x": 0.5, "y": None, "z": 0.9},
+                "anatomy": anatomy},
+        "d_0": {"dataset": "d", "seed": 0, "epochs": [3, 1], "agreement": {"x": 0.6, "y": 0.7, "z": 1.0},
+                "self_agreement": {"a": {"x": 0.1, "y": 0.2}, "b": {"x": 0.5, "y": None}}, "self_agreement_seed": 1,
+                "anatomy": anatomy | {"old": {}}},
+    }  # fmt: skip
+    lines = _summary(comparisons)
+    assert lines[3] == "| dataset | epochs | seed | tools' r mean (median) | a vs itself (seed) | b vs itself (seed) " \
+        "| a known-marker r | b known-marker r |"  # fmt: skip
+    assert lines[5] == "| d | [3, 1] | 0 | 0.767 (0.700) | 0.150 (1) | 0.500 (1) | 0.300 | 0.300 |"
+    assert lines[6] == "| d | [3, 1] | 1 | 0.700 (0.700) | - | - | 0.300 | 0.300 |"
+    assert len(lines) == 7
 
 
 def test_committed_table_renders_from_its_json():
