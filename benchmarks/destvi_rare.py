@@ -15,8 +15,8 @@ cell (atlasvi's held-out reference cell left out of both tools') and the median 
 per-cell NLL difference; the Pearson r of log decoded against log observed mean expression fractions (counts over
 each cell's total) of the type; the type's known markers (destvi_real.CANONICAL) as a share of its decoded profile,
 of its prototype mixture's profile in the spatial model, and of its observed profile; the proportions' mean, 90th
-percentile and the share of spots above 0.05; the dummy type's mean share and beta on the known markers. Output:
-results/destvi_rare_{dataset}.json and .md.
+percentile and the share of spots above 0.05; the dummy type's mean share and beta on the known markers; per seed,
+the reference NLL per cell over all cells. Output: results/destvi_rare_{dataset}.json and .md (or --name).
 """
 
 import argparse
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--spots", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--name", default=None, help="results/NAME.{json,md} (default destvi_rare_DATASET)")
     args = parser.parse_args()
     if args.side == "scvi":
         export_scvi(args.reference, args.spots, args.models, args.out)
@@ -281,9 +282,21 @@ def main() -> None:
         "beta_r_between_tools": beta_r,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"destvi_rare_{args.dataset}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"destvi_rare_{args.dataset}.md").write_text(render(result))
+    name = args.name or f"destvi_rare_{args.dataset}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{name}.md").write_text(render(result))
     print(render(result))
+
+
+def overall_nll(runs: list[dict]) -> list[float]:
+    """Per run (a seed's per-type figures), the reference NLL per cell over all its cells: the types' means weighted
+    by their cells."""
+    out = []
+    for run in runs:
+        types = [v for v in run.values() if isinstance(v, dict)]
+        cells = np.array([v["n_cells"] for v in types], dtype=float)
+        out.append(float((cells * np.array([v["reference_nll"] for v in types])).sum() / cells.sum()))
+    return out
 
 
 def render(result: dict) -> str:
@@ -314,6 +327,9 @@ def render(result: dict) -> str:
         + ".",  # fmt: skip
         "Pearson r of the tools' beta (gene-wise correction) per seed: "
         + ", ".join(f"{v:.3f}" for v in result["beta_r_between_tools"])
+        + ".",
+        "Reference NLL per cell over all its cells (atlasvi's held-out cell left out) per seed: "
+        + "; ".join(f"{t} {', '.join(f'{v:.2f}' for v in overall_nll(rs))}" for t, rs in result["runs"].items())
         + ".",
         "",
         "| cell type | cells | prototypes | "

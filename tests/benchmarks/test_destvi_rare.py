@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.destvi_rare import _mixture_profiles, metrics, render
+from benchmarks.destvi_rare import _mixture_profiles, metrics, overall_nll, render
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -47,6 +47,14 @@ def test_metrics_leave_out_cells_not_named_and_read_the_markers_share():
     assert out["a"]["marker_share_observed"] == 0.7 and out["a"]["beta_markers"] == pytest.approx(0.1)
     assert out["a"]["proportion_mean"] == pytest.approx((0.75 + 0.25) / 2) and out["b"]["n_prototypes"] == 2
     assert "marker_share_decoded" not in out["b"] and out["_dummy_share"] == pytest.approx((0.2 + 0.0) / 2)
+
+
+def test_overall_nll_weighs_each_types_mean_by_its_cells():
+    runs = [
+        {"a": {"n_cells": 3, "reference_nll": 10.0}, "b": {"n_cells": 1, "reference_nll": 30.0}, "_dummy_share": 0.1},
+        {"a": {"n_cells": 1, "reference_nll": 10.0}, "b": {"n_cells": 1, "reference_nll": 30.0}, "_dummy_share": 0.0},
+    ]
+    assert overall_nll(runs) == [15.0, 20.0]
 
 
 def test_committed_rare_table_renders_from_its_json():
