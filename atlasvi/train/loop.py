@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.optim import optimizer as torch_optimizer
 
 from atlasvi.data import Minibatch, StreamingLoader
 from atlasvi.errors import AtlasviError
@@ -232,6 +233,56 @@ def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Opti
     return cls(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, **_fused(params))
 
 
+def _step(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step() for the fused Adam / AdamW that `_optimizer` builds: torch's fused kernel called as torch's
+    step calls it (the same arguments, so the same bits), without the ~0.2-0.3 ms of Python around it per step
+    (hooks, profiler scope, per-parameter checks and grouping: ~1.5% of a scVI step at batch 128, measured). Anything
+    else goes through optimizer.step(): not Adam / AdamW, not fused, several groups or devices / dtypes, a parameter
+    without a gradient or state (the first step makes it), hooks, or options this call does not pass (amsgrad,
+    maximize, capturable, differentiable, a tensor learning rate or betas)."""
+    groups = optimizer.param_groups
+    group = groups[0]
+    params = group["params"]
+    lean = (
+        type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+        and len(groups) == 1
+        and group["fused"]
+        and not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
+        and isinstance(group["lr"], float)
+        and all(isinstance(beta, float) for beta in group["betas"])
+        and not (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks)
+        and not (torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks)
+        and all(p.grad is not None and len(optimizer.state[p]) == 3 for p in params)
+        and len({(p.device, p.dtype) for p in params}) == 1
+    )
+    if not lean:
+        optimizer.step()
+        return
+    states = [optimizer.state[p] for p in params]
+    steps = [state["step"] for state in states]
+    decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))  # older torch: no key
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    with torch.no_grad():
+        torch._foreach_add_(steps, 1)
+        kernel(
+            params,
+            [p.grad for p in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+
 def _adversary_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     adversary = getattr(module, "adversary", None)
     return [p for p in adversary.parameters() if p.requires_grad] if adversary is not None else []
@@ -427,9 +478,9 @@ def _fit(
             (objective + output.adversary_loss if adversarial else objective).backward()
             if config.gradient_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.gradient_clip_norm)
-            optimizer.step()
+            _step(optimizer)
             if adversarial:
-                adversary_optimizer.step()
+                _step(adversary_optimizer)
             progress.step += 1
             # kept on the device: one host sync per epoch, not several per step
             loss = output.loss.detach()

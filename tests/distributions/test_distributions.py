@@ -8,7 +8,13 @@ from scipy import stats
 from scipy.special import expit, logsumexp
 
 from atlasvi.data import SparseCounts
-from atlasvi.distributions import NegativeBinomial, NegativeBinomialMixture, Poisson, ZeroInflatedNegativeBinomial
+from atlasvi.distributions import (
+    NegativeBinomial,
+    NegativeBinomialMixture,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    _broadcast_shape,
+)
 
 MU = [1e-30, 1e-4, 0.1, 3.0, 50.0, 1e4]
 THETA = [1e-3, 0.5, 10.0, 1e3, 1e6]
@@ -181,3 +187,12 @@ def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_
     for got, expected in zip(*results, strict=True):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(6, 40), (40,), (6, 40)], [(6, 40), (6, 40)], [(6, 1), (1,)], [(6, 1), (40,)], [(40,), (6, 40)], [(6, 40), ()],
+     [(3, 6, 40), (40,)], [(1, 40), (6, 1)], [(40,), (40,)]],
+)  # fmt: skip
+def test_the_rows_broadcast_their_parameters_as_torch(shapes):
+    assert _broadcast_shape(*(torch.zeros(s) for s in shapes)) == torch.broadcast_shapes(*shapes)

@@ -13,6 +13,7 @@ from atlasvi.data import BuildConfig, LoaderConfig, SparseCounts, StreamingLoade
 from atlasvi.datasets import CELLBENCH
 from atlasvi.distributions import NegativeBinomial
 from atlasvi.models.scvi import SCVIConfig, SCVIModule
+from atlasvi.models.vae import kl_standard_normal
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,21 @@ def test_the_sparse_fast_path_gives_the_dense_paths_steps(cellbench_store, optio
             torch.testing.assert_close(
                 outputs[0].reconstruction_loss, outputs[1].reconstruction_loss, rtol=1e-5, atol=0
             )
+
+
+def test_the_kl_to_the_standard_normal_is_torchs_bit_for_bit():
+    """`kl_standard_normal(q)` is kl_divergence(q, Normal(0, 1)) without the prior's tensors: the same values and
+    gradients, bit for bit, from ordinary to extreme scales."""
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(256, 10, generator=generator) * 3
+    variance = torch.exp(torch.randn(256, 10, generator=generator) * 4) + 1e-4
+    results = []
+    for direct in (True, False):
+        loc, var = mean.clone().requires_grad_(), variance.clone().requires_grad_()
+        q = torch.distributions.Normal(loc, var.sqrt(), validate_args=False)
+        prior = torch.distributions.Normal(torch.zeros_like(loc), torch.ones_like(loc))
+        kl = kl_standard_normal(q) if direct else torch.distributions.kl_divergence(q, prior)
+        (kl * torch.linspace(0.5, 2.0, 10)).sum().backward()
+        results.append((kl.detach(), loc.grad, var.grad))
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)

@@ -1,4 +1,6 @@
-"""The training loop on a real store: KL schedule, seeding, exact resume, NaN stop, early stopping."""
+"""The training loop on a real store: KL schedule, seeding, exact resume, NaN stop, early stopping; the fused step."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from atlasvi.train import (
     pretrained_max_epochs,
     training_seed,
 )
-from atlasvi.train.loop import KLWarmupWarning, kl_warmup_shortfall
+from atlasvi.train.loop import KLWarmupWarning, _optimizer, _step, kl_warmup_shortfall
 
 
 @pytest.fixture
@@ -207,3 +209,31 @@ def test_reduce_lr_on_plateau_multiplies_the_learning_rate_and_is_checkpointed(s
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     assert payload["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.6)
     assert payload["scheduler"]["num_bad_epochs"] == 0 and payload["scheduler"]["_last_lr"] == [pytest.approx(6e-4)]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_the_lean_fused_step_is_torchs_step_bit_for_bit(name):
+    """`_step` calls torch's fused kernel itself: weights and optimizer state equal optimizer.step()'s exactly over
+    several steps; the first step (which makes the state) and a step with a parameter lacking a gradient go through
+    optimizer.step(), the others do not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    twin = copy.deepcopy(model)
+    config = TrainConfig(optimizer=name, weight_decay=0.01, eps=1e-3)
+    lean, plain = _optimizer(model, config), _optimizer(twin, config)
+    through_torch = []
+    torch_step = lean.step
+    lean.step = lambda: through_torch.append(1) or torch_step()
+    for step in range(6):
+        x = torch.randn(8, 20)
+        for net, optimizer in ((model, lean), (twin, plain)):
+            optimizer.zero_grad(set_to_none=True)
+            net[2].bias.requires_grad_(step != 4)  # step 4: a parameter without a gradient
+            net(x).pow(2).mean().backward()
+            _step(optimizer) if optimizer is lean else optimizer.step()
+    assert len(through_torch) == 2  # the first step and the one without every gradient
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(lean.state[mine][key], plain.state[theirs][key])
+    assert lean.state[model[0].weight]["step"] == 6 and lean.state[model[2].bias]["step"] == 5
