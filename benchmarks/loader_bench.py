@@ -366,7 +366,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 200_000, 1_000_000])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024, 4096])
-    parser.add_argument("--backends", nargs="+", default=["tensorstore", "zarrs", "zarr"], help="auto: the default's")
+    parser.add_argument(
+        "--backends", nargs="+", default=["auto", "tensorstore", "zarrs", "zarr"], help="auto: the default"
+    )
     parser.add_argument("--compressors", nargs="+", default=["lz4", "zstd"], help="the first: the default's")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-throughput-cells", type=int, default=200_000, help="throughput rows from this size on")

@@ -96,9 +96,10 @@ class LoaderConfig(_Frozen):
       "pad" repeats cells from the start of the epoch so no cell is dropped.
     shuffle: False reads the rows in store order with no shuffling (inference, write-back).
     prefetch: buffers read ahead by background threads.
-    backend: "auto" (tensorstore for a local store or an http(s) URL, zarr-python for s3:// and other fsspec URLs),
-      "zarr" (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional `zarrs` package) or
-      "tensorstore"; all yield identical batches (tensorstore reads fastest: benchmarks/results/loader.md).
+    backend: "auto" (tensorstore for a local store or an http(s) URL, zarr-python for s3:// and other fsspec URLs;
+      on a local store X's counts are decoded straight from its shard files, `atlasvi.data.shards`), "zarr"
+      (zarr-python), "zarrs" (zarr-python with the Rust codec pipeline of the optional `zarrs` package) or
+      "tensorstore"; all yield identical batches ("auto" reads fastest: benchmarks/README.md, "Loader and build").
     resident: whether training (`atlasvi.train.make_loaders`) holds the store's rows in memory on the training
       device, read once, and cuts the minibatches there (`atlasvi.data.resident`: the very same minibatches as
       streaming); "auto" does when they fit resident_budget_mb, else streams.

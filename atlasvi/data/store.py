@@ -46,6 +46,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from atlasvi.data.errors import StoreCorruptError, StoreError
+from atlasvi.data.shards import DirectCounts
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -372,6 +373,7 @@ class RowBlock:
     rows: np.ndarray | None = None  # the store rows of a block of scattered rows (`read_selected`)
     obsm: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, n_features) counts
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n, n_features) bool, True = measured
+    first_entry: int = 0  # X's entry (position in X/indices, X/data) of the block's first stored count
 
 
 class AtlasStore:
@@ -382,6 +384,7 @@ class AtlasStore:
 
     def __init__(self, path: str | Path, backend: str = "auto"):
         self.path = str(path)
+        direct = backend == "auto" and not is_url(self.path)
         self.backend = backend = resolve_backend(backend, self.path)
         root = _open_root(self.path)
         meta = _atlas_attrs(root, self.path)
@@ -408,6 +411,22 @@ class AtlasStore:
         except Exception as err:
             raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
         self._check_contents(root)
+        self._direct = DirectCounts.open(self.path, "X", self.schema.n_genes) if direct else None
+
+    @property
+    def direct_counts(self) -> bool:
+        """Whether `place_counts` reads X's counts straight from the shard files (backend "auto", a local store
+        written as `atlasvi build` writes it; `atlasvi.data.shards`)."""
+        return self._direct is not None
+
+    def place_counts(
+        self, pointers: list[np.ndarray], starts: list[np.ndarray], out_indices: np.ndarray, out_values: np.ndarray
+    ) -> bool:
+        """X's rows of several blocks copied to their places (`shards.DirectCounts.place`: pointers are each block's
+        absolute int64 row pointers, starts where each row goes). False where this reader cannot place them all as
+        validated counts (no direct reader, a missing or damaged chunk, an entry that fails the checks): read the
+        rows with `read_ranges` then, which names the damage."""
+        return self._direct is not None and self._direct.place(pointers, starts, out_indices, out_values)
 
     def _mismatch(self, field: str, value: object, what: str, actual: object) -> StoreError:
         return StoreError(
@@ -587,9 +606,14 @@ class AtlasStore:
         """Read and validate rows [start, stop); a damaged chunk raises StoreCorruptError naming it."""
         return self.read_ranges([(start, stop)], modalities)[0]
 
-    def read_ranges(self, ranges: list[tuple[int, int]], modalities: tuple[str, ...] = ()) -> list[RowBlock]:
+    def read_ranges(
+        self, ranges: list[tuple[int, int]], modalities: tuple[str, ...] = (), counts: bool = True
+    ) -> list[RowBlock]:
         """Read and validate several row ranges with all their reads in flight together (two rounds:
-        row pointers, then gene indices, counts, covariates and the named modalities with their masks)."""
+        row pointers, then gene indices, counts, covariates and the named modalities with their masks).
+
+        counts=False leaves X's gene indices and counts unread (empty; `place_counts` reads them): the blocks carry
+        X's row pointers and `first_entry`."""
         self.check_modalities(modalities)
         for start, stop in ranges:
             if not 0 <= start < stop <= self.n_cells:
@@ -606,7 +630,8 @@ class AtlasStore:
                 indptr = next(pointers).astype(np.int64, copy=False)
                 self._check_indptr(indptr, start, group)
                 lo, hi = int(indptr[0]), int(indptr[-1])
-                requests += [(f"{group.prefix}/indices", lo, hi), (f"{group.prefix}/data", lo, hi)]
+                if counts or group.modality is not None:
+                    requests += [(f"{group.prefix}/indices", lo, hi), (f"{group.prefix}/data", lo, hi)]
                 sparse[-1].append((indptr, None))
             requests += [(f"obs/{k}/codes", start, stop) for k in self.schema.categorical]
             requests += [(f"obs/{k}", start, stop) for k in self.schema.continuous]
@@ -615,7 +640,7 @@ class AtlasStore:
         for start, stop in ranges:
             self.rows_read[start:stop] = True
         return [
-            self._block(start, stop, groups, parts, results, modalities)
+            self._block(start, stop, groups, parts, results, modalities, counts=counts)
             for (start, stop), parts in zip(ranges, sparse, strict=True)
         ]
 
@@ -628,17 +653,21 @@ class AtlasStore:
         results,
         modalities: tuple[str, ...] = (),
         rows: np.ndarray | None = None,
+        counts: bool = True,
     ) -> RowBlock:
         """Validate the next results (in request order) of rows [start, stop) into a RowBlock.
 
         sparse: per CSR group, its row pointers of these rows and, for scattered rows, the element positions;
-        rows: the store rows of a block of scattered rows.
+        rows: the store rows of a block of scattered rows; counts=False: X's entries were not read (left empty).
         """
         matrices = []
         for group, (indptr, elements) in zip(groups, sparse, strict=True):
             lo = int(indptr[0])
-            indices, data = next(results), next(results)
-            self._check_entries(indices, data, indptr - lo, lo, group, elements)
+            if counts or group.modality is not None:
+                indices, data = next(results), next(results)
+                self._check_entries(indices, data, indptr - lo, lo, group, elements)
+            else:
+                indices, data = self._empty(f"{group.prefix}/indices"), self._empty(f"{group.prefix}/data")
             matrices.append((indptr - lo, indices, data))
         categorical = {k: next(results) for k in self.schema.categorical}
         continuous = {k: next(results) for k in self.schema.continuous}
@@ -673,7 +702,8 @@ class AtlasStore:
             if counts is not None:
                 obsm[name] = counts
         indptr, indices, data = matrices[0]
-        return RowBlock(start, stop, indptr, indices, data, categorical, continuous, rows, obsm, masks)
+        first = int(sparse[0][0][0]) if rows is None else 0
+        return RowBlock(start, stop, indptr, indices, data, categorical, continuous, rows, obsm, masks, first)
 
     def check_modalities(self, modalities: tuple[str, ...]) -> None:
         unknown = [m for m in modalities if m not in self.schema.modalities]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 from pydantic import ValidationError
 
 from atlasvi.data import (
@@ -459,8 +460,33 @@ def _set_schema_version(store: Path) -> None:
     root.write_text(json.dumps(meta))
 
 
+def _rewrite(store: Path, name: str, element: int, value: int) -> None:
+    """Write one element of a store array through zarr: a wrong value in a chunk whose checksum is valid."""
+    zarr.open_array(store / name, mode="r+")[element] = value
+
+
+def _unsorted_genes(store: Path) -> None:
+    """Swap the first two gene indices of the first cell with two or more (checksums valid)."""
+    indptr = zarr.open_array(store / "X/indptr", mode="r")[:]
+    row = int(np.flatnonzero(np.diff(indptr) >= 2)[0])
+    indices = zarr.open_array(store / "X/indices", mode="r+")
+    a = int(indptr[row])
+    indices[a : a + 2] = indices[a : a + 2][::-1]
+
+
 DAMAGES: dict[str, tuple[Callable[[Path], None], type[Exception], list[str]]] = {
     "flipped bytes in X/data": (_flip_bytes, StoreCorruptError, ["X/data[", "shard file X/data/c/0"]),
+    "a count of 0 in X/data": (
+        lambda s: _rewrite(s, "X/data", 7, 0),
+        StoreCorruptError,
+        ["X/data holds 0 at element 7", "counts are > 0"],
+    ),
+    "a gene index out of range": (
+        lambda s: _rewrite(s, "X/indices", 7, 10**6),
+        StoreCorruptError,
+        ["X/indices holds gene index 1000000"],
+    ),
+    "gene indices out of order in a cell": (_unsorted_genes, StoreCorruptError, ["X/indices is not sorted"]),
     "truncated X/data shard": (lambda s: _truncate(s / "X/data/c/0"), StoreCorruptError, ["X/data", "X/data/c/0"]),
     "missing X/indices shard": (lambda s: (s / "X/indices/c/0").unlink(), StoreCorruptError, ["X/indices/c/0"]),
     "missing X/indptr shard": (lambda s: (s / "X/indptr/c/0").unlink(), StoreCorruptError, ["X/indptr/c/0"]),
@@ -484,13 +510,13 @@ def _read_everything(store: Path, backend: str, via: str) -> None:
 
 
 @pytest.mark.parametrize("via", ["read_rows", "loader"])
-@pytest.mark.parametrize("backend", ["zarr", "tensorstore"])
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore", "auto"])
 def test_undamaged_store_reads(valid_store: Path, backend: str, via: str):
     _read_everything(valid_store, backend, via)
 
 
 @pytest.mark.parametrize("via", ["read_rows", "loader"])
-@pytest.mark.parametrize("backend", ["zarr", "tensorstore"])
+@pytest.mark.parametrize("backend", ["zarr", "tensorstore", "auto"])  # auto: the loader's direct counts reads
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_store_is_never_read_silently(valid_store: Path, tmp_path: Path, damage: str, backend: str, via: str):
     apply, error, patterns = DAMAGES[damage]

@@ -99,6 +99,39 @@ def test_the_default_backend_is_tensorstore_where_it_can_read(kang_store):
     assert resolve_backend("zarrs", "s3://b/a.zarr") == "zarrs"
 
 
+def test_the_default_loader_places_counts_from_the_shard_files_as_zarr_python_reads_them(tmp_path, monkeypatch):
+    """Backend "auto" on a local store reads X's counts straight from the shard files (`atlasvi.data.shards`):
+    here chunks of 4,096 entries in shards of four, so cells cross chunk and shard boundaries; every minibatch
+    equals zarr-python's, and tensorstore is never asked for X's counts."""
+    import warnings
+
+    from atlasvi.data import BuildConfig, build, build_store, store
+    from tests.conftest import KANG
+
+    monkeypatch.setattr(build, "CHUNK_NNZ", 4096)
+    monkeypatch.setattr(build, "SHARD_NNZ", 4 * 4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_store(BuildConfig(inputs=[str(KANG)], output=str(tmp_path / "k.zarr"), batch_key="sample"))
+    assert len(list((path / "X/data/c").iterdir())) > 30
+    asked = []
+    read_many = store.TensorStoreReader.read_many
+    monkeypatch.setattr(
+        store.TensorStoreReader, "read_many", lambda self, r: asked.extend(n for n, *_ in r) or read_many(self, r)
+    )
+    config = {**SMALL, "buffer_blocks": 5}
+    direct = StreamingLoader(path, LoaderConfig(**config))
+    assert direct.store.direct_counts and direct.store.backend == "tensorstore"
+    by_zarr = StreamingLoader(path, LoaderConfig(**config, backend="zarr"))
+    assert not by_zarr.store.direct_counts
+    for epoch in range(2):
+        direct.set_epoch(epoch), by_zarr.set_epoch(epoch)
+        mine, theirs = _epoch(direct), _epoch(by_zarr)
+        assert len(mine) == len(theirs) == len(direct)
+        assert all(_same(a, b) for a, b in zip(mine, theirs, strict=True))
+    assert "X/indptr" in asked and not {"X/data", "X/indices"} & set(asked)
+
+
 def test_minibatches_are_views_of_one_window_in_their_dtypes(kang_store):
     loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
     first, second = list(itertools.islice(iter(loader), 2))
