@@ -34,7 +34,8 @@ def _crc32c_ok(chunk: bytes) -> bool:
 
 
 class _ShardedArray:
-    """One 1-D sharded array of a local store, read chunk by chunk (shard files opened and indexed once)."""
+    """One 1-D sharded array of a local store, read chunk by chunk (each shard's index read once; no file is kept
+    open between reads, so an atlas of any size holds no descriptors)."""
 
     def __init__(self, folder: Path, meta: dict):
         sharding = meta["codecs"][0]["configuration"]
@@ -42,37 +43,40 @@ class _ShardedArray:
         self.dtype = np.dtype(meta["data_type"])
         self.chunk = int(sharding["chunk_shape"][0])
         self.per_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]) // self.chunk
-        self._shards: dict[int, tuple[int, np.ndarray]] = {}
-        self._lock = threading.Lock()
+        self._indexes: dict[int, np.ndarray] = {}
 
-    def _shard(self, shard: int) -> tuple[int, np.ndarray] | None:
-        """(file descriptor, (chunks, 2) offsets and sizes) of a shard file; None if it is missing or damaged."""
-        with self._lock:
-            if shard in self._shards:
-                return self._shards[shard]
-            try:
-                fd = os.open(self.folder / "c" / str(shard), os.O_RDONLY)
-            except OSError:
+    def _read(self, shard: int, nbytes: int, offset: int | None) -> bytes:
+        """nbytes of a shard file from offset (None: its last nbytes); b"" where the file is missing or shorter."""
+        try:
+            fd = os.open(self.folder / "c" / str(shard), os.O_RDONLY)
+        except OSError:
+            return b""
+        try:
+            if offset is None:
+                offset = os.fstat(fd).st_size - nbytes
+            return os.pread(fd, nbytes, offset) if offset >= 0 else b""
+        finally:
+            os.close(fd)
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """(chunks per shard, 2) offset and size of each chunk in a shard file; None if it is missing or damaged."""
+        if shard not in self._indexes:
+            raw = self._read(shard, 16 * self.per_shard + 4, None)
+            if len(raw) != 16 * self.per_shard + 4 or not _crc32c_ok(raw):
                 return None
-            size = os.fstat(fd).st_size
-            index_bytes = 16 * self.per_shard + 4
-            raw = os.pread(fd, index_bytes, size - index_bytes) if size >= index_bytes else b""
-            if len(raw) != index_bytes or not _crc32c_ok(raw):
-                os.close(fd)
-                return None
-            self._shards[shard] = (fd, np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2))
-            return self._shards[shard]
+            self._indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.per_shard, 2)
+        return self._indexes[shard]
 
     def decode(self, chunk: int, out: np.ndarray) -> bool:
         """Chunk `chunk` decoded into `out` (chunk-sized); False where it is missing, damaged or not that size."""
-        shard = self._shard(chunk // self.per_shard)
-        if shard is None:
+        shard = chunk // self.per_shard
+        index = self._index(shard)
+        if index is None:
             return False
-        fd, index = shard
         offset, nbytes = index[chunk % self.per_shard]
         if offset == _EMPTY or nbytes < 20:
             return False
-        raw = os.pread(fd, int(nbytes), int(offset))
+        raw = self._read(shard, int(nbytes), int(offset))
         if len(raw) != nbytes or not _crc32c_ok(raw):
             return False
         body = memoryview(raw)[:-4]
@@ -83,12 +87,6 @@ class _ShardedArray:
         except (RuntimeError, ValueError):
             return False
         return True
-
-    def close(self) -> None:
-        with self._lock:
-            for fd, _ in self._shards.values():
-                os.close(fd)
-            self._shards.clear()
 
 
 def _supported(meta: dict) -> bool:
@@ -172,10 +170,6 @@ class DirectCounts:
                 if not ok:
                     return False
         return True
-
-    def __del__(self) -> None:
-        self.indices.close()
-        self.data.close()
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
