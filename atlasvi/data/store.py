@@ -789,7 +789,9 @@ class _CSRGroup:
 
 def resolve_backend(backend: str, path: str | Path) -> str:
     """The reader "auto" means for `path`: tensorstore (the fastest here, benchmarks/results/loader.md) for a local
-    store or an http(s):// URL, zarr-python (fsspec) for other URLs (s3://, gs://, ...); other names unchanged."""
+    store or an http(s):// URL, zarr-python (fsspec) for other URLs (s3://, gs://, ...); other names unchanged.
+    ("auto" on a local store also reads X's counts for the loader straight from the shard files:
+    `AtlasStore.place_counts`.)"""
     if backend != "auto":
         return backend
     return "zarr" if is_url(path) and not str(path).startswith(("http://", "https://")) else "tensorstore"
