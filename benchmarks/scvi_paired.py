@@ -25,6 +25,7 @@ draws), and each run's held-out -ELBO (its own tool's figure on the 33 held-out 
 benchmarks/sysvi_fidelity.py builds its scVI) trained on atlasvi's split: against sysvi_fidelity's runs of the same
 weights on scvi-tools' own random split, it separates the split from the initial weights. The scvi side's --runs
 also takes scvi-tools-own-init-stream (those weights on the stream of seed s + 1000; benchmarks/scvi_init_draws.py).
+`--runs atlasvi scvi-tools` trains only those runs (their pair; a control needs both its runs).
 Latents are cached in the workdir (a finished run is not trained again). Output: results/<--name>.{json,md}
 (default scvi_paired).
 """
@@ -81,8 +82,8 @@ def save_atlasvi_init(store: Path, seed: int, workdir: Path) -> Path:
     return init
 
 
-def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> None:
-    """atlasvi's runs (ATLASVI_RUNS) per seed, each from `SCVI(store, seed=s)`'s weights, whose copy under
+def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path, runs: list[str]) -> None:
+    """atlasvi's `runs` (of ATLASVI_RUNS) per seed, each from `SCVI(store, seed=s)`'s weights, whose copy under
     scvi-tools' names is written first (init_s<seed>.pt)."""
     import torch
 
@@ -93,7 +94,8 @@ def atlasvi_side(store: Path, seeds: list[int], epochs: int, workdir: Path) -> N
     torch.set_num_threads(1)
     for seed in seeds:
         save_atlasvi_init(store, seed, workdir)
-        for run, (loader_offset, train_offset) in ATLASVI_RUNS.items():
+        for run in runs:
+            loader_offset, train_offset = ATLASVI_RUNS[run]
             out = latent_path(workdir, run, seed, epochs)
             if out.exists():
                 continue
@@ -177,6 +179,8 @@ def spread(report: dict) -> dict[str, dict[str, float]]:
     seeds (the sd over seeds of the atlasvi and scvi-tools runs: initial weights and stream)."""
     out = {}
     for label, _, _ in PAIRS[1:]:
+        if label not in report["paired"]:
+            continue
         out[f"stream: {label.removesuffix(' (control)')}"] = {
             m: v["sd"] / math.sqrt(2) for m, v in report["paired"][label].items()
         }
@@ -240,7 +244,11 @@ def main() -> None:
     parser.add_argument("--scvi-python", default=str(HERE / ".cache" / "scvi-venv" / "bin" / "python"))
     parser.add_argument("--h5ad", type=Path)
     parser.add_argument("--own-init", action="store_true", help=f"also {OWN_INIT} (see scvi_side)")
-    parser.add_argument("--runs", nargs="+", choices=[*SCVI_RUNS, *OWN_INIT_RUNS], help="(--side scvi) the runs")
+    parser.add_argument(
+        "--runs", nargs="+", choices=[*ATLASVI_RUNS, *SCVI_RUNS, *OWN_INIT_RUNS],
+        help="(--side scvi) the runs; (main) only these of ATLASVI_RUNS and SCVI_RUNS (default: all), paired as PAIRS "
+        "where both are run",
+    )  # fmt: skip
     parser.add_argument("--name", default="scvi_paired", help="results/<NAME>.json and .md")
     args = parser.parse_args()
     if args.side == "scvi":
@@ -251,14 +259,17 @@ def main() -> None:
     store, h5ad = prepare(DATASET, data_dir)
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     me = [args.scvi_python, str(Path(__file__).resolve())]
+    chosen = args.runs or [*ATLASVI_RUNS, *SCVI_RUNS]
+    ours, theirs = [r for r in ATLASVI_RUNS if r in chosen], [r for r in SCVI_RUNS if r in chosen]
+    theirs += [OWN_INIT] if args.own_init else []
     for seed in args.seeds:  # seed by seed: a stopped run leaves whole seeds
-        atlasvi_side(store, [seed], args.epochs, args.workdir)
+        atlasvi_side(store, [seed], args.epochs, args.workdir, ours)
         subprocess.run(
             [*me, "--side", "scvi", "--h5ad", str(h5ad), "--seeds", str(seed), "--epochs", str(args.epochs),
-             "--workdir", str(args.workdir), "--runs", *SCVI_RUNS, *([OWN_INIT] if args.own_init else [])],
+             "--workdir", str(args.workdir), "--runs", *theirs],
             env=env, check=True,
         )  # fmt: skip
-    runs = [*ATLASVI_RUNS, *SCVI_RUNS, *([OWN_INIT] if args.own_init else [])]
+    runs = [*ours, *theirs]
     latents = [latent_path(args.workdir, r, s, args.epochs) for r in runs for s in args.seeds]
     scores_out = args.workdir / f"scores_e{args.epochs}.json"
     subprocess.run(
@@ -285,7 +296,9 @@ def main() -> None:
     adata = ad.read_h5ad(h5ad, backed="r")
     report = {
         "command": f"python benchmarks/scvi_paired.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}"
-        + (f" --own-init --name {args.name}" if args.own_init else ""),
+        + (" --own-init" if args.own_init else "")
+        + (f" --runs {' '.join(args.runs)}" if args.runs else "")
+        + (f" --name {args.name}" if args.name != "scvi_paired" else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared VM), CPU only, 1 torch thread",
         "load_at_run_ends": [min(loads), max(loads)],
         "seeds": args.seeds,
@@ -296,7 +309,9 @@ def main() -> None:
         "seconds": {k: float(np.median(v)) for k, v in seconds.items()},
         "runs": table,
         "paired": {
-            label: {m: paired({a: table[a][m], b: table[b][m]}, a, b) for m in table[a]} for label, a, b in PAIRS
+            label: {m: paired({a: table[a][m], b: table[b][m]}, a, b) for m in table[a]}
+            for label, a, b in PAIRS
+            if a in table and b in table
         },
     }
     report["spread"] = spread(report)

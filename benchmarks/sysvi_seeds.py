@@ -12,7 +12,10 @@ sqrt(se_a^2 + se_b^2), and its 95% interval Welch's (Student t on the Welch-Satt
 beside it the two-sided Mann-Whitney U test's p (exact), which assumes no shape of the seeds' spread. Verdict:
 "above" / "below" when the interval excludes 0, else "equal within noise". `--reproduced` takes the
 scores (`sysvi_fidelity.py --side score`) of committed seeds trained again (`--reproduced-code`: with which code)
-and reports how far they are from the committed scores. Output: results/<name>.json and .md.
+and reports how far they are from the committed scores. A section compares both tools' scVI on every metric and on
+the held-out -ELBO (each run's own tool's figure on its own held-out cells at the last epoch: atlasvi's 33 fixed
+cells, scvi-tools' 32 drawn per seed; only runs that saved it). A model may have seeds the others lack
+(`sysvi_fidelity.py --models scvi`). Output: results/<name>.json and .md.
 """
 
 import argparse
@@ -29,6 +32,8 @@ MODELS = (  # (run key prefix, label)
 )
 METRICS = (("ilisi", "iLISI"), ("batch_entropy", "batch entropy"), ("knn_accuracy", "kNN accuracy"), ("nmi", "NMI"))
 MIXING = ("ilisi", "batch_entropy")
+SCVIS = ("atlasvi scVI", "scvi-tools scVI")
+ELBO = "heldout_neg_elbo"
 
 
 def merge(
@@ -46,6 +51,36 @@ def merge(
                 raise SystemExit(f"{key}: two inputs give different scores")
             out[prefix][seed] = scores
     return {prefix: dict(sorted(seeds.items(), key=lambda kv: int(kv[0]))) for prefix, seeds in out.items()}
+
+
+def heldout(results: list[dict], dataset: str, models: list[set[str] | None] | None = None) -> dict:
+    """{model prefix: {seed: held-out -ELBO}} of the runs that saved one (`sysvi_fidelity.py`'s runs), from each
+    input only the model prefixes in `models` (None: all)."""
+    out: dict[str, dict[str, float]] = {prefix: {} for prefix, _ in MODELS}
+    for report, only in zip(results, models or [None] * len(results), strict=True):
+        for key, run in report["datasets"][dataset].get("runs", {}).items():
+            prefix, _, seed = key.rpartition("_s")
+            if prefix in out and (only is None or prefix in only) and ELBO in run:
+                out[prefix][seed] = run[ELBO]
+    return {prefix: dict(sorted(seeds.items(), key=lambda kv: int(kv[0]))) for prefix, seeds in out.items()}
+
+
+def scvi_comparison(merged: dict, elbo: dict) -> dict:
+    """atlasvi scVI - scvi-tools scVI on every metric and, where both tools saved it for >= 2 seeds, the held-out
+    -ELBO: per metric each tool's seeds and mean ± s.e., and the Welch difference."""
+    prefixes = ("atlasvi_scvi", "scvi-tools_scvi")
+    rows = {m: {p: {s: v[m] for s, v in merged[p].items()} for p in prefixes} for m, _ in METRICS}
+    rows[ELBO] = {p: elbo[p] for p in prefixes}
+    out = {}
+    for m, by_seed in rows.items():
+        values = [list(by_seed[p].values()) for p in prefixes]
+        if min(map(len, values)) < 2:
+            continue
+        out[m] = {
+            "seeds": {label: [int(s) for s in by_seed[p]] for p, label in zip(prefixes, SCVIS, strict=True)},
+            "stats": {label: mean_se(v) for v, label in zip(values, SCVIS, strict=True)},
+        } | difference(*values)
+    return out
 
 
 def mean_se(values: list[float]) -> dict[str, float]:
@@ -166,6 +201,22 @@ def markdown(report: dict) -> str:
             f"[{c['low']:+.3f}, {c['high']:+.3f}] | {c['verdict']} | {c['mann_whitney_p']:.3f} |"
         )
     lines += ["", *(f"- {line}" for line in report["findings"]), ""]
+    if report.get("scvi"):
+        lines += ["## scVI: atlasvi - scvi-tools (unpaired; difference of means ± s.e., Welch 95% interval)", "",
+                  "Held-out -ELBO: each run's own tool's figure, per cell, on its own held-out cells at the last "
+                  "epoch (atlasvi's 33 fixed cells, scvi-tools' 32 drawn per seed); only the runs that saved it.", "",
+                  "| metric | n (atlasvi, scvi-tools) | atlasvi scVI | scvi-tools scVI | a - b | 95% interval | "
+                  "verdict | Mann-Whitney p |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, c in report["scvi"].items():
+            a, b = (c["stats"][label] for label in SCVIS)
+            digits = 1 if m == ELBO else 3
+            lines.append(
+                f"| {names.get(m, 'held-out -ELBO')} | {a['n']}, {b['n']} | {a['mean']:.{digits}f} ± "
+                f"{a['se']:.{digits}f} | {b['mean']:.{digits}f} ± {b['se']:.{digits}f} | {c['diff']:+.{digits}f} ± "
+                f"{c['se']:.{digits}f} | [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}] | {c['verdict']} | "
+                f"{c['mann_whitney_p']:.3f} |"
+            )
+        lines.append("")
     if report.get("reproduction"):
         lines += ["## Committed seeds trained again", "",
                   f"Code: {report['reproduction_code']}.", "", "| run | max abs difference from committed scores |",
@@ -245,6 +296,7 @@ def main() -> None:
         "summary": summary,
         "findings": findings(summary),
     }  # fmt: skip
+    report["scvi"] = scvi_comparison(merged, heldout(results, args.dataset, models))
     if args.reproduced:
         reproduced = json.loads(args.reproduced.read_text())
         reproduced.pop("unintegrated", None)

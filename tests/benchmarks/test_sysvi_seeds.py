@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sysvi_seeds import MODELS, difference, markdown, mean_se, merge, summarise
+from benchmarks.sysvi_seeds import MODELS, difference, heldout, markdown, mean_se, merge, scvi_comparison, summarise
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -66,3 +66,32 @@ def test_committed_table_renders_from_its_json(name):
     assert markdown(committed) == (RESULTS / f"{name}.md").read_text()
     assert summarise(committed["scores"]) == committed["summary"]
     assert {len(m["seeds"]) for m in committed["summary"]["models"].values()} == {6}
+
+
+def test_scvi_comparison_covers_every_metric_and_the_elbo_of_the_runs_that_saved_it():
+    reports = [report([0, 1, 2]), report([3, 4], offset=0.05)]
+    reports[1]["datasets"]["baron"]["runs"] = {
+        "atlasvi_scvi_s3": {"heldout_neg_elbo": 990.0}, "atlasvi_scvi_s4": {"heldout_neg_elbo": 994.0},
+        "scvi-tools_scvi_s3": {"heldout_neg_elbo": 1000.0}, "scvi-tools_scvi_s4": {"heldout_neg_elbo": 1002.0},
+        "atlasvi_sysvi_s3": {"seconds": 1.0},
+    }  # fmt: skip
+    merged = merge(reports, "baron")
+    elbo = heldout(reports, "baron")
+    assert elbo["atlasvi_scvi"] == {"3": 990.0, "4": 994.0} and elbo["atlasvi_sysvi"] == {}
+    out = scvi_comparison(merged, elbo)
+    assert list(out) == ["ilisi", "batch_entropy", "knn_accuracy", "nmi", "heldout_neg_elbo"]
+    assert out["nmi"]["seeds"]["atlasvi scVI"] == [0, 1, 2, 3, 4] and out["nmi"]["diff"] == 0.0
+    assert out["heldout_neg_elbo"]["diff"] == pytest.approx(992.0 - 1001.0)
+    assert out["heldout_neg_elbo"]["stats"]["scvi-tools scVI"]["n"] == 2
+    # one seed with an ELBO is too few to compare: left out
+    del reports[1]["datasets"]["baron"]["runs"]["scvi-tools_scvi_s4"]
+    assert "heldout_neg_elbo" not in scvi_comparison(merged, heldout(reports, "baron"))
+
+
+def test_committed_12_seed_scvi_table_renders_from_its_json():
+    committed = json.loads((RESULTS / "sysvi_baron_12seeds_scvi.json").read_text())
+    assert markdown(committed) == (RESULTS / "sysvi_baron_12seeds_scvi.md").read_text()
+    assert summarise(committed["scores"]) == committed["summary"]
+    seeds = {label: len(m["seeds"]) for label, m in committed["summary"]["models"].items()}
+    assert seeds == {"atlasvi sysVI": 6, "scvi-tools SysVI": 6, "atlasvi scVI": 12, "scvi-tools scVI": 12}
+    assert committed["scvi"]["heldout_neg_elbo"]["stats"]["atlasvi scVI"]["n"] == 6
