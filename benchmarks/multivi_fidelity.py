@@ -14,14 +14,16 @@ Jeffreys penalty, equal weights, AdamW lr 1e-4, weight decay 1e-3, batch 128, KL
 the held-out reconstruction, the adversarial batch classifier); `--max-epochs` shortens BOTH tools' runs alike
 (their default 500 epochs do not fit the shared 2-core machine). Per seed and tool:
 
-- held-out reconstruction per modality: nats per held-out cell (one draw), -log p(RNA) and the ATAC BCE;
+- held-out reconstruction per modality: nats per held-out cell, -log p(RNA) and the ATAC BCE (each tool's own scorer,
+  one z draw; with --same-start one scorer for both, see below);
 - accessibility imputed for the RNA-only cells (decoded from their RNA, each tool's get_accessibility_estimates /
   get_normalized_accessibility, z the posterior mean) vs their hidden peaks (open = count > 0): AUROC over every
   (cell, peak), and the mean of the per-cell AUROCs;
 - expression imputed for the ATAC-only cells (each tool's get_normalized_expression, z the posterior mean) vs their
   hidden RNA: Pearson r of log1p(1e4 x imputed) vs log1p(1e4 x counts / library) per gene (genes detected in them),
   averaged, and per cell, averaged;
-- mixing of the three groups: 15-NN treatment-time accuracy of the latent of every cell (stratified 5-fold CV).
+- mixing of the three groups: 15-NN treatment-time accuracy of the latent of every cell (stratified 5-fold CV, both
+  tools' latents sorted by cell name: the same folds).
 
 The scvi-tools half is this file run with `--side scvi` in the scvi-tools venv (benchmarks/.cache/scvi-venv) as a
 subprocess after atlasvi's runs, one torch thread. Output: results/multivi_fidelity.json and .md (`--out NAME`).
@@ -35,7 +37,12 @@ per-cell expression r and the kNN accuracy (benchmarks/README.md).
 initial weights of that seed (its MULTIVAE's weights and its adversarial batch classifier's, names mapped as
 benchmarks/multivi_weights_check.py; its protein modules, unused by these cells, keep their draw), so the two runs of a
 seed differ only in what training draws (minibatch order, validation cells, dropout, latent samples) and in the
-tools' code; the report adds the paired differences atlasvi - scvi-tools of every metric.
+tools' code; the report adds the paired differences atlasvi - scvi-tools of every metric. Both tools' trained modules
+are saved (CACHE/atlasvi_trained_SEED.npz, scvi_trained_SEED.npz), and both tools' held-out figures come from one
+scorer: scvi-tools' get_reconstruction_error on each tool's weights (atlasvi's mapped in), the mean over
+HELD_OUT_DRAWS z draws, the same draws for both (each tool's own one-draw figure kept as *_own_one_draw; cross-scoring
+in benchmarks/multivi_cross_score.py found the scorers equal on the same weights and the one draw a noise of up to
+~0.7 nats per pair). `--rescore NAME` does the same for a saved --same-start run (and its kNN in one cell order).
 """
 
 import argparse
@@ -60,6 +67,12 @@ BATCH_KEY, LABELS_KEY, ATAC_KEY = "modality", "treatment_time_h", "atac"
 HELD_OUT_FRACTION = 0.1
 TRAIN_FIELDS = ("max_epochs", "n_epochs_kl_warmup")  # set alike for both tools (TrainConfig / MULTIVI.train names)
 GROUPS = ("expression", "accessibility", "paired")  # RNA only, ATAC only, both
+HELD_OUT_DRAWS = 50  # z draws the one held-out scorer averages (torch seeds 0..HELD_OUT_DRAWS - 1)
+HELD_OUT_KEYS = {"rna": "heldout_reconstruction_rna", "atac": "heldout_reconstruction_atac"}
+HELD_OUT_SCORER = (
+    f"scvi-tools' get_reconstruction_error on both tools' trained weights (atlasvi's mapped into its MULTIVAE), the "
+    f"mean over {HELD_OUT_DRAWS} z draws (torch seeds 0-{HELD_OUT_DRAWS - 1}, the same for both tools)"
+)
 
 
 def split(n_cells: int) -> dict[str, np.ndarray]:
@@ -230,7 +243,8 @@ def atlasvi_side(
     """atlasvi's MULTIVI on the training store; the figures of one seed. same_start: its initial weights are
     written to CACHE/atlasvi_init_SEED.npz first (scvi-tools' run of the seed starts from them);
     train_seed_offset: the weights of `seed`, the training draws (minibatch order, dropout, latent samples) of
-    seed + offset."""
+    seed + offset. With same_start its trained weights are saved too (CACHE/atlasvi_trained_SEED.npz), for the one
+    held-out scorer of both tools (`scvi_score_both`) and benchmarks/multivi_cross_score.py."""
     import anndata as ad
     import torch
 
@@ -247,6 +261,8 @@ def atlasvi_side(
     draws = seed + train_seed_offset
     model.fit(TrainConfig(seed=draws, **fields), LoaderConfig(batch_size=128, seed=draws))
     seconds = time.perf_counter() - started
+    if same_start:
+        np.savez(trained_weights("atlasvi", seed), **{k: v.cpu().numpy() for k, v in model.module.state_dict().items()})
     train_obs = ad.read_zarr(paths["train_store"]).obs
     held_obs = ad.read_zarr(paths["heldout_store"]).obs
     hidden = truth(paths)
@@ -268,8 +284,9 @@ def atlasvi_side(
         [model.get_latent_representation(), model.get_latent_representation(store=paths["heldout_store"])]
     )
     labels = np.concatenate([train_obs[LABELS_KEY].astype(str), held_obs[LABELS_KEY].astype(str)])
+    cells = np.concatenate([names, held_obs.index])
     return _row("atlasvi", seed, atlasvi_heldout(model, paths["heldout_store"]), accessibility, peaks, expression,
-                counts, latent, labels, len(model.history), seconds)  # fmt: skip
+                counts, latent, labels, cells, len(model.history), seconds)  # fmt: skip
 
 
 def pd_index(values):
@@ -278,7 +295,62 @@ def pd_index(values):
     return pd.Index(values)
 
 
-def _row(tool, seed, heldout, accessibility, peaks, expression, counts, latent, labels, epochs, seconds) -> dict:
+def knn_by_name(latent: np.ndarray, labels: np.ndarray, cells: np.ndarray) -> float:
+    """`knn_accuracy` with the cells sorted by name: both tools' latents in one order, so the same CV folds."""
+    order = np.argsort(np.asarray(cells, dtype=str), kind="stable")
+    return knn_accuracy(latent[order], labels[order])
+
+
+def atlasvi_trained_knn(paths: dict[str, Path], seed: int) -> float:
+    """`knn_by_name` of atlasvi's trained model of `seed` (CACHE/atlasvi_trained_SEED.npz): the latent of every
+    training and held-out cell, as `atlasvi_side` computes it."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(1)
+    model = build_atlasvi(paths, seed)
+    weights = np.load(trained_weights("atlasvi", seed))
+    model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
+    model.module.eval()
+    train_obs, held_obs = ad.read_zarr(paths["train_store"]).obs, ad.read_zarr(paths["heldout_store"]).obs
+    latent = np.concatenate(
+        [model.get_latent_representation(), model.get_latent_representation(store=paths["heldout_store"])]
+    )
+    labels = np.concatenate([train_obs[LABELS_KEY].astype(str), held_obs[LABELS_KEY].astype(str)])
+    return knn_by_name(latent, labels, np.concatenate([train_obs.index, held_obs.index]))
+
+
+def scvi_trained_knn(paths: dict[str, str], seed: int) -> float:
+    """(scvi-tools venv) `knn_by_name` of scvi-tools' trained model of `seed` (CACHE/scvi_trained_SEED.npz): the
+    latent of every training and held-out cell, as `scvi_side` computes it."""
+    import logging
+    import warnings
+
+    import scvi
+    import torch
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
+        held.obs["_indices"] = np.arange(held.n_obs)
+        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+        model = scvi.model.MULTIVI(train)
+        weights = np.load(trained_weights("scvi-tools", seed))
+        model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
+        model.is_trained_ = True
+        model.module.eval()
+        latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
+    labels = np.concatenate([train["rna"].obs[LABELS_KEY].astype(str), held["rna"].obs[LABELS_KEY].astype(str)])
+    return knn_by_name(latent, labels, np.concatenate([train.obs_names, held.obs_names]))
+
+
+def _row(tool, seed, heldout, accessibility, peaks, expression, counts, latent, labels, cells, epochs, seconds) -> dict:
+    """One seed's figures. The kNN accuracy reads the latent in one cell order for both tools (sorted by cell name:
+    atlasvi's store permutes its rows), so both tools' 5-fold CV scores the same folds."""
     overall, per_cell = auroc(accessibility, peaks)
     per_gene, per_cell_r = expression_correlation(expression, counts)
     return {
@@ -290,7 +362,7 @@ def _row(tool, seed, heldout, accessibility, peaks, expression, counts, latent, 
         "accessibility_auroc_per_cell": per_cell,
         "expression_r_per_gene": per_gene,
         "expression_r_per_cell": per_cell_r,
-        "knn_accuracy": knn_accuracy(latent, labels),
+        "knn_accuracy": knn_by_name(latent, labels, cells),
         "epochs": epochs,
         "train_seconds": seconds,
     }
@@ -317,19 +389,8 @@ def start_from_atlasvi(model, seed: int) -> None:
     import torch
     from scvi.train import AdversarialTrainingPlan
 
-    from benchmarks.multivi_weights_check import atlasvi_name
-
     weights = np.load(CACHE / f"atlasvi_init_{seed}.npz")
-    used = set()
-    state = model.module.state_dict()
-    for name in state:
-        mine = atlasvi_name(name)
-        if mine is not None:
-            state[name] = torch.from_numpy(weights[mine])
-            used.add(mine)
-    state["mod_weights"][:2] = torch.from_numpy(weights["mod_weights"])
-    used.add("mod_weights")
-    model.module.load_state_dict(state)
+    used = load_atlasvi_weights(model, weights)
 
     def adversary(name: str) -> str:
         return "adversary." + re.sub(r"fc_layers\.Layer (\d+)", r"layers.\1", name)
@@ -349,6 +410,71 @@ def start_from_atlasvi(model, seed: int) -> None:
     model._training_plan_cls = Plan
 
 
+def load_atlasvi_weights(model, weights) -> set[str]:
+    """atlasvi's module weights (an npz of its state dict) into scvi-tools' MULTIVI `model` (names mapped as
+    benchmarks/multivi_weights_check.py; the protein modules keep their draw, the third modality weight its 1).
+    Returns the atlasvi names used."""
+    import torch
+
+    from benchmarks.multivi_weights_check import atlasvi_name
+
+    used = {"mod_weights"}
+    state = model.module.state_dict()
+    for name in state:
+        mine = atlasvi_name(name)
+        if mine is not None:
+            state[name] = torch.from_numpy(weights[mine])
+            used.add(mine)
+    state["mod_weights"][:2] = torch.from_numpy(weights["mod_weights"])
+    model.module.load_state_dict(state)
+    return used
+
+
+def trained_weights(tool: str, seed: int) -> Path:
+    """Where a --same-start run keeps `tool`'s trained module weights of `seed`."""
+    return CACHE / f"{'atlasvi' if tool == 'atlasvi' else 'scvi'}_trained_{seed}.npz"
+
+
+def scvi_score_both(paths: dict[str, str], seed: int) -> dict[str, dict[str, float]]:
+    """(scvi-tools venv) The one held-out scorer: both tools' trained weights of `seed` in scvi-tools' MULTIVAE
+    (atlasvi's mapped by `load_atlasvi_weights`), eval mode, scored by its get_reconstruction_error on the held-out
+    cells, the mean over HELD_OUT_DRAWS draws of z under torch seeds 0..HELD_OUT_DRAWS - 1 (the same draws for both
+    tools). Returns {tool: {"rna": nats per cell, "atac": BCE per cell}}."""
+    import logging
+    import warnings
+
+    import scvi
+    import torch
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
+        held.obs["_indices"] = np.arange(held.n_obs)
+        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+        for tool in ("atlasvi", "scvi-tools"):
+            model = scvi.model.MULTIVI(train)
+            weights = np.load(trained_weights(tool, seed))
+            if tool == "atlasvi":
+                load_atlasvi_weights(model, weights)
+            else:
+                model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
+            model.is_trained_ = True
+            model.module.eval()
+            sums = {"rna": 0.0, "atac": 0.0}
+            for draw in range(HELD_OUT_DRAWS):
+                torch.manual_seed(draw)
+                error = model.get_reconstruction_error(held)
+                sums["rna"] += float(error["reconstruction_loss_expression"])
+                sums["atac"] += float(error["reconstruction_loss_accessibility"])
+            out[tool] = {key: value / HELD_OUT_DRAWS for key, value in sums.items()}
+    return out
+
+
 def scvi_side(
     paths: dict[str, str],
     seed: int,
@@ -360,7 +486,8 @@ def scvi_side(
     """scvi-tools' MULTIVI on the same cells (run in the scvi-tools venv); the figures of one seed. same_start: from
     atlasvi's initial weights of the seed (`start_from_atlasvi`); train_seed_offset (with same_start): its global
     seed, which draws its validation cells and training draws, is seed + offset; same_split: its validation cells
-    (held out from training) are atlasvi's (CACHE/atlasvi_validation_cells.npy), so it trains on atlasvi's cells."""
+    (held out from training) are atlasvi's (CACHE/atlasvi_validation_cells.npy), so it trains on atlasvi's cells;
+    with same_start its trained MULTIVAE weights are saved (CACHE/scvi_trained_SEED.npz), as atlasvi's."""
     import logging
     import warnings
 
@@ -388,6 +515,9 @@ def scvi_side(
         started = time.perf_counter()
         model.train(accelerator="cpu", devices=1, enable_progress_bar=False, **fields, **split)
         seconds = time.perf_counter() - started
+        if same_start:
+            trained = {k: v.cpu().numpy() for k, v in model.module.state_dict().items()}
+            np.savez(trained_weights("scvi-tools", seed), **trained)
         torch.manual_seed(0)
         error = model.get_reconstruction_error(held)
         hidden = truth(paths)
@@ -404,8 +534,9 @@ def scvi_side(
         "rna": float(error["reconstruction_loss_expression"]),
         "atac": float(error["reconstruction_loss_accessibility"]),
     }
+    cells = np.concatenate([names, held.obs_names])
     row = _row("scvi-tools", seed, heldout, np.asarray(accessibility), peaks, np.asarray(expression), counts,
-               latent, labels, int(model.history["elbo_train"].shape[0]), seconds)  # fmt: skip
+               latent, labels, cells, int(model.history["elbo_train"].shape[0]), seconds)  # fmt: skip
     return row | {"versions": {"scvi-tools": scvi.__version__, "torch": torch.__version__}}
 
 
@@ -456,10 +587,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
             if meta.get("same_split")
             else ""
         )
-        + ". Held-out reconstruction: nats per held-out cell (lower is better). "
+        + ". Held-out reconstruction: nats per held-out cell (lower is better)"
+        + (f", {meta['heldout_scorer']}" if meta.get("heldout_scorer") else "")
+        + ". "
         "AUROC: imputed accessibility of the RNA-only cells vs their hidden open peaks. r: imputed expression of the "
         "ATAC-only cells vs their hidden RNA (log1p of 1e4-normalised). kNN: "
-        f"{KNN_NEIGHBOURS}-NN accuracy of treatment time, stratified {KNN_FOLDS}-fold CV, latent of every cell.",
+        f"{KNN_NEIGHBOURS}-NN accuracy of treatment time, stratified {KNN_FOLDS}-fold CV, latent of every cell"
+        + (" (both tools' latents sorted by cell name: the same folds)." if meta.get("knn_cell_order") else "."),
         "",
         "| tool | seed | epochs | " + " | ".join(label for _, _, label in METRICS) + " | train s |",
         "|---|---|---|" + "---|" * (len(METRICS) + 1),
@@ -504,6 +638,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 + " | ".join(f"[{summary[k]['ci95'][0]:+.{d}f}, {summary[k]['ci95'][1]:+.{d}f}]" for k, d, _ in METRICS)
                 + " |"
             )
+    own = [r for r in rows if "heldout_reconstruction_rna_own_one_draw" in r]
+    if own:
+        lines += [
+            "",
+            "Each tool's own held-out scorer (one z draw under torch seed 0: atlasvi's `atlasvi_heldout`, scvi-tools' "
+            "get_reconstruction_error), the figure of earlier runs, and the one scorer's (above):",
+            "",
+            "| tool | seed | RNA own one draw | RNA one scorer | own - one scorer | ATAC own one draw | ATAC one "
+            "scorer |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(own, key=lambda r: (r["tool"], r["seed"])):
+            rna, rna_own = r["heldout_reconstruction_rna"], r["heldout_reconstruction_rna_own_one_draw"]
+            lines.append(
+                f"| {r['tool']} | {r['seed']} | {rna_own:.3f} | {rna:.3f} | {rna_own - rna:+.3f} | "
+                f"{r['heldout_reconstruction_atac_own_one_draw']:.3f} | {r['heldout_reconstruction_atac']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -541,7 +692,12 @@ def main() -> None:
         default=None,
         help="results/MERGE.json files whose rows of the side not run to reuse",
     )
-    parser.add_argument("--side", choices=["scvi"], default=None, help="internal: run the scvi-tools half")
+    parser.add_argument(
+        "--side",
+        choices=["scvi", "scvi-score", "scvi-knn"],
+        default=None,
+        help="internal: the scvi-tools half / held-out scorer / kNN of its trained weights",
+    )
     parser.add_argument("--paths", default=None, help="internal: the JSON of the prepared files")
     parser.add_argument("--out", default="multivi_fidelity", help="results/OUT.json and results/OUT.md")
     parser.add_argument(
@@ -565,8 +721,24 @@ def main() -> None:
         default=0,
         help="with --same-start: the initial weights of each seed, the training draws of seed + offset",
     )
+    parser.add_argument(
+        "--rescore",
+        nargs="+",
+        default=None,
+        help="results/NAME.json of --same-start runs whose trained weights are in the cache: redo their held-out "
+        "figures with the one scorer (scvi-tools', mean over HELD_OUT_DRAWS draws), and a run's kNN scored in each "
+        "tool's own cell order in one order; rewrite NAME.json and .md",
+    )
     args = parser.parse_args()
     fields = {key: value for key, value in vars(args).items() if key in TRAIN_FIELDS and value is not None}
+    if args.side == "scvi-knn":
+        (seed,) = args.seeds
+        print(json.dumps(scvi_trained_knn(json.loads(args.paths), seed)), flush=True)
+        return
+    if args.side == "scvi-score":
+        (seed,) = args.seeds
+        print(json.dumps(scvi_score_both(json.loads(args.paths), seed)), flush=True)
+        return
     if args.side == "scvi":
         paths = json.loads(args.paths)
         for seed in args.seeds:
@@ -582,6 +754,9 @@ def main() -> None:
     if args.same_start and args.scvi_only and not args.merge:
         raise SystemExit("--same-start --scvi-only reuses atlasvi's rows of the seeds: name them with --merge")
     paths = prepare()
+    if args.rescore:
+        rescore(args.rescore, paths)
+        return
     if args.same_split:
         save_atlasvi_validation_cells(paths)
     earlier = []
@@ -608,13 +783,23 @@ def main() -> None:
         "train_seed_offset": args.train_seed_offset,
         "load_average_at_start": list(os.getloadavg()),
         "cells": {name: len(part) for name, part in split(2641).items()},
+        "knn_cell_order": "cell name",  # earlier runs: each tool's own order (other CV folds per tool)
     }
+    if args.same_start:
+        meta["heldout_scorer"] = HELD_OUT_SCORER
     results = HERE / "results"
     for seed in args.seeds:  # seed by seed, atlasvi then scvi-tools (a subprocess), the results written after each row
         sides = ([] if args.scvi_only else ["atlasvi"]) + ([] if args.atlasvi_only else ["scvi-tools"])
         for side in sides:
             row = (
-                atlasvi_side(paths, seed, fields, args.library_start_at_mean, args.same_start, args.train_seed_offset)
+                atlasvi_side(
+                    paths,
+                    seed,
+                    fields,
+                    args.library_start_at_mean,
+                    args.same_start,
+                    args.train_seed_offset,
+                )  # fmt: skip
                 if side == "atlasvi"
                 else None
             )
@@ -625,12 +810,87 @@ def main() -> None:
             for line in lines or _scvi_rows(*scvi):
                 rows.append(json.loads(line) | {"load_average_at_end": list(os.getloadavg())})
                 print(line, flush=True)
-            payload = {"meta": meta, "rows": rows}
-            if args.same_start:
-                payload["paired_differences"] = paired_differences(rows)
-            (results / f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
-            (results / f"{args.out}.md").write_text(markdown(rows, meta))
+            if args.same_start and side == sides[-1]:
+                rows = one_scorer(rows, seed, paths)
+            write_results(results / args.out, meta, rows)
     print(markdown(rows, meta))
+
+
+def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
+    """OUT.json (meta, rows, with --same-start the paired differences) and OUT.md."""
+    payload = {"meta": meta, "rows": rows}
+    if meta.get("same_start"):
+        payload["paired_differences"] = paired_differences(rows)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+
+
+def one_scorer(rows: list[dict], seed: int, paths: dict[str, Path]) -> list[dict]:
+    """The rows with both tools' held-out figures of `seed` from one scorer (`scvi_score_both`, a subprocess in the
+    scvi-tools venv); each tool's own one-draw figures move to *_own_one_draw. SystemExit with one line when a
+    tool's trained weights of the seed are not in the cache."""
+    missing = [str(trained_weights(tool, seed)) for tool in ("atlasvi", "scvi-tools")]
+    missing = [m for m in missing if not Path(m).exists()]
+    if missing:
+        raise SystemExit(f"the one held-out scorer needs both tools' trained weights of seed {seed}: no {missing}")
+    prepared = json.dumps({k: str(v) for k, v in paths.items()})
+    command = [str(SCVI_PYTHON), __file__, "--side", "scvi-score", "--paths", prepared, "--seeds", str(seed)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    scored = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    if scored.returncode != 0:
+        raise SystemExit(f"the scvi-tools held-out scorer failed (exit {scored.returncode})")
+    scores = json.loads(next(line for line in scored.stdout.splitlines() if line.startswith('{"atlasvi"')))
+    return with_scores(rows, seed, scores)
+
+
+def with_scores(rows: list[dict], seed: int, scores: dict[str, dict[str, float]]) -> list[dict]:
+    """The rows with `seed`'s held-out figures from `scores` ({tool: {"rna", "atac"}}); the figures they replace
+    move to *_own_one_draw (kept there when a row was scored before)."""
+    out = []
+    for row in rows:
+        if row["seed"] == seed:
+            own = {f"{key}_own_one_draw": row.get(f"{key}_own_one_draw", row[key]) for key in HELD_OUT_KEYS.values()}
+            row = row | own | {key: scores[row["tool"]][modality] for modality, key in HELD_OUT_KEYS.items()}
+        out.append(row)
+    return out
+
+
+def rescore(names: list[str], paths: dict[str, Path]) -> None:
+    """--rescore: the one scorer on every seed of results/NAME.json (a --same-start run whose trained weights are in
+    the cache); NAME.json and .md rewritten, the scorer named in the meta."""
+    for name in names:
+        path = HERE / "results" / f"{name}.json"
+        if not path.is_file():
+            raise SystemExit(f"no results/{name}.json")
+        report = json.loads(path.read_text())
+        if not report["meta"].get("same_start"):
+            raise SystemExit(f"results/{name}.json is not a --same-start run: no trained weights of both tools")
+        rows, meta = report["rows"], report["meta"] | {"rescored": f"--rescore {name}"}
+        for seed in sorted({r["seed"] for r in rows}):
+            rows = one_scorer(rows, seed, paths)
+            if not report["meta"].get("knn_cell_order"):  # a run that scored kNN in each tool's own order
+                rows = with_knn_by_name(rows, seed, paths)
+        meta |= {"heldout_scorer": HELD_OUT_SCORER, "knn_cell_order": "cell name"}
+        write_results(HERE / "results" / name, meta, rows)
+
+
+def with_knn_by_name(rows: list[dict], seed: int, paths: dict[str, Path]) -> list[dict]:
+    """The rows with `seed`'s kNN accuracy recomputed from the trained weights with both latents in one cell order
+    (`knn_by_name`; scvi-tools' in a subprocess in its venv); the own-order figure kept as knn_accuracy_own_order."""
+    prepared = json.dumps({k: str(v) for k, v in paths.items()})
+    command = [str(SCVI_PYTHON), __file__, "--side", "scvi-knn", "--paths", prepared, "--seeds", str(seed)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    scored = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    if scored.returncode != 0:
+        raise SystemExit(f"the scvi-tools kNN rescoring failed (exit {scored.returncode})")
+    knn = {
+        "scvi-tools": json.loads(scored.stdout.strip().splitlines()[-1]),
+        "atlasvi": atlasvi_trained_knn(paths, seed),
+    }
+    return [
+        r | {"knn_accuracy_own_order": r["knn_accuracy"], "knn_accuracy": knn[r["tool"]]} if r["seed"] == seed else r
+        for r in rows
+    ]
 
 
 def merged_rows(files: list[tuple[list[dict], bool]], seeds: list[int], reused: str, same_start: bool) -> list[dict]:

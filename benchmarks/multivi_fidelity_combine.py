@@ -53,6 +53,7 @@ def combine(reports: dict[str, dict]) -> tuple[list[dict], dict]:
     line when a report is not a same-start, same-split run, its settings differ, or a (tool, seed) repeats."""
     rows: list[dict] = []
     fields = None
+    knn_order = heldout_scorer = ""  # not yet read ("" is neither recorded value)
     for name, report in reports.items():
         meta = report["meta"]
         if not (meta.get("same_start") and meta.get("same_split")) or meta.get("train_seed_offset"):
@@ -60,12 +61,22 @@ def combine(reports: dict[str, dict]) -> tuple[list[dict], dict]:
         if fields is not None and meta["train_fields"] != fields:
             raise SystemExit(f"results/{name}.json was run with {meta['train_fields']}, not {fields}")
         fields = meta["train_fields"]
+        order = meta.get("knn_cell_order")  # None: each tool's own order (runs before it was recorded)
+        if knn_order != "" and order != knn_order:
+            raise SystemExit(f"results/{name}.json scores kNN in cell order {order!r}, the others in {knn_order!r}")
+        knn_order = order
+        scorer = meta.get("heldout_scorer")  # None: each tool's own scorer, one draw
+        if heldout_scorer != "" and scorer != heldout_scorer:
+            raise SystemExit(
+                f"results/{name}.json scores held-out cells by {scorer!r}, the others by {heldout_scorer!r}"
+            )
+        heldout_scorer = scorer
         have = {(r["tool"], r["seed"]) for r in rows}
         for r in report["rows"]:
             if (r["tool"], r["seed"]) in have:
                 raise SystemExit(f"results/{name}.json repeats {r['tool']}'s seed {r['seed']}")
             rows.append(r | {"source": name})
-    return rows, {"train_fields": fields or {}}
+    return rows, {"train_fields": fields or {}, "knn_cell_order": knn_order, "heldout_scorer": heldout_scorer}
 
 
 def recorded_loads(report: dict) -> list[float]:
@@ -168,6 +179,8 @@ def main() -> None:
         "train_seed_offset": 0,
         "cells": {name: len(part) for name, part in split(2641).items()},
         "n_pairs": len(diffs["per_seed"]),
+        "knn_cell_order": common["knn_cell_order"],
+        "heldout_scorer": common["heldout_scorer"],
         "sources": [
             {
                 "name": name,

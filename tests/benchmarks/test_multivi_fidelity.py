@@ -10,15 +10,18 @@ import scipy.sparse as sp
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from benchmarks import multivi_atlas, multivi_init_distribution
+from benchmarks import multivi_atlas, multivi_cross_score, multivi_init_distribution
+from benchmarks.fidelity_data import knn_accuracy
 from benchmarks.multivi_fidelity import (
     METRICS,
+    _row,
     auroc,
     expression_correlation,
     markdown,
     merged_rows,
     paired_differences,
     split,
+    with_scores,
 )
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -61,6 +64,45 @@ def test_committed_tables_render_from_their_json():
     memory = json.loads((RESULTS / "multivi_memory.json").read_text())
     assert multivi_atlas.markdown(memory["rows"], memory["command"]) == (RESULTS / "multivi_memory.md").read_text()
     assert {r["peaks"] for r in memory["rows"]} == {52761}
+
+
+def test_knn_reads_both_tools_latents_in_one_cell_order():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(["0", "2", "24"], 20)
+    latent = rng.normal(size=(60, 3)) + np.repeat([0.0, 1.0, 2.0], 20)[:, None]  # some signal, imperfect kNN
+    cells = np.array([f"cell{i:02d}" for i in range(60)])
+    order = rng.permutation(60)  # another tool's order of the same cells (atlasvi's store permutes its rows)
+    peaks = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 1, 0, 0], [1, 1, 0, 1]]))
+    counts = sp.csr_matrix(np.array([[3, 0, 1], [0, 2, 5], [1, 1, 0]]))
+    fixed = ("atlasvi", 0, {"rna": 1.0, "atac": 2.0}, rng.random((3, 4)), peaks, rng.random((3, 3)), counts)
+    one = _row(*fixed, latent, labels, cells, 10, 1.0)["knn_accuracy"]
+    other = _row(*fixed, latent[order], labels[order], cells[order], 10, 1.0)["knn_accuracy"]
+    assert one == other
+    assert knn_accuracy(latent[order], labels[order]) != knn_accuracy(latent, labels)  # the folds follow the order
+
+
+def test_with_scores_moves_each_tools_own_figures_aside_once():
+    rows = [
+        {"tool": t, "seed": s, "heldout_reconstruction_rna": 10.0 + s, "heldout_reconstruction_atac": 20.0 + s}
+        for t in ("atlasvi", "scvi-tools")
+        for s in (0, 1)
+    ]
+    scores = {"atlasvi": {"rna": 1.0, "atac": 2.0}, "scvi-tools": {"rna": 3.0, "atac": 4.0}}
+    out = with_scores(rows, 1, scores)
+    assert out[0] == rows[0] and out[2] == rows[2]  # seed 0 untouched
+    assert out[1]["heldout_reconstruction_rna"] == 1.0 and out[3]["heldout_reconstruction_atac"] == 4.0
+    assert out[1]["heldout_reconstruction_rna_own_one_draw"] == 11.0
+    assert out[3]["heldout_reconstruction_atac_own_one_draw"] == 21.0
+    again = with_scores(out, 1, {t: {"rna": 5.0, "atac": 6.0} for t in scores})  # a second rescore
+    assert again[1]["heldout_reconstruction_rna_own_one_draw"] == 11.0 and again[1]["heldout_reconstruction_rna"] == 5.0
+
+
+def test_committed_cross_score_renders_from_its_json():
+    report = json.loads((RESULTS / "multivi_cross_score_s0.json").read_text())
+    assert multivi_cross_score.markdown(report) == (RESULTS / "multivi_cross_score_s0.md").read_text()
+    scores = report["scores"]
+    for weights in ("atlasvi", "scvi-tools"):  # the gap follows the weights: both scorers agree on each model
+        assert abs(scores["atlasvi"][weights]["z_mean"] - scores["scvi-tools"][weights]["z_mean"]) < 0.01
 
 
 def test_paired_differences_are_atlasvi_minus_scvi_tools_per_seed_both_ran():
@@ -119,6 +161,8 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
         "multivi_fidelity_same_split_s67",
         "multivi_fidelity_same_split_s89",
         "multivi_fidelity_same_split_s1011",
+        "multivi_fidelity_one_scorer_s0",
+        "multivi_fidelity_one_scorer_s123",
     ],
 )
 def test_committed_paired_table_renders_from_its_json(name):

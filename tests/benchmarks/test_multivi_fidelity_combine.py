@@ -42,7 +42,7 @@ def test_combine_tags_sources_and_rejects_other_designs_and_repeats():
     rng = np.random.default_rng(0)
     rows, common = combine({"a": _report([0, 1], rng), "b": _report([2], rng)})
     assert [(r["source"], r["seed"]) for r in rows if r["tool"] == "atlasvi"] == [("a", 0), ("a", 1), ("b", 2)]
-    assert common == {"train_fields": {"max_epochs": 10}}
+    assert common == {"train_fields": {"max_epochs": 10}, "knn_cell_order": None, "heldout_scorer": None}
     with pytest.raises(SystemExit, match="not a --same-start --same-split"):
         combine({"a": _report([0], rng, same_split=False)})
     with pytest.raises(SystemExit, match="not a --same-start --same-split"):
@@ -51,6 +51,13 @@ def test_combine_tags_sources_and_rejects_other_designs_and_repeats():
         combine({"a": _report([0], rng), "b": _report([1], rng, train_fields={"max_epochs": 20})})
     with pytest.raises(SystemExit, match="repeats atlasvi's seed 1"):
         combine({"a": _report([0, 1], rng), "b": _report([1], rng)})
+    new = {"knn_cell_order": "cell name", "heldout_scorer": "one"}
+    _, common = combine({"a": _report([0], rng, **new), "b": _report([1], rng, **new)})
+    assert common["knn_cell_order"] == "cell name" and common["heldout_scorer"] == "one"
+    with pytest.raises(SystemExit, match="scores kNN in cell order None, the others in 'cell name'"):
+        combine({"a": _report([0], rng, **new), "b": _report([1], rng, heldout_scorer="one")})
+    with pytest.raises(SystemExit, match="scores held-out cells by None, the others by 'one'"):
+        combine({"a": _report([0], rng, **new), "b": _report([1], rng, knn_cell_order="cell name")})
 
 
 def test_recorded_loads_are_the_start_then_each_rows_end():
@@ -78,10 +85,19 @@ def test_goals_match_scipys_paired_tests():
     assert nats["worst_bound"] == nats["ci95"][1] and knn["worst_bound"] == knn["ci95"][0]
 
 
-def test_committed_combined_table_renders_from_its_json():
-    payload = json.loads((RESULTS / "multivi_fidelity_paired12.json").read_text())
-    assert report_markdown(payload) == (RESULTS / "multivi_fidelity_paired12.md").read_text()
+@pytest.mark.parametrize(("name", "pairs"), [("multivi_fidelity_paired12", 12), ("multivi_fidelity_one_scorer4", 4)])
+def test_committed_combined_table_renders_from_its_json(name, pairs):
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
+    assert report_markdown(payload) == (RESULTS / f"{name}.md").read_text()
     diffs = paired_differences(payload["rows"])
     assert json.loads(json.dumps(diffs)) == payload["paired_differences"]
     assert json.loads(json.dumps(goals(payload["rows"], diffs))) == payload["goals"]
-    assert payload["meta"]["n_pairs"] == len(diffs["per_seed"]) >= 6
+    assert payload["meta"]["n_pairs"] == len(diffs["per_seed"]) == pairs
+
+
+def test_one_scorer_pairs_keep_each_tools_own_figures_beside_the_one_scorers():
+    payload = json.loads((RESULTS / "multivi_fidelity_one_scorer4.json").read_text())
+    assert payload["meta"]["heldout_scorer"].startswith("scvi-tools' get_reconstruction_error on both tools'")
+    assert payload["meta"]["knn_cell_order"] == "cell name"
+    for row in payload["rows"]:  # one draw vs the 50-draw mean: within a nat per cell, not equal
+        assert 0 < abs(row["heldout_reconstruction_rna_own_one_draw"] - row["heldout_reconstruction_rna"]) < 1.0
