@@ -431,6 +431,11 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=2000, help="the reference's top HVGs kept (CBMC, PDAC)")
     parser.add_argument("--workdir", type=Path, default=HERE / ".cache" / "destvi")
     parser.add_argument("--scvi-python", default=None)
+    parser.add_argument("--name", default="destvi_fidelity", help="results/NAME.json and .md (a run merges into them)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None,
+        help="write results/NAME.{json,md} from these results files' runs (later files win on a repeated run)",
+    )  # fmt: skip
     parser.add_argument(
         "--validation-fraction", type=float, default=None,
         help="atlasvi's held-out share of cells / spots (default: one cell, as scvi-tools' train_size 1)",
@@ -448,8 +453,11 @@ def main() -> None:
         return
     import pandas as pd
 
+    results_path = RESULTS / f"{args.name}.json"
+    if args.merge:
+        write(merged([json.loads(path.read_text()) for path in args.merge]), results_path)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results_path = RESULTS / "destvi_fidelity.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     for dataset in args.datasets:
         for seed in args.seeds:
@@ -483,9 +491,28 @@ def main() -> None:
                 if seed == args.seeds[0]:
                     figure(dataset, spots, tables, RESULTS / f"destvi_{dataset}.png")
             results["machine"] = f"{platform.node()}: {os.cpu_count()} CPUs (shared, under load)"
-            RESULTS.mkdir(exist_ok=True)
-            results_path.write_text(json.dumps(results, indent=1))
-            (RESULTS / "destvi_fidelity.md").write_text(table(results))
+            write(results, results_path)
+
+
+def merged(parts: list[dict]) -> dict:
+    """One results dict from several: runs keyed by (dataset, seed, tool) and agreements by key, later parts
+    replacing earlier ones; notes concatenated; the last part's machine."""
+    runs: dict[tuple, dict] = {}
+    out: dict = {"runs": [], "agreement": {}, "notes": []}
+    for part in parts:
+        runs |= {(r["dataset"], r["seed"], r["tool"]): r for r in part["runs"]}
+        out["agreement"] |= part.get("agreement", {})
+        out["notes"] += [n for n in part.get("notes", []) if n not in out["notes"]]
+        out["machine"] = part.get("machine", "")
+    out["runs"] = list(runs.values())
+    return out
+
+
+def write(results: dict, path: Path) -> None:
+    """results as path (.json) and its markdown tables beside it (.md)."""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    path.with_suffix(".md").write_text(table(results))
 
 
 def paired_gaps(sims: list[dict], key: str = "spearman") -> list[dict]:

@@ -17,7 +17,7 @@ from torch import nn
 from atlasvi.api.condscvi import CondSCVI
 from atlasvi.api.destvi import DestVI
 from atlasvi.data import BuildConfig, build_store
-from benchmarks.destvi_fidelity import _load_init, atlasvi_init, paired_gaps, table
+from benchmarks.destvi_fidelity import _load_init, atlasvi_init, merged, paired_gaps, table
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -91,3 +91,14 @@ def test_atlasvi_init_is_the_draw_a_run_of_the_seed_starts_from(stores):
 def test_committed_table_renders_from_its_json():
     results = json.loads((RESULTS / "destvi_fidelity.json").read_text())
     assert table(results) == (RESULTS / "destvi_fidelity.md").read_text()
+
+
+def test_merged_results_keep_one_run_per_dataset_seed_tool_the_later_winning():
+    run = {"dataset": "simulation", "epochs": [300, 100], "spearman": 0.5}
+    a = {"runs": [run | {"seed": 0, "tool": "atlasvi"}, run | {"seed": 1, "tool": "atlasvi"}], "machine": "m1"}
+    b = {"runs": [run | {"seed": 0, "tool": "atlasvi", "spearman": 0.9}, run | {"seed": 0, "tool": "scvi-tools"}],
+         "agreement": {"pdac_0": {"r": 1}}, "notes": ["n"], "machine": "m2"}  # fmt: skip
+    out = merged([a, b])
+    by = {(r["seed"], r["tool"]): r["spearman"] for r in out["runs"]}
+    assert by == {(0, "atlasvi"): 0.9, (1, "atlasvi"): 0.5, (0, "scvi-tools"): 0.5}
+    assert out["agreement"] == {"pdac_0": {"r": 1}} and out["notes"] == ["n"] and out["machine"] == "m2"
