@@ -323,26 +323,12 @@ def atlasvi_trained_knn(paths: dict[str, Path], seed: int) -> float:
 def scvi_trained_knn(paths: dict[str, str], seed: int) -> float:
     """(scvi-tools venv) `knn_by_name` of scvi-tools' trained model of `seed` (CACHE/scvi_trained_SEED.npz): the
     latent of every training and held-out cell, as `scvi_side` computes it."""
-    import logging
     import warnings
 
-    import scvi
-    import torch
-
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
-        held.obs["_indices"] = np.arange(held.n_obs)
-        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
-        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
-        model = scvi.model.MULTIVI(train)
-        weights = np.load(trained_weights("scvi-tools", seed))
-        model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
-        model.is_trained_ = True
-        model.module.eval()
+        train, held = _scvi_mudata(paths)
+        model = _scvi_trained(train, "scvi-tools", seed)
         latent = np.concatenate([model.get_latent_representation(train), model.get_latent_representation(held)])
     labels = np.concatenate([train["rna"].obs[LABELS_KEY].astype(str), held["rna"].obs[LABELS_KEY].astype(str)])
     return knn_by_name(latent, labels, np.concatenate([train.obs_names, held.obs_names]))
@@ -369,6 +355,40 @@ def _row(tool, seed, heldout, accessibility, peaks, expression, counts, latent, 
 
 
 # --------------------------------------------------------------------------------------------- scvi-tools
+def _scvi_mudata(paths: dict[str, str]) -> tuple:
+    """(scvi-tools venv) scvi-tools quiet on one thread, and the (train, held-out) MuData, train registered with
+    MULTIVI.setup_mudata."""
+    import logging
+
+    import scvi
+
+    scvi.settings.verbosity = logging.WARNING
+    scvi.settings.num_threads = 1
+    scvi.settings.dl_num_workers = 0
+    train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
+    held.obs["_indices"] = np.arange(held.n_obs)  # setup_mudata adds it to the data it registers only
+    modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
+    scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+    return train, held
+
+
+def _scvi_trained(train, tool: str, seed: int):
+    """(scvi-tools venv) scvi-tools' MULTIVI on `train` holding `tool`'s trained weights of `seed` (atlasvi's mapped
+    by `load_atlasvi_weights`), in eval mode."""
+    import scvi
+    import torch
+
+    model = scvi.model.MULTIVI(train)
+    weights = np.load(trained_weights(tool, seed))
+    if tool == "atlasvi":
+        load_atlasvi_weights(model, weights)
+    else:
+        model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
+    model.is_trained_ = True
+    model.module.eval()
+    return model
+
+
 def _mudata(path: str):
     import anndata as ad
     import mudata as md
@@ -440,31 +460,16 @@ def scvi_score_both(paths: dict[str, str], seed: int) -> dict[str, dict[str, flo
     (atlasvi's mapped by `load_atlasvi_weights`), eval mode, scored by its get_reconstruction_error on the held-out
     cells, the mean over HELD_OUT_DRAWS draws of z under torch seeds 0..HELD_OUT_DRAWS - 1 (the same draws for both
     tools). Returns {tool: {"rna": nats per cell, "atac": BCE per cell}}."""
-    import logging
     import warnings
 
-    import scvi
     import torch
 
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
-        held.obs["_indices"] = np.arange(held.n_obs)
-        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
-        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+        train, held = _scvi_mudata(paths)
         for tool in ("atlasvi", "scvi-tools"):
-            model = scvi.model.MULTIVI(train)
-            weights = np.load(trained_weights(tool, seed))
-            if tool == "atlasvi":
-                load_atlasvi_weights(model, weights)
-            else:
-                model.module.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files})
-            model.is_trained_ = True
-            model.module.eval()
+            model = _scvi_trained(train, tool, seed)
             sums = {"rna": 0.0, "atac": 0.0}
             for draw in range(HELD_OUT_DRAWS):
                 torch.manual_seed(draw)
@@ -488,22 +493,15 @@ def scvi_side(
     seed, which draws its validation cells and training draws, is seed + offset; same_split: its validation cells
     (held out from training) are atlasvi's (CACHE/atlasvi_validation_cells.npy), so it trains on atlasvi's cells;
     with same_start its trained MULTIVAE weights are saved (CACHE/scvi_trained_SEED.npz), as atlasvi's."""
-    import logging
     import warnings
 
     import scvi
     import torch
 
-    scvi.settings.verbosity = logging.WARNING
-    scvi.settings.num_threads = 1
-    scvi.settings.dl_num_workers = 0
-    scvi.settings.seed = seed + train_seed_offset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train, held = _mudata(paths["train"]), _mudata(paths["heldout"])
-        held.obs["_indices"] = np.arange(held.n_obs)  # setup_mudata adds it to the data it registers only
-        modalities = {"rna_layer": "rna", "atac_layer": "atac", "batch_key": "rna"}
-        scvi.model.MULTIVI.setup_mudata(train, batch_key=BATCH_KEY, modalities=modalities)
+        train, held = _scvi_mudata(paths)
+        scvi.settings.seed = seed + train_seed_offset
         model = scvi.model.MULTIVI(train)
         if same_start:
             start_from_atlasvi(model, seed)
