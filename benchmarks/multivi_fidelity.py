@@ -831,13 +831,8 @@ def one_scorer(rows: list[dict], seed: int, paths: dict[str, Path]) -> list[dict
     missing = [m for m in missing if not Path(m).exists()]
     if missing:
         raise SystemExit(f"the one held-out scorer needs both tools' trained weights of seed {seed}: no {missing}")
-    prepared = json.dumps({k: str(v) for k, v in paths.items()})
-    command = [str(SCVI_PYTHON), __file__, "--side", "scvi-score", "--paths", prepared, "--seeds", str(seed)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    scored = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    if scored.returncode != 0:
-        raise SystemExit(f"the scvi-tools held-out scorer failed (exit {scored.returncode})")
-    scores = json.loads(next(line for line in scored.stdout.splitlines() if line.startswith('{"atlasvi"')))
+    stdout = _scvi_subprocess("scvi-score", paths, seed, "the scvi-tools held-out scorer")
+    scores = json.loads(next(line for line in stdout.splitlines() if line.startswith('{"atlasvi"')))
     return with_scores(rows, seed, scores)
 
 
@@ -872,17 +867,24 @@ def rescore(names: list[str], paths: dict[str, Path]) -> None:
         write_results(HERE / "results" / name, meta, rows)
 
 
+def _scvi_subprocess(side: str, paths: dict[str, Path], seed: int, what: str) -> str:
+    """The stdout of this script's `--side SIDE` for `seed` in the scvi-tools venv (one thread); SystemExit naming
+    `what` when it fails."""
+    prepared = json.dumps({k: str(v) for k, v in paths.items()})
+    command = [str(SCVI_PYTHON), __file__, "--side", side, "--paths", prepared, "--seeds", str(seed)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {done.returncode})")
+    return done.stdout
+
+
 def with_knn_by_name(rows: list[dict], seed: int, paths: dict[str, Path]) -> list[dict]:
     """The rows with `seed`'s kNN accuracy recomputed from the trained weights with both latents in one cell order
     (`knn_by_name`; scvi-tools' in a subprocess in its venv); the own-order figure kept as knn_accuracy_own_order."""
-    prepared = json.dumps({k: str(v) for k, v in paths.items()})
-    command = [str(SCVI_PYTHON), __file__, "--side", "scvi-knn", "--paths", prepared, "--seeds", str(seed)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    scored = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    if scored.returncode != 0:
-        raise SystemExit(f"the scvi-tools kNN rescoring failed (exit {scored.returncode})")
+    stdout = _scvi_subprocess("scvi-knn", paths, seed, "the scvi-tools kNN rescoring")
     knn = {
-        "scvi-tools": json.loads(scored.stdout.strip().splitlines()[-1]),
+        "scvi-tools": json.loads(stdout.strip().splitlines()[-1]),
         "atlasvi": atlasvi_trained_knn(paths, seed),
     }
     return [
