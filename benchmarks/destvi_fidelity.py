@@ -23,8 +23,8 @@ warm-up 200 epochs, batch size 128), the same epochs (--condscvi-epochs, --destv
 reference and one spot (the smallest validation_fraction it takes; --validation-fraction sets another, the
 pipeline's default is 10 %); the held-out spot's proportions come from the same amortization networks. The
 scvi-tools half runs in its venv as a subprocess of this script (`--side scvi`),
-after the atlasvi half, one torch thread each. Output: results/destvi_fidelity.json and .md (a run replaces the
-entries of its datasets and seeds).
+after the atlasvi half, one torch thread each. Output: results/NAME.json and .md (--name, default destvi_fidelity;
+a run replaces the entries of its datasets, seeds and tools; --merge combines results files into NAME).
 
 The tool "scvi-tools-atlasvi-init" is scvi-tools started from atlasvi's initial weights of the same seed (the
 paired design without the initial draw): the untrained CondSCVI's weights, and the DestVI's own (its amortization
