@@ -308,6 +308,9 @@ def _place_rows(indptr, indices, data, starts, out_indices, out_values):
             out_values[d + k] = data[a + k]
 
 
+_INDICES, _VALUES = np.int32, np.float32  # a window's gene indices and counts
+
+
 def _shuffled_counts(
     blocks: list[RowBlock], order: slice | np.ndarray, buffers: Buffers, store: AtlasStore | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -323,7 +326,7 @@ def _shuffled_counts(
     starts[order] = indptr[:-1]  # where each row read goes
     nnz = int(indptr[-1])
     buffer = buffers.take(8 * nnz)
-    indices, values = buffer[: 4 * nnz].view(np.int32), buffer[4 * nnz :].view(np.float32)
+    indices, values = buffer[: 4 * nnz].view(_INDICES), buffer[4 * nnz :].view(_VALUES)
     edges = np.cumsum([0] + [len(b.indptr) - 1 for b in blocks]).tolist()
     per_block = [starts[a:z] for a, z in zip(edges[:-1], edges[1:], strict=True)]
     if store is not None:
@@ -387,6 +390,8 @@ class StreamingLoader:
         self._ahead: dict[tuple[int, int], Future] = {}  # (epoch, window) -> window being read
         # windows alive at once: the one being cut, the one whose last minibatch is in use, those read ahead
         self._buffers = Buffers(keep=config.prefetch + 3)
+        # the kernel that places X's counts, loaded here rather than by the first window read (which would wait for it)
+        store.load_counts_kernel(_INDICES, _VALUES)
 
     def __len__(self) -> int:
         return self.sampler.batches_per_rank

@@ -4,7 +4,9 @@ The loader's hot path (`StreamingLoader`, backend "auto" on a local store). Each
 (Zarr v3 sharding, index at the shard's end; inner codecs bytes, Blosc, crc32c, as `atlasvi build` writes them) is
 read with one `pread`, its checksum verified, decoded by Blosc into a small per-thread scratch array, and its rows
 are copied at once to their shuffled places in the window (and checked: counts > 0, gene indices in range and
-increasing within a cell) while the chunk is still in cache. Decoding, placing and checking release the GIL.
+increasing within a cell) while the chunk is still in cache. Decoding, placing and checking release the GIL. The
+placing kernel comes from numba's cache; a loader loads it when it is built (`DirectCounts.load_kernel`), since
+loading it costs ~0.5 s of CPU once per process, mostly numba importing its compiler's registries.
 
 Against reading whole ranges through tensorstore and then gathering them, this skips a full pass of the decoded
 counts through memory (benchmarks/README.md, "Loader and build"). Anything this path does not handle as the
@@ -138,6 +140,16 @@ class DirectCounts:
         if indices.chunk != data.chunk or indices.dtype.kind not in "iu":
             return None
         return cls(indices, data, n_columns)
+
+    def load_kernel(self, out_indices: type, out_values: type) -> None:
+        """Load the placing kernel for this store's dtypes and outputs of these dtypes (numba's cached machine code:
+        ~0.5 s of CPU once per process, nearly all numba setting up its compiler context), so that the first window
+        does not wait for it; places nothing. `place` then runs this very compiled version."""
+        pointer = np.zeros(1, dtype=np.int64)  # one row pointer: no rows
+        _place_chunk(
+            np.empty(0, self.indices.dtype), np.empty(0, self.data.dtype), 0, 0, 0, pointer, pointer[:0], 0, -1,
+            self.n_columns, np.empty(0, out_indices), np.empty(0, out_values),
+        )  # fmt: skip
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
         scratch = self._scratch

@@ -419,6 +419,12 @@ class AtlasStore:
         written as `atlasvi build` writes it; `atlasvi.data.shards`)."""
         return self._direct is not None
 
+    def load_counts_kernel(self, out_indices: type, out_values: type) -> None:
+        """Load now the kernel that `place_counts` runs into outputs of these dtypes (`shards.DirectCounts.load_kernel`;
+        nothing where X is not read directly)."""
+        if self._direct is not None:
+            self._direct.load_kernel(out_indices, out_values)
+
     def place_counts(
         self, pointers: list[np.ndarray], starts: list[np.ndarray], out_indices: np.ndarray, out_values: np.ndarray
     ) -> bool:

@@ -132,6 +132,43 @@ def test_the_default_loader_places_counts_from_the_shard_files_as_zarr_python_re
     assert "X/indptr" in asked and not {"X/data", "X/indices"} & set(asked)
 
 
+def test_the_default_loader_loads_its_placing_kernel_when_built_for_the_windows_signature(kang_store, monkeypatch):
+    """The direct reads' kernel is loaded by the constructor (not by the first window read, which would wait for it),
+    with the very argument types every window's calls have: no window compiles or loads another version."""
+    from atlasvi.data import shards
+
+    kernel, calls = shards._place_chunk, []
+
+    def spy(*args):
+        calls.append(tuple(kernel.typeof_pyval(a) for a in args))
+        return kernel(*args)
+
+    monkeypatch.setattr(shards, "_place_chunk", spy)
+    loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
+    assert loader.store.direct_counts and len(calls) == 1
+    loaded = calls[0]
+    assert len(_epoch(loader)) == len(loader)
+    loader.close()  # the next epoch's windows read ahead are done or dropped
+    assert len(calls) > 10 and set(calls) == {loaded}
+    n_calls = len(calls)
+    StreamingLoader(kang_store, LoaderConfig(**SMALL, backend="tensorstore"))  # no direct reads: not loaded
+    assert len(calls) == n_calls
+
+
+def test_the_placing_kernel_comes_from_numbas_cache_in_a_new_process(kang_store):
+    """numba's cache of the kernel stays valid across processes: a new process's loader loads it, compiling nothing."""
+    StreamingLoader(kang_store, LoaderConfig(**SMALL))  # compiled and cached here if no process had
+    script = (
+        "import sys; from atlasvi.data import LoaderConfig, StreamingLoader, shards\n"
+        "StreamingLoader(sys.argv[1], LoaderConfig(batch_size=64))\n"
+        "stats = shards._place_chunk.stats\n"
+        "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(kang_store)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0"]
+
+
 def test_minibatches_are_views_of_one_window_in_their_dtypes(kang_store):
     loader = StreamingLoader(kang_store, LoaderConfig(**SMALL))
     first, second = list(itertools.islice(iter(loader), 2))
