@@ -15,6 +15,10 @@ rounds, atlasvi / annbatch ratios medians of ratios paired within a round; the l
 Results go to benchmarks/results/loader.{json,md} with the machine, the command and the commit.
 
     python benchmarks/loader_bench.py --sizes 200000 --reuse-stores --min-cells 200000  # quicker rounds
+    python benchmarks/loader_bench.py --combine results/a.json results/b.json --out results/ab  # pooled ratios
+
+Each loader measurement is one fresh process: cells/s from the first batch's request (the loader built, its
+setup timed apart), and the steady state, cells/s after its first batch, in the same rounds for both tools.
 """
 
 import argparse
@@ -79,17 +83,29 @@ def child_sequential(store: str, backend: str, repeats: int, block: int = 16384)
 
 
 def child_loader(store: str, backend: str, batch_size: int, repeats: int, min_cells: int) -> dict:
+    """cells/s from the first `next` on (the loader built: store open, kernel loaded; `setup_s`), and the steady state:
+    cells after the first batch over the time after it (`first_batch_s`)."""
     from atlasvi.data import LoaderConfig, StreamingLoader
 
+    start = time.perf_counter()
     loader = StreamingLoader(store, LoaderConfig(batch_size=batch_size, backend=backend))
-    rates = []
+    setup = time.perf_counter() - start
+    rates, steady, first = [], [], []
     for _ in range(repeats):
         cells, start = 0, time.perf_counter()
         while cells < min_cells or cells == 0:
             for batch in loader:
+                if cells == 0:
+                    first_at, first_cells = time.perf_counter(), len(batch)
                 cells += len(batch)
-        rates.append(cells / (time.perf_counter() - start))
-    return {"cells_per_s": statistics.median(rates), "all": rates, "peak_rss_mb": _peak_rss_mb()}
+        end = time.perf_counter()
+        rates.append(cells / (end - start))
+        steady.append((cells - first_cells) / (end - first_at))
+        first.append(first_at - start)
+    return {
+        "cells_per_s": statistics.median(rates), "all": rates, "steady_all": steady, "first_batch_s_all": first,
+        "setup_s": setup, "peak_rss_mb": _peak_rss_mb(),
+    }  # fmt: skip
 
 
 def child_consumer_wait(store: str, backend: str, batch_size: int, compute_s: float) -> dict:
@@ -163,11 +179,17 @@ def _size_mb(path: str | Path) -> float:
 
 
 def _merge(parts: list[dict]) -> dict:
-    """One measurement's interleaved repeats: median cells/s, every repeat, peak RSS of the largest."""
+    """One measurement's interleaved repeats: median cells/s, every repeat, peak RSS of the largest; where measured,
+    the steady state (cells/s after the first batch), the first batch's and the setup's seconds, every repeat."""
     rates = [p["cells_per_s"] for p in parts]
     merged = {"cells_per_s": statistics.median(rates), "all": rates}
     if "peak_rss_mb" in parts[0]:
         merged["peak_rss_mb"] = max(p["peak_rss_mb"] for p in parts)
+    if "steady_all" in parts[0]:
+        merged["steady_all"] = [p["steady_all"][0] for p in parts]
+        merged["steady_cells_per_s"] = statistics.median(merged["steady_all"])
+        merged["first_batch_s_all"] = [p["first_batch_s_all"][0] for p in parts]
+        merged["setup_s_all"] = [p["setup_s"] for p in parts]
     return merged
 
 
@@ -224,7 +246,14 @@ def run(args: argparse.Namespace) -> dict:
                     }
                     for entry in out["rows"]:
                         key = f"{compressor}/{'zarrs' if entry['zarrs'] else 'zarr'}/{entry['batch_size']}"
-                        ann.setdefault(key, []).append({"cells_per_s": entry["cells_per_s_median"]})
+                        ann.setdefault(key, []).append(
+                            {
+                                "cells_per_s": entry["cells_per_s_median"],
+                                "steady_all": entry["steady_cells_per_s_all"][:1],
+                                "first_batch_s_all": entry["first_batch_s_all"][:1],
+                                "setup_s": entry["setup_s_all"][0],
+                            }
+                        )
                         print(f"round {rep} annbatch {key:<16} {entry['cells_per_s_median']:>10,.0f} cells/s")
             row["load"].append(_load())
         row["sequential"] = {k: _merge(v) for k, v in sequential.items()}
@@ -332,21 +361,56 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _versus_annbatch(row: dict) -> list[str]:
-    """atlasvi / annbatch-with-zarrs per batch size, each atlasvi store codec against annbatch's on the same codec
-    and against annbatch's default (lz4): medians of the rounds' paired ratios."""
+def _pairs(row: dict, field: str) -> list[tuple[str, str, list[float]]]:
+    """(name, batch, ratios paired by round) of atlasvi / annbatch-with-zarrs per batch size, each atlasvi store
+    codec against annbatch's on the same codec and against annbatch's default (lz4); `field`: "all" (cells/s from
+    the first batch's request) or "steady_all" (after the first batch)."""
     pairs = []
-    for key in row["loader"]:
+    for key, mine in row["loader"].items():
         codec, backend, batch = key.split("/")
         for other in dict.fromkeys([codec, "lz4"]):
             theirs = row["annbatch"].get(f"{other}/zarrs/{batch}")
-            if theirs:
-                ratios = [a / b for a, b in zip(row["loader"][key]["all"], theirs["all"], strict=False)]
-                pairs.append((f"atlasvi {codec}/{backend} vs annbatch+zarrs {other}", batch, statistics.median(ratios)))
+            if theirs and field in mine and field in theirs:
+                ratios = [a / b for a, b in zip(mine[field], theirs[field], strict=True)]
+                pairs.append((f"atlasvi {codec}/{backend} vs annbatch+zarrs {other}", batch, ratios))
+    return pairs
+
+
+def _ratio_table(title: str, pairs: list[tuple[str, str, list[float]]]) -> list[str]:
+    """Median, lowest and rounds below 1 of each paired ratio."""
     if not pairs:
         return []
-    lines = ["", "| atlasvi / annbatch (paired by round) | batch | ratio |", "|---|---:|---:|"]
-    return lines + [f"| {name} | {batch} | {ratio:.2f} |" for name, batch, ratio in pairs]
+    lines = ["", f"| {title} | batch | median ratio | lowest round | rounds below 1 |", "|---|---:|---:|---:|---:|"]
+    return lines + [
+        f"| {name} | {batch} | {statistics.median(r):.2f} | {min(r):.2f} | {sum(x < 1 for x in r)} of {len(r)} |"
+        for name, batch, r in pairs
+    ]
+
+
+def _versus_annbatch(row: dict) -> list[str]:
+    """atlasvi / annbatch-with-zarrs per batch size (`_pairs`): one fresh process's cells/s from its first batch's
+    request, then the steady state after each one's first batch (same rounds), and what the first batch and the
+    setup before it took."""
+    lines = _ratio_table("atlasvi / annbatch (paired by round)", _pairs(row, "all"))
+    steady = _pairs(row, "steady_all")
+    if not steady:
+        return lines
+    lines += ["", "Steady state: cells/s after each reader's first batch, in the same rounds and processes."]
+    lines += _ratio_table("atlasvi / annbatch, steady state (paired by round)", steady)
+    lines += [
+        "",
+        "| reader | batch | steady cells/s | first batch s | setup s (open, build; not timed above) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    readers = [(f"atlasvi {k.rsplit('/', 1)[0]}", k, v) for k, v in row["loader"].items()]
+    readers += [(f"annbatch {k.rsplit('/', 1)[0]}", k, v) for k, v in row["annbatch"].items()]
+    readers += [(f"baseline {k.rsplit('/', 1)[0]}", k, v) for k, v in row.get("baseline", {}).items()]
+    return lines + [
+        f"| {name} | {key.rsplit('/', 1)[1]} | {statistics.median(v['steady_all']):,.0f} | "
+        f"{statistics.median(v['first_batch_s_all']):.2f} | {statistics.median(v['setup_s_all']):.2f} |"
+        for name, key, v in readers
+        if "steady_all" in v
+    ]
 
 
 def _versus_baseline(row: dict) -> list[str]:
@@ -359,6 +423,24 @@ def _versus_baseline(row: dict) -> list[str]:
         return []
     lines = ["", "| atlasvi / baseline (paired by round) | ratio |", "|---|---:|"]
     return lines + [f"| {key} | {ratio:.2f} |" for key, ratio in pairs]
+
+
+def combine(paths: list[Path]) -> str:
+    """The paired atlasvi / annbatch ratios of several runs' results, pooled over all their rounds, per size."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    lines = ["# Loader vs annbatch, pooled over runs", "", "Runs: " + ", ".join(f"`{p}`" for p in paths) + "."]
+    lines += [f"- `{r['command']}` at commit {r['commit']}" for r in runs]
+    for size in dict.fromkeys(n for r in runs for n in r["sizes"]):
+        rows = [r["sizes"][size] for r in runs if r["sizes"].get(size, {}).get("loader")]
+        load = [x for row in rows for x in row["load"]]
+        lines += ["", f"## {int(size):,} cells: {len(rows)} runs, load average (1 min) {min(load):.1f}-{max(load):.1f}"]
+        for field, title in [("all", "atlasvi / annbatch"), ("steady_all", "atlasvi / annbatch, steady state")]:
+            pooled: dict[tuple[str, str], list[float]] = {}
+            for row in rows:
+                for name, batch, ratios in _pairs(row, field):
+                    pooled.setdefault((name, batch), []).extend(ratios)
+            lines += _ratio_table(f"{title} (paired by round, all rounds)", [(n, b, r) for (n, b), r in pooled.items()])
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -379,9 +461,18 @@ def main() -> None:
     parser.add_argument("--no-annbatch", dest="annbatch", action="store_false")
     parser.add_argument("--out", type=Path, default=RESULTS / "loader")
     parser.add_argument("--baseline-src", default=None, help="an atlasvi checkout whose loader runs in each round too")
+    parser.add_argument("--combine", type=Path, nargs="+", help="pool these results' (.json) paired ratios to --out.md")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](**json.loads(args.child[1]))))
+        return
+    if args.combine:
+        missing = [str(p) for p in args.combine if not p.is_file()]
+        if missing:
+            sys.exit(f"--combine: no such results file: {', '.join(missing)}")
+        text = combine(args.combine)
+        args.out.with_suffix(".md").write_text(text)
+        print(text)
         return
     results = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
