@@ -14,6 +14,8 @@ from atlasvi.distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
     _broadcast_shape,
+    _row_log_sum,
+    nb_log_prob_rows,
 )
 
 MU = [1e-30, 1e-4, 0.1, 3.0, 50.0, 1e4]
@@ -153,28 +155,38 @@ def test_negative_binomial_mixture_with_two_dispersions_and_its_samples():
     np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean.numpy(), rtol=0.02)
 
 
-@pytest.mark.parametrize("zero_inflated", [True, False])
-@pytest.mark.parametrize("theta_shape", ["gene", "cell"])
-def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_inflated, theta_shape):
-    """The fused per-row log-likelihood from CSR counts (hand-written gradient) vs log_prob(dense).sum(-1) through
-    autograd, float64, at ordinary and extreme parameters (mu 0 and 1e4, theta 1e-4 and 1e7, logits +-20, and
-    pi and NB(0) both underflowing: the exact branch)."""
+def _rows_case(theta_shape: str, underflow: bool, dtype: torch.dtype = torch.float64):
+    """CSR counts and NB / ZINB parameters, 6 cells x 40 genes, at ordinary and extreme values (mu 0 and 1e4,
+    theta 1e-4 and 1e7, logits +-20, a count of 9000 and one of 2.5, a cell without counts); `underflow`: pi and
+    NB(0) both underflow at one entry (the exact softplus branch of `_NBRows`)."""
     generator = torch.Generator().manual_seed(0)
     n, g = 6, 40
-    x = torch.poisson(torch.rand(n, g, generator=generator, dtype=torch.float64) * 3) * (
-        torch.rand(n, g, generator=generator, dtype=torch.float64) < 0.3
+    x = torch.poisson(torch.rand(n, g, generator=generator, dtype=dtype) * 3) * (
+        torch.rand(n, g, generator=generator, dtype=dtype) < 0.3
     )
     x[0, 0], x[1, :] = 9000.0, 0.0  # a large count, and a cell without counts
     x[4, 5] = 2.5  # a count that is not an integer (the lgamma branch of the small counts' rising factorial)
-    mu = torch.rand(n, g, generator=generator, dtype=torch.float64) * 5
+    mu = torch.rand(n, g, generator=generator, dtype=dtype) * 5
     mu[0, 0], mu[0, 1], mu[2, 2], mu[3, 3] = 1e4, 0.0, 1e-6, 1e30
-    theta = torch.rand(g if theta_shape == "gene" else (n, g), generator=generator, dtype=torch.float64) * 3 + 0.1
-    theta.view(-1)[:3] = torch.tensor([1e-4, 1e7, 50.0], dtype=torch.float64)
+    theta = torch.rand(g if theta_shape == "gene" else (n, g), generator=generator, dtype=dtype) * 3 + 0.1
+    theta.view(-1)[:3] = torch.tensor([1e-4, 1e7, 50.0], dtype=dtype)
     theta[..., 3] = 50.0  # with mu 1e30: NB(0) = exp(-2100) underflows
-    logits = torch.randn(n, g, generator=generator, dtype=torch.float64) * 3
-    logits[0, 2], logits[0, 3], logits[3, 3] = -20.0, 20.0, -800.0  # (3, 3): pi and NB(0) underflow
+    logits = torch.randn(n, g, generator=generator, dtype=dtype) * 3
+    logits[0, 2], logits[0, 3] = -20.0, 20.0
+    logits[3, 3] = -800.0 if underflow else 0.0  # -800: pi and NB(0) both underflow at (3, 3)
     crow = torch.cat([torch.zeros(1, dtype=torch.int64), (x > 0).sum(1).cumsum(0)])
-    counts = SparseCounts(crow, x.nonzero()[:, 1], x[x > 0], g)
+    return x, SparseCounts(crow, x.nonzero()[:, 1], x[x > 0], g), mu, theta, logits
+
+
+@pytest.mark.parametrize("zero_inflated", [True, False])
+@pytest.mark.parametrize("theta_shape", ["gene", "cell"])
+@pytest.mark.parametrize("underflow", [True, False])
+def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_inflated, theta_shape, underflow):
+    """The fused per-row log-likelihood from CSR counts (hand-written gradient) vs log_prob(dense).sum(-1) through
+    autograd, float64, at ordinary and extreme parameters, through the fast branch (exp2, logs of products) and the
+    exact branch where pi and NB(0) both underflow."""
+    x, counts, mu, theta, logits = _rows_case(theta_shape, underflow)
+    n = x.shape[0]
     results = []
     for fused in (True, False):
         params = [t.clone().requires_grad_() for t in (mu, theta, logits)]
@@ -196,3 +208,64 @@ def test_log_prob_rows_from_csr_counts_is_the_dense_sum_with_its_gradients(zero_
 )  # fmt: skip
 def test_the_rows_broadcast_their_parameters_as_torch(shapes):
     assert _broadcast_shape(*(torch.zeros(s) for s in shapes)) == torch.broadcast_shapes(*shapes)
+
+
+@pytest.mark.parametrize("zero_inflated", [True, False])
+@pytest.mark.parametrize("theta_shape", ["gene", "cell"])
+def test_the_rows_hand_written_gradient_passes_gradcheck(zero_inflated, theta_shape):
+    """torch.autograd.gradcheck (finite differences, float64) of the fused rows in mu, theta and the logits, at
+    ordinary parameters (a small grid: every gene has zeros and non-zeros in some cell)."""
+    generator = torch.Generator().manual_seed(1)
+    n, g = 4, 18  # 18 genes: one product of 16 and two genes by their own log
+    x = torch.poisson(torch.rand(n, g, generator=generator, dtype=torch.float64) * 4) * (
+        torch.rand(n, g, generator=generator, dtype=torch.float64) < 0.5
+    )
+    x[0, 0] = 7.0  # above the rising-factorial table: the lgamma / digamma branch
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), (x > 0).sum(1).cumsum(0)])
+    counts = SparseCounts(crow, x.nonzero()[:, 1], x[x > 0], g)
+    mu = (torch.rand(n, g, generator=generator, dtype=torch.float64) * 5 + 0.05).requires_grad_()
+    theta_size = (g,) if theta_shape == "gene" else (n, g)
+    theta = (torch.rand(theta_size, generator=generator, dtype=torch.float64) * 3 + 0.2).requires_grad_()
+    logits = (torch.randn(n, g, generator=generator, dtype=torch.float64) * 2).requires_grad_()
+    inputs = (mu, theta, logits) if zero_inflated else (mu, theta)
+    assert torch.autograd.gradcheck(lambda *p: nb_log_prob_rows(counts, *p), inputs)
+
+
+@pytest.mark.parametrize("zero_inflated", [True, False])
+def test_the_rows_in_float32_equal_the_dense_float64_sum(zero_inflated):
+    """In float32 (how models train) the fused rows and their gradients stay within float rounding of the dense
+    log-likelihood evaluated in float64: rows to 1e-6 relative, gradients to 1e-5 of their largest entry."""
+    x, counts, mu, theta, logits = _rows_case("gene", underflow=False)
+    mu[0, 0], mu[3, 3], theta[1] = 30.0, 3.0, 30.0  # ordinary values (float32 cannot hold mu = 1e30's NB(0))
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        params = [t.to(dtype).requires_grad_() for t in (mu, theta, logits)]
+        m, t, z = params
+        distribution = ZeroInflatedNegativeBinomial(m, t, z) if zero_inflated else NegativeBinomial(m, t)
+        if dtype == torch.float32:
+            rows = distribution.log_prob_rows(
+                SparseCounts(counts.crow_indices, counts.col_indices, counts.values.float(), 40)
+            )
+        else:
+            rows = distribution.log_prob(x).sum(-1)
+        rows.sum().backward()
+        results.append([rows.detach().double(), *(p.grad.double() for p in params[: 3 if zero_inflated else 2])])
+    (rows32, *grads32), (rows64, *grads64) = results
+    torch.testing.assert_close(rows32, rows64, rtol=1e-6, atol=0)
+    for got, expected in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("smallest", [0.5, 1e-3, 1e-10, 1e-30])
+@pytest.mark.parametrize("n_genes", [2000, 37, 7])
+def test_row_log_sums_by_products_equal_the_sum_of_logs(smallest, n_genes):
+    """`_row_log_sum` (logs of products of up to 16 entries, fewer where a product of 16 is subnormal) equals log(d).sum(-1) to float rounding, in float32 and float64, also where the genes do not divide
+    into groups; None where an entry is below the smallest normal float."""
+    generator = torch.Generator().manual_seed(2)
+    for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        d = torch.rand(5, n_genes, generator=generator, dtype=dtype) * (1 - smallest) + smallest
+        d[2] = smallest  # a whole row: where 16 of them make a subnormal product, smaller groups
+        got, expected = _row_log_sum(d), torch.log(d.double()).sum(-1)
+        torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=rtol)
+        d[1, 2] = torch.finfo(dtype).tiny / 2
+        assert _row_log_sum(d) is None
