@@ -259,8 +259,9 @@ def test_the_rows_in_float32_equal_the_dense_float64_sum(zero_inflated):
 @pytest.mark.parametrize("smallest", [0.5, 1e-3, 1e-10, 1e-30])
 @pytest.mark.parametrize("n_genes", [2000, 37, 7])
 def test_row_log_sums_by_products_equal_the_sum_of_logs(smallest, n_genes):
-    """`_row_log_sum` (logs of products of up to 16 entries, fewer where a product of 16 is subnormal) equals log(d).sum(-1) to float rounding, in float32 and float64, also where the genes do not divide
-    into groups; None where an entry is below the smallest normal float."""
+    """`_row_log_sum` (logs of products of up to 16 entries, fewer where a product of 16 is subnormal) equals
+    log(d).sum(-1) to float rounding, in float32 and float64, also where the genes do not divide into groups; None
+    where an entry is below the smallest normal float."""
     generator = torch.Generator().manual_seed(2)
     for dtype, rtol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
         d = torch.rand(5, n_genes, generator=generator, dtype=dtype) * (1 - smallest) + smallest
