@@ -34,10 +34,23 @@ and the same noise: in training step k every reparametrised Normal draw is loc +
 default_rng([7, k]) standard normal (cells of the step x n_latent); outside training (validation, no gradient) the
 draw is the mean. Recorded per step: the loss (with the fooling term), the KL weight, and 2,048 fixed entries of
 every weight and buffer (all of a smaller tensor); every weight in full after the steps of SNAPSHOTS and the last.
-The float-drift reference (`--drift-reference`, on by default) is atlasvi trained twice, the second time from its
-initial weights perturbed by one float32 ulp (x (1 + 2^-23) or x (1 - 2^-23), a seeded sign per entry): how far a
-rounding-sized difference grows over the same steps. The tools train alike if their difference stays at the
-reference's size; a difference in the training shows as a step where the tools part while the reference does not.
+The float-drift reference (on by default, `--no-reference` skips it) is atlasvi trained a second time with each
+minibatch's cells, and their noise rows (and dropout masks), in another order (default_rng([13, k]).permutation in
+step k): the same run in exact arithmetic, its sums rounded otherwise; how far a rounding-sized difference grows over
+the same steps. The tools train alike if their difference stays at the reference's size; a difference in the training
+shows as a step where the tools part while the reference does not.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_step_check.py --steps --dropout --epochs 12 \
+        --n-epochs-kl-warmup 5
+
+The same with dropout ON (results/multivi_step_check_steps_dropout.{json,md}; records in CACHE/steps_dropout/): every
+nn.Dropout keeps its rate (0.1 in both tools' encoders and classifier) and, in training mode, applies a mask both
+tools share: call c of the layer named L (the block it ends, under atlasvi's names: scvi-tools' mapped as
+benchmarks/multivi_weights_check.py maps its weights) in training step k keeps the entries where
+default_rng([MASK_SEED, k, crc32(L), c]).random(shape) < 1 - p, scaled by 1 / (1 - p) (torch's dropout). Keyed by
+name and call, not by the order the layers run, so scvi-tools' protein encoder (run on no proteins, its own names)
+takes nothing from the others; the classifier's call 0 is the fooling term's forward, call 1 its own loss's, in both
+tools. Each run records the calls per layer and step; the report compares them.
 """
 
 import argparse
@@ -391,6 +404,8 @@ def adversary_summary(grads: dict, steps: dict) -> dict:
 SNAPSHOTS = (1, 2, 5, 10, 20, 50, 100, 150, 200, 250, 300, 400, 500)  # steps after which every weight is kept
 SAMPLED = 2048  # entries of each tensor recorded before every step
 NOISE_SEED = 7
+MASK_SEED = 11
+DROPOUT_FOLDER = CACHE / "steps_dropout"  # the --dropout runs' records
 
 
 class _StepRecord:
@@ -400,13 +415,16 @@ class _StepRecord:
 
     current: "_StepRecord | None" = None  # the run whose noise Normal.rsample reads
 
-    def __init__(self, tool: str, n_latent: int, folder: Path = CACHE, sampled: int = SAMPLED):
+    def __init__(self, tool: str, n_latent: int, folder: Path = CACHE, sampled: int = SAMPLED, key: tuple = ()):
         self.tool, self.n_latent, self.step, self.folder, self.sampled = tool, n_latent, 0, folder, sampled
+        self.key = key  # appended to the noise's and the masks' seeds (another seed's draws)
         self.samples: list[dict[str, np.ndarray]] = []
         self.losses: list[float] = []
         self.kl_weights: list[float] = []
         self.rows: list[np.ndarray] = []
         self.eps = None
+        self.order = None  # the reference run's order of the step's cells (its masks follow it)
+        self.dropout_calls: list[dict[str, int]] = []  # per step: the shared-mask calls per layer
         _StepRecord.current = self
 
     def start(self, state: dict[str, np.ndarray], rows: np.ndarray) -> None:
@@ -415,8 +433,10 @@ class _StepRecord:
 
         self._record(state)
         self.rows.append(np.asarray(rows))
-        rng = np.random.default_rng([NOISE_SEED, self.step])
+        rng = np.random.default_rng([NOISE_SEED, self.step, *self.key])
         self.eps = torch.from_numpy(rng.standard_normal((len(rows), self.n_latent)).astype(np.float32))
+        self.order = None
+        self.dropout_calls.append({})
         self.step += 1
 
     def finish(self, state: dict[str, np.ndarray]) -> None:
@@ -433,6 +453,7 @@ class _StepRecord:
         names = self.samples[0].keys()
         samples = {f"sample|{k}": np.stack([s[k] for s in self.samples]) for k in names}
         arrays = {"loss": np.array(self.losses), "kl_weight": np.array(self.kl_weights)}
+        arrays["dropout_calls"] = np.array(json.dumps(self.dropout_calls))
         np.savez(self.folder / f"steps_{self.tool}.npz", **samples, **arrays, **extra)
 
     def recorded(self, forward):
@@ -508,6 +529,48 @@ def _dropout_rates(module, rename) -> dict[str, float]:
     return {k.rpartition(".")[0]: p for k, p in rates.items() if k is not None}
 
 
+def _dropout_names(module, rename, prefix: str = "") -> dict[int, str]:
+    """id of every nn.Dropout of `module` -> the name of the block it ends under `rename` (atlasvi's names); a layer
+    `rename` maps to None keeps its own name behind "own:" (prefix: the module's own name in front of it)."""
+    import torch
+
+    names = {}
+    for k, m in module.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            name = rename(k)
+            names[id(m)] = name.rpartition(".")[0] if name is not None else f"own:{prefix}{k}".rpartition(".")[0]
+    return names
+
+
+def dropout_mask(step: int, name: str, call: int, shape: tuple[int, ...], p: float, key: tuple = ()) -> np.ndarray:
+    """The shared mask of call `call` of layer `name` in training step `step`: 1 / (1 - p) where
+    default_rng([MASK_SEED, step, crc32(name), call, *key]).random(shape) < 1 - p, else 0 (float32)."""
+    import zlib
+
+    draw = np.random.default_rng([MASK_SEED, step, zlib.crc32(name.encode()), call, *key]).random(shape)
+    return (draw < 1.0 - p).astype(np.float32) / np.float32(1.0 - p)
+
+
+def _shared_dropout(names: dict[int, str]) -> None:
+    """nn.Dropout.forward replaced: in training mode, layer names[id(layer)] applies `dropout_mask` of the current
+    step (`_StepRecord.current`) and of its call within the step (counted there), its rows in the step's cell order;
+    an error outside a step or for a layer without a name."""
+    import torch
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        record = _StepRecord.current
+        if record is None or not record.dropout_calls or id(self) not in names:
+            raise RuntimeError("a dropout layer in training mode outside a step, or one without a shared name")
+        name, calls = names[id(self)], record.dropout_calls[-1]
+        call = calls[name] = calls.get(name, 0) + 1
+        mask = torch.from_numpy(dropout_mask(record.step - 1, name, call - 1, tuple(x.shape), self.p, record.key))
+        return x * (mask if record.order is None else mask[record.order])
+
+    torch.nn.Dropout.forward = forward
+
+
 def _atlasvi_state(module) -> dict[str, np.ndarray]:
     """Every weight and buffer of atlasvi's module but the fixed modality weights (numpy views)."""
     return {k: v.detach().numpy() for k, v in module.state_dict().items() if k != "mod_weights"}
@@ -522,12 +585,22 @@ def _scvi_state(module, classifier) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in state.items() if k is not None}
 
 
-def atlasvi_steps(epochs: int, warmup: int, tool: str, reorder: bool = False) -> None:
-    """atlasvi's MULTIVI.fit of seed 0 for `epochs` (KL warm-up `warmup` epochs), dropout off, the step noise;
-    its record saved as `tool`. Its initial weights to CACHE/atlasvi_init_0.npz (scvi-tools starts from them) and its
-    minibatches' and validation cells' names to CACHE/steps_batches.npz. reorder (the float-drift reference): each
-    minibatch's cells, and their noise rows, in another order (default_rng([13, k]).permutation in step k): the same
-    run in exact arithmetic, its sums rounded otherwise. Its record holds the epoch records' validation figures."""
+def atlasvi_steps(
+    epochs: int,
+    warmup: int,
+    tool: str,
+    reorder: bool = False,
+    dropout: bool = False,
+    folder: Path = CACHE,
+    seed: int = SEED,
+) -> None:
+    """atlasvi's MULTIVI.fit of `seed` for `epochs` (KL warm-up `warmup` epochs), dropout off (dropout: on, the
+    shared masks), the step noise (a seed other than 0 adds itself to the noise's and masks' keys); its record saved
+    as `tool` in `folder`. Its initial weights to CACHE/atlasvi_init_SEED.npz (scvi-tools starts from them) and its
+    minibatches' and validation cells' names to
+    FOLDER/steps_batches.npz. reorder (the float-drift reference): each minibatch's cells, and their noise rows and
+    dropout masks, in another order (default_rng([13, k]).permutation in step k): the same run in exact arithmetic,
+    its sums rounded otherwise. Its record holds the epoch records' validation figures."""
     import anndata as ad
     import torch
 
@@ -537,13 +610,16 @@ def atlasvi_steps(epochs: int, warmup: int, tool: str, reorder: bool = False) ->
     from benchmarks.multivi_fidelity import save_atlasvi_init
 
     torch.set_num_threads(1)
-    model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=SEED)
+    model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed)
     module = model.module
-    save_atlasvi_init(model, SEED)
-    dropout = _dropout_rates(module, str)
-    _no_dropout(module)
+    save_atlasvi_init(model, seed)
+    rates = _dropout_rates(module, str)
+    if dropout:
+        _shared_dropout(_dropout_names(module, str))
+    else:
+        _no_dropout(module)
     _step_noise()
-    record, validation_rows = _StepRecord(tool, module.n_latent), set()
+    record, validation_rows = _StepRecord(tool, module.n_latent, folder, key=_draw_key(seed)), set()
     unpack, forward = module.unpack, module.forward
 
     def unpack_step(batch):
@@ -554,20 +630,33 @@ def atlasvi_steps(epochs: int, warmup: int, tool: str, reorder: bool = False) ->
         record.start(_atlasvi_state(module), batch.rows.numpy())
         if reorder:
             order = torch.from_numpy(np.random.default_rng([13, record.step - 1]).permutation(len(batch)))
-            record.eps = record.eps[order]
+            record.eps, record.order = record.eps[order], order
             inputs = _reordered(inputs, order)
         return inputs
 
     module.unpack, module.forward = unpack_step, record.recorded(forward)
     history = model.fit(
-        TrainConfig(seed=SEED, max_epochs=epochs, n_epochs_kl_warmup=warmup), LoaderConfig(batch_size=128, seed=SEED)
+        TrainConfig(seed=seed, max_epochs=epochs, n_epochs_kl_warmup=warmup), LoaderConfig(batch_size=128, seed=seed)
     )
     record.finish(_atlasvi_state(module))
     names = ad.read_zarr(CACHE / "train.zarr").obs_names
-    batches, epoch_steps = record.save_fit(history, names, dropout)
+    batches, epoch_steps = record.save_fit(history, names, rates)
     if not reorder:
         validation = np.asarray(names[sorted(validation_rows)], dtype=str)
-        np.savez(CACHE / "steps_batches.npz", batches=batches, epoch_steps=epoch_steps, validation=validation)
+        np.savez(folder / "steps_batches.npz", batches=batches, epoch_steps=epoch_steps, validation=validation)
+
+
+def _draw_key(seed: int) -> tuple[int, ...]:
+    """The key a run of `seed` appends to its noise's and masks' seeds: none for seed 0 (the committed runs)."""
+    return (seed,) if seed else ()
+
+
+def steps_folder(dropout: bool, seed: int) -> Path:
+    """Where a --steps run keeps its records: CACHE (dropout off, seed 0), DROPOUT_FOLDER (dropout on, seed 0), or a
+    folder of its own for another seed."""
+    if seed == 0:
+        return DROPOUT_FOLDER if dropout else CACHE
+    return CACHE / f"steps{'_dropout' if dropout else ''}_seed{seed}"
 
 
 def _reordered(inputs, order):
@@ -608,32 +697,40 @@ def replay_splitter(model, per_epoch: list[list[np.ndarray]]) -> type:
     return ReplaySplitter
 
 
-def scvi_steps(epochs: int, warmup: int) -> None:
-    """scvi-tools' MULTIVI.train from atlasvi's initial weights of seed 0, on atlasvi's minibatches (replayed by
-    its training loader, in order) and validation cells, dropout off, the step noise; its record saved as
-    "scvi_tools" with the validation figures of its history."""
+def scvi_steps(epochs: int, warmup: int, dropout: bool = False, folder: Path = CACHE, seed: int = SEED) -> None:
+    """scvi-tools' MULTIVI.train from atlasvi's initial weights of `seed`, on atlasvi's minibatches (replayed by
+    its training loader, in order) and validation cells (FOLDER/steps_batches.npz), dropout off (dropout: on, the
+    shared masks under atlasvi's layer names), the step noise; its record saved as "scvi_tools" in `folder` with the
+    validation figures of its history."""
     from scvi import REGISTRY_KEYS
 
     train, model = _scvi_multivi()
     from benchmarks.multivi_fidelity import start_from_atlasvi
     from benchmarks.multivi_weights_check import atlasvi_name
 
-    start_from_atlasvi(model, SEED)  # module weights now; the classifier's when the plan is built
-    recorded = np.load(CACHE / "steps_batches.npz", allow_pickle=True)
+    start_from_atlasvi(model, seed)  # module weights now; the classifier's when the plan is built
+    recorded = np.load(folder / "steps_batches.npz", allow_pickle=True)
     steps = [train.obs_names.get_indexer(names) for names in recorded["batches"]]
     bounds = np.cumsum([0, *recorded["epoch_steps"]])
     per_epoch = [steps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    record, dropout = _StepRecord("scvi_tools", model.module.n_latent), {}
+    record, rates = _StepRecord("scvi_tools", model.module.n_latent, folder, key=_draw_key(seed)), {}
     plans = []
+
+    def rename(k: str) -> str | None:
+        return (atlasvi_name(k + ".x") or "")[:-2] or None
 
     class StepPlan(model._training_plan_cls):
         def __init__(self, module, **kwargs):
             super().__init__(module, **kwargs)
             plans.append(self)
-            dropout.update(_dropout_rates(self.module, lambda k: (atlasvi_name(k + ".x") or "")[:-2] or None))
-            dropout.update(_dropout_rates(self.adversarial_classifier, _classifier_name))
-            _no_dropout(self.module)
-            _no_dropout(self.adversarial_classifier)
+            rates.update(_dropout_rates(self.module, rename))
+            rates.update(_dropout_rates(self.adversarial_classifier, _classifier_name))
+            if dropout:
+                names = _dropout_names(self.module, rename, "module.")
+                _shared_dropout(names | _dropout_names(self.adversarial_classifier, _classifier_name))
+            else:
+                _no_dropout(self.module)
+                _no_dropout(self.adversarial_classifier)
 
         def training_step(self, batch, batch_idx):
             cells = batch[REGISTRY_KEYS.INDICES_KEY].view(-1).long().numpy()
@@ -657,7 +754,7 @@ def scvi_steps(epochs: int, warmup: int) -> None:
     record.finish(_scvi_state(model.module, plans[0].adversarial_classifier))
     history = model.history
     record.save(
-        dropout=json.dumps(dropout),
+        dropout=json.dumps(rates),
         validation_elbo=np.asarray(history["elbo_validation"], dtype=float).ravel(),
         validation_reconstruction=np.asarray(history["reconstruction_loss_validation"], dtype=float).ravel(),
     )
@@ -698,22 +795,27 @@ def _snapshot_differences(tools: tuple[str, str], steps: list[int], folder: Path
     return out
 
 
-def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict:
+def steps_report(
+    epochs: int, warmup: int, reference: bool, reuse: bool, dropout: bool = False, seed: int = SEED
+) -> dict:
     """The many-step check (see the module docstring): atlasvi, scvi-tools (a subprocess in its venv), then the
-    float-drift reference; their step-by-step differences. reuse: a run whose record of as many epochs is in CACHE
-    is not run again."""
+    float-drift reference; their step-by-step differences. reuse: a run whose record of as many epochs is in its
+    folder (`steps_folder`) is not run again."""
     started = time.perf_counter()
+    folder = steps_folder(dropout, seed)
+    folder.mkdir(parents=True, exist_ok=True)
     tools = ["atlasvi", "scvi_tools"] + (["atlasvi_reordered"] if reference else [])
     records = {}
     for tool in tools:
-        path = CACHE / f"steps_{tool}.npz"
+        path = folder / f"steps_{tool}.npz"
         if not (reuse and path.exists() and len(np.load(path).get("validation_elbo", [])) == epochs):
             if tool == "scvi_tools":
                 env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
                 command = [str(SCVI_PYTHON), __file__, "--side", "scvi-steps", "--epochs", str(epochs)]
-                subprocess.run([*command, "--n-epochs-kl-warmup", str(warmup)], env=env, check=True)
+                command += ["--n-epochs-kl-warmup", str(warmup), "--seed", str(seed)]
+                subprocess.run(command + (["--dropout"] if dropout else []), env=env, check=True)
             else:
-                atlasvi_steps(epochs, warmup, tool, reorder=tool == "atlasvi_reordered")
+                atlasvi_steps(epochs, warmup, tool, tool == "atlasvi_reordered", dropout, folder, seed)
         records[tool] = np.load(path, allow_pickle=True)
     pairs = {"atlasvi - scvi-tools": ("atlasvi", "scvi_tools")}
     if reference:
@@ -730,7 +832,7 @@ def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict
     }
     n_steps = len(records["atlasvi"]["loss"])
     kept = [s for s in SNAPSHOTS if s < n_steps] + [n_steps]
-    return {
+    report = {
         "meta": {
             "command": " ".join(["python", "benchmarks/multivi_step_check.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU only, 1 torch thread",
@@ -740,6 +842,8 @@ def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict
             "n_epochs_kl_warmup": warmup,
             "steps": n_steps,
             "epoch_steps": records["atlasvi"]["epoch_steps"].tolist(),
+            "dropout": "on, shared masks" if dropout else "off",
+            "seed": seed,
         },
         "dropout_rates_in_normal_training": {
             tool: json.loads(str(records[tool]["dropout"])) for tool in ("atlasvi", "scvi_tools")
@@ -748,8 +852,44 @@ def steps_report(epochs: int, warmup: int, reference: bool, reuse: bool) -> dict
         "kl_weights": {tool: r["kl_weight"].tolist() for tool, r in records.items()},
         "validation": validation,
         "differences": {label: _step_differences(records[a], records[b]) for label, (a, b) in pairs.items()},
-        "snapshots": {label: _snapshot_differences((a, b), kept) for label, (a, b) in pairs.items()},
+        "snapshots": {label: _snapshot_differences((a, b), kept, folder) for label, (a, b) in pairs.items()},
     }
+    if dropout:
+        report["dropout_calls"] = {tool: dropout_calls(r) for tool, r in records.items()}
+        report["heldout_at_the_end"] = heldout_scores(folder, list(records), n_steps, seed)
+    return report
+
+
+def heldout_scores(folder: Path, tools: list[str], steps: int, seed: int = SEED) -> dict[str, dict[str, float]]:
+    """Each run's weights after `steps` steps (FOLDER/steps_TOOL_STEPS.npz, atlasvi's names) in atlasvi's module,
+    eval mode, z the posterior mean: the held-out cells' (CACHE/heldout.zarr) reconstruction, nats per cell (RNA,
+    ATAC), one evaluator for every run."""
+    import torch
+
+    from atlasvi.api import MULTIVI
+    from benchmarks.multivi_fidelity import atlasvi_heldout
+
+    torch.set_num_threads(1)
+    _step_noise()  # no autograd: every draw is the mean
+    model, scores = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed), {}
+    for tool in tools:
+        weights = np.load(folder / f"steps_{tool}_{steps}.npz")
+        state = {k: torch.from_numpy(weights[k]) for k in weights.files}
+        missing, unexpected = model.module.load_state_dict(state, strict=False)
+        if unexpected or missing != ["mod_weights"]:
+            raise SystemExit(f"{tool}: weights missing {missing}, unexpected {unexpected}")
+        scores[tool] = atlasvi_heldout(model, CACHE / "heldout.zarr")
+    return scores
+
+
+def dropout_calls(record) -> dict[str, dict[str, int]]:
+    """A --dropout run's shared-mask calls per layer: {layer: {calls in a step: steps with that many}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for step in json.loads(str(record["dropout_calls"])):
+        for layer, calls in step.items():
+            counts.setdefault(layer, {})
+            counts[layer][str(calls)] = counts[layer].get(str(calls), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def step_table(report: dict, shown: list[int]) -> list[str]:
@@ -803,21 +943,26 @@ def steps_markdown(report: dict) -> str:
     """The many-step check's tables."""
     meta, losses, pairs = report["meta"], report["losses"], list(report["differences"])
     shown = sorted({0, *(s for s in SNAPSHOTS if s < meta["steps"]), meta["steps"] - 1})
+    dropout = meta.get("dropout", "off") != "off"
     lines = [
-        "# MultiVI: many training steps of atlasvi and scvi-tools 1.4.2 from the same weights, minibatches and noise",
+        "# MultiVI: many training steps of atlasvi and scvi-tools 1.4.2 from the same weights, minibatches and noise"
+        + (", dropout on with the same masks" if dropout else ""),
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}; load average at the end "
         f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])}; {meta['seconds']:.0f} s in all.",
         "",
         f"{meta['steps']} steps ({meta['epochs']} epochs of {meta['epoch_steps'][0]} minibatches of the sci-CAR "
-        f"training store, KL warm-up {meta['n_epochs_kl_warmup']} epochs, the adversarial classifier on), seed 0's "
-        "initial weights of atlasvi in both tools, dropout off, the same noise per step (see "
+        f"training store, KL warm-up {meta['n_epochs_kl_warmup']} epochs, the adversarial classifier on), seed "
+        f"{meta.get('seed', 0)}'s "
+        "initial weights of atlasvi in both tools, "
+        + ("dropout on (rate 0.1, the same masks)" if dropout else "dropout off")
+        + ", the same noise per step (see "
         "benchmarks/multivi_step_check.py). Weights: max |a - b| / max |a| per tensor on 2,048 fixed entries of each "
         "(all of a smaller one), the largest over every tensor (weights and buffers, the classifier's included), "
         "before the step (step = steps done). Loss: the step's loss with the fooling term, |a - b| / |a|."
         + (
             " Reference: atlasvi against itself with each minibatch's cells in another order (exactly the same run, "
-            "rounded otherwise)."
+            f"rounded otherwise{': the masks follow the cells' if dropout else ''})."
             if len(pairs) > 1
             else ""
         ),
@@ -846,14 +991,46 @@ def steps_markdown(report: dict) -> str:
     same = rates["atlasvi"] == rates["scvi_tools"]
     lines += [
         "",
-        f"Dropout (off in this check) in the tools' normal training: {len(rates['atlasvi'])} nn.Dropout layers in "
+        f"Dropout ({'on' if dropout else 'off'} in this check) in the tools' normal training: "
+        f"{len(rates['atlasvi'])} nn.Dropout layers in "
         f"atlasvi, {len(rates['scvi_tools'])} in scvi-tools (under atlasvi's names; scvi-tools' protein modules and "
         f"layers of rate 0 included): {'the same layers with the same rates' if same else 'DIFFERENT'} "
         f"({', '.join(f'{k} {v:g}' for k, v in sorted(rates['atlasvi'].items()))}).",
     ]
+    if dropout:
+        lines += ["", *dropout_calls_table(report["dropout_calls"])]
+        held = report["heldout_at_the_end"]
+        lines += [
+            "",
+            f"Held-out cells after the {meta['steps']} steps (each run's weights in atlasvi's module, z the posterior "
+            "mean; nats per cell, RNA / ATAC): "
+            + "; ".join(f"{tool} {v['rna']:.3f} / {v['atac']:.3f}" for tool, v in held.items())
+            + f"; atlasvi - scvi-tools RNA {held['atlasvi']['rna'] - held['scvi_tools']['rna']:+.4f}"
+            + (
+                f", atlasvi - reference {held['atlasvi']['rna'] - held['atlasvi_reordered']['rna']:+.4f}."
+                if "atlasvi_reordered" in held
+                else "."
+            ),
+        ]
     lines += ["", "Validation per epoch (KL weight 1, the mean as z; -ELBO / reconstruction per cell):", ""]
     lines += validation_table(report)
     return "\n".join(lines) + "\n"
+
+
+def dropout_calls_table(calls: dict[str, dict[str, dict[str, int]]]) -> list[str]:
+    """The shared-mask calls of every layer in each run (markdown lines): calls in a step x steps with that many."""
+    runs = list(calls)
+    layers = sorted({layer for run in calls.values() for layer in run})
+    lines = [
+        "Shared-mask calls per training step (calls x steps; own: a layer atlasvi does not build):",
+        "",
+        "| layer | " + " | ".join(runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for layer in layers:
+        cells = [", ".join(f"{c} x {n}" for c, n in calls[run].get(layer, {}).items()) or "-" for run in runs]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -876,13 +1053,23 @@ def main() -> None:
         parser.add_argument("--n-epochs-kl-warmup", type=int, default=5)
         parser.add_argument("--no-reference", action="store_true", help="skip the float-drift reference run")
         parser.add_argument("--reuse", action="store_true", help="reuse the runs recorded in the cache (same epochs)")
+        parser.add_argument("--dropout", action="store_true", help="dropout on in both tools, with shared masks")
+        parser.add_argument("--seed", type=int, default=SEED, help="initial weights, loader and draws (default 0)")
         args = parser.parse_args()
+        if args.seed < 0:
+            raise SystemExit(f"--seed must be >= 0, not {args.seed}")
+        folder = steps_folder(args.dropout, args.seed)
         if args.side == "scvi-steps":
-            scvi_steps(args.epochs, args.n_epochs_kl_warmup)
+            scvi_steps(args.epochs, args.n_epochs_kl_warmup, args.dropout, folder, args.seed)
             return
-        report = steps_report(args.epochs, args.n_epochs_kl_warmup, not args.no_reference, args.reuse)
-        (HERE / "results" / "multivi_step_check_steps.json").write_text(json.dumps(report, indent=1) + "\n")
-        (HERE / "results" / "multivi_step_check_steps.md").write_text(steps_markdown(report))
+        report = steps_report(
+            args.epochs, args.n_epochs_kl_warmup, not args.no_reference, args.reuse, args.dropout, args.seed
+        )
+        stem = (
+            "multivi_step_check_steps" + ("_dropout" if args.dropout else "") + (f"_seed{args.seed}" * (args.seed > 0))
+        )
+        (HERE / "results" / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (HERE / "results" / f"{stem}.md").write_text(steps_markdown(report))
         print(steps_markdown(report))
         return
     report = atlasvi_side()
