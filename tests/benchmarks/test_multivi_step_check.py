@@ -53,9 +53,10 @@ def test_step_differences_are_relative_to_each_tensors_largest_entry_per_step():
         check._step_differences(Npz(a), Npz({k: v for k, v in b.items() if k != "sample|b"}))
 
 
-def test_committed_many_step_table_renders_from_its_json():
-    report = json.loads((RESULTS / "multivi_step_check_steps.json").read_text())
-    assert check.steps_markdown(report) == (RESULTS / "multivi_step_check_steps.md").read_text()
+@pytest.mark.parametrize("stem", ["multivi_step_check_steps", "multivi_step_check_steps_dropout"])
+def test_committed_many_step_table_renders_from_its_json(stem):
+    report = json.loads((RESULTS / f"{stem}.json").read_text())
+    assert check.steps_markdown(report) == (RESULTS / f"{stem}.md").read_text()
     assert report["meta"]["steps"] == len(report["losses"]["atlasvi"]) == len(report["losses"]["scvi_tools"])
 
 
