@@ -50,7 +50,17 @@ benchmarks/multivi_weights_check.py maps its weights) in training step k keeps t
 default_rng([MASK_SEED, k, crc32(L), c]).random(shape) < 1 - p, scaled by 1 / (1 - p) (torch's dropout). Keyed by
 name and call, not by the order the layers run, so scvi-tools' protein encoder (run on no proteins, its own names)
 takes nothing from the others; the classifier's call 0 is the fooling term's forward, call 1 its own loss's, in both
-tools. Each run records the calls per layer and step; the report compares them.
+tools. Each run records the calls per layer and step; the report compares them, and scores every run's final weights
+on the held-out cells with one evaluator (atlasvi's module, z the posterior mean).
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/multivi_step_check.py --steps --dropout --epochs 10 \
+        --n-epochs-kl-warmup 5 --seed 2
+
+Another start (`--seed`, default 0): atlasvi's initial weights and loader of that seed, its noise and masks keyed by
+the seed too (default_rng([7, k, seed]), [MASK_SEED, k, crc32(L), c, seed]); results/..._seedS.{json,md}.
+`--ulp-reference` adds atlasvi's 1-ulp twin (its initial weights x (1 + s 2^-23), s = +-1 per entry, the draw of
+benchmarks/condscvi_step_check.py): a second float-drift reference, the perturbation of every weight at once;
+`--reuse` keeps the runs already recorded in the folder (the report names them).
 """
 
 import argparse
@@ -593,6 +603,7 @@ def atlasvi_steps(
     dropout: bool = False,
     folder: Path = CACHE,
     seed: int = SEED,
+    ulp: bool = False,
 ) -> None:
     """atlasvi's MULTIVI.fit of `seed` for `epochs` (KL warm-up `warmup` epochs), dropout off (dropout: on, the
     shared masks), the step noise (a seed other than 0 adds itself to the noise's and masks' keys); its record saved
@@ -600,7 +611,9 @@ def atlasvi_steps(
     minibatches' and validation cells' names to
     FOLDER/steps_batches.npz. reorder (the float-drift reference): each minibatch's cells, and their noise rows and
     dropout masks, in another order (default_rng([13, k]).permutation in step k): the same run in exact arithmetic,
-    its sums rounded otherwise. Its record holds the epoch records' validation figures."""
+    its sums rounded otherwise. ulp (the 1-ulp twin): every initial weight x (1 + s 2^-23), s = +-1 per entry
+    (benchmarks/condscvi_step_check.py's draw, seeded by `seed`), after the unperturbed ones are saved. Its record
+    holds the epoch records' validation figures."""
     import anndata as ad
     import torch
 
@@ -613,6 +626,10 @@ def atlasvi_steps(
     model = MULTIVI(CACHE / "train.zarr", device="cpu", seed=seed)
     module = model.module
     save_atlasvi_init(model, seed)
+    if ulp:
+        from benchmarks.condscvi_step_check import _ulp
+
+        module.load_state_dict(_ulp(dict(module.named_parameters()), seed), strict=False)
     rates = _dropout_rates(module, str)
     if dropout:
         _shared_dropout(_dropout_names(module, str))
@@ -641,7 +658,7 @@ def atlasvi_steps(
     record.finish(_atlasvi_state(module))
     names = ad.read_zarr(CACHE / "train.zarr").obs_names
     batches, epoch_steps = record.save_fit(history, names, rates)
-    if not reorder:
+    if not (reorder or ulp):
         validation = np.asarray(names[sorted(validation_rows)], dtype=str)
         np.savez(folder / "steps_batches.npz", batches=batches, epoch_steps=epoch_steps, validation=validation)
 
@@ -796,36 +813,42 @@ def _snapshot_differences(tools: tuple[str, str], steps: list[int], folder: Path
 
 
 def steps_report(
-    epochs: int, warmup: int, reference: bool, reuse: bool, dropout: bool = False, seed: int = SEED
+    epochs: int, warmup: int, reference: bool, reuse: bool, dropout: bool = False, seed: int = SEED, ulp: bool = False
 ) -> dict:
     """The many-step check (see the module docstring): atlasvi, scvi-tools (a subprocess in its venv), then the
-    float-drift reference; their step-by-step differences. reuse: a run whose record of as many epochs is in its
-    folder (`steps_folder`) is not run again."""
+    float-drift reference (and with `ulp` the 1-ulp twin); their step-by-step differences. reuse: a run whose record
+    of as many epochs is in its folder (`steps_folder`) is not run again."""
     started = time.perf_counter()
     folder = steps_folder(dropout, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    tools = ["atlasvi", "scvi_tools"] + (["atlasvi_reordered"] if reference else [])
-    records = {}
+    tools = ["atlasvi", "scvi_tools"] + (["atlasvi_reordered"] if reference else []) + (["atlasvi_ulp"] if ulp else [])
+    records, reused = {}, []
     for tool in tools:
         path = folder / f"steps_{tool}.npz"
-        if not (reuse and path.exists() and len(np.load(path).get("validation_elbo", [])) == epochs):
+        if reuse and path.exists() and len(np.load(path).get("validation_elbo", [])) == epochs:
+            reused.append(tool)
+        else:
             if tool == "scvi_tools":
                 env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
                 command = [str(SCVI_PYTHON), __file__, "--side", "scvi-steps", "--epochs", str(epochs)]
                 command += ["--n-epochs-kl-warmup", str(warmup), "--seed", str(seed)]
                 subprocess.run(command + (["--dropout"] if dropout else []), env=env, check=True)
             else:
-                atlasvi_steps(epochs, warmup, tool, tool == "atlasvi_reordered", dropout, folder, seed)
+                reorder, twin = tool == "atlasvi_reordered", tool == "atlasvi_ulp"
+                atlasvi_steps(epochs, warmup, tool, reorder, dropout, folder, seed, twin)
         records[tool] = np.load(path, allow_pickle=True)
     pairs = {"atlasvi - scvi-tools": ("atlasvi", "scvi_tools")}
-    if reference:
+    for tool in tools[2:]:
         same = all(
             np.array_equal(np.sort(a), np.sort(b))
-            for a, b in zip(records["atlasvi"]["batches"], records["atlasvi_reordered"]["batches"], strict=True)
+            for a, b in zip(records["atlasvi"]["batches"], records[tool]["batches"], strict=True)
         )
         if not same:
-            raise SystemExit("the reference run trained on other minibatches")
+            raise SystemExit(f"the reference run {tool} trained on other minibatches")
+    if reference:
         pairs["atlasvi - atlasvi reordered (float-drift reference)"] = ("atlasvi", "atlasvi_reordered")
+    if ulp:
+        pairs["atlasvi - atlasvi 1-ulp twin"] = ("atlasvi", "atlasvi_ulp")
     validation = {
         tool: {k: r[k].tolist() for k in ("validation_elbo", "validation_reconstruction")}
         for tool, r in records.items()
@@ -844,6 +867,7 @@ def steps_report(
             "epoch_steps": records["atlasvi"]["epoch_steps"].tolist(),
             "dropout": "on, shared masks" if dropout else "off",
             "seed": seed,
+            "runs_reused_from_an_earlier_invocation": reused,
         },
         "dropout_rates_in_normal_training": {
             tool: json.loads(str(records[tool]["dropout"])) for tool in ("atlasvi", "scvi_tools")
@@ -949,7 +973,12 @@ def steps_markdown(report: dict) -> str:
         + (", dropout on with the same masks" if dropout else ""),
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}; load average at the end "
-        f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])}; {meta['seconds']:.0f} s in all.",
+        f"{', '.join(f'{x:.1f}' for x in meta['load_average_at_end'])}; {meta['seconds']:.0f} s in all"
+        + (
+            f" (the runs {', '.join(meta['runs_reused_from_an_earlier_invocation'])} reused from an earlier one)."
+            if meta.get("runs_reused_from_an_earlier_invocation")
+            else "."
+        ),
         "",
         f"{meta['steps']} steps ({meta['epochs']} epochs of {meta['epoch_steps'][0]} minibatches of the sci-CAR "
         f"training store, KL warm-up {meta['n_epochs_kl_warmup']} epochs, the adversarial classifier on), seed "
@@ -963,7 +992,12 @@ def steps_markdown(report: dict) -> str:
         + (
             " Reference: atlasvi against itself with each minibatch's cells in another order (exactly the same run, "
             f"rounded otherwise{': the masks follow the cells' if dropout else ''})."
-            if len(pairs) > 1
+            if any("reordered" in p for p in pairs)
+            else ""
+        )
+        + (
+            " 1-ulp twin: atlasvi from its initial weights x (1 +- 2^-23), a seeded sign per entry."
+            if any("ulp" in p for p in pairs)
             else ""
         ),
         "",
@@ -1007,10 +1041,16 @@ def steps_markdown(report: dict) -> str:
             + "; ".join(f"{tool} {v['rna']:.3f} / {v['atac']:.3f}" for tool, v in held.items())
             + f"; atlasvi - scvi-tools RNA {held['atlasvi']['rna'] - held['scvi_tools']['rna']:+.4f}"
             + (
-                f", atlasvi - reference {held['atlasvi']['rna'] - held['atlasvi_reordered']['rna']:+.4f}."
+                f", atlasvi - reference {held['atlasvi']['rna'] - held['atlasvi_reordered']['rna']:+.4f}"
                 if "atlasvi_reordered" in held
-                else "."
-            ),
+                else ""
+            )
+            + (
+                f", atlasvi - 1-ulp twin {held['atlasvi']['rna'] - held['atlasvi_ulp']['rna']:+.4f}"
+                if "atlasvi_ulp" in held
+                else ""
+            )
+            + ".",
         ]
     lines += ["", "Validation per epoch (KL weight 1, the mean as z; -ELBO / reconstruction per cell):", ""]
     lines += validation_table(report)
@@ -1055,6 +1095,7 @@ def main() -> None:
         parser.add_argument("--reuse", action="store_true", help="reuse the runs recorded in the cache (same epochs)")
         parser.add_argument("--dropout", action="store_true", help="dropout on in both tools, with shared masks")
         parser.add_argument("--seed", type=int, default=SEED, help="initial weights, loader and draws (default 0)")
+        parser.add_argument("--ulp-reference", action="store_true", help="also atlasvi from 1-ulp-perturbed weights")
         args = parser.parse_args()
         if args.seed < 0:
             raise SystemExit(f"--seed must be >= 0, not {args.seed}")
@@ -1063,8 +1104,9 @@ def main() -> None:
             scvi_steps(args.epochs, args.n_epochs_kl_warmup, args.dropout, folder, args.seed)
             return
         report = steps_report(
-            args.epochs, args.n_epochs_kl_warmup, not args.no_reference, args.reuse, args.dropout, args.seed
-        )
+            args.epochs, args.n_epochs_kl_warmup, not args.no_reference, args.reuse, args.dropout, args.seed,
+            args.ulp_reference,
+        )  # fmt: skip
         stem = (
             "multivi_step_check_steps" + ("_dropout" if args.dropout else "") + (f"_seed{args.seed}" * (args.seed > 0))
         )

@@ -53,7 +53,10 @@ def test_step_differences_are_relative_to_each_tensors_largest_entry_per_step():
         check._step_differences(Npz(a), Npz({k: v for k, v in b.items() if k != "sample|b"}))
 
 
-@pytest.mark.parametrize("stem", ["multivi_step_check_steps", "multivi_step_check_steps_dropout"])
+@pytest.mark.parametrize(
+    "stem",
+    ["multivi_step_check_steps"] + [f"multivi_step_check_steps_dropout{s}" for s in ("", "_seed2", "_seed4", "_seed7")],
+)
 def test_committed_many_step_table_renders_from_its_json(stem):
     report = json.loads((RESULTS / f"{stem}.json").read_text())
     assert check.steps_markdown(report) == (RESULTS / f"{stem}.md").read_text()
