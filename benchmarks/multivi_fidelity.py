@@ -780,6 +780,8 @@ def main() -> None:
         "same_split": args.same_split,
         "train_seed_offset": args.train_seed_offset,
         "load_average_at_start": list(os.getloadavg()),
+        "started_utc": utc_now(),
+        "code_commit": code_commit(),
         "cells": {name: len(part) for name, part in split(2641).items()},
         "knn_cell_order": "cell name",  # earlier runs: each tool's own order (other CV folds per tool)
     }
@@ -806,12 +808,31 @@ def main() -> None:
                 save_atlasvi_init(build_atlasvi(paths, seed), seed)  # its run is the merged row: deterministic
             scvi = (seed, fields, paths, args.same_start, args.train_seed_offset, args.same_split)
             for line in lines or _scvi_rows(*scvi):
-                rows.append(json.loads(line) | {"load_average_at_end": list(os.getloadavg())})
+                rows.append(
+                    json.loads(line) | {"load_average_at_end": list(os.getloadavg()), "finished_utc": utc_now()}
+                )
                 print(line, flush=True)
             if args.same_start and side == sides[-1]:
                 rows = one_scorer(rows, seed, paths)
             write_results(results / args.out, meta, rows)
     print(markdown(rows, meta))
+
+
+def utc_now() -> str:
+    """The wall-clock time in UTC, to the second (a run's start, each row's end)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def code_commit() -> str | None:
+    """The commit of the code this run uses (`git describe --always --dirty --abbrev=40`: the full hash, "-dirty" when
+    tracked files differ from it); None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=HERE, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
