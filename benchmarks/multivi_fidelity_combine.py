@@ -1,7 +1,8 @@
 """Combine paired MultiVI fidelity runs (results/NAME.json of `multivi_fidelity.py --same-start --same-split`) into one
 paired table: every seed's rows, the paired differences atlasvi - scvi-tools over all seeds (mean, sd, s.e., t, 95% CI
-from multivi_fidelity.paired_differences), and per metric whether atlasvi is >= scvi-tools, equal within noise, or
-below (from the 95% CI, and from the Wilcoxon signed-rank test where the CI contains 0).
+from multivi_fidelity.paired_differences; the Wilcoxon signed-rank and the sign test's p), and per metric whether
+atlasvi is >= scvi-tools, equal within noise, or below (from the 95% CI, and from the Wilcoxon signed-rank test where
+the CI contains 0). Each source's loads, start and finish (UTC) and code commit are kept where it recorded them.
 
     .venv/bin/python benchmarks/multivi_fidelity_combine.py --inputs multivi_fidelity_same_split \
         multivi_fidelity_same_split_s67 multivi_fidelity_same_split_s89 multivi_fidelity_same_split_s1011 \
@@ -86,10 +87,29 @@ def recorded_loads(report: dict) -> list[float]:
     ]
 
 
+def sign_test_p(values: np.ndarray) -> float:
+    """Two-sided sign test of paired differences: the binomial p of the positive count among the non-zero ones under
+    p = 1/2 (1.0 when all are zero)."""
+    nonzero = values[values != 0]
+    if not len(nonzero):
+        return 1.0
+    return float(stats.binomtest(int(np.sum(nonzero > 0)), len(nonzero), 0.5).pvalue)
+
+
+def source_times(report: dict) -> dict:
+    """A run's code commit, start and last row's finish (UTC) where it recorded them (runs since they do), else None."""
+    finished = [r["finished_utc"] for r in report["rows"] if "finished_utc" in r]
+    return {
+        "code_commit": report["meta"].get("code_commit"),
+        "started_utc": report["meta"].get("started_utc"),
+        "finished_utc": max(finished) if finished else None,
+    }
+
+
 def goals(rows: list[dict], diffs: dict) -> dict[str, dict]:
-    """Per metric: the paired summary plus the median, the two-sided t-test p, the Wilcoxon signed-rank p, how many
-    seeds favour atlasvi, scvi-tools' mean, the CI's bound on atlasvi's unfavourable side relative to that mean, and the
-    verdict."""
+    """Per metric: the paired summary plus the median, the two-sided t-test p, the Wilcoxon signed-rank p, the sign
+    test's p, how many seeds favour atlasvi, scvi-tools' mean, the CI's bound on atlasvi's unfavourable side relative to
+    that mean, and the verdict."""
     out = {}
     seeds = list(diffs["per_seed"])
     for key, _, _ in METRICS:
@@ -107,6 +127,7 @@ def goals(rows: list[dict], diffs: dict) -> dict[str, dict]:
             "ci95": summary["ci95"],
             "p_t": float(2 * stats.t.sf(abs(summary["t"]), len(values) - 1)) if summary["t"] is not None else None,
             "p_wilcoxon": p_wilcoxon,
+            "p_sign": sign_test_p(values),
             "seeds_favouring_atlasvi": int(np.sum(sign * values > 0)),
             "n": len(values),
             "scvi_tools_mean": scvi_mean,
@@ -128,9 +149,14 @@ def report_markdown(payload: dict) -> str:
             if len(loads) > 1
             else f"1-minute load {loads[0]:.1f} at its start"
         )
+        when = (
+            f"; {source['started_utc']} to {source['finished_utc']}, code {source['code_commit']}"
+            if source.get("started_utc")
+            else ""
+        )
         lines.append(
             f"- `{source['name']}`: seeds {', '.join(map(str, source['seeds']))}; {load}; `{source['command']}`; "
-            f"{source['machine']}"
+            f"{source['machine']}{when}"
         )
     lines += [
         "",
@@ -138,9 +164,9 @@ def report_markdown(payload: dict) -> str:
         "scvi-tools (on nats, + means atlasvi is worse); worst bound: the 95% CI's end on atlasvi's unfavourable side, "
         "relative to scvi-tools' mean:",
         "",
-        "| metric | difference ± s.e. | median | t (p) | Wilcoxon p | 95% CI | seeds favouring atlasvi | "
+        "| metric | difference ± s.e. | median | t (p) | Wilcoxon p | sign test p | 95% CI | seeds favouring atlasvi | "
         "scvi-tools mean | worst bound | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, digits, label in METRICS:
         g = payload["goals"][key]
@@ -148,7 +174,7 @@ def report_markdown(payload: dict) -> str:
         lines.append(
             f"| {label} | {g['mean']:+.{digits}f} ± {g['se']:.{digits}f} | {g['median']:+.{digits}f} | "
             f"{g['t']:+.2f} ({g['p_t']:.3f}) | "
-            f"{g['p_wilcoxon']:.3f} | [{g['ci95'][0]:+.{digits}f}, {g['ci95'][1]:+.{digits}f}] | "
+            f"{g['p_wilcoxon']:.3f} | {g['p_sign']:.3f} | [{g['ci95'][0]:+.{digits}f}, {g['ci95'][1]:+.{digits}f}] | "
             f"{g['seeds_favouring_atlasvi']} of {g['n']} | {g['scvi_tools_mean']:.{digits}f} | "
             f"{g['worst_bound']:+.{digits}f}{relative} | {g['verdict']} |"
         )
@@ -189,6 +215,7 @@ def main() -> None:
                 "machine": report["meta"]["machine"],
                 "recorded_loads": recorded_loads(report),
             }
+            | source_times(report)
             for name, report in reports.items()
         ],
     }

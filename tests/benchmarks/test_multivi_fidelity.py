@@ -2,6 +2,8 @@
 tables render from their JSON; benchmarks/multivi_atlas.py's and benchmarks/multivi_init_distribution.py's too."""
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,34 @@ from benchmarks.multivi_fidelity import (
     METRICS,
     _row,
     auroc,
+    code_commit,
     expression_correlation,
     markdown,
     merged_rows,
     paired_differences,
     split,
+    utc_now,
     with_scores,
 )
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_a_run_records_its_code_commit_dirty_or_not_and_utc_times(tmp_path, monkeypatch):
+    import benchmarks.multivi_fidelity as fidelity
+
+    monkeypatch.setattr(fidelity, "HERE", tmp_path)
+    assert code_commit() is None  # not a git checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert code_commit() == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_commit() == f"{head}-dirty"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", utc_now())
 
 
 def test_the_split_holds_out_a_tenth_and_thirds_the_rest_disjointly():

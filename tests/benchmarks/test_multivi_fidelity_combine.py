@@ -9,7 +9,15 @@ import pytest
 from scipy import stats
 
 from benchmarks.multivi_fidelity import METRICS, paired_differences
-from benchmarks.multivi_fidelity_combine import combine, goals, recorded_loads, report_markdown, verdict
+from benchmarks.multivi_fidelity_combine import (
+    combine,
+    goals,
+    recorded_loads,
+    report_markdown,
+    sign_test_p,
+    source_times,
+    verdict,
+)
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 KEYS = [key for key, _, _ in METRICS]
@@ -67,6 +75,26 @@ def test_recorded_loads_are_the_start_then_each_rows_end():
     assert recorded_loads(report) == [3.0, 7.5]
 
 
+def test_source_times_are_the_runs_start_last_finish_and_commit_where_recorded():
+    report = _report([0], np.random.default_rng(1))
+    assert source_times(report) == {"code_commit": None, "started_utc": None, "finished_utc": None}
+    report["meta"] |= {"code_commit": "abc", "started_utc": "2026-12-07T17:10:55Z"}
+    report["rows"][0]["finished_utc"] = "2026-12-07T17:16:01Z"
+    report["rows"][1]["finished_utc"] = "2026-12-07T17:24:40Z"
+    assert source_times(report) == {
+        "code_commit": "abc",
+        "started_utc": "2026-12-07T17:10:55Z",
+        "finished_utc": "2026-12-07T17:24:40Z",
+    }
+
+
+def test_sign_test_counts_signs_and_drops_ties():
+    assert sign_test_p(np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -1.0])) == pytest.approx(18 / 256)  # 7 of 8
+    assert sign_test_p(np.array([0.0, 0.0, 2.0, -2.0])) == pytest.approx(1.0)  # ties dropped: 1 of 2
+    assert sign_test_p(np.array([3.0, 1.0, 0.0])) == pytest.approx(0.5)  # 2 of 2 non-zero
+    assert sign_test_p(np.zeros(4)) == 1.0
+
+
 def test_goals_match_scipys_paired_tests():
     rows, _ = combine({"a": _report(list(range(8)), np.random.default_rng(2))})
     diffs = paired_differences(rows)
@@ -78,6 +106,8 @@ def test_goals_match_scipys_paired_tests():
         assert out[key]["median"] == pytest.approx(np.median(a - b))
         assert out[key]["p_t"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
         assert out[key]["p_wilcoxon"] == pytest.approx(stats.wilcoxon(a - b).pvalue)
+        positive = int(np.sum(a - b > 0))
+        assert out[key]["p_sign"] == pytest.approx(stats.binomtest(positive, len(a), 0.5).pvalue)
         assert out[key]["scvi_tools_mean"] == pytest.approx(b.mean())
     nats, knn = out["heldout_reconstruction_rna"], out["knn_accuracy"]
     d_nats = np.array([diffs["per_seed"][s]["heldout_reconstruction_rna"] for s in range(8)])
