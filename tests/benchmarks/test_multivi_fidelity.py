@@ -184,6 +184,14 @@ def test_init_distribution_compare_reads_shifted_draws_as_different():
         "multivi_fidelity_same_split_s1011",
         "multivi_fidelity_one_scorer_s0",
         "multivi_fidelity_one_scorer_s123",
+        "multivi_fidelity_one_scorer_s4",
+        "multivi_fidelity_one_scorer_s5",
+        "multivi_fidelity_one_scorer_s6",
+        "multivi_fidelity_one_scorer_s7",
+        "multivi_fidelity_one_scorer_s8",
+        "multivi_fidelity_one_scorer_s12",
+        "multivi_fidelity_one_scorer_s13",
+        "multivi_fidelity_one_scorer_s14",
     ],
 )
 def test_committed_paired_table_renders_from_its_json(name):

@@ -115,7 +115,10 @@ def test_goals_match_scipys_paired_tests():
     assert nats["worst_bound"] == nats["ci95"][1] and knn["worst_bound"] == knn["ci95"][0]
 
 
-@pytest.mark.parametrize(("name", "pairs"), [("multivi_fidelity_paired12", 12), ("multivi_fidelity_one_scorer4", 4)])
+@pytest.mark.parametrize(
+    ("name", "pairs"),
+    [("multivi_fidelity_paired12", 12), ("multivi_fidelity_one_scorer4", 4), ("multivi_fidelity_one_scorer12", 12)],
+)
 def test_committed_combined_table_renders_from_its_json(name, pairs):
     payload = json.loads((RESULTS / f"{name}.json").read_text())
     assert report_markdown(payload) == (RESULTS / f"{name}.md").read_text()
@@ -125,8 +128,9 @@ def test_committed_combined_table_renders_from_its_json(name, pairs):
     assert payload["meta"]["n_pairs"] == len(diffs["per_seed"]) == pairs
 
 
-def test_one_scorer_pairs_keep_each_tools_own_figures_beside_the_one_scorers():
-    payload = json.loads((RESULTS / "multivi_fidelity_one_scorer4.json").read_text())
+@pytest.mark.parametrize("name", ["multivi_fidelity_one_scorer4", "multivi_fidelity_one_scorer12"])
+def test_one_scorer_pairs_keep_each_tools_own_figures_beside_the_one_scorers(name):
+    payload = json.loads((RESULTS / f"{name}.json").read_text())
     assert payload["meta"]["heldout_scorer"].startswith("scvi-tools' get_reconstruction_error on both tools'")
     assert payload["meta"]["knn_cell_order"] == "cell name"
     for row in payload["rows"]:  # one draw vs the 50-draw mean: within a nat per cell, not equal
