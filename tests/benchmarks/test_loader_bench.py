@@ -12,6 +12,7 @@ from benchmarks.loader_bench import _merge, _pairs, _ratio_table, combine
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 QUIET_LZ4 = [RESULTS / f"loader_1m_direct_lz4{suffix}.json" for suffix in ("", "_run2", "_run3")]
+BUILT_LZ4 = [RESULTS / f"loader_1m_built_lz4{suffix}.json" for suffix in ("", "_run2", "_run3")]
 
 
 def _round(rate: float, steady: float) -> dict:
@@ -54,6 +55,17 @@ def test_the_committed_quiet_runs_pool_to_the_figures_the_readme_gives():
     pooled = {128: "1.43 | 1.06 | 0 of 9", 1024: "1.12 | 0.68 | 2 of 9", 4096: "1.07 | 0.50 | 3 of 9"}
     for batch, figures in pooled.items():
         assert f"| atlasvi lz4/auto vs annbatch+zarrs lz4 | {batch} | {figures} |" in text
+
+
+@pytest.mark.skipif(not all(p.exists() for p in BUILT_LZ4), reason="the committed quiet runs")
+def test_the_quiet_runs_with_the_kernel_loaded_at_build_pool_to_the_readmes_figures():
+    text = combine(BUILT_LZ4)
+    fresh = {128: "1.99 | 1.39 | 0 of 9", 1024: "1.31 | 1.03 | 0 of 9", 4096: "1.67 | 1.13 | 0 of 9"}
+    steady = {128: "2.15 | 1.42 | 0 of 9", 1024: "1.52 | 1.05 | 0 of 9", 4096: "1.86 | 1.26 | 0 of 9"}
+    head, tail = text.split("steady state")
+    for batch in (128, 1024, 4096):
+        assert f"| atlasvi lz4/auto vs annbatch+zarrs lz4 | {batch} | {fresh[batch]} |" in head
+        assert f"| atlasvi lz4/auto vs annbatch+zarrs lz4 | {batch} | {steady[batch]} |" in tail
 
 
 def test_combine_refuses_a_missing_file_in_one_line(tmp_path):
