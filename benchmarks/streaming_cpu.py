@@ -21,31 +21,13 @@ import os
 import platform
 import statistics
 import sys
-import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = HERE.parent.parent / "shared" / "data" / "kang2018_pbmc_ifnb_muscat.h5ad"
-
-
-class TimedPasses:
-    """`loader` with the process CPU seconds of each pass through it (each training epoch of `fit`)."""
-
-    def __init__(self, loader):
-        self.loader, self.cpu_s = loader, []
-
-    def __getattr__(self, name: str):
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        started = time.process_time()
-        yield from self.loader
-        self.cpu_s.append(time.process_time() - started)
+sys.path.insert(0, str(HERE))
+from resident_speed import REFERENCE, store_of  # noqa: E402
+from train_speed import EpochCPU  # noqa: E402
 
 
 def summary(resident_cpu_s: list[float], streaming_cpu_s: list[float], cells: int, warmup: int = 1) -> dict:
@@ -88,7 +70,7 @@ def measure(store_path: Path, batch_size: int, pairs: int, threads: int) -> dict
             )
             name = "resident" if resident else "streaming"
             loaders[name] = tuple(stack.enter_context(loader) for loader in pair)
-            timed[name] = TimedPasses(loaders[name][0])
+            timed[name] = EpochCPU(loaders[name][0])
         module = build_module(job.model, built.schema, 0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the KL warm-up outlasts a 1-epoch fit, by design here
@@ -143,11 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "streaming_cpu")
     args = parser.parse_args(argv)
-    from atlasvi.bench.perf import BenchConfig, cached_store
-
-    store = cached_store(
-        args.cells, BenchConfig(n_genes=args.genes, cache_dir=str(args.cache), reference=str(args.reference))
-    )
+    store = store_of(args.cells, args.genes, args.cache, args.reference)
     load_before = os.getloadavg()[0]
     rows = []
     for batch_size in args.batch_sizes:

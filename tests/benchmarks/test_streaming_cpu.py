@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.streaming_cpu import TimedPasses, markdown, summary
+from benchmarks.streaming_cpu import EpochCPU, markdown, summary
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -37,7 +37,7 @@ def test_timed_passes_times_each_pass_and_delegates():
         def __iter__(self):
             return iter(range(3))
 
-    timed = TimedPasses(Loader())
+    timed = EpochCPU(Loader())
     assert list(timed) == [0, 1, 2] and list(timed) == [0, 1, 2]
     assert len(timed.cpu_s) == 2 and all(c >= 0 for c in timed.cpu_s)
     assert len(timed) == 3 and timed.sampler == "s"
