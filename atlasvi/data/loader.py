@@ -266,6 +266,10 @@ class _ReadAheadPool:
             except BaseException as err:  # noqa: BLE001 - handed to the consumer through the future
                 future.set_exception(err)
 
+    def native_ids(self) -> list[int]:
+        """The threads' native (kernel) ids."""
+        return [thread.native_id for thread in self._threads if thread.native_id is not None]
+
     def stop(self, timeout: float = 0.0) -> None:
         """Cancel queued tasks, end the threads after their current task; wait up to `timeout` s."""
         while True:
@@ -560,6 +564,10 @@ class StreamingLoader:
                 yield batch
             skip = 0
         self.epoch, self.step = epoch + 1, 0
+
+    def read_ahead_thread_ids(self) -> list[int]:
+        """Native (kernel) ids of the read-ahead threads: none before the first iteration or after `close`."""
+        return self._pool.native_ids() if self._pool is not None else []
 
     def close(self) -> None:
         """Stop the read-ahead threads (a later iteration starts new ones)."""

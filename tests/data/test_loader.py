@@ -269,6 +269,26 @@ def test_read_ahead_is_bounded_by_prefetch(kang_store, monkeypatch):
     assert max(started) <= 3 + config.prefetch + 1  # cutting window 3
 
 
+def test_read_ahead_thread_ids_name_the_threads_that_read(kang_store, monkeypatch):
+    config = LoaderConfig(batch_size=16, block_size=50, buffer_blocks=1, prefetch=2, num_threads=2)
+    loader = StreamingLoader(kang_store, config)
+    assert loader.read_ahead_thread_ids() == []  # no threads before the first iteration
+    readers: set[int] = set()
+    original = StreamingLoader._read_window
+
+    def recording(self, epoch, index, ranges):
+        readers.add(threading.get_native_id())
+        return original(self, epoch, index, ranges)
+
+    monkeypatch.setattr(StreamingLoader, "_read_window", recording)
+    list(loader)
+    ids = loader.read_ahead_thread_ids()
+    assert len(ids) == 2 and threading.get_native_id() not in ids
+    assert readers and readers <= set(ids)
+    loader.close()
+    assert loader.read_ahead_thread_ids() == []
+
+
 @pytest.fixture
 def served_store(kang_store: Path):
     handler = functools.partial(QuietHandler, directory=str(kang_store))
