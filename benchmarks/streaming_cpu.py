@@ -64,7 +64,8 @@ def thread_cpu_s(tasks: Path = TASKS) -> dict[int, float]:
 class Pass:
     """CPU seconds of one pass through a loader (a training epoch of `fit`): the process's; the thread that
     iterated it (the training thread), and of that the part spent in the loader's `next` (receiving minibatches);
-    every other thread's by native id."""
+    every other thread's by native id; the training thread's kernel CPU and minor page faults; the median of its CPU
+    per step (between two minibatches: robust to a few slow steps)."""
 
     process_s: float
     training_s: float
@@ -72,6 +73,7 @@ class Pass:
     threads_s: dict[int, float]
     training_kernel_s: float = 0.0
     training_faults: int = 0
+    step_median_s: float = 0.0
 
     @property
     def step_s(self) -> float:
@@ -93,21 +95,24 @@ class PassCPU:
 
     def __iter__(self) -> Iterator:
         before, usage = self.clock(), resource.getrusage(resource.RUSAGE_THREAD)
-        process, training, receive = time.process_time(), time.thread_time(), 0.0
+        process, training, receive, steps = time.process_time(), time.thread_time(), 0.0, []
         batches = iter(self.loader)
         while True:
             started = time.thread_time()
             batch = next(batches, None)
-            receive += time.thread_time() - started
+            received = time.thread_time()
+            receive += received - started
             if batch is None:
                 break
             yield batch
+            steps.append(time.thread_time() - received)
         training, process = time.thread_time() - training, time.process_time() - process
         now = resource.getrusage(resource.RUSAGE_THREAD)
         me, after = threading.get_native_id(), self.clock()
         others = {tid: s - before.get(tid, 0.0) for tid, s in after.items() if tid != me}
         kernel, faults = now.ru_stime - usage.ru_stime, now.ru_minflt - usage.ru_minflt
-        self.passes.append(Pass(process, training, receive, others, kernel, faults))
+        step = statistics.median(steps) if steps else 0.0
+        self.passes.append(Pass(process, training, receive, others, kernel, faults, step))
 
 
 def summary(resident_cpu_s: list[float], streaming_cpu_s: list[float], cells: int, warmup: int = 1) -> dict:
@@ -140,6 +145,7 @@ def grouped(record: Pass, groups: dict[int, str]) -> dict:
         "receive_s": record.receive_s,
         "training_kernel_s": record.training_kernel_s,
         "training_faults": record.training_faults,
+        "step_median_s": record.step_median_s,
     }
     out |= {f"{g}_s": 0.0 for g in GROUPS}
     for tid, seconds in record.threads_s.items():
@@ -179,6 +185,7 @@ def decompose(resident: list[dict], streaming: list[dict], cells: int, warmup: i
     return {
         "training_ratio": _spread([r["training_s"] / s["training_s"] for r, s in pairs]),
         "step_ratio": _spread([a / b for a, b in zip(step_r, step_s, strict=True)]),
+        "step_median_ratio": _spread([r["step_median_s"] / s["step_median_s"] for r, s in pairs]),
         "streaming_steps_dearer": sum(b > a for a, b in zip(step_r, step_s, strict=True)),
         "structural": _spread([(a + o_r) / (a + o_s) for a, o_r, o_s in zip(step_r, own_r, own_s, strict=True)]),
         "bound": total_r / (total_r + extra),

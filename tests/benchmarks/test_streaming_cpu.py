@@ -116,6 +116,7 @@ def test_a_pass_splits_the_training_threads_receiving_from_its_steps_and_counts_
     (record,) = timed.passes
     assert 0.09 <= record.receive_s < 0.12
     assert 0.15 <= record.step_s < 0.18
+    assert 0.05 <= record.step_median_s < 0.06
     assert record.training_s == pytest.approx(record.receive_s + record.step_s)
     assert 0.1 <= record.threads_s[background.native_id] < 0.13
     assert threading.get_native_id() not in record.threads_s
@@ -123,7 +124,7 @@ def test_a_pass_splits_the_training_threads_receiving_from_its_steps_and_counts_
 
 
 def test_grouped_sums_the_other_threads_by_group():
-    record = Pass(2.0, 1.0, 0.25, {1: 0.5, 2: 0.25, 3: 0.125, 4: 0.0625}, 0.03125, 7)
+    record = Pass(2.0, 1.0, 0.25, {1: 0.5, 2: 0.25, 3: 0.125, 4: 0.0625}, 0.03125, 7, 0.01)
     out = grouped(record, {1: "read_ahead", 2: "read_ahead", 3: "validation_read_ahead"})
     assert out == {
         "process_s": 2.0,
@@ -131,6 +132,7 @@ def test_grouped_sums_the_other_threads_by_group():
         "receive_s": 0.25,
         "training_kernel_s": 0.03125,
         "training_faults": 7,
+        "step_median_s": 0.01,
         "read_ahead_s": 0.75,
         "validation_read_ahead_s": 0.125,
         "other_s": 0.0625,
@@ -138,8 +140,9 @@ def test_grouped_sums_the_other_threads_by_group():
     }
 
 
-def _record(process=0.0, training=0.0, receive=0.0, read_ahead=0.0, validation=0.0, other=0.0) -> dict:
+def _record(process=0.0, training=0.0, receive=0.0, read_ahead=0.0, validation=0.0, other=0.0, step=1.0) -> dict:
     return {
+        "step_median_s": step,
         "process_s": process,
         "training_s": training,
         "receive_s": receive,
@@ -154,18 +157,19 @@ def test_decompose_cancels_the_steps_noise_and_charges_streaming_its_read_ahead(
     resident = [
         _record(9.0, 9.0),  # warm-up: left out
         _record(2.01, 2.0, 0.02, read_ahead=0.01),  # streaming's read-ahead spilling into resident's pass
-        _record(2.1, 2.1, 0.02, validation=0.1),
+        _record(2.1, 2.1, 0.02, validation=0.1, step=0.02),
     ]
     streaming = [
         _record(9.0, 1.0, read_ahead=8.0),
         _record(2.24, 2.2, 0.005, read_ahead=0.03, validation=0.1, other=0.005),
-        _record(1.95, 1.9, 0.005, read_ahead=0.04, other=0.005),
+        _record(1.95, 1.9, 0.005, read_ahead=0.04, other=0.005, step=0.016),
     ]
     out = decompose(resident, streaming, cells=1000)
     assert out["training_ratio"]["median"] == pytest.approx((2.0 / 2.2 + 2.1 / 1.9) / 2)
     assert (out["training_ratio"]["lowest"], out["training_ratio"]["highest"]) == pytest.approx((2 / 2.2, 2.1 / 1.9))
     assert out["step_ratio"]["median"] == pytest.approx((1.98 / 2.195 + 2.08 / 1.895) / 2)
     assert out["streaming_steps_dearer"] == 1
+    assert out["step_median_ratio"]["median"] == pytest.approx((1.0 + 1.25) / 2)
     # own CPU: resident 0.02 (receiving); streaming 0.005 + 0.005 + read-ahead 0.03 + 0.01 spilled, then 0.04:
     # 0.05 both times; the validation loader's read-ahead is neither's
     assert out["structural"]["lowest"] == pytest.approx(2.0 / 2.03)
