@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import threading
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"batch {batch_size}: median {rows[-1]['median']:.3f}", file=sys.stderr)
     report = {
-        "command": " ".join(["python", "benchmarks/streaming_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "benchmarks/streaming_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "cells": args.cells,
         "genes": args.genes,
         "pairs": args.pairs,

@@ -8,17 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.streaming_cpu import (
-    TASKS,
-    Pass,
-    PassCPU,
-    decompose,
-    grouped,
-    markdown,
-    measure,
-    summary,
-    thread_cpu_s,
-)
+from benchmarks import streaming_cpu
+from benchmarks.streaming_cpu import TASKS, Pass, PassCPU, decompose, grouped, markdown, summary, thread_cpu_s
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -209,16 +200,24 @@ def test_markdown_adds_the_per_thread_table_to_decomposed_rows():
     assert text.endswith("\nCores the machine's other processes kept busy meanwhile: 0.25 at batch 128.\n")
 
 
-def test_measure_attributes_the_read_ahead_threads_to_streaming(kang_store):
-    row = measure(kang_store, batch_size=128, pairs=1, threads=1)
+def test_main_attributes_the_read_ahead_threads_to_streaming(kang_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(streaming_cpu, "store_of", lambda *args: kang_store)
+    out = tmp_path / "report"
+    streaming_cpu.main(["--pairs", "1", "--machine", "a 2-core VM", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["command"].endswith(f"--pairs 1 --machine 'a 2-core VM' --out {out}")
+    (row,) = report["rows"]
     resident, streaming = row["resident_passes"], row["streaming_passes"]
     assert len(resident) == len(streaming) == 2 and len(row["ratios"]) == 1
     assert all(p["receive_s"] > 0 and p["training_s"] > p["receive_s"] for p in resident + streaming)
     assert streaming[0]["read_ahead_s"] > 0  # the first pass reads its window and those read ahead
-    assert all(p["read_ahead_s"] + p["validation_read_ahead_s"] + p["other_s"] < 0.01 for p in resident[:1])
+    assert resident[0]["read_ahead_s"] + resident[0]["validation_read_ahead_s"] + resident[0]["other_s"] < 0.01
     assert all(abs(p["ended_s"]) < 0.01 for p in resident + streaming)
     assert row["resident_cpu_s"] == [p["process_s"] for p in resident]
     assert 0 < row["decomposition"]["bound"] <= 1.0
+    assert 0 <= row["other_cpu_cores"] <= 2
+    assert "machine: a 2-core VM;" in out.with_suffix(".md").read_text()
+    assert markdown(report) == out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("name", ["streaming_cpu", "streaming_cpu_run2"])
@@ -228,4 +227,7 @@ def test_committed_tables_render_from_their_json(name):
         assert summary(row["resident_cpu_s"], row["streaming_cpu_s"], row["cells_per_pass"])["median"] == pytest.approx(
             row["median"]
         )
+        if "decomposition" in row:
+            cells = row["cells_per_pass"]
+            assert decompose(row["resident_passes"], row["streaming_passes"], cells) == row["decomposition"]
     assert markdown(report) == (RESULTS / f"{name}.md").read_text()
