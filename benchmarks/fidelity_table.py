@@ -1,9 +1,13 @@
 """The scVI fidelity table (issue 4): atlasvi vs scvi-tools per dataset, printed and logged to MLflow.
 
     python benchmarks/fidelity_table.py [--out benchmarks/results/fidelity_table.md]
+    python benchmarks/fidelity_table.py --scvi-tools-from benchmarks/results/fidelity_table.json [--reuse cellbench]
 
 Reads what the two sides wrote (see benchmarks/README.md for the commands):
-- scvi-tools: benchmarks/.cache/scvi_ref/<dataset>_seed<S>.json (held-out -ELBO, scib-metrics total);
+- scvi-tools: benchmarks/.cache/scvi_ref/<dataset>_seed<S>.json (held-out -ELBO, scib-metrics total; the total from
+              benchmarks/.cache/scvi_ref/<dataset>/scib_seed<S>.json when run without --scib), or with
+              --scvi-tools-from its mean ± sd per dataset (those of --reuse) from a fidelity_table.json written before
+              (atlasvi re-run alone; atlasvi's seeds must be that table's);
 - atlasvi:    benchmarks/.cache/fidelity/<dataset>/results.jsonl (held-out -ELBO per seed, from fidelity.py)
               and benchmarks/.cache/fidelity/<dataset>/scib_seed<S>.json (`fidelity_data.py scib`).
 Check 1: atlasvi's mean held-out -ELBO <= scvi-tools' mean + one scvi-tools seed sd (ELBO >= mean - sd).
@@ -30,8 +34,21 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def collect(dataset: str) -> dict | None:
-    """Per-seed figures of both sides for the seeds both have."""
+def committed_scvi_tools(path: Path) -> dict[str, dict]:
+    """scvi-tools' side per dataset of a fidelity_table.json: {dataset: {"seeds", "neg_elbo", "scib"}} (mean, sd)."""
+    try:
+        rows = json.loads(path.read_text())
+        return {
+            r["dataset"]: {"seeds": r["seeds"], "neg_elbo": r["scvi-tools.neg_elbo"], "scib": r["scvi-tools.scib"]}
+            for r in rows
+        }
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise SystemExit(f"{path}: not a fidelity_table.json ({error})") from None
+
+
+def collect(dataset: str, committed: dict | None = None) -> dict | None:
+    """Per-seed figures of both sides for the seeds both have; with `committed` (scvi-tools' side of this dataset
+    from `committed_scvi_tools`) atlasvi's per-seed figures for exactly its seeds, and scvi-tools' summary."""
     scvi = {}
     for path in sorted((CACHE / "scvi_ref").glob(f"{dataset}_seed*.json")):
         text = path.read_text()
@@ -42,7 +59,11 @@ def collect(dataset: str) -> dict | None:
             result = None
         if result is None:
             continue  # a run still writing
-        scvi[result["seed"]] = {"neg_elbo": result["heldout"]["neg_elbo"], "scib": result.get("scib", {}).get("total")}
+        scib = result.get("scib", {}).get("total")
+        scored = CACHE / "scvi_ref" / dataset / f"scib_seed{result['seed']}.json"  # latent scored apart (not --scib)
+        if scib is None and scored.exists():
+            scib = next(iter(json.loads(scored.read_text()).values()))["total"]
+        scvi[result["seed"]] = {"neg_elbo": result["heldout"]["neg_elbo"], "scib": scib}
     results = CACHE / "fidelity" / dataset / "results.jsonl"
     if not results.exists():
         return None
@@ -54,6 +75,13 @@ def collect(dataset: str) -> dict | None:
         scib = CACHE / "fidelity" / dataset / f"scib_seed{seed}.json"
         if scib.exists():
             atlasvi[seed]["scib"] = next(iter(json.loads(scib.read_text()).values()))["total"]
+    if committed is not None:
+        if sorted(atlasvi) != sorted(committed["seeds"]):
+            raise SystemExit(
+                f"{dataset}: atlasvi has seeds {sorted(atlasvi)}, the committed scvi-tools figures {committed['seeds']}"
+            )
+        seeds = sorted(atlasvi)
+        return {"seeds": seeds, "scvi-tools": committed, "atlasvi": [atlasvi[s] for s in seeds]}
     seeds = sorted(set(scvi) & set(atlasvi))
     if not seeds:
         return None
@@ -61,11 +89,17 @@ def collect(dataset: str) -> dict | None:
 
 
 def summarise(dataset: str, figures: dict) -> dict:
+    """Mean ± sd per tool (scvi-tools' as given when `figures` carries its summary), atlasvi's per-seed figures,
+    checks 1 and 2."""
     out = {"dataset": dataset, "seeds": figures["seeds"]}
     for tool in ("scvi-tools", "atlasvi"):
+        if isinstance(figures[tool], dict):
+            out[f"{tool}.neg_elbo"], out[f"{tool}.scib"] = figures[tool]["neg_elbo"], figures[tool]["scib"]
+            continue
         out[f"{tool}.neg_elbo"] = _mean_sd([r["neg_elbo"] for r in figures[tool]])
         scib = [r["scib"] for r in figures[tool] if r["scib"] is not None]
         out[f"{tool}.scib"] = _mean_sd(scib) if len(scib) == len(figures["seeds"]) else None
+    out["atlasvi.per_seed"] = {str(s): r for s, r in zip(figures["seeds"], figures["atlasvi"], strict=True)}
     scvi_mean, scvi_sd = out["scvi-tools.neg_elbo"]
     out["check1"] = out["atlasvi.neg_elbo"][0] <= scvi_mean + scvi_sd
     both = out["scvi-tools.scib"] and out["atlasvi.scib"]
@@ -119,8 +153,18 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=["cellbench", "kang"])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "fidelity_table.md")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--scvi-tools-from", type=Path, help="reuse the scvi-tools mean ± sd of this fidelity_table.json"
+    )
+    parser.add_argument("--reuse", nargs="+", help="the datasets whose scvi-tools side to reuse (default: all)")
     args = parser.parse_args()
-    rows = [summarise(d, f) for d in args.datasets if (f := collect(d)) is not None]
+    if args.reuse and not args.scvi_tools_from:
+        raise SystemExit("--reuse needs --scvi-tools-from (the table whose scvi-tools side to reuse)")
+    committed = committed_scvi_tools(args.scvi_tools_from) if args.scvi_tools_from else {}
+    reuse = (args.reuse or args.datasets) if args.scvi_tools_from else []
+    if absent := [d for d in reuse if d not in committed]:
+        raise SystemExit(f"{args.scvi_tools_from}: no scvi-tools figures for {absent}")
+    rows = [summarise(d, f) for d in args.datasets if (f := collect(d, committed.get(d) if d in reuse else None))]
     if not rows:
         raise SystemExit("no results yet: run scvi_reference.py and fidelity.py first (benchmarks/README.md)")
     markdown = table(rows)
