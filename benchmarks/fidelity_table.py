@@ -89,8 +89,8 @@ def collect(dataset: str, committed: dict | None = None) -> dict | None:
 
 
 def summarise(dataset: str, figures: dict) -> dict:
-    """Mean ± sd per tool (scvi-tools' as given when `figures` carries its summary), atlasvi's per-seed figures,
-    checks 1 and 2."""
+    """Mean ± sd per tool (scvi-tools' as given when `figures` carries its summary), per-seed figures, checks 1 and
+    2."""
     out = {"dataset": dataset, "seeds": figures["seeds"]}
     for tool in ("scvi-tools", "atlasvi"):
         if isinstance(figures[tool], dict):
@@ -99,7 +99,7 @@ def summarise(dataset: str, figures: dict) -> dict:
         out[f"{tool}.neg_elbo"] = _mean_sd([r["neg_elbo"] for r in figures[tool]])
         scib = [r["scib"] for r in figures[tool] if r["scib"] is not None]
         out[f"{tool}.scib"] = _mean_sd(scib) if len(scib) == len(figures["seeds"]) else None
-    out["atlasvi.per_seed"] = {str(s): r for s, r in zip(figures["seeds"], figures["atlasvi"], strict=True)}
+        out[f"{tool}.per_seed"] = {str(s): r for s, r in zip(figures["seeds"], figures[tool], strict=True)}
     scvi_mean, scvi_sd = out["scvi-tools.neg_elbo"]
     out["check1"] = out["atlasvi.neg_elbo"][0] <= scvi_mean + scvi_sd
     both = out["scvi-tools.scib"] and out["atlasvi.scib"]
