@@ -1135,6 +1135,9 @@ def _build(
     panels = [described[i][2] for i in range(len(paths))]
     peak_sets = [(paths[i], described[i][3]) if described[i][3] is not None else None for i in range(len(paths))]
     n_cells_in = [int(described[i][4]) for i in range(len(paths))]
+    for path, n in zip(paths, n_cells_in, strict=True):
+        if n == 0:  # nothing to validate or store: most likely the wrong file, or one filtered to nothing
+            raise AtlasInputError(f"{path}: holds no cells (its count matrix has 0 rows)")
     ctx.n_spatial = _spatial_dims(config, paths, [int(described[i][5]) for i in range(len(paths))])
     chunks = [
         (i, start, min(start + config.chunk_size, n))

@@ -372,6 +372,13 @@ def test_truncated_10x_input_names_the_file(small: ad.AnnData, tmp_path: Path, k
     _build_fails([source], tmp_path / "atlas.zarr", str(source), "not a readable 10x input")
 
 
+@pytest.mark.parametrize("beside", [False, True])
+def test_an_input_without_cells_is_named(small: ad.AnnData, tmp_path: Path, beside: bool):
+    empty = _write(small[:0].copy(), tmp_path / "no_cells.h5ad")
+    inputs = [_write(small, tmp_path / "small.h5ad"), empty] if beside else [empty]
+    _build_fails(inputs, tmp_path / "atlas.zarr", f"{empty}: holds no cells")
+
+
 def test_missing_input_names_the_path(small: ad.AnnData, tmp_path: Path):
     present = _write(small, tmp_path / "small.h5ad")
     missing = tmp_path / "no_such_file.h5ad"
