@@ -179,6 +179,8 @@ class AtlasModel:
         """Write the posterior means into obsm[key] of a local store, chunk by chunk; returns the array's path.
         key: default the registry entry's latent key (X_scvi, X_scanvi). attrs: extra attributes of the
         written array (e.g. the run that wrote it)."""
+        if not self.has_latent:
+            raise ValueError(f"this {self.entry.saved_name} has no latent; write_results writes what it gives")
         key = key or self.entry.latent_key
         parts = latent_representation(self.module, self._batches(store, None, batch_size))
         with self._own_rng():

@@ -365,10 +365,13 @@ def latent_command(
 ) -> None:
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     model_class = saved_model_class(model)
-    key = key or get_entry(read_meta(model)["method"]).latent_key
+    entry = get_entry(read_meta(model)["method"])
+    key = key or entry.latent_key
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
+    if not scvi.has_latent:  # a DestVI without n_latent_amortization: what `atlasvi train` writes, its proportions
+        console.print(f"this {entry.saved_name} has no latent: writing its results into obsm[{key!r}] instead")
     with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):
-        written = [scvi.write_latent_representation(key=key)]
+        written = [scvi.write_latent_representation(key=key)] if scvi.has_latent else scvi.write_results(key=key)
         if normalized_layer:
             written.append(
                 scvi.write_normalized_expression(

@@ -333,3 +333,32 @@ def test_init_from_a_model_the_target_cannot_start_from_is_one_error_line(workdi
         "error: init_from out/model: a saved scvi model; scvi starts only from no saved model"
     ]
     assert not (workdir / "o2" / "model").exists()
+
+
+def test_latent_of_a_destvi_without_a_latent_writes_its_proportions(tmp_path, monkeypatch):
+    """A DestVI trained without n_latent_amortization has no latent: `atlasvi latent` writes what `train` writes
+    (the proportions, its registry key), not a ZeroDivisionError traceback; the API's writer says why it cannot."""
+    from atlasvi.api.condscvi import CondSCVI
+    from atlasvi.api.destvi import DestVI
+    from atlasvi.data import LoaderConfig
+    from atlasvi.models.condscvi import CondSCVIConfig
+    from atlasvi.train import TrainConfig
+    from tests.models.test_destvi import _kang_pair
+
+    monkeypatch.chdir(tmp_path)
+    ref_store, spot_store, _ = _kang_pair(tmp_path, n_genes=60, n_spots=40)
+    reference = CondSCVI(ref_store, CondSCVIConfig(n_hidden=16), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.fit(TrainConfig(max_epochs=1), LoaderConfig(seed=0))
+        model = DestVI.from_rna_model(spot_store, reference, device="cpu")
+        model.fit(TrainConfig(max_epochs=1), LoaderConfig(seed=0))
+    assert not model.has_latent
+    model.save(tmp_path / "destvi")
+    with pytest.raises(ValueError, match="no latent"):
+        model.write_latent_representation(key="X_destvi")
+    result = runner.invoke(app, ["latent", "--model", str(tmp_path / "destvi"), "--store", str(spot_store)])
+    assert result.exit_code == 0, result.output
+    assert "no latent" in result.output
+    written = ad.read_zarr(spot_store).obsm["proportions"]
+    np.testing.assert_allclose(written, model.get_proportions().to_numpy(), rtol=1e-5, atol=1e-6)
