@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.de import DEConfig
-from atlasvi.api import saved_model_class
+from atlasvi.api import METHODS, saved_model_class
 from atlasvi.cli.common import make_config, progress_bars
 from atlasvi.data import open_store
 from atlasvi.errors import AtlasviError
@@ -48,6 +48,12 @@ def de_command(
     )  # fmt: skip
     config = make_config(DEConfig, [("flags", flags)])
     model_class = saved_model_class(model)
+    if not hasattr(model_class, "differential_expression"):
+        with_de = [name for name, cls in METHODS.items() if hasattr(cls, "differential_expression")]
+        raise AtlasviError(
+            f"{model}: a {model_class.__name__} model has no differential expression; "
+            f"`atlasvi de` takes {', '.join(with_de)}"
+        )
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         task = bars.add_task("DE comparisons", total=None)

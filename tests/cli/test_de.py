@@ -56,3 +56,18 @@ def test_de_of_a_totalvi_model_tests_genes_and_proteins(two_panel_store, tmp_pat
     assert len(unmeasured) == 15 and proteins.loc[unmeasured, "raw_mean1"].isna().all()
     assert proteins.drop(index=unmeasured)["raw_mean1"].notna().all() and proteins["raw_mean2"].notna().all()
     assert proteins["lfc_mean"].notna().all()  # imputed where not measured
+
+
+def test_de_of_a_model_without_de_is_one_line_before_any_work(kang_store, tmp_path):
+    """SysVI (like CondSCVI, DestVI) has no Bayesian DE: one error line naming the model and the methods that
+    have it, not an AttributeError traceback; nothing is written."""
+    from atlasvi.api.sysvi import SysVI
+
+    model = SysVI(kang_store, device="cpu")
+    model.fit(TrainConfig(max_epochs=1))
+    model.save(tmp_path / "model")
+    args = ["de", "--model", str(tmp_path / "model"), "--groupby", "cell_type", "--output", str(tmp_path / "de.csv")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'model'}: a SysVI model has no differential expression")
+    assert "SCVI" in result.output and result.output.count("\n") == 1 and not (tmp_path / "de.csv").exists()
