@@ -12,3 +12,16 @@ class ConfigError(AtlasviError, ValueError):
     """A config file or flag is invalid (unknown field, bad value, malformed YAML)."""
 
     exit_code = 2
+
+
+def caused_by_interrupt(err: BaseException) -> bool:
+    """Whether Ctrl-C is behind `err` (a library that wraps the KeyboardInterrupt, e.g. an import cut short
+    reads as ImportError('initialization failed')): the command was interrupted, nothing is at fault."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

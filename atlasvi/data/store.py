@@ -47,6 +47,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from atlasvi.data.errors import StoreCorruptError, StoreError
 from atlasvi.data.shards import DirectCounts
+from atlasvi.errors import caused_by_interrupt
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -409,6 +410,8 @@ class AtlasStore:
         try:
             self._reader: ArrayReader = _make_reader(backend, self.path, names)
         except Exception as err:
+            if caused_by_interrupt(err):
+                raise KeyboardInterrupt from err
             raise StoreError(f"{self.path}: cannot open the store's arrays ({backend}): {err}") from err
         self._check_contents(root)
         self._direct = DirectCounts.open(self.path, "X", self.schema.n_genes) if direct else None

@@ -89,3 +89,19 @@ def test_a_validation_fraction_that_holds_out_no_cell_names_the_smallest_that_do
     assert "validation_fraction" in str(raised.value) and message in str(raised.value), str(raised.value)
     assert split_rows(300, 0.0034) == ((0, 299), (299, 300))
     assert split_rows(7, 0.15) == ((0, 6), (6, 7))
+
+
+def test_ctrl_c_while_the_arrays_open_is_an_interrupt_not_a_damaged_store(kang_store, monkeypatch):
+    """Ctrl-C during tensorstore's first import surfaces as ImportError('initialization failed') caused by the
+    KeyboardInterrupt: opening the store re-raises the interrupt (exit 130) instead of calling the store damaged."""
+    import atlasvi.data.store as store_module
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise ImportError("initialization failed") from err
+
+    monkeypatch.setattr(store_module, "_make_reader", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        open_store(kang_store)
