@@ -1,6 +1,7 @@
 """Helpers every command shares: the console, YAML configs validated by pydantic, the embedded store."""
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -22,8 +23,9 @@ from rich.progress import (
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.executor import BuildExecutor, default_workers
+from atlasvi.data.store import is_url
 from atlasvi.datasets import CELLBENCH
-from atlasvi.errors import ConfigError
+from atlasvi.errors import AtlasviError, ConfigError
 from atlasvi.tracking import local_tracking_uri
 
 console = Console(stderr=True)
@@ -213,3 +215,25 @@ def write_atomic(path: Path, text: str) -> Path:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set, else the local SQLite store in the working folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri(Path.cwd())
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuse, before any work, a folder this command cannot write (read-only file system, no permission): a
+    probe file is made and removed in it (or in its nearest existing parent, where the command would make it)."""
+    folder = Path(folder)
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".atlasvi-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise AtlasviError(f"{folder}: cannot write {what} there ({err.strerror})") from None
+
+
+def check_store_writable(store: str) -> None:
+    """A local store the command writes results into: the store folder and the folder beside it (where the
+    staged copy and the writer's lock go). A URL store is not checked (results go only into local stores)."""
+    if is_url(store):
+        return
+    check_writable(Path(store), "results into the store")
+    check_writable(Path(store).resolve().parent, f"results into the store {store}")

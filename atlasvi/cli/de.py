@@ -12,7 +12,7 @@ from rich.table import Table
 
 from atlasvi.analysis.de import DEConfig
 from atlasvi.api import METHODS, saved_model_class
-from atlasvi.cli.common import make_config, progress_bars
+from atlasvi.cli.common import check_writable, make_config, progress_bars
 from atlasvi.data import open_store
 from atlasvi.errors import AtlasviError
 
@@ -47,6 +47,8 @@ def de_command(
         n_samples_overall=n_samples_overall, seed=seed,
     )  # fmt: skip
     config = make_config(DEConfig, [("flags", flags)])
+    if output is not None:  # before the posterior draws, not after
+        check_writable(output.parent, "the CSV")
     model_class = saved_model_class(model)
     if not hasattr(model_class, "differential_expression"):
         with_de = [name for name, cls in METHODS.items() if hasattr(cls, "differential_expression")]

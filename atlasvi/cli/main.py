@@ -5,6 +5,7 @@ starts without torch, MLflow or Ray. An expected failure (`AtlasviError`) is pri
 exits non-zero; `atlasvi --debug COMMAND ...` (or ATLASVI_DEBUG=1) shows its traceback instead.
 """
 
+import errno
 import importlib
 import os
 import sys
@@ -31,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("atlasvi.cli.bench", "bench_command", "The 10K / 100K / 1M performance table."),
 }
 HELP_WIDTH = 80
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -64,6 +66,11 @@ class LazyCommands(TyperGroup):
                 raise
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
+        except OSError as err:  # a file the command cannot write (read-only, no permission, disk full): one line
+            if _debug(ctx) or err.errno not in WRITE_ERRNOS or err.filename is None:
+                raise
+            click.secho(f"error: {err.filename}: {err.strerror}", fg="red", err=True)
+            sys.exit(1)
 
 
 app = typer.Typer(

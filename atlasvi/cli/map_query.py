@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from atlasvi.analysis.plots import loss_curves_png, scanvi_loss_curves_png
 from atlasvi.analysis.protocols import HasClassifier
 from atlasvi.api import AtlasModel, saved_model_class
-from atlasvi.cli.common import console, progress_bars, tracking_uri
+from atlasvi.cli.common import check_store_writable, check_writable, console, progress_bars, tracking_uri
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.errors import AtlasviError
 from atlasvi.models.surgery import SurgeryConfig
@@ -69,6 +69,8 @@ def map_query_command(
     method, key = model.method, latent_key or model.entry.latent_key
     classifies = isinstance(model.module, HasClassifier)  # predictions and the classification-loss figure
     out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
+    check_writable(out, "the query model")  # before training, as the query store's
+    check_store_writable(str(query))
     query_batches = list(model.store.schema.batch_categories)
     console.print(f"{method} reference {reference}; query {model.schema.batch_key}: {query_batches}")
     # the model's training defaults (its registry entry's) under these; decay would move frozen weights

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from atlasvi.analysis.plots import scanvi_loss_curves_png
 from atlasvi.api import SCANVI, SCVI, saved_model_class
-from atlasvi.cli.common import console, tracking_uri
+from atlasvi.cli.common import check_store_writable, check_writable, console, tracking_uri
 from atlasvi.cli.map_query import fit_tracked
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import is_url
@@ -52,6 +52,8 @@ def scanvi_command(
     model in OUTPUT/model and leaves an MLflow run with the whole config, per-epoch metrics and figures."""
     model = _from_scvi(scvi_model, store, device, seed, unlabeled_category, classification_ratio)
     out = output or scvi_model.parent / "scanvi"
+    check_writable(out, "the scANVI model")  # before training, as the store's
+    check_store_writable(model.store.path)
     latent_key = latent_key or model.entry.latent_key
     train, loader = TrainConfig(max_epochs=max_epochs, seed=seed), LoaderConfig(seed=seed)
     params = {

@@ -19,6 +19,7 @@ from atlasvi.api import AtlasModel, saved_model_class
 from atlasvi.cli.common import (
     EMBEDDED_BUILD,
     build_with_progress,
+    check_store_writable,
     console,
     load_yaml,
     make_config,
@@ -147,6 +148,8 @@ def train_command(
     opened = open_store(job.store or _embedded_store(), backend=job.loader.backend)
     split_rows(opened.n_cells, job.train.validation_fraction)  # a split that holds out no cell fails before MLflow
     spec = module_spec(job, opened)  # so does an init_from the model cannot start from
+    if job.latent_key:  # a store the results cannot go into is refused before training, not after
+        check_store_writable(opened.path)
     out, uri, ray = Path(job.output), tracking_uri(), job.num_workers > 1 or address is not None
     with OutputLock(out) as lock:  # one writer per output folder
         if lock.taken_over:
@@ -368,6 +371,7 @@ def latent_command(
     entry = get_entry(read_meta(model)["method"])
     key = key or entry.latent_key
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
+    check_store_writable(scvi.store.path)
     if not scvi.has_latent:  # a DestVI without n_latent_amortization: what `atlasvi train` writes, its proportions
         console.print(f"this {entry.saved_name} has no latent: writing its results into obsm[{key!r}] instead")
     with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):

@@ -1,6 +1,10 @@
 """`atlasvi build` / `atlasvi info` as a user runs them; the shipped configs validate."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -111,3 +115,48 @@ def test_an_annotation_column_is_kept_and_de_groups_by_it(tmp_path):
     assert table.loc["ISG15", "raw_mean1"] == pytest.approx(isg15[stim].mean(), rel=1e-9)
     assert table.loc["ISG15", "raw_mean2"] == pytest.approx(isg15[~stim].mean(), rel=1e-9)
     assert isg15[stim].mean() > 10 * isg15[~stim].mean()
+
+
+def _unprivileged(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`atlasvi ARGS` in a subprocess that cannot write where permissions forbid it (root: capabilities dropped)."""
+    prefix = []
+    if os.geteuid() == 0:  # root writes anywhere: drop its capabilities
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        prefix = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    command = [*prefix, sys.executable, "-m", "atlasvi.cli.main", *args]
+    env = os.environ | {"COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(kang_store, tmp_path):
+    """export / de / train / latent into a read-only folder or store: one error line naming it, exit 1, no
+    traceback; train is refused before it trains (no model saved, no MLflow run), de before its draws."""
+    model = SCVI(kang_store, SCVIConfig(n_latent=4, n_hidden=16), device="cpu")
+    model.fit(TrainConfig(max_epochs=1))
+    model.save(tmp_path / "model")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    ro_store = read_only / "store.zarr"
+    shutil.copytree(kang_store, ro_store)
+    for path in [ro_store, *ro_store.rglob("*"), read_only]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    cases = {
+        ("export", "--model", str(tmp_path / "model"), str(read_only / "exported")): f"{read_only / 'exported'}: ",
+        ("de", "--model", str(tmp_path / "model"), "--groupby", "cell_type", "--output", str(read_only / "de.csv")): (
+            f"{read_only}: cannot write the CSV there (Permission denied)"
+        ),
+        ("latent", "--model", str(tmp_path / "model"), "--store", str(ro_store)): (
+            f"{ro_store}: cannot write results into the store there (Permission denied)"
+        ),
+        ("train", "--store", str(ro_store), "--max-epochs", "1", "--output", str(tmp_path / "out")): (
+            f"{ro_store}: cannot write results into the store there (Permission denied)"
+        ),
+    }
+    for args, message in cases.items():
+        result = _unprivileged(*args, cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "mlruns").exists()
+    assert sorted(p.name for p in read_only.iterdir()) == ["store.zarr"]
