@@ -13,6 +13,7 @@ from atlasvi.api import AtlasModel, saved_model_class
 from atlasvi.cli.common import check_store_writable, check_writable, console, progress_bars, tracking_uri
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.errors import AtlasviError
+from atlasvi.models.saving import META_NAME
 from atlasvi.models.surgery import SurgeryConfig
 from atlasvi.tracking import MlflowRun
 from atlasvi.train import EpochRecord, TrainConfig
@@ -58,6 +59,7 @@ def map_query_command(
     seed: Annotated[int, typer.Option(help="seed of new columns and shuffling")] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "atlasvi",
     run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: OUTPUT's name)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a model saved in OUTPUT")] = False,
 ) -> None:
     """Map a query store onto a reference model by scArches surgery.
 
@@ -65,10 +67,14 @@ def map_query_command(
     predicted labels and probabilities) into the query store, saves the query model with its loss
     curves, and leaves an MLflow run with the whole config and per-epoch metrics."""
     surgery = SurgeryConfig()
+    out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
     model = _query_model(reference, query, device, surgery, seed)
     method, key = model.method, latent_key or model.entry.latent_key
     classifies = isinstance(model.module, HasClassifier)  # predictions and the classification-loss figure
-    out = output or query.parent / f"{query.name.removesuffix('.zarr')}_model"
+    if out.resolve() == reference.resolve():
+        raise AtlasviError(f"{out}: is the reference model; map the query into another --output")
+    if (out / META_NAME).exists() and not overwrite:  # an earlier query model is not replaced unasked
+        raise AtlasviError(f"{out}: holds a saved model already; pass --overwrite to replace it, or another --output")
     check_writable(out, "the query model")  # before training, as the query store's
     check_store_writable(str(query))
     query_batches = list(model.store.schema.batch_categories)

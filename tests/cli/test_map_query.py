@@ -87,6 +87,24 @@ def test_map_query_errors_name_the_problem(reference_and_query, workdir):
     assert _runs(workdir, "atlasvi") == []  # refused before any MLflow run
 
 
+def test_map_query_never_replaces_a_saved_model_unasked(reference_and_query, workdir):
+    """A re-run into the same OUTPUT is refused before training (the earlier query model and its MLflow run's
+    artifacts stay), --overwrite replaces it; the reference itself is never an OUTPUT."""
+    reference, _, query = reference_and_query
+    args = ["map-query", "--reference", str(reference), "--query", str(query), "--max-epochs", "1"]
+    out = workdir / "query_model"
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 0
+    before = (out / "model.pt").read_bytes()
+    again = runner.invoke(app, [*args, "--output", str(out), "--seed", "5"])
+    assert again.exit_code == 1 and "holds a saved model already; pass --overwrite" in again.output, again.output
+    assert (out / "model.pt").read_bytes() == before and len(_runs(workdir, "atlasvi")) == 1
+    onto = runner.invoke(app, [*args, "--output", str(reference), "--overwrite"])
+    assert onto.exit_code == 1 and "is the reference model" in onto.output, onto.output
+    replaced = runner.invoke(app, [*args, "--output", str(out), "--seed", "5", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "model.pt").read_bytes() != before and len(_runs(workdir, "atlasvi")) == 2
+
+
 def test_a_failing_map_query_run_ends_failed_with_its_error(reference_and_query, workdir, monkeypatch):
     reference, _, query = reference_and_query
 
