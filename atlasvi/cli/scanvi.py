@@ -12,6 +12,7 @@ from atlasvi.analysis.plots import scanvi_loss_curves_png
 from atlasvi.api import SCANVI, SCVI, saved_model_class
 from atlasvi.cli.common import check_store_writable, check_writable, console, tracking_uri
 from atlasvi.cli.map_query import fit_tracked
+from atlasvi.cli.train_output import refuse_a_run_latent
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import is_url
 from atlasvi.errors import AtlasviError
@@ -55,6 +56,7 @@ def scanvi_command(
     check_writable(out, "the scANVI model")  # before training, as the store's
     check_store_writable(model.store.path)
     latent_key = latent_key or model.entry.latent_key
+    refuse_a_run_latent(model.store.path, latent_key)
     train, loader = TrainConfig(max_epochs=max_epochs, seed=seed), LoaderConfig(seed=seed)
     params = {
         "scvi_model": str(scvi_model),

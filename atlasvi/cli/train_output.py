@@ -232,3 +232,15 @@ def check_latent_key(store: AtlasStore, key: str | None, folder_id: str, overwri
     raise ConfigError(
         f"{store.path}: obsm['{key}'] was written by {who}; pass another --latent-key, or --overwrite to replace it"
     )
+
+
+def refuse_a_run_latent(store: str, key: str) -> None:
+    """Refuse, before training, to replace obsm[key] that an `atlasvi train` run recorded as its own (commands
+    without a run folder, e.g. `atlasvi scanvi`, would silently replace it and break that run's resume)."""
+    attrs = None if is_url(store) else array_attrs(store, "obsm", key)
+    writer = (attrs or {}).get(WRITER_ATTR)
+    if writer:
+        raise ConfigError(
+            f"{store}: obsm['{key}'] was written by the run of output folder {writer.get('output')} "
+            f"(MLflow run {writer.get('mlflow_run_id')}); pass another --latent-key"
+        )

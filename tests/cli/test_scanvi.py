@@ -1,5 +1,7 @@
 """`atlasvi scanvi` as a user runs it: a store whose query batches are unlabeled, a saved scVI, then scANVI."""
 
+import shutil
+
 import anndata as ad
 import numpy as np
 import torch
@@ -76,3 +78,24 @@ def test_a_failing_scanvi_run_ends_failed_with_its_error(tmp_path, monkeypatch, 
     (run,) = client.search_runs([client.get_experiment_by_name("atlasvi").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: forced failure in training"
     assert run.data.params["model.n_latent"] == "10"
+
+
+def test_scanvi_never_replaces_a_latent_a_train_run_wrote(tmp_path, monkeypatch, kang_store):
+    """obsm['X_scanvi'] recorded as an `atlasvi train` run's own is refused before training (it was silently
+    replaced, and that run's resume then refused the key as another writer's); another --latent-key trains."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = shutil.copytree(kang_store, tmp_path / "store.zarr")
+    scvi = SCVI(store, device="cpu")
+    scvi.save(tmp_path / "model")
+    writer = {"atlasvi_writer": {"output": "/somewhere/runs/scanvi", "folder_id": "f", "mlflow_run_id": "r1"}}
+    scvi.write_latent_representation(key="X_scanvi", attrs=writer)
+    before = ad.read_zarr(store).obsm["X_scanvi"]
+    args = ["scanvi", "--scvi-model", str(tmp_path / "model"), "--output", str(tmp_path / "s"), "--max-epochs", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "obsm['X_scanvi'] was written by the run of output folder /somewhere/runs/scanvi" in result.output
+    np.testing.assert_array_equal(ad.read_zarr(store).obsm["X_scanvi"], before)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "mlruns").exists()
+    other = runner.invoke(app, [*args, "--latent-key", "X_scanvi_2"])
+    assert other.exit_code == 0, other.output
