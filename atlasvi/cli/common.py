@@ -3,6 +3,8 @@
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
 
@@ -145,6 +147,20 @@ class _LogLines(Progress):
         total = f"/{task.total:.0f}" if task.total is not None else ""
         line = f"{task.description}  {task.completed:.0f}{total}  {task.elapsed or 0:.0f} s"
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def status(what: str) -> Iterator[None]:
+    """A step without a count (writing the results, the UMAP, logging the model): a spinner on a terminal; in a
+    captured log a plain line when it starts and one with its seconds when it ends, so a long step is not silent."""
+    if console.is_terminal:
+        with console.status(what):
+            yield
+        return
+    console.print(f"{what} ...", markup=False, highlight=False, soft_wrap=True)
+    start = time.monotonic()
+    yield
+    console.print(f"{what}: {time.monotonic() - start:.0f} s", markup=False, highlight=False, soft_wrap=True)
 
 
 def progress_bars(*columns: ProgressColumn) -> Progress:

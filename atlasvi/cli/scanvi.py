@@ -10,7 +10,7 @@ from rich.table import Table
 
 from atlasvi.analysis.plots import scanvi_loss_curves_png
 from atlasvi.api import SCANVI, SCVI, saved_model_class
-from atlasvi.cli.common import check_store_writable, check_writable, console, tracking_uri
+from atlasvi.cli.common import check_store_writable, check_writable, status, tracking_uri
 from atlasvi.cli.map_query import fit_tracked
 from atlasvi.cli.train_output import refuse_a_run_latent
 from atlasvi.data import LoaderConfig, open_store
@@ -82,7 +82,7 @@ def scanvi_command(
         if is_url(model.store.path):
             classes, counts = np.unique(model.predict(), return_counts=True)
         else:
-            with console.status("writing predictions and latent into the store"):
+            with status("writing predictions and latent into the store"):
                 written = [
                     model.write_predictions(key=prediction_key),
                     model.write_latent_representation(key=latent_key),

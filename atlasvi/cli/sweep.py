@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, sweep_heatmap_png
-from atlasvi.cli.common import console, load_yaml, make_config, tracking_uri, write_atomic
+from atlasvi.cli.common import console, load_yaml, make_config, status, tracking_uri, write_atomic
 from atlasvi.cli.train import _embedded_store
 from atlasvi.data.store import is_url
 from atlasvi.tracking import MlflowRun, SweepChildRuns
@@ -110,9 +110,7 @@ def sweep_command(
             parent.log_params(
                 {k: v for k, v in sweep.model_dump(mode="json").items() if k not in ("job", "search_space")}
             )
-            with console.status(
-                f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"
-            ):
+            with status(f"sweep {sweep.name}: trials run under Ray Tune (ASHA); results in {storage}/{sweep.name}"):
                 results, interrupted = run_sweep(sweep, store_path, storage, trial_logger=children)
             parent.set_tags({"interrupted": str(interrupted).lower()})
             if interrupted:

@@ -24,6 +24,7 @@ from atlasvi.cli.common import (
     load_yaml,
     make_config,
     progress_bars,
+    status,
     tracking_uri,
     write_atomic,
 )
@@ -271,7 +272,7 @@ def _train_on_ray(
     tracker.set_tags({"workers": str(job.num_workers), "ray_storage": checkpoints})
     console.print(f"training in {job.num_workers} Ray Train workers; checkpoints in {checkpoints}")
     connect(address)
-    with console.status(
+    with status(
         f"training {entry_of(job.model).saved_name} in {job.num_workers} workers (per-epoch figures go to MLflow)"
     ):
         checkpoint, metrics = train_distributed(
@@ -297,7 +298,7 @@ def _finish(job: TrainJobConfig, model: AtlasModel, store: AtlasStore, history: 
     config_yaml = write_atomic(out / "config.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     written: list[Path] = []
     if job.latent_key and not is_url(store.path):
-        with console.status(f"writing the results into the store (the latent: obsm[{job.latent_key!r}])"):
+        with status(f"writing the results into the store (the latent: obsm[{job.latent_key!r}])"):
             written = model.write_results(key=job.latent_key, attrs=writer_attrs(out))
     last = history[-1]
     seconds = sum(r.seconds for r in history)
@@ -312,7 +313,7 @@ def _finish(job: TrainJobConfig, model: AtlasModel, store: AtlasStore, history: 
     tracker.log_metrics(final, step=last.epoch)
     tracker.log_artifact(config_yaml)
     tracker.log_artifact(model_dir, "model")
-    with console.status("logging the MLflow Model"):
+    with status("logging the MLflow Model"):
         tracker.log_model(model_dir, last.epoch)
     figures = _figures(job, model, store, history, tracker, out / "figures")
     tracker.finish()
@@ -345,7 +346,7 @@ def _figures(
         *model.figures(folder),
     ):
         try:
-            with console.status(f"figure {name}"):
+            with status(f"figure {name}"):
                 path = draw()
             if path is not None:
                 tracker.log_artifact(path, "figures")
@@ -374,7 +375,7 @@ def latent_command(
     check_store_writable(scvi.store.path)
     if not scvi.has_latent:  # a DestVI without n_latent_amortization: what `atlasvi train` writes, its proportions
         console.print(f"this {entry.saved_name} has no latent: writing its results into obsm[{key!r}] instead")
-    with torch.no_grad(), console.status(f"writing obsm[{key!r}]"):
+    with torch.no_grad(), status(f"writing obsm[{key!r}]"):
         written = [scvi.write_latent_representation(key=key)] if scvi.has_latent else scvi.write_results(key=key)
         if normalized_layer:
             written.append(

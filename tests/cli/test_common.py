@@ -62,3 +62,14 @@ def test_a_validator_error_reads_as_its_message_under_its_field():
             assert str(err).startswith(f"invalid {model.__name__} (x.yaml): {expected}"), str(err)
         else:
             raise AssertionError(f"{sources} validated")
+
+
+def test_a_step_without_a_count_is_two_plain_lines_in_a_captured_log(capsys, monkeypatch):
+    """`status` (the latent write, the UMAP, the MLflow Model after training: ~80 s on 20,000 cells) was a
+    spinner only, so a captured log showed nothing between the last epoch and the summary."""
+    clock = iter([10.0, 47.4])
+    monkeypatch.setattr(common, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    assert not common.console.is_terminal
+    with common.status("figure latent_umap"):
+        pass
+    assert capsys.readouterr().err.splitlines() == ["figure latent_umap ...", "figure latent_umap: 37 s"]
