@@ -9,6 +9,8 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from typing import TextIO
 
 import click
 import typer
@@ -36,8 +38,9 @@ WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQU
 
 
 def _debug(ctx: click.Context) -> bool:
-    root = ctx.find_root()
-    return bool((root.obj or {}).get("debug")) or os.environ.get("ATLASVI_DEBUG", "") not in ("", "0")
+    root = ctx.find_root()  # its params are parsed before the group invokes the command (and its callback)
+    flag = bool((root.obj or {}).get("debug") or root.params.get("debug"))
+    return flag or os.environ.get("ATLASVI_DEBUG", "") not in ("", "0")
 
 
 class LazyCommands(TyperGroup):
@@ -59,6 +62,9 @@ class LazyCommands(TyperGroup):
             formatter.write_dl([(name, short) for name, (_, _, short) in COMMANDS.items()])
 
     def invoke(self, ctx: click.Context):
+        shown = warnings.showwarning
+        if not _debug(ctx):  # a warning is one line, as an error is; --debug shows where it was raised
+            warnings.showwarning = _one_line_warning
         try:
             return super().invoke(ctx)
         except AtlasviError as err:
@@ -71,6 +77,8 @@ class LazyCommands(TyperGroup):
                 raise
             click.secho(f"error: {err.filename}: {err.strerror}", fg="red", err=True)
             sys.exit(1)
+        finally:
+            warnings.showwarning = shown
 
 
 app = typer.Typer(
@@ -91,6 +99,18 @@ def main(
 ) -> None:
     """Train scVI-family models on atlas-scale single-cell data."""
     ctx.ensure_object(dict)["debug"] = debug
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warning: MESSAGE` on stderr, without the source file and line Python prints under it."""
+    click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import yaml
 from typer.testing import CliRunner
 
@@ -160,3 +161,18 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(kang_store
         assert line.startswith(f"error: {message}"), line
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "mlruns").exists()
     assert sorted(p.name for p in read_only.iterdir()) == ["store.zarr"]
+
+
+def test_a_warning_is_one_line_without_the_source_line(tmp_path):
+    """Python's warning display (`/path/atlasvi/data/build.py:N: UserWarning: ...` and the source line under it)
+    is `warning: MESSAGE`, as an error is `error: MESSAGE` (map-query and scanvi showed the KL warm-up that way)."""
+    kang = ad.read_h5ad(KANG)[:120].copy()
+    counts = kang.X.toarray()
+    counts[7] = 0
+    kang.X = sp.csr_matrix(counts)
+    kang.write_h5ad(tmp_path / "one_empty.h5ad")
+    args = ["build", str(tmp_path / "one_empty.h5ad"), "-o", str(tmp_path / "a.zarr"), "--drop-empty-cells"]
+    result = runner.invoke(app, [*args, "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "warning: dropped 1 cells with zero counts" in result.output.splitlines()
+    assert "UserWarning" not in result.output and "warnings.warn" not in result.output
