@@ -502,7 +502,7 @@ def _check_output(output: Path, inputs: list[Path], overwrite: bool) -> None:
     if not (output.exists() or output.is_symlink()):
         return
     if not overwrite:
-        raise AtlasInputError(f"{output}: exists already (pass overwrite to replace it)")
+        raise AtlasInputError(f"{output}: exists already; --overwrite (overwrite=True) replaces it")
     if output.is_dir() and not output.is_symlink() and (_is_atlas_store(output) or not any(output.iterdir())):
         return
     raise AtlasInputError(

@@ -228,7 +228,7 @@ def test_a_store_set_aside_by_a_killed_build_is_restored(tmp_path):
     old = _build(tmp_path, inputs=[str(KANG)], seed=3)
     names = ad.read_zarr(old).obs_names.tolist()
     old.rename(tmp_path / f".atlas.zarr.replaced-{socket.gethostname()}-{_dead_pid()}-0123abcd")
-    with pytest.raises(AtlasInputError, match="exists already"):
+    with pytest.raises(AtlasInputError, match="exists already; --overwrite \\(overwrite=True\\) replaces it"):
         _build(tmp_path, inputs=[str(KANG)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.zarr"]
     assert ad.read_zarr(old).obs_names.tolist() == names
