@@ -180,21 +180,27 @@ class ObsArrayWriter(_StagedWriter):
             raise ValueError(f"{key!r} is not a usable {group} key")
         if not overwrite and (Path(path) / group / key).exists():
             raise StoreError(f"{Path(path) / group / key}: {group}['{key}'] exists; pass overwrite to replace it")
+        if width < 1:
+            raise ValueError(f"{group}['{key}'] needs at least one column, not {width}")
         opened = self._claim(path, f"{group}/{key}")
         self.group, self.key = group, key
         if group == "layers" and width != opened.schema.n_genes:
             self._release()
             raise ValueError(f"a layer has one column per gene: {width} columns for {opened.schema.n_genes} genes")
         chunk_rows = int(max(1, min(self.n_cells, CHUNK_BYTES // (4 * width))))
-        self.array = zarr.create_array(
-            str(self.partial),
-            shape=(self.n_cells, width),
-            chunks=(chunk_rows, width),
-            dtype="float32",
-            compressors=compressors(3),
-            attributes={**(attrs or {}), "encoding-type": "array", "encoding-version": "0.2.0"},
-            zarr_format=3,
-        )
+        try:
+            self.array = zarr.create_array(
+                str(self.partial),
+                shape=(self.n_cells, width),
+                chunks=(chunk_rows, width),
+                dtype="float32",
+                compressors=compressors(3),
+                attributes={**(attrs or {}), "encoding-type": "array", "encoding-version": "0.2.0"},
+                zarr_format=3,
+            )
+        except BaseException:  # the lock file and the staged copy are ours: none is left beside the store
+            self.abort()
+            raise
         self.chunk_rows = chunk_rows
         self._buffer: list[np.ndarray] = []
         self._buffered = 0

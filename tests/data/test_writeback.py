@@ -95,6 +95,23 @@ def test_a_layer_has_one_column_per_gene(store):
     assert not list(store.parent.glob(f".{store.name}.*"))
 
 
+def test_a_writer_that_fails_to_start_leaves_no_lock_or_staging(store, monkeypatch):
+    """A zero-width array (a DestVI's absent latent) was a ZeroDivisionError after the lock file was taken, and
+    any failure creating the staged array left `.STORE.obsm.KEY.PID-ID.lock` beside the store."""
+    with pytest.raises(ValueError, match="needs at least one column, not 0"):
+        ObsArrayWriter(store, "obsm", "X_none", 0)
+    assert not list(store.parent.glob(f".{store.name}.*"))
+    import atlasvi.data.writeback as writeback
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writeback.zarr, "create_array", failing)
+    with pytest.raises(OSError, match="No space left"):
+        ObsArrayWriter(store, "obsm", "X_full", 4)
+    assert not list(store.parent.glob(f".{store.name}.*"))
+
+
 def _writer_process(store: Path, kill_while_swapping: bool) -> subprocess.Popen:
     """A python process writing obsm['X_killed'] into `store`, waiting to be killed once its rows are staged
     (or killing itself between moving the old array aside and the new one in)."""
