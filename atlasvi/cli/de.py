@@ -65,7 +65,9 @@ def de_command(
                 progress=lambda done, total: bars.update(task, completed=done, total=total),
             )  # fmt: skip
         except (KeyError, ValueError) as err:  # a group or column the store lacks, named by the analysis
-            raise AtlasviError(str(err.args[0] if isinstance(err, KeyError) else err)) from err
+            if isinstance(err, KeyError):  # a group the column lacks: the analysis does not know the column's name
+                raise AtlasviError(f"{err.args[0]} (--groupby {groupby})") from err
+            raise AtlasviError(str(err)) from err
     _print_top(result, config.mode, config.fdr_target, top)
     if output is not None:
         _write_csv(result, output)

@@ -31,6 +31,7 @@ def test_de_prints_top_genes_and_writes_the_csv(kang_store, tmp_path):
     assert vanilla.exit_code == 0 and "B cells vs CD4 T cells" in vanilla.output and "proba_m1" in vanilla.output
     missing = runner.invoke(app, [*args, "--group1", "Neurons"])
     assert missing.exit_code == 1 and "'Neurons' is not a category" in missing.output
+    assert "(--groupby cell_type)" in missing.output  # the column it is not a category of
     no_column = runner.invoke(app, ["de", "--model", str(tmp_path / "model"), "--groupby", "tissue"])
     assert no_column.exit_code == 1 and "no categorical column 'tissue'" in no_column.output
     for failed in (missing, no_column):  # one line each, no traceback
