@@ -16,6 +16,7 @@ from atlasvi.cli.train_output import refuse_a_run_latent
 from atlasvi.data import LoaderConfig, open_store
 from atlasvi.data.store import is_url
 from atlasvi.errors import AtlasviError
+from atlasvi.models.saving import META_NAME
 from atlasvi.tracking import MlflowRun
 from atlasvi.train import TrainConfig
 
@@ -46,6 +47,7 @@ def scanvi_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "atlasvi",
     run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: OUTPUT's name)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a model saved in OUTPUT/model")] = False,
 ) -> None:
     """Train scANVI from a saved scVI on a store whose labels mark some cells unlabeled.
 
@@ -53,6 +55,8 @@ def scanvi_command(
     model in OUTPUT/model and leaves an MLflow run with the whole config, per-epoch metrics and figures."""
     model = _from_scvi(scvi_model, store, device, seed, unlabeled_category, classification_ratio)
     out = output or scvi_model.parent / "scanvi"
+    if (out / "model" / META_NAME).exists() and not overwrite:  # an earlier scANVI is not replaced unasked
+        raise AtlasviError(f"{out}: holds a saved model already; pass --overwrite to replace it, or another --output")
     check_writable(out, "the scANVI model")  # before training, as the store's
     check_store_writable(model.store.path)
     latent_key = latent_key or model.entry.latent_key

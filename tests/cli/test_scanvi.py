@@ -99,3 +99,9 @@ def test_scanvi_never_replaces_a_latent_a_train_run_wrote(tmp_path, monkeypatch,
     assert not (tmp_path / "s").exists() and not (tmp_path / "mlruns").exists()
     other = runner.invoke(app, [*args, "--latent-key", "X_scanvi_2"])
     assert other.exit_code == 0, other.output
+    before = (tmp_path / "s" / "model" / "model.pt").read_bytes()
+    again = runner.invoke(app, [*args, "--latent-key", "X_scanvi_2", "--seed", "3"])  # a re-run into OUTPUT
+    assert again.exit_code == 1 and "holds a saved model already; pass --overwrite" in again.output, again.output
+    assert (tmp_path / "s" / "model" / "model.pt").read_bytes() == before
+    replaced = runner.invoke(app, [*args, "--latent-key", "X_scanvi_2", "--seed", "3", "--overwrite"])
+    assert replaced.exit_code == 0 and (tmp_path / "s" / "model" / "model.pt").read_bytes() != before
