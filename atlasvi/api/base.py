@@ -127,6 +127,11 @@ class AtlasModel:
         return True
 
     @property
+    def latent_key(self) -> str:
+        """The obsm key its latent is written to by default: the registry entry's (X_scvi, X_scanvi, ...)."""
+        return self.entry.latent_key
+
+    @property
     def validation_rows(self) -> tuple[int, int]:
         """The held-out rows [start, stop) of the training store (the default of get_elbo)."""
         return split_rows(self.store.n_cells, (self.train_config or TrainConfig()).validation_fraction)[1]
@@ -181,7 +186,7 @@ class AtlasModel:
         written array (e.g. the run that wrote it)."""
         if not self.has_latent:
             raise ValueError(f"this {self.entry.saved_name} has no latent; write_results writes what it gives")
-        key = key or self.entry.latent_key
+        key = key or self.latent_key
         parts = latent_representation(self.module, self._batches(store, None, batch_size))
         with self._own_rng():
             return _write(parts, self._store_path(store), "obsm", key, self.n_latent, attrs)

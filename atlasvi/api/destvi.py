@@ -27,6 +27,7 @@ from atlasvi.models.saving import load_init_state
 __all__ = ["DestVI"]
 
 PROPORTIONS_KEY = "proportions"
+LATENT_KEY = "X_destvi"  # the amortization latent (n_latent_amortization), beside the proportions
 
 
 class DestVI(AtlasModel):
@@ -66,6 +67,11 @@ class DestVI(AtlasModel):
     def has_latent(self) -> bool:
         """Whether the spots have a latent: only with n_latent_amortization (as scvi-tools' DestVI)."""
         return self.config.n_latent_amortization is not None
+
+    @property
+    def latent_key(self) -> str:
+        """X_destvi: the registry's key ("proportions") is where `atlasvi train` writes the proportions."""
+        return LATENT_KEY
 
     @property
     def n_latent(self) -> int:

@@ -370,8 +370,8 @@ def latent_command(
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     model_class = saved_model_class(model)
     entry = get_entry(read_meta(model)["method"])
-    key = key or entry.latent_key
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
+    key = key or (scvi.latent_key if scvi.has_latent else entry.latent_key)  # DestVI: X_destvi, or its proportions
     check_store_writable(scvi.store.path)
     if not scvi.has_latent:  # a DestVI without n_latent_amortization: what `atlasvi train` writes, its proportions
         console.print(f"this {entry.saved_name} has no latent: writing its results into obsm[{key!r}] instead")

@@ -335,9 +335,11 @@ def test_init_from_a_model_the_target_cannot_start_from_is_one_error_line(workdi
     assert not (workdir / "o2" / "model").exists()
 
 
-def test_latent_of_a_destvi_without_a_latent_writes_its_proportions(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amortization", [None, 3])
+def test_latent_of_a_destvi_writes_its_latent_beside_or_its_proportions(tmp_path, monkeypatch, amortization):
     """A DestVI trained without n_latent_amortization has no latent: `atlasvi latent` writes what `train` writes
-    (the proportions, its registry key), not a ZeroDivisionError traceback; the API's writer says why it cannot."""
+    (the proportions, its registry key), not a ZeroDivisionError traceback; the API's writer says why it cannot.
+    With one, the latent goes to obsm['X_destvi'], not over the proportions (the registry key)."""
     from atlasvi.api.condscvi import CondSCVI
     from atlasvi.api.destvi import DestVI
     from atlasvi.data import LoaderConfig
@@ -351,10 +353,20 @@ def test_latent_of_a_destvi_without_a_latent_writes_its_proportions(tmp_path, mo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference.fit(TrainConfig(max_epochs=1), LoaderConfig(seed=0))
-        model = DestVI.from_rna_model(spot_store, reference, device="cpu")
+        model = DestVI.from_rna_model(spot_store, reference, device="cpu", n_latent_amortization=amortization)
         model.fit(TrainConfig(max_epochs=1), LoaderConfig(seed=0))
-    assert not model.has_latent
     model.save(tmp_path / "destvi")
+    if amortization is not None:
+        proportions = model.write_results()[0]  # as `atlasvi train` leaves them
+        before = ad.read_zarr(spot_store).obsm["proportions"]
+        result = runner.invoke(app, ["latent", "--model", str(tmp_path / "destvi"), "--store", str(spot_store)])
+        assert result.exit_code == 0, result.output
+        written = ad.read_zarr(spot_store)
+        assert proportions.name == "proportions" and written.obsm["X_destvi"].shape == (40, amortization)
+        np.testing.assert_array_equal(written.obsm["proportions"], before)
+        np.testing.assert_allclose(written.obsm["X_destvi"], model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+        return
+    assert not model.has_latent
     with pytest.raises(ValueError, match="no latent"):
         model.write_latent_representation(key="X_destvi")
     result = runner.invoke(app, ["latent", "--model", str(tmp_path / "destvi"), "--store", str(spot_store)])
