@@ -220,7 +220,16 @@ def test_main_attributes_the_read_ahead_threads_to_streaming(kang_store, tmp_pat
     assert markdown(report) == out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("name", ["streaming_cpu", "streaming_cpu_run2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "streaming_cpu",
+        "streaming_cpu_run2",
+        "streaming_cpu_threads",
+        "streaming_cpu_threads_run2",
+        "streaming_cpu_threads_run3",
+    ],
+)
 def test_committed_tables_render_from_their_json(name):
     report = json.loads((RESULTS / f"{name}.json").read_text())
     for row in report["rows"]:
