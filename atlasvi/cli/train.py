@@ -375,8 +375,15 @@ def latent_command(
     check_store_writable(scvi.store.path)
     if not scvi.has_latent:  # a DestVI without n_latent_amortization: what `atlasvi train` writes, its proportions
         console.print(f"this {entry.saved_name} has no latent: writing its results into obsm[{key!r}] instead")
+    # the model of a train run's folder (OUTPUT/model): its latent is that run's, recorded as such, so that the run
+    # still resumes into its latent key afterwards (an unrecorded writer's key would be refused)
+    run_folder = model.parent if model.name == "model" and (model.parent / RUN_RECORD).exists() else None
+    attrs = writer_attrs(run_folder) if run_folder is not None else None
     with torch.no_grad(), status(f"writing obsm[{key!r}]"):
-        written = [scvi.write_latent_representation(key=key)] if scvi.has_latent else scvi.write_results(key=key)
+        if scvi.has_latent:
+            written = [scvi.write_latent_representation(key=key, attrs=attrs)]
+        else:
+            written = scvi.write_results(key=key, attrs=attrs)
         if normalized_layer:
             written.append(
                 scvi.write_normalized_expression(

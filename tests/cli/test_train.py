@@ -374,3 +374,14 @@ def test_latent_of_a_destvi_writes_its_latent_beside_or_its_proportions(tmp_path
     assert "no latent" in result.output
     written = ad.read_zarr(spot_store).obsm["proportions"]
     np.testing.assert_allclose(written, model.get_proportions().to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_still_resumes_after_latent_rewrote_its_key(workdir):
+    """`atlasvi latent --model OUTPUT/model` (the README's command) re-wrote obsm['X_scvi'] without the run's
+    record, and resuming that run (a longer --max-epochs) was then refused as "written by another command"."""
+    assert _train("--max-epochs", "1").exit_code == 0
+    latent = runner.invoke(app, ["latent", "--model", "out/model"])
+    assert latent.exit_code == 0, latent.output
+    resumed = _train("--max-epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output
