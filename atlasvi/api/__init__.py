@@ -39,7 +39,7 @@ METHODS: dict[str, type[AtlasModel]] = {entry.saved_name: user_class(entry) for 
 
 
 def saved_model_class(directory: str | Path) -> type[AtlasModel]:
-    """The class (SCVI or SCANVI) of the model saved in `directory`, from its model.json's method."""
+    """The user class of the model saved in `directory` (any registered method), from its model.json's method."""
     method = read_meta(Path(directory))["method"]
     if method not in METHODS:
         raise ModelFileError(f"{Path(directory) / META_NAME}: a saved {method} model; atlasvi loads {sorted(METHODS)}")

@@ -385,3 +385,25 @@ def test_a_run_still_resumes_after_latent_rewrote_its_key(workdir):
     resumed = _train("--max-epochs", "2")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.output
+
+
+def test_latent_normalized_layer_of_a_model_without_it_is_one_line_before_any_write(kang_store, tmp_path):
+    """SysVI (like PEAKVI, CondSCVI, DestVI) has no normalized expression: `atlasvi latent --normalized-layer` is
+    one error line naming the model and the methods that have it, before the latent is written (it wrote the
+    latent, then raised an AttributeError traceback)."""
+    from atlasvi.api.sysvi import SysVI
+    from atlasvi.train import TrainConfig
+
+    store = tmp_path / "kang.zarr"
+    shutil.copytree(kang_store, store)
+    model = SysVI(store, device="cpu")
+    model.fit(TrainConfig(max_epochs=1))
+    model.save(tmp_path / "model")
+    args = ["latent", "--model", str(tmp_path / "model"), "--store", str(store), "--normalized-layer", "norm"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {tmp_path / 'model'}: a SysVI model has no normalized expression")
+    assert "SCVI" in result.output and "SysVI" not in result.output.split("written for")[1]
+    assert result.output.count("\n") == 1
+    written = ad.read_zarr(store)
+    assert model.latent_key not in written.obsm and "norm" not in written.layers
