@@ -22,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from atlasvi.api import METHODS
 from atlasvi.data.build import build_store
 from atlasvi.data.config import BuildConfig
 from atlasvi.data.executor import BuildExecutor, default_workers
@@ -253,3 +254,12 @@ def check_store_writable(store: str) -> None:
         return
     check_writable(Path(store), "results into the store")
     check_writable(Path(store).resolve().parent, f"results into the store {store}")
+
+
+def refuse_without(model: Path, model_class: type, attribute: str, what: str, where: str) -> None:
+    """One error line, before loading, where a saved model's class lacks `attribute` (a capability such as
+    differential_expression): it names the model, `what` it lacks and, after `where`, the methods that have it."""
+    if hasattr(model_class, attribute):
+        return
+    having = [name for name, cls in METHODS.items() if hasattr(cls, attribute)]
+    raise AtlasviError(f"{model}: a {model_class.__name__} model has no {what}; {where} {', '.join(having)}")

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.de import DEConfig
-from atlasvi.api import METHODS, saved_model_class
-from atlasvi.cli.common import check_writable, make_config, progress_bars
+from atlasvi.api import saved_model_class
+from atlasvi.cli.common import check_writable, make_config, progress_bars, refuse_without
 from atlasvi.data import open_store
 from atlasvi.errors import AtlasviError
 
@@ -50,12 +50,7 @@ def de_command(
     if output is not None:  # before the posterior draws, not after
         check_writable(output.parent, "the CSV")
     model_class = saved_model_class(model)
-    if not hasattr(model_class, "differential_expression"):
-        with_de = [name for name, cls in METHODS.items() if hasattr(cls, "differential_expression")]
-        raise AtlasviError(
-            f"{model}: a {model_class.__name__} model has no differential expression; "
-            f"`atlasvi de` takes {', '.join(with_de)}"
-        )
+    refuse_without(model, model_class, "differential_expression", "differential expression", "`atlasvi de` takes")
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     with progress_bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bars:
         task = bars.add_task("DE comparisons", total=None)

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from atlasvi.analysis.plots import loss_curves_png, umap_png
-from atlasvi.api import METHODS, AtlasModel, saved_model_class
+from atlasvi.api import AtlasModel, saved_model_class
 from atlasvi.cli.common import (
     EMBEDDED_BUILD,
     build_with_progress,
@@ -24,6 +24,7 @@ from atlasvi.cli.common import (
     load_yaml,
     make_config,
     progress_bars,
+    refuse_without,
     status,
     tracking_uri,
     write_atomic,
@@ -32,7 +33,6 @@ from atlasvi.cli.train_output import RUN_RECORD, Plan, check_latent_key, plan_ou
 from atlasvi.data import BuildConfig, LoaderConfig, open_store, split_rows
 from atlasvi.data.resident import choose_resident
 from atlasvi.data.store import AtlasStore, is_url
-from atlasvi.errors import AtlasviError
 from atlasvi.models.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, entry_of, get_entry
 from atlasvi.models.saving import META_NAME, load_init_state, read_meta
 from atlasvi.tracking import LOCAL_FOLDER, EpochLogger, MlflowRun, end_abandoned, local_tracking_uri
@@ -371,12 +371,9 @@ def latent_command(
     """Write a saved model's latent (and normalized expression) into a store, chunk by chunk."""
     model_class = saved_model_class(model)
     entry = get_entry(read_meta(model)["method"])
-    if normalized_layer and not hasattr(model_class, "write_normalized_expression"):
-        with_it = [name for name, cls in METHODS.items() if hasattr(cls, "write_normalized_expression")]
-        raise AtlasviError(
-            f"{model}: a {model_class.__name__} model has no normalized expression (--normalized-layer); "
-            f"it is written for {', '.join(with_it)}"
-        )
+    if normalized_layer:
+        what = "normalized expression (--normalized-layer)"
+        refuse_without(model, model_class, "write_normalized_expression", what, "it is written for")
     scvi = model_class.load(model, open_store(store or model_class.saved_store(model)), device)
     key = key or (scvi.latent_key if scvi.has_latent else entry.latent_key)  # DestVI: X_destvi, or its proportions
     check_store_writable(scvi.store.path)
